@@ -1,0 +1,27 @@
+# Two entry points that work on a fresh machine with Python 3.11+:
+#   make demo   the example shop behind tagd
+#   make test   the test suite
+# Both build their own virtual environment in .venv and install tagd into it
+# (a regular install, so that twistd finds the plugin as a user's install would).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install --quiet ".[test]"
+
+demo: install
+	$(BIN)/python -m tagd.demo
+
+test: install
+	cd tests && ../$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/proxy_throughput.py $(BENCH_ARGS)

@@ -1,0 +1,8 @@
+"""Run tagd with C{twistd -ny tagd.tac}; the configuration path comes from $TAGD_CONFIG."""
+
+from twisted.application.service import Application
+
+from tagd.tap import Options, makeService
+
+application = Application("tagd")
+makeService(Options()).setServiceParent(application)

@@ -1,0 +1,1 @@
+"""A runnable demo: a tiny example shop behind tagd, both in one process."""
