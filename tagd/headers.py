@@ -84,3 +84,22 @@ def split_response_headers(
     """
     tracking = incoming.getRawHeaders(tracking_header, [])
     return end_to_end(incoming, drop=frozenset({tracking_header.lower()})), tracking
+
+
+def request_head(
+    method: bytes, target: bytes, headers: Headers, body_length: int, default_host: bytes
+) -> bytes:
+    """The request line and header block sent to the origin, ready for the wire.
+
+    A visitor's request without C{Host} (HTTP/1.0) gets the origin's.
+    """
+    lines = [b"%s %s HTTP/1.1" % (method, target)]
+    for name, values in headers.getAllRawHeaders():
+        for value in values:
+            lines.append(name + b": " + value)
+    if not headers.hasHeader(b"host"):
+        lines.append(b"Host: " + default_host)
+    if body_length or method in (b"POST", b"PUT", b"PATCH"):
+        lines.append(b"Content-Length: %d" % body_length)
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)

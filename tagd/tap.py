@@ -10,13 +10,13 @@ import os
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Site
 
 from tagd.clientip import ClientIPResolver
 from tagd.config import Config, ConfigError, load_config, parse_config
+from tagd.origin import OriginClient
 from tagd.proxy import ProxyResource
-from tagd.tracking import log_tracking_values
+from tagd.tracking import TrackingNotConfigured
 
 DEFAULT_CONFIG = "tagd.toml"
 
@@ -46,21 +46,19 @@ def config_from_options(options, environ=os.environ) -> Config:
     return load_config(path or DEFAULT_CONFIG, overrides)
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """The pool's connection factory without a log line for every origin connection."""
+class _OriginService(Service):
+    """Runs the origin client's idle sweep, and closes its connections when tagd stops."""
 
-    noisy = False
+    def __init__(self, client: OriginClient) -> None:
+        self._client = client
 
-
-class _PoolService(Service):
-    """Closes the origin connection pool when tagd stops, so no socket is left behind."""
-
-    def __init__(self, pool: HTTPConnectionPool) -> None:
-        self._pool = pool
+    def startService(self) -> None:
+        super().startService()
+        self._client.start()
 
     def stopService(self):
         super().stopService()
-        return self._pool.closeCachedConnections()
+        return self._client.close()
 
 
 class TagdSite(Site):
@@ -73,25 +71,26 @@ class TagdSite(Site):
 
 
 def build_service(config: Config, reactor) -> MultiService:
-    """The service tree for C{config}: the visitor listener and the origin pool."""
+    """The service tree for C{config}: the visitor listener and the origin connections."""
     proxy = config.proxy
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = proxy.pool_size
-    pool.cachedConnectionTimeout = proxy.pool_idle_timeout
-    pool._factory = _QuietClientFactory
-    agent = Agent(reactor, connectTimeout=proxy.connect_timeout, pool=pool)
+    client = OriginClient(
+        reactor,
+        proxy.origin,
+        connect_timeout=proxy.connect_timeout,
+        pool_size=proxy.pool_size,
+        idle_timeout=proxy.pool_idle_timeout,
+    )
     resource = ProxyResource(
         reactor=reactor,
-        agent=agent,
-        origin=proxy.origin,
+        client=client,
         resolver=ClientIPResolver(proxy.trusted_proxies),
         client_ip_header=proxy.client_ip_header,
         tracking_header=proxy.tracking_header,
         response_timeout=proxy.response_timeout,
-        on_tracking=log_tracking_values,
+        on_tracking=TrackingNotConfigured(),
     )
     top = MultiService()
-    _PoolService(pool).setServiceParent(top)
+    _OriginService(client).setServiceParent(top)
     strports.service(proxy.listen, TagdSite(resource), reactor=reactor).setServiceParent(top)
     return top
 

@@ -32,12 +32,20 @@ class Visit:
 TrackingHook = Callable[[list[bytes], Visit], None]
 
 
-def log_tracking_values(values: list[bytes], visit: Visit) -> None:
-    """The hook used until destinations are configured: a debug line, no PII beyond the path."""
-    log.debug(
-        "tracking header on {method} {uri} ({status}): {count} value(s)",
-        method=visit.method.decode("latin-1"),
-        uri=visit.uri.split(b"?", 1)[0].decode("latin-1"),
-        status=visit.status,
-        count=len(values),
-    )
+class TrackingNotConfigured:
+    """The hook used while no destination is configured.
+
+    It says once, at debug level, that tracking headers arrive and go nowhere; a line per
+    request would cost more than the proxying itself.
+    """
+
+    seen = 0
+
+    def __call__(self, values: list[bytes], visit: Visit) -> None:
+        if not self.seen:
+            log.debug(
+                "tracking header seen on {method} {path}; no destination is configured yet",
+                method=visit.method.decode("latin-1"),
+                path=visit.uri.split(b"?", 1)[0].decode("latin-1"),
+            )
+        self.seen += len(values)
