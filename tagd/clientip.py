@@ -50,6 +50,18 @@ def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
     return address
 
 
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def _as_ipv4_if_mapped(network):
+    """An IPv4-mapped IPv6 range as the IPv4 range it is, since peers are compared as IPv4."""
+    if network.version == 6 and network.subnet_of(_MAPPED) and network.prefixlen >= 96:
+        return ipaddress.ip_network(
+            (network.network_address.ipv4_mapped, network.prefixlen - 96)
+        )
+    return network
+
+
 class ClientIPResolver:
     """Decide which address is the visitor's, given the TCP peer and a header value."""
 
@@ -57,7 +69,7 @@ class ClientIPResolver:
         networks = []
         for entry in trusted:
             ranges = CLOUDFLARE_RANGES if entry == CLOUDFLARE_WORD else (entry,)
-            networks.extend(ipaddress.ip_network(r, strict=False) for r in ranges)
+            networks.extend(_as_ipv4_if_mapped(ipaddress.ip_network(r, strict=False)) for r in ranges)
         self._networks = tuple(networks)
         # Peers are few (the proxies' edge servers), so their verdicts are cached.
         self.is_trusted = lru_cache(maxsize=4096)(self._is_trusted)

@@ -54,21 +54,37 @@ class Config:
 def _endpoint_string(value: str) -> str:
     # Parsing builds the endpoint object without listening; no reactor is touched.
     try:
-        serverFromString(None, value)
+        endpoint = serverFromString(None, value)
     except Exception as e:
         raise ValueError(
             f"{value!r} is not a Twisted server endpoint string such as 'tcp:8080' ({e})"
         ) from None
+    # TCP endpoints keep these two as given; check them now rather than at bind time.
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 0-65535")
+    interface = getattr(endpoint, "_interface", "")
+    if interface:
+        try:
+            ipaddress.ip_address(interface)
+        except ValueError:
+            raise ValueError(f"interface {interface!r} is not an IP address") from None
     return value
 
 
 def _origin_url(value: str) -> str:
+    if not all("\x21" <= c <= "\x7e" for c in value):
+        raise ValueError(
+            "may hold only printable ASCII (write an international host name in its xn-- form)"
+        )
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https"):
         raise ValueError("must be an http:// or https:// URL")
     if not parts.hostname:
         raise ValueError("has no host name")
     parts.port  # raises ValueError for a port out of range or not a number
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not carry a user name or password")
     if parts.query or parts.fragment:
         raise ValueError("may carry a path prefix but no query or fragment")
     return value

@@ -1,0 +1,202 @@
+"""Tests for L{tagd.config}: the TOML file, its defaults and every way it can be wrong."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tagd.config import Config, ConfigError, ProxyConfig, load_config
+
+
+@pytest.fixture
+def write(tmp_path):
+    """Write TOML text (str or bytes) to a file in tmp_path and return its path."""
+
+    def write(text: str | bytes, name: str = "tagd.toml") -> str:
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+        return str(path)
+
+    return write
+
+
+def assert_config_error(path: str, key: str, **kwargs) -> ConfigError:
+    """Loading C{path} fails with one line that names C{path} and C{key}."""
+    with pytest.raises(ConfigError) as info:
+        load_config(path, **kwargs)
+    error = info.value
+    message = str(error)
+    assert path in message
+    assert f": {key}: " in message
+    assert "\n" not in message
+    assert (error.path, error.key) == (path, key)
+    return error
+
+
+def test_defaults_from_empty_file(write):
+    """An empty file gives the documented defaults."""
+    path = write("")
+    config = load_config(path)
+    assert config == Config(path=path, proxy=ProxyConfig())
+    proxy = config.proxy
+    assert proxy.listen == "tcp:8080"
+    assert proxy.origin == "http://127.0.0.1:8000"
+    assert proxy.tracking_header == "Worker-Tracking"
+    assert proxy.trusted_proxies == ("cloudflare",)
+    assert proxy.client_ip_header == "CF-Connecting-IP"
+    for timeout in (proxy.connect_timeout, proxy.response_timeout, proxy.pool_idle_timeout):
+        assert timeout > 0
+    assert isinstance(proxy.pool_size, int) and proxy.pool_size > 0
+
+
+def test_defaults_from_empty_table(write):
+    """An empty [proxy] table gives the same defaults as no table at all."""
+    assert load_config(write("[proxy]\n")).proxy == ProxyConfig()
+
+
+def test_every_key_parsed(write):
+    """Every key of [proxy] is read into the configuration with its value."""
+    path = write(
+        """
+        [proxy]
+        listen = "tcp:9090:interface=127.0.0.1"
+        origin = "https://app.internal:8443/shop"
+        tracking_header = "X-Shop-Tracking"
+        trusted_proxies = ["cloudflare", "10.0.0.0/8", "2001:db8::/32"]
+        client_ip_header = "X-Client-IP"
+        connect_timeout = 2
+        response_timeout = 30.5
+        pool_size = 16
+        pool_idle_timeout = 120.0
+        """
+    )
+    assert load_config(path) == Config(
+        path=path,
+        proxy=ProxyConfig(
+            listen="tcp:9090:interface=127.0.0.1",
+            origin="https://app.internal:8443/shop",
+            tracking_header="X-Shop-Tracking",
+            trusted_proxies=("cloudflare", "10.0.0.0/8", "2001:db8::/32"),
+            client_ip_header="X-Client-IP",
+            connect_timeout=2,
+            response_timeout=30.5,
+            pool_size=16,
+            pool_idle_timeout=120.0,
+        ),
+    )
+
+
+def test_empty_trusted_proxies(write):
+    """An empty trusted_proxies list is allowed: then no peer's header is believed."""
+    assert load_config(write("[proxy]\ntrusted_proxies = []\n")).proxy.trusted_proxies == ()
+
+
+def test_overrides_win_over_file(write):
+    """Command-line values replace the file's values for the same keys."""
+    path = write('[proxy]\nlisten = "tcp:1111"\norigin = "http://a.example"\n')
+    config = load_config(path, {"proxy": {"listen": "tcp:2222", "origin": "http://b.example"}})
+    assert (config.proxy.listen, config.proxy.origin) == ("tcp:2222", "http://b.example")
+
+
+def test_overrides_checked(write):
+    """A bad command-line value is reported like a bad file value, under its key."""
+    error = assert_config_error(write(""), "proxy.listen", overrides={"proxy": {"listen": "bogus:1"}})
+    assert "bogus:1" in error.reason
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        pytest.param('[proxy]\nlisten = "tcp:8080\n', "(file)", id="bad-toml-unterminated-string"),
+        pytest.param("[proxy\n", "(file)", id="bad-toml-table-header"),
+        pytest.param('[proxy]\nlisten = "tcp:1"\nlisten = "tcp:2"\n', "(file)", id="bad-toml-duplicate-key"),
+        pytest.param("[proxie]\n", "proxie", id="unknown-table"),
+        pytest.param('listen = "tcp:8080"\n', "listen", id="key-outside-table"),
+        pytest.param("proxy = 3\n", "proxy", id="table-not-a-table"),
+        pytest.param("[proxy]\nlisen = 1\n", "proxy.lisen", id="unknown-key"),
+        pytest.param("[proxy.extra]\na = 1\n", "proxy.extra", id="unknown-subtable"),
+        pytest.param("[proxy]\nlisten = 8080\n", "proxy.listen", id="wrong-type-listen"),
+        pytest.param("[proxy]\norigin = ['http://a']\n", "proxy.origin", id="wrong-type-origin"),
+        pytest.param('[proxy]\ntrusted_proxies = "cloudflare"\n', "proxy.trusted_proxies", id="wrong-type-list"),
+        pytest.param("[proxy]\ntrusted_proxies = [1]\n", "proxy.trusted_proxies", id="wrong-type-list-item"),
+        pytest.param('[proxy]\nconnect_timeout = "5"\n', "proxy.connect_timeout", id="wrong-type-string-number"),
+        pytest.param("[proxy]\npool_size = 1.5\n", "proxy.pool_size", id="wrong-type-float-count"),
+        pytest.param("[proxy]\nconnect_timeout = true\n", "proxy.connect_timeout", id="bool-timeout"),
+        pytest.param("[proxy]\npool_size = false\n", "proxy.pool_size", id="bool-count"),
+        pytest.param("[proxy]\ntracking_header = true\n", "proxy.tracking_header", id="bool-string"),
+        pytest.param('[proxy]\norigin = "ftp://shop.example"\n', "proxy.origin", id="url-scheme-ftp"),
+        pytest.param('[proxy]\norigin = "shop.example:8000"\n', "proxy.origin", id="url-no-scheme"),
+        pytest.param('[proxy]\norigin = "http:///path"\n', "proxy.origin", id="url-no-host"),
+        pytest.param('[proxy]\norigin = "http://shop.example:99999"\n', "proxy.origin", id="url-port-range"),
+        pytest.param('[proxy]\norigin = "http://shop.example/?a=1"\n', "proxy.origin", id="url-query"),
+        pytest.param('[proxy]\norigin = "http://shop.example/#top"\n', "proxy.origin", id="url-fragment"),
+        pytest.param('[proxy]\nlisten = "nonsense:8080"\n', "proxy.listen", id="endpoint-type"),
+        pytest.param('[proxy]\nlisten = "tcp:http"\n', "proxy.listen", id="endpoint-port"),
+        pytest.param('[proxy]\nlisten = "tcp:8080:bogus=1"\n', "proxy.listen", id="endpoint-argument"),
+        pytest.param('[proxy]\nlisten = ""\n', "proxy.listen", id="endpoint-empty"),
+        pytest.param('[proxy]\ntrusted_proxies = ["10.0.0.0/33"]\n', "proxy.trusted_proxies", id="cidr-prefix"),
+        pytest.param('[proxy]\ntrusted_proxies = ["not-an-ip"]\n', "proxy.trusted_proxies", id="cidr-garbage"),
+        pytest.param('[proxy]\ntrusted_proxies = ["Cloudflare"]\n', "proxy.trusted_proxies", id="cidr-word-case"),
+        pytest.param("[proxy]\nconnect_timeout = 0\n", "proxy.connect_timeout", id="timeout-zero"),
+        pytest.param("[proxy]\nresponse_timeout = -1.5\n", "proxy.response_timeout", id="timeout-negative"),
+        pytest.param("[proxy]\npool_idle_timeout = 0.0\n", "proxy.pool_idle_timeout", id="idle-timeout-zero"),
+        pytest.param("[proxy]\npool_size = 0\n", "proxy.pool_size", id="pool-size-zero"),
+        pytest.param('[proxy]\ntracking_header = "Worker Tracking"\n', "proxy.tracking_header", id="header-space"),
+        pytest.param('[proxy]\nclient_ip_header = ""\n', "proxy.client_ip_header", id="header-empty"),
+    ],
+)
+def test_error_names_file_and_key(write, text, key):
+    """Each kind of mistake raises ConfigError with one line naming the file and the key."""
+    assert_config_error(write(text), key)
+
+
+@pytest.mark.parametrize("listen", ["tcp:70000", "tcp:-1"])
+def test_listen_port_out_of_range(write, listen):
+    """A listen port outside 0-65535 is a configuration error under proxy.listen."""
+    assert_config_error(write(f'[proxy]\nlisten = "{listen}"\n'), "proxy.listen")
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["http://bücher.example", "http://user:secret@shop.example", "http://shop.example/my shop"],
+    ids=["non-ascii-host", "userinfo", "space-in-path"],
+)
+def test_origin_unusable_by_proxy(write, origin):
+    """An origin URL the proxy could not send requests to is rejected under proxy.origin."""
+    assert_config_error(write(f'[proxy]\norigin = "{origin}"\n'), "proxy.origin")
+
+
+def test_toml_error_says_where(write):
+    """A TOML syntax error's line points at the line of the file."""
+    error = assert_config_error(write('[proxy]\nlisten = "tcp:8080"\norigin = \n'), "(file)")
+    assert "line 3" in str(error)
+
+
+def test_unknown_key_lists_known_keys(write):
+    """The unknown-key line lists the keys that are allowed, so a typo is easy to fix."""
+    error = assert_config_error(write("[proxy]\nlisen = 1\n"), "proxy.lisen")
+    assert "listen" in error.reason
+
+
+def test_missing_file(tmp_path):
+    """A file that does not exist is reported under (file)."""
+    assert_config_error(str(tmp_path / "absent.toml"), "(file)")
+
+
+def test_directory_instead_of_file(tmp_path):
+    """A path that names a directory is reported as unreadable under (file)."""
+    assert_config_error(str(tmp_path), "(file)")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file(write):
+    """A file without read permission is reported under (file)."""
+    path = write("[proxy]\n")
+    os.chmod(path, 0)
+    assert_config_error(path, "(file)")
+
+
+def test_not_utf8(write):
+    """A file that is not UTF-8 text is reported under (file)."""
+    assert_config_error(write(b'[proxy]\nlisten = "tcp:\xff"\n'), "(file)")
