@@ -62,6 +62,13 @@ def _as_ipv4_if_mapped(network):
     return network
 
 
+@lru_cache(maxsize=4096)
+def _peer_text(peer: str) -> str:
+    """A peer address as the visitor IP: IPv4-mapped IPv6 written as IPv4 (cached: peers repeat)."""
+    address = _parse_ip(peer)
+    return str(address) if address is not None else peer
+
+
 class ClientIPResolver:
     """Decide which address is the visitor's, given the TCP peer and a header value."""
 
@@ -91,5 +98,4 @@ class ClientIPResolver:
             claimed = _parse_ip(header_value.decode("latin-1"))
             if claimed is not None:
                 return str(claimed)
-        address = _parse_ip(peer)
-        return str(address) if address is not None else peer
+        return _peer_text(peer)

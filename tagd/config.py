@@ -7,6 +7,7 @@ start-up can stop with one clear line instead of a traceback.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -15,6 +16,8 @@ import attrs
 from twisted.internet.endpoints import serverFromString
 
 from tagd.clientip import CLOUDFLARE_WORD
+from tagd.destinations.registry import DESTINATION_TYPES, destination_module
+from tagd.filters import tracked_statuses
 
 
 class ConfigError(Exception):
@@ -44,11 +47,41 @@ class ProxyConfig:
 
 
 @attrs.frozen
+class TrackingConfig:
+    """The C{[tracking]} table: which responses become events, and the cookies tagd sets."""
+
+    include_paths: tuple[str, ...] = ()
+    exclude_paths: tuple[str, ...] = ()
+    extra_bots: tuple[str, ...] = ()
+    allow_bots: tuple[str, ...] = ()
+    honor_gpc: bool = True
+    consent_cookie: str = ""
+    consent_values: tuple[str, ...] = ("1", "true", "yes", "granted", "all")
+    track_statuses: tuple[int | str, ...] = ("2xx",)
+    event_id_cookie: str = "tagd_event_id"
+    first_party_cookies: bool = True
+    max_header_bytes: int = 8192
+
+
+@attrs.frozen
+class DestinationConfig:
+    """One C{[[destinations]]} table, checked and built into its destination object."""
+
+    type: str
+    name: str
+    timeout: float
+    destination: Any = attrs.field(repr=False)
+    secrets: tuple[str, ...] = ()
+
+
+@attrs.frozen
 class Config:
     """Everything tagd needs to start; built only by L{load_config} or L{parse_config}."""
 
     path: str
     proxy: ProxyConfig = ProxyConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    destinations: tuple[DestinationConfig, ...] = ()
 
 
 def _endpoint_string(value: str) -> str:
@@ -111,14 +144,53 @@ def _trusted_proxies(value: list) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _destination_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", value):
+        raise ValueError("must be 1 to 64 letters, digits, _ . - (it names the destination in logs and metrics)")
+    return value
+
+
 def _positive(value: float) -> float:
     if value <= 0:
         raise ValueError("must be greater than zero")
     return value
 
 
+def _strings(value: list) -> tuple[str, ...]:
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"entries must be strings, got {type(item).__name__}")
+    return tuple(value)
+
+
+def _patterns(value: list) -> tuple[str, ...]:
+    for item in _strings(value):
+        try:
+            re.compile(item)
+        except re.error as e:
+            raise ValueError(f"{item!r} is not a regular expression: {e}") from None
+    return tuple(value)
+
+
+def _statuses(value: list) -> tuple[int | str, ...]:
+    """Status codes (200), classes ("2xx") and ranges ("200-299"), as the filter reads them."""
+    tracked_statuses(value)  # raises ValueError naming the bad item
+    return tuple(value)
+
+
+def _cookie_name(value: str) -> str:
+    if value and not re.fullmatch(r"[A-Za-z0-9_\-.]+", value):
+        raise ValueError("must be a cookie name (letters, digits, _ - .) or empty")
+    return value
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
 # key -> (accepted TOML types, description of the type, check/convert)
 _Field = tuple[tuple[type, ...], str, Callable[[Any], Any]]
+_STRINGS: _Field = ((list,), "a list of strings", _strings)
 _PROXY_FIELDS: dict[str, _Field] = {
     "listen": ((str,), "a string", _endpoint_string),
     "origin": ((str,), "a string", _origin_url),
@@ -130,17 +202,32 @@ _PROXY_FIELDS: dict[str, _Field] = {
     "pool_size": ((int,), "a whole number", _positive),
     "pool_idle_timeout": ((int, float), "a number of seconds", _positive),
 }
+_TRACKING_FIELDS: dict[str, _Field] = {
+    "include_paths": _STRINGS,
+    "exclude_paths": _STRINGS,
+    "extra_bots": ((list,), "a list of regular expressions", _patterns),
+    "allow_bots": ((list,), "a list of regular expressions", _patterns),
+    "honor_gpc": ((bool,), "true or false", _identity),
+    "consent_cookie": ((str,), "a string", _cookie_name),
+    "consent_values": _STRINGS,
+    "track_statuses": ((list,), "a list of status codes, classes or ranges", _statuses),
+    "event_id_cookie": ((str,), "a string", _cookie_name),
+    "first_party_cookies": ((bool,), "true or false", _identity),
+    "max_header_bytes": ((int,), "a whole number", _positive),
+}
+_TABLES = {"proxy": (_PROXY_FIELDS, ProxyConfig), "tracking": (_TRACKING_FIELDS, TrackingConfig)}
+_DESTINATION_COMMON: dict[str, _Field] = {
+    "type": ((str,), "a string", _identity),
+    "name": ((str,), "a string", _destination_name),
+    "timeout": ((int, float), "a number of seconds", _positive),
+}
 
-_TABLES = {"proxy": (_PROXY_FIELDS, ProxyConfig)}
 
-
-def _table(path: str, name: str, raw: Any, overrides: dict[str, Any]):
-    fields, cls = _TABLES[name]
-    if not isinstance(raw, dict):
-        raise ConfigError(path, name, "must be a table")
+def _checked(path: str, prefix: str, raw: dict, fields: dict[str, _Field]) -> dict[str, Any]:
+    """The table's values, each checked against its field; unknown keys are errors."""
     values = {}
-    for key, value in {**raw, **overrides}.items():
-        full = f"{name}.{key}"
+    for key, value in raw.items():
+        full = f"{prefix}.{key}"
         if key not in fields:
             raise ConfigError(path, full, f"unknown key (known: {', '.join(fields)})")
         types, described, check = fields[key]
@@ -150,7 +237,77 @@ def _table(path: str, name: str, raw: Any, overrides: dict[str, Any]):
             values[key] = check(value)
         except ValueError as e:
             raise ConfigError(path, full, str(e)) from None
-    return cls(**values)
+    return values
+
+
+def _table(path: str, name: str, raw: Any, overrides: dict[str, Any]):
+    fields, cls = _TABLES[name]
+    if not isinstance(raw, dict):
+        raise ConfigError(path, name, "must be a table")
+    return cls(**_checked(path, name, {**raw, **overrides}, fields))
+
+
+def _destination_fields(module) -> dict[str, _Field]:
+    """The checks for one destination type: its own keys, typed as the module declares."""
+    fields = dict(_DESTINATION_COMMON)
+    for key, (types, _required, _default) in module.KEYS.items():
+        described = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+        fields[key] = (types, described, _identity)
+    return fields
+
+
+_TYPE_NAMES = {str: "a string", int: "a whole number", float: "a number", bool: "true or false",
+               dict: "a table", list: "a list"}
+
+
+def _destination(path: str, index: int, raw: Any) -> DestinationConfig:
+    prefix = f"destinations[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(path, prefix, "must be a table ([[destinations]])")
+    kind = raw.get("type")
+    if kind not in DESTINATION_TYPES:
+        raise ConfigError(
+            path, f"{prefix}.type", f"must be one of {', '.join(DESTINATION_TYPES)}, got {kind!r}"
+        )
+    module = destination_module(kind)
+    values = _checked(path, prefix, raw, _destination_fields(module))
+    settings = {}
+    for key, (_types, required, default) in module.KEYS.items():
+        if key in values:
+            settings[key] = values[key]
+        elif required:
+            raise ConfigError(path, f"{prefix}.{key}", f"is required for type {kind!r}")
+        else:
+            settings[key] = default
+    name = values.get("name", kind)
+    try:
+        destination = module.build(name, settings)
+    except ValueError as e:
+        key, sep, reason = str(e).partition(": ")
+        if not (sep and key in module.KEYS):
+            key, reason = "", str(e)
+        raise ConfigError(path, f"{prefix}.{key}" if key else prefix, reason) from None
+    return DestinationConfig(
+        type=kind,
+        name=name,
+        timeout=float(values.get("timeout", module.DEFAULT_TIMEOUT)),
+        destination=destination,
+        secrets=tuple(module.SECRETS),
+    )
+
+
+def _destinations(path: str, raw: Any) -> tuple[DestinationConfig, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(path, "destinations", "must be an array of tables ([[destinations]])")
+    destinations = tuple(_destination(path, i, item) for i, item in enumerate(raw))
+    seen = set()
+    for i, destination in enumerate(destinations):
+        if destination.name in seen:
+            raise ConfigError(
+                path, f"destinations[{i}].name", f"{destination.name!r} is used twice; names must differ"
+            )
+        seen.add(destination.name)
+    return destinations
 
 
 def parse_config(text: str, path: str, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
@@ -160,14 +317,15 @@ def parse_config(text: str, path: str, overrides: dict[str, dict[str, Any]] | No
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, "(file)", f"not valid TOML: {e}") from None
     overrides = overrides or {}
+    known = [*_TABLES, "destinations"]
     for name in raw:
-        if name not in _TABLES:
-            raise ConfigError(path, name, f"unknown table (known: {', '.join(_TABLES)})")
+        if name not in known:
+            raise ConfigError(path, name, f"unknown table (known: {', '.join(known)})")
     tables = {
         name: _table(path, name, raw.get(name, {}), overrides.get(name, {}))
         for name in _TABLES
     }
-    return Config(path=path, **tables)
+    return Config(path=path, destinations=_destinations(path, raw.get("destinations", [])), **tables)
 
 
 def load_config(path: str, overrides: dict[str, dict[str, Any]] | None = None) -> Config:

@@ -14,11 +14,17 @@ pauses when the visitor reads slowly.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import BinaryIO, Protocol as Interface
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol
@@ -54,6 +60,17 @@ class ResponseReceiver(Interface):
         """The exchange broke; C{retryable} when a reused connection died before answering."""
 
 
+def _endpoint(reactor, host: str, port: int, timeout: float):
+    """A plain TCP endpoint for an IP address; name resolution (and its happy-eyeballs
+    delays between attempts) only for a host name."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    endpoint = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
+    return endpoint(reactor, host, port, timeout=timeout)
+
+
 class OriginClient:
     """Persistent HTTP/1.1 connections to one origin URL."""
 
@@ -70,7 +87,7 @@ class OriginClient:
         self._reactor = reactor
         tls = parts.scheme == "https"
         port = parts.port or (443 if tls else 80)
-        endpoint = HostnameEndpoint(reactor, parts.hostname, port, timeout=connect_timeout)
+        endpoint = _endpoint(reactor, parts.hostname, port, connect_timeout)
         if tls:
             endpoint = wrapClientTLS(optionsForClientTLS(parts.hostname), endpoint)
         self._endpoint = endpoint

@@ -3,8 +3,9 @@
 Requests go out on the persistent connections of an L{OriginClient}; response bodies
 stream back with backpressure (the origin connection is the producer registered on
 the visitor's request, so a slow visitor pauses reading from the origin).  The
-tracking header is taken out of the response before the visitor sees it, and handed
-to the tracking hook in a later reactor turn.
+tracking header is taken out of the response before the visitor sees it and handed to
+the tracking hook, whose cookies join the response head and whose delivery work runs
+only after the reactor has written that head to the visitor.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ from urllib.parse import urlsplit
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
+from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from tagd.clientip import ClientIPResolver
-from tagd.headers import forwarded_request_headers, request_head, split_response_headers
+from tagd.headers import request_head, split_response_headers
 from tagd.origin import OriginClient, OriginConnection
-from tagd.tracking import TrackingHook, Visit
+from tagd.tracking import Tracked, TrackingHook, Visit
 
 log = Logger()
 
@@ -89,20 +90,20 @@ class _Exchange:
             peer, headers.getRawHeaders(proxy._client_ip_header, (None,))[0]
         )
         self._scheme = self._visitor_scheme(peer)
-        outgoing = forwarded_request_headers(
-            headers,
-            peer=peer,
-            client_ip=self._client_ip,
-            proto=self._scheme.encode("ascii"),
-            host=headers.getRawHeaders(b"host", (None,))[0],
-        )
         content = request.content
         content.seek(0, 2)
         self._body_length = content.tell()
         content.seek(0)
         client = proxy._client
         self._head = request_head(
-            request.method, client.prefix + _target(request.uri), outgoing, self._body_length, client.host
+            request.method,
+            client.prefix + _target(request.uri),
+            headers,
+            peer=peer,
+            client_ip=self._client_ip,
+            proto=self._scheme.encode("ascii"),
+            default_host=client.host,
+            body_length=self._body_length,
         )
         self._timeout = proxy._reactor.callLater(proxy._response_timeout, self._timed_out)
         request.notifyFinish().addErrback(self._visitor_left)
@@ -149,15 +150,18 @@ class _Exchange:
         self._timeout.cancel()
         self._head_seen = True
         request = self._request
-        headers, tracking = split_response_headers(
-            _headers(raw_headers), self._proxy._tracking_header
-        )
+        headers, tracking = split_response_headers(raw_headers, self._proxy._tracking_header)
         request.setResponseCode(code, phrase)
+        closing = request.responseHeaders.getRawHeaders(b"connection")
+        if closing:
+            # Twisted Web's own "Connection: close" for a visitor who asked to close.
+            headers.setRawHeaders(b"Connection", closing)
         request.responseHeaders = headers
         request.defaultContentType = None
-        request.registerProducer(self._connection, True)
         if tracking:
-            self._proxy._reactor.callLater(0, self._hand_over, tracking, code)
+            self._track(tracking, code, headers)
+        request.registerProducer(self._connection, True)
+        request.write(b"")  # The head goes out now, not with the first body bytes.
 
     def response_data(self, data: bytes) -> None:
         self._request.write(data)
@@ -188,7 +192,8 @@ class _Exchange:
             )
             self._done = True
             self._request.unregisterProducer()
-            self._request.channel.transport.abortConnection()
+            # Close after what was received is flushed: a short body is a visible cut.
+            self._request.channel.transport.loseConnection()
         else:
             log.warn(
                 "origin failed before answering {uri}: {reason}",
@@ -226,6 +231,7 @@ class _Exchange:
         request = self._request
         body = _ERROR_PAGE % (code, phrase, code, phrase, text)
         request.setResponseCode(code, phrase)
+        request.responseHeaders.setRawHeaders(b"Date", [datetimeToString()])
         request.responseHeaders.setRawHeaders(b"Content-Type", [b"text/html; charset=utf-8"])
         request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
         request.responseHeaders.setRawHeaders(b"Cache-Control", [b"no-store"])
@@ -235,25 +241,36 @@ class _Exchange:
     def _path(self) -> str:
         return self._request.uri.split(b"?", 1)[0].decode("latin-1")
 
-    def _hand_over(self, values: list[bytes], status: int) -> None:
+    def _track(self, values: list[bytes], status: int, headers) -> None:
         request = self._request
         visit = Visit(
             client_ip=self._client_ip,
             scheme=self._scheme,
             method=request.method,
-            uri=request.uri,
+            uri=_target(request.uri),
             host=request.requestHeaders.getRawHeaders(b"host", (None,))[0],
             request_headers=request.requestHeaders,
             status=status,
         )
         try:
-            self._proxy._on_tracking(values, visit)
+            tracked = self._proxy._on_tracking(values, visit)
+            if tracked is None:
+                return
+            if not isinstance(tracked, Tracked):
+                raise TypeError(f"tracking hook returned {type(tracked).__name__}, not Tracked")
+            for cookie in tracked.set_cookies:
+                headers.addRawHeader(b"Set-Cookie", cookie)
         except Exception:
             log.failure("tracking hook failed; the response was not affected")
+            return
+        reactor = self._proxy._reactor
+        # A call in the next reactor turn would still run before the reactor writes the
+        # buffered head to the socket; one more turn puts it after that write.
+        reactor.callLater(0, reactor.callLater, 0, _run_safely, tracked.deliver)
 
 
-def _headers(raw: list[tuple[bytes, bytes]]) -> Headers:
-    headers = Headers()
-    for name, value in raw:
-        headers.addRawHeader(name, value)
-    return headers
+def _run_safely(deliver) -> None:
+    try:
+        deliver()
+    except Exception:
+        log.failure("tracking delivery failed; the response was not affected")

@@ -9,16 +9,23 @@ import os
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
+from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
+from twisted.web.client import HTTPConnectionPool
 
 from tagd.clientip import ClientIPResolver
 from tagd.config import Config, ConfigError, load_config, parse_config
 from tagd.origin import OriginClient
 from tagd.proxy import ProxyResource
-from tagd.tracking import TrackingNotConfigured
+from tagd.site import TagdSite
+from tagd.delivery import DirectDelivery, Route, http_client
+from tagd.metrics import Metrics
+from tagd.tracker import Tracker
+from tagd.tracking import TrackingHook, not_configured
 
 DEFAULT_CONFIG = "tagd.toml"
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -61,18 +68,38 @@ class _OriginService(Service):
         return self._client.close()
 
 
-class TagdSite(Site):
-    """The visitor-facing site; per-request access lines are left to the metrics."""
+class _PlatformPoolService(Service):
+    """Closes the connections to the ad platforms when tagd stops."""
 
-    displayTracebacks = False
+    def __init__(self, pool: HTTPConnectionPool) -> None:
+        self._pool = pool
 
-    def log(self, request) -> None:
-        pass
+    def stopService(self):
+        super().stopService()
+        return self._pool.closeCachedConnections()
 
 
-def build_service(config: Config, reactor) -> MultiService:
-    """The service tree for C{config}: the visitor listener and the origin connections."""
+def _tracking_hook(config: Config, reactor, metrics: Metrics, top: MultiService) -> TrackingHook:
+    """The tracker when destinations are configured; without any, the header is only removed."""
+    if not config.destinations:
+        log.info("no [[destinations]] configured: tracking headers are removed, no events sent")
+        return not_configured
+    http, pool = http_client(reactor)
+    _PlatformPoolService(pool).setServiceParent(top)
+    delivery = DirectDelivery(
+        reactor=reactor,
+        routes=[Route(d.destination, d.timeout) for d in config.destinations],
+        http=http,
+        metrics=metrics,
+    )
+    return Tracker(config=config.tracking, submit=delivery.submit, metrics=metrics)
+
+
+def build_service(config: Config, reactor, metrics: Metrics | None = None) -> MultiService:
+    """The service tree for C{config}: the visitor listener, the origin connections, tagging."""
     proxy = config.proxy
+    metrics = metrics if metrics is not None else Metrics()
+    top = MultiService()
     client = OriginClient(
         reactor,
         proxy.origin,
@@ -87,9 +114,8 @@ def build_service(config: Config, reactor) -> MultiService:
         client_ip_header=proxy.client_ip_header,
         tracking_header=proxy.tracking_header,
         response_timeout=proxy.response_timeout,
-        on_tracking=TrackingNotConfigured(),
+        on_tracking=_tracking_hook(config, reactor, metrics, top),
     )
-    top = MultiService()
     _OriginService(client).setServiceParent(top)
     strports.service(proxy.listen, TagdSite(resource), reactor=reactor).setServiceParent(top)
     return top

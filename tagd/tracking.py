@@ -1,51 +1,52 @@
 """The boundary between the proxy and tagging: what the proxy knows about one visit.
 
-The proxy calls a L{TrackingHook} with the tracking header's values and a L{Visit}
-after the response headers have gone to the visitor, from a fresh reactor turn, so a
-hook can never delay or break a response.
+For a response carrying the tracking header, the proxy calls a L{TrackingHook} with the
+header's values and a L{Visit} just before the response head is written.  The hook
+answers quickly with a L{Tracked}: the cookies to add to that head, and the work to do
+once the head is on its way (the proxy runs it after the reactor has written to the
+visitor, so nothing a hook does later can delay a response).  A hook that raises is
+logged and ignored.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 import attrs
-from twisted.logger import Logger
 from twisted.web.http_headers import Headers
-
-log = Logger()
 
 
 @attrs.frozen
 class Visit:
     """The facts about one proxied request that tagging enriches events with."""
 
-    client_ip: str
+    client_ip: str = attrs.field(repr=False)
     scheme: str
     method: bytes
     uri: bytes
     host: bytes | None
-    request_headers: Headers
+    request_headers: Headers = attrs.field(repr=False)
     status: int
 
+    def url(self) -> str:
+        """The URL the visitor asked for: scheme, host, path and query."""
+        host = (self.host or b"").decode("latin-1")
+        return f"{self.scheme}://{host}{self.uri.decode('latin-1')}"
 
-TrackingHook = Callable[[list[bytes], Visit], None]
+
+@attrs.frozen
+class Tracked:
+    """A hook's answer for a tracked response."""
+
+    set_cookies: tuple[bytes, ...] = ()
+    deliver: Callable[[], None] = lambda: None
 
 
-class TrackingNotConfigured:
-    """The hook used while no destination is configured.
+class TrackingHook(Protocol):
+    def __call__(self, values: list[bytes], visit: Visit) -> Tracked | None:
+        """Decide about a tracked response; quick, since the response head waits for it."""
 
-    It says once, at debug level, that tracking headers arrive and go nowhere; a line per
-    request would cost more than the proxying itself.
-    """
 
-    seen = 0
-
-    def __call__(self, values: list[bytes], visit: Visit) -> None:
-        if not self.seen:
-            log.debug(
-                "tracking header seen on {method} {path}; no destination is configured yet",
-                method=visit.method.decode("latin-1"),
-                path=visit.uri.split(b"?", 1)[0].decode("latin-1"),
-            )
-        self.seen += len(values)
+def not_configured(values: list[bytes], visit: Visit) -> None:
+    """The hook while no destination is configured: the header is removed, nothing else."""
+    return None

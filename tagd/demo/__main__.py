@@ -1,7 +1,8 @@
 """C{python -m tagd.demo}: the example shop on port 8000 and tagd in front of it on 8080.
 
 Open http://127.0.0.1:8080/ and watch the log: each page's tracking header is taken
-out of the response and handed to tagging.
+out of the response and turned into an event, which the dry-run C{log} destination
+prints instead of sending it to an ad platform.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def main(reactor) -> None:
     reactor.listenTCP(SHOP_PORT, Site(shop_resource()), interface="127.0.0.1")
     config = parse_config(
         f'[proxy]\nlisten = "tcp:{PROXY_PORT}:interface=127.0.0.1"\n'
-        f'origin = "http://127.0.0.1:{SHOP_PORT}"\n',
+        f'origin = "http://127.0.0.1:{SHOP_PORT}"\n'
+        '[[destinations]]\ntype = "log"\n',
         "(demo)",
     )
     service = build_service(config, reactor)

@@ -1,0 +1,66 @@
+"""Destinations: one module per platform, each a pure translation of events.
+
+A destination turns a batch of L{tagd.events.Event} into the HTTP requests its platform
+expects (L{OutgoingRequest}) and judges the platform's answer (L{Verdict}).  It performs
+no I/O: the sender owns the network, so every destination is tested without one.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Mapping, Protocol, Sequence
+
+import attrs
+
+from tagd.events import Event
+
+
+class Outcome(enum.Enum):
+    """What to do after a platform answered."""
+
+    SUCCESS = "success"  # delivered
+    TRANSIENT = "transient"  # retry later (5xx, timeouts, resets, transient codes)
+    THROTTLE = "throttle"  # slow the whole destination down, then retry
+    PERMANENT = "permanent"  # never retry: dead letter with the platform's message
+
+
+@attrs.frozen
+class Verdict:
+    """A platform's answer, classified.  C{message} never contains a token."""
+
+    outcome: Outcome
+    message: str = ""
+    retry_after: float | None = None
+
+
+@attrs.frozen
+class OutgoingRequest:
+    """One HTTP request to a platform.
+
+    C{url} and C{headers} may carry the access token: log C{log_url}, never C{url}.
+    """
+
+    url: str = attrs.field(repr=False)
+    body: bytes = attrs.field(repr=False)
+    headers: Mapping[str, str] = attrs.field(factory=dict, repr=False)
+    log_url: str = ""
+    event_ids: tuple[str, ...] = ()
+    method: str = "POST"
+
+
+class Destination(Protocol):
+    """What the sender needs from every destination."""
+
+    name: str
+    type: str
+    max_batch: int
+
+    def encode(self, events: Sequence[Event]) -> list[OutgoingRequest]:
+        """The requests that deliver C{events}, split by the platform's limits."""
+
+    def classify(self, status: int, body: bytes) -> Verdict:
+        """Judge the platform's answer to one request."""
+
+
+# One config key: (accepted types, required, default). Tables are checked by tagd.config.
+KeySpec = tuple[tuple[type, ...], bool, Any]

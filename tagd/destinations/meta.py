@@ -1,0 +1,191 @@
+"""Meta Conversions API: events as Meta's C{/{pixel_id}/events} endpoint takes them.
+
+Meta's own event names are tagd's, so names pass unchanged unless a destination
+overrides them.  User data is normalised and hashed by L{tagd.hashing}; the IP address,
+user agent and the C{fbp}/C{fbc} cookies are identifiers Meta must see raw.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping, Sequence
+from urllib.parse import urlencode
+
+import attrs
+
+from tagd.destinations import KeySpec, Outcome, Verdict
+from tagd.destinations._common import (
+    PlatformDestination,
+    classify_answer,
+    common_settings,
+    filled,
+    mapped_name,
+    status_outcome,
+    without_empty,
+)
+from tagd.events import Event
+from tagd.hashing import meta_user_data
+
+TYPE = "meta"
+KEYS: dict[str, KeySpec] = {
+    "pixel_id": ((str,), True, None),
+    "access_token": ((str,), True, None),
+    "api_version": ((str,), False, "v24.0"),
+    "test_event_code": ((str,), False, None),
+    "endpoint": ((str,), False, "https://graph.facebook.com"),
+    "event_names": ((dict,), False, MappingProxyType({})),
+    "limited_data_use": ((bool,), False, False),
+    "max_batch": ((int,), False, 1000),
+}
+SECRETS = ("access_token",)
+# Meta's advice: most answers come within 600 ms, give up after 1500 ms.
+DEFAULT_TIMEOUT = 1.5
+# Meta refuses a request carrying more events than this, whole.
+MAX_EVENTS = 1000
+
+# Meta's error codes (error.code) and what they ask of a sender.
+THROTTLE_CODES = frozenset({4, 17, 613, 80003, 80004})
+TRANSIENT_CODES = frozenset({1, 2, 341, 368, 5000})
+PERMANENT_CODES = frozenset({100, 190})
+# Events for which Meta's standard parameters include the number of items bought.
+COUNTED_EVENTS = frozenset({"InitiateCheckout", "Purchase"})
+
+
+def _contents_fields(event: Event) -> dict[str, Any]:
+    """Meta's product parameters derived from the event's contents (none if it has none)."""
+    if not event.contents:
+        return {}
+    fields: dict[str, Any] = {
+        "contents": [dict(item) for item in event.contents],
+        "content_ids": [item["id"] for item in event.contents],
+        "content_type": "product",
+    }
+    if event.event_name in COUNTED_EVENTS:
+        fields["num_items"] = sum(item.get("quantity", 1) for item in event.contents)
+    return fields
+
+
+def custom_data(event: Event) -> dict[str, Any]:
+    """The origin's custom data, completed from the contents; what the origin said wins."""
+    return _contents_fields(event) | dict(event.custom_data)
+
+
+def user_data(event: Event) -> dict[str, Any]:
+    """Raw identifiers as they are, and every personal value hashed, in lists."""
+    raw = {
+        "client_ip_address": event.client_ip,
+        "client_user_agent": event.user_agent,
+        "fbp": event.fbp,
+        "fbc": event.fbc,
+    }
+    return without_empty(raw) | meta_user_data(event.user_data)
+
+
+def processing_options(limited_data_use: bool) -> dict[str, Any]:
+    """Limited Data Use: C{0}/C{0} asks Meta to geolocate the visitor itself; off is C{[]}."""
+    if not limited_data_use:
+        return {"data_processing_options": []}
+    return {
+        "data_processing_options": ["LDU"],
+        "data_processing_options_country": 0,
+        "data_processing_options_state": 0,
+    }
+
+
+def payload(
+    event: Event, event_names: Mapping[str, str] = {}, limited_data_use: bool = False
+) -> dict[str, Any]:
+    """One event exactly as it goes into Meta's C{data} array."""
+    document = {
+        "event_name": mapped_name(event.event_name, event_names, {}),
+        "event_time": event.event_time,
+        "event_id": event.event_id,
+        "action_source": "website",
+        "event_source_url": event.source_url,
+        "referrer_url": event.referrer,
+        "user_data": user_data(event),
+        "custom_data": custom_data(event),
+    }
+    return without_empty(document) | processing_options(limited_data_use)
+
+
+def _code(error: Mapping[str, Any], key: str) -> int | None:
+    value = error.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _error_outcome(status: int, error: Mapping[str, Any]) -> Outcome:
+    """Meta's code says more than the HTTP status; the status decides for unknown codes."""
+    code = _code(error, "code")
+    if code in THROTTLE_CODES:
+        return Outcome.THROTTLE
+    if code in TRANSIENT_CODES or error.get("is_transient") is True:
+        return Outcome.TRANSIENT
+    if code in PERMANENT_CODES:
+        return Outcome.PERMANENT
+    return status_outcome(status) or Outcome.PERMANENT
+
+
+def _error_message(status: int, error: Mapping[str, Any]) -> str:
+    code, subcode = _code(error, "code"), _code(error, "error_subcode")
+    parts = [f"HTTP {status}, Meta error {code}" + (f"/{subcode}" if subcode else "")]
+    parts.append(f": {error.get('message', 'no message')}")
+    if error.get("error_user_msg"):
+        parts.append(f" ({error['error_user_msg']})")
+    if error.get("fbtrace_id"):
+        parts.append(f" fbtrace_id={error['fbtrace_id']}")
+    return "".join(str(part) for part in parts)
+
+
+def _success(answer: Mapping[str, Any] | None) -> tuple[Outcome, str]:
+    """A 2xx is success unless Meta says it received none of the events sent."""
+    answer = answer or {}
+    received = _code(answer, "events_received")
+    trace = f" fbtrace_id={answer['fbtrace_id']}" if answer.get("fbtrace_id") else ""
+    if received == 0:
+        return Outcome.PERMANENT, f"Meta received 0 events: {answer.get('messages', [])}{trace}"
+    count = "unknown" if received is None else received
+    return Outcome.SUCCESS, f"events_received={count}{trace}"
+
+
+def _judge(status: int, answer: Mapping[str, Any] | None) -> tuple[Outcome, str]:
+    error = answer.get("error") if answer else None
+    if isinstance(error, dict):
+        return _error_outcome(status, error), _error_message(status, error)
+    if 200 <= status < 300:
+        return _success(answer)
+    what = "no Meta error object" if answer is not None else "a body that is not a JSON object"
+    return status_outcome(status) or Outcome.PERMANENT, f"HTTP {status} with {what}"
+
+
+def classify(status: int, body: bytes, secret: str = "") -> Verdict:
+    """Judge Meta's answer to one request; C{secret} is scrubbed from the message."""
+    return classify_answer(_judge, status, body, secret)
+
+
+@attrs.frozen(eq=False)
+class MetaDestination(PlatformDestination):
+    """One Meta pixel (dataset) and the token allowed to send events to it."""
+
+    type: ClassVar[str] = TYPE
+    event_payload = staticmethod(payload)
+    judge = staticmethod(classify)
+
+    pixel_id: str
+    api_version: str
+
+    def _request(self, batch: Sequence[Event]) -> tuple[str, str, Mapping[str, str], Any]:
+        # The token travels only in the query string of url, never in log_url.
+        log_url = f"{self.endpoint}/{self.api_version}/{self.pixel_id}/events"
+        url = f"{log_url}?{urlencode({'access_token': self.access_token})}"
+        return url, log_url, {"Content-Type": "application/json"}, self.document(batch)
+
+
+def build(name: str, settings: Mapping[str, Any]) -> MetaDestination:
+    """A L{MetaDestination} from the validated keys of one C{[[destinations]]} table."""
+    values = filled(KEYS, settings)
+    return MetaDestination(
+        **common_settings(name, KEYS, settings, MAX_EVENTS),
+        pixel_id=values["pixel_id"],
+        api_version=values["api_version"],
+    )

@@ -1,0 +1,209 @@
+"""The event model, and the parsing of the tracking header that an origin sets.
+
+An origin's header is untrusted input: anything that is not exactly the documented format
+is refused as a whole with a L{TrackingHeaderError} whose reason names the problem, and
+never reaches a platform.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, Mapping
+
+import attrs
+
+MAX_HEADER_BYTES = 8192
+MAX_EVENTS_PER_HEADER = 10
+MAX_CONTENTS = 100
+MAX_STRING = 500
+
+# Meta's standard events; any other name must look like a custom event name.
+STANDARD_EVENTS = frozenset(
+    {
+        "AddPaymentInfo",
+        "AddToCart",
+        "AddToWishlist",
+        "CompleteRegistration",
+        "Contact",
+        "CustomizeProduct",
+        "Donate",
+        "FindLocation",
+        "InitiateCheckout",
+        "Lead",
+        "PageView",
+        "Purchase",
+        "Schedule",
+        "Search",
+        "StartTrial",
+        "SubmitApplication",
+        "Subscribe",
+        "ViewContent",
+    }
+)
+CUSTOM_EVENT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,39}")
+USER_DATA_KEYS = frozenset(
+    {"em", "ph", "fn", "ln", "db", "ge", "ct", "st", "zp", "country", "external_id"}
+)
+_HEADER_KEYS = frozenset({"event_name", "event_id", "event_time", "custom_data", "contents", "user_data"})
+_CONTENT_KEYS = {"id": str, "quantity": int, "item_price": float, "title": str, "category": str}
+
+
+class TrackingHeaderError(ValueError):
+    """The tracking header cannot be turned into events; the message says why."""
+
+
+@attrs.frozen
+class EventSpec:
+    """One event as the origin described it in the tracking header."""
+
+    event_name: str
+    event_id: str | None = None
+    event_time: int | None = None
+    custom_data: Mapping[str, Any] = attrs.field(factory=dict)
+    contents: tuple[Mapping[str, Any], ...] = ()
+    # Personal data: kept out of repr so that it can never reach a log line by accident.
+    user_data: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict, repr=False)
+
+
+@attrs.frozen
+class Event:
+    """One event, enriched from the visitor's request, ready for every destination.
+
+    C{user_data} values are as the origin gave them (raw or already SHA-256 hex);
+    each destination normalises and hashes them its own way.
+    """
+
+    event_name: str
+    event_id: str
+    event_time: int
+    source_url: str
+    client_ip: str = attrs.field(repr=False)
+    user_agent: str = attrs.field(repr=False)
+    referrer: str | None = attrs.field(default=None, repr=False)
+    custom_data: Mapping[str, Any] = attrs.field(factory=dict)
+    contents: tuple[Mapping[str, Any], ...] = ()
+    user_data: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict, repr=False)
+    fbp: str | None = attrs.field(default=None, repr=False)
+    fbc: str | None = attrs.field(default=None, repr=False)
+    ttclid: str | None = attrs.field(default=None, repr=False)
+    ttp: str | None = attrs.field(default=None, repr=False)
+    ga_client_id: str | None = attrs.field(default=None, repr=False)
+    ga_session_id: str | None = attrs.field(default=None, repr=False)
+
+
+def _string(value: Any, where: str, limit: int = MAX_STRING) -> str:
+    if not isinstance(value, str):
+        raise TrackingHeaderError(f"{where} must be a string")
+    if not value or len(value) > limit:
+        raise TrackingHeaderError(f"{where} must be 1 to {limit} characters")
+    return value
+
+
+def _number(value: Any, where: str) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TrackingHeaderError(f"{where} must be a finite number")
+    return value
+
+
+def _json_value(value: Any, where: str, depth: int = 0) -> Any:
+    """Custom data: JSON values of bounded depth, strings of bounded length."""
+    if depth > 3:
+        raise TrackingHeaderError(f"{where} is nested too deeply")
+    if isinstance(value, str):
+        return _string(value, where) if value else value
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return _number(value, where)
+    if isinstance(value, list):
+        return [_json_value(v, f"{where}[]", depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_value(v, f"{where}.{k}", depth + 1) for k, v in value.items()}
+    raise TrackingHeaderError(f"{where} has an unsupported type")
+
+
+def _content(value: Any, index: int) -> dict[str, Any]:
+    where = f"contents[{index}]"
+    if not isinstance(value, dict):
+        raise TrackingHeaderError(f"{where} must be an object")
+    item: dict[str, Any] = {}
+    for key, raw in value.items():
+        kind = _CONTENT_KEYS.get(key)
+        if kind is None:
+            raise TrackingHeaderError(f"{where}.{key} is not a known key")
+        if key == "id" and isinstance(raw, int) and not isinstance(raw, bool):
+            raw = str(raw)  # Shops often write numeric product ids.
+        if kind is str:
+            item[key] = _string(raw, f"{where}.{key}")
+        elif kind is int:
+            if isinstance(raw, bool) or not isinstance(raw, int) or not 0 < raw <= 1_000_000:
+                raise TrackingHeaderError(f"{where}.{key} must be a positive whole number")
+            item[key] = raw
+        else:
+            item[key] = _number(raw, f"{where}.{key}")
+    if "id" not in item:
+        raise TrackingHeaderError(f"{where}.id is missing")
+    return item
+
+
+def _user_data(value: Any) -> dict[str, tuple[str, ...]]:
+    if not isinstance(value, dict):
+        raise TrackingHeaderError("user_data must be an object")
+    result = {}
+    for key, raw in value.items():
+        if key not in USER_DATA_KEYS:
+            raise TrackingHeaderError(f"user_data.{key} is not a known key")
+        values = raw if isinstance(raw, list) else [raw]
+        if not 1 <= len(values) <= 10:
+            raise TrackingHeaderError(f"user_data.{key} must hold 1 to 10 values")
+        result[key] = tuple(_string(v, f"user_data.{key}", 256) for v in values)
+    return result
+
+
+def _event_spec(value: Any, index: int) -> EventSpec:
+    if not isinstance(value, dict):
+        raise TrackingHeaderError(f"event {index} must be a JSON object")
+    unknown = set(value) - _HEADER_KEYS
+    if unknown:
+        raise TrackingHeaderError(f"event {index} has unknown key {sorted(unknown)[0]!r}")
+    name = _string(value.get("event_name"), "event_name", 40)
+    if name not in STANDARD_EVENTS and not CUSTOM_EVENT_NAME.fullmatch(name):
+        raise TrackingHeaderError(f"event_name {name!r} is neither a standard nor a valid custom name")
+    event_id = value.get("event_id")
+    if event_id is not None:
+        event_id = _string(event_id, "event_id", 100)
+    event_time = value.get("event_time")
+    if event_time is not None and (
+        isinstance(event_time, bool) or not isinstance(event_time, int) or event_time <= 0
+    ):
+        raise TrackingHeaderError("event_time must be Unix seconds, a positive whole number")
+    custom_data = value.get("custom_data", {})
+    if not isinstance(custom_data, dict):
+        raise TrackingHeaderError("custom_data must be an object")
+    contents = value.get("contents", [])
+    if not isinstance(contents, list) or len(contents) > MAX_CONTENTS:
+        raise TrackingHeaderError(f"contents must be a list of at most {MAX_CONTENTS} objects")
+    return EventSpec(
+        event_name=name,
+        event_id=event_id,
+        event_time=event_time,
+        custom_data=_json_value(custom_data, "custom_data"),
+        contents=tuple(_content(c, i) for i, c in enumerate(contents)),
+        user_data=_user_data(value.get("user_data", {})),
+    )
+
+
+def parse_tracking_header(raw: bytes, max_bytes: int = MAX_HEADER_BYTES) -> list[EventSpec]:
+    """The events described by one tracking header value: a JSON object or an array of them."""
+    if len(raw) > max_bytes:
+        raise TrackingHeaderError(f"header is {len(raw)} bytes, more than the {max_bytes} allowed")
+    try:
+        decoded = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise TrackingHeaderError(f"not valid JSON ({type(e).__name__})") from None
+    items = decoded if isinstance(decoded, list) else [decoded]
+    if not 1 <= len(items) <= MAX_EVENTS_PER_HEADER:
+        raise TrackingHeaderError(f"must describe 1 to {MAX_EVENTS_PER_HEADER} events")
+    return [_event_spec(item, i) for i, item in enumerate(items)]

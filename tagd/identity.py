@@ -1,0 +1,321 @@
+"""First-party identifiers that the ad platforms match events on, and the cookies that keep them.
+
+Meta matches on C{_fbp} (a browser id) and C{_fbc} (the ad click, from C{fbclid}); TikTok on
+C{ttclid} and C{_ttp}; GA4 needs the C{client_id} of the C{_ga} cookie and a session id.
+tagd reads what the browser already has and, where something is missing, sets the same
+cookies the browser pixels would set, from the shop's own domain, so that the server event
+and the browser pixel share ids and the platform deduplicates.
+
+Everything here is pure: the current time and the source of randomness are arguments, so
+tests are deterministic.  Request data is untrusted: a value is used only when it has the
+documented format, and nothing from the request reaches a C{Set-Cookie} unless it is made
+of cookie-safe characters.
+"""
+
+from __future__ import annotations
+
+import re
+from email.utils import formatdate
+from typing import Iterable, Mapping, Protocol
+from urllib.parse import quote, unquote_to_bytes
+
+import attrs
+
+DAY = 24 * 3600
+FBP_MAX_AGE = 90 * DAY  # Meta's first-party cookies live 90 days.
+FBC_MAX_AGE = 90 * DAY
+TTCLID_MAX_AGE = 30 * DAY  # TikTok keeps the click id 30 days.
+GA_MAX_AGE = 400 * DAY  # gtag's two years, capped by browsers at 400 days.
+SESSION_MAX_AGE = 1800  # GA4's default session timeout: 30 minutes of inactivity.
+EVENT_ID_MAX_AGE = 60  # Long enough for the page's pixel to read it, short enough not to linger.
+SESSION_COOKIE = "_tagd_sid"
+EVENT_ID_COOKIE = "_tagd_eid"
+
+# Meta: fb.{subdomain_index}.{creation_ms}.{random or fbclid}[.{appendix}], where the optional
+# appendix is a short base64url token that Meta's own libraries add.
+_APPENDIX = r"(?:\.[A-Za-z0-9_-]{2,16})?"
+_FBCLID = re.compile(r"[A-Za-z0-9_-]{1,500}")
+_FBP = re.compile(r"fb\.\d{1,2}\.\d{1,13}\.\d{1,20}" + _APPENDIX)
+_FBC = re.compile(r"fb\.\d{1,2}\.\d{1,13}\.([A-Za-z0-9_-]{1,500})" + _APPENDIX)
+# TikTok's ids are opaque tokens; these are the characters they use, all cookie-safe.
+_TIKTOK_ID = re.compile(r"[A-Za-z0-9._~+/=-]{1,500}")
+# GA: GA1.{domain depth}.{random}.{first-visit seconds}; client_id is the last two fields.
+_GA = re.compile(r"GA1\.\d{1,2}\.(\d{1,20}\.\d{1,20})")
+_GS1 = re.compile(r"GS1\.\d{1,2}\.(\d{1,20})\..*")
+_GS2 = re.compile(r"GS2\.\d{1,2}\.(.*)")
+_DIGITS = re.compile(r"\d{1,20}")
+# RFC 6265: a cookie name is an RFC 7230 token; a value is made of cookie-octets.
+_COOKIE_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_COOKIE_VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
+# Characters kept as they are when an event id is put in a cookie: cookie-octets but "%".
+_EVENT_ID_SAFE = "!#$&'()*+-./:<=>?@[]^_`{|}~"
+# A request cookie longer than this is nothing tagd reads.
+_MAX_COOKIE = 1024
+
+
+class RandomSource(Protocol):
+    """What tagd needs from a source of randomness: C{random.SystemRandom()} in production."""
+
+    def randrange(self, start: int, stop: int = ..., /) -> int: ...
+
+
+@attrs.frozen
+class Identity:
+    """The visitor's ids for one tracked response, and the cookies to add to that response.
+
+    Ids are pseudonymous but personal: kept out of repr so that no log line shows them.
+    """
+
+    fbp: str | None = attrs.field(default=None, repr=False)
+    fbc: str | None = attrs.field(default=None, repr=False)
+    ttclid: str | None = attrs.field(default=None, repr=False)
+    ttp: str | None = attrs.field(default=None, repr=False)
+    ga_client_id: str | None = attrs.field(default=None, repr=False)
+    ga_session_id: str | None = attrs.field(default=None, repr=False)
+    set_cookies: tuple[bytes, ...] = attrs.field(default=(), repr=False)
+
+
+# --- reading the request --------------------------------------------------------------------
+
+
+def parse_cookie_header(values: Iterable[bytes]) -> dict[bytes, bytes]:
+    """The cookies of C{Cookie} header values, the first one winning when a name repeats.
+
+    Browsers list the cookie with the most specific path first, and for equal paths the
+    oldest first: the first is the one the site's own scripts most likely meant.
+    """
+    cookies: dict[bytes, bytes] = {}
+    for value in values:
+        for pair in value.split(b";"):
+            name, sep, content = pair.partition(b"=")
+            name = name.strip()
+            if sep and name and name not in cookies:
+                cookies[name] = content.strip()
+    return cookies
+
+
+def _cookie(cookies: Mapping[bytes, bytes], name: bytes) -> str | None:
+    """A request cookie as ASCII text without optional surrounding quotes, or C{None}."""
+    raw = cookies.get(name)
+    if raw is None or len(raw) > _MAX_COOKIE:
+        return None
+    if len(raw) >= 2 and raw[:1] == raw[-1:] == b'"':
+        raw = raw[1:-1]
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+def _valid(value: str | None, pattern: re.Pattern) -> str | None:
+    return value if value is not None and pattern.fullmatch(value) else None
+
+
+def _query_params(query: bytes, wanted: frozenset[str]) -> dict[str, str]:
+    """The first value of each C{wanted} query parameter, decoded as a browser's URL API does.
+
+    Percent-escapes are decoded and C{+} is a space, as in C{URLSearchParams}; a value that
+    is not UTF-8 is skipped.  Case is kept: click ids are case-sensitive.
+    """
+    found: dict[str, str] = {}
+    for pair in query.removeprefix(b"?").split(b"&"):
+        raw_name, _, raw_value = pair.partition(b"=")
+        try:
+            name = _form_decode(raw_name)
+            if name in wanted and name not in found:
+                found[name] = _form_decode(raw_value)
+        except UnicodeDecodeError:
+            continue
+    return found
+
+
+def _form_decode(raw: bytes) -> str:
+    return unquote_to_bytes(raw.replace(b"+", b" ")).decode("utf-8")
+
+
+# --- writing cookies ------------------------------------------------------------------------
+
+
+def set_cookie(
+    name: str, value: str, max_age: int, *, secure: bool, now: float | None = None
+) -> bytes:
+    """A C{Set-Cookie} value for a first-party cookie that the page's scripts can read.
+
+    C{Path=/} so that every page sees it, C{SameSite=Lax} so that it is sent on the click
+    from an ad, C{Secure} on https, never C{HttpOnly}: the browser pixels read these
+    cookies.  C{Expires} (from C{now}) as well as C{Max-Age}, for old browsers.  A name or
+    value that is not cookie-safe is a programming error, never written.
+    """
+    if not _COOKIE_NAME.fullmatch(name) or not _COOKIE_VALUE.fullmatch(value):
+        raise ValueError(f"refusing to write an unsafe cookie {name!r}")
+    parts = [f"{name}={value}", f"Max-Age={max_age}"]
+    if now is not None:
+        parts.append("Expires=" + formatdate(now + max_age, usegmt=True))
+    parts += ["Path=/", "SameSite=Lax"]
+    if secure:
+        parts.append("Secure")
+    return "; ".join(parts).encode("ascii")
+
+
+# --- Meta -----------------------------------------------------------------------------------
+
+
+def _fbp(cookies: Mapping[bytes, bytes], now: float, rand: RandomSource) -> tuple[str, bool]:
+    """The visitor's C{_fbp}, and whether tagd must set it (absent or malformed).
+
+    A new one has the pixel's form: a 10-digit random number below 2**31.
+    """
+    existing = _valid(_cookie(cookies, b"_fbp"), _FBP)
+    if existing is not None:
+        return existing, False
+    return f"fb.1.{int(now * 1000)}.{rand.randrange(10**9, 2**31)}", True
+
+
+def _fbc(cookies: Mapping[bytes, bytes], fbclid: str | None, now: float) -> tuple[str | None, bool]:
+    """The visitor's C{_fbc}, and whether tagd must set it.
+
+    A new click (a URL C{fbclid} that the cookie does not hold) makes a new C{_fbc} with
+    the C{fbclid} exactly as sent; otherwise a well-formed cookie is used as it is.
+    """
+    existing = _cookie(cookies, b"_fbc")
+    match = _FBC.fullmatch(existing) if existing is not None else None
+    if fbclid is not None and _FBCLID.fullmatch(fbclid):
+        if match is None or match[1] != fbclid:
+            return f"fb.1.{int(now * 1000)}.{fbclid}", True
+    return (existing if match else None), False
+
+
+# --- TikTok ---------------------------------------------------------------------------------
+
+
+def _ttclid(cookies: Mapping[bytes, bytes], from_url: str | None) -> tuple[str | None, bool]:
+    """The TikTok click id, from the URL first, else from tagd's C{ttclid} cookie."""
+    cookie = _valid(_cookie(cookies, b"ttclid"), _TIKTOK_ID)
+    url = _valid(from_url, _TIKTOK_ID)
+    if url is not None:
+        return url, url != cookie
+    return cookie, False
+
+
+# --- GA4 ------------------------------------------------------------------------------------
+
+
+def _ga_client_id(cookies: Mapping[bytes, bytes], now: float, rand: RandomSource) -> tuple[str, bool]:
+    """GA4's client id from C{_ga}, whatever its domain-depth field; a new one when absent."""
+    existing = _cookie(cookies, b"_ga")
+    match = _GA.fullmatch(existing) if existing is not None else None
+    if match is not None:
+        return match[1], False
+    return f"{rand.randrange(1, 2**31)}.{int(now)}", True
+
+
+def _ga_session_start(value: str) -> int | None:
+    """The session start (Unix seconds) in a C{_ga_<stream>} cookie, old or new format.
+
+    C{GS1.1.1706540400.3.1....}: the third field.  C{GS2.1.s1706540400$o3$g1$...}: the
+    C{s} field of the C{$}-separated list.
+    """
+    if match := _GS1.fullmatch(value):
+        return int(match[1])
+    if match := _GS2.fullmatch(value):
+        for field in match[1].split("$"):
+            if field[:1] == "s" and _DIGITS.fullmatch(field[1:]):
+                return int(field[1:])
+    return None
+
+
+def _ga_session(cookies: Mapping[bytes, bytes]) -> int | None:
+    """The latest session start among the C{_ga_*} cookies: the visit going on now."""
+    starts = []
+    for name in cookies:
+        if name.startswith(b"_ga_") and (value := _cookie(cookies, name)) is not None:
+            if (start := _ga_session_start(value)) is not None:
+                starts.append(start)
+    return max(starts, default=None)
+
+
+def _own_session(cookies: Mapping[bytes, bytes], now: float) -> int:
+    """tagd's own session start, for sites without gtag: kept while the cookie lives.
+
+    The cookie's 30-minute lifetime is renewed on each tracked response, so it expires
+    after 30 minutes without one, as a GA4 session does.  A value from the future is not
+    believed.
+    """
+    value = _valid(_cookie(cookies, SESSION_COOKIE.encode("ascii")), _DIGITS)
+    if value is not None and 0 < int(value) <= now + 60:
+        return int(value)
+    return int(now)
+
+
+# --- all together ---------------------------------------------------------------------------
+
+_WANTED_PARAMS = frozenset({"fbclid", "ttclid"})
+
+
+def resolve_identity(
+    *,
+    cookies: Mapping[bytes, bytes],
+    query: bytes,
+    now: float,
+    secure: bool,
+    rand: RandomSource,
+    session_cookie: str = SESSION_COOKIE,
+) -> Identity:
+    """The visitor's ids for one tracked response, and the C{Set-Cookie} values to add.
+
+    C{query} is the request's query string; C{secure} whether the visitor's scheme is
+    https.  Call it only for a response that will be tracked: a refused consent sets no
+    cookie.
+    """
+    params = _query_params(query, _WANTED_PARAMS)
+    fbp, new_fbp = _fbp(cookies, now, rand)
+    fbc, new_fbc = _fbc(cookies, params.get("fbclid"), now)
+    ttclid, new_ttclid = _ttclid(cookies, params.get("ttclid"))
+    client_id, new_ga = _ga_client_id(cookies, now, rand)
+    session = _ga_session(cookies)
+    to_set = []
+    if new_fbp:
+        to_set.append(set_cookie("_fbp", fbp, FBP_MAX_AGE, secure=secure, now=now))
+    if new_fbc and fbc is not None:
+        to_set.append(set_cookie("_fbc", fbc, FBC_MAX_AGE, secure=secure, now=now))
+    if new_ttclid and ttclid is not None:
+        to_set.append(set_cookie("ttclid", ttclid, TTCLID_MAX_AGE, secure=secure, now=now))
+    if new_ga:
+        to_set.append(set_cookie("_ga", "GA1.1." + client_id, GA_MAX_AGE, secure=secure, now=now))
+    if session is None:
+        session = _own_session(cookies, now)
+        to_set.append(set_cookie(session_cookie, str(session), SESSION_MAX_AGE, secure=secure, now=now))
+    return Identity(
+        fbp=fbp,
+        fbc=fbc,
+        ttclid=ttclid,
+        ttp=_valid(_cookie(cookies, b"_ttp"), _TIKTOK_ID),
+        ga_client_id=client_id,
+        ga_session_id=str(session),
+        set_cookies=tuple(to_set),
+    )
+
+
+# --- event ids ------------------------------------------------------------------------------
+
+
+def new_event_id(rand: RandomSource) -> str:
+    """A fresh event id: 128 random bits as 32 hex digits, unique well beyond Meta's 48 h dedup window."""
+    return f"{rand.randrange(2**128):032x}"
+
+
+def event_id_cookie(
+    event_id: str,
+    name: str = EVENT_ID_COOKIE,
+    secure: bool = False,
+    *,
+    max_age: int = EVENT_ID_MAX_AGE,
+    now: float | None = None,
+) -> bytes:
+    """A short-lived cookie holding C{event_id}, for the page's pixel to send the same id.
+
+    An id from the origin's header may hold any character: those that are not cookie-safe
+    are percent-encoded, so a page reads it back with C{decodeURIComponent}.  A generated
+    id (hex) is written unchanged.
+    """
+    return set_cookie(name, quote(event_id, safe=_EVENT_ID_SAFE), max_age, secure=secure, now=now)

@@ -1,0 +1,45 @@
+"""The counters tagd keeps, on a Prometheus registry of its own.
+
+Every drop, delivery outcome and malformed header is counted here, so that a filter never
+silently swallows traffic: the admin listener exposes the registry as C{/metrics}.
+A registry is passed in (a fresh one per test) rather than Prometheus' global one.
+"""
+
+from __future__ import annotations
+
+import attrs
+from prometheus_client import CollectorRegistry, Counter
+
+
+@attrs.define
+class Metrics:
+    """tagd's counters.  Label values are fixed words and destination names, never user data."""
+
+    registry: CollectorRegistry = attrs.field(factory=CollectorRegistry)
+    tracking_dropped: Counter = attrs.field(init=False)
+    events_accepted: Counter = attrs.field(init=False)
+    deliveries: Counter = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.tracking_dropped = Counter(
+            "tagd_tracking_dropped",
+            "Tracked responses or events dropped on purpose, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.events_accepted = Counter(
+            "tagd_events_accepted",
+            "Events accepted from tracking headers.",
+            registry=self.registry,
+        )
+        self.deliveries = Counter(
+            "tagd_events_delivered",
+            "Events by destination and the outcome of their delivery attempt.",
+            ["destination", "outcome"],
+            registry=self.registry,
+        )
+
+    def value(self, counter: str, **labels: str) -> float:
+        """A counter's current value (for the CLI and the tests)."""
+        sample = self.registry.get_sample_value(f"tagd_{counter}_total", labels or None)
+        return sample or 0.0

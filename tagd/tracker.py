@@ -1,0 +1,175 @@
+"""Tagging: the proxy's tracking hook turns tracking header values into events.
+
+For a response that carries the tracking header, L{Tracker} decides (path, status,
+speculative load, bot, consent, in that order: cheapest first), parses the header, and
+resolves the visitor's first-party ids.  That part is quick and runs before the response
+head goes out, because the cookies it sets travel in that head.  Building the events and
+handing them to delivery is left for after the head is on its way.  Every drop is counted
+by reason; a malformed header is logged with its reason, never with its content.
+"""
+
+from __future__ import annotations
+
+import time
+from random import SystemRandom
+from typing import Callable, Sequence
+
+import attrs
+from twisted.logger import Logger
+
+from tagd.config import TrackingConfig
+from tagd.events import Event, EventSpec, TrackingHeaderError, parse_tracking_header
+from tagd.filters import BotDetector, PathFilter, consent_refused, is_speculative, tracked_statuses
+from tagd.identity import Identity, event_id_cookie, new_event_id, parse_cookie_header, resolve_identity
+from tagd.metrics import Metrics
+from tagd.tracking import Tracked, Visit
+
+log = Logger()
+
+# Meta drops a whole request for one event older than 7 days, and no platform takes events
+# from the future: the origin's own event_time must fall inside this window.
+MAX_EVENT_AGE = 7 * 24 * 3600
+MAX_CLOCK_SKEW = 60
+# A malformed header on a popular page would otherwise log on every view.
+MALFORMED_LOG_INTERVAL = 60.0
+
+
+class Tracker:
+    """The tracking hook of a proxy with destinations configured."""
+
+    def __init__(
+        self,
+        *,
+        config: TrackingConfig,
+        submit: Callable[[Sequence[Event]], object],
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+        rand=None,
+    ) -> None:
+        self._config = config
+        self._submit = submit
+        self._metrics = metrics
+        self._clock = clock
+        self._rand = rand if rand is not None else SystemRandom()
+        self._paths = PathFilter(config.include_paths, config.exclude_paths)
+        self._statuses = tracked_statuses(config.track_statuses)
+        self._bots = BotDetector(config.extra_bots, config.allow_bots)
+        self._malformed_logged: dict[str, float] = {}
+
+    def __call__(self, values: list[bytes], visit: Visit) -> Tracked | None:
+        reason = self._refusal(visit)
+        if reason is not None:
+            self._metrics.tracking_dropped.labels(reason).inc()
+            return None
+        cookies = parse_cookie_header(visit.request_headers.getRawHeaders(b"cookie", ()))
+        if consent_refused(
+            visit.request_headers,
+            cookies,
+            honor_gpc=self._config.honor_gpc,
+            consent_cookie=self._config.consent_cookie or None,
+            consent_values=self._config.consent_values,
+        ):
+            self._metrics.tracking_dropped.labels("consent").inc()
+            return None
+        specs = self._parse(values, visit)
+        if not specs:
+            return None
+        now = self._clock()
+        identity = resolve_identity(
+            cookies=cookies,
+            query=visit.uri.partition(b"?")[2],
+            now=now,
+            secure=visit.scheme == "https",
+            rand=self._rand,
+        )
+        event_ids = [spec.event_id or new_event_id(self._rand) for spec in specs]
+        set_cookies = list(identity.set_cookies) if self._config.first_party_cookies else []
+        if self._config.event_id_cookie:
+            set_cookies.append(
+                event_id_cookie(event_ids[0], self._config.event_id_cookie, visit.scheme == "https", now=now)
+            )
+
+        def deliver() -> None:
+            events = self._events(specs, event_ids, visit, identity, now)
+            if events:
+                self._metrics.events_accepted.inc(len(events))
+                self._submit(events)
+
+        return Tracked(set_cookies=tuple(set_cookies), deliver=deliver)
+
+    def _refusal(self, visit: Visit) -> str | None:
+        """Why this response is not tracked at all, or None; cheapest checks first."""
+        if not self._paths.allows(visit.uri):
+            return "path"
+        if visit.status not in self._statuses:
+            return "status"
+        headers = visit.request_headers
+        if is_speculative(headers):
+            return "prefetch"
+        user_agent = headers.getRawHeaders(b"user-agent", (b"",))[0]
+        if self._bots.is_bot(user_agent.decode("latin-1")):
+            return "bot"
+        return None
+
+    def _parse(self, values: list[bytes], visit: Visit) -> list[EventSpec]:
+        specs: list[EventSpec] = []
+        for value in values:
+            try:
+                specs.extend(parse_tracking_header(value, self._config.max_header_bytes))
+            except TrackingHeaderError as e:
+                self._metrics.tracking_dropped.labels("malformed").inc()
+                self._log_malformed(str(e), visit)
+        return specs
+
+    def _log_malformed(self, reason: str, visit: Visit) -> None:
+        now = self._clock()
+        if now - self._malformed_logged.get(reason, float("-inf")) < MALFORMED_LOG_INTERVAL:
+            return
+        self._malformed_logged[reason] = now
+        log.warn(
+            "tracking header on {path} ignored: {reason} (said once a minute per reason; "
+            "see tagd_tracking_dropped_total{{reason=\"malformed\"}})",
+            path=visit.uri.partition(b"?")[0].decode("latin-1"),
+            reason=reason,
+        )
+
+    def _events(
+        self,
+        specs: Sequence[EventSpec],
+        event_ids: Sequence[str],
+        visit: Visit,
+        identity: Identity,
+        now: float,
+    ) -> list[Event]:
+        headers = visit.request_headers
+        user_agent = headers.getRawHeaders(b"user-agent", (b"",))[0].decode("latin-1")
+        referrer = headers.getRawHeaders(b"referer", (None,))[0]
+        source_url = visit.url()
+        events = []
+        for spec, event_id in zip(specs, event_ids):
+            event_time = spec.event_time or int(now)
+            if not now - MAX_EVENT_AGE <= event_time <= now + MAX_CLOCK_SKEW:
+                self._metrics.tracking_dropped.labels("event_time").inc()
+                self._log_malformed("event_time outside the last 7 days", visit)
+                continue
+            events.append(
+                Event(
+                    event_name=spec.event_name,
+                    event_id=event_id,
+                    event_time=event_time,
+                    source_url=source_url,
+                    client_ip=visit.client_ip,
+                    user_agent=user_agent,
+                    referrer=referrer.decode("latin-1") if referrer else None,
+                    custom_data=spec.custom_data,
+                    contents=spec.contents,
+                    user_data=spec.user_data,
+                    fbp=identity.fbp,
+                    fbc=identity.fbc,
+                    ttclid=identity.ttclid,
+                    ttp=identity.ttp,
+                    ga_client_id=identity.ga_client_id,
+                    ga_session_id=identity.ga_session_id,
+                )
+            )
+        return events

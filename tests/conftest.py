@@ -1,0 +1,448 @@
+"""Fixtures for tests over real loopback sockets: the test origin, tagd in front of it,
+a recorder for the tracking hook, and two kinds of visitor (treq, and a hand-written
+HTTP/1.1 client that shows exactly what tagd puts on the wire).
+
+Every wait is bounded: use L{within} for a Deferred and L{eventually} for a condition.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+
+import attrs
+import pytest
+import pytest_twisted
+from treq.client import HTTPClient
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import reactor as _global_reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from origin import Origin
+
+TIMEOUT = 10.0
+
+
+def within(d: Deferred, seconds: float = TIMEOUT) -> Deferred:
+    """C{d}, failing with a C{TimeoutError} if it has not fired after C{seconds}."""
+    return d.addTimeout(seconds, _global_reactor)
+
+
+def sleep(seconds: float) -> Deferred:
+    """A Deferred that fires after C{seconds} on the reactor's clock."""
+    return deferLater(_global_reactor, seconds, lambda: None)
+
+
+async def eventually(predicate, timeout: float = 5.0, interval: float = 0.02):
+    """Wait until C{predicate()} is true; fail with what it last returned after C{timeout}."""
+    deadline = _global_reactor.seconds() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if _global_reactor.seconds() > deadline:
+            raise AssertionError(f"condition still false after {timeout} s: {predicate}")
+        await sleep(interval)
+
+
+# -- the hand-written visitor ---------------------------------------------------------
+
+
+def raw_request(
+    method: bytes = b"GET",
+    path: bytes = b"/",
+    headers: list[tuple[bytes, bytes]] = (),
+    body: bytes = b"",
+    version: bytes = b"HTTP/1.1",
+    host: bytes | None = b"shop.example",
+) -> bytes:
+    """The bytes of a request; C{Host} and (for a body) C{Content-Length} are added
+    unless C{headers} frame the body themselves."""
+    lines = [b"%s %s %s" % (method, path, version)]
+    if host is not None:
+        lines.append(b"Host: " + host)
+    names = {name.lower() for name, _ in headers}
+    lines += [b"%s: %s" % header for header in headers]
+    if body and not names & {b"content-length", b"transfer-encoding"}:
+        lines.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+@attrs.define
+class WireResponse:
+    """One response exactly as it came off the socket."""
+
+    version: bytes
+    status: int
+    phrase: bytes
+    headers: list[tuple[bytes, bytes]]  # names in the case they were sent, in order
+    interim: list["WireResponse"] = attrs.field(factory=list)  # 1xx responses before it
+    body: bytearray = attrs.field(factory=bytearray)  # empty when a sink took the bytes
+    body_length: int = 0
+    chunks: list[int] | None = None  # the chunk sizes, for a chunked body
+    complete: bool = False  # framing satisfied (False: the connection was cut)
+
+    def header(self, name: bytes) -> list[bytes]:
+        """The values of C{name} in any letter case, in the order sent."""
+        return [v for n, v in self.headers if n.lower() == name.lower()]
+
+    def names(self) -> set[bytes]:
+        """The lower-cased header names."""
+        return {n.lower() for n, _ in self.headers}
+
+
+class WireVisitor(Protocol):
+    """A visitor that writes raw requests and parses responses byte by byte.
+
+    Responses are matched to expectations in order, so pipelined and keep-alive
+    sequences can be checked; a response whose connection is cut before its framing
+    is satisfied is returned with C{complete=False}.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._expected: deque[tuple[bytes, object, Deferred]] = deque()
+        self._interim: list[WireResponse] = []
+        self._current: WireResponse | None = None
+        self._mode = None  # "length" | "chunked" | "close" | "none"
+        self._remaining = 0  # body bytes (length mode) or chunk bytes left
+        self._chunk_state = "size"  # "size" | "data" | "crlf" | "trailer"
+        self.received = 0
+        self.closed: Deferred = Deferred()  # fires with why the connection ended
+
+    # Using it.
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def expect(self, method: bytes = b"GET", sink=None) -> Deferred:
+        """A Deferred for the next response, to a request with C{method}.
+
+        C{sink} receives the body bytes instead of L{WireResponse.body}.
+        """
+        d = Deferred()
+        self._expected.append((method, sink, d))
+        return d
+
+    def request(self, method: bytes = b"GET", path: bytes = b"/", sink=None, **kw) -> Deferred:
+        """Send a request built by L{raw_request} and expect its response."""
+        d = self.expect(method, sink)
+        self.send(raw_request(method, path, **kw))
+        return d
+
+    def pause(self) -> None:
+        """Stop reading from the socket (the kernel buffers fill, then tagd must wait)."""
+        self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        self.transport.resumeProducing()
+
+    # The parser.
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        if not self._buffer and self._mode in ("length", "close"):
+            data = self._body(data)  # fast path for large bodies
+        self._buffer += data
+        self._parse()
+
+    def _body(self, data) -> bytes:
+        """Feed the current identity body; return what is beyond it."""
+        take = len(data) if self._mode == "close" else min(self._remaining, len(data))
+        if take:
+            self._feed(data[:take] if take < len(data) else data)
+        if self._mode == "length":
+            self._remaining -= take
+            if self._remaining == 0:
+                self._done(True)
+        return data[take:]
+
+    def _feed(self, data) -> None:
+        response = self._current
+        response.body_length += len(data)
+        sink = self._expected[0][1]
+        if sink is None:
+            response.body += data
+        else:
+            sink(data)
+
+    def _parse(self) -> None:
+        while self._expected and self._buffer:
+            if self._current is None:
+                if not self._head():
+                    return
+            elif self._mode in ("length", "close"):
+                rest = self._body(bytes(self._buffer))
+                self._buffer = bytearray(rest)
+            elif not self._chunked():
+                return
+
+    def _head(self) -> bool:
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        lines = bytes(self._buffer[:end]).split(b"\r\n")
+        del self._buffer[: end + 4]
+        version, status, phrase = (lines[0].split(b" ", 2) + [b""])[:3]
+        headers = []
+        for line in lines[1:]:
+            name, value = line.split(b":", 1)
+            headers.append((name, value.strip()))
+        response = WireResponse(version, int(status), phrase, headers)
+        if 100 <= response.status < 200:
+            self._interim.append(response)
+            return True
+        response.interim, self._interim = self._interim, []
+        self._current = response
+        method = self._expected[0][0]
+        if method == b"HEAD" or response.status in (204, 304):
+            self._mode = "none"
+            self._done(True)
+        elif b"chunked" in b",".join(response.header(b"transfer-encoding")).lower():
+            self._mode, self._chunk_state = "chunked", "size"
+            response.chunks = []
+        elif response.header(b"content-length"):
+            self._mode, self._remaining = "length", int(response.header(b"content-length")[0])
+            if self._remaining == 0:
+                self._done(True)
+        else:
+            self._mode = "close"
+        return True
+
+    def _chunked(self) -> bool:
+        """Consume chunked framing; False when more bytes are needed."""
+        buffer = self._buffer
+        if self._chunk_state == "size":
+            end = buffer.find(b"\r\n")
+            if end < 0:
+                return False
+            size = int(bytes(buffer[:end]).split(b";")[0], 16)
+            del buffer[: end + 2]
+            self._current.chunks.append(size)
+            self._chunk_state, self._remaining = ("trailer", 0) if size == 0 else ("data", size)
+        elif self._chunk_state == "data":
+            take = min(self._remaining, len(buffer))
+            self._feed(bytes(buffer[:take]))
+            del buffer[:take]
+            self._remaining -= take
+            if self._remaining:
+                return False
+            self._chunk_state = "crlf"
+        elif self._chunk_state == "crlf":
+            if len(buffer) < 2:
+                return False
+            assert bytes(buffer[:2]) == b"\r\n", "chunk data not followed by CRLF"
+            del buffer[:2]
+            self._chunk_state = "size"
+        else:  # trailer section, ended by an empty line
+            end = buffer.find(b"\r\n")
+            if end < 0:
+                return False
+            del buffer[: end + 2]
+            if end == 0:
+                self._done(True)
+        return True
+
+    def _done(self, complete: bool) -> None:
+        response, self._current, self._mode = self._current, None, None
+        response.complete = complete
+        _, _, d = self._expected.popleft()
+        d.callback(response)
+
+    def connectionLost(self, reason) -> None:
+        if self._current is not None:
+            self._done(self._mode == "close")
+        while self._expected:
+            self._expected.popleft()[2].errback(reason)
+        self.closed.callback(reason.value)  # the exception: ConnectionDone for a clean close
+
+
+# -- the tracking hook ----------------------------------------------------------------
+
+
+class HookRecorder:
+    """Stands in for the tracking hook: records each call, then does C{behaviour}."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[bytes], object]] = []
+        self.behaviour = None
+        self._waiters: list[tuple[int, Deferred]] = []
+
+    def __call__(self, values, visit):
+        self.calls.append((list(values), visit))
+        waiting, self._waiters = self._waiters, []
+        for count, d in waiting:
+            if len(self.calls) >= count:
+                d.callback(self.calls)
+            else:
+                self._waiters.append((count, d))
+        if self.behaviour is not None:
+            return self.behaviour(values, visit)
+
+    def called(self, count: int = 1) -> Deferred:
+        """A Deferred that fires with the calls once there have been C{count}."""
+        d = Deferred()
+        if len(self.calls) >= count:
+            d.callback(self.calls)
+        else:
+            self._waiters.append((count, d))
+        return d
+
+
+# -- tagd -----------------------------------------------------------------------------
+
+
+@attrs.define
+class Tagd:
+    """A running tagd: the loopback port visitors connect to."""
+
+    port: int
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+def proxy_toml(values: dict) -> str:
+    """A C{[proxy]} table with C{values} (strings, numbers, lists of strings)."""
+    return "[proxy]\n" + "".join(f"{key} = {json.dumps(v)}\n" for key, v in values.items())
+
+
+def _listener(service) -> StreamServerEndpointService:
+    """The visitor listener in tagd's service tree."""
+    (listener,) = [s for s in service if isinstance(s, StreamServerEndpointService)]
+    return listener
+
+
+def _install_hook(service, hook) -> None:
+    """Make C{hook} the tracking hook of the proxy resource that C{service} serves.
+
+    C{build_service} wires in the default hook and takes no other, so the test reaches
+    into the resource it built.
+    """
+    proxy = _listener(service).factory.resource
+    assert hasattr(proxy, "_on_tracking"), "the proxy resource no longer has _on_tracking"
+    proxy._on_tracking = hook
+
+
+def _listening_port(service) -> Deferred:
+    """The port the service tree's visitor listener is bound to (it may be port 0)."""
+    listener = _listener(service)
+    d = Deferred()
+
+    def got(port):
+        d.callback(port.getHost().port)
+        return port  # the service keeps using this result when it stops
+
+    listener._waitingForPort.addCallback(got)
+    return d
+
+
+@pytest.fixture
+def reactor():
+    """The global reactor that pytest-twisted runs."""
+    return _global_reactor
+
+
+@pytest_twisted.async_yield_fixture
+async def origin(reactor):
+    """The test origin, listening on free loopback ports."""
+    server = Origin(reactor)
+    server.start()
+    yield server
+    await within(server.stop())
+
+
+@pytest.fixture
+def hook():
+    """A recorder installed as the tracking hook of every tagd the test starts."""
+    return HookRecorder()
+
+
+@pytest_twisted.async_yield_fixture
+async def start_tagd(reactor, origin, hook):
+    """Start tagd in front of the origin: C{await start_tagd(response_timeout=0.5, ...)}.
+
+    Keys are C{[proxy]} keys; the listener is on a free loopback port.  Everything
+    started is stopped, and its connections closed, when the test ends.
+    """
+    # Imported here, so that a broken tagd fails these tests and not every test's collection.
+    from tagd.config import parse_config
+    from tagd.tap import build_service
+
+    started = []
+
+    async def start(**proxy) -> Tagd:
+        values = {
+            "listen": "tcp:0:interface=127.0.0.1",
+            "origin": f"http://127.0.0.1:{origin.port}",
+            "pool_size": 4,
+            "connect_timeout": 2,
+            "response_timeout": 5,
+            **proxy,
+        }
+        service = build_service(parse_config(proxy_toml(values), "(test)"), reactor)
+        _install_hook(service, hook)
+        service.startService()
+        started.append(service)
+        return Tagd(await within(_listening_port(service)))
+
+    yield start
+    for service in started:
+        await within(service.stopService())
+
+
+@pytest_twisted.async_fixture
+async def tagd(start_tagd):
+    """tagd with the test defaults, in front of the web origin."""
+    return await start_tagd()
+
+
+@pytest_twisted.async_fixture
+async def raw_tagd(start_tagd, origin):
+    """tagd in front of the raw origin, which answers with bytes the test chooses."""
+    return await start_tagd(origin=f"http://127.0.0.1:{origin.raw_port}")
+
+
+@pytest_twisted.async_yield_fixture
+async def connect(reactor):
+    """Open a L{WireVisitor} connection: C{visitor = await connect(tagd.port)}."""
+    visitors = []
+
+    async def open_connection(port: int) -> WireVisitor:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
+        visitor = await within(connectProtocol(endpoint, WireVisitor()))
+        visitors.append(visitor)
+        return visitor
+
+    yield open_connection
+    for visitor in visitors:
+        if not visitor.closed.called:
+            visitor.transport.abortConnection()
+            await within(visitor.closed)
+
+
+@pytest_twisted.async_yield_fixture
+async def http(reactor):
+    """A treq client with its own connection pool, closed after the test."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    yield HTTPClient(Agent(reactor, pool=pool))
+    await within(pool.closeCachedConnections())
+
+
+@pytest.fixture
+def logged_failures():
+    """The failures logged while the test runs (tagd logs each with C{log.failure})."""
+    failures = []
+
+    def observe(event):
+        if "log_failure" in event:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield failures
+    globalLogPublisher.removeObserver(observe)

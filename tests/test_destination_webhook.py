@@ -1,0 +1,186 @@
+"""Tests for L{tagd.destinations.webhook}: normalised events as JSON to the shop's own URL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import attrs
+import pytest
+
+from fakes import make_event
+from tagd.destinations import Outcome
+from tagd.destinations import webhook
+from tagd.events import Event
+
+TOKEN = "Bearer wh-secret-token-0123456789"
+URL = "https://warehouse.example:8443/ingest/events?key=query-secret-42#frag"
+
+
+def destination(**settings) -> webhook.WebhookDestination:
+    """A webhook with an Authorization header and a token in its URL, plus C{settings}."""
+    return webhook.build("warehouse", {"url": URL, "headers": {"Authorization": TOKEN}, **settings})
+
+
+def sha(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def test_module_contract():
+    """The module declares its type, keys, secrets and timeout for the configuration."""
+    assert webhook.TYPE == "webhook"
+    assert webhook.SECRETS == ("headers",)
+    assert webhook.KEYS["url"][1] is True
+    assert webhook.KEYS["max_batch"][2] == 100
+    assert dict(webhook.KEYS["headers"][2]) == {}
+    assert webhook.DEFAULT_TIMEOUT > 0
+
+
+def test_body_has_every_event_field():
+    """The body is C{{"events": [...]}} with every field of the Event, in a stable shape."""
+    event = make_event(ttclid=None)
+    (request,) = destination().encode([event])
+    (record,) = json.loads(request.body)["events"]
+    assert set(record) == {field.name for field in attrs.fields(Event)}
+    assert record["ttclid"] is None
+    assert record["event_name"] == "Purchase" and record["event_time"] == event.event_time
+    assert record["client_ip"] == "203.0.113.7"
+    assert record["user_agent"] == event.user_agent
+    assert record["fbp"] == event.fbp and record["ga_client_id"] == event.ga_client_id
+    assert record["custom_data"] == {"currency": "EUR", "value": 25.0, "order_id": "A-1001"}
+    assert record["contents"] == [dict(event.contents[0])]
+    assert request.event_ids == ("evt-1",)
+
+
+def test_user_data_hashed():
+    """user_data values are SHA-256 of the trimmed lower-case value; digests are not
+    hashed again, only lower-cased."""
+    digest = sha("someone@example.com")
+    user_data = {"em": (" Joe@Example.COM", digest.upper()), "external_id": ("Customer-77",)}
+    event = make_event(user_data=user_data)
+    (request,) = destination().encode([event])
+    (record,) = json.loads(request.body)["events"]
+    assert record["user_data"] == {
+        "em": [sha("joe@example.com"), digest],
+        "external_id": [sha("customer-77")],
+    }
+    assert b"Joe@Example" not in request.body
+
+
+def test_headers_sent():
+    """The configured headers go with every request, after tagd's Content-Type."""
+    (request,) = destination().encode([make_event()])
+    assert request.headers == {"Content-Type": "application/json", "Authorization": TOKEN}
+    assert request.url == URL
+
+
+@pytest.mark.parametrize("max_batch, sizes", [(100, [100, 100, 50]), (250, [250])])
+def test_batches(max_batch, sizes):
+    """250 events go out in requests of at most C{max_batch}, in order."""
+    events = [make_event(event_id=f"e{i}") for i in range(250)]
+    requests = destination(max_batch=max_batch).encode(events)
+    assert [len(json.loads(r.body)["events"]) for r in requests] == sizes
+    assert [i for r in requests for i in r.event_ids] == [f"e{i}" for i in range(250)]
+    assert destination().encode([]) == []
+
+
+def test_unicode_survives_as_ascii_json():
+    """Non-ASCII text is escaped, so the body is ASCII, and reads back unchanged."""
+    (request,) = destination().encode([make_event(custom_data={"city": "Zürich"})])
+    request.body.decode("ascii")
+    assert json.loads(request.body)["events"][0]["custom_data"] == {"city": "Zürich"}
+
+
+def test_secrets_never_shown():
+    """Header values and the URL's query are absent from repr, the log URL and messages."""
+    dest = destination()
+    (request,) = dest.encode([make_event()])
+    assert request.log_url == "https://warehouse.example:8443/ingest/events"
+    for text in (repr(dest), request.log_url):
+        assert "wh-secret-token" not in text and "query-secret-42" not in text
+    assert "wh-secret-token" not in repr(request) and "query-secret-42" not in repr(request)
+    echo = b"401 Unauthorized: got Authorization: Bearer wh-secret-token-0123456789 for key=query-secret-42"
+    message = dest.classify(401, echo).message
+    assert "wh-secret-token" not in message and "query-secret-42" not in message
+    assert message.startswith("HTTP 401:")
+
+
+def test_echoed_token_alone_redacted():
+    """A bare token echoed without its C{Bearer} word, or percent-encoded, is redacted too."""
+    dest = destination()
+    assert "wh-secret-token" not in dest.classify(500, b"token wh-secret-token-0123456789 expired").message
+    message = dest.classify(400, b"bad header Bearer%20wh-secret-token-0123456789").message
+    assert "wh-secret-token" not in message
+
+
+def test_short_header_values_not_redacted():
+    """A short, non-secret header value does not garble the status in messages."""
+    dest = destination(headers={"X-Version": "1", "Authorization": TOKEN})
+    assert dest.classify(401, b"version 1 refused").message == "HTTP 401: version 1 refused"
+
+
+def test_log_url_ipv6_and_user_info():
+    """The log URL keeps an IPv6 host in brackets and drops user info."""
+    dest = webhook.build("w", {"url": "http://user:pw@[2001:db8::5]:9000/e"})
+    assert dest.log_url == "http://[2001:db8::5]:9000/e"
+    assert "pw" not in dest.classify(500, b"auth user:pw failed").message
+    dest = webhook.build("w", {"url": "http://user:long-password@warehouse.example/e"})
+    assert "long-password" not in dest.classify(500, b"bad password long-password").message
+
+
+@pytest.mark.parametrize(
+    "settings, key",
+    [
+        ({"url": None}, "url"),
+        ({"url": "ftp://warehouse.example/x"}, "url"),
+        ({"url": "https:///nohost"}, "url"),
+        ({"headers": {"X-Token": "line1\r\nInjected: yes"}}, "headers"),
+        ({"headers": {"Bad Name": "v"}}, "headers"),
+        ({"headers": {"Content-Type": "text/plain"}}, "headers"),
+        ({"headers": {"X-Number": 5}}, "headers"),
+        ({"max_batch": 0}, "max_batch"),
+    ],
+)
+def test_build_rejects(settings, key):
+    """Bad settings raise a ValueError that starts with the key and quotes no secret."""
+    with pytest.raises(ValueError) as raised:
+        destination(**settings)
+    assert str(raised.value).startswith(key)
+    assert "line1" not in str(raised.value) and "query-secret" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "status, outcome",
+    [
+        (200, Outcome.SUCCESS),
+        (202, Outcome.SUCCESS),
+        (204, Outcome.SUCCESS),
+        (429, Outcome.THROTTLE),
+        (500, Outcome.TRANSIENT),
+        (502, Outcome.TRANSIENT),
+        (400, Outcome.PERMANENT),
+        (401, Outcome.PERMANENT),
+        (404, Outcome.PERMANENT),
+        (301, Outcome.PERMANENT),
+    ],
+)
+def test_classify(status, outcome):
+    """By status alone: 2xx delivered, 429 throttled, 5xx retried, anything else permanent."""
+    verdict = destination().classify(status, b"")
+    assert verdict.outcome is outcome
+    assert verdict.retry_after is None
+    assert verdict.message == f"HTTP {status}"
+
+
+def test_classify_quotes_start_of_body():
+    """An error message quotes the start of the answer, whitespace collapsed."""
+    verdict = destination().classify(422, b"field\n  'events' " + b"x" * 1000)
+    assert verdict.message.startswith("HTTP 422: field 'events' xxx")
+    assert len(verdict.message) <= len("HTTP 422: ") + 200
+
+
+def test_user_data_edge_cases():
+    """Empty values (and a key left with none) are dropped, duplicates merged, and
+    composed and decomposed accents hash alike."""
+    hashed = webhook.hashed_user_data({"fn": ("  ", "Jos\u00e9", "JOSE\u0301"), "ln": ("",)})
+    assert hashed == {"fn": [sha("jos\u00e9")]}
