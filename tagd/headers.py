@@ -47,14 +47,14 @@ def request_head(
     client_ip: str,
     proto: bytes,
     default_host: bytes,
-    body_length: int,
+    body_length: int | None,
 ) -> bytes:
     """The request line and header block sent to the origin, ready for the wire.
 
     Hop-by-hop headers are dropped; repeated headers keep their order; C{Host} stays as
     the visitor sent it (the origin's when the visitor sent none).  C{X-Forwarded-For}
     gets the TCP peer appended; C{X-Forwarded-Proto}, C{X-Forwarded-Host} and C{X-Real-IP}
-    are set, whatever the visitor sent.
+    are set, whatever the visitor sent.  A C{body_length} of None announces a chunked body.
     """
     skip = HOP_BY_HOP | _SET_BY_PROXY
     if incoming.hasHeader(b"connection"):
@@ -79,7 +79,9 @@ def request_head(
     lines.append(b"X-Forwarded-For: " + b", ".join([*chain, peer.encode("ascii")]))
     lines.append(b"X-Forwarded-Proto: " + proto)
     lines.append(b"X-Real-IP: " + client_ip.encode("ascii"))
-    if body_length or method in (b"POST", b"PUT", b"PATCH"):
+    if body_length is None:
+        lines.append(b"Transfer-Encoding: chunked")
+    elif body_length or method in (b"POST", b"PUT", b"PATCH"):
         lines.append(b"Content-Length: %d" % body_length)
     lines.append(b"\r\n")
     return b"\r\n".join(lines)

@@ -9,13 +9,15 @@ intact.  Measured on the benchmark in C{bench/}, this roughly doubled throughput
 An L{OriginClient} keeps a stack of idle persistent connections; an
 L{OriginConnection} carries one exchange at a time and tells a L{ResponseReceiver}
 what arrives.  The connection is also the push producer the visitor's request
-pauses when the visitor reads slowly.
+pauses when the visitor reads slowly; in the other direction, a request body that is
+still arriving is written as it comes, and its L{BodySource} is paused while the
+connection's send buffer is full.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from typing import BinaryIO, Protocol as Interface
+from typing import Protocol as Interface
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, succeed
@@ -30,13 +32,11 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall
-from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError
 from zope.interface import implementer
 
 MAX_HEAD_SIZE = 64 * 1024
-SMALL_BODY = 64 * 1024
 NO_BODY_CODES = (204, 304)
 
 
@@ -58,6 +58,22 @@ class ResponseReceiver(Interface):
 
     def response_failed(self, reason: Failure, retryable: bool) -> None:
         """The exchange broke; C{retryable} when a reused connection died before answering."""
+
+
+class BodySource(Interface):
+    """A request body sent while it is still arriving: the push producer registered on
+    the connection for as long as the body is being written."""
+
+    chunked: bool  # no length was announced: the body goes out in chunked transfer-coding
+
+    def pauseProducing(self) -> None:
+        """The connection's send buffer is full."""
+
+    def resumeProducing(self) -> None:
+        """The connection's send buffer has drained."""
+
+    def stopProducing(self) -> None:
+        """The connection is gone (its L{ResponseReceiver} hears why)."""
 
 
 def _endpoint(reactor, host: str, port: int, timeout: float):
@@ -106,22 +122,29 @@ class OriginClient:
         self._sweeper.start(max(self._idle_timeout / 4, 0.5), now=False)
 
     def request(
-        self, receiver: ResponseReceiver, method: bytes, head: bytes, body: BinaryIO | None, body_length: int
+        self,
+        receiver: ResponseReceiver,
+        method: bytes,
+        head: bytes,
+        body: bytes | None,
+        upload: BodySource | None = None,
     ) -> Deferred[OriginConnection]:
         """Send C{head} (and C{body}) on an idle or a new connection.
 
-        The Deferred fires with the connection once the request is on its way; cancelling
-        it before then abandons the connection attempt.
+        With C{upload}, the body follows through L{OriginConnection.write_body} and
+        L{OriginConnection.end_body} once the Deferred has fired.  The Deferred fires with
+        the connection once the request is on its way; cancelling it before then abandons
+        the connection attempt.
         """
         while self._idle:
             connection = self._idle.pop()
             if connection.transport is not None and connection.connected:
-                connection.send(receiver, method, head, body, body_length, reused=True)
+                connection.send(receiver, method, head, body, upload, reused=True)
                 return succeed(connection)
         connecting = self._endpoint.connect(_OriginFactory(self))
 
         def connected(connection: OriginConnection) -> OriginConnection:
-            connection.send(receiver, method, head, body, body_length, reused=False)
+            connection.send(receiver, method, head, body, upload, reused=False)
             return connection
 
         return connecting.addCallback(connected)
@@ -195,6 +218,7 @@ class OriginConnection(Protocol):
         self._state = _IDLE
         self._buffer = b""
         self._paused = False
+        self._upload: BodySource | None = None
 
     def connectionMade(self) -> None:
         self._client.added(self)
@@ -202,7 +226,13 @@ class OriginConnection(Protocol):
     # Sending.
 
     def send(
-        self, receiver: ResponseReceiver, method: bytes, head: bytes, body: BinaryIO | None, body_length: int, reused: bool
+        self,
+        receiver: ResponseReceiver,
+        method: bytes,
+        head: bytes,
+        body: bytes | None,
+        upload: BodySource | None,
+        reused: bool,
     ) -> None:
         self._receiver = receiver
         self._method = method
@@ -210,21 +240,26 @@ class OriginConnection(Protocol):
         self._state = _HEAD
         self._buffer = b""
         self._answered = False
-        self._body_sent = True
         self._keep_alive = True
         transport = self.transport
-        if body is None:
-            transport.write(head)
-        elif body_length <= SMALL_BODY:
-            transport.write(head + body.read())
-        else:
-            transport.write(head)
-            self._body_sent = False
-            sending = FileSender().beginFileTransfer(body, transport)
-            sending.addCallbacks(self._body_done, lambda _: None)
+        transport.write(head if body is None else head + body)
+        self._upload = upload
+        if upload is not None:
+            transport.registerProducer(upload, True)
 
-    def _body_done(self, _) -> None:
-        self._body_sent = True
+    def write_body(self, data: bytes) -> None:
+        """Send the next piece of a streamed body (as one chunk, if it is chunked)."""
+        if not self._upload.chunked:
+            self.transport.write(data)
+        elif data:  # An empty chunk would end the body.
+            self.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+
+    def end_body(self) -> None:
+        """The streamed body is complete: close its framing; the connection may be kept again."""
+        upload, self._upload = self._upload, None
+        if upload.chunked:
+            self.transport.write(b"0\r\n\r\n")
+        self.transport.unregisterProducer()
 
     def abort(self) -> None:
         """Drop the exchange and the connection (the visitor left, or time ran out)."""
@@ -362,7 +397,13 @@ class OriginConnection(Protocol):
         receiver, self._receiver = self._receiver, None
         self._state = _IDLE
         self._chunks = None
-        if self._keep_alive and self._body_sent and receiver is not None and self.connected:
+        if self._upload is not None:
+            # Answered before the whole body went out: the body is abandoned with the
+            # connection (a registered producer would keep it open).
+            self._upload = None
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+        elif self._keep_alive and receiver is not None and self.connected:
             if self._paused:
                 self.resumeProducing()
             self._client.release(self)

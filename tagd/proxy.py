@@ -2,7 +2,10 @@
 
 Requests go out on the persistent connections of an L{OriginClient}; response bodies
 stream back with backpressure (the origin connection is the producer registered on
-the visitor's request, so a slow visitor pauses reading from the origin).  The
+the visitor's request, so a slow visitor pauses reading from the origin).  Request
+bodies up to L{SMALL_BODY} are collected first and sent with the head; larger ones
+stream to the origin while they arrive, the visitor paused whenever the origin reads
+slower than the visitor sends (see L{_Upload}).  The
 tracking header is taken out of the response before the visitor sees it and handed to
 the tracking hook, whose cookies join the response head and whose delivery work runs
 only after the reactor has written that head to the visitor.
@@ -13,11 +16,13 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import datetimeToString
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from tagd.clientip import ClientIPResolver
 from tagd.headers import request_head, split_response_headers
@@ -25,6 +30,11 @@ from tagd.origin import OriginClient, OriginConnection
 from tagd.tracking import Tracked, TrackingHook, Visit
 
 log = Logger()
+
+# The largest request body collected whole before it is forwarded; larger ones stream.
+# Collecting small bodies keeps a slow visitor from holding an origin connection, and
+# lets a small chunked body reach the origin with a Content-Length.
+SMALL_BODY = 64 * 1024
 
 _ERROR_PAGE = b"<!doctype html><title>%d %s</title><h1>%d %s</h1><p>%s</p>\n"
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -54,10 +64,17 @@ class ProxyResource(Resource):
         self._tracking_header = tracking_header.encode("ascii")
         self._response_timeout = response_timeout
         self._on_tracking = on_tracking
+        # Visitor requests not yet answered in full: shutdown waits for them.
+        self.in_flight = 0
 
     def render(self, request: Request):
         _Exchange(self, request).start()
         return NOT_DONE_YET
+
+    def stream(self, request: Request, length: int | None) -> _Upload:
+        """Begin forwarding C{request} while its body is still arriving; C{length} is
+        None for a chunked body.  The returned upload takes the body's pieces."""
+        return _Exchange(self, request).stream(length)
 
 
 def _target(uri: bytes) -> bytes:
@@ -77,12 +94,30 @@ class _Exchange:
     _head_seen = False
     _retried = False
     _done = False
+    _body: bytes | None = None
+    _upload: _Upload | None = None
+    _timeout = None
 
     def __init__(self, proxy: ProxyResource, request: Request) -> None:
         self._proxy = proxy
         self._request = request
 
     def start(self) -> None:
+        """Forward a request whose body, if any, has been received whole."""
+        body = self._request.content.getvalue()
+        self._prepare(len(body))
+        self._body = body or None
+        self._arm()
+        self._send()
+
+    def stream(self, length: int | None) -> _Upload:
+        """Forward a request whose body is still arriving (chunked when C{length} is None)."""
+        upload = self._upload = _Upload(self, self._request.channel, chunked=length is None)
+        self._prepare(length)
+        self._send()
+        return upload
+
+    def _prepare(self, body_length: int | None) -> None:
         proxy, request = self._proxy, self._request
         peer = getattr(request.getClientAddress(), "host", "127.0.0.1")
         headers = request.requestHeaders
@@ -90,10 +125,6 @@ class _Exchange:
             peer, headers.getRawHeaders(proxy._client_ip_header, (None,))[0]
         )
         self._scheme = self._visitor_scheme(peer)
-        content = request.content
-        content.seek(0, 2)
-        self._body_length = content.tell()
-        content.seek(0)
         client = proxy._client
         self._head = request_head(
             request.method,
@@ -103,17 +134,13 @@ class _Exchange:
             client_ip=self._client_ip,
             proto=self._scheme.encode("ascii"),
             default_host=client.host,
-            body_length=self._body_length,
+            body_length=body_length,
         )
-        self._timeout = proxy._reactor.callLater(proxy._response_timeout, self._timed_out)
-        request.notifyFinish().addErrback(self._visitor_left)
-        self._send()
+        proxy.in_flight += 1
+        request.notifyFinish().addCallbacks(self._answered, self._visitor_left)
 
     def _send(self) -> None:
-        content = self._request.content if self._body_length else None
-        if content is not None:
-            content.seek(0)
-        d = self._proxy._client.request(self, self._request.method, self._head, content, self._body_length)
+        d = self._proxy._client.request(self, self._request.method, self._head, self._body, self._upload)
         self._pending = d
         d.addCallbacks(self._attached, self._connect_failed)
 
@@ -131,6 +158,8 @@ class _Exchange:
             connection.abort()
         else:
             self._connection = connection
+            if self._upload is not None:
+                self._upload.attach(connection)
 
     def _connect_failed(self, failure: Failure) -> None:
         self._pending = None
@@ -147,7 +176,7 @@ class _Exchange:
     def response_head(self, code: int, phrase: bytes, raw_headers: list[tuple[bytes, bytes]]) -> None:
         if self._done:
             return
-        self._timeout.cancel()
+        self._disarm()
         self._head_seen = True
         request = self._request
         headers, tracking = split_response_headers(raw_headers, self._proxy._tracking_header)
@@ -158,6 +187,7 @@ class _Exchange:
             headers.setRawHeaders(b"Connection", closing)
         request.responseHeaders = headers
         request.defaultContentType = None
+        self._close_if_uploading()
         if tracking:
             self._track(tracking, code, headers)
         request.registerProducer(self._connection, True)
@@ -169,7 +199,7 @@ class _Exchange:
     def response_end(self) -> None:
         if self._done:
             return
-        self._done = True
+        self._end()
         request = self._request
         request.unregisterProducer()
         request.finish()
@@ -177,10 +207,12 @@ class _Exchange:
     def response_failed(self, reason: Failure, retryable: bool) -> None:
         if self._done:
             return
-        if retryable and not self._retried and self._request.method in _IDEMPOTENT:
+        if retryable and not self._retried and self._request.method in _IDEMPOTENT and self._replayable():
             # A kept-alive connection the origin had closed meanwhile: try a fresh one once.
             self._retried = True
             self._connection = None
+            if self._upload is not None:
+                self._upload.detach()
             self._send()
             return
         if self._head_seen:
@@ -190,7 +222,7 @@ class _Exchange:
                 uri=self._path(),
                 reason=reason.getErrorMessage(),
             )
-            self._done = True
+            self._end()
             self._request.unregisterProducer()
             # Close after what was received is flushed: a short body is a visible cut.
             self._request.channel.transport.loseConnection()
@@ -202,6 +234,34 @@ class _Exchange:
             )
             self._error(502, b"Bad Gateway", b"The shop sent no valid answer.")
 
+    def _replayable(self) -> bool:
+        """Whether the request can be sent again: none of a streamed body is gone yet."""
+        return self._upload is None or not self._upload.sent
+
+    # The upload's progress, for the timeout: it runs while tagd waits on the origin.
+
+    def origin_stalled(self) -> None:
+        """The origin stopped reading the body."""
+        self._arm()
+
+    def origin_flowing(self) -> None:
+        """The origin reads the body again."""
+        self._disarm()
+
+    def body_received(self) -> None:
+        """The visitor has sent the whole body: the origin's answer is due now."""
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._done or self._head_seen or (self._timeout is not None and self._timeout.active()):
+            return
+        proxy = self._proxy
+        self._timeout = proxy._reactor.callLater(proxy._response_timeout, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+
     # Endings
 
     def _timed_out(self) -> None:
@@ -209,12 +269,29 @@ class _Exchange:
         self._abandon_origin()
         self._error(504, b"Gateway Timeout", b"The shop did not answer in time.")
 
+    def _answered(self, _) -> None:
+        self._proxy.in_flight -= 1
+
     def _visitor_left(self, failure: Failure) -> None:
+        self._proxy.in_flight -= 1
         if not self._done:
-            self._done = True
-            if self._timeout.active():
-                self._timeout.cancel()
+            self._end()
             self._abandon_origin()
+
+    def _end(self) -> None:
+        """The exchange is over for the visitor: no timeout, no more body to forward."""
+        self._done = True
+        self._disarm()
+        if self._upload is not None:
+            self._upload.stop()
+
+    def _close_if_uploading(self) -> None:
+        """Answering while the visitor still sends a body: the rest of that body cannot be
+        told from a next request, so the visitor's connection ends with this answer."""
+        upload = self._upload
+        if upload is not None and not upload.complete:
+            self._request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            self._request.channel.persistent = False
 
     def _abandon_origin(self) -> None:
         if self._pending is not None:
@@ -225,9 +302,8 @@ class _Exchange:
     def _error(self, code: int, phrase: bytes, text: bytes) -> None:
         if self._done:
             return
-        self._done = True
-        if self._timeout.active():
-            self._timeout.cancel()
+        self._close_if_uploading()
+        self._end()
         request = self._request
         body = _ERROR_PAGE % (code, phrase, code, phrase, text)
         request.setResponseCode(code, phrase)
@@ -274,3 +350,111 @@ def _run_safely(deliver) -> None:
         deliver()
     except Exception:
         log.failure("tracking delivery failed; the response was not affected")
+
+
+@implementer(IPushProducer)
+class _Upload:
+    """A request body forwarded to the origin while the visitor is still sending it.
+
+    The visitor's socket is the only buffer: pieces wait here just until an origin
+    connection is attached, and the visitor is not read while more than L{SMALL_BODY}
+    waits or while the origin connection's send buffer is full (this is the producer
+    registered there), so tagd holds about one socket read of the body at a time.
+    """
+
+    complete = False  # the visitor has sent the whole body
+    sent = False  # part of it went out on the current connection, so it cannot be replayed
+    _connection: OriginConnection | None = None
+    _origin_full = False
+    _holding = False
+    _stopped = False
+
+    def __init__(self, exchange: _Exchange, channel: HTTPChannel, chunked: bool) -> None:
+        self.chunked = chunked
+        self._exchange = exchange
+        self._channel = channel
+        self._waiting: list[bytes] = []
+        self._waiting_size = 0
+
+    # From the visitor's request.
+
+    def data(self, data: bytes) -> None:
+        """A piece of the body has arrived."""
+        if self._stopped:
+            return
+        connection = self._connection
+        if connection is None:
+            self._waiting.append(data)
+            self._waiting_size += len(data)
+        else:
+            self.sent = True
+            connection.write_body(data)
+        if self._origin_full or self._waiting_size > SMALL_BODY:
+            # Again on every piece: the channel resumes reading when its own writes drain.
+            self._hold()
+
+    def end(self) -> None:
+        """The whole body has arrived."""
+        if self._stopped:
+            return
+        self.complete = True
+        if self._connection is not None:
+            self._connection.end_body()
+        self._release()
+        self._exchange.body_received()
+
+    # From the exchange.
+
+    def attach(self, connection: OriginConnection) -> None:
+        """The request is on its way on C{connection}: what waits goes out now."""
+        self._connection = connection
+        if self._waiting:
+            self.sent = True
+            connection.write_body(b"".join(self._waiting))
+            self._waiting, self._waiting_size = [], 0
+        if self.complete:
+            connection.end_body()
+        elif not self._origin_full:
+            self._release()
+
+    def detach(self) -> None:
+        """The connection died before any of the body went out on it; another follows."""
+        self._connection = None
+        self._origin_full = False
+
+    def stop(self) -> None:
+        """The exchange is over: whatever more arrives is dropped."""
+        self._stopped = True
+        self._connection = None
+        self._waiting = []
+
+    # Producer, for the origin connection.
+
+    def pauseProducing(self) -> None:
+        if not (self.complete or self._stopped):
+            self._origin_full = True
+            self._hold()
+            self._exchange.origin_stalled()
+
+    def resumeProducing(self) -> None:
+        if not (self.complete or self._stopped):
+            self._origin_full = False
+            self._release()
+            self._exchange.origin_flowing()
+
+    def stopProducing(self) -> None:
+        """The origin connection is gone; the exchange hears why from the connection."""
+
+    # The visitor's side.
+
+    def _hold(self) -> None:
+        self._holding = True
+        self._channel.transport.pauseProducing()
+
+    def _release(self) -> None:
+        """Read from the visitor again, unless its channel paused reading itself until its
+        own writes drain (it resumes then)."""
+        if self._holding:
+            self._holding = False
+            if not self._channel._waitingForTransport:
+                self._channel.transport.resumeProducing()

@@ -1,4 +1,5 @@
-"""The visitor-facing Twisted Web site, trimmed for a proxy's hot path.
+"""The visitor-facing Twisted Web site, trimmed for a proxy's hot path, and able to
+forward a request before its body has arrived.
 
 Twisted Web's channel writes a response head as dozens of small pieces, each checked on
 its own, and asks the kernel for the local address (and the transport whether it is TLS)
@@ -10,9 +11,13 @@ the local address is looked up once per connection.
 
 from __future__ import annotations
 
+from io import BytesIO
+
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
+
+from tagd.proxy import SMALL_BODY, ProxyResource
 
 
 class ProxyRequest(Request):
@@ -21,11 +26,46 @@ class ProxyRequest(Request):
     Twisted Web would parse form bodies (and answer 400 to a multipart body it cannot
     parse) and walk the resource tree; a proxy forwards bodies untouched, and its
     resource answers every path.
+
+    Twisted Web also collects the whole body before it hands a request on.  That stays
+    so for bodies up to L{SMALL_BODY}; a larger one (by its Content-Length, or a chunked
+    one once it has grown past that) is forwarded as it arrives, the request's own
+    C{content} left empty.
     """
 
     _parsePOSTFormSubmission = False
+    _upload = None  # takes the body's pieces once the request is forwarded early
+    _chunked = False  # a chunked body, collected until it proves large
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()
+        if length is None:
+            self._chunked = True
+        elif length > SMALL_BODY:
+            self._forward(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._upload is not None:
+            self._upload.data(data)
+            return
+        content = self.content
+        content.write(data)
+        if self._chunked and content.tell() > SMALL_BODY:
+            self.content = BytesIO()
+            self._forward(None)
+            self._upload.data(content.getvalue())
+
+    def _forward(self, length: int | None) -> None:
+        """Start the origin request now; the request line is still the channel's alone."""
+        channel = self.channel
+        self.method, self.uri, self.clientproto = channel._command, channel._path, channel._version
+        resource: ProxyResource = channel.site.resource
+        self._upload = resource.stream(self, length)
 
     def process(self) -> None:
+        if self._upload is not None:
+            self._upload.end()
+            return
         self.site = self.channel.site
         try:
             self.render(self.site.resource)
@@ -38,6 +78,14 @@ class TagdChannel(HTTPChannel):
 
     _host = None
     _secure = None
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self.requests:
+            # The rest of a body whose request was answered early (the origin refused
+            # or broke off an upload): the connection is closing, but a TLS transport
+            # may still deliver what was in flight.
+            return
+        super().rawDataReceived(data)
 
     def writeHeaders(self, version, code, reason, headers) -> None:
         lines = [b"%s %s %s" % (version, code, reason)]

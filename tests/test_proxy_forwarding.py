@@ -8,7 +8,7 @@ import os
 import pytest
 import pytest_twisted
 
-from conftest import eventually, raw_request, within
+from conftest import raw_request, within
 from origin import Echo
 
 # Every byte value, and sequences that would confuse a proxy that parses bodies.
@@ -117,23 +117,6 @@ async def test_expect_continue_upload(tagd, origin, connect):
     assert [r.status for r in response.interim] == [100]
     assert response.status == 200
     assert origin.seen[0].body == BINARY
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="tagd buffers the whole request body (twisted.web's Request.content) before "
-    "it starts the origin request, so uploads are not streamed",
-)
-@pytest_twisted.ensureDeferred
-async def test_request_body_is_streamed_to_the_origin(tagd, origin, connect):
-    """The origin sees a large upload begin before the visitor has finished sending it."""
-    visitor = await connect(tagd.port)
-    visitor.expect(b"POST")
-    visitor.send(
-        raw_request(b"POST", b"/echo", headers=[(b"Content-Length", b"%d" % (8 << 20))])
-        + b"u" * (1 << 20)
-    )
-    await eventually(lambda: origin.seen, timeout=1)
 
 
 @pytest_twisted.ensureDeferred
