@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from tagd.destinations import Destination, Outcome, OutgoingRequest
+from tagd.destinations import Describing, Destination, Outcome, OutgoingRequest
 from tagd.events import Event
 from tagd.metrics import Metrics
 
@@ -52,9 +52,8 @@ class DirectDelivery:
         """Start delivering C{events}; the Deferred (for tests and shutdown) fires when all answered."""
         attempts = []
         for route in self._routes:
-            describe = getattr(route.destination, "describe", None)
-            if describe is not None:
-                for line in describe(events):
+            if isinstance(route.destination, Describing):
+                for line in route.destination.describe(events):
                     log.info("{destination} (dry run): {line}", destination=route.destination.name, line=line)
                 self._count(route, len(events), Outcome.SUCCESS)
                 continue

@@ -198,6 +198,14 @@ def meta_user_data(user_data: Mapping[str, Iterable[str]]) -> dict[str, list[str
     return {key: hashes for key, hashes in fields.items() if hashes}
 
 
+def hashed_user_data(user_data: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
+    """Every field hashed after the generic normalisation (NFC, trimmed, lower-cased), for
+    receivers with no rules of their own (a shop's webhook, the dry-run log): the origin's
+    raw values never leave tagd.  A field left with no value is left out."""
+    fields = {key: hashed_values(values, _text) for key, values in user_data.items()}
+    return {key: hashes for key, hashes in fields.items() if hashes}
+
+
 def tiktok_user_fields(user_data: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
     """TikTok's hashed C{user} fields (C{email}, C{phone}, C{external_id}) from Meta-named
     user data: key to list of SHA-256 hex, empty fields left out."""

@@ -337,23 +337,11 @@ def test_request_repr_hides_secret():
 # -- classify -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "status, outcome",
-    [
-        (204, Outcome.SUCCESS),
-        (200, Outcome.SUCCESS),
-        (429, Outcome.THROTTLE),
-        (500, Outcome.TRANSIENT),
-        (503, Outcome.TRANSIENT),
-        (400, Outcome.PERMANENT),
-        (403, Outcome.PERMANENT),
-        (404, Outcome.PERMANENT),
-    ],
-)
-def test_classify_status(status, outcome):
-    """2xx delivered, 429 throttled, 5xx retried, other 4xx never retried."""
+@pytest.mark.parametrize("status", [200, 204])
+def test_classify_success(status):
+    """2xx is delivered (every other status: test_destination_common)."""
     verdict = destination().classify(status, b"")
-    assert verdict.outcome is outcome
+    assert verdict.outcome is Outcome.SUCCESS
     assert verdict.retry_after is None
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
 
+from destination_helpers import h
 from fakes import make_event
 from tagd.destinations import Outcome
 from tagd.destinations import log
@@ -43,7 +43,7 @@ def test_describe_masks_ip_and_hashes_user_data():
     (line,) = log.describe([make_event(client_ip="203.0.113.7", user_data={"em": (" Joe@Example.COM",)})])
     record = json.loads(line)
     assert record["client_ip"] == "203.0.113.0"
-    assert record["user_data"] == {"em": [hashlib.sha256(b"joe@example.com").hexdigest()]}
+    assert record["user_data"] == {"em": [h("joe@example.com")]}
     assert "203.0.113.7" not in line and "Joe@Example" not in line
 
 

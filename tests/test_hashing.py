@@ -1,7 +1,8 @@
 """Normalisation and hashing of user data, cross-checked against Meta's business SDK.
 
 Where the SDK and PLATFORMS.md disagree, tagd follows PLATFORMS.md (Meta's documented
-rules); each such case has its own test whose docstring says how and why they differ.
+rules); each such case has its own test, or its own commented group of cases in a shared
+one, that says how and why they differ.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import hashlib
 
 import pytest
 
+from destination_helpers import ALREADY_HASHED, h
 from tagd.hashing import (
+    hashed_user_data,
     hashed_values,
     is_sha256_hex,
     meta_user_data,
@@ -19,11 +22,6 @@ from tagd.hashing import (
     sha256_hex,
     tiktok_user_fields,
 )
-
-
-def h(text: str) -> str:
-    """The SHA-256 hex of C{text}, computed independently of tagd."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @pytest.fixture
@@ -39,8 +37,6 @@ def user_data_class():
     sdk = pytest.importorskip("facebook_business.adobjects.serverside.user_data")
     return sdk.UserData
 
-
-ALREADY_HASHED = h("someone@example.com")
 
 # Inputs on which tagd and the SDK must produce the very same hash.
 AGREED = [
@@ -158,59 +154,43 @@ def test_phone_digits_only_unlike_meta_sdk(normalize, value, digits, sdk_digits)
     assert meta_user_data({"ph": (value,)}) == {"ph": [h(digits)]}
 
 
-@pytest.mark.parametrize(
-    ("field", "value", "ours", "sdk"),
-    [
-        ("fn", "O'Brien", "obrien", "o'brien"),
-        ("fn", "Mary-Ann", "maryann", "mary-ann"),
-        ("ln", "Anne Marie", "annemarie", "anne marie"),
-        ("ct", "Val-d'Or", "valdor", "vald'or"),
-        # A decomposed "é" (e + combining accent) is composed first: same as a typed "é".
-        ("fn", "Jose\u0301", "josé", "jose\u0301"),
-    ],
-)
-def test_names_lose_punctuation_unlike_meta_sdk(normalize, field, value, ours, sdk):
-    """PLATFORMS.md: names and cities are lowercase "with no punctuation" and, for cities,
-    no spaces.  The SDK only lower-cases names and strips a few characters from cities;
-    tagd keeps letters of any script (with accents, Unicode NFC) and nothing else."""
+# Where PLATFORMS.md and the SDK differ: the field, the value, what tagd hashes, and what
+# the SDK hashes.
+UNLIKE_SDK = [
+    # Names and cities are lowercase "with no punctuation" and, for cities, no spaces.  The
+    # SDK only lower-cases names and strips a few characters from cities; tagd keeps letters
+    # of any script (with accents, Unicode NFC) and nothing else.
+    ("fn", "O'Brien", "obrien", "o'brien"),
+    ("fn", "Mary-Ann", "maryann", "mary-ann"),
+    ("ln", "Anne Marie", "annemarie", "anne marie"),
+    ("ct", "Val-d'Or", "valdor", "vald'or"),
+    # A decomposed "é" (e + combining accent) is composed first: same as a typed "é".
+    ("fn", "Jose\u0301", "josé", "jose\u0301"),
+    # C{db} is YYYYMMDD.  The SDK hashes whatever date format it gets; tagd rewrites the
+    # common unambiguous formats to YYYYMMDD first.
+    ("db", "1990-01-31", "19900131", "1990-01-31"),
+    ("db", "1990/1/31", "19900131", "1990/1/31"),
+    ("db", "31.01.1990", "19900131", "31.01.1990"),
+    ("db", "01/31/1990", "19900131", "01/31/1990"),
+    # C{ge} is f/m, C{st} the 2-letter code, C{zp} has no spaces and a US ZIP+4 keeps 5
+    # digits.  The SDK hashes "female" and "california" as they are, keeps "940251234"
+    # whole and cuts a Polish "00-950" at the dash; tagd follows the rules.
+    ("ge", "Female", "f", "female"),
+    ("ge", "male", "m", "male"),
+    ("st", "California", "ca", "california"),
+    ("st", "New York", "ny", "newyork"),
+    ("zp", "94025 1234", "94025", "940251234"),
+    ("zp", "00-950", "00950", "00"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "ours", "sdk"), UNLIKE_SDK)
+def test_normalised_by_platforms_md_unlike_meta_sdk(normalize, field, value, ours, sdk):
+    """tagd hashes what PLATFORMS.md asks for where the SDK hashes something else (the
+    comment above each group of cases says how and why)."""
     assert normalise_meta(field, value) == ours
     assert normalize(field, value) == h(sdk)
     assert meta_user_data({field: (value,)}) == {field: [h(ours)]}
-
-
-@pytest.mark.parametrize(
-    ("value", "ours", "sdk"),
-    [
-        ("1990-01-31", "19900131", "1990-01-31"),
-        ("1990/1/31", "19900131", "1990/1/31"),
-        ("31.01.1990", "19900131", "31.01.1990"),
-        ("01/31/1990", "19900131", "01/31/1990"),
-    ],
-)
-def test_date_of_birth_rewritten_unlike_meta_sdk(normalize, value, ours, sdk):
-    """PLATFORMS.md: C{db} is YYYYMMDD.  The SDK hashes whatever date format it gets;
-    tagd rewrites the common unambiguous formats to YYYYMMDD first."""
-    assert normalise_meta("db", value) == ours
-    assert normalize("db", value) == h(sdk)
-
-
-@pytest.mark.parametrize(
-    ("field", "value", "ours", "sdk"),
-    [
-        ("ge", "Female", "f", "female"),
-        ("ge", "male", "m", "male"),
-        ("st", "California", "ca", "california"),
-        ("st", "New York", "ny", "newyork"),
-        ("zp", "94025 1234", "94025", "940251234"),
-        ("zp", "00-950", "00950", "00"),
-    ],
-)
-def test_codes_shortened_unlike_meta_sdk(normalize, field, value, ours, sdk):
-    """PLATFORMS.md: C{ge} is f/m, C{st} the 2-letter code, C{zp} has no spaces and a US
-    ZIP+4 keeps 5 digits.  The SDK hashes "female" and "california" as they are, keeps
-    "940251234" whole and cuts a Polish "00-950" at the dash; tagd follows the rules."""
-    assert normalise_meta(field, value) == ours
-    assert normalize(field, value) == h(sdk)
 
 
 @pytest.mark.parametrize(
@@ -317,3 +297,11 @@ def test_tiktok_already_hashed_and_empty():
     """TikTok follows the shared rules: hashes pass unchanged, empty values are dropped."""
     fields = tiktok_user_fields({"em": (ALREADY_HASHED.upper(), " "), "ph": ("none",)})
     assert fields == {"email": [ALREADY_HASHED]}
+
+
+def test_generic_user_data_edge_cases():
+    """For receivers without rules of their own (webhook, log): empty values (and a key
+    left with none) are dropped, duplicates merged, composed and decomposed accents hash
+    alike, and a hash passes unchanged."""
+    raw = {"fn": ("  ", "Jos\u00e9", "JOSE\u0301"), "ln": ("",), "em": (ALREADY_HASHED.upper(),)}
+    assert hashed_user_data(raw) == {"fn": [h("jos\u00e9")], "em": [ALREADY_HASHED]}

@@ -8,7 +8,7 @@ no I/O: the sender owns the network, so every destination is tested without one.
 from __future__ import annotations
 
 import enum
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import attrs
 
@@ -60,6 +60,18 @@ class Destination(Protocol):
 
     def classify(self, status: int, body: bytes) -> Verdict:
         """Judge the platform's answer to one request."""
+
+
+@runtime_checkable
+class Describing(Protocol):
+    """A destination that sends nothing and describes the events instead (the dry run).
+
+    The sender logs these lines in place of sending, so a destination that only shows
+    what tagd would send needs no I/O of its own; C{isinstance} tells the sender which.
+    """
+
+    def describe(self, events: Sequence[Event]) -> list[str]:
+        """One line for the log per event, in order."""
 
 
 # One config key: (accepted types, required, default). Tables are checked by tagd.config.

@@ -1,14 +1,15 @@
-"""Small pieces every ad-platform destination needs, so each platform module only says
-what is particular to its platform.  No I/O: the sender owns the network.
+"""Small pieces every destination needs: batching, JSON, and verdicts that keep secrets.
+
+They live here so that each destination module only says what is particular to its
+platform, and so that every destination judges an HTTP status and hides a secret the same
+way.  No I/O: the sender owns the network.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import quote
-
-import attrs
 
 from tagd.destinations import OutgoingRequest, Outcome, Verdict
 from tagd.events import Event
@@ -16,6 +17,10 @@ from tagd.events import Event
 # A platform's message goes into logs and the dead-letter table: keep it readable.
 MAX_MESSAGE = 300
 REDACTED = "[redacted]"
+_MESSAGE_BODY = 200  # characters of an error answer quoted by status_verdict
+
+# What a destination says of one batch's request: (url, log_url, headers, JSON document).
+RequestParts = tuple[str, str, Mapping[str, str], Any]
 
 
 def batches(events: Sequence[Event], size: int) -> Iterator[Sequence[Event]]:
@@ -32,7 +37,7 @@ def check_batch_size(value: int, platform_limit: int | None = None) -> int:
     """
     if value < 1 or (platform_limit is not None and value > platform_limit):
         upper = f" and at most {platform_limit}" if platform_limit else ""
-        raise ValueError(f"max_batch must be at least 1{upper}, not {value}")
+        raise ValueError(f"max_batch: must be at least 1{upper}, not {value}")
     return value
 
 
@@ -54,12 +59,20 @@ def json_object(body: bytes) -> dict[str, Any] | None:
     return decoded if isinstance(decoded, dict) else None
 
 
+def json_int(document: Mapping[str, Any], key: str) -> int | None:
+    """The whole number at C{key} of a platform's answer, else C{None}: JSON's C{true} is
+    an C{int} to Python, but never an error code or a count."""
+    value = document.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def encode_batches(
     events: Sequence[Event],
     size: int,
-    build: Callable[[Sequence[Event]], tuple[str, str, Mapping[str, str], Any]],
+    build: Callable[[Sequence[Event]], RequestParts],
 ) -> list[OutgoingRequest]:
-    """One L{OutgoingRequest} per batch; C{build} gives (url, log_url, headers, document)."""
+    """One JSON L{OutgoingRequest} per batch, from the L{RequestParts} C{build} gives; its
+    headers are those the destination adds to the JSON content type."""
     requests = []
     for batch in batches(events, size):
         url, log_url, headers, document = build(batch)
@@ -67,7 +80,7 @@ def encode_batches(
             OutgoingRequest(
                 url=url,
                 body=json_bytes(document),
-                headers=headers,
+                headers={"Content-Type": "application/json", **headers},
                 log_url=log_url,
                 event_ids=tuple(event.event_id for event in batch),
             )
@@ -75,41 +88,49 @@ def encode_batches(
     return requests
 
 
-def mapped_name(name: str, overrides: Mapping[str, str], defaults: Mapping[str, str]) -> str:
-    """The platform's name for a tagd (Meta-named) event: the destination's override, else
-    the platform default, else the name unchanged (custom events pass as they are)."""
-    return overrides.get(name) or defaults.get(name, name)
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """C{text} with every non-empty secret replaced, also percent-encoded as an echoed URL
+    would carry it.  Longest first, so that a secret containing another goes whole."""
+    spellings = {s for secret in secrets if secret for s in (secret, quote(secret, safe=""))}
+    for spelling in sorted(spellings, key=len, reverse=True):
+        text = text.replace(spelling, REDACTED)
+    return text
+
+
+def verdict(outcome: Outcome, message: str, secrets: Iterable[str] = ()) -> Verdict:
+    """A L{Verdict} whose message is bounded and can never carry one of C{secrets}."""
+    message = redact(message, secrets)
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 3] + "..."
+    return Verdict(outcome=outcome, message=message)
 
 
 def status_outcome(status: int) -> Outcome | None:
-    """What the HTTP status alone says when the body gives no better answer."""
+    """What the HTTP status alone says when the body gives no better answer.
+
+    408 is the receiver (or a proxy before it) timing out on the request: as transient
+    as the 5xx a gateway answers for the same reason.
+    """
     if status == 429:
         return Outcome.THROTTLE
-    if status >= 500:
+    if status == 408 or status >= 500:
         return Outcome.TRANSIENT
     return None
 
 
-def classify_answer(
-    judge: Callable[[int, dict[str, Any] | None], tuple[Outcome, str]],
-    status: int,
-    body: bytes,
-    secret: str,
-) -> Verdict:
-    """C{judge}'s verdict on an answer whose body is read as a JSON object (or C{None})."""
-    outcome, message = judge(status, json_object(body))
-    return verdict(outcome, message, secret)
+def status_verdict(status: int, body: bytes, secrets: Iterable[str] = ()) -> Verdict:
+    """Judge an answer by its HTTP status alone, for receivers with no codes of their own.
 
-
-def verdict(outcome: Outcome, message: str, secret: str = "") -> Verdict:
-    """A L{Verdict} whose message is bounded and can never carry C{secret}."""
-    if secret:
-        # An echoed URL would carry the token percent-encoded: scrub both spellings.
-        for spelling in (secret, quote(secret, safe="")):
-            message = message.replace(spelling, REDACTED)
-    if len(message) > MAX_MESSAGE:
-        message = message[: MAX_MESSAGE - 3] + "..."
-    return Verdict(outcome=outcome, message=message)
+    2xx delivered; 429 asks the sender to slow down; 408 and 5xx are the receiver's
+    trouble and worth a retry; any other status says the request itself is wrong, so it
+    never will be accepted.  The message quotes the start of an error answer, secrets
+    removed before it is cut (a cut could leave half a secret that redaction misses).
+    """
+    if 200 <= status < 300:
+        return Verdict(Outcome.SUCCESS, f"HTTP {status}")
+    snippet = " ".join(body[: _MESSAGE_BODY * 4].decode("utf-8", "replace").split())
+    message = f"HTTP {status}: {redact(snippet, secrets)[:_MESSAGE_BODY]}".rstrip(": ")
+    return verdict(status_outcome(status) or Outcome.PERMANENT, message)
 
 
 def without_empty(document: Mapping[str, Any]) -> dict[str, Any]:
@@ -120,73 +141,3 @@ def without_empty(document: Mapping[str, Any]) -> dict[str, Any]:
 def filled(keys: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
     """C{settings} restricted to C{keys}, each missing key given its declared default."""
     return {key: settings.get(key, spec[2]) for key, spec in keys.items()}
-
-
-def event_name_overrides(value: Mapping[str, Any]) -> dict[str, str]:
-    """A copy of the C{event_names} table, refused unless it maps names to names: a number
-    or an empty string would otherwise reach the platform as an event name."""
-    for key, name in value.items():
-        if not isinstance(key, str) or not isinstance(name, str) or not name:
-            raise ValueError(f"event_names.{key} must be a non-empty event name string")
-    return dict(value)
-
-
-def common_settings(
-    name: str, keys: Mapping[str, Any], settings: Mapping[str, Any], batch_limit: int | None
-) -> dict[str, Any]:
-    """The L{PlatformDestination} fields from one C{[[destinations]]} table, checked."""
-    values = filled(keys, settings)
-    return {
-        "name": name,
-        "access_token": values["access_token"],
-        "endpoint": values["endpoint"].rstrip("/"),
-        "test_event_code": values["test_event_code"],
-        "event_names": event_name_overrides(values["event_names"]),
-        "limited_data_use": values["limited_data_use"],
-        "max_batch": check_batch_size(values["max_batch"], batch_limit),
-    }
-
-
-@attrs.frozen(eq=False)
-class PlatformDestination:
-    """What every ad-platform destination holds and does; a platform adds its ids, its
-    per-event C{event_payload}, its C{judge} of answers and its C{_request}.
-
-    Compared and hashed by identity: two tables naming the same pixel are two destinations.
-    """
-
-    type: ClassVar[str]
-    # Platform functions, stored with staticmethod(): (event, event_names, limited_data_use)
-    # -> the event's JSON object, and (status, body, secret) -> Verdict.
-    event_payload: ClassVar[Callable[[Event, Mapping[str, str], bool], dict[str, Any]]]
-    judge: ClassVar[Callable[[int, bytes, str], Verdict]]
-
-    name: str
-    access_token: str = attrs.field(repr=False)
-    endpoint: str
-    test_event_code: str | None
-    event_names: Mapping[str, str]
-    limited_data_use: bool
-    max_batch: int
-
-    def payload(self, event: Event) -> dict[str, Any]:
-        """The event as this destination sends it (names mapped, LDU applied); the log
-        destination shows exactly this."""
-        return self.event_payload(event, self.event_names, self.limited_data_use)
-
-    def document(self, batch: Sequence[Event], **head: Any) -> dict[str, Any]:
-        """The request body: C{head}, the test code when set, then the events."""
-        if self.test_event_code:
-            head["test_event_code"] = self.test_event_code
-        return head | {"data": [self.payload(event) for event in batch]}
-
-    def _request(self, batch: Sequence[Event]) -> tuple[str, str, Mapping[str, str], Any]:
-        raise NotImplementedError
-
-    def encode(self, events: Sequence[Event]) -> list[OutgoingRequest]:
-        """One request per C{max_batch} events."""
-        return encode_batches(events, self.max_batch, self._request)
-
-    def classify(self, status: int, body: bytes) -> Verdict:
-        """Judge the platform's answer; the message never carries this destination's token."""
-        return self.judge(status, body, self.access_token)

@@ -42,9 +42,9 @@ from tagd.destinations._common import (
     filled,
     json_bytes,
     json_object,
+    status_verdict,
     verdict,
 )
-from tagd.destinations.webhook import status_verdict
 from tagd.events import Event
 
 TYPE = "ga4"
@@ -366,7 +366,7 @@ class Ga4Destination:
         if not messages:
             return Verdict(Outcome.SUCCESS, "GA4 validation passed")
         text = "; ".join(f"{m.get('fieldPath', '')}: {m.get('description', '')}" for m in messages)
-        return verdict(Outcome.PERMANENT, text, self.api_secret)
+        return verdict(Outcome.PERMANENT, text, (self.api_secret,))
 
 
 def build(name: str, settings: Mapping[str, Any]) -> Ga4Destination:

@@ -3,7 +3,8 @@
 A shop owner trying tagd, or checking what their origin's header turns into, wants to
 see the events without any platform receiving them.  This destination therefore sends
 nothing: L{LogDestination.encode} returns no request, and L{describe} renders each event
-as one line of JSON, which the sender logs in place of sending.
+as one line of JSON, which the sender logs in place of sending (the destination is
+L{tagd.destinations.Describing}).
 
 Keeping this a pure function over events, not a sender of its own, means no second path
 for I/O and nothing to mock: the line is exactly what L{describe} returns.  The line shows
@@ -22,6 +23,7 @@ from typing import ClassVar, Sequence
 import attrs
 
 from tagd.destinations import KeySpec, Outcome, OutgoingRequest, Verdict
+from tagd.destinations._common import check_batch_size
 from tagd.destinations.webhook import event_record
 from tagd.events import Event
 
@@ -60,7 +62,7 @@ def describe(events: Sequence[Event]) -> list[str]:
 
 @attrs.frozen
 class LogDestination:
-    """The dry-run destination.  Build it with L{build}."""
+    """The dry-run destination, a L{tagd.destinations.Describing}.  Build it with L{build}."""
 
     type: ClassVar[str] = TYPE
 
@@ -82,7 +84,5 @@ class LogDestination:
 
 def build(name: str, settings) -> LogDestination:
     """A L{LogDestination}; C{max_batch} only bounds how many events one call describes."""
-    max_batch = settings.get("max_batch", KEYS["max_batch"][2])
-    if max_batch < 1:
-        raise ValueError("max_batch: must be at least 1")
+    max_batch = check_batch_size(settings.get("max_batch", KEYS["max_batch"][2]))
     return LogDestination(name=name, max_batch=max_batch)

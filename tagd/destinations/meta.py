@@ -7,41 +7,34 @@ user agent and the C{fbp}/C{fbc} cookies are identifiers Meta must see raw.
 
 from __future__ import annotations
 
-from types import MappingProxyType
 from typing import Any, ClassVar, Mapping, Sequence
 from urllib.parse import urlencode
 
 import attrs
 
-from tagd.destinations import KeySpec, Outcome, Verdict
-from tagd.destinations._common import (
+from tagd.destinations import KeySpec, Outcome
+from tagd.destinations._common import RequestParts, json_int, status_outcome, without_empty
+from tagd.destinations._platform import (
     PlatformDestination,
-    classify_answer,
-    common_settings,
-    filled,
     mapped_name,
-    status_outcome,
-    without_empty,
+    platform_fields,
+    platform_keys,
 )
 from tagd.events import Event
 from tagd.hashing import meta_user_data
 
 TYPE = "meta"
-KEYS: dict[str, KeySpec] = {
-    "pixel_id": ((str,), True, None),
-    "access_token": ((str,), True, None),
-    "api_version": ((str,), False, "v24.0"),
-    "test_event_code": ((str,), False, None),
-    "endpoint": ((str,), False, "https://graph.facebook.com"),
-    "event_names": ((dict,), False, MappingProxyType({})),
-    "limited_data_use": ((bool,), False, False),
-    "max_batch": ((int,), False, 1000),
-}
+# Meta refuses a request carrying more events than this, whole.
+MAX_EVENTS = 1000
+KEYS: dict[str, KeySpec] = platform_keys(
+    "pixel_id",
+    endpoint="https://graph.facebook.com",
+    max_batch=MAX_EVENTS,
+    own={"api_version": ((str,), False, "v24.0")},
+)
 SECRETS = ("access_token",)
 # Meta's advice: most answers come within 600 ms, give up after 1500 ms.
 DEFAULT_TIMEOUT = 1.5
-# Meta refuses a request carrying more events than this, whole.
-MAX_EVENTS = 1000
 
 # Meta's error codes (error.code) and what they ask of a sender.
 THROTTLE_CODES = frozenset({4, 17, 613, 80003, 80004})
@@ -109,14 +102,9 @@ def payload(
     return without_empty(document) | processing_options(limited_data_use)
 
 
-def _code(error: Mapping[str, Any], key: str) -> int | None:
-    value = error.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def _error_outcome(status: int, error: Mapping[str, Any]) -> Outcome:
     """Meta's code says more than the HTTP status; the status decides for unknown codes."""
-    code = _code(error, "code")
+    code = json_int(error, "code")
     if code in THROTTLE_CODES:
         return Outcome.THROTTLE
     if code in TRANSIENT_CODES or error.get("is_transient") is True:
@@ -127,7 +115,7 @@ def _error_outcome(status: int, error: Mapping[str, Any]) -> Outcome:
 
 
 def _error_message(status: int, error: Mapping[str, Any]) -> str:
-    code, subcode = _code(error, "code"), _code(error, "error_subcode")
+    code, subcode = json_int(error, "code"), json_int(error, "error_subcode")
     parts = [f"HTTP {status}, Meta error {code}" + (f"/{subcode}" if subcode else "")]
     parts.append(f": {error.get('message', 'no message')}")
     if error.get("error_user_msg"):
@@ -140,7 +128,7 @@ def _error_message(status: int, error: Mapping[str, Any]) -> str:
 def _success(answer: Mapping[str, Any] | None) -> tuple[Outcome, str]:
     """A 2xx is success unless Meta says it received none of the events sent."""
     answer = answer or {}
-    received = _code(answer, "events_received")
+    received = json_int(answer, "events_received")
     trace = f" fbtrace_id={answer['fbtrace_id']}" if answer.get("fbtrace_id") else ""
     if received == 0:
         return Outcome.PERMANENT, f"Meta received 0 events: {answer.get('messages', [])}{trace}"
@@ -149,6 +137,8 @@ def _success(answer: Mapping[str, Any] | None) -> tuple[Outcome, str]:
 
 
 def _judge(status: int, answer: Mapping[str, Any] | None) -> tuple[Outcome, str]:
+    """Meta's error object decides when there is one; else a 2xx is read for the count of
+    events received, and any other status judged by itself."""
     error = answer.get("error") if answer else None
     if isinstance(error, dict):
         return _error_outcome(status, error), _error_message(status, error)
@@ -158,34 +148,24 @@ def _judge(status: int, answer: Mapping[str, Any] | None) -> tuple[Outcome, str]
     return status_outcome(status) or Outcome.PERMANENT, f"HTTP {status} with {what}"
 
 
-def classify(status: int, body: bytes, secret: str = "") -> Verdict:
-    """Judge Meta's answer to one request; C{secret} is scrubbed from the message."""
-    return classify_answer(_judge, status, body, secret)
-
-
 @attrs.frozen(eq=False)
 class MetaDestination(PlatformDestination):
     """One Meta pixel (dataset) and the token allowed to send events to it."""
 
     type: ClassVar[str] = TYPE
     event_payload = staticmethod(payload)
-    judge = staticmethod(classify)
+    judge = staticmethod(_judge)
 
     pixel_id: str
     api_version: str
 
-    def _request(self, batch: Sequence[Event]) -> tuple[str, str, Mapping[str, str], Any]:
+    def _request(self, batch: Sequence[Event]) -> RequestParts:
         # The token travels only in the query string of url, never in log_url.
         log_url = f"{self.endpoint}/{self.api_version}/{self.pixel_id}/events"
         url = f"{log_url}?{urlencode({'access_token': self.access_token})}"
-        return url, log_url, {"Content-Type": "application/json"}, self.document(batch)
+        return url, log_url, {}, self.document(batch)
 
 
 def build(name: str, settings: Mapping[str, Any]) -> MetaDestination:
     """A L{MetaDestination} from the validated keys of one C{[[destinations]]} table."""
-    values = filled(KEYS, settings)
-    return MetaDestination(
-        **common_settings(name, KEYS, settings, MAX_EVENTS),
-        pixel_id=values["pixel_id"],
-        api_version=values["api_version"],
-    )
+    return MetaDestination(**platform_fields(name, KEYS, settings, MAX_EVENTS))

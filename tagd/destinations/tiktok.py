@@ -7,35 +7,26 @@ answers HTTP 200 even when it refuses a request, and hashes its own few user fie
 
 from __future__ import annotations
 
-from types import MappingProxyType
 from typing import Any, ClassVar, Mapping, Sequence
 
 import attrs
 
-from tagd.destinations import KeySpec, Outcome, Verdict
-from tagd.destinations._common import (
+from tagd.destinations import KeySpec, Outcome
+from tagd.destinations._common import RequestParts, json_int, status_outcome, without_empty
+from tagd.destinations._platform import (
     PlatformDestination,
-    classify_answer,
-    common_settings,
-    filled,
     mapped_name,
-    status_outcome,
-    without_empty,
+    platform_fields,
+    platform_keys,
 )
 from tagd.events import Event
 from tagd.hashing import tiktok_user_fields
 
 TYPE = "tiktok"
-KEYS: dict[str, KeySpec] = {
-    "pixel_code": ((str,), True, None),
-    "access_token": ((str,), True, None),
-    "test_event_code": ((str,), False, None),
-    "endpoint": ((str,), False, "https://business-api.tiktok.com"),
-    "event_names": ((dict,), False, MappingProxyType({})),
-    "limited_data_use": ((bool,), False, False),
-    # TikTok does not document a batch limit; 1000 is the figure commonly quoted.
-    "max_batch": ((int,), False, 1000),
-}
+# TikTok does not document a batch limit; 1000 is the figure commonly quoted.
+KEYS: dict[str, KeySpec] = platform_keys(
+    "pixel_code", endpoint="https://business-api.tiktok.com", max_batch=1000
+)
 SECRETS = ("access_token",)
 # TikTok gives no advice; its API is often further away than Meta's, hence more than 1.5 s.
 DEFAULT_TIMEOUT = 3.0
@@ -145,10 +136,8 @@ def _message(status: int, answer: Mapping[str, Any] | None, code: int | None) ->
 
 
 def _judge(status: int, answer: Mapping[str, Any] | None) -> tuple[Outcome, str]:
-    """HTTP 429 and 5xx decide first; then TikTok's code, which only a 2xx can carry."""
-    code = answer.get("code") if answer else None
-    if not isinstance(code, int) or isinstance(code, bool):
-        code = None
+    """HTTP 408, 429 and 5xx decide first; then TikTok's code, which only a 2xx can carry."""
+    code = json_int(answer, "code") if answer else None
     message = _message(status, answer, code)
     ok = 200 <= status < 300
     if by_status := status_outcome(status):
@@ -161,32 +150,23 @@ def _judge(status: int, answer: Mapping[str, Any] | None) -> tuple[Outcome, str]
     return (Outcome.SUCCESS if code == 0 else _code_outcome(code)), message
 
 
-def classify(status: int, body: bytes, secret: str = "") -> Verdict:
-    """Judge TikTok's answer to one request; C{secret} is scrubbed from the message."""
-    return classify_answer(_judge, status, body, secret)
-
-
 @attrs.frozen(eq=False)
 class TikTokDestination(PlatformDestination):
     """One TikTok pixel and the token allowed to send events to it."""
 
     type: ClassVar[str] = TYPE
     event_payload = staticmethod(payload)
-    judge = staticmethod(classify)
+    judge = staticmethod(_judge)
 
     pixel_code: str
 
-    def _request(self, batch: Sequence[Event]) -> tuple[str, str, Mapping[str, str], Any]:
+    def _request(self, batch: Sequence[Event]) -> RequestParts:
         # The token travels only in a header, so the URL is safe to log as it is.
         url = self.endpoint + PATH
-        headers = {"Access-Token": self.access_token, "Content-Type": "application/json"}
         document = self.document(batch, event_source="web", event_source_id=self.pixel_code)
-        return url, url, headers, document
+        return url, url, {"Access-Token": self.access_token}, document
 
 
 def build(name: str, settings: Mapping[str, Any]) -> TikTokDestination:
     """A L{TikTokDestination} from the validated keys of one C{[[destinations]]} table."""
-    return TikTokDestination(
-        **common_settings(name, KEYS, settings, None),
-        pixel_code=filled(KEYS, settings)["pixel_code"],
-    )
+    return TikTokDestination(**platform_fields(name, KEYS, settings, None))

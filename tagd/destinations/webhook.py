@@ -13,31 +13,29 @@ C{headers} typically carries an C{Authorization} value, so the whole table is a 
 it is kept out of C{repr}, C{log_url} and every verdict message, and so is the URL's
 query, in case a token was put there instead.
 
-A webhook has no platform codes, so only the HTTP status is judged (L{status_verdict},
-which GA4 shares because it also answers with nothing but a status).
+A webhook has no platform codes, so only the HTTP status is judged
+(L{tagd.destinations._common.status_verdict}).
 """
 
 from __future__ import annotations
 
 import re
-import unicodedata
 from types import MappingProxyType
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
-from urllib.parse import quote, urlsplit
+from typing import Any, ClassVar, Mapping, Sequence
+from urllib.parse import urlsplit
 
 import attrs
 
-from tagd.destinations import KeySpec, Outcome, OutgoingRequest, Verdict
+from tagd.destinations import KeySpec, OutgoingRequest, Verdict
 from tagd.destinations._common import (
-    REDACTED,
+    RequestParts,
     check_batch_size,
     encode_batches,
     filled,
-    status_outcome,
-    verdict,
+    status_verdict,
 )
 from tagd.events import Event
-from tagd.hashing import hashed_values
+from tagd.hashing import hashed_user_data
 
 TYPE = "webhook"
 SECRETS = ("headers",)
@@ -55,22 +53,9 @@ RESERVED_HEADERS = frozenset(
     {"content-type", "content-length", "transfer-encoding", "host", "connection"}
 )
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_MESSAGE_BODY = 200  # characters of an error answer kept in a verdict message
-
-
-def _trimmed_lower(value: str) -> str | None:
-    """The generic normalisation: NFC, trimmed, lower-cased; nothing left means no value."""
-    return unicodedata.normalize("NFC", value).strip().lower() or None
-
-
-def hashed_user_data(user_data: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
-    """Every C{user_data} value hashed; the origin's raw values never leave tagd.
-
-    Already-hashed values are recognised, and empty ones dropped, by the same rule every
-    platform uses (L{tagd.hashing.hashed_values}); a key left with no value is left out.
-    """
-    hashed = {key: hashed_values(values, _trimmed_lower) for key, values in user_data.items()}
-    return {key: values for key, values in hashed.items() if values}
+# Shorter header values (C{X-Version: 1}) are no secret, and redacting them would garble
+# every message that happens to contain the same characters.
+MIN_SECRET = 4
 
 
 def event_record(event: Event) -> dict[str, Any]:
@@ -80,31 +65,6 @@ def event_record(event: Event) -> dict[str, Any]:
     record["contents"] = [dict(content) for content in event.contents]
     record["user_data"] = hashed_user_data(event.user_data)
     return record
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """C{text} with every secret replaced, longest first, also percent-encoded as an
-    echoed URL would carry it.  Values shorter than 4 characters (a header such as
-    C{X-Version: 1}) are no secret, and replacing them would garble every message."""
-    secrets = [secret for secret in secrets if len(secret) >= 4]
-    spellings = {s for secret in secrets for s in (secret, quote(secret, safe=""))}
-    for spelling in sorted(spellings, key=len, reverse=True):
-        text = text.replace(spelling, REDACTED)
-    return text
-
-
-def status_verdict(status: int, body: bytes, secrets: Iterable[str] = ()) -> Verdict:
-    """Judge an answer by its HTTP status alone.
-
-    2xx delivered; 429 asks the sender to slow down; 5xx is the receiver's trouble and
-    worth a retry; any other status says the request itself is wrong, so it never will
-    be accepted.  The message quotes the start of an error answer, secrets removed.
-    """
-    if 200 <= status < 300:
-        return Verdict(Outcome.SUCCESS, f"HTTP {status}")
-    snippet = " ".join(body[: _MESSAGE_BODY * 4].decode("utf-8", "replace").split())
-    message = f"HTTP {status}: {redact(snippet, secrets)[:_MESSAGE_BODY]}".rstrip(": ")
-    return verdict(status_outcome(status) or Outcome.PERMANENT, message)
 
 
 def _validated_url(url: str) -> str:
@@ -150,23 +110,24 @@ class WebhookDestination:
 
     def secrets(self) -> tuple[str, ...]:
         """Everything that must never appear in a message: header values and their
-        words (an echoed C{Bearer} token), and the URL's query and user info."""
+        words (an echoed C{Bearer} token), and the URL's query and user info, each of at
+        least C{MIN_SECRET} characters."""
         parts = urlsplit(self.url)
         words = [w for v in self.headers.values() for w in v.split() if len(w) >= 8]
         user_info = (parts.netloc.rpartition("@")[0], parts.password or "")
-        return (*self.headers.values(), *words, parts.query, *user_info)
+        candidates = (*self.headers.values(), *words, parts.query, *user_info)
+        return tuple(secret for secret in candidates if len(secret) >= MIN_SECRET)
 
     def encode(self, events: Sequence[Event]) -> list[OutgoingRequest]:
         """One request per C{max_batch} events."""
-        headers = {"Content-Type": "application/json", **self.headers}
 
-        def request(batch: Sequence[Event]):
-            return self.url, self.log_url, headers, {"events": [event_record(e) for e in batch]}
+        def request(batch: Sequence[Event]) -> RequestParts:
+            return self.url, self.log_url, self.headers, {"events": [event_record(e) for e in batch]}
 
         return encode_batches(events, self.max_batch, request)
 
     def classify(self, status: int, body: bytes) -> Verdict:
-        """By status alone; see L{status_verdict}."""
+        """By status alone, every secret of L{secrets} removed; see L{status_verdict}."""
         return status_verdict(status, body, self.secrets())
 
 

@@ -1,0 +1,125 @@
+"""What the ad-platform destinations (Meta, TikTok) share: the keys of a pixel and its
+token, the destination object, and its requests and verdicts.
+
+Both platforms take a batch of events in a C{data} array, with an optional test event
+code, a Limited Data Use flag and tagd's (Meta-named) events renamed by the destination's
+C{event_names}.  A platform module says only what differs: its payload, its URL and where
+the token travels, and how to read its answers.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import attrs
+
+from tagd.destinations import KeySpec, OutgoingRequest, Outcome, Verdict
+from tagd.destinations._common import (
+    RequestParts,
+    check_batch_size,
+    encode_batches,
+    filled,
+    json_object,
+    verdict,
+)
+from tagd.events import Event
+
+# A platform's judge of one answer: (HTTP status, body as a JSON object or None) ->
+# (outcome, message); the message may quote the answer, secrets are removed afterwards.
+Judge = Callable[[int, dict[str, Any] | None], tuple[Outcome, str]]
+
+
+def platform_keys(
+    id_key: str, endpoint: str, max_batch: int, own: Mapping[str, KeySpec] = {}
+) -> dict[str, KeySpec]:
+    """A platform's C{KEYS}: its pixel's id, the token, C{own} keys, then those every
+    L{PlatformDestination} reads (in this order, the order configuration errors list)."""
+    return {
+        id_key: ((str,), True, None),
+        "access_token": ((str,), True, None),
+        **own,
+        "test_event_code": ((str,), False, None),
+        "endpoint": ((str,), False, endpoint),
+        "event_names": ((dict,), False, MappingProxyType({})),
+        "limited_data_use": ((bool,), False, False),
+        "max_batch": ((int,), False, max_batch),
+    }
+
+
+def event_name_overrides(value: Mapping[str, Any]) -> dict[str, str]:
+    """A copy of the C{event_names} table, refused unless it maps names to names: a number
+    or an empty string would otherwise reach the platform as an event name."""
+    for key, name in value.items():
+        if not isinstance(key, str) or not isinstance(name, str) or not name:
+            raise ValueError(f"event_names: {key!r} must map to a non-empty event name string")
+    return dict(value)
+
+
+def platform_fields(
+    name: str, keys: Mapping[str, KeySpec], settings: Mapping[str, Any], batch_limit: int | None
+) -> dict[str, Any]:
+    """The fields of a L{PlatformDestination} subclass from one checked C{[[destinations]]}
+    table: one per key of C{keys} (a platform's own keys are its own fields), plus C{name}.
+
+    Raises C{ValueError} as C{"key: reason"}, which tagd.config reports under that key.
+    """
+    values = filled(keys, settings)
+    return values | {
+        "name": name,
+        "endpoint": values["endpoint"].rstrip("/"),
+        "event_names": event_name_overrides(values["event_names"]),
+        "max_batch": check_batch_size(values["max_batch"], batch_limit),
+    }
+
+
+def mapped_name(name: str, overrides: Mapping[str, str], defaults: Mapping[str, str]) -> str:
+    """The platform's name for a tagd (Meta-named) event: the destination's override, else
+    the platform default, else the name unchanged (custom events pass as they are)."""
+    return overrides.get(name) or defaults.get(name, name)
+
+
+@attrs.frozen(eq=False)
+class PlatformDestination:
+    """What every ad-platform destination holds and does; a platform adds its ids, its
+    per-event C{event_payload}, its C{judge} of answers and its C{_request}.
+
+    Compared and hashed by identity: two tables naming the same pixel are two destinations.
+    """
+
+    type: ClassVar[str]
+    # Platform functions, stored with staticmethod(): (event, event_names, limited_data_use)
+    # -> the event's JSON object, and the platform's L{Judge}.
+    event_payload: ClassVar[Callable[[Event, Mapping[str, str], bool], dict[str, Any]]]
+    judge: ClassVar[Judge]
+
+    name: str
+    access_token: str = attrs.field(repr=False)
+    endpoint: str
+    test_event_code: str | None
+    event_names: Mapping[str, str]
+    limited_data_use: bool
+    max_batch: int
+
+    def payload(self, event: Event) -> dict[str, Any]:
+        """The event as this destination sends it (names mapped, LDU applied)."""
+        return self.event_payload(event, self.event_names, self.limited_data_use)
+
+    def document(self, batch: Sequence[Event], **head: Any) -> dict[str, Any]:
+        """The request body: C{head}, the test code when set, then the events."""
+        if self.test_event_code:
+            head["test_event_code"] = self.test_event_code
+        return head | {"data": [self.payload(event) for event in batch]}
+
+    def _request(self, batch: Sequence[Event]) -> RequestParts:
+        """The platform's request for one batch."""
+        raise NotImplementedError
+
+    def encode(self, events: Sequence[Event]) -> list[OutgoingRequest]:
+        """One request per C{max_batch} events."""
+        return encode_batches(events, self.max_batch, self._request)
+
+    def classify(self, status: int, body: bytes) -> Verdict:
+        """Judge the platform's answer; the message never carries this destination's token."""
+        outcome, message = self.judge(status, json_object(body))
+        return verdict(outcome, message, (self.access_token,))

@@ -1,0 +1,111 @@
+"""What every destination type does alike: how a bare HTTP status is judged (a timeout
+included), how a bad setting is reported, and which destination describes instead of
+sending.  Each platform's own tests cover what only that platform does."""
+
+from __future__ import annotations
+
+import pytest
+
+from fakes import make_event
+from tagd.config import ConfigError, parse_config
+from tagd.destinations import Describing, Outcome
+from tagd.destinations.registry import DESTINATION_TYPES, destination_module
+
+# The required keys of each type, with usable values.
+REQUIRED = {
+    "meta": {"pixel_id": "1234", "access_token": "token-0123456789"},
+    "ga4": {"measurement_id": "G-TEST", "api_secret": "token-0123456789"},
+    "tiktok": {"pixel_code": "C4PIXEL", "access_token": "token-0123456789"},
+    "webhook": {"url": "https://warehouse.example/events"},
+    "log": {},
+}
+# The log destination sends nothing, so no answer ever reaches it to be judged.
+SENDING = [kind for kind in DESTINATION_TYPES if kind != "log"]
+
+
+def destination(kind: str):
+    """A destination of type C{kind} built from its required keys only."""
+    return destination_module(kind).build(kind, REQUIRED[kind])
+
+
+@pytest.mark.parametrize("kind", DESTINATION_TYPES)
+def test_required_keys(kind):
+    """L{REQUIRED} names exactly the keys each module declares required."""
+    keys = destination_module(kind).KEYS
+    assert set(REQUIRED[kind]) == {key for key, (_, required, _) in keys.items() if required}
+
+
+# What a bare status says, to every destination that sends.
+BY_STATUS = {
+    Outcome.THROTTLE: [429],
+    Outcome.TRANSIENT: [408, 500, 502, 503],
+    Outcome.PERMANENT: [301, 400, 401, 403, 404],
+}
+
+
+@pytest.mark.parametrize("kind", SENDING)
+@pytest.mark.parametrize(
+    ("status", "outcome"), [(status, outcome) for outcome, statuses in BY_STATUS.items() for status in statuses]
+)
+def test_empty_answer_judged_by_status(kind, status, outcome):
+    """Without a body to read, every destination judges the status alike: 429 slows
+    down, a timeout (408) or 5xx is retried, any other error never will succeed."""
+    verdict = destination(kind).classify(status, b"")
+    assert verdict.outcome is outcome
+    assert verdict.retry_after is None
+    assert f"HTTP {status}" in verdict.message
+
+
+@pytest.mark.parametrize("kind", SENDING)
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"<html><body><h1>408 Request Time-out</h1></body></html>",
+        b'{"error": {"code": 99999, "message": "Request timed out"}}',
+        b'{"code": 40001, "message": "Request timed out"}',
+    ],
+)
+def test_request_timeout_is_transient(kind, answer):
+    """HTTP 408 is a timeout (the receiver, or a proxy before it, gave up waiting for the
+    request): it is retried later, whether the body is a proxy's page or a platform's
+    answer that the status outranks (only Meta's documented codes outrank a status)."""
+    assert destination(kind).classify(408, answer).outcome is Outcome.TRANSIENT
+
+
+@pytest.mark.parametrize(
+    ("kind", "key", "value"),
+    [
+        *[(kind, "max_batch", 0) for kind in DESTINATION_TYPES],
+        ("meta", "max_batch", 1001),
+        ("ga4", "max_batch", 26),
+        ("webhook", "max_batch", 1001),
+        ("meta", "event_names", "{ Purchase = '' }"),
+        ("tiktok", "event_names", "{ Purchase = 7 }"),
+        ("ga4", "event_names", "{ Purchase = 'bad name' }"),
+        ("ga4", "endpoint", "'ftp://example.com'"),
+        ("ga4", "api_secret", "''"),
+        ("webhook", "url", "'ftp://warehouse.example/x'"),
+        ("webhook", "headers", "{ Content-Type = 'text/plain' }"),
+    ],
+)
+def test_bad_setting_reported_under_its_key(kind, key, value):
+    """C{build} raises C{ValueError("key: reason")}, so the configuration error names the
+    very key of the very table, and gives the reason without repeating the key.  Values
+    are TOML literals."""
+    required = "".join(f'{name} = "{text}"\n' for name, text in REQUIRED[kind].items() if name != key)
+    text = f'[[destinations]]\ntype = "{kind}"\n{required}{key} = {value}\n'
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, "tagd.toml")
+    assert raised.value.key == f"destinations[0].{key}"
+    assert not raised.value.reason.startswith(key)
+
+
+@pytest.mark.parametrize("kind", DESTINATION_TYPES)
+def test_only_the_log_describes(kind):
+    """The sender logs, in place of sending, for exactly the destinations that are
+    L{Describing}: the dry run, whose C{encode} has nothing to send."""
+    dest = destination(kind)
+    assert isinstance(dest, Describing) is (kind == "log")
+    if isinstance(dest, Describing):
+        assert dest.encode([make_event()]) == []
+        assert len(dest.describe([make_event()])) == 1
