@@ -120,7 +120,8 @@ def _json_value(value: Any, where: str, depth: int = 0) -> Any:
     if isinstance(value, list):
         return [_json_value(v, f"{where}[]", depth + 1) for v in value]
     if isinstance(value, dict):
-        return {k: _json_value(v, f"{where}.{k}", depth + 1) for k, v in value.items()}
+        # Key names come from the origin: an error names the position, never the key.
+        return {k: _json_value(v, where, depth + 1) for k, v in value.items()}
     raise TrackingHeaderError(f"{where} has an unsupported type")
 
 
@@ -132,7 +133,7 @@ def _content(value: Any, index: int) -> dict[str, Any]:
     for key, raw in value.items():
         kind = _CONTENT_KEYS.get(key)
         if kind is None:
-            raise TrackingHeaderError(f"{where}.{key} is not a known key")
+            raise TrackingHeaderError(f"{where} has an unknown key")
         if key == "id" and isinstance(raw, int) and not isinstance(raw, bool):
             raw = str(raw)  # Shops often write numeric product ids.
         if kind is str:
@@ -154,7 +155,7 @@ def _user_data(value: Any) -> dict[str, tuple[str, ...]]:
     result = {}
     for key, raw in value.items():
         if key not in USER_DATA_KEYS:
-            raise TrackingHeaderError(f"user_data.{key} is not a known key")
+            raise TrackingHeaderError("user_data has an unknown key")
         values = raw if isinstance(raw, list) else [raw]
         if not 1 <= len(values) <= 10:
             raise TrackingHeaderError(f"user_data.{key} must hold 1 to 10 values")
@@ -167,10 +168,10 @@ def _event_spec(value: Any, index: int) -> EventSpec:
         raise TrackingHeaderError(f"event {index} must be a JSON object")
     unknown = set(value) - _HEADER_KEYS
     if unknown:
-        raise TrackingHeaderError(f"event {index} has unknown key {sorted(unknown)[0]!r}")
+        raise TrackingHeaderError(f"event {index} has an unknown key")
     name = _string(value.get("event_name"), "event_name", 40)
     if name not in STANDARD_EVENTS and not CUSTOM_EVENT_NAME.fullmatch(name):
-        raise TrackingHeaderError(f"event_name {name!r} is neither a standard nor a valid custom name")
+        raise TrackingHeaderError("event_name is neither a standard nor a valid custom name")
     event_id = value.get("event_id")
     if event_id is not None:
         event_id = _string(event_id, "event_id", 100)
@@ -198,10 +199,13 @@ def _event_spec(value: Any, index: int) -> EventSpec:
 def parse_tracking_header(raw: bytes, max_bytes: int = MAX_HEADER_BYTES) -> list[EventSpec]:
     """The events described by one tracking header value: a JSON object or an array of them."""
     if len(raw) > max_bytes:
-        raise TrackingHeaderError(f"header is {len(raw)} bytes, more than the {max_bytes} allowed")
+        raise TrackingHeaderError(f"header is longer than the {max_bytes} bytes allowed")
     try:
         decoded = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # JSON may escape lone surrogates ("\\ud800") that no UTF-8 text can hold; they
+        # would fail later, in a cookie or in hashing, instead of here.
+        json.dumps(decoded, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, ValueError, RecursionError) as e:
         raise TrackingHeaderError(f"not valid JSON ({type(e).__name__})") from None
     items = decoded if isinstance(decoded, list) else [decoded]
     if not 1 <= len(items) <= MAX_EVENTS_PER_HEADER:

@@ -30,8 +30,9 @@ log = Logger()
 # from the future: the origin's own event_time must fall inside this window.
 MAX_EVENT_AGE = 7 * 24 * 3600
 MAX_CLOCK_SKEW = 60
-# A malformed header on a popular page would otherwise log on every view.
 MALFORMED_LOG_INTERVAL = 60.0
+# Not page views: uptime monitors probe with HEAD, browsers preflight with OPTIONS.
+UNTRACKED_METHODS = frozenset({b"HEAD", b"OPTIONS"})
 
 
 class Tracker:
@@ -54,7 +55,8 @@ class Tracker:
         self._paths = PathFilter(config.include_paths, config.exclude_paths)
         self._statuses = tracked_statuses(config.track_statuses)
         self._bots = BotDetector(config.extra_bots, config.allow_bots)
-        self._malformed_logged: dict[str, float] = {}
+        self._malformed_logged_at = float("-inf")
+        self._malformed_unlogged = 0
 
     def __call__(self, values: list[bytes], visit: Visit) -> Tracked | None:
         reason = self._refusal(visit)
@@ -99,6 +101,8 @@ class Tracker:
 
     def _refusal(self, visit: Visit) -> str | None:
         """Why this response is not tracked at all, or None; cheapest checks first."""
+        if visit.method in UNTRACKED_METHODS:
+            return "method"
         if not self._paths.allows(visit.uri):
             return "path"
         if visit.status not in self._statuses:
@@ -122,16 +126,20 @@ class Tracker:
         return specs
 
     def _log_malformed(self, reason: str, visit: Visit) -> None:
+        """One line a minute at most, whatever varies: a broken origin would log every view."""
         now = self._clock()
-        if now - self._malformed_logged.get(reason, float("-inf")) < MALFORMED_LOG_INTERVAL:
+        if now - self._malformed_logged_at < MALFORMED_LOG_INTERVAL:
+            self._malformed_unlogged += 1
             return
-        self._malformed_logged[reason] = now
         log.warn(
-            "tracking header on {path} ignored: {reason} (said once a minute per reason; "
-            "see tagd_tracking_dropped_total{{reason=\"malformed\"}})",
+            "tracking header on {path} ignored: {reason} ({unlogged} more since the last "
+            'such line; all counted in tagd_tracking_dropped_total{{reason="malformed"}})',
             path=visit.uri.partition(b"?")[0].decode("latin-1"),
             reason=reason,
+            unlogged=self._malformed_unlogged,
         )
+        self._malformed_logged_at = now
+        self._malformed_unlogged = 0
 
     def _events(
         self,

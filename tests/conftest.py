@@ -446,3 +446,202 @@ def logged_failures():
     globalLogPublisher.addObserver(observe)
     yield failures
     globalLogPublisher.removeObserver(observe)
+
+
+# -- tracking end to end: fake platforms, and tagd sending to them ----------------------
+#
+# The fakes are served by a Site that writes no access lines: a request line to a fake
+# carries its token (Meta's access_token, GA4's api_secret), and the tests that look for
+# tokens in the log must only ever find what tagd itself logged.
+
+FAKE_META_TOKEN = "meta-token"
+FAKE_GA4_SECRET = "ga-secret"
+FAKE_TIKTOK_TOKEN = "tt-token"
+
+
+def serve_quietly(fake):
+    """Serve C{fake} on a free loopback port, with no access log (see above)."""
+    from twisted.web.server import Site
+
+    from fakes import Served
+
+    class QuietSite(Site):
+        noisy = False
+
+        def log(self, request) -> None:
+            pass
+
+    return Served(fake, _global_reactor.listenTCP(0, QuietSite(fake), interface="127.0.0.1"))
+
+
+async def _serving(fake):
+    served = serve_quietly(fake)
+    try:
+        yield served
+    finally:
+        await within(Deferred.fromCoroutine(served.stop()))
+
+
+@pytest_twisted.async_yield_fixture
+async def fake_meta():
+    """A fake Meta Conversions API for pixel 1234 and token meta-token, on loopback."""
+    from fakes import FakeMeta
+
+    async for served in _serving(FakeMeta(pixel_id="1234", access_token=FAKE_META_TOKEN)):
+        yield served
+
+
+@pytest_twisted.async_yield_fixture
+async def fake_ga4():
+    """A fake GA4 Measurement Protocol for stream G-TEST and secret ga-secret, on loopback."""
+    from fakes import FakeGA4
+
+    async for served in _serving(FakeGA4(measurement_id="G-TEST", api_secret=FAKE_GA4_SECRET)):
+        yield served
+
+
+@pytest_twisted.async_yield_fixture
+async def fake_tiktok():
+    """A fake TikTok Events API for pixel CTEST123 and token tt-token, on loopback."""
+    from fakes import FakeTikTok
+
+    async for served in _serving(FakeTikTok(pixel_code="CTEST123", access_token=FAKE_TIKTOK_TOKEN)):
+        yield served
+
+
+def toml_table(header: str, values: dict) -> str:
+    """One TOML table (C{[name]} or C{[[name]]}) of strings, numbers, booleans and lists."""
+    return header + "\n" + "".join(f"{key} = {json.dumps(v)}\n" for key, v in values.items())
+
+
+@attrs.define
+class TrackingTagd:
+    """A running tagd with destinations: its port and the metrics it counts in."""
+
+    port: int
+    metrics: object  # tagd.metrics.Metrics
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def dropped(self, reason: str) -> float:
+        """C{tagd_tracking_dropped_total{reason=...}}."""
+        return self.metrics.value("tracking_dropped", reason=reason)
+
+    def delivered(self, destination: str, outcome: str = "success") -> float:
+        """C{tagd_events_delivered_total{destination=..., outcome=...}}."""
+        return self.metrics.value("events_delivered", destination=destination, outcome=outcome)
+
+
+def platform_destinations(meta, ga4, tiktok, extra: dict | None = None) -> list[dict]:
+    """C{[[destinations]]} tables for the three fakes; C{extra[type]} adds keys to one."""
+    extra = extra or {}
+    return [
+        {"type": "meta", "name": "meta", "pixel_id": "1234", "access_token": FAKE_META_TOKEN,
+         "api_version": "v24.0", "endpoint": meta.base, **extra.get("meta", {})},
+        {"type": "ga4", "name": "ga4", "measurement_id": "G-TEST", "api_secret": FAKE_GA4_SECRET,
+         "endpoint": ga4.base, **extra.get("ga4", {})},
+        {"type": "tiktok", "name": "tiktok", "pixel_code": "CTEST123",
+         "access_token": FAKE_TIKTOK_TOKEN, "endpoint": tiktok.base, **extra.get("tiktok", {})},
+    ]  # fmt: skip
+
+
+@pytest_twisted.async_yield_fixture
+async def start_tracking_tagd(reactor, origin, fake_meta, fake_ga4, fake_tiktok, tmp_path):
+    """Start tagd with C{[[destinations]]} pointing at the three fakes and metrics of its own.
+
+    C{await start_tracking_tagd(raw=True, proxy={...}, tracking={...}, destinations=[...])}:
+    C{raw} puts it in front of the raw origin instead of the web origin, C{proxy} and
+    C{tracking} are keys of those tables, C{destinations} replaces the three platform
+    tables, and C{platform} adds keys to them by type (C{{"meta": {"test_event_code": ...}}}).
+    No hook recorder is installed: the real tracker runs.
+    """
+    from tagd.config import Config, parse_config
+    from tagd.metrics import Metrics
+    from tagd.tap import build_service
+
+    started = []
+
+    async def start(*, raw=False, proxy=None, tracking=None, destinations=None, platform=None):
+        port = origin.raw_port if raw else origin.port
+        values = {
+            "listen": "tcp:0:interface=127.0.0.1",
+            "origin": f"http://127.0.0.1:{port}",
+            "pool_size": 4,
+            "connect_timeout": 2,
+            "response_timeout": 5,
+            **(proxy or {}),
+        }
+        if destinations is None:
+            destinations = platform_destinations(fake_meta, fake_ga4, fake_tiktok, platform)
+        text = toml_table("[proxy]", values) + toml_table("[tracking]", tracking or {})
+        if "spool" in attrs.fields_dict(Config):
+            # With durable delivery each tagd keeps its own spool in the test's folder, so
+            # that no event outlives its test.
+            text += toml_table("[spool]", {"path": str(tmp_path / f"spool-{len(started)}.sqlite3")})
+        text += "".join(toml_table("[[destinations]]", d) for d in destinations)
+        metrics = Metrics()
+        service = build_service(parse_config(text, "(test)"), reactor, metrics)
+        service.startService()
+        started.append(service)
+        return TrackingTagd(await within(_listening_port(service)), metrics)
+
+    yield start
+    for service in started:
+        await within(service.stopService())
+
+
+@pytest_twisted.async_fixture
+async def tracking_tagd(start_tracking_tagd):
+    """tagd in front of the web origin, sending to the three fakes, with the default
+    C{[tracking]} settings."""
+    return await start_tracking_tagd()
+
+
+@pytest.fixture
+def log_events():
+    """Every log event emitted while the test runs, as the event dicts."""
+    events = []
+
+    def observe(event):
+        events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+class _OneResponse(Protocol):
+    """Collects the bytes of one response framed by C{Content-Length} (or by the close)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.done: Deferred = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        end = self.data.find(b"\r\n\r\n")
+        if end < 0 or self.done.called:
+            return
+        length = 0
+        for line in bytes(self.data[:end]).split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        if len(self.data) >= end + 4 + length:
+            self.done.callback(bytes(self.data))
+
+    def connectionLost(self, reason) -> None:
+        if not self.done.called:
+            self.done.callback(bytes(self.data))
+
+
+async def exchange(port: int, request: bytes) -> bytes:
+    """Send C{request} on a new connection to C{port}; the exact bytes of the response."""
+    endpoint = TCP4ClientEndpoint(_global_reactor, "127.0.0.1", port, timeout=5)
+    protocol = await within(connectProtocol(endpoint, _OneResponse()))
+    try:
+        protocol.transport.write(request)
+        return await within(protocol.done)
+    finally:
+        protocol.transport.abortConnection()
