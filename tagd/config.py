@@ -44,6 +44,7 @@ class ProxyConfig:
     response_timeout: float = 60.0
     pool_size: int = 64
     pool_idle_timeout: float = 60.0
+    shutdown_timeout: float = 10.0
 
 
 @attrs.frozen
@@ -64,6 +65,26 @@ class TrackingConfig:
 
 
 @attrs.frozen
+class SpoolConfig:
+    """The C{[spool]} table: where accepted events wait for delivery."""
+
+    path: str = "tagd-spool.sqlite3"
+    max_events: int = 100_000
+    flush_interval: float = 0.05
+
+
+@attrs.frozen
+class DeliveryConfig:
+    """The C{[delivery]} table: how the dispatcher drains the spool."""
+
+    poll_interval: float = 1.0
+    concurrency: int = 2
+    backoff_base: float = 1.0
+    backoff_cap: float = 600.0
+    max_retry_after: float = 3600.0
+
+
+@attrs.frozen
 class DestinationConfig:
     """One C{[[destinations]]} table, checked and built into its destination object."""
 
@@ -81,6 +102,8 @@ class Config:
     path: str
     proxy: ProxyConfig = ProxyConfig()
     tracking: TrackingConfig = TrackingConfig()
+    spool: SpoolConfig = SpoolConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
     destinations: tuple[DestinationConfig, ...] = ()
 
 
@@ -150,6 +173,12 @@ def _destination_name(value: str) -> str:
     return value
 
 
+def _nonempty(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
 def _positive(value: float) -> float:
     if value <= 0:
         raise ValueError("must be greater than zero")
@@ -201,6 +230,20 @@ _PROXY_FIELDS: dict[str, _Field] = {
     "response_timeout": ((int, float), "a number of seconds", _positive),
     "pool_size": ((int,), "a whole number", _positive),
     "pool_idle_timeout": ((int, float), "a number of seconds", _positive),
+    "shutdown_timeout": ((int, float), "a number of seconds", _positive),
+}
+_SECONDS: _Field = ((int, float), "a number of seconds", _positive)
+_SPOOL_FIELDS: dict[str, _Field] = {
+    "path": ((str,), "a string", _nonempty),
+    "max_events": ((int,), "a whole number", _positive),
+    "flush_interval": _SECONDS,
+}
+_DELIVERY_FIELDS: dict[str, _Field] = {
+    "poll_interval": _SECONDS,
+    "concurrency": ((int,), "a whole number", _positive),
+    "backoff_base": _SECONDS,
+    "backoff_cap": _SECONDS,
+    "max_retry_after": _SECONDS,
 }
 _TRACKING_FIELDS: dict[str, _Field] = {
     "include_paths": _STRINGS,
@@ -215,7 +258,12 @@ _TRACKING_FIELDS: dict[str, _Field] = {
     "first_party_cookies": ((bool,), "true or false", _identity),
     "max_header_bytes": ((int,), "a whole number", _positive),
 }
-_TABLES = {"proxy": (_PROXY_FIELDS, ProxyConfig), "tracking": (_TRACKING_FIELDS, TrackingConfig)}
+_TABLES = {
+    "proxy": (_PROXY_FIELDS, ProxyConfig),
+    "tracking": (_TRACKING_FIELDS, TrackingConfig),
+    "spool": (_SPOOL_FIELDS, SpoolConfig),
+    "delivery": (_DELIVERY_FIELDS, DeliveryConfig),
+}
 _DESTINATION_COMMON: dict[str, _Field] = {
     "type": ((str,), "a string", _identity),
     "name": ((str,), "a string", _destination_name),

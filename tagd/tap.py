@@ -11,17 +11,15 @@ from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import HTTPConnectionPool
 
 from tagd.clientip import ClientIPResolver
 from tagd.config import Config, ConfigError, load_config, parse_config
 from tagd.origin import OriginClient
 from tagd.proxy import ProxyResource
 from tagd.site import TagdSite
-from tagd.delivery import DirectDelivery, Route, http_client
+from tagd.lifecycle import Draining, OrderedServices
 from tagd.metrics import Metrics
-from tagd.tracker import Tracker
-from tagd.tracking import TrackingHook, not_configured
+from tagd.pipeline import build_tagging
 
 DEFAULT_CONFIG = "tagd.toml"
 
@@ -68,38 +66,15 @@ class _OriginService(Service):
         return self._client.close()
 
 
-class _PlatformPoolService(Service):
-    """Closes the connections to the ad platforms when tagd stops."""
-
-    def __init__(self, pool: HTTPConnectionPool) -> None:
-        self._pool = pool
-
-    def stopService(self):
-        super().stopService()
-        return self._pool.closeCachedConnections()
-
-
-def _tracking_hook(config: Config, reactor, metrics: Metrics, top: MultiService) -> TrackingHook:
-    """The tracker when destinations are configured; without any, the header is only removed."""
-    if not config.destinations:
-        log.info("no [[destinations]] configured: tracking headers are removed, no events sent")
-        return not_configured
-    http, pool = http_client(reactor)
-    _PlatformPoolService(pool).setServiceParent(top)
-    delivery = DirectDelivery(
-        reactor=reactor,
-        routes=[Route(d.destination, d.timeout) for d in config.destinations],
-        http=http,
-        metrics=metrics,
-    )
-    return Tracker(config=config.tracking, submit=delivery.submit, metrics=metrics)
-
-
 def build_service(config: Config, reactor, metrics: Metrics | None = None) -> MultiService:
-    """The service tree for C{config}: the visitor listener, the origin connections, tagging."""
+    """The service tree for C{config}, in start-up order (shutdown runs it backwards):
+    delivery, origin connections, draining of visitors in flight, the visitor listener."""
     proxy = config.proxy
     metrics = metrics if metrics is not None else Metrics()
-    top = MultiService()
+    top = OrderedServices(reactor, deadline=proxy.shutdown_timeout)
+    hook, delivery = build_tagging(config, reactor, metrics)
+    for service in delivery:
+        service.setServiceParent(top)
     client = OriginClient(
         reactor,
         proxy.origin,
@@ -114,9 +89,10 @@ def build_service(config: Config, reactor, metrics: Metrics | None = None) -> Mu
         client_ip_header=proxy.client_ip_header,
         tracking_header=proxy.tracking_header,
         response_timeout=proxy.response_timeout,
-        on_tracking=_tracking_hook(config, reactor, metrics, top),
+        on_tracking=hook,
     )
     _OriginService(client).setServiceParent(top)
+    Draining(reactor, lambda: resource.in_flight).setServiceParent(top)
     strports.service(proxy.listen, TagdSite(resource), reactor=reactor).setServiceParent(top)
     return top
 

@@ -1,0 +1,484 @@
+"""The dispatcher: drains the spool through each destination, at least once.
+
+One loop per destination leases due rows from the spool, drops the events the platform
+would refuse for their age, encodes the rest, POSTs them with treq and settles every row
+by the platform's verdict:
+
+  - success: acknowledged, done;
+  - transient (5xx, timeout, reset, the platform's transient codes): retried later, with
+    exponential backoff and full jitter so that many rows failing together do not come
+    back together;
+  - throttle (429, throttle codes): the whole destination pauses, for C{Retry-After} when
+    the platform says, and the rows go back to pending untouched;
+  - permanent: a batch is split in halves and each half sent again, so that one poison
+    event cannot sink the others; a single event is dead-lettered with the platform's
+    message.
+
+Throttled rows go back with their attempt count unchanged: the platform refused the
+destination's rate, not those events, and counting it would lengthen their own backoff
+for a fault that is not theirs.  The pause lives in memory; after a restart the first
+request asks again, and a platform still throttling restores it.
+
+Counted outcomes: C{transient}, C{throttle} and C{permanent} count the events of every
+answered attempt (a poison event found by three halvings counts four times), while
+C{success}, C{expired} and C{dead} count each event once, at its end.
+
+A row is never lost here: whatever is not acknowledged, retried, expired or dead-lettered
+is released back to pending (on shutdown, on a throttle), and a row whose settlement
+never happens (a crash) stays in the spool, to be leased again after a restart.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Hashable
+from email.utils import mktime_tz, parsedate_tz
+from types import MappingProxyType
+from typing import Any, Mapping, Protocol, Sequence
+
+import attrs
+import treq
+from treq.client import HTTPClient
+from twisted.application.service import Service
+from twisted.internet.defer import (
+    Deferred,
+    DeferredSemaphore,
+    ensureDeferred,
+    gatherResults,
+    succeed,
+)
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+
+from tagd.delivery import Route
+from tagd.destinations import Describing, Outcome, OutgoingRequest, Verdict
+from tagd.events import Event
+from tagd.metrics import Metrics
+
+log = Logger()
+
+DAY = 86400.0
+# How old an event a platform still takes, by destination type (PLATFORMS.md).  Meta and
+# TikTok refuse a whole request for one event older than this, so such events must never
+# reach a batch.  A platform fact, the same for every destination of a type, hence one
+# table here; a type that is absent (webhook, log) takes events of any age.
+MAX_EVENT_AGE: Mapping[str, float] = MappingProxyType(
+    {
+        "meta": 7 * DAY,
+        "ga4": 72 * 3600.0,
+        "tiktok": 7 * DAY,  # unconfirmed: TikTok's documentation gives no figure
+    }
+)
+# An event this close to its platform's limit is expired too: it could cross the limit
+# while the request travels, or by the difference between our clock and the platform's.
+AGE_MARGIN = 60.0
+# The shortest pause a throttle causes, even when Retry-After says 0 or a past date.
+MIN_PAUSE = 1.0
+# 2 ** 64 backoff bases are far beyond any cap; a larger exponent would overflow a float.
+MAX_EXPONENT = 64
+# Outcomes that are not a platform's answer but a row's end.
+EXPIRED = "expired"
+DEAD = "dead"
+
+_DELAY_SECONDS = re.compile(r"[0-9]+")
+
+
+class Lease(Protocol):
+    """One spool row handed to the dispatcher; the row is in flight until settled."""
+
+    @property
+    def key(self) -> Hashable: ...
+    @property
+    def event(self) -> Event: ...
+    @property
+    def attempts(self) -> int:
+        """Failed attempts so far (0 for a row never tried)."""
+
+
+class Spool(Protocol):
+    """What the dispatcher needs from the spool; every call answers with a Deferred."""
+
+    def lease(self, destination: str, limit: int, now: float) -> Deferred: ...
+    def ack(self, destination: str, keys: Sequence[Hashable]) -> Deferred: ...
+    def retry(self, destination: str, keys: Sequence[Hashable], next_at: float, error: str) -> Deferred: ...
+    def release(self, destination: str, keys: Sequence[Hashable]) -> Deferred: ...
+    def dead(self, destination: str, keys: Sequence[Hashable], error: str) -> Deferred: ...
+    def expire(self, destination: str, keys: Sequence[Hashable]) -> Deferred: ...
+
+
+def retry_after(headers: Headers, now: float) -> float | None:
+    """The seconds a C{Retry-After} header asks to wait, from C{now}; C{None} when the
+    header is absent or unreadable.
+
+    The header is either a number of seconds or an HTTP date; a past date gives a
+    negative number, which the caller clamps like any other value.
+    """
+    values = headers.getRawHeaders(b"retry-after")
+    if not values:
+        return None
+    value = values[0].decode("latin-1").strip()
+    if _DELAY_SECONDS.fullmatch(value):
+        return float(value)
+    try:
+        parsed = parsedate_tz(value)
+        return None if parsed is None else mktime_tz(parsed) - now
+    except (ValueError, OverflowError):
+        return None
+
+
+def _timed_out(result: Any, timeout: float) -> None:
+    """The request outlived its route's timeout: say so, whatever the cancelled agent raised."""
+    raise TimeoutError(f"no answer within {timeout} s")
+
+
+def _keys(rows: Sequence[Lease]) -> list[Hashable]:
+    return [row.key for row in rows]
+
+
+def _by_attempts(rows: Sequence[Lease]) -> dict[int, list[Lease]]:
+    """Rows grouped by how often they failed: each group backs off by its own count."""
+    groups: dict[int, list[Lease]] = {}
+    for row in rows:
+        groups.setdefault(row.attempts, []).append(row)
+    return groups
+
+
+@attrs.define(eq=False)
+class _Lane:
+    """One destination's loop: its request slots, its pause, its nap and its work."""
+
+    route: Route
+    slots: DeferredSemaphore
+    paused_until: float = 0.0
+    throttles: int = 0  # throttled answers since the last success
+    woken: bool = False  # a wake-up came while the loop was not napping
+    nap: Deferred | None = None
+    batches: set[Deferred] = attrs.field(factory=set)
+    inflight: set[Deferred] = attrs.field(factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.route.destination.name
+
+
+class Dispatcher(Service):
+    """Deliver the spool's rows to every destination, at least once.
+
+    @param spool: leases rows and records their fate (see L{Spool}).
+    @param routes: the destinations, each with its request timeout.
+    @param http: the treq client for the platforms (L{tagd.delivery.http_client}).
+    @param poll_interval: seconds between looks at the spool when nobody calls L{wake}.
+    @param concurrency: requests in flight per destination, at most; also the number of
+        leased batches a destination holds at once, so that a backlog stays in the spool.
+    @param backoff_base: seconds; the n-th retry waits up to C{backoff_base * 2**n}.
+    @param backoff_cap: seconds; no retry waits longer.
+    @param max_retry_after: seconds; the longest pause a platform's C{Retry-After} gets.
+    @param rand: the jitter's source; pass a seeded one for reproducible tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        reactor,
+        spool: Spool,
+        routes: Sequence[Route],
+        http: HTTPClient,
+        metrics: Metrics,
+        poll_interval: float = 1.0,
+        concurrency: int = 2,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 600.0,
+        max_retry_after: float = 3600.0,
+        rand: random.Random | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        self._reactor = reactor
+        self._spool = spool
+        self._http = http
+        self._metrics = metrics
+        self._poll_interval = poll_interval
+        self._concurrency = concurrency
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._max_retry_after = max_retry_after
+        self._rand = rand if rand is not None else random.Random()
+        self._lanes = {
+            route.destination.name: _Lane(route, DeferredSemaphore(concurrency)) for route in routes
+        }
+        self._loops: list[Deferred] = []
+
+    # -- the service ------------------------------------------------------------------
+
+    def startService(self) -> None:
+        """Start one loop per destination."""
+        super().startService()
+        self._loops = [ensureDeferred(self._run(lane)) for lane in self._lanes.values()]
+
+    def stopService(self) -> Deferred:
+        """Stop leasing and cancel the requests in flight; their rows go back to pending.
+
+        The Deferred fires once every leased row is settled or released, so the spool
+        may be closed after it, and nothing that was leased is left in flight.
+        """
+        super().stopService()
+        for lane in self._lanes.values():
+            self._rouse(lane)
+            for exchange in list(lane.inflight):
+                exchange.cancel()
+        pending = [*self._loops, *(batch for lane in self._lanes.values() for batch in lane.batches)]
+        return gatherResults(pending).addCallback(lambda _: None)
+
+    def wake(self, destination: str) -> None:
+        """Look at C{destination}'s rows now: the spool has new ones."""
+        self._rouse(self._lanes[destination])
+
+    # -- the loop ---------------------------------------------------------------------
+
+    async def _run(self, lane: _Lane) -> None:
+        """Lease and deliver until the service stops; a failing spool is retried, never fatal."""
+        while self.running:
+            try:
+                await self._step(lane)
+            except Exception:
+                log.failure("{destination}: cannot lease from the spool", destination=lane.name)
+                await self._nap(lane, self._poll_interval)
+
+    async def _step(self, lane: _Lane) -> None:
+        """Wait out a pause or a full lane, else lease one batch and start it."""
+        now = self._reactor.seconds()
+        if lane.paused_until > now:
+            await self._nap(lane, lane.paused_until - now)
+        elif len(lane.batches) >= self._concurrency:
+            await self._nap(lane, None)  # until a batch ends
+        else:
+            await self._lease(lane, now)
+
+    async def _lease(self, lane: _Lane, now: float) -> None:
+        rows = await self._spool.lease(lane.name, lane.route.destination.max_batch, now)
+        if not rows:
+            await self._nap(lane, self._poll_interval)
+        elif not self.running:
+            await self._release(lane, rows)
+        else:
+            self._start_batch(lane, rows)
+
+    def _nap(self, lane: _Lane, seconds: float | None) -> Deferred:
+        """Fires after C{seconds} (never, for C{None}) or at the next L{_rouse}."""
+        if lane.woken or not self.running:
+            lane.woken = False
+            return succeed(None)
+        lane.nap = Deferred()
+        if seconds is not None:
+            lane.nap.addTimeout(seconds, self._reactor, onTimeoutCancel=lambda _, __: None)
+        return lane.nap
+
+    def _rouse(self, lane: _Lane) -> None:
+        """End the lane's nap, or, when it is busy, make its next nap return at once."""
+        nap, lane.nap = lane.nap, None
+        if nap is not None and not nap.called:
+            nap.callback(None)
+        else:
+            lane.woken = True
+
+    def _start_batch(self, lane: _Lane, rows: Sequence[Lease]) -> None:
+        batch = ensureDeferred(self._deliver_batch(lane, rows))
+        lane.batches.add(batch)
+        batch.addErrback(
+            lambda failure: log.failure(
+                "{destination}: the spool could not record a batch's fate; its rows stay in flight",
+                failure,
+                destination=lane.name,
+            )
+        )
+        batch.addBoth(lambda _: self._batch_done(lane, batch))
+
+    def _batch_done(self, lane: _Lane, batch: Deferred) -> None:
+        lane.batches.discard(batch)
+        self._rouse(lane)
+
+    # -- one batch ----------------------------------------------------------------------
+
+    async def _deliver_batch(self, lane: _Lane, rows: Sequence[Lease]) -> None:
+        fresh = await self._expire(lane, rows)
+        if fresh:
+            await self._deliver(lane, fresh)
+
+    async def _expire(self, lane: _Lane, rows: Sequence[Lease]) -> list[Lease]:
+        """The rows the platform still takes; the others are expired, never sent."""
+        window = MAX_EVENT_AGE.get(lane.route.destination.type)
+        if window is None:
+            return list(rows)
+        oldest = self._reactor.seconds() - window + AGE_MARGIN
+        stale = [row for row in rows if row.event.event_time < oldest]
+        if stale:
+            await self._spool.expire(lane.name, _keys(stale))
+            self._count(lane, EXPIRED, len(stale))
+            log.info(
+                "{destination}: {count} event(s) expired, older than the platform takes",
+                destination=lane.name,
+                count=len(stale),
+            )
+        return [row for row in rows if row.event.event_time >= oldest]
+
+    async def _deliver(self, lane: _Lane, rows: Sequence[Lease]) -> None:
+        """Encode C{rows} and send every request; rows no request carries are dead."""
+        destination = lane.route.destination
+        if isinstance(destination, Describing):
+            await self._dry_run(lane, rows, destination)
+            return
+        try:
+            requests = destination.encode([row.event for row in rows])
+        except Exception:
+            log.failure(
+                "{destination}: cannot encode {count} event(s)", destination=lane.name, count=len(rows)
+            )
+            await self._bisect(lane, rows, f"{destination.type} cannot encode this event")
+            return
+        unsent: dict[str, list[Lease]] = {}
+        for row in rows:
+            unsent.setdefault(row.event.event_id, []).append(row)
+        sends = []
+        for request in requests:
+            carried = [row for event_id in request.event_ids for row in unsent.pop(event_id, ())]
+            if carried:
+                sends.append(ensureDeferred(self._send(lane, request, carried)))
+        skipped = [row for group in unsent.values() for row in group]
+        if skipped:
+            reason = f"{destination.type} cannot send this event: an identifier it requires is missing"
+            await self._dead(lane, skipped, reason)
+        await gatherResults(sends, consumeErrors=True)
+
+    async def _dry_run(self, lane: _Lane, rows: Sequence[Lease], destination: Describing) -> None:
+        """The log destination: each event described in the log, and done."""
+        for line in destination.describe([row.event for row in rows]):
+            log.info("{destination} (dry run): {line}", destination=lane.name, line=line)
+        await self._spool.ack(lane.name, _keys(rows))
+        self._count(lane, Outcome.SUCCESS.value, len(rows))
+
+    async def _bisect(self, lane: _Lane, rows: Sequence[Lease], reason: str) -> None:
+        """Deliver each half of a refused batch again; a single event is dead."""
+        if len(rows) == 1:
+            await self._dead(lane, rows, reason)
+            return
+        half = len(rows) // 2
+        halves = (rows[:half], rows[half:])
+        await gatherResults(
+            [ensureDeferred(self._deliver(lane, part)) for part in halves], consumeErrors=True
+        )
+
+    # -- one request --------------------------------------------------------------------
+
+    async def _send(self, lane: _Lane, request: OutgoingRequest, rows: Sequence[Lease]) -> None:
+        """Send C{request} in one of the lane's slots, then settle its rows outside it."""
+        await lane.slots.acquire()
+        try:
+            answer = await self._attempt(lane, request) if self._may_send(lane) else None
+        finally:
+            lane.slots.release()
+        if answer is None:
+            await self._release(lane, rows)
+        else:
+            await self._settle(lane, request, rows, *answer)
+
+    def _may_send(self, lane: _Lane) -> bool:
+        """Not once stopping, nor while the platform asked us to pause."""
+        return bool(self.running) and lane.paused_until <= self._reactor.seconds()
+
+    async def _attempt(self, lane: _Lane, request: OutgoingRequest) -> tuple[int | None, Verdict] | None:
+        """The HTTP status and the verdict; C{None} when shutdown cancelled the request."""
+        exchange = ensureDeferred(self._exchange(request)).addTimeout(
+            lane.route.timeout, self._reactor, onTimeoutCancel=_timed_out
+        )
+        lane.inflight.add(exchange)
+        try:
+            response, body = await exchange
+        except Exception as e:
+            if not self.running:
+                return None
+            # The exception text may quote the URL, and with it a token: name the type only.
+            return None, Verdict(Outcome.TRANSIENT, f"no answer: {type(e).__name__}")
+        finally:
+            lane.inflight.discard(exchange)
+        verdict = lane.route.destination.classify(response.code, body)
+        if verdict.retry_after is None:
+            asked = retry_after(response.headers, self._reactor.seconds())
+            verdict = attrs.evolve(verdict, retry_after=asked)
+        return response.code, verdict
+
+    async def _exchange(self, request: OutgoingRequest) -> tuple[Any, bytes]:
+        """POST and read the whole answer; one timeout covers both (see L{_attempt})."""
+        response = await self._http.request(
+            request.method, request.url, data=request.body, headers=dict(request.headers)
+        )
+        return response, await treq.content(response)
+
+    async def _settle(
+        self,
+        lane: _Lane,
+        request: OutgoingRequest,
+        rows: Sequence[Lease],
+        status: int | None,
+        verdict: Verdict,
+    ) -> None:
+        """Record what the platform's answer means for C{rows}."""
+        outcome = verdict.outcome
+        self._count(lane, outcome.value, len(rows))
+        log.debug(
+            "{destination}: {count} event(s) to {url}: {outcome} (HTTP {status}) {message}",
+            destination=lane.name,
+            count=len(rows),
+            url=request.log_url,
+            outcome=outcome.value,
+            status=status if status is not None else "-",
+            message=verdict.message,
+        )
+        if outcome is Outcome.SUCCESS:
+            lane.throttles = 0
+            await self._spool.ack(lane.name, _keys(rows))
+        elif outcome is Outcome.TRANSIENT:
+            await self._retry(lane, rows, verdict.message)
+        elif outcome is Outcome.THROTTLE:
+            self._pause(lane, verdict.retry_after)
+            await self._release(lane, rows)
+        else:
+            await self._bisect(lane, rows, verdict.message)
+
+    # -- the rows' fates ----------------------------------------------------------------
+
+    def _backoff(self, attempts: int) -> float:
+        """Seconds to wait after C{attempts} earlier failures: full jitter, uniformly
+        between 0 and C{min(cap, base * 2**attempts)}."""
+        ceiling = min(self._backoff_cap, self._backoff_base * 2 ** min(attempts, MAX_EXPONENT))
+        return self._rand.uniform(0, ceiling)
+
+    async def _retry(self, lane: _Lane, rows: Sequence[Lease], error: str) -> None:
+        now = self._reactor.seconds()
+        for attempts, group in _by_attempts(rows).items():
+            await self._spool.retry(lane.name, _keys(group), now + self._backoff(attempts), error)
+
+    def _pause(self, lane: _Lane, asked: float | None) -> None:
+        """No new request to the destination for the delay the platform asked (clamped),
+        else for a backoff that grows with each throttle since the last success."""
+        delay = asked if asked is not None else self._backoff(lane.throttles)
+        delay = min(max(delay, MIN_PAUSE), self._max_retry_after)
+        lane.throttles += 1
+        lane.paused_until = max(lane.paused_until, self._reactor.seconds() + delay)
+        log.info("{destination}: throttled, pausing for {delay:.1f} s", destination=lane.name, delay=delay)
+
+    async def _release(self, lane: _Lane, rows: Sequence[Lease]) -> None:
+        await self._spool.release(lane.name, _keys(rows))
+
+    async def _dead(self, lane: _Lane, rows: Sequence[Lease], reason: str) -> None:
+        await self._spool.dead(lane.name, _keys(rows), reason)
+        self._count(lane, DEAD, len(rows))
+        log.warn(
+            "{destination}: {count} event(s) dead-lettered: {reason}",
+            destination=lane.name,
+            count=len(rows),
+            reason=reason,
+        )
+
+    def _count(self, lane: _Lane, outcome: str, count: int) -> None:
+        self._metrics.deliveries.labels(lane.name, outcome).inc(count)

@@ -1,0 +1,597 @@
+"""The durable spool: every accepted (event, destination) delivery, in one SQLite file.
+
+The spool is what makes rule 2 hold ("an accepted event is never silently lost") without
+breaking rule 1 ("the visitor never waits for tagging"):
+
+  - L{Spool.enqueue} runs on the reactor thread for every tracked request and never touches
+    the disk: it appends to an in-memory buffer.  A group commit writes everything buffered
+    in one transaction every C{flush_interval} seconds, or as soon as L{FLUSH_AT} events wait.
+  - All SQLite work runs on one dedicated thread that owns the connection (SQLite's own
+    same-thread check enforces it); the reactor only sees Deferreds.
+  - Every row is a delivery of one event to one destination, with its status, attempts, next
+    attempt time and last error.  The dispatcher leases due rows (they become C{inflight}),
+    then acks, retries, releases, dead-letters or expires them.  Opening the spool puts every
+    C{inflight} row back to C{pending}: whatever a crash or C{kill -9} interrupted is sent
+    again, with the same C{event_id}, so platforms deduplicate.
+
+Durability: the file is in WAL mode with C{synchronous=FULL}.  A committed group survives a
+process crash or C{kill -9} (NORMAL would give that too), and FULL also makes it survive an
+OS crash or power loss: each commit syncs the WAL.  With NORMAL an OS crash could lose every
+commit since the last checkpoint, possibly minutes of events.  The price, one fsync per
+transaction, is paid on the spool's thread once per group commit (at most 1 / flush_interval
+per second), never by a visitor.  What no setting covers is the buffer itself: events
+accepted in the last C{flush_interval} seconds before a crash are lost; that window is the
+explicit cost of never making a visitor wait for the disk.
+
+Bound: at most C{max_events} events may be undelivered (buffered, pending or in flight).
+When the spool is full, the policy is "refuse newest": L{Spool.enqueue} accepts what fits
+and refuses the rest, returning how many it accepted, so that the caller counts and logs
+each refused event.  Dead and expired rows stay for inspection and do not count.
+
+The file holds personal data (C{Event.user_data}, IP addresses), so it is created with mode
+0600, and no message or log line of this module ever contains event contents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sqlite3
+import stat
+import threading
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred, fail
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from tagd.events import Event
+
+log = Logger()
+
+FLUSH_AT = 500  # buffered events that start a group commit before the interval is up
+RETRY_WRITE_AFTER = 1.0  # seconds between attempts to write the buffer once a write failed
+LOG_EVERY = 60.0  # while writes fail, at most one log line per this many seconds
+MAX_ERROR = 500  # characters of an error message kept with a delivery
+BUSY_TIMEOUT = 5.0  # seconds to wait for a lock held by another process (the CLI, say)
+SCHEMA_VERSION = 1
+
+_SCHEMA = (
+    # AUTOINCREMENT: an id is never reused, so a key the dispatcher holds can never come to
+    # name a later event.
+    """CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id TEXT NOT NULL,
+        created REAL NOT NULL,
+        body TEXT NOT NULL
+    )""",
+    """CREATE TABLE deliveries (
+        event INTEGER NOT NULL REFERENCES events (id),
+        destination TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('pending', 'inflight', 'dead', 'expired')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL,
+        last_error TEXT,
+        PRIMARY KEY (event, destination)
+    ) WITHOUT ROWID""",
+    # Without rowid, the index entries end with the primary key: leasing reads due rows
+    # of one destination in (next_at, event) order straight from this index.
+    "CREATE INDEX deliveries_due ON deliveries (destination, status, next_at)",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+
+# A delivery is "owed" while it may still be sent; only owed rows change status.  The unary
+# plus keeps SQLite from picking the leasing index for lookups by key: those use the primary
+# key, whatever the backlog.
+_OWED = "+status IN ('pending', 'inflight')"
+_KEYS = "event IN (SELECT value FROM json_each(?))"
+_ACK = f"DELETE FROM deliveries WHERE destination = ? AND {_OWED} AND {_KEYS}"
+_INFLIGHT = f"UPDATE deliveries SET status = 'inflight' WHERE destination = ? AND {_OWED} AND {_KEYS}"
+_RELEASE = f"UPDATE deliveries SET status = 'pending' WHERE destination = ? AND {_OWED} AND {_KEYS}"
+_EXPIRE = f"UPDATE deliveries SET status = 'expired' WHERE destination = ? AND {_OWED} AND {_KEYS}"
+_RETRY = (
+    "UPDATE deliveries SET status = 'pending', attempts = attempts + 1, next_at = ?, last_error = ?"
+    f" WHERE destination = ? AND {_OWED} AND {_KEYS}"
+)
+_DEAD = (
+    "UPDATE deliveries SET status = 'dead', attempts = attempts + 1, last_error = ?"
+    f" WHERE destination = ? AND {_OWED} AND {_KEYS}"
+)
+_RETRY_DEAD = (
+    "UPDATE deliveries SET status = 'pending', attempts = 0, next_at = ?"
+    f" WHERE status = 'dead' AND (? IS NULL OR destination = ?) AND {_KEYS}"
+)
+_OWED_EVENTS = f"SELECT COUNT(DISTINCT event) FROM deliveries WHERE {_OWED} AND {_KEYS}"
+_FORGET_FINISHED = (
+    "DELETE FROM events WHERE id IN (SELECT value FROM json_each(?))"
+    " AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event = events.id)"
+)
+_DUE = (
+    "SELECT d.event, d.attempts, e.body FROM deliveries d JOIN events e ON e.id = d.event"
+    " WHERE d.destination = ? AND d.status = 'pending' AND d.next_at <= ?"
+    " ORDER BY d.next_at, d.event LIMIT ?"
+)
+_DEAD_LETTERS = (
+    "SELECT e.event_id, CASE WHEN json_valid(e.body) THEN json_extract(e.body, '$.event_name') END,"
+    " d.destination, d.attempts, d.last_error, e.created"
+    " FROM deliveries d JOIN events e ON e.id = d.event"
+    " WHERE d.status = 'dead' AND (? IS NULL OR d.destination = ?)"
+    " ORDER BY d.event DESC LIMIT ?"
+)
+
+# What an SQLite result code means for whoever reads the log or /healthz.
+_REASONS = {
+    "SQLITE_FULL": "the disk is full",
+    "SQLITE_READONLY": "the file or its directory is read-only",
+    "SQLITE_CANTOPEN": "the file cannot be opened or created (does its directory exist, and may tagd write there?)",
+    "SQLITE_NOTADB": "the file is not a SQLite database or is damaged (move it aside to start an empty spool)",
+    "SQLITE_CORRUPT": "the file is damaged (move it aside to start an empty spool)",
+    "SQLITE_BUSY": "another process holds the file locked",
+    "SQLITE_IOERR": "the disk reported an I/O error",
+    "SQLITE_PERM": "permission denied",
+}
+
+
+class SpoolError(Exception):
+    """The spool cannot be opened or written; the message says why, never what was in it."""
+
+
+@attrs.frozen
+class Lease:
+    """A delivery the dispatcher now holds: C{key} names it in L{Spool.ack} and friends."""
+
+    key: int
+    event: Event
+    attempts: int
+
+
+@attrs.frozen
+class DeadLetter:
+    """A delivery given up on, and why (for C{tagd spool dead})."""
+
+    event_id: str
+    event_name: str | None
+    destination: str
+    attempts: int
+    last_error: str | None
+    created: float
+
+
+@attrs.frozen
+class _Buffered:
+    """An accepted event waiting for the next group commit, already serialised."""
+
+    event_id: str
+    created: float
+    body: str
+    destinations: tuple[str, ...]
+
+
+def _plain(value: Any) -> Any:
+    """JSON for the mappings an L{Event} may hold besides plain dicts."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} cannot be stored in the spool")
+
+
+def event_to_json(event: Event) -> str:
+    """The event as a JSON object of all its fields (L{event_from_json} restores it exactly).
+
+    Non-finite numbers are refused: the tracking header cannot carry them, and the stored
+    text must stay JSON that SQLite's own functions can read.
+    """
+    fields = attrs.asdict(event, recurse=False)
+    return json.dumps(fields, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_plain)
+
+
+def event_from_json(text: str) -> Event:
+    """The L{Event} that L{event_to_json} wrote, with its tuples restored from JSON lists."""
+    fields = json.loads(text)
+    fields["contents"] = tuple(fields["contents"])
+    fields["user_data"] = {key: tuple(values) for key, values in fields["user_data"].items()}
+    return Event(**fields)
+
+
+def _reason(error: sqlite3.Error) -> str:
+    """Why an SQLite call failed, for people: SQLite's messages never quote row contents."""
+    name = getattr(error, "sqlite_errorname", "")
+    hint = _REASONS.get("_".join(name.split("_")[:2]))
+    return f"{hint} ({error})" if hint else str(error)
+
+
+def _clip(error: str) -> str:
+    return error[:MAX_ERROR]
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction; the write lock is taken at once, so it never fails half-way on it."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        # SQLite rolls some failures (a full disk among them) back by itself.
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _create_private(path: str) -> None:
+    """Create the file readable by its owner only, and tighten an existing file's mode.
+
+    SQLite gives the WAL and shared-memory files the mode of the database file.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def _prepare(db: sqlite3.Connection) -> int:
+    """Set the file up; return the number of undelivered events it holds.
+
+    Rows left C{inflight} by a crash go back to C{pending}: they are sent again.
+    """
+    mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode != "wal":
+        raise SpoolError(f"the file cannot be put in WAL mode (it stays in {mode!r} mode)")
+    db.execute("PRAGMA synchronous = FULL")
+    with _transaction(db):
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            for statement in _SCHEMA:
+                db.execute(statement)
+        elif version != SCHEMA_VERSION:
+            raise SpoolError(f"the file has schema version {version}, this tagd knows {SCHEMA_VERSION}")
+        db.execute("UPDATE deliveries SET status = 'pending' WHERE status = 'inflight'")
+        return db.execute(f"SELECT COUNT(DISTINCT event) FROM deliveries WHERE {_OWED}").fetchone()[0]
+
+
+def _insert(db: sqlite3.Connection, batch: Sequence[_Buffered]) -> None:
+    """The group commit: every buffered event and its deliveries, in one transaction."""
+    with _transaction(db):
+        for item in batch:
+            event = db.execute(
+                "INSERT INTO events (event_id, created, body) VALUES (?, ?, ?)",
+                (item.event_id, item.created, item.body),
+            ).lastrowid
+            db.executemany(
+                "INSERT INTO deliveries (event, destination, status, next_at) VALUES (?, ?, 'pending', ?)",
+                [(event, destination, item.created) for destination in item.destinations],
+            )
+
+
+def _apply(db: sqlite3.Connection, keys: Sequence[int], sql: str, *params: Any) -> tuple[int, int]:
+    """Run C{sql} on the rows of C{keys}, inside the caller's transaction.
+
+    Returns the rows changed, and how many of the events stopped being owed to any
+    destination (the spool's bound counts those).  An event row goes once no delivery
+    refers to it.
+    """
+    keys_json = json.dumps(list(keys))
+    before = db.execute(_OWED_EVENTS, (keys_json,)).fetchone()[0]
+    changed = db.execute(sql, (*params, keys_json)).rowcount
+    after = db.execute(_OWED_EVENTS, (keys_json,)).fetchone()[0]
+    db.execute(_FORGET_FINISHED, (keys_json,))
+    return changed, before - after
+
+
+def _change(db: sqlite3.Connection, keys: Sequence[int], sql: str, *params: Any) -> tuple[int, int]:
+    """L{_apply} in a transaction of its own."""
+    with _transaction(db):
+        return _apply(db, keys, sql, *params)
+
+
+def _lease(db: sqlite3.Connection, destination: str, limit: int, now: float) -> tuple[list[Lease], int]:
+    """Take up to C{limit} due rows, oldest first, and mark them C{inflight}.
+
+    A stored event that no longer decodes is dead-lettered here, so that one bad row can
+    never block its destination.
+    """
+    leases, resolved = [], 0
+    with _transaction(db):
+        for key, attempts, body in db.execute(_DUE, (destination, now, limit)).fetchall():
+            try:
+                leases.append(Lease(key, event_from_json(body), attempts))
+            except Exception as e:
+                error = f"the stored event cannot be read ({type(e).__name__})"
+                resolved += _apply(db, [key], _DEAD, error, destination)[1]
+        _apply(db, [lease.key for lease in leases], _INFLIGHT, destination)
+    return leases, resolved
+
+
+def _retry_dead(db: sqlite3.Connection, destination: str | None, now: float) -> tuple[int, int]:
+    """Dead rows (of one destination, or all) back to pending, with a fresh attempt count."""
+    with _transaction(db):
+        keys = [
+            key
+            for (key,) in db.execute(
+                "SELECT DISTINCT event FROM deliveries WHERE status = 'dead' AND (? IS NULL OR destination = ?)",
+                (destination, destination),
+            )
+        ]
+        return _apply(db, keys, _RETRY_DEAD, now, destination, destination)
+
+
+def _next_due(db: sqlite3.Connection, destination: str) -> float | None:
+    return db.execute(
+        "SELECT MIN(next_at) FROM deliveries WHERE destination = ? AND status = 'pending'", (destination,)
+    ).fetchone()[0]
+
+
+def _depth(db: sqlite3.Connection) -> dict[tuple[str, str], int]:
+    rows = db.execute("SELECT destination, status, COUNT(*) FROM deliveries GROUP BY destination, status")
+    return {(destination, status): count for destination, status, count in rows}
+
+
+def _dead_letters(db: sqlite3.Connection, destination: str | None, limit: int) -> list[DeadLetter]:
+    rows = db.execute(_DEAD_LETTERS, (destination, destination, limit))
+    return [DeadLetter(*row) for row in rows]
+
+
+class Spool:
+    """A durable queue of deliveries; build it with L{Spool.open}.
+
+    Methods are called on the reactor thread.  Every method that reads or changes the file
+    returns a Deferred, which fails with L{SpoolError} when SQLite does.
+    """
+
+    def __init__(self, path: str, reactor, max_events: int, flush_interval: float) -> None:
+        self.path = path
+        self.healthy = True  # False while group commits fail; see last_error
+        self.last_error: str | None = None
+        self.commits = 0  # group commits written so far
+        # Called after each group commit, so the dispatcher leases new rows at once
+        # instead of at its next poll.
+        self.on_commit: Callable[[], None] = lambda: None
+        self._reactor = reactor
+        self._max_events = max_events
+        self._flush_interval = flush_interval
+        self._undelivered = 0
+        self._buffer: list[_Buffered] = []
+        self._timer = None
+        self._lock = DeferredLock()  # one group commit at a time, in order
+        self._logged_at: float | None = None
+        self._closing: Deferred | None = None
+        self._closed = False
+        self._db: sqlite3.Connection | None = None  # touched on the spool's thread only
+        self._pool = ThreadPool(1, 1, name="tagd-spool")
+        # Daemon: a process that exits without close() must not hang on this thread, and
+        # it loses nothing committed by doing so (that is the kill -9 case).
+        self._pool.threadFactory = partial(threading.Thread, daemon=True)
+        self._pool.start()
+
+    @classmethod
+    def open(
+        cls, path: str, *, reactor, max_events: int = 100_000, flush_interval: float = 0.05
+    ) -> Spool:
+        """Open or create the spool at C{path}, or raise L{SpoolError} saying why not.
+
+        Blocks its caller until the file is ready (start-up only): the daemon learns at
+        once whether it has a spool, and proxies without one when it has not.
+        """
+        path = os.fspath(path)
+        spool = cls(path, reactor, max_events, flush_interval)
+        try:
+            spool._undelivered = spool._wait(spool._connect)
+        except BaseException as e:
+            spool._pool.stop()
+            if isinstance(e, SpoolError):
+                raise SpoolError(f"cannot open the spool {path}: {e}") from None
+            raise
+        return spool
+
+    @property
+    def undelivered(self) -> int:
+        """Events accepted and still owed to some destination: buffered, pending or in flight."""
+        return self._undelivered
+
+    @property
+    def buffered(self) -> int:
+        """Events accepted but not yet written to the file."""
+        return len(self._buffer)
+
+    # On the spool's thread.
+
+    def _connect(self) -> int:
+        """Create the connection here, so that it belongs to this thread (SQLite checks)."""
+        try:
+            _create_private(self.path)
+            self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        except OSError as e:
+            raise SpoolError(e.strerror) from None
+        except sqlite3.Error as e:
+            raise SpoolError(_reason(e)) from None
+        try:
+            return self._call(_prepare)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """C{fn(connection, *args)}, with SQLite's errors turned into L{SpoolError}s that say why."""
+        try:
+            return fn(self._db, *args)
+        except sqlite3.Error as e:
+            raise SpoolError(_reason(e)) from None
+
+    # On the reactor thread.
+
+    def _wait(self, fn: Callable[[], Any]) -> Any:
+        """Run C{fn} on the spool's thread and block until it returns (start-up only)."""
+        results: queue.SimpleQueue = queue.SimpleQueue()
+        self._pool.callInThreadWithCallback(lambda ok, value: results.put((ok, value)), fn)
+        ok, value = results.get()
+        if not ok:
+            value.raiseException()
+        return value
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Deferred:
+        """Run C{fn(connection, *args)} on the spool's thread."""
+        if self._closed:
+            return fail(SpoolError("the spool is closed"))
+        return deferToThreadPool(self._reactor, self._pool, self._call, fn, *args)
+
+    def _counted(self, fn: Callable[..., Any], *args: Any) -> Deferred:
+        """Run a status change that returns (result, events resolved); keep the bound's count."""
+
+        def count(outcome: tuple[Any, int]) -> Any:
+            result, resolved = outcome
+            self._undelivered -= resolved
+            return result
+
+        return self._run(fn, *args).addCallback(count)
+
+    def enqueue(self, events: Sequence[Event], destinations: Sequence[str]) -> int:
+        """Accept C{events} for delivery to every destination; return how many were accepted.
+
+        Never touches the disk: the events wait in memory for the next group commit.  When
+        the spool is full, the newest are refused (the last of C{events}): the caller counts
+        C{len(events) - accepted} as dropped, queue full.
+        """
+        if self._closing is not None:
+            raise SpoolError("the spool is closed")
+        targets = tuple(dict.fromkeys(destinations))
+        if not targets:
+            raise ValueError("an event needs at least one destination")
+        room = max(0, self._max_events - self._undelivered)
+        now = self._reactor.seconds()
+        rows = [_Buffered(event.event_id, now, event_to_json(event), targets) for event in events[:room]]
+        if rows:
+            self._buffer.extend(rows)
+            self._undelivered += len(rows)
+            if len(self._buffer) >= FLUSH_AT and self.healthy:
+                self.flush()
+            else:
+                self._schedule(self._flush_interval)
+        return len(rows)
+
+    def flush(self) -> Deferred:
+        """Commit everything buffered now, in one transaction.
+
+        Never fails: when the file cannot be written the events stay buffered, L{healthy}
+        turns false, and the write is tried again every L{RETRY_WRITE_AFTER} seconds.
+        """
+        self._cancel_timer()
+        return self._lock.run(lambda: ensureDeferred(self._commit()))
+
+    def close(self) -> Deferred:
+        """Flush, close the file and stop the spool's thread; later calls fail with L{SpoolError}."""
+        if self._closing is None:
+            self._closing = ensureDeferred(self._close())
+        return self._closing
+
+    async def _close(self) -> None:
+        await self.flush()
+        self._cancel_timer()
+        if self._buffer:
+            log.error(
+                "spool: {count} event(s) could not be written before closing and are lost: {reason}",
+                count=len(self._buffer),
+                reason=self.last_error,
+            )
+        try:
+            await self._run(lambda db: db.close())
+        finally:
+            self._closed = True
+            self._pool.stop()
+
+    def _schedule(self, delay: float) -> None:
+        if self._timer is None or not self._timer.active():
+            self._timer = self._reactor.callLater(delay, self.flush)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    async def _commit(self) -> None:
+        batch, self._buffer = self._buffer, []
+        if not batch:
+            return
+        try:
+            await self._run(_insert, batch)
+        except Exception as e:
+            self._buffer[:0] = batch
+            self._write_failed(str(e) if isinstance(e, SpoolError) else type(e).__name__)
+            return
+        self.commits += 1
+        self._write_succeeded(len(batch))
+        self.on_commit()
+
+    def _write_failed(self, reason: str) -> None:
+        """Keep the buffer, try again later, and say so at most once a minute."""
+        self.healthy, self.last_error = False, reason
+        if self._closing is None:
+            self._schedule(RETRY_WRITE_AFTER)
+        now = self._reactor.seconds()
+        if self._logged_at is None or now - self._logged_at >= LOG_EVERY:
+            self._logged_at = now
+            log.error(
+                "spool: cannot write {count} event(s), keeping them in memory and retrying: {reason}",
+                count=len(self._buffer),
+                reason=reason,
+            )
+
+    def _write_succeeded(self, count: int) -> None:
+        if not self.healthy:
+            log.info("spool: writing again, {count} delayed event(s) written", count=count)
+        self.healthy, self.last_error, self._logged_at = True, None, None
+
+    # For the dispatcher.
+
+    def lease(self, destination: str, limit: int, now: float) -> Deferred:
+        """Up to C{limit} due deliveries to C{destination} as L{Lease}s, now C{inflight}.
+
+        Oldest first, in the order they became due: new rows in enqueue order, a retried
+        row from its C{next_at}.  That order is the leasing index's own, so a lease costs
+        the same with a large backlog as with a small one.
+        """
+        return self._counted(_lease, destination, limit, now)
+
+    def ack(self, destination: str, keys: Sequence[int]) -> Deferred:
+        """Delivered: forget these deliveries (and each event once nothing else is owed for it)."""
+        return self._counted(_change, keys, _ACK, destination)
+
+    def retry(self, destination: str, keys: Sequence[int], next_at: float, error: str) -> Deferred:
+        """A failed attempt: pending again from C{next_at}, one more attempt counted.
+
+        C{error} is kept for people: it must not contain personal data.
+        """
+        return self._counted(_change, keys, _RETRY, next_at, _clip(error), destination)
+
+    def release(self, destination: str, keys: Sequence[int]) -> Deferred:
+        """Not attempted after all (cancelled, throttled): pending again, as it was."""
+        return self._counted(_change, keys, _RELEASE, destination)
+
+    def dead(self, destination: str, keys: Sequence[int], error: str) -> Deferred:
+        """Given up on (a permanent failure, the attempt counted); C{error} as for L{retry}."""
+        return self._counted(_change, keys, _DEAD, _clip(error), destination)
+
+    def expire(self, destination: str, keys: Sequence[int]) -> Deferred:
+        """Too old for the platform to take: kept as C{expired}, never sent."""
+        return self._counted(_change, keys, _EXPIRE, destination)
+
+    def retry_dead(self, destination: str | None = None) -> Deferred:
+        """Dead deliveries (of one destination, or all) pending again with no attempts; fires with their number."""
+        return self._counted(_retry_dead, destination, self._reactor.seconds())
+
+    def next_due(self, destination: str) -> Deferred:
+        """When the next pending delivery to C{destination} is due (a time), or None."""
+        return self._run(_next_due, destination)
+
+    def depth(self) -> Deferred:
+        """Deliveries in the file by (destination, status); buffered events are in L{buffered}."""
+        return self._run(_depth)
+
+    def dead_letters(self, destination: str | None = None, limit: int = 100) -> Deferred:
+        """The newest C{limit} dead deliveries as L{DeadLetter}s, with their reasons."""
+        return self._run(_dead_letters, destination, limit)

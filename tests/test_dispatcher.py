@@ -1,0 +1,703 @@
+"""The dispatcher drains the spool to the platforms: every row ends acknowledged, retried
+later, expired or dead-lettered, and nothing leased is left in flight.
+
+Most tests run the real reactor against the fake platforms on loopback, with short poll
+and backoff intervals.  The tests of time itself (backoff ceilings, Retry-After pauses)
+use a L{Clock} as the reactor and C{StubTreq} in place of the network, because a clock
+that only moves when told cannot drive real sockets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from collections import deque
+from email.utils import formatdate
+
+import attrs
+import pytest
+import pytest_twisted
+from treq.testing import StubTreq
+from twisted.internet import reactor as _global_reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+
+from conftest import eventually, sleep, within
+from fakes import DAY, FakeGA4, FakeMeta, FakeTikTok, make_event, serve
+from helpers import free_port
+from tagd.delivery import Route
+from tagd.destinations import ga4, log, meta, tiktok, webhook
+from tagd.dispatcher import Dispatcher, retry_after
+from tagd.events import Event
+from tagd.metrics import Metrics
+
+META_TOKEN = "meta-token"
+
+
+# -- an in-memory spool -----------------------------------------------------------------
+
+
+@attrs.frozen
+class Leased:
+    """What L{MemorySpool.lease} hands out: a snapshot, as a database row would be."""
+
+    key: int
+    event: Event
+    attempts: int
+
+
+@attrs.define
+class Row:
+    """One delivery of one event to one destination, and where it stands."""
+
+    destination: str
+    key: int
+    event: Event
+    attempts: int = 0
+    state: str = "pending"  # pending, inflight, done, dead, expired
+    next_at: float = 0.0
+    error: str = ""
+
+
+class MemorySpool:
+    """The spool's interface, in memory, answering at once.
+
+    Only an in-flight row may be settled: a dispatcher that settles a row twice, or one
+    it never leased, fails the test with an C{AssertionError}.  C{retries} records every
+    retry as (event id, time of the call, next_at, error) for the backoff assertions.
+    """
+
+    def __init__(self, clock=_global_reactor.seconds) -> None:
+        self._clock = clock
+        self._keys = itertools.count(1)
+        self.rows: dict[int, Row] = {}
+        self.retries: list[tuple[str, float, float, str]] = []
+
+    def add(self, destination: str, events) -> None:
+        for event in events:
+            key = next(self._keys)
+            self.rows[key] = Row(destination, key, event)
+
+    def states(self, destination: str) -> dict[str, str]:
+        """Each event id's state for C{destination}."""
+        return {r.event.event_id: r.state for r in self.rows.values() if r.destination == destination}
+
+    def row(self, destination: str, event_id: str) -> Row:
+        (row,) = [
+            r for r in self.rows.values() if (r.destination, r.event.event_id) == (destination, event_id)
+        ]
+        return row
+
+    def lease(self, destination: str, limit: int, now: float) -> Deferred:
+        due = [
+            r for r in self.rows.values()
+            if r.destination == destination and r.state == "pending" and r.next_at <= now
+        ][:limit]  # fmt: skip
+        for row in due:
+            row.state = "inflight"
+        return succeed([Leased(r.key, r.event, r.attempts) for r in due])
+
+    def _settle(self, destination: str, keys, state: str, error: str = "") -> list[Row]:
+        rows = [self.rows[key] for key in keys]
+        for row in rows:
+            assert (row.destination, row.state) == (destination, "inflight"), f"{row} is not in flight"
+            row.state, row.error = state, error or row.error
+        return rows
+
+    def ack(self, destination: str, keys) -> Deferred:
+        self._settle(destination, keys, "done")
+        return succeed(None)
+
+    def retry(self, destination: str, keys, next_at: float, error: str) -> Deferred:
+        for row in self._settle(destination, keys, "pending", error):
+            row.attempts += 1
+            row.next_at = next_at
+            self.retries.append((row.event.event_id, self._clock(), next_at, error))
+        return succeed(None)
+
+    def release(self, destination: str, keys) -> Deferred:
+        self._settle(destination, keys, "pending")
+        return succeed(None)
+
+    def dead(self, destination: str, keys, error: str) -> Deferred:
+        self._settle(destination, keys, "dead", error)
+        return succeed(None)
+
+    def expire(self, destination: str, keys) -> Deferred:
+        self._settle(destination, keys, "expired")
+        return succeed(None)
+
+
+# -- fakes, routes, events ------------------------------------------------------------------
+
+
+class Observed:
+    """For a fake platform: when each request came, the most it held open at once, and
+    a C{Retry-After} on its 429 answers when C{retry_after} is set."""
+
+    def __init__(self, retry_after: str | None = None, **kw) -> None:
+        super().__init__(**kw)
+        self.retry_after = retry_after
+        self.times: list[float] = []
+        self.open = 0
+        self.peak = 0
+
+    def render(self, request):
+        self.times.append(self.now())
+        self.open += 1
+        self.peak = max(self.peak, self.open)
+        request.notifyFinish().addBoth(self._closed)
+        return super().render(request)
+
+    def _closed(self, _) -> None:
+        self.open -= 1
+
+    def _write(self, request, answer):
+        if answer.status == 429 and self.retry_after is not None:
+            request.setHeader(b"retry-after", self.retry_after.encode("ascii"))
+        return super()._write(request, answer)
+
+
+class ObservedMeta(Observed, FakeMeta):
+    """Fake Meta for pixel 1234 and token meta-token, observed."""
+
+
+class ObservedGA4(Observed, FakeGA4):
+    """Fake GA4 for stream G-TEST and secret ga-secret, observed."""
+
+
+class Aborting(Protocol):
+    """A server that resets every connection as soon as a request arrives."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.abortConnection()
+
+
+def meta_route(served, timeout: float = 2.0, **settings) -> Route:
+    settings = {"pixel_id": "1234", "access_token": META_TOKEN, "endpoint": served.base, **settings}
+    return Route(meta.build("meta", settings), timeout)
+
+
+def ga4_route(served) -> Route:
+    settings = {"measurement_id": "G-TEST", "api_secret": "ga-secret", "endpoint": served.base}
+    return Route(ga4.build("ga4", settings), 2.0)
+
+
+def tiktok_route(served) -> Route:
+    settings = {"pixel_code": "CTEST123", "access_token": "tt-token", "endpoint": served.base}
+    return Route(tiktok.build("tiktok", settings), 2.0)
+
+
+def hook_route(url: str, timeout: float = 2.0, **settings) -> Route:
+    return Route(webhook.build("hook", {"url": url, **settings}), timeout)
+
+
+def events(prefix: str, count: int, **fields) -> list[Event]:
+    return [make_event(event_id=f"{prefix}-{i}", **fields) for i in range(count)]
+
+
+def settled(spool: MemorySpool, *destinations: str) -> bool:
+    """Whether every row of C{destinations} has reached its end (none pending or in flight)."""
+    states = {state for name in destinations for state in spool.states(name).values()}
+    return not states & {"pending", "inflight"}
+
+
+def delivered(metrics: Metrics, destination: str, outcome: str) -> float:
+    return metrics.value("events_delivered", destination=destination, outcome=outcome)
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def spool() -> MemorySpool:
+    return MemorySpool()
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest_twisted.async_yield_fixture
+async def serving():
+    """Serve fakes on loopback: C{served = serving(FakeMeta())}; stopped after the test."""
+    started = []
+
+    def start(fake):
+        served = serve(fake)
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        await within(Deferred.fromCoroutine(served.stop()))
+
+
+@pytest_twisted.async_yield_fixture
+async def dispatch(reactor, http, spool, metrics):
+    """Start a dispatcher on the real reactor: C{dispatch(route, ..., concurrency=1)}."""
+    started = []
+
+    def start(*routes, **options) -> Dispatcher:
+        options = {"poll_interval": 0.05, "backoff_base": 0.05, **options}
+        dispatcher = Dispatcher(
+            reactor=reactor, spool=spool, routes=routes, http=http, metrics=metrics, **options
+        )
+        dispatcher.startService()
+        started.append(dispatcher)
+        return dispatcher
+
+    yield start
+    for dispatcher in started:
+        if dispatcher.running:
+            await within(dispatcher.stopService())
+
+
+@pytest.fixture
+def dispatcher_log():
+    """The dispatcher's log lines while the test runs, formatted."""
+    lines = []
+
+    def observe(event):
+        if event.get("log_namespace") == "tagd.dispatcher":
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+# -- over loopback ----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_success_acknowledges_rows(serving, dispatch, spool, metrics, dispatcher_log):
+    """Due rows go out as one batch, are acknowledged on success, and the attempt is
+    logged with the URL that carries no token."""
+    served = serving(ObservedMeta())
+    spool.add("meta", events("ok", 3))
+    dispatch(meta_route(served))
+
+    await eventually(lambda: set(spool.states("meta").values()) == {"done"})
+    assert len(served.fake.requests) == 1
+    assert sorted(e["event_id"] for e in served.fake.events) == ["ok-0", "ok-1", "ok-2"]
+    assert delivered(metrics, "meta", "success") == 3
+    assert any("/v24.0/1234/events: success (HTTP 200)" in line for line in dispatcher_log)
+    assert not [line for line in dispatcher_log if META_TOKEN in line]
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_errors_retried_with_full_jitter_until_delivered(serving, dispatch, spool, metrics):
+    """Two 503s: each retry is scheduled between now and base * 2**attempts, and the
+    events are delivered once the platform recovers."""
+    served = serving(ObservedMeta())
+    served.fake.inject(2, status=503)
+    spool.add("meta", events("flaky", 2))
+    dispatch(meta_route(served), backoff_base=0.2)
+
+    await eventually(lambda: set(spool.states("meta").values()) == {"done"})
+    assert len(served.fake.requests) == 3
+    assert [r.attempts for r in spool.rows.values()] == [2, 2]
+    assert len(spool.retries) == 4
+    for (event_id, at, next_at, error), attempts in zip(spool.retries, [0, 0, 1, 1]):
+        assert 0 <= next_at - at <= 0.2 * 2**attempts, (event_id, attempts)
+        assert error.startswith("HTTP 503, Meta error 1")
+    assert delivered(metrics, "meta", "transient") == 4
+    assert delivered(metrics, "meta", "success") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_throttle_pauses_only_its_destination(serving, dispatch, spool, metrics):
+    """A 429 with Retry-After: 1 stops all requests to Meta for a second, rows back to
+    pending untouched, while TikTok's events are delivered meanwhile."""
+    throttled = serving(ObservedMeta(retry_after="1"))
+    throttled.fake.inject(1, status=429, code=17)
+    healthy = serving(FakeTikTok())
+    spool.add("meta", events("m", 2))
+    dispatcher = dispatch(meta_route(throttled), tiktok_route(healthy))
+
+    await eventually(lambda: delivered(metrics, "meta", "throttle") == 2)
+    assert set(spool.states("meta").values()) == {"pending"}
+    assert [r.attempts for r in spool.rows.values()] == [0, 0]
+    spool.add("tiktok", events("t", 2))
+    dispatcher.wake("tiktok")
+    dispatcher.wake("meta")
+    await eventually(lambda: set(spool.states("tiktok").values()) == {"done"})
+    assert len(throttled.fake.requests) == 1
+
+    await eventually(lambda: set(spool.states("meta").values()) == {"done"})
+    first, second = throttled.fake.times
+    assert second - first >= 0.99
+    assert spool.retries == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_timeout_is_transient(serving, dispatch, spool, metrics):
+    """An answer slower than the route's timeout is given up and retried later."""
+    served = serving(ObservedMeta())
+    served.fake.inject(1, delay=3.0)
+    spool.add("meta", events("slow", 1))
+    dispatch(meta_route(served, timeout=0.2))
+
+    await eventually(lambda: spool.states("meta") == {"slow-0": "done"})
+    ((_, _, _, error),) = spool.retries
+    assert error == "no answer: TimeoutError"
+    assert len(served.fake.requests) == 2
+    assert delivered(metrics, "meta", "transient") == 1
+
+
+@pytest.mark.parametrize(
+    ("failure", "error"),
+    [("reset", "no answer: ResponseNeverReceived"), ("refused", "no answer: ConnectionRefusedError")],
+)
+@pytest_twisted.ensureDeferred
+async def test_connection_failure_is_transient(reactor, dispatch, spool, metrics, failure, error):
+    """A connection reset mid-request, or refused outright, is retried later, never dead."""
+    if failure == "reset":
+        port = reactor.listenTCP(0, Factory.forProtocol(Aborting), interface="127.0.0.1")
+        url = f"http://127.0.0.1:{port.getHost().port}/events"
+    else:
+        port, url = None, f"http://127.0.0.1:{free_port()}/events"
+    spool.add("hook", events("lost", 1))
+    try:
+        dispatch(hook_route(url), backoff_base=60.0)
+        await eventually(lambda: spool.retries)
+    finally:
+        if port is not None:
+            await within(port.stopListening())
+    ((_, at, next_at, reason),) = spool.retries
+    assert reason == error
+    assert spool.row("hook", "lost-0").state == "pending"
+    assert 0 <= next_at - at <= 60.0
+    assert delivered(metrics, "hook", "transient") == 1
+    assert delivered(metrics, "hook", "dead") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_poison_event_is_split_out_of_its_batch(serving, dispatch, spool, metrics):
+    """Meta refuses a batch of 8 for one bad event: halving finds it in 7 requests, the
+    7 others are delivered and the bad one is dead-lettered with Meta's message."""
+    served = serving(ObservedMeta())
+    batch = events("good", 8)
+    batch[5] = make_event(event_id="poison", source_url="shop.example/no-scheme")
+    spool.add("meta", batch)
+    dispatch(meta_route(served))
+
+    await eventually(lambda: settled(spool, "meta"))
+    states = spool.states("meta")
+    assert states.pop("poison") == "dead"
+    assert set(states.values()) == {"done"} and len(states) == 7
+    error = spool.row("meta", "poison").error
+    assert error.startswith("HTTP 400, Meta error 100: Invalid parameter")
+    assert "event_source_url" in error and META_TOKEN not in error
+    assert len(served.fake.requests) == 7
+    assert delivered(metrics, "meta", "permanent") == 8 + 4 + 2 + 1
+    assert delivered(metrics, "meta", "success") == 7
+    assert delivered(metrics, "meta", "dead") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_past_the_age_window_expire_unsent(serving, dispatch, spool, metrics):
+    """Meta's 7 days and GA4's 72 hours (less a minute's margin) expire events before
+    batching, so they are never sent; the log destination has no window."""
+    meta_served, ga4_served = serving(ObservedMeta()), serving(FakeGA4())
+    now = int(time.time())
+    spool.add("meta", [
+        make_event(event_id="m-fresh", event_time=now - 6 * DAY),
+        make_event(event_id="m-old", event_time=now - 8 * DAY),
+        make_event(event_id="m-edge", event_time=now - 7 * DAY + 30),
+    ])  # fmt: skip
+    spool.add("ga4", [
+        make_event(event_id="g-fresh", event_time=now - 71 * 3600),
+        make_event(event_id="g-old", event_time=now - 73 * 3600),
+    ])  # fmt: skip
+    spool.add("dry", [make_event(event_id="d-ancient", event_time=now - 30 * DAY)])
+    dispatch(meta_route(meta_served), ga4_route(ga4_served), Route(log.build("dry", {}), 1.0))
+
+    await eventually(lambda: settled(spool, "meta", "ga4", "dry"))
+    assert spool.states("meta") == {"m-fresh": "done", "m-old": "expired", "m-edge": "expired"}
+    assert spool.states("ga4") == {"g-fresh": "done", "g-old": "expired"}
+    assert spool.states("dry") == {"d-ancient": "done"}
+    assert [e["event_id"] for e in meta_served.fake.events] == ["m-fresh"]
+    assert len(ga4_served.fake.events) == 1 and ga4_served.fake.violations == []
+    assert delivered(metrics, "meta", "expired") == 2
+    assert delivered(metrics, "ga4", "expired") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_a_destination_cannot_encode_are_dead(serving, dispatch, spool, metrics):
+    """GA4 needs a client id: an event without one is dead-lettered with the reason,
+    and the rest of its batch is sent."""
+    served = serving(FakeGA4())
+    spool.add("ga4", [make_event(event_id="with-id"), make_event(event_id="no-id", ga_client_id=None)])
+    dispatch(ga4_route(served))
+
+    await eventually(lambda: spool.states("ga4") == {"with-id": "done", "no-id": "dead"})
+    assert "ga4 cannot send this event" in spool.row("ga4", "no-id").error
+    assert len(served.fake.events) == 1
+    assert delivered(metrics, "ga4", "dead") == 1
+
+
+def ga4_clients(count: int) -> list[Event]:
+    """Events of C{count} different visitors: one GA4 request each, from one lease."""
+    return [make_event(event_id=f"v-{i}", ga_client_id=f"{i}.1706540400") for i in range(count)]
+
+
+@pytest.mark.parametrize("shape", ["batches", "requests"])
+@pytest_twisted.ensureDeferred
+async def test_concurrency_limit_per_destination(serving, dispatch, spool, shape):
+    """Six requests to a slow platform, from six one-event batches to Meta or from one
+    GA4 batch of six visitors: two in flight at most, and two used."""
+    if shape == "batches":
+        served = serving(ObservedMeta())
+        spool.add("meta", events("c", 6))
+        dispatch(meta_route(served, max_batch=1), concurrency=2)
+    else:
+        served = serving(ObservedGA4())
+        spool.add("ga4", ga4_clients(6))
+        dispatch(ga4_route(served), concurrency=2)
+    served.fake.inject(6, delay=0.2)
+
+    await eventually(lambda: settled(spool, "meta", "ga4"))
+    assert {state for name in ("meta", "ga4") for state in spool.states(name).values()} == {"done"}
+    assert len(served.fake.requests) == 6
+    assert served.fake.peak == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_cancels_requests_and_releases_rows(serving, dispatch, spool, metrics, reactor):
+    """Stopping cancels the request in flight at once; its row, and the rows of the same
+    lease still waiting for a request slot, are pending again with no attempt counted."""
+    served = serving(ObservedGA4())
+    served.fake.inject(3, delay=5.0)
+    spool.add("ga4", ga4_clients(3))
+    dispatcher = dispatch(ga4_route(served), concurrency=1)
+    await eventually(lambda: len(served.fake.requests) == 1)
+    assert set(spool.states("ga4").values()) == {"inflight"}
+
+    started = reactor.seconds()
+    await within(dispatcher.stopService(), 2.0)
+    assert reactor.seconds() - started < 1.0
+    assert set(spool.states("ga4").values()) == {"pending"}
+    assert [r.attempts for r in spool.rows.values()] == [0, 0, 0]
+    assert spool.retries == []
+    assert len(served.fake.requests) == 1
+    assert delivered(metrics, "ga4", "transient") == 0
+
+
+# -- on a clock ------------------------------------------------------------------------------
+
+
+class Scripted(Resource):
+    """A webhook receiver answering with the queued (status, headers), then 200; notes
+    when each request came and which events it carried."""
+
+    isLeaf = True
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.answers: deque[tuple[int, dict[str, str]]] = deque()
+        self.received: list[tuple[float, list[str]]] = []
+
+    def render_POST(self, request) -> bytes:
+        ids = [event["event_id"] for event in json.loads(request.content.read())["events"]]
+        self.received.append((self.clock.seconds(), ids))
+        status, headers = self.answers.popleft() if self.answers else (200, {})
+        request.setResponseCode(status)
+        for name, value in headers.items():
+            request.setHeader(name, value)
+        return b"{}"
+
+
+class Ceilings(random.Random):
+    """Jitter at its upper bound, so each delay shows its ceiling; notes every range."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.ranges: list[tuple[float, float]] = []
+
+    def uniform(self, a: float, b: float) -> float:
+        self.ranges.append((a, b))
+        return b
+
+
+def clocked(clock: Clock, receiver: Scripted, spool: MemorySpool, **options) -> Dispatcher:
+    """A started dispatcher on C{clock} with one webhook route to C{receiver}."""
+    route = hook_route("http://hook.test/events", 5.0, max_batch=options.pop("max_batch", 100))
+    options = {"poll_interval": 1.0, "rand": Ceilings(), **options}
+    dispatcher = Dispatcher(
+        reactor=clock, spool=spool, routes=[route], http=StubTreq(receiver), metrics=Metrics(), **options
+    )
+    dispatcher.startService()
+    return dispatcher
+
+
+@pytest.fixture
+def clock() -> Clock:
+    clock = Clock()
+    clock.advance(1_700_000_000)  # a plausible now, for HTTP dates
+    return clock
+
+
+def test_backoff_ceilings_double_up_to_the_cap(clock):
+    """Each retry waits uniform(0, min(cap, base * 2**attempts)): 2, 4, 8, then 10."""
+    receiver, spool = Scripted(clock), MemorySpool(clock.seconds)
+    receiver.answers.extend([(500, {})] * 5)
+    spool.add("hook", events("b", 1))
+    rand = Ceilings()
+    dispatcher = clocked(clock, receiver, spool, backoff_base=2.0, backoff_cap=10.0, rand=rand)
+
+    for ceiling in (2, 4, 8, 10, 10):
+        (_, at, next_at, _) = spool.retries[-1]
+        assert next_at == at + ceiling
+        clock.advance(ceiling - 0.5)
+        dispatcher.wake("hook")
+        assert spool.row("hook", "b-0").state == "pending"  # not due yet
+        clock.advance(0.5)
+        dispatcher.wake("hook")
+    assert spool.states("hook") == {"b-0": "done"}
+    assert rand.ranges == [(0, 2), (0, 4), (0, 8), (0, 10), (0, 10)]
+    assert len(receiver.received) == 6
+    assert dispatcher.stopService().called  # nothing in flight: at once
+
+
+def test_throttle_holds_every_batch_until_retry_after(clock):
+    """After a 429 with Retry-After: 30, no batch of the destination goes out for 30 s,
+    whatever the polls and wake-ups; then all are delivered."""
+    receiver, spool = Scripted(clock), MemorySpool(clock.seconds)
+    receiver.answers.append((429, {"Retry-After": "30"}))
+    spool.add("hook", events("t", 3))
+    dispatcher = clocked(clock, receiver, spool, max_batch=1, concurrency=1)
+    throttled_at = clock.seconds()
+
+    for _ in range(29):
+        clock.advance(1)
+        dispatcher.wake("hook")
+    assert len(receiver.received) == 1
+    assert set(spool.states("hook").values()) == {"pending"}
+    clock.advance(1)
+    assert spool.states("hook") == {"t-0": "done", "t-1": "done", "t-2": "done"}
+    assert [at - throttled_at for at, _ in receiver.received[1:]] == [30, 30, 30]
+    assert spool.retries == []
+    assert dispatcher.stopService().called  # nothing in flight: at once
+
+
+@pytest.mark.parametrize(
+    ("headers", "pause"),
+    [
+        ({"Retry-After": "0"}, 1.0),  # clamped up to a second
+        ({"Retry-After": "7200"}, 600.0),  # clamped down to max_retry_after
+        ({"Retry-After": formatdate(1_700_000_045, usegmt=True)}, 45.0),
+        ({"Retry-After": "soon"}, 2.0),  # unreadable: the backoff, at its ceiling 2 * 2**0
+        ({}, 2.0),
+    ],
+    ids=["zero", "too-long", "http-date", "unreadable", "absent"],
+)
+def test_throttle_pause_honours_and_clamps_retry_after(clock, headers, pause):
+    """Retry-After in seconds or as an HTTP date, clamped to [1, max_retry_after]; none
+    or an unreadable one gives the backoff instead."""
+    receiver, spool = Scripted(clock), MemorySpool(clock.seconds)
+    receiver.answers.append((429, headers))
+    spool.add("hook", events("p", 1))
+    dispatcher = clocked(clock, receiver, spool, backoff_base=2.0, max_retry_after=600.0)
+
+    clock.advance(pause - 0.5)
+    dispatcher.wake("hook")
+    assert len(receiver.received) == 1
+    clock.advance(0.5)
+    assert spool.states("hook") == {"p-0": "done"}
+    assert receiver.received[1][0] == 1_700_000_000 + pause
+    assert dispatcher.stopService().called  # nothing in flight: at once
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (b"120", 120.0),
+        (formatdate(1_700_000_090, usegmt=True).encode(), 90.0),
+        (formatdate(1_699_999_990, usegmt=True).encode(), -10.0),
+        (b"1.5", None),
+        (b"", None),
+        (b"\xb2", None),
+        (None, None),
+    ],
+)
+def test_retry_after_header(value, seconds):
+    """Delay-seconds or an HTTP date, relative to now; anything else is no answer."""
+    headers = Headers({b"retry-after": [value]} if value is not None else {})
+    assert retry_after(headers, 1_700_000_000) == seconds
+
+
+def test_wake_sends_before_the_next_poll(clock):
+    """New rows wait for the poll interval unless wake() says they are there."""
+    receiver, spool = Scripted(clock), MemorySpool(clock.seconds)
+    dispatcher = clocked(clock, receiver, spool, poll_interval=60.0)
+
+    spool.add("hook", events("woken", 1))
+    dispatcher.wake("hook")
+    assert receiver.received == [(1_700_000_000, ["woken-0"])]
+    spool.add("hook", events("polled", 1))
+    clock.advance(59)
+    assert len(receiver.received) == 1
+    clock.advance(1)
+    assert receiver.received[1] == (1_700_000_060, ["polled-0"])
+    assert dispatcher.stopService().called  # nothing in flight: at once
+
+
+# -- with the real spool ----------------------------------------------------------------------
+
+
+async def drained(spool) -> dict[tuple[str, str], int]:
+    """The spool's depth once nothing is pending or in flight (bounded wait)."""
+    for _ in range(250):
+        depth = await within(spool.depth())
+        if not {status for _, status in depth} & {"pending", "inflight"}:
+            return depth
+        await sleep(0.02)
+    raise AssertionError(f"the spool still owes deliveries: {depth}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_drains_the_sqlite_spool(serving, reactor, http, metrics, tmp_path):
+    """Against the real SQLite spool: a 503 is retried, the too-old event expires, the
+    poison event is dead-lettered with Meta's message and the others are delivered."""
+    from tagd.spool import Spool
+
+    served = serving(ObservedMeta())
+    served.fake.inject(1, status=503)
+    spool = Spool.open(tmp_path / "spool.sqlite", reactor=reactor)
+    batch = [
+        *events("good", 3),
+        make_event(event_id="poison", source_url="shop.example/no-scheme"),
+        make_event(event_id="old", event_time=int(time.time()) - 8 * DAY),
+    ]
+    assert spool.enqueue(batch, ["meta"]) == 5
+    await within(spool.flush())
+    dispatcher = Dispatcher(
+        reactor=reactor, spool=spool, routes=[meta_route(served)], http=http, metrics=metrics,
+        poll_interval=0.05, backoff_base=0.05,
+    )  # fmt: skip
+    dispatcher.startService()
+    try:
+        depth = await drained(spool)
+        letters = await within(spool.dead_letters())
+    finally:
+        await within(dispatcher.stopService())
+        await within(spool.close())
+
+    assert depth == {("meta", "dead"): 1, ("meta", "expired"): 1}
+    assert len(served.fake.requests) == 1 + 1 + 2 + 2  # 503; 400; halves; the poison half's halves
+    assert "old" not in {e["event_id"] for e in served.fake.events}
+    assert delivered(metrics, "meta", "success") == 3
+    assert delivered(metrics, "meta", "transient") == 4
+    (letter,) = letters
+    assert (letter.event_id, letter.attempts) == ("poison", 2)
+    assert letter.last_error.startswith("HTTP 400, Meta error 100: Invalid parameter")
