@@ -14,7 +14,6 @@ import time
 from random import SystemRandom
 from typing import Callable, Sequence
 
-import attrs
 from twisted.logger import Logger
 
 from tagd.config import TrackingConfig

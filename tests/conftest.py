@@ -7,7 +7,9 @@ Every wait is bounded: use L{within} for a Deferred and L{eventually} for a cond
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from collections import deque
 
 import attrs
@@ -645,3 +647,33 @@ async def exchange(port: int, request: bytes) -> bytes:
         return await within(protocol.done)
     finally:
         protocol.transport.abortConnection()
+
+
+# -- a tagd run by twistd, for tests that watch the process itself ---------------------
+
+
+def resident_memory(pid: int) -> int:
+    """The resident set size of process C{pid}, in bytes."""
+    from pathlib import Path
+
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) * 1024
+
+
+@contextlib.asynccontextmanager
+async def twistd_tagd(origin_url: str, tmp_path):
+    """A twistd-run tagd in front of C{origin_url}; yields (pid, port)."""
+    from helpers import TWISTD, read_log, running
+
+    config = tmp_path / "tagd.toml"
+    config.write_text(proxy_toml({"listen": "tcp:0:interface=127.0.0.1", "origin": origin_url}))
+    log = tmp_path / "tagd.log"
+    with running([TWISTD, "-n", "tagd", "--config", str(config)], cwd=tmp_path, log=log) as process:
+
+        def listening():
+            if process.poll() is not None:
+                raise AssertionError(f"tagd exited with {process.returncode}:\n{read_log(log)}")
+            return re.search(rb"starting on (\d+)", log.read_bytes())
+
+        started = await eventually(listening, timeout=20, interval=0.1)
+        yield process.pid, int(started.group(1))

@@ -8,7 +8,7 @@ import os
 import pytest
 import pytest_twisted
 
-from conftest import raw_request, within
+from conftest import within
 from origin import Echo
 
 # Every byte value, and sequences that would confuse a proxy that parses bodies.

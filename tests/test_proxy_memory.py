@@ -2,44 +2,21 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest_twisted
 from twisted.internet.task import LoopingCall
 
-from conftest import eventually, proxy_toml, sleep, within
-from helpers import TWISTD, read_log, running
+from conftest import resident_memory, sleep, twistd_tagd, within
 
 GiB = 1 << 30
 MB = 1000 * 1000
 
 
-def _rss(pid: int) -> int:
-    """The resident set size of process C{pid}, in bytes."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) * 1024
-
 
 @pytest_twisted.async_yield_fixture
 async def tagd_process(origin, tmp_path):
     """A real tagd process in front of the test origin; yields (pid, port)."""
-    config = tmp_path / "tagd.toml"
-    config.write_text(
-        proxy_toml(
-            {"listen": "tcp:0:interface=127.0.0.1", "origin": f"http://127.0.0.1:{origin.port}"}
-        )
-    )
-    log = tmp_path / "tagd.log"
-    with running([TWISTD, "-n", "tagd", "--config", str(config)], cwd=tmp_path, log=log) as process:
-
-        def listening():
-            if process.poll() is not None:
-                raise AssertionError(f"tagd exited with {process.returncode}:\n{read_log(log)}")
-            return re.search(rb"starting on (\d+)", log.read_bytes())
-
-        started = await eventually(listening, timeout=20, interval=0.1)
-        yield process.pid, int(started.group(1))
+    async with twistd_tagd(f"http://127.0.0.1:{origin.port}", tmp_path) as started:
+        yield started
 
 
 @pytest_twisted.ensureDeferred
@@ -50,11 +27,11 @@ async def test_one_gibibyte_download_keeps_tagd_memory_flat(tagd_process, connec
     pid, port = tagd_process
     visitor = await connect(port)
     assert (await within(visitor.request(b"GET", b"/page"))).status == 200  # warmed up
-    baseline = peak = _rss(pid)
+    baseline = peak = resident_memory(pid)
 
     def sample():
         nonlocal peak
-        peak = max(peak, _rss(pid))
+        peak = max(peak, resident_memory(pid))
 
     sampler = LoopingCall(sample)
     sampler.start(0.05)

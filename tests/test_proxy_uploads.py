@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import re
 from io import BytesIO
 from pathlib import Path
 
@@ -29,8 +28,8 @@ from twisted.internet.task import LoopingCall
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from conftest import WireVisitor, eventually, proxy_toml, raw_request, sleep, within
-from helpers import TWISTD, free_port, read_log, running
+from conftest import WireVisitor, eventually, raw_request, resident_memory, sleep, twistd_tagd, within
+from helpers import free_port
 from origin import ConnectionCounter, pattern, pattern_sha256
 
 MiB = 1 << 20
@@ -497,27 +496,12 @@ async def test_broken_chunked_upload_aborts_the_origin_request(sink_tagd, sink, 
 # -- memory, with tagd as users run it --------------------------------------------------
 
 
-def _rss(pid: int) -> int:
-    """The resident set size of process C{pid}, in bytes."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) * 1024
-
 
 @pytest_twisted.async_yield_fixture
 async def tagd_process(sink, tmp_path):
     """A twistd-run tagd in front of the sink; yields (pid, port)."""
-    config = tmp_path / "tagd.toml"
-    config.write_text(proxy_toml({"listen": "tcp:0:interface=127.0.0.1", "origin": sink.url}))
-    log = tmp_path / "tagd.log"
-    with running([TWISTD, "-n", "tagd", "--config", str(config)], cwd=tmp_path, log=log) as process:
-
-        def listening():
-            if process.poll() is not None:
-                raise AssertionError(f"tagd exited with {process.returncode}:\n{read_log(log)}")
-            return re.search(rb"starting on (\d+)", log.read_bytes())
-
-        started = await eventually(listening, timeout=20, interval=0.1)
-        yield process.pid, int(started.group(1))
+    async with twistd_tagd(sink.url, tmp_path) as started:
+        yield started
 
 
 @pytest_twisted.ensureDeferred
@@ -529,11 +513,11 @@ async def test_large_upload_keeps_tagd_memory_flat(tagd_process, sink, connect):
     pid, port = tagd_process
     visitor = await connect(port)
     assert (await within(visitor.request(b"GET", b"/"))).status == 200  # warmed up
-    baseline = peak = _rss(pid)
+    baseline = peak = resident_memory(pid)
 
     def sample():
         nonlocal peak
-        peak = max(peak, _rss(pid))
+        peak = max(peak, resident_memory(pid))
 
     sampler = LoopingCall(sample)
     sampler.start(0.05)
