@@ -30,6 +30,11 @@ each refused event.  Dead and expired rows stay for inspection and do not count.
 
 The file holds personal data (C{Event.user_data}, IP addresses), so it is created with mode
 0600, and no message or log line of this module ever contains event contents.
+
+Other processes (the C{tagd spool} commands) use the functions at the end of this module
+while the daemon runs: they run the same queries on a connection of their own, wait for
+the daemon's writer instead of failing, and never put C{inflight} rows back to C{pending}
+(those belong to the running dispatcher).
 """
 
 from __future__ import annotations
@@ -40,9 +45,11 @@ import queue
 import sqlite3
 import stat
 import threading
+import time
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, Callable, Iterator, Mapping, Sequence
+from urllib.parse import quote
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred, fail
@@ -102,6 +109,7 @@ _DEAD = (
     "UPDATE deliveries SET status = 'dead', attempts = attempts + 1, last_error = ?"
     f" WHERE destination = ? AND {_OWED} AND {_KEYS}"
 )
+_DEAD_EVENTS = "SELECT DISTINCT event FROM deliveries WHERE status = 'dead' AND (? IS NULL OR destination = ?)"
 _RETRY_DEAD = (
     "UPDATE deliveries SET status = 'pending', attempts = 0, next_at = ?"
     f" WHERE status = 'dead' AND (? IS NULL OR destination = ?) AND {_KEYS}"
@@ -116,6 +124,7 @@ _DUE = (
     " WHERE d.destination = ? AND d.status = 'pending' AND d.next_at <= ?"
     " ORDER BY d.next_at, d.event LIMIT ?"
 )
+_DEPTH = "SELECT destination, status, COUNT(*) FROM deliveries GROUP BY destination, status"
 _DEAD_LETTERS = (
     "SELECT e.event_id, CASE WHEN json_valid(e.body) THEN json_extract(e.body, '$.event_name') END,"
     " d.destination, d.attempts, d.last_error, e.created"
@@ -311,13 +320,7 @@ def _lease(db: sqlite3.Connection, destination: str, limit: int, now: float) -> 
 def _retry_dead(db: sqlite3.Connection, destination: str | None, now: float) -> tuple[int, int]:
     """Dead rows (of one destination, or all) back to pending, with a fresh attempt count."""
     with _transaction(db):
-        keys = [
-            key
-            for (key,) in db.execute(
-                "SELECT DISTINCT event FROM deliveries WHERE status = 'dead' AND (? IS NULL OR destination = ?)",
-                (destination, destination),
-            )
-        ]
+        keys = [key for (key,) in db.execute(_DEAD_EVENTS, (destination, destination))]
         return _apply(db, keys, _RETRY_DEAD, now, destination, destination)
 
 
@@ -328,7 +331,7 @@ def _next_due(db: sqlite3.Connection, destination: str) -> float | None:
 
 
 def _depth(db: sqlite3.Connection) -> dict[tuple[str, str], int]:
-    rows = db.execute("SELECT destination, status, COUNT(*) FROM deliveries GROUP BY destination, status")
+    rows = db.execute(_DEPTH)
     return {(destination, status): count for destination, status, count in rows}
 
 
@@ -595,3 +598,64 @@ class Spool:
     def dead_letters(self, destination: str | None = None, limit: int = 100) -> Deferred:
         """The newest C{limit} dead deliveries as L{DeadLetter}s, with their reasons."""
         return self._run(_dead_letters, destination, limit)
+
+
+# For other processes (the command line), beside a running daemon.
+
+
+def _uri(path: str, mode: str) -> str:
+    """An SQLite URI for C{path}: C{ro} and C{rw} never create a missing file."""
+    return f"file:{quote(os.path.abspath(path))}?mode={mode}"
+
+
+@contextmanager
+def _outside(path: str, *, write: bool) -> Iterator[sqlite3.Connection]:
+    """A short-lived connection to the spool at C{path}, or L{SpoolError} saying why not.
+
+    Nothing is set up or recovered here, unlike L{Spool.open}: the file must already be a
+    spool, and whatever the daemon holds in flight stays so.  A lock the daemon holds is
+    waited for, up to L{BUSY_TIMEOUT}.
+    """
+    if not os.path.exists(path):
+        where = os.path.abspath(path)
+        raise SpoolError(f"there is no spool at {where} (has tagd run with this configuration there?)")
+    try:
+        db = sqlite3.connect(
+            _uri(path, "rw" if write else "ro"), uri=True, timeout=BUSY_TIMEOUT, isolation_level=None
+        )
+    except sqlite3.Error as e:
+        raise SpoolError(f"cannot open the spool {path}: {_reason(e)}") from None
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise SpoolError(
+                f"{path} is not a spool of this tagd (schema version {version}, expected {SCHEMA_VERSION})"
+            )
+        yield db
+    except sqlite3.Error as e:
+        raise SpoolError(f"cannot use the spool {path}: {_reason(e)}") from None
+    finally:
+        db.close()
+
+
+def read_depth(path: str) -> dict[tuple[str, str], int]:
+    """L{Spool.depth} of the file at C{path}, read-only."""
+    with _outside(path, write=False) as db:
+        return _depth(db)
+
+
+def read_dead_letters(path: str, destination: str | None = None, limit: int = 100) -> list[DeadLetter]:
+    """L{Spool.dead_letters} of the file at C{path}, read-only."""
+    with _outside(path, write=False) as db:
+        return _dead_letters(db, destination, limit)
+
+
+def retry_dead_letters(path: str, destination: str | None = None) -> int:
+    """L{Spool.retry_dead} on the file at C{path}; returns the number of deliveries revived.
+
+    They are due at once, so a running dispatcher sends them at its next poll.  The running
+    daemon's count of undelivered events does not include them until it restarts, so its
+    bound may be exceeded by up to this many events meanwhile.
+    """
+    with _outside(path, write=True) as db:
+        return _retry_dead(db, destination, time.time())[0]

@@ -1,0 +1,237 @@
+"""The C{tagd} command: look into the spool and check a configuration, beside a running daemon.
+
+The spool commands open the daemon's file with a connection of their own (see the end of
+L{tagd.spool}), so they are safe while the daemon runs.  The configuration file is found as
+the daemon finds it, so that they look at the same spool as the daemon they sit beside.
+
+Output goes to stdout; a problem is one line on stderr and exit status 1.  Neither ever
+shows an event's contents or a secret.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+import attrs
+
+from tagd.config import Config, ConfigError, DestinationConfig
+from tagd.destinations.registry import destination_module
+from tagd.spool import SpoolError, read_dead_letters, read_depth, retry_dead_letters
+from tagd.tap import config_from_options
+
+MASK = "***"
+STATUSES = ("pending", "inflight", "dead", "expired")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def load(path: str | None) -> Config:
+    """The configuration at C{path}, or where the daemon would look for it."""
+    return config_from_options({"config": path})
+
+
+# Tables on a terminal.
+
+
+def cell(value: Any) -> str:
+    """C{value} as one line of printable text, so that no stored string can move the cursor
+    or break a row."""
+    if value is None:
+        return "-"
+    text = "".join(c if c.isprintable() else " " for c in str(value))
+    return " ".join(text.split())
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Aligned columns, numbers to the right, so that counts compare at a glance."""
+    cells = [list(header)] + [[cell(v) for v in row] for row in rows]
+    numeric = [bool(rows) and all(isinstance(row[i], int) for row in rows) for i in range(len(header))]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
+
+    def line(values: list[str]) -> str:
+        padded = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
+        return "  ".join(padded).rstrip()
+
+    return "\n".join(line(values) for values in cells)
+
+
+def age(seconds: float) -> str:
+    """A duration as people read it at a glance: 42s, 17m, 5h, 3d."""
+    seconds = max(0, int(seconds))
+    for unit, size, below in (("s", 1, 120), ("m", 60, 7200), ("h", 3600, 172800)):
+        if seconds < below:
+            return f"{seconds // size}{unit}"
+    return f"{seconds // 86400}d"
+
+
+# tagd spool ...
+
+
+def spool_status(args: argparse.Namespace) -> None:
+    """Deliveries by destination and status: configured destinations first, even when
+    empty, then any the spool still holds for destinations no longer configured."""
+    config = load(args.config)
+    depth = read_depth(config.spool.path)
+    names = list(dict.fromkeys([d.name for d in config.destinations] + sorted({d for d, _ in depth})))
+    rows = [[name, *(depth.get((name, status), 0) for status in STATUSES)] for name in names]
+    print(f"spool {os.path.abspath(config.spool.path)}")
+    print(table(["destination", *STATUSES], rows))
+
+
+def spool_dead(args: argparse.Namespace) -> None:
+    """The newest dead letters, with the reason each was given up on."""
+    config = load(args.config)
+    letters = read_dead_letters(config.spool.path, args.destination, args.limit)
+    if not letters:
+        print("no dead letters")
+        return
+    now = time.time()
+    rows = [
+        [d.event_id, d.event_name, d.destination, d.attempts, age(now - d.created), d.last_error]
+        for d in letters
+    ]
+    print(table(["event_id", "event", "destination", "attempts", "age", "last error"], rows))
+    if len(letters) == args.limit:
+        print(f"(the newest {args.limit} only; a larger --limit shows any older ones)")
+
+
+def spool_retry_dead(args: argparse.Namespace) -> None:
+    """Dead letters back to pending, for after the cause is fixed (a new token, say)."""
+    config = load(args.config)
+    count = retry_dead_letters(config.spool.path, args.destination)
+    print(f"{count} dead letter(s) moved back to pending; tagd sends them at its next poll (or when it starts)")
+
+
+# tagd check-config
+
+
+def toml_value(value: Any) -> str:
+    """C{value} written as TOML (strings in JSON's escapes, which TOML shares)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, Mapping):
+        items = [f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()]
+        return "{ " + ", ".join(items) + " }" if items else "{}"
+    return "[" + ", ".join(toml_value(v) for v in value) + "]"
+
+
+def toml_key(key: str) -> str:
+    """A key bare when TOML allows it (an event name or a header name may need quotes)."""
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key, ensure_ascii=False)
+
+
+def masked(value: Any) -> Any:
+    """A secret with its value hidden; of a table of them (webhook headers), the names stay."""
+    if isinstance(value, Mapping):
+        return {key: MASK for key in value}
+    return MASK
+
+
+def toml_lines(values: Mapping[str, Any]) -> list[str]:
+    """C{key = value} lines; a key without a value is shown as a comment, TOML has no null."""
+    return [
+        f"# {key} is not set" if value is None else f"{toml_key(key)} = {toml_value(value)}"
+        for key, value in values.items()
+    ]
+
+
+def destination_values(destination: DestinationConfig) -> dict[str, Any]:
+    """Every key of one C{[[destinations]]} table with the value the daemon uses, secrets masked.
+
+    The values are read back from the built destination, so defaults and normalisations
+    (a trimmed endpoint, say) show as they take effect.
+    """
+    keys = destination_module(destination.type).KEYS
+    values = {"type": destination.type, "name": destination.name, "timeout": destination.timeout}
+    for key in keys:
+        value = getattr(destination.destination, key)
+        values[key] = masked(value) if key in destination.secrets and value is not None else value
+    return values
+
+
+def resolved_toml(config: Config) -> str:
+    """The whole effective configuration as TOML: every table and key, secrets masked."""
+    lines = [f"# tagd: {config.path}: valid"]
+    for field in attrs.fields(Config):
+        value = getattr(config, field.name)
+        if attrs.has(type(value)):
+            lines += ["", f"[{field.name}]", *toml_lines(attrs.asdict(value, recurse=False))]
+    for destination in config.destinations:
+        lines += ["", "[[destinations]]", *toml_lines(destination_values(destination))]
+    return "\n".join(lines)
+
+
+def check_config(args: argparse.Namespace) -> None:
+    """Validate a configuration and show what the daemon would run with."""
+    print(resolved_toml(load(args.file)))
+
+
+# The command line.
+
+
+def parser() -> argparse.ArgumentParser:
+    """C{tagd spool status|dead|retry-dead} and C{tagd check-config}; each command's
+    function is its C{run} default."""
+    top = argparse.ArgumentParser(prog="tagd", description="Inspect tagd's spool and configuration.")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument(
+        "--config", metavar="FILE", help="TOML configuration file [default: $TAGD_CONFIG or ./tagd.toml]"
+    )
+    destination = argparse.ArgumentParser(add_help=False)
+    destination.add_argument("--destination", metavar="NAME", help="only this destination")
+
+    spool = commands.add_parser("spool", help="look into the spool of a running or stopped tagd")
+    spool_commands = spool.add_subparsers(dest="spool_command", required=True, metavar="COMMAND")
+    status = spool_commands.add_parser(
+        "status", parents=[config], help="deliveries by destination and status"
+    )
+    status.set_defaults(run=spool_status)
+    dead = spool_commands.add_parser(
+        "dead", parents=[config, destination], help="dead letters, newest first, with reasons"
+    )
+    dead.add_argument("--limit", metavar="N", type=positive, default=100, help="show at most N [default: 100]")
+    dead.set_defaults(run=spool_dead)
+    retry = spool_commands.add_parser(
+        "retry-dead", parents=[config, destination], help="move dead letters back to pending"
+    )
+    retry.set_defaults(run=spool_retry_dead)
+
+    check = commands.add_parser("check-config", help="validate a configuration and print it, secrets masked")
+    check.add_argument("file", metavar="FILE", nargs="?", help="[default: $TAGD_CONFIG or ./tagd.toml]")
+    check.set_defaults(run=check_config)
+    return top
+
+
+def positive(text: str) -> int:
+    """argparse's type for a count of at least one."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: 0 when done, 1 with one line on stderr when not (argparse: 2)."""
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except ConfigError as e:
+        print(e, file=sys.stderr)  # one line naming the file and the key, never a value
+        return 1
+    except SpoolError as e:
+        print(f"tagd: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,423 @@
+"""The C{tagd} command as a user runs it: the installed console script, in a folder of its own,
+against a spool file written by the real L{Spool}, with and without that spool still open."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+import tomllib
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet.threads import deferToThread
+
+from tagd.spool import Spool
+
+from conftest import within
+from fakes import make_event
+
+# The console script installed next to the interpreter running the tests.
+TAGD = str(Path(sys.executable).with_name("tagd"))
+
+META_TOKEN = "EAAB-meta-token-1"
+GA4_SECRET = "ga4-api-secret-2"
+TIKTOK_TOKEN = "tiktok-token-3"
+WEBHOOK_AUTH = "Bearer webhook-token-4"
+WEBHOOK_KEY = "webhook-key-5"
+SECRETS = (META_TOKEN, GA4_SECRET, TIKTOK_TOKEN, WEBHOOK_AUTH, WEBHOOK_KEY)
+# Personal data that make_event puts in every event.
+PERSONAL = ("Joe@Example.COM", "203.0.113.7", "+49 30 1234567")
+
+CONFIG = f"""
+[spool]
+path = "spool.db"
+
+[[destinations]]
+type = "meta"
+pixel_id = "1234"
+access_token = "{META_TOKEN}"
+
+[[destinations]]
+type = "ga4"
+measurement_id = "G-TEST"
+api_secret = "{GA4_SECRET}"
+
+[[destinations]]
+type = "tiktok"
+pixel_code = "CTEST123"
+access_token = "{TIKTOK_TOKEN}"
+endpoint = "https://tiktok.example/base/"
+
+[[destinations]]
+type = "webhook"
+name = "hook"
+url = "https://hooks.example/events"
+headers = {{ Authorization = "{WEBHOOK_AUTH}", X-Api-Key = "{WEBHOOK_KEY}" }}
+"""
+
+META_ERROR = "meta: (#100) Invalid parameter"
+GA4_ERROR = "ga4: 400 invalid measurement"
+
+
+def tagd(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run the installed C{tagd} with C{args}; the environment has no TAGD_CONFIG unless given."""
+    environ = {k: v for k, v in os.environ.items() if k != "TAGD_CONFIG"}
+    environ.update(env)
+    return subprocess.run(
+        [TAGD, *args], cwd=cwd, env=environ, capture_output=True, text=True, timeout=60
+    )
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    """The output of a run that must have succeeded quietly."""
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    return result.stdout
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The single stderr line of a run that must have failed with exit status 1."""
+    assert result.returncode == 1, result
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tagd: ")
+    return lines[0]
+
+
+def query(path: Path, sql: str) -> list[tuple]:
+    """Rows read with a connection of the test's own, as another process sees the file."""
+    with closing(sqlite3.connect(path)) as db:
+        return db.execute(sql).fetchall()
+
+
+def rows(path: Path) -> dict[tuple[str, str], tuple[str, int]]:
+    """Every delivery in the file as (event_id, destination) -> (status, attempts)."""
+    found = query(
+        path,
+        "SELECT e.event_id, d.destination, d.status, d.attempts FROM deliveries d JOIN events e ON e.id = d.event",
+    )
+    return {(event_id, destination): (status, attempts) for event_id, destination, status, attempts in found}
+
+
+def status_table(output: str) -> dict[str, dict[str, int]]:
+    """C{tagd spool status} output as destination -> status -> count."""
+    first, header, *lines = output.splitlines()
+    assert first.startswith("spool ")
+    statuses = header.split()[1:]
+    table = {}
+    for line in lines:
+        name, *counts = line.split()
+        table[name] = dict(zip(statuses, map(int, counts)))
+    return table
+
+
+def dead_table(output: str) -> list[list[str]]:
+    """C{tagd spool dead} rows, without the header: event_id, event, destination, attempts,
+    age, last error."""
+    header, *lines = output.splitlines()
+    assert header.split() == ["event_id", "event", "destination", "attempts", "age", "last", "error"]
+    return [line.split(maxsplit=5) for line in lines]
+
+
+async def fill(spool: Spool, reactor) -> None:
+    """ev-0..ev-5 for meta and ga4, then, in the file:
+
+    meta: ev-0, ev-1 dead; ev-2 expired; ev-3, ev-4 in flight; ev-5 pending.
+    ga4: ev-0 dead; ev-1..ev-5 pending.
+    """
+    spool.enqueue([make_event(event_id=f"ev-{n}") for n in range(6)], ["meta", "ga4"])
+    await within(spool.flush())
+    now = reactor.seconds() + 1
+    leases = await within(spool.lease("meta", 4, now))
+    assert [lease.event.event_id for lease in leases] == ["ev-0", "ev-1", "ev-2", "ev-3"]
+    await within(spool.dead("meta", [leases[0].key, leases[1].key], META_ERROR))
+    await within(spool.expire("meta", [leases[2].key]))
+    await within(spool.lease("meta", 1, now))
+    (lease,) = await within(spool.lease("ga4", 1, now))
+    await within(spool.dead("ga4", [lease.key], GA4_ERROR))
+
+
+STATE = {
+    **{(f"ev-{n}", "ga4"): ("pending", 0) for n in range(1, 6)},
+    ("ev-0", "ga4"): ("dead", 1),
+    ("ev-0", "meta"): ("dead", 1),
+    ("ev-1", "meta"): ("dead", 1),
+    ("ev-2", "meta"): ("expired", 0),
+    ("ev-3", "meta"): ("inflight", 0),
+    ("ev-4", "meta"): ("inflight", 0),
+    ("ev-5", "meta"): ("pending", 0),
+}
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """The working directory of the commands, with the configuration as ./tagd.toml."""
+    (tmp_path / "tagd.toml").write_text(CONFIG, encoding="utf-8")
+    return tmp_path
+
+
+@pytest_twisted.async_fixture
+async def spool_file(reactor, folder) -> Path:
+    """The configured spool in the state L{fill} describes, closed as a stopped tagd leaves it
+    (closing keeps in-flight rows so; only opening a Spool resets them)."""
+    path = folder / "spool.db"
+    spool = Spool.open(str(path), reactor=reactor)
+    try:
+        await fill(spool, reactor)
+    finally:
+        await within(spool.close())
+    assert rows(path) == STATE
+    return path
+
+
+def test_status_counts(folder, spool_file):
+    """status: every configured destination with its count per status, in-flight rows left so."""
+    output = ok(tagd("spool", "status", cwd=folder))
+    assert output.splitlines()[0] == f"spool {spool_file.resolve()}"
+    assert status_table(output) == {
+        "meta": {"pending": 1, "inflight": 2, "dead": 2, "expired": 1},
+        "ga4": {"pending": 5, "inflight": 0, "dead": 1, "expired": 0},
+        "tiktok": {"pending": 0, "inflight": 0, "dead": 0, "expired": 0},
+        "hook": {"pending": 0, "inflight": 0, "dead": 0, "expired": 0},
+    }
+    assert rows(spool_file) == STATE
+
+
+def test_status_shows_destinations_no_longer_configured(folder, spool_file):
+    """Rows for a destination removed from the file still show, after the configured ones."""
+    (folder / "tagd.toml").write_text('[spool]\npath = "spool.db"\n[[destinations]]\ntype = "log"\n')
+    table = status_table(ok(tagd("spool", "status", cwd=folder)))
+    assert list(table) == ["log", "ga4", "meta"]
+    assert table["log"] == {"pending": 0, "inflight": 0, "dead": 0, "expired": 0}
+    assert table["meta"]["inflight"] == 2
+
+
+def test_dead_lists_reasons_without_personal_data(folder, spool_file):
+    """dead: newest first, each with event name, destination, attempts, age and the reason;
+    nothing of the event's personal data."""
+    output = ok(tagd("spool", "dead", cwd=folder))
+    letters = dead_table(output)
+    assert sorted((r[0], r[1], r[2], r[3], r[5]) for r in letters) == [
+        ("ev-0", "Purchase", "ga4", "1", GA4_ERROR),
+        ("ev-0", "Purchase", "meta", "1", META_ERROR),
+        ("ev-1", "Purchase", "meta", "1", META_ERROR),
+    ]
+    assert letters[0][0] == "ev-1"  # the newest event first
+    assert all(r[4].endswith("s") and int(r[4][:-1]) < 120 for r in letters)
+    for personal in PERSONAL:
+        assert personal not in output
+
+
+def test_dead_filters_and_limits(folder, spool_file):
+    """--destination keeps one destination's letters; --limit cuts the list and says so."""
+    only_ga4 = dead_table(ok(tagd("spool", "dead", "--destination", "ga4", cwd=folder)))
+    assert [(r[0], r[2]) for r in only_ga4] == [("ev-0", "ga4")]
+    output = ok(tagd("spool", "dead", "--destination", "meta", "--limit", "1", cwd=folder))
+    *table, note = output.splitlines()
+    assert [(r[0], r[2]) for r in dead_table("\n".join(table))] == [("ev-1", "meta")]
+    assert "--limit" in note
+    assert ok(tagd("spool", "dead", "--destination", "tiktok", cwd=folder)) == "no dead letters\n"
+
+
+def test_dead_refuses_a_bad_limit(folder, spool_file):
+    """--limit must be a count of at least one: argparse's usage error, status 2."""
+    result = tagd("spool", "dead", "--limit", "0", cwd=folder)
+    assert result.returncode == 2
+    assert "--limit" in result.stderr
+
+
+def test_retry_dead_moves_dead_rows_only(folder, spool_file):
+    """retry-dead --destination: that destination's dead rows pending with no attempts, due
+    now; in-flight, expired and other destinations' rows untouched.  Then all the rest."""
+    before = time.time()
+    output = ok(tagd("spool", "retry-dead", "--destination", "meta", cwd=folder))
+    assert output.startswith("2 dead letter(s) moved back to pending")
+    assert rows(spool_file) == {
+        **STATE,
+        ("ev-0", "meta"): ("pending", 0),
+        ("ev-1", "meta"): ("pending", 0),
+    }
+    due = query(
+        spool_file,
+        "SELECT d.next_at FROM deliveries d JOIN events e ON e.id = d.event"
+        " WHERE d.destination = 'meta' AND e.event_id IN ('ev-0', 'ev-1')",
+    )
+    assert len(due) == 2
+    assert all(before - 1 <= next_at <= time.time() for (next_at,) in due)
+
+    assert ok(tagd("spool", "retry-dead", cwd=folder)).startswith("1 dead letter(s)")
+    assert rows(spool_file)[("ev-0", "ga4")] == ("pending", 0)
+    assert rows(spool_file)[("ev-3", "meta")] == ("inflight", 0)
+    assert ok(tagd("spool", "retry-dead", cwd=folder)).startswith("0 dead letter(s)")
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_dead_beside_a_running_spool(reactor, folder):
+    """With the daemon's spool open: retry-dead leaves the rows it leased in flight (they can
+    still be acknowledged), and its next lease takes the revived rows."""
+    path = folder / "spool.db"
+    spool = Spool.open(str(path), reactor=reactor)
+    try:
+        await fill(spool, reactor)
+        result = await within(deferToThread(tagd, "spool", "retry-dead", "--destination", "meta", cwd=folder))
+        assert ok(result).startswith("2 dead letter(s)")
+        status = await within(deferToThread(tagd, "spool", "status", cwd=folder))
+        assert status_table(ok(status))["meta"] == {"pending": 3, "inflight": 2, "dead": 0, "expired": 1}
+
+        leases = await within(spool.lease("meta", 10, reactor.seconds() + 1))
+        assert sorted((lease.event.event_id, lease.attempts) for lease in leases) == [
+            ("ev-0", 0), ("ev-1", 0), ("ev-5", 0),
+        ]  # fmt: skip
+        in_flight = [
+            key for (key,) in query(path, "SELECT event FROM deliveries WHERE destination = 'meta' AND status = 'inflight'")
+        ]
+        assert len(in_flight) == 5
+        assert await within(spool.ack("meta", in_flight)) == 5
+    finally:
+        await within(spool.close())
+
+
+def test_retry_dead_waits_for_the_daemons_writer(folder, spool_file):
+    """A write lock held by another connection (the daemon's group commit) is waited for,
+    not reported as an error."""
+    with closing(sqlite3.connect(spool_file, isolation_level=None)) as daemon:
+        daemon.execute("BEGIN IMMEDIATE")
+        environ = {k: v for k, v in os.environ.items() if k != "TAGD_CONFIG"}
+        process = subprocess.Popen(
+            [TAGD, "spool", "retry-dead"], cwd=folder, env=environ, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            time.sleep(1.0)
+            assert process.poll() is None, process.communicate()
+            daemon.execute("COMMIT")
+            stdout, stderr = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert (process.returncode, stderr) == (0, "")
+    assert stdout.startswith("3 dead letter(s)")
+
+
+@pytest.mark.parametrize("where", ["option", "environment", "working-directory"])
+def test_config_is_found_as_the_daemon_finds_it(tmp_path, spool_file, where):
+    """--config, else $TAGD_CONFIG, else ./tagd.toml name the file, whose [spool] path is used."""
+    config = tmp_path / "conf" / "tagd-main.toml"
+    config.parent.mkdir()
+    config.write_text(f'[spool]\npath = "{spool_file}"\n', encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if where == "option":
+        result = tagd("spool", "status", "--config", str(config), cwd=elsewhere)
+    elif where == "environment":
+        result = tagd("spool", "status", cwd=elsewhere, TAGD_CONFIG=str(config))
+    else:
+        (elsewhere / "tagd.toml").write_text(config.read_text())
+        result = tagd("spool", "status", cwd=elsewhere)
+    assert status_table(ok(result))["meta"] == {"pending": 1, "inflight": 2, "dead": 2, "expired": 1}
+
+
+def test_missing_spool_is_one_line_and_creates_nothing(tmp_path):
+    """With no configuration at all the built-in spool path is used; when it does not exist,
+    every spool command says so in one line, exit status 1, and leaves no file behind."""
+    for command in ("status", "dead", "retry-dead"):
+        line = one_line_error(tagd("spool", command, cwd=tmp_path))
+        assert "there is no spool at" in line
+        assert str(tmp_path.resolve() / "tagd-spool.sqlite3") in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_that_is_no_spool_is_one_line(folder):
+    """A file that is not a spool (another database, or not SQLite at all) is named, in one line."""
+    with closing(sqlite3.connect(folder / "spool.db")) as db:
+        db.execute("CREATE TABLE other (x)")
+    assert "is not a spool of this tagd" in one_line_error(tagd("spool", "status", cwd=folder))
+    (folder / "spool.db").write_bytes(b"not a database, " * 512)
+    line = one_line_error(tagd("spool", "dead", cwd=folder))
+    assert "not a SQLite database" in line
+
+
+def test_check_config_prints_everything_with_secrets_masked(folder):
+    """check-config: every table and key with its effective value, each secret as ***, and
+    the output is itself a configuration that resolves to the same."""
+    output = ok(tagd("check-config", "tagd.toml", cwd=folder))
+    for secret in SECRETS:
+        assert secret not in output
+    printed = tomllib.loads(output)
+    assert set(printed) == {"proxy", "tracking", "spool", "delivery", "destinations"}
+    assert printed["proxy"]["listen"] == "tcp:8080"
+    assert printed["tracking"]["track_statuses"] == ["2xx"]
+    assert printed["spool"] == {"path": "spool.db", "max_events": 100000, "flush_interval": 0.05}
+    assert printed["delivery"]["backoff_cap"] == 600.0
+    meta, ga4, tiktok, hook = printed["destinations"]
+    assert meta == {
+        "type": "meta", "name": "meta", "timeout": 1.5, "pixel_id": "1234", "access_token": "***",
+        "api_version": "v24.0", "endpoint": "https://graph.facebook.com", "event_names": {},
+        "limited_data_use": False, "max_batch": 1000,
+    }  # fmt: skip
+    assert "# test_event_code is not set" in output
+    assert ga4["api_secret"] == "***"
+    assert ga4["event_names"]["Purchase"] == "purchase"
+    assert (tiktok["access_token"], tiktok["endpoint"]) == ("***", "https://tiktok.example/base")
+    assert hook["headers"] == {"Authorization": "***", "X-Api-Key": "***"}
+    assert hook["url"] == "https://hooks.example/events"
+
+    (folder / "printed.toml").write_text(output, encoding="utf-8")
+    again = ok(tagd("check-config", "printed.toml", cwd=folder))
+    assert again.splitlines()[1:] == output.splitlines()[1:]
+
+
+def test_check_config_defaults_like_the_daemon(tmp_path):
+    """Without FILE it reads $TAGD_CONFIG, and with nothing at all shows the built-in defaults."""
+    config = tmp_path / "env.toml"
+    config.write_text('[proxy]\nlisten = "tcp:9999"\n', encoding="utf-8")
+    from_env = tomllib.loads(ok(tagd("check-config", cwd=tmp_path, TAGD_CONFIG=str(config))))
+    assert from_env["proxy"]["listen"] == "tcp:9999"
+    (tmp_path / "env.toml").unlink()
+    defaults = ok(tagd("check-config", cwd=tmp_path))
+    assert defaults.startswith("# tagd: (built-in defaults): valid")
+    assert "destinations" not in tomllib.loads(defaults)
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        pytest.param("[proxy\n", "(file)", id="bad-toml"),
+        pytest.param("[proxy]\nlisen = 1\n", "proxy.lisen", id="unknown-key"),
+        pytest.param('[spool]\npath = ""\n', "spool.path", id="empty-spool-path"),
+        pytest.param(
+            f'[[destinations]]\ntype = "meta"\naccess_token = "{META_TOKEN}"\n',
+            "destinations[0].pixel_id",
+            id="missing-pixel-id",
+        ),
+        pytest.param(
+            f'[[destinations]]\ntype = "webhook"\nurl = "https://h.example/"\n'
+            f'headers = {{ Authorization = "{WEBHOOK_AUTH}\\n" }}\n',
+            "destinations[0].headers",
+            id="bad-secret-header",
+        ),
+    ],
+)
+def test_bad_config_is_one_line(tmp_path, text, key):
+    """A configuration tagd cannot run with: exit status 1 and one line naming file and key,
+    never a secret; the spool commands stop the same way."""
+    (tmp_path / "bad.toml").write_text(text, encoding="utf-8")
+    for args in (["check-config", "bad.toml"], ["spool", "status", "--config", "bad.toml"]):
+        line = one_line_error(tagd(*args, cwd=tmp_path))
+        assert line.startswith("tagd: configuration error in bad.toml: ")
+        assert f": {key}: " in line
+        for secret in SECRETS:
+            assert secret not in line
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+    """A named file that does not exist is an error (only an unnamed ./tagd.toml may be absent)."""
+    line = one_line_error(tagd("check-config", "absent.toml", cwd=tmp_path))
+    assert "absent.toml: (file): cannot be read" in line
