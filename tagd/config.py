@@ -7,6 +7,7 @@ start-up can stop with one clear line instead of a traceback.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from typing import Any, Callable
@@ -18,6 +19,9 @@ from twisted.internet.endpoints import serverFromString
 from tagd.clientip import CLOUDFLARE_WORD
 from tagd.destinations.registry import DESTINATION_TYPES, destination_module
 from tagd.filters import tracked_statuses
+
+
+COMMAND_LINE = "the command line"
 
 
 class ConfigError(Exception):
@@ -180,8 +184,8 @@ def _nonempty(value: str) -> str:
 
 
 def _positive(value: float) -> float:
-    if value <= 0:
-        raise ValueError("must be greater than zero")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a finite number greater than zero")
     return value
 
 
@@ -292,7 +296,10 @@ def _table(path: str, name: str, raw: Any, overrides: dict[str, Any]):
     fields, cls = _TABLES[name]
     if not isinstance(raw, dict):
         raise ConfigError(path, name, "must be a table")
-    return cls(**_checked(path, name, {**raw, **overrides}, fields))
+    values = _checked(path, name, raw, fields)
+    # A bad command-line value is the command line's fault, not the file's.
+    values.update(_checked(COMMAND_LINE, name, overrides, fields))
+    return cls(**values)
 
 
 def _destination_fields(module) -> dict[str, _Field]:

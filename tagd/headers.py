@@ -31,6 +31,10 @@ _SET_BY_PROXY = frozenset(
 )
 
 
+_REQUEST_SKIP = HOP_BY_HOP | _SET_BY_PROXY
+_PROTECTED = _SET_BY_PROXY | {b"host"}
+
+
 def _connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
     """The header names listed in C{Connection} values: hop-by-hop for this message."""
     return frozenset(
@@ -48,6 +52,7 @@ def request_head(
     proto: bytes,
     default_host: bytes,
     body_length: int | None,
+    drop: frozenset[bytes] = frozenset(),
 ) -> bytes:
     """The request line and header block sent to the origin, ready for the wire.
 
@@ -55,10 +60,13 @@ def request_head(
     the visitor sent it (the origin's when the visitor sent none).  C{X-Forwarded-For}
     gets the TCP peer appended; C{X-Forwarded-Proto}, C{X-Forwarded-Host} and C{X-Real-IP}
     are set, whatever the visitor sent.  A C{body_length} of None announces a chunked body.
+    Headers named (lower-case) in C{drop} are not forwarded: a client IP header from a
+    peer that is not a trusted proxy, say.
     """
-    skip = HOP_BY_HOP | _SET_BY_PROXY
+    skip = _REQUEST_SKIP | drop
     if incoming.hasHeader(b"connection"):
-        skip = skip | _connection_tokens(incoming.getRawHeaders(b"connection"))
+        # A visitor's Connection header cannot take Host, or what tagd sets, away.
+        skip = skip | (_connection_tokens(incoming.getRawHeaders(b"connection")) - _PROTECTED)
     lines = [b"%s %s HTTP/1.1" % (method, target)]
     host = None
     chain: list[bytes] = []

@@ -5,16 +5,26 @@ listener first (no new visitors), then the visitors already in flight get to fin
 the origin connections close, and last the delivery side, whose dispatcher must release
 its leased rows before the spool flushes its buffer and closes.  The whole sequence is
 bounded by C{shutdown_timeout}, kept shorter than systemd's stop timeout, so that tagd
-exits on its own instead of being killed.
+exits on its own instead of being killed: visitors get the deadline less a reserve, and
+the services after them share what is left.
 """
 
 from __future__ import annotations
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred, maybeDeferred
 from twisted.logger import Logger
 
 log = Logger()
+
+# A service is never given less than this, even once the deadline has passed: a spool
+# that gets no time at all to flush would lose what it holds.
+MIN_GRACE = 0.5
+
+
+def visitor_budget(deadline: float) -> float:
+    """How much of the shutdown deadline visitors in flight may take."""
+    return deadline - min(2.0, deadline / 2)
 
 
 class OrderedServices(MultiService):
@@ -27,46 +37,51 @@ class OrderedServices(MultiService):
 
     def stopService(self) -> Deferred:
         Service.stopService(self)
-        stopping = self._stop_in_turn()
-        stopping.addTimeout(self._deadline, self._reactor)
-        stopping.addErrback(self._late)
-        return stopping
+        return ensureDeferred(self._stop_in_turn())
 
-    @inlineCallbacks
-    def _stop_in_turn(self):
+    async def _stop_in_turn(self) -> None:
+        end = self._reactor.seconds() + self._deadline
         for service in reversed(list(self)):
+            allowed = max(end - self._reactor.seconds(), MIN_GRACE)
+            stopping = maybeDeferred(service.stopService)
+            stopping.addTimeout(allowed, self._reactor)
             try:
-                yield maybeDeferred(service.stopService)
+                await stopping
+            except TimeoutError:
+                log.warn(
+                    "{service} did not stop within the shutdown deadline; going on",
+                    service=type(service).__name__,
+                )
             except Exception:
-                log.failure("stopping {service} failed; going on with shutdown", service=service)
-
-    def _late(self, failure) -> None:
-        failure.trap(TimeoutError)
-        log.warn("shutdown took longer than {deadline} s; exiting anyway", deadline=self._deadline)
+                log.failure("stopping {service} failed; going on", service=type(service).__name__)
 
 
 class Draining(Service):
-    """Waits, on shutdown, until no visitor request is in flight (or the deadline passes).
+    """Waits, on shutdown, until no visitor request is in flight, for C{budget} seconds.
 
     C{in_flight} is a callable giving the number of requests still being answered; it is
-    polled, since a request ends at many places and shutdown is rare.
+    polled, since a request ends at many places and shutdown is rare.  Requests still
+    running when the budget is spent are cut when the reactor stops.
     """
 
-    def __init__(self, reactor, in_flight, poll: float = 0.05) -> None:
+    def __init__(self, reactor, in_flight, budget: float, poll: float = 0.05) -> None:
         self._reactor = reactor
         self._in_flight = in_flight
+        self._budget = budget
         self._poll = poll
 
     def stopService(self) -> Deferred:
         super().stopService()
         drained: Deferred = Deferred()
-        self._check(drained)
+        self._check(drained, self._reactor.seconds() + self._budget)
         return drained
 
-    def _check(self, drained: Deferred) -> None:
-        if drained.called:
-            return
-        if self._in_flight() == 0:
+    def _check(self, drained: Deferred, until: float) -> None:
+        left = self._in_flight()
+        if left == 0:
+            drained.callback(None)
+        elif self._reactor.seconds() >= until:
+            log.warn("shutdown: {count} visitor request(s) still running are cut", count=left)
             drained.callback(None)
         else:
-            self._reactor.callLater(self._poll, self._check, drained)
+            self._reactor.callLater(self._poll, self._check, drained, until)

@@ -40,6 +40,10 @@ MAX_HEAD_SIZE = 64 * 1024
 NO_BODY_CODES = (204, 304)
 
 
+class VisitorStalled(Exception):
+    """The visitor read nothing of the response for the stall timeout."""
+
+
 class OriginProtocolError(Exception):
     """The origin sent something that is not valid HTTP/1.1."""
 
@@ -98,6 +102,7 @@ class OriginClient:
         connect_timeout: float,
         pool_size: int,
         idle_timeout: float,
+        stall_timeout: float = 60.0,
     ) -> None:
         parts = urlsplit(origin)
         self._reactor = reactor
@@ -111,6 +116,7 @@ class OriginClient:
         self.host = parts.netloc.encode("ascii")
         self._pool_size = pool_size
         self._idle_timeout = idle_timeout
+        self.stall_timeout = stall_timeout
         self._idle: list[OriginConnection] = []
         self._connections: set[OriginConnection] = set()
         self._sweeper = LoopingCall(self._close_stale)
@@ -211,6 +217,7 @@ class OriginConnection(Protocol):
     """One persistent connection to the origin, carrying one exchange at a time."""
 
     idle_since = 0.0
+    _stall = None  # the visitor's stall timer, while the visitor is not reading
 
     def __init__(self, client: OriginClient) -> None:
         self._client = client
@@ -272,10 +279,23 @@ class OriginConnection(Protocol):
     def pauseProducing(self) -> None:
         self._paused = True
         self.transport.pauseProducing()
+        # A visitor who stops reading would otherwise hold this connection, and an
+        # origin worker behind it, for as long as it likes.
+        self._stall = self._client._reactor.callLater(self._client.stall_timeout, self._stalled)
 
     def resumeProducing(self) -> None:
         self._paused = False
         self.transport.resumeProducing()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        receiver, self._receiver = self._receiver, None
+        self.transport.abortConnection()
+        if receiver is not None:
+            receiver.response_failed(Failure(VisitorStalled()), retryable=False)
 
     def stopProducing(self) -> None:
         self.abort()
@@ -420,6 +440,9 @@ class OriginConnection(Protocol):
             receiver.response_failed(Failure(reason), retryable=False)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         self._client.lost(self)
         if self._state is _BODY and self._remaining is None and self._chunks is None:
             self._complete()  # A close-delimited body ends with the connection.

@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from tagd.clientip import ClientIPResolver
 from tagd.headers import request_head, split_response_headers
-from tagd.origin import OriginClient, OriginConnection
+from tagd.origin import OriginClient, OriginConnection, VisitorStalled
 from tagd.tracking import Tracked, TrackingHook, Visit
 
 log = Logger()
@@ -61,6 +61,9 @@ class ProxyResource(Resource):
         self._client = client
         self._resolver = resolver
         self._client_ip_header = client_ip_header.encode("ascii")
+        # From a peer that is not a trusted proxy this header is a claim anyone can make:
+        # the origin must not read it either.
+        self._spoofable = frozenset({self._client_ip_header.lower()})
         self._tracking_header = tracking_header.encode("ascii")
         self._response_timeout = response_timeout
         self._on_tracking = on_tracking
@@ -135,6 +138,7 @@ class _Exchange:
             proto=self._scheme.encode("ascii"),
             default_host=client.host,
             body_length=body_length,
+            drop=frozenset() if proxy._resolver.is_trusted(peer) else proxy._spoofable,
         )
         proxy.in_flight += 1
         request.notifyFinish().addCallbacks(self._answered, self._visitor_left)
@@ -185,6 +189,9 @@ class _Exchange:
         if closing:
             # Twisted Web's own "Connection: close" for a visitor who asked to close.
             headers.setRawHeaders(b"Connection", closing)
+        if not headers.hasHeader(b"date"):
+            # Twisted Web's own Date was dropped with its headers; RFC 9110 wants one.
+            headers.setRawHeaders(b"Date", [datetimeToString()])
         request.responseHeaders = headers
         request.defaultContentType = None
         self._close_if_uploading()
@@ -215,7 +222,12 @@ class _Exchange:
                 self._upload.detach()
             self._send()
             return
-        if self._head_seen:
+        if reason.check(VisitorStalled):
+            log.info("visitor stopped reading {uri}; connection closed", uri=self._path())
+            self._end()
+            self._request.unregisterProducer()
+            self._request.channel.transport.abortConnection()
+        elif self._head_seen:
             # The status line is already out: the only honest signal left is a cut connection.
             log.warn(
                 "origin response for {uri} broke off: {reason}",

@@ -36,15 +36,23 @@ class ProxyRequest(Request):
     _parsePOSTFormSubmission = False
     _upload = None  # takes the body's pieces once the request is forwarded early
     _chunked = False  # a chunked body, collected until it proves large
+    _refused = False  # answered 400 at header time; nothing to forward
 
     def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()
+        if len(self.requestHeaders.getRawHeaders(b"host", ())) > 1:
+            # RFC 9112 section 3.2: the origin and tagging might each believe another one.
+            self._refused = True
+            self.channel._respondToBadRequestAndDisconnect()
+            return
         if length is None:
             self._chunked = True
         elif length > SMALL_BODY:
             self._forward(length)
 
     def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
         if self._upload is not None:
             self._upload.data(data)
             return
@@ -63,6 +71,8 @@ class ProxyRequest(Request):
         self._upload = resource.stream(self, length)
 
     def process(self) -> None:
+        if self._refused:
+            return
         if self._upload is not None:
             self._upload.end()
             return

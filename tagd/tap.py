@@ -17,7 +17,7 @@ from tagd.config import Config, ConfigError, load_config, parse_config
 from tagd.origin import OriginClient
 from tagd.proxy import ProxyResource
 from tagd.site import TagdSite
-from tagd.lifecycle import Draining, OrderedServices
+from tagd.lifecycle import Draining, OrderedServices, visitor_budget
 from tagd.metrics import Metrics
 from tagd.pipeline import build_tagging
 
@@ -81,6 +81,7 @@ def build_service(config: Config, reactor, metrics: Metrics | None = None) -> Mu
         connect_timeout=proxy.connect_timeout,
         pool_size=proxy.pool_size,
         idle_timeout=proxy.pool_idle_timeout,
+        stall_timeout=proxy.response_timeout,
     )
     resource = ProxyResource(
         reactor=reactor,
@@ -92,7 +93,9 @@ def build_service(config: Config, reactor, metrics: Metrics | None = None) -> Mu
         on_tracking=hook,
     )
     _OriginService(client).setServiceParent(top)
-    Draining(reactor, lambda: resource.in_flight).setServiceParent(top)
+    Draining(
+        reactor, lambda: resource.in_flight, budget=visitor_budget(proxy.shutdown_timeout)
+    ).setServiceParent(top)
     strports.service(proxy.listen, TagdSite(resource), reactor=reactor).setServiceParent(top)
     return top
 

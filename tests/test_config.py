@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tagd.config import Config, ConfigError, ProxyConfig, load_config
+from tagd.config import COMMAND_LINE, Config, ConfigError, ProxyConfig, load_config
 
 
 @pytest.fixture
@@ -100,9 +100,21 @@ def test_overrides_win_over_file(write):
 
 
 def test_overrides_checked(write):
-    """A bad command-line value is reported like a bad file value, under its key."""
-    error = assert_config_error(write(""), "proxy.listen", overrides={"proxy": {"listen": "bogus:1"}})
+    """A bad command-line value is reported under its key, blamed on the command line
+    rather than on a file that is fine."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(""), overrides={"proxy": {"listen": "bogus:1"}})
+    error = info.value
+    assert (error.path, error.key) == (COMMAND_LINE, "proxy.listen")
     assert "bogus:1" in error.reason
+    assert "\n" not in str(error)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("key", ["connect_timeout", "response_timeout", "pool_idle_timeout", "shutdown_timeout"])
+def test_timeouts_must_be_finite(write, key, value):
+    """NaN or infinite seconds would break timers at run time; they stop start-up instead."""
+    assert_config_error(write(f"[proxy]\n{key} = {value}\n"), f"proxy.{key}")
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
+from email.utils import parsedate_to_datetime
 
 import pytest
 import pytest_twisted
@@ -65,7 +66,8 @@ async def test_tracking_header_removed_and_everything_else_unchanged(
 ):
     """The tracking header goes, in any letter case and however often it appears; the
     status, the reason phrase, every other header (repeated ones in order) and the body
-    bytes reach the visitor as the origin sent them, and nothing is added but framing."""
+    bytes reach the visitor as the origin sent them, and nothing is added but framing
+    and the Date the origin left out."""
     origin.answer_raw(b"/tracked", TRACKED_HEAD + FRAMINGS[framing])
     visitor = await connect(raw_tagd.port)
     response = await within(visitor.request(b"GET", b"/tracked"))
@@ -81,7 +83,11 @@ async def test_tracking_header_removed_and_everything_else_unchanged(
         expected[b"transfer-encoding"] = [b"chunked"]
     else:
         expected[b"content-length"] = [b"%d" % len(TRACKED_BODY)]
-    assert _by_name(response.headers) == expected
+    received = _by_name(response.headers)
+    # The origin sent no Date: tagd adds one (RFC 9110 section 6.6.1), and nothing else.
+    [date] = received.pop(b"date")
+    assert parsedate_to_datetime(date.decode()) is not None
+    assert received == expected
     [(values, visit)] = await within(hook.called())
     assert values == TRACKING_VALUES
     assert visit.status == 201
