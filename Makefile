@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/python -m tagd.demo
 
 test: install
-	cd tests && ../$(BIN)/python -m pytest $(PYTEST_ARGS)
+	cd tests && $(abspath $(BIN))/python -m pytest $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/proxy_throughput.py $(BENCH_ARGS)

@@ -2,9 +2,9 @@
 
 Why not L{twisted.web.client.Agent}: it parses every URL, builds an endpoint and a pool
 key, and wraps each body in a deferred-driven protocol for every request.  A reverse
-proxy talks to one fixed origin, so that work is done once here, and responses are
-parsed into raw header pairs that the proxy passes on with their case and order
-intact.  Measured on the benchmark in C{bench/}, this roughly doubled throughput.
+proxy talks to one fixed origin, so that work is done once here, and each response head
+is parsed in one pass into raw header pairs.  Measured on the benchmark in C{bench/},
+this roughly doubled throughput.
 
 An L{OriginClient} keeps a stack of idle persistent connections; an
 L{OriginConnection} carries one exchange at a time and tells a L{ResponseReceiver}
