@@ -1,27 +1,58 @@
-"""Direct, best-effort delivery of events to the configured destinations with treq.
+"""Delivery to the platforms: what the dispatcher and the direct fallback share, and the
+direct, best-effort delivery used when the spool cannot be opened.
 
-Each batch of events goes to every destination at once; each platform's answer is
-classified by its destination and counted.  Nothing here is awaited by a visitor's
-request.  This is the boundary that the durable spool takes over: L{DirectDelivery.submit}
-is the one call the tracker makes.
+Both deliver through tagd's own treq client (L{http_client}) and keep events the platform
+would refuse for their age out of every request (L{expired}), so that the fallback sends
+exactly what the dispatcher would, only without retries.
+
+L{DirectDelivery} sends each batch of events to every destination at once; each
+platform's answer is classified by its destination and counted.  Nothing here is awaited
+by a visitor's request: L{DirectDelivery.submit} is the one call the tracker makes.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from types import MappingProxyType
+from typing import Mapping, Sequence
 
 import attrs
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from tagd.destinations import Describing, Destination, Outcome, OutgoingRequest
 from tagd.events import Event
 from tagd.metrics import Metrics
 
 log = Logger()
+
+DAY = 86400.0
+# How old an event a platform still takes, by destination type (PLATFORMS.md).  Meta and
+# TikTok refuse a whole request for one event older than this, so such events must never
+# reach a batch.  A platform fact, the same for every destination of a type, hence one
+# table here; a type that is absent (webhook, log) takes events of any age.  Not to be
+# confused with the tracker's own limit on the event times it accepts from the origin.
+PLATFORM_MAX_AGE: Mapping[str, float] = MappingProxyType(
+    {
+        "meta": 7 * DAY,
+        "ga4": 72 * 3600.0,
+        "tiktok": 7 * DAY,  # unconfirmed: TikTok's documentation gives no figure
+    }
+)
+# An event this close to its platform's limit is expired too: it could cross the limit
+# while the request travels, or by the difference between our clock and the platform's.
+AGE_MARGIN = 60.0
+# The outcome counted for an event past its platform's window: never sent, never retried.
+EXPIRED = "expired"
+
+
+def expired(destination: Destination, event: Event, now: float) -> bool:
+    """Whether C{destination}'s platform would refuse C{event} for its age at C{now}
+    (epoch seconds), allowing for L{AGE_MARGIN}."""
+    window = PLATFORM_MAX_AGE.get(destination.type)
+    return window is not None and event.event_time < now - window + AGE_MARGIN
 
 
 @attrs.frozen
@@ -32,15 +63,25 @@ class Route:
     timeout: float
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """The pool's factory for connections to the platforms, without Twisted's "Starting
+    factory" and "Stopping factory" lines, which it would log at info for every
+    connection opened and closed: noise at the rate of the traffic, saying nothing."""
+
+    noisy = False
+
+
 def http_client(reactor, pool_size: int = 10) -> tuple[HTTPClient, HTTPConnectionPool]:
     """tagd's own treq client for the platforms, on a persistent pool of its own."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = pool_size
+    pool._factory = _QuietClientFactory  # the pool's documented hook for its factory
     return HTTPClient(Agent(reactor, pool=pool)), pool
 
 
 class DirectDelivery:
-    """Send every submitted batch to every destination, once, and count the outcome."""
+    """Send every submitted batch to every destination, once, and count the outcome;
+    events past a platform's age window are counted as expired instead (see L{expired})."""
 
     def __init__(self, *, reactor, routes: Sequence[Route], http: HTTPClient, metrics: Metrics) -> None:
         self._reactor = reactor
@@ -51,24 +92,41 @@ class DirectDelivery:
     def submit(self, events: Sequence[Event]) -> Deferred:
         """Start delivering C{events}; the Deferred (for tests and shutdown) fires when all answered."""
         attempts = []
+        now = self._reactor.seconds()
         for route in self._routes:
+            fresh = self._fresh(route, events, now)
             if isinstance(route.destination, Describing):
-                for line in route.destination.describe(events):
+                for line in route.destination.describe(fresh):
                     log.info("{destination} (dry run): {line}", destination=route.destination.name, line=line)
-                self._count(route, len(events), Outcome.SUCCESS)
+                self._count(route, len(fresh), Outcome.SUCCESS.value)
                 continue
-            requests = route.destination.encode(events)
-            self._count_unsendable(route, events, requests)
+            requests = route.destination.encode(fresh)
+            self._count_unsendable(route, fresh, requests)
             for request in requests:
                 attempts.append(ensureDeferred(self._send(route, request)))
         return DeferredList(attempts, consumeErrors=True)
 
+    def _fresh(self, route: Route, events: Sequence[Event], now: float) -> list[Event]:
+        """The events the route's platform still takes; the others are counted as expired,
+        as the dispatcher counts them, and never sent: Meta and TikTok would refuse the
+        whole request for one of them."""
+        fresh = [event for event in events if not expired(route.destination, event, now)]
+        stale = len(events) - len(fresh)
+        if stale:
+            self._count(route, stale, EXPIRED)
+            log.info(
+                "{destination}: {count} event(s) expired, older than the platform takes",
+                destination=route.destination.name,
+                count=stale,
+            )
+        return fresh
+
     def _count_unsendable(self, route: Route, events: Sequence[Event], requests) -> None:
         """Events a destination cannot encode (GA4 without a client id) are counted, not lost silently."""
-        sent = {event_id for request in requests for event_id in request.event_ids}
-        unsendable = sum(1 for event in events if event.event_id not in sent)
+        sent = {position for request in requests for position in request.positions}
+        unsendable = len(events) - len(sent)
         if unsendable:
-            self._count(route, unsendable, Outcome.PERMANENT)
+            self._count(route, unsendable, Outcome.PERMANENT.value)
             log.warn(
                 "{destination}: {count} event(s) cannot be sent to this platform (missing ids)",
                 destination=route.destination.name,
@@ -77,7 +135,7 @@ class DirectDelivery:
 
     async def _send(self, route: Route, request: OutgoingRequest) -> None:
         destination = route.destination
-        count = len(request.event_ids)
+        count = len(request.positions)
         try:
             response = await self._http.request(
                 request.method,
@@ -96,10 +154,10 @@ class DirectDelivery:
                 url=request.log_url,
                 error=type(e).__name__,
             )
-            self._count(route, count, Outcome.TRANSIENT)
+            self._count(route, count, Outcome.TRANSIENT.value)
             return
         verdict = destination.classify(response.code, body)
-        self._count(route, count, verdict.outcome)
+        self._count(route, count, verdict.outcome.value)
         if verdict.outcome is Outcome.SUCCESS:
             log.debug(
                 "{destination}: {count} event(s) delivered ({status})",
@@ -116,5 +174,5 @@ class DirectDelivery:
                 message=verdict.message,
             )
 
-    def _count(self, route: Route, count: int, outcome: Outcome) -> None:
-        self._metrics.deliveries.labels(route.destination.name, outcome.value).inc(count)
+    def _count(self, route: Route, count: int, outcome: str) -> None:
+        self._metrics.deliveries.labels(route.destination.name, outcome).inc(count)

@@ -34,8 +34,7 @@ import random
 import re
 from collections.abc import Hashable
 from email.utils import mktime_tz, parsedate_tz
-from types import MappingProxyType
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import attrs
 import treq
@@ -51,34 +50,18 @@ from twisted.internet.defer import (
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from tagd.delivery import Route
+from tagd.delivery import EXPIRED, Route, expired
 from tagd.destinations import Describing, Outcome, OutgoingRequest, Verdict
 from tagd.events import Event
 from tagd.metrics import Metrics
 
 log = Logger()
 
-DAY = 86400.0
-# How old an event a platform still takes, by destination type (PLATFORMS.md).  Meta and
-# TikTok refuse a whole request for one event older than this, so such events must never
-# reach a batch.  A platform fact, the same for every destination of a type, hence one
-# table here; a type that is absent (webhook, log) takes events of any age.
-MAX_EVENT_AGE: Mapping[str, float] = MappingProxyType(
-    {
-        "meta": 7 * DAY,
-        "ga4": 72 * 3600.0,
-        "tiktok": 7 * DAY,  # unconfirmed: TikTok's documentation gives no figure
-    }
-)
-# An event this close to its platform's limit is expired too: it could cross the limit
-# while the request travels, or by the difference between our clock and the platform's.
-AGE_MARGIN = 60.0
 # The shortest pause a throttle causes, even when Retry-After says 0 or a past date.
 MIN_PAUSE = 1.0
 # 2 ** 64 backoff bases are far beyond any cap; a larger exponent would overflow a float.
 MAX_EXPONENT = 64
-# Outcomes that are not a platform's answer but a row's end.
-EXPIRED = "expired"
+# An outcome that is not a platform's answer but a row's end (like EXPIRED).
 DEAD = "dead"
 
 _DELAY_SECONDS = re.compile(r"[0-9]+")
@@ -306,12 +289,12 @@ class Dispatcher(Service):
             await self._deliver(lane, fresh)
 
     async def _expire(self, lane: _Lane, rows: Sequence[Lease]) -> list[Lease]:
-        """The rows the platform still takes; the others are expired, never sent."""
-        window = MAX_EVENT_AGE.get(lane.route.destination.type)
-        if window is None:
-            return list(rows)
-        oldest = self._reactor.seconds() - window + AGE_MARGIN
-        stale = [row for row in rows if row.event.event_time < oldest]
+        """The rows the platform still takes; the others are expired (L{expired}), never sent."""
+        now = self._reactor.seconds()
+        fresh: list[Lease] = []
+        stale: list[Lease] = []
+        for row in rows:
+            (stale if expired(lane.route.destination, row.event, now) else fresh).append(row)
         if stale:
             await self._spool.expire(lane.name, _keys(stale))
             self._count(lane, EXPIRED, len(stale))
@@ -320,7 +303,7 @@ class Dispatcher(Service):
                 destination=lane.name,
                 count=len(stale),
             )
-        return [row for row in rows if row.event.event_time >= oldest]
+        return fresh
 
     async def _deliver(self, lane: _Lane, rows: Sequence[Lease]) -> None:
         """Encode C{rows} and send every request; rows no request carries are dead."""
@@ -336,15 +319,14 @@ class Dispatcher(Service):
             )
             await self._bisect(lane, rows, f"{destination.type} cannot encode this event")
             return
-        unsent: dict[str, list[Lease]] = {}
-        for row in rows:
-            unsent.setdefault(row.event.event_id, []).append(row)
+        # Each request settles the rows at its positions: by event id, two visitors' events
+        # that share one (GA4 sends each visitor apart) would be settled by one request.
         sends = []
         for request in requests:
-            carried = [row for event_id in request.event_ids for row in unsent.pop(event_id, ())]
-            if carried:
-                sends.append(ensureDeferred(self._send(lane, request, carried)))
-        skipped = [row for group in unsent.values() for row in group]
+            carried = [rows[position] for position in request.positions]
+            sends.append(ensureDeferred(self._send(lane, request, carried)))
+        sent = {position for request in requests for position in request.positions}
+        skipped = [row for position, row in enumerate(rows) if position not in sent]
         if skipped:
             reason = f"{destination.type} cannot send this event: an identifier it requires is missing"
             await self._dead(lane, skipped, reason)

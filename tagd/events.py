@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import attrs
 
@@ -48,6 +48,7 @@ USER_DATA_KEYS = frozenset(
 )
 _HEADER_KEYS = frozenset({"event_name", "event_id", "event_time", "custom_data", "contents", "user_data"})
 _CONTENT_KEYS = {"id": str, "quantity": int, "item_price": float, "title": str, "category": str}
+_CURRENCY = re.compile(r"[A-Za-z]{3}")
 
 
 class TrackingHeaderError(ValueError):
@@ -107,6 +108,56 @@ def _number(value: Any, where: str) -> float | int:
     return value
 
 
+def _identifier(value: Any, where: str) -> str:
+    """An id as the text the platforms define it to be: shops often write numeric ids,
+    which become the same digits."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise TrackingHeaderError(f"{where} must be a string or a whole number")
+    return _string(value, where)
+
+
+def _currency(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _CURRENCY.fullmatch(value):
+        raise TrackingHeaderError(f"{where} must be a currency code of 3 letters")
+    return value
+
+
+def _count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TrackingHeaderError(f"{where} must be a whole number of at least 0")
+    return value
+
+
+def _text(value: Any, where: str) -> str:
+    """A text parameter, which may be empty (a search for nothing is still a search)."""
+    return value if value == "" else _string(value, where)
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or len(value) > MAX_CONTENTS:
+        raise TrackingHeaderError(f"{where} must be a list of at most {MAX_CONTENTS} strings")
+    return [_string(item, f"{where}[]") for item in value]
+
+
+# The custom_data parameters that Meta and TikTok define, with the type each requires.
+# Meta refuses a request over one wrongly typed parameter (error 100), which would
+# dead-letter the event long after the page was served; refused here, it is counted and
+# logged as the malformed header it is, where the shop looks for such mistakes.
+_CUSTOM_DATA_FIELDS: dict[str, Callable[[Any, str], Any]] = {
+    "value": _number,
+    "currency": _currency,
+    "order_id": _identifier,
+    "content_ids": _strings,
+    "num_items": _count,
+    "search_string": _text,
+    "content_name": _text,
+    "content_category": _text,
+    "content_type": _text,
+}
+
+
 def _json_value(value: Any, where: str, depth: int = 0) -> Any:
     """Custom data: JSON values of bounded depth, strings of bounded length."""
     if depth > 3:
@@ -134,9 +185,9 @@ def _content(value: Any, index: int) -> dict[str, Any]:
         kind = _CONTENT_KEYS.get(key)
         if kind is None:
             raise TrackingHeaderError(f"{where} has an unknown key")
-        if key == "id" and isinstance(raw, int) and not isinstance(raw, bool):
-            raw = str(raw)  # Shops often write numeric product ids.
-        if kind is str:
+        if key == "id":
+            item[key] = _identifier(raw, f"{where}.{key}")
+        elif kind is str:
             item[key] = _string(raw, f"{where}.{key}")
         elif kind is int:
             if isinstance(raw, bool) or not isinstance(raw, int) or not 0 < raw <= 1_000_000:
@@ -147,6 +198,19 @@ def _content(value: Any, index: int) -> dict[str, Any]:
     if "id" not in item:
         raise TrackingHeaderError(f"{where}.id is missing")
     return item
+
+
+def _custom_data(value: Any) -> dict[str, Any]:
+    """The custom data: its well-known parameters of their platform type, any other key a
+    bounded JSON value (see L{_json_value}).  Only the well-known names, which are tagd's
+    own, appear in a reason."""
+    if not isinstance(value, dict):
+        raise TrackingHeaderError("custom_data must be an object")
+    result = {}
+    for key, raw in value.items():
+        check = _CUSTOM_DATA_FIELDS.get(key)
+        result[key] = check(raw, f"custom_data.{key}") if check else _json_value(raw, "custom_data", 1)
+    return result
 
 
 def _user_data(value: Any) -> dict[str, tuple[str, ...]]:
@@ -180,9 +244,6 @@ def _event_spec(value: Any, index: int) -> EventSpec:
         isinstance(event_time, bool) or not isinstance(event_time, int) or event_time <= 0
     ):
         raise TrackingHeaderError("event_time must be Unix seconds, a positive whole number")
-    custom_data = value.get("custom_data", {})
-    if not isinstance(custom_data, dict):
-        raise TrackingHeaderError("custom_data must be an object")
     contents = value.get("contents", [])
     if not isinstance(contents, list) or len(contents) > MAX_CONTENTS:
         raise TrackingHeaderError(f"contents must be a list of at most {MAX_CONTENTS} objects")
@@ -190,7 +251,7 @@ def _event_spec(value: Any, index: int) -> EventSpec:
         event_name=name,
         event_id=event_id,
         event_time=event_time,
-        custom_data=_json_value(custom_data, "custom_data"),
+        custom_data=_custom_data(value.get("custom_data", {})),
         contents=tuple(_content(c, i) for i, c in enumerate(contents)),
         user_data=_user_data(value.get("user_data", {})),
     )

@@ -6,7 +6,9 @@ documented rules are followed exactly (see PLATFORMS.md).  Every function here i
 
 Shared rules, for every platform and field:
   - a value that already is 64 hexadecimal characters is a SHA-256 the origin computed
-    itself: it is passed on lower-cased and never hashed a second time;
+    itself: it is passed on lower-cased and never hashed a second time, to every
+    platform alike (so a pre-hashed C{ph} can match only one platform's rule: Meta's,
+    digits without "+", is the one the README asks for; TikTok's E.164 keeps the "+");
   - a value that is empty after normalisation says nothing and is dropped;
   - several values for one field stay several values, duplicates removed, order kept.
 
@@ -168,7 +170,7 @@ _TIKTOK: dict[str, tuple[str, Normaliser]] = {
 }
 
 
-def hashed_values(values: Iterable[str], normalise: Normaliser) -> list[str]:
+def _hashed_values(values: Iterable[str], normalise: Normaliser) -> list[str]:
     """Each value normalised then hashed (or passed on if already hashed), empties dropped,
     duplicates removed with the first occurrence's order kept."""
     result: dict[str, None] = {}
@@ -180,29 +182,16 @@ def hashed_values(values: Iterable[str], normalise: Normaliser) -> list[str]:
     return list(result)
 
 
-def normalise_meta(field: str, value: str) -> str | None:
-    """The text Meta expects to be hashed for C{field}, or C{None} when nothing is left.
-
-    Already-hashed values are not special-cased here: use L{meta_user_data}.
-    """
-    return _META[field](value)
-
-
 def meta_user_data(user_data: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
     """Meta's hashed C{user_data} fields: key to list of SHA-256 hex, empty fields left out.
+
+    Receivers with no rules of their own (the webhook) get these too: a shop's warehouse
+    can then join its rows with what Meta matched, on the very same hashes.
 
     Keys Meta does not hash (IP, user agent, fbp, fbc) are not read from here at all;
     unknown keys are ignored rather than sent raw.
     """
-    fields = {key: hashed_values(user_data.get(key, ()), _META[key]) for key in _META}
-    return {key: hashes for key, hashes in fields.items() if hashes}
-
-
-def hashed_user_data(user_data: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
-    """Every field hashed after the generic normalisation (NFC, trimmed, lower-cased), for
-    receivers with no rules of their own (a shop's webhook, the dry-run log): the origin's
-    raw values never leave tagd.  A field left with no value is left out."""
-    fields = {key: hashed_values(values, _text) for key, values in user_data.items()}
+    fields = {key: _hashed_values(user_data.get(key, ()), _META[key]) for key in _META}
     return {key: hashes for key, hashes in fields.items() if hashes}
 
 
@@ -210,7 +199,7 @@ def tiktok_user_fields(user_data: Mapping[str, Iterable[str]]) -> dict[str, list
     """TikTok's hashed C{user} fields (C{email}, C{phone}, C{external_id}) from Meta-named
     user data: key to list of SHA-256 hex, empty fields left out."""
     fields = {
-        name: hashed_values(user_data.get(source, ()), normalise)
+        name: _hashed_values(user_data.get(source, ()), normalise)
         for name, (source, normalise) in _TIKTOK.items()
     }
     return {name: hashes for name, hashes in fields.items() if hashes}

@@ -43,10 +43,10 @@ def assert_batches(
     requests: Sequence[OutgoingRequest], events: Sequence[Event], sizes: list[int], key: str = "data"
 ) -> None:
     """C{requests} carry C{events} in batches of C{sizes}, in order, both in their
-    C{event_ids} and in their bodies' C{key} array."""
+    C{positions} and in their bodies' C{key} array."""
     assert [len(body(r)[key]) for r in requests] == sizes
+    assert [p for r in requests for p in r.positions] == list(range(len(events)))
     ids = [e.event_id for e in events]
-    assert [i for r in requests for i in r.event_ids] == ids
     assert [record["event_id"] for r in requests for record in body(r)[key]] == ids
 
 

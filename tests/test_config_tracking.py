@@ -110,3 +110,28 @@ def test_destinations_built_with_defaults(load):
     assert "EAAB-secret-token" not in repr(config)
     assert meta.destination.max_batch == 1000
     assert ga4.destination.max_batch == 25
+
+
+# Tables that would load but for their last key, whose value would fail every send:
+# (the table's other keys, the key, its value).
+UNUSABLE = [
+    ('type = "meta"\npixel_id = "1234"\naccess_token = "t"', "endpoint", "graph.facebook.com"),
+    ('type = "meta"\npixel_id = "1234"\naccess_token = "t"', "endpoint", "ftp://graph.facebook.com"),
+    ('type = "meta"\naccess_token = "t"', "pixel_id", "1/../1234"),
+    ('type = "meta"\npixel_id = "1234"\naccess_token = "t"', "api_version", "latest"),
+    ('type = "tiktok"\naccess_token = "t"', "pixel_code", "C-1234"),
+    ('type = "tiktok"\npixel_code = "C1234"\naccess_token = "t"', "endpoint", "business-api.tiktok.com"),
+    ('type = "ga4"\nmeasurement_id = "G-1"\napi_secret = "s"', "endpoint", "https://ga.example/?x=1"),
+    ('type = "webhook"', "url", "warehouse.example/events"),
+]
+
+
+@pytest.mark.parametrize(("table", "key", "value"), UNUSABLE)
+def test_unusable_destination_values_stop_start_up(load, table, key, value):
+    """A URL, id or version that would fail every send is refused when the file is
+    loaded, in one line naming the key of the very table (here the second), and never
+    quoting the value (it may carry a credential, or be a token in the wrong key)."""
+    error = error_of(load, f'{META}[[destinations]]\nname = "second"\n{table}\n{key} = "{value}"\n')
+    assert error.key == f"destinations[1].{key}"
+    assert str(error).startswith(f"tagd: configuration error in {error.path}: destinations[1].{key}: ")
+    assert value not in str(error)

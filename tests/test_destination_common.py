@@ -86,6 +86,8 @@ def test_request_timeout_is_transient(kind, answer):
         ("ga4", "api_secret", "''"),
         ("webhook", "url", "'ftp://warehouse.example/x'"),
         ("webhook", "headers", "{ Content-Type = 'text/plain' }"),
+        ("log", "platforms", "['meta', 'bing']"),
+        ("log", "platforms", "'meta'"),
     ],
 )
 def test_bad_setting_reported_under_its_key(kind, key, value):
@@ -100,12 +102,71 @@ def test_bad_setting_reported_under_its_key(kind, key, value):
     assert not raised.value.reason.startswith(key)
 
 
+# The key holding each sending destination's URL.
+URL_KEYS = {"meta": "endpoint", "ga4": "endpoint", "tiktok": "endpoint", "webhook": "url"}
+BASE_URL_KINDS = [kind for kind, key in URL_KEYS.items() if key == "endpoint"]
+
+
+@pytest.mark.parametrize("kind", SENDING)
+@pytest.mark.parametrize(
+    "url",
+    [
+        "graph.example",  # no scheme: read as a path
+        "//graph.example/v1",
+        "ftp://graph.example",
+        "https://",
+        "https://graph.example:99999",
+        "https://graph.example:https",
+        "https://graph.example /v1",
+        "https://graph.example\n",
+        "https://graph.example\t/x",
+    ],
+)
+def test_unusable_urls_refused_at_start_up(kind, url):
+    """Every destination refuses a URL it could never send to, under its key, with a
+    reason that does not quote the URL (it may carry a credential)."""
+    key = URL_KEYS[kind]
+    with pytest.raises(ValueError) as raised:
+        destination_module(kind).build(kind, REQUIRED[kind] | {key: url})
+    assert str(raised.value).startswith(f"{key}: ")
+    assert "graph.example" not in str(raised.value)
+
+
+@pytest.mark.parametrize("kind", BASE_URL_KINDS)
+@pytest.mark.parametrize(
+    "url",
+    ["https://user:pw@graph.example", "https://graph.example/?a=1", "https://graph.example/#v1", "https://graph.example?"],
+)
+def test_endpoint_is_a_base_url(kind, url):
+    """A platform's endpoint is a base that tagd appends a path to and logs: user info
+    (a password in every log line), a query or a fragment (which would swallow the path)
+    are refused."""
+    with pytest.raises(ValueError, match="^endpoint: must be a base URL"):
+        destination_module(kind).build(kind, REQUIRED[kind] | {"endpoint": url})
+
+
+@pytest.mark.parametrize("kind", BASE_URL_KINDS)
+@pytest.mark.parametrize(
+    ("url", "endpoint"),
+    [
+        ("http://127.0.0.1:9001/", "http://127.0.0.1:9001"),
+        ("https://proxy.example/meta/", "https://proxy.example/meta"),
+        ("http://[2001:db8::5]:8443", "http://[2001:db8::5]:8443"),
+    ],
+)
+def test_endpoint_accepted_without_trailing_slash(kind, url, endpoint):
+    """Any http(s) base URL works, with a port, an IPv6 host or a path prefix (a proxy);
+    its trailing slash goes, since the platform's path is appended to it."""
+    assert destination_module(kind).build(kind, REQUIRED[kind] | {"endpoint": url}).endpoint == endpoint
+
+
 @pytest.mark.parametrize("kind", DESTINATION_TYPES)
 def test_only_the_log_describes(kind):
     """The sender logs, in place of sending, for exactly the destinations that are
-    L{Describing}: the dry run, whose C{encode} has nothing to send."""
+    L{Describing}: the dry run, whose C{encode} has nothing to send and which describes
+    an event in one line per platform (Meta, GA4, TikTok by default)."""
     dest = destination(kind)
     assert isinstance(dest, Describing) is (kind == "log")
     if isinstance(dest, Describing):
         assert dest.encode([make_event()]) == []
-        assert len(dest.describe([make_event()])) == 1
+        assert len(dest.describe([make_event()])) == 3

@@ -121,7 +121,7 @@ def test_request_url_headers_and_body():
     assert request.log_url == "https://graph.facebook.com/v24.0/1234/events"
     assert request.method == "POST"
     assert request.headers == {"Content-Type": "application/json"}
-    assert request.event_ids == ("ev-1", "ev-2")
+    assert request.positions == (0, 1)
     assert body(request) == {"data": [destination().payload(event(1)), destination().payload(event(2))]}
 
 
@@ -146,7 +146,7 @@ def test_batches_of_at_most_1000(count, sizes):
 def test_smaller_batch_setting():
     """C{max_batch} splits at the configured size; no events means no request."""
     requests = destination(max_batch=2).encode([event(n) for n in range(5)])
-    assert [r.event_ids for r in requests] == [("ev-0", "ev-1"), ("ev-2", "ev-3"), ("ev-4",)]
+    assert [r.positions for r in requests] == [(0, 1), (2, 3), (4,)]
     assert destination().encode([]) == []
 
 
@@ -155,6 +155,31 @@ def test_batch_setting_out_of_range_refused(size):
     """A batch size Meta would refuse every time (or no batch at all) stops start-up."""
     with pytest.raises(ValueError, match="^max_batch: "):
         destination(max_batch=size)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("pixel_id", "1/../x"),
+        ("pixel_id", "12 34"),
+        ("pixel_id", "act_1234"),
+        ("pixel_id", "\uff11\uff12"),  # fullwidth digits are no URL path Meta knows
+        ("pixel_id", ""),
+        ("api_version", "24.0"),
+        ("api_version", "v24"),
+        ("api_version", "V24.0"),
+        ("api_version", "v24.0/"),
+        ("api_version", "latest"),
+    ],
+)
+def test_ids_pasted_into_the_url_are_checked(key, value):
+    """The pixel id and the API version are path segments of every request's URL: a
+    value that is not digits, or not C{v<major>.<minor>}, stops start-up under its key
+    with a reason that is the same whatever the value, which is never quoted (it could be
+    a token pasted into the wrong key)."""
+    with pytest.raises(ValueError) as raised:
+        destination(**{key: value})
+    assert str(raised.value) == f"{key}: must be {meta.FORMATS[key][1]}"
 
 
 def test_event_names_unchanged_by_default():

@@ -78,7 +78,7 @@ def test_request_url_headers_and_body():
     assert request.log_url == request.url
     assert request.method == "POST"
     assert request.headers == {"Access-Token": TOKEN, "Content-Type": "application/json"}
-    assert request.event_ids == ("ev-1", "ev-2")
+    assert request.positions == (0, 1)
     document = body(request)
     assert document == {
         "event_source": "web",
@@ -105,7 +105,7 @@ def test_batches_at_default_limit(count, sizes):
 def test_batch_size_is_a_setting():
     """TikTok's limit is unconfirmed, so the size is a setting, smaller or larger."""
     requests = destination(max_batch=3).encode([event(n) for n in range(7)])
-    assert [len(r.event_ids) for r in requests] == [3, 3, 1]
+    assert [r.positions for r in requests] == [(0, 1, 2), (3, 4, 5), (6,)]
     assert len(destination(max_batch=2000).encode([event(n) for n in range(1500)])) == 1
     with pytest.raises(ValueError, match="^max_batch: "):
         destination(max_batch=0)
@@ -193,6 +193,16 @@ def test_module_payload_is_the_destination_payload():
     lead = event(event_name="Lead")
     assert tiktok.payload(lead, {"Lead": "Contact"}, True) == dest.payload(lead)
     assert tiktok.payload(lead) == destination().payload(lead)
+
+
+@pytest.mark.parametrize("code", ["C-123", "C123 ", "C123/x", ""])
+def test_pixel_code_is_letters_and_digits(code):
+    """TikTok's pixel codes are letters and digits: anything else would be refused with
+    every request, so it stops start-up, naming the key, with a reason that never quotes
+    the value."""
+    with pytest.raises(ValueError) as raised:
+        destination(pixel_code=code)
+    assert str(raised.value) == f"pixel_code: must be {tiktok.FORMATS['pixel_code'][1]}"
 
 
 def test_build_defaults_and_contract():

@@ -10,7 +10,7 @@ import pytest
 from destination_helpers import assert_batches, h
 from fakes import make_event
 from tagd.destinations import Outcome
-from tagd.destinations import webhook
+from tagd.destinations import meta, webhook
 from tagd.events import Event
 
 TOKEN = "Bearer wh-secret-token-0123456789"
@@ -45,22 +45,42 @@ def test_body_has_every_event_field():
     assert record["fbp"] == event.fbp and record["ga_client_id"] == event.ga_client_id
     assert record["custom_data"] == {"currency": "EUR", "value": 25.0, "order_id": "A-1001"}
     assert record["contents"] == [dict(event.contents[0])]
-    assert request.event_ids == ("evt-1",)
+    assert request.positions == (0,)
 
 
 def test_user_data_hashed():
-    """user_data values are SHA-256 of the trimmed lower-case value; digests are not
-    hashed again, only lower-cased."""
+    """user_data values are normalised field by field as for Meta, then SHA-256 hashed;
+    digests are not hashed again, only lower-cased."""
     digest = h("someone@example.com")
-    user_data = {"em": (" Joe@Example.COM", digest.upper()), "external_id": ("Customer-77",)}
+    user_data = {
+        "em": (" Joe@Example.COM", digest.upper()),
+        "ph": ("+49 (0)170 123-4567",),
+        "fn": ("O'Brien",),
+        "external_id": ("Customer-77",),
+    }
     event = make_event(user_data=user_data)
     (request,) = destination().encode([event])
     (record,) = json.loads(request.body)["events"]
     assert record["user_data"] == {
         "em": [h("joe@example.com"), digest],
+        "ph": [h("491701234567")],
+        "fn": [h("obrien")],
         "external_id": [h("customer-77")],
     }
-    assert b"Joe@Example" not in request.body
+    assert b"Joe@Example" not in request.body and b"(0)170" not in request.body
+
+
+def test_user_data_hashes_join_with_meta():
+    """The webhook's hashes are the very ones Meta gets for the same event, so that a
+    warehouse can join its rows with Meta's matches, whatever spelling the origin used."""
+    event = make_event(
+        user_data={"em": ("Jane@Example.com ",), "ph": ("+49 170 1234567",), "ct": ("São Paulo",),
+                   "db": ("31.01.1990",), "country": (" DE ",)}  # fmt: skip
+    )
+    (request,) = destination().encode([event])
+    (record,) = json.loads(request.body)["events"]
+    sent_to_meta = meta.payload(event)["user_data"]
+    assert record["user_data"] == {key: sent_to_meta[key] for key in event.user_data}
 
 
 def test_headers_sent():

@@ -4,7 +4,8 @@ later, expired or dead-lettered, and nothing leased is left in flight.
 Most tests run the real reactor against the fake platforms on loopback, with short poll
 and backoff intervals.  The tests of time itself (backoff ceilings, Retry-After pauses)
 use a L{Clock} as the reactor and C{StubTreq} in place of the network, because a clock
-that only moves when told cannot drive real sockets.
+that only moves when told cannot drive real sockets.  What the dispatcher shares with
+the direct fallback (the age windows, the platforms' client) is tested here too.
 """
 
 from __future__ import annotations
@@ -19,19 +20,22 @@ from email.utils import formatdate
 import attrs
 import pytest
 import pytest_twisted
+import treq
+from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet import reactor as _global_reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
 from conftest import eventually, sleep, within
 from fakes import DAY, FakeGA4, FakeMeta, FakeTikTok, make_event, serve
 from helpers import free_port
-from tagd.delivery import Route
+from tagd.delivery import DirectDelivery, Route, http_client
 from tagd.destinations import ga4, log, meta, tiktok, webhook
 from tagd.dispatcher import Dispatcher, retry_after
 from tagd.events import Event
@@ -445,6 +449,49 @@ async def test_events_a_destination_cannot_encode_are_dead(serving, dispatch, sp
     assert delivered(metrics, "ga4", "dead") == 1
 
 
+VISITOR_A, VISITOR_B = "111.1706540400", "222.1706540400"
+
+
+@pytest_twisted.ensureDeferred
+async def test_visitors_sharing_an_event_id_are_each_delivered(serving, dispatch, spool, metrics):
+    """Two visitors' events with one id (a shop's product id as the event id) make two
+    GA4 requests from one lease: both are sent, each settling its own row."""
+    served = serving(FakeGA4())
+    spool.add("ga4", [make_event(event_id="sku-9", ga_client_id=c) for c in (VISITOR_A, VISITOR_B)])
+    dispatch(ga4_route(served))
+
+    await eventually(lambda: settled(spool, "ga4"))
+    assert [row.state for row in spool.rows.values()] == ["done", "done"]
+    assert sorted(r.body["client_id"] for r in served.fake.requests) == [VISITOR_A, VISITOR_B]
+    assert len(served.fake.events) == 2 and served.fake.violations == []
+    assert delivered(metrics, "ga4", "success") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_settles_exactly_the_rows_it_carries(serving, dispatch, spool, metrics):
+    """Rows 1 and 3 are visitor A's, row 2 visitor B's, rows 2 and 3 share an id: when
+    A's request fails and B's succeeds, rows 1 and 3 are retried and row 2 is done,
+    though B's row comes first with the shared id."""
+    served = serving(FakeGA4())
+    served.fake.inject(1, status=503)
+    spool.add("ga4", [
+        make_event(event_id="view", ga_client_id=VISITOR_A),
+        make_event(event_id="sku-9", ga_client_id=VISITOR_B),
+        make_event(event_id="sku-9", ga_client_id=VISITOR_A),
+    ])  # fmt: skip
+    # One request at a time, A's first; retries far beyond the test.
+    dispatch(ga4_route(served), concurrency=1, backoff_base=60.0, rand=Ceilings())
+
+    await eventually(lambda: [row.state for row in spool.rows.values()] == ["pending", "done", "pending"])
+    assert [row.attempts for row in spool.rows.values()] == [1, 0, 1]
+    assert [(r.body["client_id"], len(r.body["events"])) for r in served.fake.requests] == [
+        (VISITOR_A, 2),
+        (VISITOR_B, 1),
+    ]
+    assert delivered(metrics, "ga4", "transient") == 2
+    assert delivered(metrics, "ga4", "success") == 1
+
+
 def ga4_clients(count: int) -> list[Event]:
     """Events of C{count} different visitors: one GA4 request each, from one lease."""
     return [make_event(event_id=f"v-{i}", ga_client_id=f"{i}.1706540400") for i in range(count)]
@@ -490,6 +537,62 @@ async def test_stop_cancels_requests_and_releases_rows(serving, dispatch, spool,
     assert spool.retries == []
     assert len(served.fake.requests) == 1
     assert delivered(metrics, "ga4", "transient") == 0
+
+
+# -- shared with the direct fallback -----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_direct_delivery_expires_events_as_the_dispatcher_does(serving, reactor, http, metrics):
+    """Without the spool, events past a platform's window (less the margin) are counted
+    as expired and never sent, by the dispatcher's rule: Meta takes the event 30 s short
+    of GA4's 72 hours, GA4 does not, neither takes the one 8 days old, the log takes all."""
+    meta_served, ga4_served = serving(ObservedMeta()), serving(FakeGA4())
+    now = int(time.time())
+    times = {"fresh": now - 3600, "ga4-edge": now - 72 * 3600 + 30, "old": now - 8 * DAY}
+    batch = [make_event(event_id=event_id, event_time=t) for event_id, t in times.items()]
+    routes = [meta_route(meta_served), ga4_route(ga4_served), Route(log.build("dry", {}), 1.0)]
+    delivery = DirectDelivery(reactor=reactor, routes=routes, http=http, metrics=metrics)
+
+    await within(delivery.submit(batch))
+    assert [e["event_id"] for e in meta_served.fake.events] == ["fresh", "ga4-edge"]
+    assert [e["timestamp_micros"] for e in ga4_served.fake.events] == [times["fresh"] * 1_000_000]
+    assert meta_served.fake.violations == ga4_served.fake.violations == []
+    counts = {
+        (name, outcome): delivered(metrics, name, outcome)
+        for name in ("meta", "ga4", "dry")
+        for outcome in ("success", "expired")
+    }
+    assert counts == {
+        ("meta", "success"): 2, ("meta", "expired"): 1,
+        ("ga4", "success"): 1, ("ga4", "expired"): 2,
+        ("dry", "success"): 3, ("dry", "expired"): 0,
+    }  # fmt: skip
+
+
+@pytest_twisted.ensureDeferred
+async def test_platform_connections_log_no_factory_lines(serving, reactor, log_events):
+    """A connection of tagd's platform client opens and closes without Twisted's
+    "Starting factory" and "Stopping factory" lines; a stock pool beside it logs both,
+    which shows that the lines would be seen."""
+    quiet_served, stock_served = serving(FakeGA4()), serving(FakeGA4())
+    quiet, quiet_pool = http_client(reactor)
+    stock_pool = HTTPConnectionPool(reactor)
+    stock = HTTPClient(Agent(reactor, pool=stock_pool))
+    for client, served in ((quiet, quiet_served), (stock, stock_served)):
+        response = await within(client.post(served.base + "/mp/collect", data=b"{}"))
+        await within(treq.content(response))
+    await within(quiet_pool.closeCachedConnections())
+    await within(stock_pool.closeCachedConnections())
+
+    def factory_lines(served) -> list[str]:
+        """The factory lines of connections to C{served}, by their endpoint's port."""
+        lines = [formatEvent(event) for event in log_events]
+        port = f":{served.port.getHost().port}>"
+        return [line.split(" ")[0] for line in lines if "factory" in line and port in line]
+
+    await eventually(lambda: factory_lines(stock_served) == ["Starting", "Stopping"])
+    assert factory_lines(quiet_served) == []
 
 
 # -- on a clock ------------------------------------------------------------------------------

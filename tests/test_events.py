@@ -102,6 +102,25 @@ def test_custom_data_passes_json_values_through():
     assert parse({"event_name": "Purchase", "custom_data": custom})[0].custom_data == custom
 
 
+def test_well_known_custom_data_of_the_platforms_types_is_accepted():
+    """The parameters Meta and TikTok define pass with the type they require: a number
+    for C{value} (whole or not), a 3-letter currency in either case, an order id as text,
+    a list of ids (even empty), a count from 0 and text parameters (even empty)."""
+    custom = {"value": 0, "currency": "eur", "order_id": "A-1", "content_ids": [], "num_items": 0,
+              "search_string": "", "content_name": "Blue mug", "content_category": "Kitchen",
+              "content_type": "product_group"}  # fmt: skip
+    assert parse({"event_name": "Purchase", "custom_data": custom})[0].custom_data == custom
+    [spec] = parse({"event_name": "Purchase", "custom_data": {"value": 12.5, "content_ids": ["1", "2"]}})
+    assert spec.custom_data == {"value": 12.5, "content_ids": ["1", "2"]}
+
+
+def test_a_numeric_order_id_becomes_a_string():
+    """An order id written as a number becomes the same digits as text, as the platforms
+    define it (and as numeric product ids in contents do)."""
+    [spec] = parse({"event_name": "Purchase", "custom_data": {"order_id": 1001}})
+    assert spec.custom_data == {"order_id": "1001"}
+
+
 def test_the_size_cap_is_inclusive_and_configurable():
     """A value of exactly C{max_bytes} is read; one byte more is refused, naming the cap."""
     value = b'{"event_name":"PageView"}'
@@ -155,6 +174,30 @@ MALFORMED = {
     "custom data Infinity": (b'{"event_name": "Purchase", "custom_data": {"value": -Infinity}}', "finite number"),
     "custom data string too long": ({**EVENT, "custom_data": {"note": "x" * 501}}, "custom_data must be 1 to 500"),
     "custom data too deep": ({**EVENT, "custom_data": {"a": {"b": {"c": {"d": {"e": 1}}}}}}, "nested too deeply"),
+    "value a numeric string": ({**EVENT, "custom_data": {"value": "42.50"}}, "custom_data.value must be a finite number"),
+    "value the string NaN": ({**EVENT, "custom_data": {"value": "NaN"}}, "custom_data.value must be a finite number"),
+    "value NaN": (b'{"event_name": "Purchase", "custom_data": {"value": NaN}}', "custom_data.value must be a finite number"),
+    "value a boolean": ({**EVENT, "custom_data": {"value": True}}, "custom_data.value must be a finite number"),
+    "value null": ({**EVENT, "custom_data": {"value": None}}, "custom_data.value must be a finite number"),
+    "currency a symbol": ({**EVENT, "custom_data": {"currency": "\u20ac"}}, "custom_data.currency must be a currency code of 3"),
+    "currency a name": ({**EVENT, "custom_data": {"currency": "euro"}}, "custom_data.currency must be a currency code of 3"),
+    "currency digits": ({**EVENT, "custom_data": {"currency": "978"}}, "custom_data.currency must be a currency code of 3"),
+    "currency a number": ({**EVENT, "custom_data": {"currency": 978}}, "custom_data.currency must be a currency code of 3"),
+    "order id a float": ({**EVENT, "custom_data": {"order_id": 10.5}}, "custom_data.order_id must be a string or a whole number"),
+    "order id a boolean": ({**EVENT, "custom_data": {"order_id": True}}, "custom_data.order_id must be a string or a whole"),
+    "order id a list": ({**EVENT, "custom_data": {"order_id": ["1"]}}, "custom_data.order_id must be a string or a whole"),
+    "order id empty": ({**EVENT, "custom_data": {"order_id": ""}}, "custom_data.order_id must be 1 to 500"),
+    "content ids a string": ({**EVENT, "custom_data": {"content_ids": "sku-1"}}, "custom_data.content_ids must be a list"),
+    "content ids numbers": ({**EVENT, "custom_data": {"content_ids": [1, 2]}}, "custom_data.content_ids[] must be a string"),
+    "content ids too many": ({**EVENT, "custom_data": {"content_ids": ["1"] * 101}}, "content_ids must be a list of at most 100"),
+    "num items negative": ({**EVENT, "custom_data": {"num_items": -1}}, "custom_data.num_items must be a whole number"),
+    "num items a float": ({**EVENT, "custom_data": {"num_items": 2.0}}, "custom_data.num_items must be a whole number"),
+    "num items a string": ({**EVENT, "custom_data": {"num_items": "2"}}, "custom_data.num_items must be a whole number"),
+    "search string a number": ({**EVENT, "custom_data": {"search_string": 42}}, "custom_data.search_string must be a string"),
+    "content name a list": ({**EVENT, "custom_data": {"content_name": ["mug"]}}, "custom_data.content_name must be a string"),
+    "content category null": ({**EVENT, "custom_data": {"content_category": None}}, "custom_data.content_category must be"),
+    "content type an object": ({**EVENT, "custom_data": {"content_type": {}}}, "custom_data.content_type must be a string"),
+    "content type too long": ({**EVENT, "custom_data": {"content_type": "x" * 501}}, "custom_data.content_type must be 1 to 500"),
     "contents an object": ({**EVENT, "contents": {"id": "1"}}, "contents must be a list"),
     "too many contents": ({**EVENT, "contents": [{"id": "1"}] * 101}, "contents must be a list of at most 100"),
     "content a string": ({**EVENT, "contents": ["sku-1"]}, "contents[0] must be an object"),
@@ -206,6 +249,17 @@ def test_reasons_never_quote_personal_values(user_data):
         parse({**EVENT, "user_data": user_data})
     message = str(refused.value)
     assert "secret.example" not in message and "1234567" not in message and "xxxx" not in message
+
+
+def test_reasons_about_custom_data_never_quote_its_values():
+    """A reason about a well-known custom_data parameter names the parameter, never what
+    the origin wrote in it (an order id or a search can be personal)."""
+    for custom in ({"value": "NaN-secret"}, {"order_id": ["secret-order"]}, {"search_string": ["secret"]},
+                   {"content_ids": ["ok", 7], "currency": "secret"}):  # fmt: skip
+        with pytest.raises(TrackingHeaderError) as refused:
+            parse({**EVENT, "custom_data": custom})
+        assert "secret" not in str(refused.value)
+        assert str(refused.value).startswith(f"custom_data.{next(iter(custom))}")
 
 
 def test_one_bad_event_refuses_the_whole_header():
@@ -287,13 +341,32 @@ def test_json_values_raise_nothing_but_tracking_header_error(value, ensure_ascii
 
 
 _finite = st.floats(allow_nan=False, allow_infinity=False)
+# custom_data keys that must be of the platforms' types; other keys take any scalar.
+WELL_KNOWN = {"value", "currency", "order_id", "content_ids", "num_items", "search_string", "content_name",
+              "content_category", "content_type"}  # fmt: skip
+well_known_custom_data = st.fixed_dictionaries(
+    {},
+    optional={
+        "value": st.integers(-(10**9), 10**9) | _finite,
+        "currency": st.from_regex(r"[A-Za-z]{3}", fullmatch=True),
+        "order_id": st.text(min_size=1, max_size=20),
+        "content_ids": st.lists(st.text(min_size=1, max_size=10), max_size=5),
+        "num_items": st.integers(0, 10**6),
+        "search_string": st.text(max_size=50),
+        "content_type": st.text(max_size=20),
+    },
+)
+other_custom_data = st.dictionaries(
+    st.text(max_size=10).filter(lambda key: key not in WELL_KNOWN),
+    st.none() | st.booleans() | st.integers() | _finite | st.text(max_size=50),
+    max_size=5,
+)
 valid_events = st.fixed_dictionaries(
     {"event_name": st.sampled_from(sorted(STANDARD_EVENTS)) | st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,39}", fullmatch=True)},
     optional={
         "event_id": st.text(min_size=1, max_size=100),
         "event_time": st.integers(1, 2**62),
-        "custom_data": st.dictionaries(st.text(max_size=10), st.none() | st.booleans() | st.integers() | _finite
-                                       | st.text(max_size=50), max_size=5),
+        "custom_data": st.builds(lambda known, other: known | other, well_known_custom_data, other_custom_data),
         "contents": st.lists(
             st.fixed_dictionaries(
                 {"id": st.text(min_size=1, max_size=20)},

@@ -13,11 +13,8 @@ import pytest
 
 from destination_helpers import ALREADY_HASHED, h
 from tagd.hashing import (
-    hashed_user_data,
-    hashed_values,
     is_sha256_hex,
     meta_user_data,
-    normalise_meta,
     phone_digits,
     sha256_hex,
     tiktok_user_fields,
@@ -88,7 +85,7 @@ AGREED = [
 @pytest.mark.parametrize(("field", "value"), AGREED)
 def test_same_hash_as_meta_sdk(normalize, field, value):
     """For ordinary and tricky inputs alike, tagd's hash is the SDK's hash."""
-    assert hashed_values([value], lambda v: normalise_meta(field, v)) == [normalize(field, value)]
+    assert meta_user_data({field: (value,)}) == {field: [normalize(field, value)]}
 
 
 def test_lists_hash_like_meta_sdk_user_data(user_data_class):
@@ -188,7 +185,6 @@ UNLIKE_SDK = [
 def test_normalised_by_platforms_md_unlike_meta_sdk(normalize, field, value, ours, sdk):
     """tagd hashes what PLATFORMS.md asks for where the SDK hashes something else (the
     comment above each group of cases says how and why)."""
-    assert normalise_meta(field, value) == ours
     assert normalize(field, value) == h(sdk)
     assert meta_user_data({field: (value,)}) == {field: [h(ours)]}
 
@@ -206,7 +202,6 @@ def test_invalid_values_dropped_where_meta_sdk_raises(normalize, field, value):
     tagd drops the value (it could never match) and keeps the rest of the event."""
     with pytest.raises(TypeError):
         normalize(field, value)
-    assert normalise_meta(field, value) is None
     assert meta_user_data({field: (value,)}) == {}
 
 
@@ -298,10 +293,3 @@ def test_tiktok_already_hashed_and_empty():
     fields = tiktok_user_fields({"em": (ALREADY_HASHED.upper(), " "), "ph": ("none",)})
     assert fields == {"email": [ALREADY_HASHED]}
 
-
-def test_generic_user_data_edge_cases():
-    """For receivers without rules of their own (webhook, log): empty values (and a key
-    left with none) are dropped, duplicates merged, composed and decomposed accents hash
-    alike, and a hash passes unchanged."""
-    raw = {"fn": ("  ", "Jos\u00e9", "JOSE\u0301"), "ln": ("",), "em": (ALREADY_HASHED.upper(),)}
-    assert hashed_user_data(raw) == {"fn": [h("jos\u00e9")], "em": [ALREADY_HASHED]}

@@ -38,13 +38,18 @@ class OutgoingRequest:
     """One HTTP request to a platform.
 
     C{url} and C{headers} may carry the access token: log C{log_url}, never C{url}.
+
+    C{positions} are the indexes, in the events given to C{encode}, of the events the
+    request carries, in its order.  The sender settles exactly those events by the
+    platform's answer: their ids could not say which, since shops reuse an id across
+    visitors (a product id as the event id) and GA4 sends each visitor's events apart.
     """
 
     url: str = attrs.field(repr=False)
     body: bytes = attrs.field(repr=False)
     headers: Mapping[str, str] = attrs.field(factory=dict, repr=False)
     log_url: str = ""
-    event_ids: tuple[str, ...] = ()
+    positions: tuple[int, ...] = ()
     method: str = "POST"
 
 
@@ -56,7 +61,8 @@ class Destination(Protocol):
     max_batch: int
 
     def encode(self, events: Sequence[Event]) -> list[OutgoingRequest]:
-        """The requests that deliver C{events}, split by the platform's limits."""
+        """The requests that deliver C{events}, split by the platform's limits; each
+        event in one request at most (see L{OutgoingRequest.positions})."""
 
     def classify(self, status: int, body: bytes) -> Verdict:
         """Judge the platform's answer to one request."""
@@ -71,7 +77,7 @@ class Describing(Protocol):
     """
 
     def describe(self, events: Sequence[Event]) -> list[str]:
-        """One line for the log per event, in order."""
+        """The lines for the log, in the order of C{events}: one or more per event."""
 
 
 # One config key: (accepted types, required, default). Tables are checked by tagd.config.

@@ -8,8 +8,8 @@ way.  No I/O: the sender owns the network.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
-from urllib.parse import quote
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from urllib.parse import quote, urlsplit
 
 from tagd.destinations import OutgoingRequest, Outcome, Verdict
 from tagd.events import Event
@@ -19,14 +19,16 @@ MAX_MESSAGE = 300
 REDACTED = "[redacted]"
 _MESSAGE_BODY = 200  # characters of an error answer quoted by status_verdict
 
+T = TypeVar("T")
+
 # What a destination says of one batch's request: (url, log_url, headers, JSON document).
 RequestParts = tuple[str, str, Mapping[str, str], Any]
 
 
-def batches(events: Sequence[Event], size: int) -> Iterator[Sequence[Event]]:
-    """C{events} in order, in slices of at most C{size}."""
-    for start in range(0, len(events), size):
-        yield events[start : start + size]
+def batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """C{items} (events, or their positions) in order, in slices of at most C{size}."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def check_batch_size(value: int, platform_limit: int | None = None) -> int:
@@ -39,6 +41,39 @@ def check_batch_size(value: int, platform_limit: int | None = None) -> int:
         upper = f" and at most {platform_limit}" if platform_limit else ""
         raise ValueError(f"max_batch: must be at least 1{upper}, not {value}")
     return value
+
+
+def check_url(url: str, key: str) -> str:
+    """C{url} if tagd can send to it: http or https, a host, a port that is a number, no
+    space or control character; else a C{ValueError("key: reason")}.
+
+    A URL that cannot work would be accepted and then fail on every send, for as long as
+    nobody reads the dead letters: better to stop at start-up.  The reason never quotes
+    the URL, whose user info or query may hold a credential.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{key}: must be an http:// or https:// URL with a host")
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise ValueError(f"{key}: must not contain spaces or control characters")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"{key}: has a port that is not a number from 0 to 65535") from None
+    return url
+
+
+def check_endpoint(url: str, key: str = "endpoint") -> str:
+    """A platform's base URL, checked by L{check_url}, without its trailing slash.
+
+    tagd appends the platform's path to it and logs the result: a query or fragment would
+    swallow that path, and user info would put a password into every log line.
+    """
+    check_url(url, key)
+    parts = urlsplit(url)
+    if "@" in parts.netloc or "?" in url or "#" in url:
+        raise ValueError(f"{key}: must be a base URL, without user info, query or fragment")
+    return url.rstrip("/")
 
 
 def json_bytes(document: Any) -> bytes:
@@ -74,7 +109,8 @@ def encode_batches(
     """One JSON L{OutgoingRequest} per batch, from the L{RequestParts} C{build} gives; its
     headers are those the destination adds to the JSON content type."""
     requests = []
-    for batch in batches(events, size):
+    for start in range(0, len(events), size):
+        batch = events[start : start + size]
         url, log_url, headers, document = build(batch)
         requests.append(
             OutgoingRequest(
@@ -82,7 +118,7 @@ def encode_batches(
                 body=json_bytes(document),
                 headers={"Content-Type": "application/json", **headers},
                 log_url=log_url,
-                event_ids=tuple(event.event_id for event in batch),
+                positions=tuple(range(start, start + len(batch))),
             )
         )
     return requests

@@ -9,6 +9,7 @@ the token travels, and how to read its answers.
 
 from __future__ import annotations
 
+import re
 from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
@@ -18,12 +19,17 @@ from tagd.destinations import KeySpec, OutgoingRequest, Outcome, Verdict
 from tagd.destinations._common import (
     RequestParts,
     check_batch_size,
+    check_endpoint,
     encode_batches,
     filled,
     json_object,
     verdict,
 )
 from tagd.events import Event
+
+# A platform's rule for one of its own keys: the pattern the whole value must match, and
+# what the reason says it must be.
+Format = tuple[re.Pattern[str], str]
 
 # A platform's judge of one answer: (HTTP status, body as a JSON object or None) ->
 # (outcome, message); the message may quote the answer, secrets are removed afterwards.
@@ -57,17 +63,27 @@ def event_name_overrides(value: Mapping[str, Any]) -> dict[str, str]:
 
 
 def platform_fields(
-    name: str, keys: Mapping[str, KeySpec], settings: Mapping[str, Any], batch_limit: int | None
+    name: str,
+    keys: Mapping[str, KeySpec],
+    settings: Mapping[str, Any],
+    batch_limit: int | None,
+    formats: Mapping[str, Format] = {},
 ) -> dict[str, Any]:
     """The fields of a L{PlatformDestination} subclass from one checked C{[[destinations]]}
     table: one per key of C{keys} (a platform's own keys are its own fields), plus C{name}.
 
-    Raises C{ValueError} as C{"key: reason"}, which tagd.config reports under that key.
+    The values of C{formats}' keys must match its patterns: ids and versions go into the
+    request's URL or body as they are, so a pasted path or a typo would fail every send.
+    Raises C{ValueError} as C{"key: reason"}, which tagd.config reports under that key;
+    the reason never quotes the value (a token pasted into the wrong key stays hidden).
     """
     values = filled(keys, settings)
+    for key, (pattern, described) in formats.items():
+        if not pattern.fullmatch(values[key]):
+            raise ValueError(f"{key}: must be {described}")
     return values | {
         "name": name,
-        "endpoint": values["endpoint"].rstrip("/"),
+        "endpoint": check_endpoint(values["endpoint"]),
         "event_names": event_name_overrides(values["event_names"]),
         "max_batch": check_batch_size(values["max_batch"], batch_limit),
     }

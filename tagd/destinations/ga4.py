@@ -31,7 +31,7 @@ import math
 import re
 from types import MappingProxyType
 from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import attrs
 
@@ -39,6 +39,7 @@ from tagd.destinations import KeySpec, Outcome, OutgoingRequest, Verdict
 from tagd.destinations._common import (
     batches,
     check_batch_size,
+    check_endpoint,
     filled,
     json_bytes,
     json_object,
@@ -236,15 +237,16 @@ def event_params(event: Event) -> dict[str, Any]:
     return params
 
 
-def _grouped(events: Iterable[Event]) -> dict[tuple[str, str], list[Event]]:
-    """Events by (client id, visitor IP), in order; events with no client id are left out.
+def _grouped(events: Iterable[Event]) -> dict[tuple[str, str], list[int]]:
+    """The events' positions by (client id, visitor IP), in order; events with no client
+    id are left out.
 
     The IP is part of the key because C{ip_override} is one value per request.
     """
-    groups: dict[tuple[str, str], list[Event]] = {}
-    for event in events:
+    groups: dict[tuple[str, str], list[int]] = {}
+    for position, event in enumerate(events):
         if event.ga_client_id:
-            groups.setdefault((event.ga_client_id, event.client_ip), []).append(event)
+            groups.setdefault((event.ga_client_id, event.client_ip), []).append(position)
     return groups
 
 
@@ -257,13 +259,6 @@ def _validated_names(overrides: Mapping[str, Any]) -> Mapping[str, str]:
                 "(letters, digits and _, starting with a letter, at most 40, not reserved)"
             )
     return MappingProxyType({**DEFAULT_EVENT_NAMES, **overrides})
-
-
-def _validated_endpoint(endpoint: str) -> str:
-    parts = urlsplit(endpoint)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
-        raise ValueError(f"endpoint: {endpoint!r} is not an http(s) base URL without a query")
-    return endpoint.rstrip("/")
 
 
 @attrs.frozen
@@ -314,21 +309,30 @@ class Ga4Destination:
         return f"{log_url}&" + urlencode({"api_secret": self.api_secret}), log_url
 
     def _requests(
-        self, client_id: str, ip: str, events: Sequence[Event], max_items: int | None = None
+        self,
+        client_id: str,
+        ip: str,
+        events: Sequence[Event],
+        positions: Sequence[int],
+        max_items: int | None = None,
     ) -> list[OutgoingRequest]:
-        """One request, or more when the body would reach GA4's size limit.
+        """One request for the events at C{positions}, or more when the body would reach
+        GA4's size limit.
 
         Events are split in halves; one event still too large (only possible with a very
         long list of contents) keeps its first items, as many as fit.
         """
-        body = self._body(client_id, ip, events, max_items)
-        if len(body) >= MAX_BODY and len(events) > 1:
-            half = len(events) // 2
-            first, second = events[:half], events[half:]
-            return self._requests(client_id, ip, first) + self._requests(client_id, ip, second)
+        carried = [events[position] for position in positions]
+        body = self._body(client_id, ip, carried, max_items)
+        if len(body) >= MAX_BODY and len(positions) > 1:
+            half = len(positions) // 2
+            return [
+                *self._requests(client_id, ip, events, positions[:half]),
+                *self._requests(client_id, ip, events, positions[half:]),
+            ]
         if len(body) >= MAX_BODY and max_items != 0:
-            fewer = (len(_items(events[0])) if max_items is None else max_items) // 2
-            return self._requests(client_id, ip, events, fewer)
+            fewer = (len(_items(carried[0])) if max_items is None else max_items) // 2
+            return self._requests(client_id, ip, events, positions, fewer)
         url, log_url = self.urls()
         return [
             OutgoingRequest(
@@ -336,20 +340,20 @@ class Ga4Destination:
                 body=body,
                 headers={"Content-Type": "application/json"},
                 log_url=log_url,
-                event_ids=tuple(e.event_id for e in events),
+                positions=tuple(positions),
             )
         ]
 
     def encode(self, events: Sequence[Event]) -> list[OutgoingRequest]:
         """Requests of at most C{max_batch} events, each for one client id.
 
-        Events without C{ga_client_id} are skipped (see the module docstring): their ids
-        appear in no request.
+        Events without C{ga_client_id} are skipped (see the module docstring): their
+        positions appear in no request.
         """
         requests = []
-        for (client_id, ip), group in _grouped(events).items():
-            for chunk in batches(group, self.max_batch):
-                requests.extend(self._requests(client_id, ip, chunk))
+        for (client_id, ip), positions in _grouped(events).items():
+            for chunk in batches(positions, self.max_batch):
+                requests.extend(self._requests(client_id, ip, events, chunk))
         return requests
 
     def classify(self, status: int, body: bytes) -> Verdict:
@@ -382,7 +386,7 @@ def build(name: str, settings: Mapping[str, Any]) -> Ga4Destination:
         name=name,
         measurement_id=values["measurement_id"],
         api_secret=values["api_secret"],
-        endpoint=_validated_endpoint(values["endpoint"]),
+        endpoint=check_endpoint(values["endpoint"]),
         event_names=_validated_names(values["event_names"]),
         debug=values["debug"],
         max_batch=check_batch_size(values["max_batch"], MAX_EVENTS),

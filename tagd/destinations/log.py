@@ -1,41 +1,79 @@
-"""A dry run: events are described in the log instead of being sent anywhere.
+"""A dry run: what each ad platform would get, written to the log instead of sent.
 
 A shop owner trying tagd, or checking what their origin's header turns into, wants to
-see the events without any platform receiving them.  This destination therefore sends
-nothing: L{LogDestination.encode} returns no request, and L{describe} renders each event
-as one line of JSON, which the sender logs in place of sending (the destination is
+see what Meta, GA4 and TikTok would receive without any of them receiving it.  This
+destination therefore sends nothing: L{LogDestination.encode} returns no request, and
+L{LogDestination.describe} renders each event as one line per platform of C{platforms}
+(by default all three), which the sender logs in place of sending (the destination is
 L{tagd.destinations.Describing}).
 
+Each line is made by the platform module's own functions, so it cannot drift from what
+that platform's destination sends: Meta's and TikTok's event payload (the object in
+their C{data} array; the request around it only adds the pixel and a test code), and
+GA4's whole request body for the event (its C{client_id}, C{ip_override} and timestamp
+belong to the request, not to the event).  The platforms' default event names apply,
+without Limited Data Use; user data is normalised and hashed per platform, as sent.
+
+The one deliberate difference from the exact payload is the visitor's IP address: the
+platforms get it unhashed, and a log must not hold unhashed personal data, so it is
+masked the way analytics tools anonymise it (the last IPv4 octet, the last 80 bits of
+IPv6, zeroed).  The cookie and click ids stay as they are sent: they are pseudonymous
+(only their platform can tie one to a person), and seeing them is much of what a dry run
+is for.
+
 Keeping this a pure function over events, not a sender of its own, means no second path
-for I/O and nothing to mock: the line is exactly what L{describe} returns.  The line shows
-the normalised event (the form the webhook destination sends), with the two things a
-log file should not keep: the visitor's IP is masked the way analytics tools anonymise it
-(the last IPv4 octet, the last 80 bits of IPv6, zeroed), and C{user_data} is hashed
-exactly as it would leave tagd, so the raw e-mail or phone never reaches a log.
+for I/O and nothing to mock: the lines are exactly what L{LogDestination.describe} returns.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-from typing import ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import attrs
 
-from tagd.destinations import KeySpec, Outcome, OutgoingRequest, Verdict
-from tagd.destinations._common import check_batch_size
-from tagd.destinations.webhook import event_record
+from tagd.destinations import KeySpec, Outcome, OutgoingRequest, Verdict, ga4, meta, tiktok
+from tagd.destinations._common import check_batch_size, filled
 from tagd.events import Event
 
 TYPE = "log"
 SECRETS: tuple[str, ...] = ()
 DEFAULT_TIMEOUT = 5.0  # nothing is ever sent; present so every destination type has one
 
+NOT_AN_IP = "(not an IP address)"
+# GA4 sends no event without a client id (see tagd.destinations.ga4).
+GA4_NOT_SENT = "not sent: the event has no GA4 client id"
+
+# The GA4 encoder that renders request bodies.  Its ids only go into the request's URL,
+# which a dry run never shows: placeholders do.
+_GA4 = ga4.build("dry-run", {"measurement_id": "DRY-RUN", "api_secret": "DRY-RUN"})
+
+
+def _json(document: Any) -> str:
+    """One line of JSON, non-ASCII text readable as it is."""
+    return json.dumps(document, ensure_ascii=False, separators=(", ", ": "))
+
+
+def _ga4_body(event: Event) -> str:
+    """GA4's request body for C{event} alone: one event is one request at most, since GA4
+    trims the items of an event too large for one."""
+    requests = _GA4.encode([event])
+    return _json(json.loads(requests[0].body)) if requests else GA4_NOT_SENT
+
+
+# Each platform's part of a line, from one event.
+_RENDERERS: Mapping[str, Callable[[Event], str]] = {
+    "meta": lambda event: _json(meta.payload(event)),
+    "ga4": _ga4_body,
+    "tiktok": lambda event: _json(tiktok.payload(event)),
+}
+PLATFORMS = tuple(_RENDERERS)
+
 KEYS: dict[str, KeySpec] = {
+    "platforms": ((list,), False, PLATFORMS),
     "max_batch": ((int,), False, 100),
 }
-
-NOT_AN_IP = "(not an IP address)"
 
 
 def mask_ip(address: str) -> str:
@@ -48,16 +86,14 @@ def mask_ip(address: str) -> str:
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)
 
 
-def describe_event(event: Event) -> str:
-    """One log line: the normalised event as JSON, IP masked, user_data hashed."""
-    record = event_record(event)
-    record["client_ip"] = mask_ip(event.client_ip)
-    return json.dumps(record, ensure_ascii=False, separators=(", ", ": "))
-
-
-def describe(events: Sequence[Event]) -> list[str]:
-    """One log line per event, in order."""
-    return [describe_event(event) for event in events]
+def _platforms(value: Sequence[Any]) -> tuple[str, ...]:
+    """The C{platforms} setting: some of L{PLATFORMS}, each once; a dry run that shows
+    nothing, or names a platform twice or one it does not know, is a mistake."""
+    names = tuple(value)
+    known = all(isinstance(name, str) and name in _RENDERERS for name in names)
+    if not names or not known or len(set(names)) != len(names):
+        raise ValueError(f"platforms: must list some of {', '.join(PLATFORMS)}, each once")
+    return names
 
 
 @attrs.frozen
@@ -67,6 +103,7 @@ class LogDestination:
     type: ClassVar[str] = TYPE
 
     name: str
+    platforms: tuple[str, ...] = PLATFORMS
     max_batch: int = 100
 
     def encode(self, events: Sequence[Event]) -> list[OutgoingRequest]:
@@ -74,15 +111,27 @@ class LogDestination:
         return []
 
     def describe(self, events: Sequence[Event]) -> list[str]:
-        """The lines the sender logs for C{events}; see L{describe}."""
-        return describe(events)
+        """For each event in order, one line per platform, in the order of C{platforms}:
+        the platform's name and its JSON for the event, the visitor's IP masked."""
+        lines = []
+        for event in events:
+            masked = attrs.evolve(event, client_ip=mask_ip(event.client_ip))
+            lines.extend(f"{platform}: {_RENDERERS[platform](masked)}" for platform in self.platforms)
+        return lines
 
     def classify(self, status: int, body: bytes) -> Verdict:
         """Never asked, since no request is made; an answer would mean success."""
         return Verdict(Outcome.SUCCESS, "dry run")
 
 
-def build(name: str, settings) -> LogDestination:
-    """A L{LogDestination}; C{max_batch} only bounds how many events one call describes."""
-    max_batch = check_batch_size(settings.get("max_batch", KEYS["max_batch"][2]))
-    return LogDestination(name=name, max_batch=max_batch)
+def build(name: str, settings: Mapping[str, Any]) -> LogDestination:
+    """A L{LogDestination}; C{max_batch} only bounds how many events one call describes.
+
+    Raises C{ValueError} naming the offending key.
+    """
+    values = filled(KEYS, settings)
+    return LogDestination(
+        name=name,
+        platforms=_platforms(values["platforms"]),
+        max_batch=check_batch_size(values["max_batch"]),
+    )

@@ -7,6 +7,7 @@ user agent and the C{fbp}/C{fbc} cookies are identifiers Meta must see raw.
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Mapping, Sequence
 from urllib.parse import urlencode
 
@@ -33,6 +34,11 @@ KEYS: dict[str, KeySpec] = platform_keys(
     own={"api_version": ((str,), False, "v24.0")},
 )
 SECRETS = ("access_token",)
+# The pixel (dataset) id and the API version are path segments of the request's URL.
+FORMATS = {
+    "pixel_id": (re.compile(r"[0-9]+"), "the pixel's (dataset's) id, digits only"),
+    "api_version": (re.compile(r"v[0-9]+\.[0-9]+"), 'a Graph API version such as "v24.0"'),
+}
 # Meta's advice: most answers come within 600 ms, give up after 1500 ms.
 DEFAULT_TIMEOUT = 1.5
 
@@ -168,4 +174,4 @@ class MetaDestination(PlatformDestination):
 
 def build(name: str, settings: Mapping[str, Any]) -> MetaDestination:
     """A L{MetaDestination} from the validated keys of one C{[[destinations]]} table."""
-    return MetaDestination(**platform_fields(name, KEYS, settings, MAX_EVENTS))
+    return MetaDestination(**platform_fields(name, KEYS, settings, MAX_EVENTS, FORMATS))

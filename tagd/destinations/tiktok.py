@@ -7,6 +7,7 @@ answers HTTP 200 even when it refuses a request, and hashes its own few user fie
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Mapping, Sequence
 
 import attrs
@@ -28,6 +29,8 @@ KEYS: dict[str, KeySpec] = platform_keys(
     "pixel_code", endpoint="https://business-api.tiktok.com", max_batch=1000
 )
 SECRETS = ("access_token",)
+# The pixel code is every request's event_source_id: one mistyped fails them all.
+FORMATS = {"pixel_code": (re.compile(r"[A-Za-z0-9]+"), "the pixel code, letters and digits only")}
 # TikTok gives no advice; its API is often further away than Meta's, hence more than 1.5 s.
 DEFAULT_TIMEOUT = 3.0
 PATH = "/open_api/v1.3/event/track/"
@@ -169,4 +172,4 @@ class TikTokDestination(PlatformDestination):
 
 def build(name: str, settings: Mapping[str, Any]) -> TikTokDestination:
     """A L{TikTokDestination} from the validated keys of one C{[[destinations]]} table."""
-    return TikTokDestination(**platform_fields(name, KEYS, settings, None))
+    return TikTokDestination(**platform_fields(name, KEYS, settings, None, FORMATS))

@@ -4,10 +4,11 @@ This is for a shop's own warehouse or pipeline, which wants tagd's view of each 
 rather than any ad platform's.  The body is C{{"events": [event, ...]}}, one object per
 event with every field of L{tagd.events.Event} (absent values as C{null}, so that the
 shape never changes).  Personal data is treated as an ad platform would receive it:
-C{user_data} values are SHA-256 hashed (of the trimmed, lower-cased value; a value that
-already is 64 hex characters is taken as hashed and only lower-cased, never hashed twice),
-while the IP, user agent and click ids are the shop's own first-party data and are sent
-as they are.
+C{user_data} is normalised and hashed field by field exactly as for Meta
+(L{tagd.hashing.meta_user_data}; a value that already is 64 hex characters is taken as
+hashed and only lower-cased, never hashed twice), so that a warehouse can join its rows
+with Meta's matches on the very same hashes; the IP, user agent and click ids are the
+shop's own first-party data and are sent as they are.
 
 C{headers} typically carries an C{Authorization} value, so the whole table is a secret:
 it is kept out of C{repr}, C{log_url} and every verdict message, and so is the URL's
@@ -30,12 +31,13 @@ from tagd.destinations import KeySpec, OutgoingRequest, Verdict
 from tagd.destinations._common import (
     RequestParts,
     check_batch_size,
+    check_url,
     encode_batches,
     filled,
     status_verdict,
 )
 from tagd.events import Event
-from tagd.hashing import hashed_user_data
+from tagd.hashing import meta_user_data
 
 TYPE = "webhook"
 SECRETS = ("headers",)
@@ -63,16 +65,8 @@ def event_record(event: Event) -> dict[str, Any]:
     record = attrs.asdict(event, recurse=False)
     record["custom_data"] = dict(event.custom_data)
     record["contents"] = [dict(content) for content in event.contents]
-    record["user_data"] = hashed_user_data(event.user_data)
+    record["user_data"] = meta_user_data(event.user_data)
     return record
-
-
-def _validated_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        # The URL may hold a token: say what is wrong without repeating it.
-        raise ValueError("url: must be an http:// or https:// URL with a host")
-    return url
 
 
 def _validated_headers(headers: Mapping[str, Any]) -> Mapping[str, str]:
@@ -141,7 +135,7 @@ def build(name: str, settings: Mapping[str, Any]) -> WebhookDestination:
         raise ValueError("url: is required")
     return WebhookDestination(
         name=name,
-        url=_validated_url(values["url"]),
+        url=check_url(values["url"], "url"),
         headers=_validated_headers(values["headers"]),
         max_batch=check_batch_size(values["max_batch"], MAX_BATCH),
     )
