@@ -18,6 +18,8 @@ from urllib.parse import unquote_to_bytes
 
 from twisted.web.http_headers import Headers
 
+from tagd.identity import cookie_text
+
 # --- bots -----------------------------------------------------------------------------------
 
 # A user agent longer than this is judged but not cached: the cache is bounded in entries,
@@ -190,10 +192,6 @@ class BotDetector:
             return self._judge(user_agent)
         return self._cached(user_agent)
 
-    def cache_info(self) -> functools._CacheInfo:
-        """Hits, misses and size of the verdict cache, for metrics."""
-        return self._cached.cache_info()
-
 
 # --- speculative loads ----------------------------------------------------------------------
 
@@ -269,8 +267,6 @@ class PathFilter:
 
 # --- status ---------------------------------------------------------------------------------
 
-# Only successful answers are page views or conversions; a 404 or a 500 is neither.
-DEFAULT_TRACKED_STATUSES = frozenset(range(200, 300))
 _STATUS_CLASS = re.compile(r"([1-5])xx")
 _STATUS_RANGE = re.compile(r"(\d{3})\s*-\s*(\d{3})")
 
@@ -300,24 +296,12 @@ def tracked_statuses(spec: Iterable[int | str]) -> frozenset[int]:
     return frozenset(code for item in spec for code in _status_codes(item))
 
 
-def status_tracked(code: int, tracked: frozenset[int] = DEFAULT_TRACKED_STATUSES) -> bool:
-    """Whether a response with this status code is tracked."""
-    return code in tracked
-
-
 # --- consent --------------------------------------------------------------------------------
 
 
 def _gpc(headers: Headers) -> bool:
     """Whether the browser sends Global Privacy Control's opt-out signal, C{Sec-GPC: 1}."""
     return any(v.strip() == b"1" for v in headers.getRawHeaders(b"sec-gpc", ()))
-
-
-def _cookie_text(raw: bytes) -> str:
-    """A cookie value as text, without the optional double quotes RFC 6265 allows around it."""
-    if len(raw) >= 2 and raw[:1] == raw[-1:] == b'"':
-        raw = raw[1:-1]
-    return raw.decode("latin-1")
 
 
 def consent_refused(
@@ -338,5 +322,4 @@ def consent_refused(
         return True
     if consent_cookie is None:
         return False
-    raw = cookies.get(consent_cookie.encode("utf-8"))
-    return raw is None or _cookie_text(raw) not in consent_values
+    return cookie_text(cookies, consent_cookie.encode("utf-8")) not in consent_values

@@ -4,7 +4,8 @@ Meta matches on C{_fbp} (a browser id) and C{_fbc} (the ad click, from C{fbclid}
 C{ttclid} and C{_ttp}; GA4 needs the C{client_id} of the C{_ga} cookie and a session id.
 tagd reads what the browser already has and, where something is missing, sets the same
 cookies the browser pixels would set, from the shop's own domain, so that the server event
-and the browser pixel share ids and the platform deduplicates.
+and the browser pixel share ids and the platform deduplicates.  It creates an id only where
+it may also keep it in a cookie: an id kept nowhere would be a new visitor on every page.
 
 Everything here is pure: the current time and the source of randomness are arguments, so
 tests are deterministic.  Request data is untrusted: a value is used only when it has the
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import re
 from email.utils import formatdate
-from typing import Iterable, Mapping, Protocol
+from typing import Collection, Iterable, Mapping, Protocol
 from urllib.parse import quote, unquote_to_bytes
 
 import attrs
@@ -29,7 +30,10 @@ GA_MAX_AGE = 400 * DAY  # gtag's two years, capped by browsers at 400 days.
 SESSION_MAX_AGE = 1800  # GA4's default session timeout: 30 minutes of inactivity.
 EVENT_ID_MAX_AGE = 60  # Long enough for the page's pixel to read it, short enough not to linger.
 SESSION_COOKIE = "_tagd_sid"
-EVENT_ID_COOKIE = "_tagd_eid"
+
+# The platforms whose ids tagd can create and keep in first-party cookies.
+META, TIKTOK, GA4 = "meta", "tiktok", "ga4"
+PLATFORMS = frozenset({META, TIKTOK, GA4})
 
 # Meta: fb.{subdomain_index}.{creation_ms}.{random or fbclid}[.{appendix}], where the optional
 # appendix is a short base64url token that Meta's own libraries add.
@@ -94,8 +98,12 @@ def parse_cookie_header(values: Iterable[bytes]) -> dict[bytes, bytes]:
     return cookies
 
 
-def _cookie(cookies: Mapping[bytes, bytes], name: bytes) -> str | None:
-    """A request cookie as ASCII text without optional surrounding quotes, or C{None}."""
+def cookie_text(cookies: Mapping[bytes, bytes], name: bytes) -> str | None:
+    """A request cookie as ASCII text without optional surrounding quotes, or C{None}.
+
+    C{None} too for a value longer than any cookie tagd reads, or not ASCII: no id, click
+    id or consent value tagd compares against holds anything else.
+    """
     raw = cookies.get(name)
     if raw is None or len(raw) > _MAX_COOKIE:
         return None
@@ -160,13 +168,14 @@ def set_cookie(
 # --- Meta -----------------------------------------------------------------------------------
 
 
-def _fbp(cookies: Mapping[bytes, bytes], now: float, rand: RandomSource) -> tuple[str, bool]:
+def _fbp(cookies: Mapping[bytes, bytes], now: float, rand: RandomSource, create: bool) -> tuple[str | None, bool]:
     """The visitor's C{_fbp}, and whether tagd must set it (absent or malformed).
 
-    A new one has the pixel's form: a 10-digit random number below 2**31.
+    A new one, only when tagd may C{create} it, has the pixel's form: a 10-digit random
+    number below 2**31.
     """
-    existing = _valid(_cookie(cookies, b"_fbp"), _FBP)
-    if existing is not None:
+    existing = _valid(cookie_text(cookies, b"_fbp"), _FBP)
+    if existing is not None or not create:
         return existing, False
     return f"fb.1.{int(now * 1000)}.{rand.randrange(10**9, 2**31)}", True
 
@@ -177,7 +186,7 @@ def _fbc(cookies: Mapping[bytes, bytes], fbclid: str | None, now: float) -> tupl
     A new click (a URL C{fbclid} that the cookie does not hold) makes a new C{_fbc} with
     the C{fbclid} exactly as sent; otherwise a well-formed cookie is used as it is.
     """
-    existing = _cookie(cookies, b"_fbc")
+    existing = cookie_text(cookies, b"_fbc")
     match = _FBC.fullmatch(existing) if existing is not None else None
     if fbclid is not None and _FBCLID.fullmatch(fbclid):
         if match is None or match[1] != fbclid:
@@ -190,7 +199,7 @@ def _fbc(cookies: Mapping[bytes, bytes], fbclid: str | None, now: float) -> tupl
 
 def _ttclid(cookies: Mapping[bytes, bytes], from_url: str | None) -> tuple[str | None, bool]:
     """The TikTok click id, from the URL first, else from tagd's C{ttclid} cookie."""
-    cookie = _valid(_cookie(cookies, b"ttclid"), _TIKTOK_ID)
+    cookie = _valid(cookie_text(cookies, b"ttclid"), _TIKTOK_ID)
     url = _valid(from_url, _TIKTOK_ID)
     if url is not None:
         return url, url != cookie
@@ -200,12 +209,17 @@ def _ttclid(cookies: Mapping[bytes, bytes], from_url: str | None) -> tuple[str |
 # --- GA4 ------------------------------------------------------------------------------------
 
 
-def _ga_client_id(cookies: Mapping[bytes, bytes], now: float, rand: RandomSource) -> tuple[str, bool]:
-    """GA4's client id from C{_ga}, whatever its domain-depth field; a new one when absent."""
-    existing = _cookie(cookies, b"_ga")
+def _ga_client_id(
+    cookies: Mapping[bytes, bytes], now: float, rand: RandomSource, create: bool
+) -> tuple[str | None, bool]:
+    """GA4's client id from C{_ga}, whatever its domain-depth field; a new one when absent
+    and tagd may C{create} it."""
+    existing = cookie_text(cookies, b"_ga")
     match = _GA.fullmatch(existing) if existing is not None else None
     if match is not None:
         return match[1], False
+    if not create:
+        return None, False
     return f"{rand.randrange(1, 2**31)}.{int(now)}", True
 
 
@@ -228,7 +242,7 @@ def _ga_session(cookies: Mapping[bytes, bytes]) -> int | None:
     """The latest session start among the C{_ga_*} cookies: the visit going on now."""
     starts = []
     for name in cookies:
-        if name.startswith(b"_ga_") and (value := _cookie(cookies, name)) is not None:
+        if name.startswith(b"_ga_") and (value := cookie_text(cookies, name)) is not None:
             if (start := _ga_session_start(value)) is not None:
                 starts.append(start)
     return max(starts, default=None)
@@ -241,7 +255,7 @@ def _own_session(cookies: Mapping[bytes, bytes], now: float) -> int:
     after 30 minutes without one, as a GA4 session does.  A value from the future is not
     believed.
     """
-    value = _valid(_cookie(cookies, SESSION_COOKIE.encode("ascii")), _DIGITS)
+    value = _valid(cookie_text(cookies, SESSION_COOKIE.encode("ascii")), _DIGITS)
     if value is not None and 0 < int(value) <= now + 60:
         return int(value)
     return int(now)
@@ -259,39 +273,45 @@ def resolve_identity(
     now: float,
     secure: bool,
     rand: RandomSource,
+    create_for: Collection[str],
     session_cookie: str = SESSION_COOKIE,
 ) -> Identity:
     """The visitor's ids for one tracked response, and the C{Set-Cookie} values to add.
 
     C{query} is the request's query string; C{secure} whether the visitor's scheme is
-    https.  Call it only for a response that will be tracked: a refused consent sets no
-    cookie.
+    https.  C{create_for} names the platforms (of L{PLATFORMS}) whose missing ids tagd
+    creates and keeps in first-party cookies.  For any other platform only the ids the
+    visitor already has, in a cookie or in the URL, are used, and nothing is invented: an
+    id that no cookie keeps would be new on every page view, a new "user" or browser to
+    the platform each time.  (An C{_fbc} built from a URL C{fbclid} is no invention: it is
+    the click itself, in the form Meta documents for servers.)  Call it only for a response
+    that will be tracked: a refused consent sets no cookie.
     """
     params = _query_params(query, _WANTED_PARAMS)
-    fbp, new_fbp = _fbp(cookies, now, rand)
+    fbp, new_fbp = _fbp(cookies, now, rand, META in create_for)
     fbc, new_fbc = _fbc(cookies, params.get("fbclid"), now)
     ttclid, new_ttclid = _ttclid(cookies, params.get("ttclid"))
-    client_id, new_ga = _ga_client_id(cookies, now, rand)
+    client_id, new_ga = _ga_client_id(cookies, now, rand, GA4 in create_for)
     session = _ga_session(cookies)
     to_set = []
     if new_fbp:
         to_set.append(set_cookie("_fbp", fbp, FBP_MAX_AGE, secure=secure, now=now))
-    if new_fbc and fbc is not None:
+    if new_fbc and fbc is not None and META in create_for:
         to_set.append(set_cookie("_fbc", fbc, FBC_MAX_AGE, secure=secure, now=now))
-    if new_ttclid and ttclid is not None:
+    if new_ttclid and ttclid is not None and TIKTOK in create_for:
         to_set.append(set_cookie("ttclid", ttclid, TTCLID_MAX_AGE, secure=secure, now=now))
     if new_ga:
         to_set.append(set_cookie("_ga", "GA1.1." + client_id, GA_MAX_AGE, secure=secure, now=now))
-    if session is None:
+    if session is None and GA4 in create_for:
         session = _own_session(cookies, now)
         to_set.append(set_cookie(session_cookie, str(session), SESSION_MAX_AGE, secure=secure, now=now))
     return Identity(
         fbp=fbp,
         fbc=fbc,
         ttclid=ttclid,
-        ttp=_valid(_cookie(cookies, b"_ttp"), _TIKTOK_ID),
+        ttp=_valid(cookie_text(cookies, b"_ttp"), _TIKTOK_ID),
         ga_client_id=client_id,
-        ga_session_id=str(session),
+        ga_session_id=None if session is None else str(session),
         set_cookies=tuple(to_set),
     )
 
@@ -306,7 +326,7 @@ def new_event_id(rand: RandomSource) -> str:
 
 def event_id_cookie(
     event_id: str,
-    name: str = EVENT_ID_COOKIE,
+    name: str,
     secure: bool = False,
     *,
     max_age: int = EVENT_ID_MAX_AGE,

@@ -106,7 +106,13 @@ def build_tagging(config: Config, reactor, metrics: Metrics) -> tuple[TrackingHo
             reason=str(e),
         )
         submit = DirectDelivery(reactor=reactor, routes=routes, http=http, metrics=metrics).submit
-        return Tracker(config=config.tracking, submit=submit, metrics=metrics), [_Delivery(None, None, pool)]
+        tracker = Tracker(
+            config=config.tracking,
+            submit=submit,
+            metrics=metrics,
+            destination_types={d.type for d in config.destinations},
+        )
+        return tracker, [_Delivery(None, None, pool)]
     delivery = config.delivery
     dispatcher = Dispatcher(
         reactor=reactor,
@@ -123,5 +129,10 @@ def build_tagging(config: Config, reactor, metrics: Metrics) -> tuple[TrackingHo
     names = [d.name for d in config.destinations]
     spool.on_commit = lambda: [dispatcher.wake(name) for name in names]
     submit = _Enqueue(spool, names, metrics)
-    tracker = Tracker(config=config.tracking, submit=submit, metrics=metrics)
+    tracker = Tracker(
+        config=config.tracking,
+        submit=submit,
+        metrics=metrics,
+        destination_types={d.type for d in config.destinations},
+    )
     return tracker, [_Delivery(dispatcher, spool, pool)]

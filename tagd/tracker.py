@@ -12,14 +12,24 @@ from __future__ import annotations
 
 import time
 from random import SystemRandom
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 from twisted.logger import Logger
 
 from tagd.config import TrackingConfig
 from tagd.events import Event, EventSpec, TrackingHeaderError, parse_tracking_header
 from tagd.filters import BotDetector, PathFilter, consent_refused, is_speculative, tracked_statuses
-from tagd.identity import Identity, event_id_cookie, new_event_id, parse_cookie_header, resolve_identity
+from tagd.identity import (
+    GA4,
+    META,
+    PLATFORMS,
+    TIKTOK,
+    Identity,
+    event_id_cookie,
+    new_event_id,
+    parse_cookie_header,
+    resolve_identity,
+)
 from tagd.metrics import Metrics
 from tagd.tracking import Tracked, Visit
 
@@ -32,6 +42,17 @@ MAX_CLOCK_SKEW = 60
 MALFORMED_LOG_INTERVAL = 60.0
 # Not page views: uptime monitors probe with HEAD, browsers preflight with OPTIONS.
 UNTRACKED_METHODS = frozenset({b"HEAD", b"OPTIONS"})
+# The platforms whose first-party cookies each destination type calls for.  A platform that
+# is not configured gains nothing from its cookies, so tagd sets none for it.  "log" is a
+# dry run of every platform and gets their cookies, so that it shows what they would get;
+# "webhook" passes on the ids the visitor has but calls for none.
+COOKIE_PLATFORMS: dict[str, frozenset[str]] = {
+    "meta": frozenset({META}),
+    "tiktok": frozenset({TIKTOK}),
+    "ga4": frozenset({GA4}),
+    "log": PLATFORMS,
+    "webhook": frozenset(),
+}
 
 
 class Tracker:
@@ -43,10 +64,17 @@ class Tracker:
         config: TrackingConfig,
         submit: Callable[[Sequence[Event]], object],
         metrics: Metrics,
+        destination_types: Collection[str],
         clock: Callable[[], float] = time.time,
         rand=None,
     ) -> None:
         self._config = config
+        # With first_party_cookies off tagd may set no cookie, so it creates no id either.
+        self._create_for = (
+            frozenset().union(*(COOKIE_PLATFORMS[kind] for kind in destination_types))
+            if config.first_party_cookies
+            else frozenset()
+        )
         self._submit = submit
         self._metrics = metrics
         self._clock = clock
@@ -82,13 +110,12 @@ class Tracker:
             now=now,
             secure=visit.scheme == "https",
             rand=self._rand,
+            create_for=self._create_for,
         )
         event_ids = [spec.event_id or new_event_id(self._rand) for spec in specs]
-        set_cookies = list(identity.set_cookies) if self._config.first_party_cookies else []
+        set_cookies = list(identity.set_cookies)
         if self._config.event_id_cookie:
-            set_cookies.append(
-                event_id_cookie(event_ids[0], self._config.event_id_cookie, visit.scheme == "https", now=now)
-            )
+            set_cookies += self._event_id_cookies(specs, event_ids, visit.scheme == "https", now)
 
         def deliver() -> None:
             events = self._events(specs, event_ids, visit, identity, now)
@@ -97,6 +124,23 @@ class Tracker:
                 self._submit(events)
 
         return Tracked(set_cookies=tuple(set_cookies), deliver=deliver)
+
+    def _event_id_cookies(
+        self, specs: Sequence[EventSpec], event_ids: Sequence[str], secure: bool, now: float
+    ) -> list[bytes]:
+        """The cookies that give the page the event ids, so its pixel can send the same ones.
+
+        The configured name holds the first event's id, for pages written for one event;
+        C{<name>_<event_name>} holds each event's own, so that with several events the
+        pixel code for each can pick its id.  Event names are letters, digits and C{_}, so
+        the name stays a cookie token; of two events with one name, the first one's id is
+        kept, as under the configured name: one cookie holds one id.
+        """
+        name = self._config.event_id_cookie
+        values = {name: event_ids[0]}
+        for spec, event_id in zip(specs, event_ids):
+            values.setdefault(f"{name}_{spec.event_name}", event_id)
+        return [event_id_cookie(value, key, secure, now=now) for key, value in values.items()]
 
     def _refusal(self, visit: Visit) -> str | None:
         """Why this response is not tracked at all, or None; cheapest checks first."""

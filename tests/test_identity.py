@@ -10,9 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tagd.config import TrackingConfig
 from tagd.identity import (
-    EVENT_ID_COOKIE,
+    GA4,
+    META,
+    PLATFORMS,
     SESSION_COOKIE,
+    TIKTOK,
     Identity,
     event_id_cookie,
     new_event_id,
@@ -30,9 +34,25 @@ COOKIE_OCTETS = re.compile(rb"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
 ATTRIBUTE = re.compile(rb"Max-Age=\d+|Expires=[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT|Path=/|SameSite=Lax|Secure")
 
 
-def resolve(cookies=None, query: bytes = b"", *, secure: bool = True, seed: int = 1, now: float = NOW) -> Identity:
-    """L{resolve_identity} with a seeded random source and a fixed clock."""
-    return resolve_identity(cookies=cookies or {}, query=query, now=now, secure=secure, rand=random.Random(seed))
+def resolve(
+    cookies=None,
+    query: bytes = b"",
+    *,
+    secure: bool = True,
+    seed: int = 1,
+    now: float = NOW,
+    create_for=PLATFORMS,
+) -> Identity:
+    """L{resolve_identity} with a seeded random source and a fixed clock; by default tagd
+    may create the ids of every platform."""
+    return resolve_identity(
+        cookies=cookies or {},
+        query=query,
+        now=now,
+        secure=secure,
+        rand=random.Random(seed),
+        create_for=create_for,
+    )
 
 
 def parse_set_cookie(header: bytes) -> tuple[bytes, bytes, dict[bytes, bytes | None]]:
@@ -284,6 +304,72 @@ def test_bad_own_session_starts_a_new_one(value: bytes) -> None:
     assert identity.ga_session_id == "1706540400"
 
 
+# --- platforms tagd may not create ids for --------------------------------------------------
+
+
+def test_nothing_is_invented_when_no_cookie_may_be_set() -> None:
+    """With no platform to create ids for, a visitor without cookies gets no C{_fbp}, no GA
+    client id and no session, and no cookie: an id kept nowhere would be new on every page."""
+    identity = resolve(create_for=frozenset())
+    assert (identity.fbp, identity.fbc, identity.ttclid, identity.ttp) == (None, None, None, None)
+    assert (identity.ga_client_id, identity.ga_session_id) == (None, None)
+    assert identity.set_cookies == ()
+
+
+def test_existing_ids_are_used_when_no_cookie_may_be_set() -> None:
+    """The ids the visitor already has, in cookies or in the URL, are still used, and no
+    cookie is written for them; the GA session comes from GA's own cookie only."""
+    fbp, fbc = "fb.1.1706540000000.1234567890", "fb.1.1706540000000.OldClick"
+    cookies = {
+        b"_fbp": fbp.encode(),
+        b"_fbc": fbc.encode(),
+        b"_ga": b"GA1.1.1234567890.1706540000",
+        b"_ga_ABC": b"GS2.1.s1706540100$o1",
+        b"_ttp": b"2rn6vP1V1NoGrFW62vHkLGnC5He",
+    }
+    identity = resolve(cookies, b"ttclid=E.C.P.abc", create_for=frozenset())
+    assert (identity.fbp, identity.fbc) == (fbp, fbc)
+    assert (identity.ttclid, identity.ttp) == ("E.C.P.abc", "2rn6vP1V1NoGrFW62vHkLGnC5He")
+    assert (identity.ga_client_id, identity.ga_session_id) == ("1234567890.1706540000", "1706540100")
+    assert identity.set_cookies == ()
+
+
+def test_own_session_cookie_is_not_read_when_it_may_not_be_renewed() -> None:
+    """Without GA4 to create ids for, tagd's own session cookie is not a session: tagd
+    would not renew it, so only GA's C{_ga_*} cookies give one."""
+    identity = resolve({SESSION_COOKIE.encode(): b"1706540000"}, create_for=frozenset({META}))
+    assert identity.ga_session_id is None
+    assert SESSION_COOKIE.encode() not in cookies_set(identity)
+
+
+def test_a_new_click_is_used_but_not_kept_when_no_cookie_may_be_set() -> None:
+    """A URL C{fbclid} still makes the event's C{fbc} (it is the click itself, not an
+    invented id) and a URL C{ttclid} is used, but neither is written to a cookie."""
+    identity = resolve(query=b"fbclid=Click1&ttclid=E.C.P.xyz", create_for=frozenset())
+    assert identity.fbc == f"fb.1.{NOW_MS}.Click1"
+    assert identity.ttclid == "E.C.P.xyz"
+    assert identity.set_cookies == ()
+
+
+@pytest.mark.parametrize(
+    "platforms, expected",
+    [
+        ({META}, {b"_fbp", b"_fbc"}),
+        ({TIKTOK}, {b"ttclid"}),
+        ({GA4}, {b"_ga", SESSION_COOKIE.encode()}),
+        ({META, GA4}, {b"_fbp", b"_fbc", b"_ga", SESSION_COOKIE.encode()}),
+    ],
+)
+def test_cookies_only_for_the_platforms_named(platforms, expected) -> None:
+    """A first visit from a click on both networks gets the cookies of the named
+    platforms only, and ids are created for those platforms only."""
+    identity = resolve(query=b"fbclid=Click1&ttclid=E.C.P.xyz", create_for=frozenset(platforms))
+    assert set(cookies_set(identity)) == expected
+    assert (identity.fbp is not None) is (META in platforms)
+    assert (identity.ga_client_id is not None) is (GA4 in platforms)
+    assert (identity.ga_session_id is not None) is (GA4 in platforms)
+
+
 # --- event ids ------------------------------------------------------------------------------
 
 
@@ -302,8 +388,8 @@ def test_event_id_cookie() -> None:
     name, value, attrs = parse_set_cookie(header)
     assert (name, value) == (b"_eid", b"0123456789abcdef0123456789abcdef")
     assert attrs == {b"Max-Age": b"60", b"Path": b"/", b"SameSite": b"Lax", b"Secure": None}
-    plain = event_id_cookie("abc", EVENT_ID_COOKIE, False)
-    assert plain == b"_tagd_eid=abc; Max-Age=60; Path=/; SameSite=Lax"
+    plain = event_id_cookie("abc", TrackingConfig().event_id_cookie, False)
+    assert plain == b"tagd_event_id=abc; Max-Age=60; Path=/; SameSite=Lax"
 
 
 def test_event_id_cookie_escapes_unsafe_ids() -> None:
@@ -354,11 +440,13 @@ QUERIES = st.one_of(
     st.dictionaries(st.one_of(NAMES, st.binary(max_size=10)), VALUES, max_size=8),
     QUERIES,
     st.booleans(),
+    st.frozensets(st.sampled_from(sorted(PLATFORMS))),
 )
-def test_arbitrary_request_data_never_breaks_a_cookie(cookies, query, secure) -> None:
-    """Whatever the cookies and query hold, resolving never raises and every Set-Cookie is
-    one cookie-safe name=value pair followed by tagd's own attributes."""
-    identity = resolve(cookies, query, secure=secure)
+def test_arbitrary_request_data_never_breaks_a_cookie(cookies, query, secure, create_for) -> None:
+    """Whatever the cookies and query hold, and whichever platforms tagd may create ids
+    for, resolving never raises and every Set-Cookie is one cookie-safe name=value pair
+    followed by tagd's own attributes."""
+    identity = resolve(cookies, query, secure=secure, create_for=create_for)
     for header in identity.set_cookies:
         assert b"\r" not in header and b"\n" not in header
         name, value, attrs = parse_set_cookie(header)

@@ -40,6 +40,7 @@ LIFETIMES = {
     "_ga": 400 * 86400,
     "_tagd_sid": 1800,
     "tagd_event_id": 60,
+    "tagd_event_id_PageView": 60,
 }
 
 
@@ -119,9 +120,10 @@ async def test_view_content_reaches_every_platform_with_every_field(
     after = int(time.time())
     url = "https://shop.example/page?color=blue&size=L"
 
-    # The visitor: only the event-id cookie, secure since the visitor came over https.
+    # The visitor: only the event-id cookies, secure since the visitor came over https.
     set_cookies = cookies_set(response)
-    assert set(set_cookies) == {"tagd_event_id"}
+    assert set(set_cookies) == {"tagd_event_id", "tagd_event_id_ViewContent"}
+    assert set_cookies["tagd_event_id_ViewContent"] == set_cookies["tagd_event_id"]
     event_id, attributes = set_cookies["tagd_event_id"]
     assert HEX32.fullmatch(event_id)
     assert attributes["samesite"] == "Lax" and "secure" in attributes and "httponly" not in attributes
@@ -194,7 +196,7 @@ async def test_new_visitor_gets_first_party_cookies_that_match_the_events(
 ):
     """A first visit from an ad click (C{fbclid} and C{ttclid} in the URL, no cookies):
     tagd sets C{_fbp}, C{_fbc}, C{ttclid}, C{_ga}, its session cookie and the event-id
-    cookie, each with C{Path=/}, C{SameSite=Lax}, the platform's lifetime, and C{Secure}
+    cookies, each with C{Path=/}, C{SameSite=Lax}, the platform's lifetime, and C{Secure}
     exactly when the visitor's scheme is https; the platforms get the very same ids."""
     tagd = await start_tracking_tagd(proxy=trusting_loopback())
     visitor = await connect(tagd.port)

@@ -33,6 +33,7 @@ def origin_answer(tracking: bytes | None, status: bytes = b"200 OK") -> bytes:
     """
     head = [
         b"HTTP/1.1 " + status,
+        b"Date: Fri, 27 Nov 2026 08:00:00 GMT",  # with one, tagd adds none
         b"Content-Type: text/html; charset=utf-8",
         b"Cache-Control: private, max-age=0",
         b"Set-Cookie: cart=abc; Path=/; HttpOnly",

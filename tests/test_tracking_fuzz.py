@@ -33,13 +33,18 @@ from tagd.events import TrackingHeaderError, parse_tracking_header
 
 FIREFOX = b"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 BODY = b"<!doctype html><title>fuzz</title><p>body bytes \x00\xff kept as they are</p>\n"
-TAGD_COOKIES = (b"_fbp=", b"_fbc=", b"ttclid=", b"_ga=", b"_tagd_sid=", b"tagd_event_id=")
+TAGD_COOKIES = (b"_fbp=", b"_fbc=", b"ttclid=", b"_ga=", b"_tagd_sid=", b"tagd_event_id=", b"tagd_event_id_")
 TIMEOUT = 5.0
 
 
 def origin_answer(tracking: bytes | None) -> bytes:
     """The origin's response, the tracking line (if any) among the other headers."""
-    head = [b"HTTP/1.1 200 OK", b"Content-Type: text/html", b"Cache-Control: no-store"]
+    head = [
+        b"HTTP/1.1 200 OK",
+        b"Date: Fri, 27 Nov 2026 08:00:00 GMT",  # with one, tagd adds none
+        b"Content-Type: text/html",
+        b"Cache-Control: no-store",
+    ]
     if tracking is not None:
         head.append(b"Worker-Tracking: " + tracking)
     head += [b"X-Shop: fuzz", b"Content-Length: %d" % len(BODY)]
