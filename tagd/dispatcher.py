@@ -41,6 +41,7 @@ import treq
 from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import (
+    CancelledError,
     Deferred,
     DeferredSemaphore,
     ensureDeferred,
@@ -224,7 +225,11 @@ class Dispatcher(Service):
         while self.running:
             try:
                 await self._step(lane)
+            except CancelledError:
+                return  # Stopping: whatever was leased is released by stopService.
             except Exception:
+                if not self.running:
+                    return
                 log.failure("{destination}: cannot lease from the spool", destination=lane.name)
                 await self._nap(lane, self._poll_interval)
 

@@ -12,8 +12,9 @@ the services after them share what is left.
 from __future__ import annotations
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred, maybeDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 log = Logger()
 
@@ -43,17 +44,31 @@ class OrderedServices(MultiService):
         end = self._reactor.seconds() + self._deadline
         for service in reversed(list(self)):
             allowed = max(end - self._reactor.seconds(), MIN_GRACE)
-            stopping = maybeDeferred(service.stopService)
-            stopping.addTimeout(allowed, self._reactor)
-            try:
-                await stopping
-            except TimeoutError:
+            if not await self._stopped_within(service, allowed):
                 log.warn(
                     "{service} did not stop within the shutdown deadline; going on",
                     service=type(service).__name__,
                 )
-            except Exception:
-                log.failure("stopping {service} failed; going on", service=type(service).__name__)
+
+    def _stopped_within(self, service: Service, allowed: float) -> Deferred:
+        """Fires True once C{service} has stopped, or False when C{allowed} seconds pass.
+
+        A late stop is neither cancelled nor waited for: cancelling would make it fail
+        half-way (a spool cut mid-flush), and waiting would break the deadline.  Its work
+        ends with the process; what the spool committed is safe on disk.
+        """
+        outcome: Deferred = Deferred()
+        timer = self._reactor.callLater(allowed, outcome.callback, False)
+
+        def stopped(result):
+            if isinstance(result, Failure):
+                log.failure("stopping {service} failed; going on", result, service=type(service).__name__)
+            if timer.active():
+                timer.cancel()
+                outcome.callback(True)
+
+        maybeDeferred(service.stopService).addBoth(stopped)
+        return outcome
 
 
 class Draining(Service):

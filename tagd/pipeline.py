@@ -100,9 +100,8 @@ def build_tagging(config: Config, reactor, metrics: Metrics) -> tuple[TrackingHo
         )
     except SpoolError as e:
         log.error(
-            "spool {path} cannot be used ({reason}); events are sent straight to the "
-            "platforms, best effort, until it is fixed and tagd restarted",
-            path=config.spool.path,
+            "{reason}; events are sent straight to the platforms, best effort, until the "
+            "spool is fixed and tagd restarted",
             reason=str(e),
         )
         submit = DirectDelivery(reactor=reactor, routes=routes, http=http, metrics=metrics).submit

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import http.client
+import json
+import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import parse_qs, urlsplit
 
 # The checkout: the folder that holds setup.cfg, tagd.tac and this tests folder.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -95,3 +101,290 @@ def stop(process: subprocess.Popen, timeout: float = 5.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout)
+
+
+# -- blocking helpers for tests that start, kill and restart tagd as a real process ------
+#
+# The servers below run in threads of the test process, so that they outlive any tagd
+# process the test kills; the tests that use them are plain blocking code and never touch
+# the reactor that pytest-twisted runs.
+
+BROWSER_UA = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+SERVER_TIMEOUT = 5.0  # seconds any helper server waits on a socket or for its thread
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
+    """Poll C{predicate()} until it is true and return its value; fail saying C{what} after C{timeout}."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not {what} after {timeout} s")
+        time.sleep(interval)
+
+
+def browser_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, list[tuple[str, str]], bytes]:
+    """GET C{path} from 127.0.0.1:C{port} on a new connection, as a desktop browser would."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", path, headers={"User-Agent": BROWSER_UA, "Host": "shop.example"})
+        response = connection.getresponse()
+        return response.status, response.getheaders(), response.read()
+    finally:
+        connection.close()
+
+
+def tracking_header(event_id: str) -> str:
+    """A page view named C{event_id}; GA4 carries no event id, so it also goes in custom data."""
+    return json.dumps({"event_name": "PageView", "event_id": event_id, "custom_data": {"probe": event_id}})
+
+
+TRACKED_PAGE = b"<!doctype html><title>tracked</title>" + b"<p>page body</p>" * 200
+
+
+class TrackedOrigin(ThreadingHTTPServer):
+    """A shop's app on loopback, in threads: C{GET /e/ID?delay=S} answers L{TRACKED_PAGE}
+    after C{S} seconds, with the tracking header for the event C{ID}.
+
+    C{waiting} counts the requests held back by their delay right now; L{close} ends
+    every delay at once.
+    """
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _TrackedOriginHandler)
+        self.port = self.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.waiting = 0
+        self.released = threading.Event()
+        self.lock = threading.Lock()
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # tagd killed mid-answer: nothing to report
+
+    def close(self) -> None:
+        self.released.set()
+        self.shutdown()
+        self.server_close()
+        self._thread.join(SERVER_TIMEOUT)
+
+
+class _TrackedOriginHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = SERVER_TIMEOUT * 6
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        parts = urlsplit(self.path)
+        event_id = parts.path.rpartition("/")[2]
+        delay = float(parse_qs(parts.query).get("delay", ["0"])[0])
+        if delay:
+            with self.server.lock:
+                self.server.waiting += 1
+            try:
+                self.server.released.wait(delay)
+            finally:
+                with self.server.lock:
+                    self.server.waiting -= 1
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Worker-Tracking", tracking_header(event_id))
+        self.send_header("Content-Length", str(len(TRACKED_PAGE)))
+        self.end_headers()
+        self.wfile.write(TRACKED_PAGE)
+
+
+def event_ids_in(platform: str, body) -> list[str]:
+    """The event ids a platform request carries (GA4's in the C{probe} parameter)."""
+    if not isinstance(body, dict):
+        return []
+    if platform == "ga4":
+        events = body.get("events")
+        return [e.get("params", {}).get("probe") for e in events] if isinstance(events, list) else []
+    events = body.get("data")
+    return [e.get("event_id") for e in events] if isinstance(events, list) else []
+
+
+class ThreadedPlatform:
+    """A fake platform of tests/fakes.py served from a thread on a fixed loopback port.
+
+    Down (not listening) until L{up}; while up it can fail every request with an HTTP
+    status (C{failing}), answer late (C{delay}, seconds), and refuse for good any request
+    carrying an event id in C{refuse} (with the fake's answer to C{refusal}).  Otherwise
+    it answers as the fake does.  C{delivered} holds the ids of the events it accepted.
+    """
+
+    def __init__(self, platform: str, fake) -> None:
+        self.platform = platform
+        self.fake = fake
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.failing: int | None = None
+        self.delay = 0.0
+        self.refuse: set[str] = set()
+        self.refusal = None  # a fakes.Injection
+        self.delivered: list[str] = []
+        self.received: list[list[str]] = []  # the event ids of every request, in order
+        self.violations: list[str] = []
+        self.lock = threading.Lock()
+        self.released = threading.Event()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def up(self) -> None:
+        """Listen (on the port tagd was configured with) and answer."""
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), _PlatformHandler, bind_and_activate=False)
+        server.allow_reuse_address = True
+        server.daemon_threads = True
+        server.request_queue_size = 128
+        server.server_bind()
+        server.server_activate()
+        server.platform = self
+        server.handle_error = lambda request, address: None
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop listening and end every delayed answer."""
+        self.released.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(SERVER_TIMEOUT)
+            self._server = None
+
+    def answer(self, recorded) -> tuple[int, bytes]:
+        """Record C{recorded} and choose the answer (status, body) as configured."""
+        from fakes import Injection  # the fakes import the reactor; only tests that serve them pay
+
+        ids = event_ids_in(self.platform, recorded.body)
+        with self.lock:
+            self.received.append(ids)
+            self.violations.extend(str(v) for v in recorded.violations)
+        if self.delay:
+            self.released.wait(self.delay)
+        if self.failing is not None:
+            answer = self.fake.injected_answer(Injection(status=self.failing))
+        elif self.refuse & set(ids):
+            answer = self.fake.injected_answer(self.refusal)
+        else:
+            answer = self.fake.answer(recorded)
+            if 200 <= answer.status < 300 and not recorded.violations:
+                with self.lock:
+                    self.delivered.extend(ids)
+        body = b"" if answer.body is None else json.dumps(answer.body).encode()
+        return answer.status, body
+
+    def delivered_ids(self) -> set[str]:
+        """The ids of the events this platform accepted so far."""
+        with self.lock:
+            return set(self.delivered)
+
+
+class _PlatformHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the platforms' servers
+    timeout = SERVER_TIMEOUT * 12
+
+    def log_message(self, *args) -> None:  # no access lines: they would carry tokens
+        pass
+
+    def do_POST(self) -> None:
+        from fakes import Recorded
+
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        parts = urlsplit(self.path)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        recorded = Recorded(
+            method="POST",
+            path=parts.path,
+            query=parse_qs(parts.query),
+            headers={k.lower(): v for k, v in self.headers.items()},
+            raw=raw,
+            body=body,
+        )
+        platform = self.server.platform
+        recorded.violations.extend(platform.fake.check(recorded))
+        status, content = platform.answer(recorded)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        self.wfile.write(content)
+
+
+class TagdProcess:
+    """tagd as users run it, C{twistd -n --pidfile= tagd --config FILE}, which a test may
+    kill and start again; each run logs to a file of its own (C{tagd-N.log})."""
+
+    def __init__(self, config: Path, cwd: Path) -> None:
+        self.config = config
+        self.cwd = cwd
+        self.runs: list[tuple[subprocess.Popen, Path]] = []
+        self._files = []
+
+    @property
+    def process(self) -> subprocess.Popen:
+        """The latest run."""
+        return self.runs[-1][0]
+
+    def start(self, timeout: float = 20.0) -> int:
+        """Start a run and wait until it listens; return the port it listens on."""
+        log = self.cwd / f"tagd-{len(self.runs)}.log"
+        out = open(log, "wb")
+        self._files.append(out)
+        process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "tagd", "--config", str(self.config)],
+            cwd=self.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        self.runs.append((process, log))
+
+        def listening():
+            if process.poll() is not None:
+                raise AssertionError(f"tagd exited with {process.returncode}:\n{read_log(log)}")
+            return re.search(rb"starting on (\d+)", log.read_bytes())
+
+        return int(wait_until(listening, timeout, "listening", interval=0.02).group(1))
+
+    def kill(self) -> None:
+        """C{kill -9} the running tagd."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(SERVER_TIMEOUT)
+
+    def close(self) -> None:
+        """End every run still going (SIGTERM, then SIGKILL) and close the log files."""
+        for process, _ in self.runs:
+            stop(process)
+        for out in self._files:
+            out.close()
+
+    def logs(self) -> str:
+        """What every run logged, in order."""
+        return "".join(read_log(log) for _, log in self.runs)
+
+
+def spool_rows(path: Path) -> list[tuple[str, str, str, int, str | None]]:
+    """Every delivery in the spool file: (event_id, destination, status, attempts, last_error)."""
+    db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=5)
+    try:
+        return db.execute(
+            "SELECT e.event_id, d.destination, d.status, d.attempts, d.last_error"
+            " FROM deliveries d JOIN events e ON e.id = d.event ORDER BY e.event_id, d.destination"
+        ).fetchall()
+    finally:
+        db.close()

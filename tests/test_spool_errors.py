@@ -1,0 +1,215 @@
+"""A spool that cannot be opened: tagd says so once, and goes on proxying and tagging.
+
+tagd runs as users run it (C{twistd -n tagd --config FILE}) with its C{[spool] path} in a
+read-only directory, on a file that is not a database, or in a directory that does not
+exist.  In each case it must start, log one error line naming the path and the reason,
+answer visitors as always, still send their events straight to the platforms (best
+effort), stay up (no crash, hence no restart loop under systemd), leave the file it could
+not use as it was, and stop cleanly on SIGTERM.
+
+The origin and the fake Meta, GA4 and TikTok (tests/fakes.py) are served from threads.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAKE_GA4_SECRET, FAKE_META_TOKEN, FAKE_TIKTOK_TOKEN, toml_table
+from fakes import FakeGA4, FakeMeta, FakeTikTok
+from helpers import (
+    TRACKED_PAGE,
+    TagdProcess,
+    ThreadedPlatform,
+    TrackedOrigin,
+    browser_get,
+    free_port,
+    wait_until,
+)
+
+
+def _writable(directory: Path) -> bool:
+    probe = directory / "probe"
+    try:
+        probe.touch()
+    except OSError:
+        return False
+    probe.unlink()
+    return True
+
+
+@pytest.fixture
+def make_read_only():
+    """Make a directory unwritable for this process (root ignores permission bits, so the
+    directory is also made immutable), or skip; writable again after the test."""
+    changed: list[Path] = []
+
+    def make(directory: Path) -> None:
+        directory.chmod(0o555)
+        changed.append(directory)
+        if _writable(directory) and shutil.which("chattr"):
+            subprocess.run(["chattr", "+i", str(directory)], capture_output=True)
+        if _writable(directory):
+            pytest.skip("this process can write to any directory here (root without chattr)")
+
+    yield make
+    for directory in changed:
+        if shutil.which("chattr"):
+            subprocess.run(["chattr", "-i", str(directory)], capture_output=True)
+        directory.chmod(0o755)
+
+
+@pytest.fixture
+def servers():
+    """The origin and the three platforms, all up; stopped after the test."""
+    origin = TrackedOrigin()
+    platforms = (
+        ThreadedPlatform("meta", FakeMeta(pixel_id="1234", access_token=FAKE_META_TOKEN)),
+        ThreadedPlatform("ga4", FakeGA4(measurement_id="G-TEST", api_secret=FAKE_GA4_SECRET)),
+        ThreadedPlatform("tiktok", FakeTikTok(pixel_code="CTEST123", access_token=FAKE_TIKTOK_TOKEN)),
+    )
+    for platform in platforms:
+        platform.up()
+    try:
+        yield origin, platforms
+    finally:
+        for platform in platforms:
+            platform.close()
+        origin.close()
+
+
+def write_config(tmp_path: Path, origin: TrackedOrigin, platforms, spool: Path) -> Path:
+    meta, ga4, tiktok = platforms
+    config = tmp_path / "tagd.toml"
+    config.write_text(
+        toml_table("[proxy]", {"listen": f"tcp:{free_port()}:interface=127.0.0.1", "origin": origin.url})
+        + toml_table("[spool]", {"path": str(spool)})
+        + toml_table("[delivery]", {"poll_interval": 0.1})
+        + toml_table(
+            "[[destinations]]",
+            {"type": "meta", "name": "meta", "pixel_id": "1234", "access_token": FAKE_META_TOKEN,
+             "endpoint": meta.base},
+        )
+        + toml_table(
+            "[[destinations]]",
+            {"type": "ga4", "name": "ga4", "measurement_id": "G-TEST", "api_secret": FAKE_GA4_SECRET,
+             "endpoint": ga4.base},
+        )
+        + toml_table(
+            "[[destinations]]",
+            {"type": "tiktok", "name": "tiktok", "pixel_code": "CTEST123",
+             "access_token": FAKE_TIKTOK_TOKEN, "endpoint": tiktok.base},
+        )
+    )  # fmt: skip
+    return config
+
+
+def run_without_spool(
+    tmp_path: Path, origin: TrackedOrigin, platforms, spool: Path, reasons: tuple[str, ...]
+) -> None:
+    """Run tagd with the unusable C{spool}, visit tracked pages, and check everything this
+    module promises; C{reasons} are the words of which the error line must hold one."""
+    tagd = TagdProcess(write_config(tmp_path, origin, platforms, spool), tmp_path)
+    try:
+        port = tagd.start()
+        event_ids = [f"{spool.parent.name}-{i}" for i in range(5)]
+        for event_id in event_ids:
+            status, headers, body = browser_get(port, f"/e/{event_id}")
+            assert (status, body) == (200, TRACKED_PAGE)
+            cookies = [value for name, value in headers if name.lower() == "set-cookie"]
+            assert any(value.startswith("tagd_event_id=") for value in cookies), cookies
+        wait_until(
+            lambda: all(set(event_ids) <= platform.delivered_ids() for platform in platforms),
+            10,
+            "every event sent straight to every platform",
+        )
+        time.sleep(1.0)  # time for a crash or a second complaint to show
+        assert tagd.process.poll() is None, f"tagd exited:\n{tagd.logs()}"
+        assert browser_get(port, "/e/still-up")[0] == 200
+        tagd.process.terminate()
+        wait_until(lambda: tagd.process.poll() is not None, 10, "stopped after SIGTERM")
+    finally:
+        tagd.close()
+
+    log = tagd.logs()
+    assert len(tagd.runs) == 1
+    assert "Server Shut Down." in log
+    assert "Traceback" not in log and "Unhandled" not in log, log[-3000:]
+    errors = [line for line in log.splitlines() if "#error]" in line or "#critical]" in line]
+    assert len(errors) == 1, errors
+    (error,) = errors
+    assert str(spool) in error, error
+    assert any(reason in error for reason in reasons), error
+    for secret in (FAKE_META_TOKEN, FAKE_GA4_SECRET, FAKE_TIKTOK_TOKEN):
+        assert secret not in log
+    for platform in platforms:
+        assert platform.violations == []
+
+
+def test_spool_in_a_read_only_directory(tmp_path, servers, make_read_only):
+    """The spool's directory cannot be written: tagd logs one error naming the path and
+    why, proxies and tags as usual sending events straight to the platforms, stays up,
+    and creates nothing there."""
+    origin, platforms = servers
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    make_read_only(directory)
+    spool = directory / "spool.sqlite3"
+
+    run_without_spool(
+        tmp_path, origin, platforms, spool, ("Operation not permitted", "Permission denied", "read-only")
+    )
+    assert list(directory.iterdir()) == []
+
+
+def test_existing_spool_in_a_directory_made_read_only(tmp_path, servers, make_read_only):
+    """A spool from an earlier run whose directory has since become read-only (SQLite
+    cannot create its WAL files next to it): the same, and the file is left as it was."""
+    origin, platforms = servers
+    directory = tmp_path / "remounted"
+    directory.mkdir()
+    spool = directory / "spool.sqlite3"
+    earlier = TagdProcess(write_config(tmp_path, origin, platforms, spool), tmp_path / "earlier")
+    (tmp_path / "earlier").mkdir()
+    try:
+        earlier.start()
+        earlier.process.terminate()
+        wait_until(lambda: earlier.process.poll() is not None, 10, "the earlier run stopped")
+    finally:
+        earlier.close()
+    assert [p.name for p in directory.iterdir()] == ["spool.sqlite3"]
+    before = spool.read_bytes()
+    make_read_only(directory)
+
+    reasons = ("cannot be opened", "read-only", "Permission denied")
+    run_without_spool(tmp_path, origin, platforms, spool, reasons)
+    assert spool.read_bytes() == before
+    assert [p.name for p in directory.iterdir()] == ["spool.sqlite3"]
+
+
+def test_spool_file_that_is_not_a_database(tmp_path, servers):
+    """A spool file of garbage bytes: the same, and tagd never overwrites it (someone may
+    want to look at what it was)."""
+    origin, platforms = servers
+    directory = tmp_path / "corrupt"
+    directory.mkdir()
+    spool = directory / "spool.sqlite3"
+    garbage = random.Random(4).randbytes(64 * 1024)
+    spool.write_bytes(garbage)
+
+    run_without_spool(tmp_path, origin, platforms, spool, ("not a SQLite database", "damaged"))
+    assert spool.read_bytes() == garbage
+
+
+def test_spool_in_a_directory_that_does_not_exist(tmp_path, servers):
+    """The spool's directory does not exist: the same."""
+    origin, platforms = servers
+    spool = tmp_path / "missing" / "deeper" / "spool.sqlite3"
+
+    reasons = ("No such file or directory", "does its directory exist")
+    run_without_spool(tmp_path, origin, platforms, spool, reasons)
