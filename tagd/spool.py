@@ -471,10 +471,12 @@ class Spool:
         if rows:
             self._buffer.extend(rows)
             self._undelivered += len(rows)
-            if len(self._buffer) >= FLUSH_AT and self.healthy:
-                self.flush()
-            else:
+            if len(self._buffer) < FLUSH_AT or not self.healthy:
                 self._schedule(self._flush_interval)
+            elif not self._lock.locked:
+                self.flush()
+            # Else a commit is running and starts the next when it ends: one waiter at
+            # most, never one per tracked response.
         return len(rows)
 
     def flush(self) -> Deferred:
@@ -529,6 +531,10 @@ class Spool:
         self.commits += 1
         self._write_succeeded(len(batch))
         self.on_commit()
+        if len(self._buffer) >= FLUSH_AT:
+            self._reactor.callLater(0, self.flush)  # What piled up while this one ran.
+        elif self._buffer:
+            self._schedule(self._flush_interval)
 
     def _write_failed(self, reason: str) -> None:
         """Keep the buffer, try again later, and say so at most once a minute."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import select
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -84,41 +83,6 @@ def spool_log():
     globalLogPublisher.addObserver(observe)
     yield lines
     globalLogPublisher.removeObserver(observe)
-
-
-def _writable(directory: Path) -> bool:
-    """Whether this process can create a file in C{directory}."""
-    probe = directory / "probe"
-    try:
-        probe.touch()
-    except OSError:
-        return False
-    probe.unlink()
-    return True
-
-
-@pytest.fixture
-def make_read_only():
-    """Make a directory unwritable for this process, and writable again after the test.
-
-    Permission bits do it for a normal user; root ignores them, so for root the directory
-    is also made immutable (ext4 and most Linux file systems), or the test is skipped.
-    """
-    changed = []
-
-    def make(directory: Path) -> None:
-        directory.chmod(0o555)
-        changed.append(directory)
-        if _writable(directory) and shutil.which("chattr"):
-            subprocess.run(["chattr", "+i", str(directory)], capture_output=True)
-        if _writable(directory):
-            pytest.skip("this process can write to any directory here (root without chattr)")
-
-    yield make
-    for directory in changed:
-        if shutil.which("chattr"):
-            subprocess.run(["chattr", "-i", str(directory)], capture_output=True)
-        directory.chmod(0o755)
 
 
 async def trace_statements(spool: Spool) -> list[tuple[int, str]]:
@@ -722,3 +686,18 @@ async def test_failed_writes_are_retried_by_themselves(open_spool, path):
     await make_room(spool)
     await eventually(lambda: spool.healthy)
     assert count(path, "events") == 101
+
+
+@pytest_twisted.ensureDeferred
+async def test_enqueue_storm_during_a_commit_queues_no_flushes(open_spool, path):
+    """Thousands of tracked responses in one reactor turn, while a commit runs, queue no
+    flush per response (a chain of waiters once overflowed the stack and left the lock
+    taken for good): every event reaches the file, and the lock is free afterwards."""
+    spool = open_spool(flush_interval=60)
+    for n in range(4 * FLUSH_AT):
+        spool.enqueue([event(n)], ["meta"])
+    assert len(spool._lock.waiting) <= 1
+    await eventually(lambda: count(path, "events") == 4 * FLUSH_AT)
+    await eventually(lambda: not spool._lock.locked)
+    assert spool.buffered == 0
+    assert spool.commits <= 4
