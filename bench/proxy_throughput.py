@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -35,6 +36,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 HOST = "127.0.0.1"
 PATH = "/"
@@ -118,13 +120,13 @@ class Processes:
         self._servers.append(server)
         return server
 
-    def stop(self, server: Server) -> None:
-        """Terminate, then kill if it does not exit in time."""
+    def stop(self, server: Server, timeout: float = STOP_TIMEOUT) -> None:
+        """Terminate, then kill if it does not exit within C{timeout} seconds."""
         proc = server.proc
         if proc.poll() is None:
             proc.terminate()
             try:
-                proc.wait(STOP_TIMEOUT)
+                proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(STOP_TIMEOUT)
@@ -173,9 +175,9 @@ def wait_until_listening(server: Server, timeout: float = START_TIMEOUT) -> None
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def fetch(port: int) -> tuple[int, dict[str, str], bytes]:
-    """One GET of the page: status, headers (lower-case names) and body."""
-    url = f"http://{HOST}:{port}{PATH}"
+def fetch(port: int, path: str = PATH) -> tuple[int, dict[str, str], bytes]:
+    """One GET of C{path} (the page by default): status, headers (lower-case names) and body."""
+    url = f"http://{HOST}:{port}{path}"
     try:
         with _OPENER.open(url, timeout=REQUEST_TIMEOUT) as response:
             headers = {k.lower(): v for k, v in response.headers.items()}
@@ -340,21 +342,26 @@ def start_origin(processes: Processes, nginx: str | None, run_dir: str) -> tuple
 # --- the proxies --------------------------------------------------------------------------
 
 
-def start_tagd(processes: Processes, origin_port: int, run_dir: str) -> Server:
-    """tagd through twistd, as a user runs it, from the installed package and plugin."""
+def start_tagd(processes: Processes, origin_port: int, run_dir: str, name: str = "tagd", extra_config: str = "") -> Server:
+    """tagd through twistd, as a user runs it, from the installed package and plugin.
+
+    C{extra_config} is TOML appended after the C{[proxy]} table (destinations, spool), so
+    that other benchmarks start tagd the same way; C{name} keeps their runs apart.
+    """
     # twistd sits next to this Python in the virtual environment tagd is installed in.
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     if not os.path.exists(twistd):
         raise StartError(f"no twistd next to {sys.executable}; run with the venv's Python")
     port = free_port()
-    tagd_dir = os.path.join(run_dir, "tagd")
+    tagd_dir = os.path.join(run_dir, name)
     os.makedirs(tagd_dir)
     config = os.path.join(tagd_dir, "tagd.toml")
     with open(config, "w") as f:
         f.write(f'[proxy]\nlisten = "tcp:{port}:interface={HOST}"\norigin = "http://{HOST}:{origin_port}"\n')
+        f.write(extra_config)
     # cwd is a scratch directory so that a source checkout cannot shadow the installed plugin.
     argv = [twistd, "-n", "--pidfile=", "tagd", "--config", config]
-    return processes.start("tagd", port, argv, cwd=tagd_dir)
+    return processes.start(name, port, argv, cwd=tagd_dir)
 
 
 def start_stock(processes: Processes, origin_port: int, run_dir: str) -> Server:
@@ -387,11 +394,17 @@ def load_result(requests: int, seconds: float, size: int, errors: dict, latencie
     }
 
 
-def run_wrk(wrk: str, port: int, duration: int, connections: int, threads: int) -> dict:
-    """Drive C{port} with wrk over keep-alive; the Lua script hands back JSON."""
+def run_wrk(wrk: str, port: int, duration: int, connections: int, threads: int, headers: Sequence[str] = ()) -> dict:
+    """Drive C{port} with wrk over keep-alive; the Lua script hands back JSON.
+
+    C{headers} ("Name: value") go on every request, for a load that looks like browsers.
+    """
     url = f"http://{HOST}:{port}{PATH}"
     argv = [wrk, "-t", str(threads), "-c", str(connections), "-d", f"{duration}s",
-            "--timeout", f"{REQUEST_TIMEOUT:.0f}s", "--latency", "-s", WRK_SCRIPT, url]
+            "--timeout", f"{REQUEST_TIMEOUT:.0f}s", "--latency", "-s", WRK_SCRIPT]
+    for header in headers:
+        argv += ["-H", header]
+    argv.append(url)
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
     except subprocess.TimeoutExpired:
@@ -458,9 +471,10 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, int, bool]:
     return status, size, headers.get("connection") != "close"
 
 
-async def _client(port: int, deadline: float, tally: _Tally) -> None:
+async def _client(port: int, deadline: float, tally: _Tally, headers: Sequence[str] = ()) -> None:
     """One keep-alive connection sending requests back to back until the deadline."""
-    request = f"GET {PATH} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
+    extra = "".join(f"{header}\r\n" for header in headers)
+    request = f"GET {PATH} HTTP/1.1\r\nHost: {HOST}:{port}\r\n{extra}\r\n".encode("latin-1")
     writer = None
     try:
         while time.monotonic() < deadline:
@@ -499,13 +513,13 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, round(q * (len(sorted_values) - 1)))]
 
 
-def run_builtin(port: int, duration: int, connections: int, threads: int) -> dict:
+def run_builtin(port: int, duration: int, connections: int, threads: int, headers: Sequence[str] = ()) -> dict:
     """The fallback when wrk is missing: asyncio clients in this process (much slower)."""
     tally = _Tally()
 
     async def all_clients() -> None:
         deadline = time.monotonic() + duration
-        clients = [_client(port, deadline, tally) for _ in range(connections)]
+        clients = [_client(port, deadline, tally, headers) for _ in range(connections)]
         await asyncio.wait_for(asyncio.gather(*clients), duration + 2 * REQUEST_TIMEOUT + 5)
 
     started = time.monotonic()
@@ -523,16 +537,26 @@ def run_builtin(port: int, duration: int, connections: int, threads: int) -> dic
 # --- one proxy's run -------------------------------------------------------------------------------
 
 
-def measure(server: Server, origin: Server, drive, args, expected_body: bytes) -> dict:
-    """Warm up, drive the proxy, and check that it still answers right afterwards."""
-    if args.warmup > 0:
-        drive(server.port, args.warmup, args.connections, args.threads)
-    cpu_before = (server.cpu_seconds(), origin.cpu_seconds())
-    result = drive(server.port, args.duration, args.connections, args.threads)
-    cpu_after = (server.cpu_seconds(), origin.cpu_seconds())
-    for key, before, after in zip(("proxy_cpu_pct", "origin_cpu_pct"), cpu_before, cpu_after):
+def measure(server: Server, origin: Server, drive, args, expected_body: bytes, others: Sequence[Server] = (),
+            around_run=contextlib.nullcontext) -> dict:
+    """Warm up, drive the proxy, and check that it still answers right afterwards.
+
+    The CPU of C{others} (more processes the proxy depends on) is reported as
+    C{<name>_cpu_pct}; C{warmup_requests} counts the requests of the warm-up, which
+    reached the proxy too.  C{around_run()} is a context manager entered for the measured
+    run only, after the warm-up: a profiler attached there sees the steady state.
+    """
+    warmup = drive(server.port, args.warmup, args.connections, args.threads) if args.warmup > 0 else None
+    watched = [server, origin, *others]
+    keys = ["proxy_cpu_pct", "origin_cpu_pct", *(f"{other.name}_cpu_pct" for other in others)]
+    cpu_before = [s.cpu_seconds() for s in watched]
+    with around_run():
+        result = drive(server.port, args.duration, args.connections, args.threads)
+    cpu_after = [s.cpu_seconds() for s in watched]
+    for key, before, after in zip(keys, cpu_before, cpu_after):
         ok = before is not None and after is not None and result["seconds"] > 0
         result[key] = round(100 * (after - before) / result["seconds"]) if ok else None
+    result["warmup_requests"] = warmup["requests"] if warmup else 0
     result["name"] = server.name
     result["alive_after"] = server.proc.poll() is None
     result["answer_ok_after"] = result["alive_after"] and check_answer(server, expected_body, "after ")
@@ -572,21 +596,27 @@ def _ms(value: float) -> str:
     return f"{value:.2f}"
 
 
-def _pct(value) -> str:
+def cpu_cell(value) -> str:
+    """A CPU percentage for a table; "-" where /proc could not tell."""
     return "-" if value is None else f"{value}%"
+
+
+def print_columns(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A plain-text table: the first column left-aligned, the figures right-aligned."""
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+    for row in (columns, *rows):
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]
+        print("  ".join(cells))
 
 
 def print_table(results: list[dict]) -> None:
     columns = ("proxy", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "proxy CPU", "origin CPU")
     rows = [
         (r["name"], f"{r['rps']:,.0f}", _ms(r["p50_ms"]), _ms(r["p90_ms"]), _ms(r["p99_ms"]),
-         str(r["error_total"]), _pct(r["proxy_cpu_pct"]), _pct(r["origin_cpu_pct"]))
+         str(r["error_total"]), cpu_cell(r["proxy_cpu_pct"]), cpu_cell(r["origin_cpu_pct"]))
         for r in results
     ]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
-    for row in (columns, *rows):
-        cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]
-        print("  ".join(cells))
+    print_columns(columns, rows)
 
 
 def ratios(results: list[dict]) -> dict:
@@ -705,10 +735,14 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+def run_and_clean_up(args, run, prefix: str = "tagd-bench-") -> int:
+    """C{run(args, processes)} in a scratch directory, ending every process it started
+    however it ends (error, Ctrl-C, SIGTERM); returns the exit status.
+
+    C{args.run_dir} is set to the scratch directory; C{args.keep} keeps it afterwards.
+    """
     signal.signal(signal.SIGTERM, _terminate)
-    args.run_dir = tempfile.mkdtemp(prefix="tagd-bench-")
+    args.run_dir = tempfile.mkdtemp(prefix=prefix)
     processes = Processes(args.run_dir)
     try:
         return run(args, processes)
@@ -727,6 +761,10 @@ def main(argv: list[str]) -> int:
             print(f"scratch directory kept: {args.run_dir}")
         else:
             shutil.rmtree(args.run_dir, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    return run_and_clean_up(parse_args(argv), run)
 
 
 if __name__ == "__main__":
