@@ -158,13 +158,23 @@ def destination_values(destination: DestinationConfig) -> dict[str, Any]:
     return values
 
 
+def table_values(table: Any) -> dict[str, Any]:
+    """Every key of one table with its value; a key marked secret in its field's metadata
+    (C{[admin] token}) is masked when set, and shown empty when not."""
+    return {
+        field.name: masked(value) if field.metadata.get("secret") and value else value
+        for field in attrs.fields(type(table))
+        for value in [getattr(table, field.name)]
+    }
+
+
 def resolved_toml(config: Config) -> str:
     """The whole effective configuration as TOML: every table and key, secrets masked."""
     lines = [f"# tagd: {config.path}: valid"]
     for field in attrs.fields(Config):
         value = getattr(config, field.name)
         if attrs.has(type(value)):
-            lines += ["", f"[{field.name}]", *toml_lines(attrs.asdict(value, recurse=False))]
+            lines += ["", f"[{field.name}]", *toml_lines(table_values(value))]
     for destination in config.destinations:
         lines += ["", "[[destinations]]", *toml_lines(destination_values(destination))]
     return "\n".join(lines)

@@ -89,6 +89,17 @@ class DeliveryConfig:
 
 
 @attrs.frozen
+class AdminConfig:
+    """The C{[admin]} table: where C{/metrics} and C{/healthz} are served, and their token.
+
+    C{token} is a secret (C{metadata["secret"]}): C{tagd check-config} masks it.
+    """
+
+    listen: str = "tcp:9100:interface=127.0.0.1"
+    token: str = attrs.field(default="", repr=False, metadata={"secret": True})
+
+
+@attrs.frozen
 class DestinationConfig:
     """One C{[[destinations]]} table, checked and built into its destination object."""
 
@@ -108,6 +119,7 @@ class Config:
     tracking: TrackingConfig = TrackingConfig()
     spool: SpoolConfig = SpoolConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    admin: AdminConfig = AdminConfig()
     destinations: tuple[DestinationConfig, ...] = ()
 
 
@@ -217,6 +229,14 @@ def _cookie_name(value: str) -> str:
     return value
 
 
+def _bearer_token(value: str) -> str:
+    # What an Authorization header can carry as one word.  The message never quotes the
+    # value: it is a secret.
+    if not all("\x21" <= c <= "\x7e" for c in value):
+        raise ValueError("may hold only printable ASCII without spaces")
+    return value
+
+
 def _identity(value: Any) -> Any:
     return value
 
@@ -249,6 +269,10 @@ _DELIVERY_FIELDS: dict[str, _Field] = {
     "backoff_cap": _SECONDS,
     "max_retry_after": _SECONDS,
 }
+_ADMIN_FIELDS: dict[str, _Field] = {
+    "listen": ((str,), "a string", _endpoint_string),
+    "token": ((str,), "a string", _bearer_token),
+}
 _TRACKING_FIELDS: dict[str, _Field] = {
     "include_paths": _STRINGS,
     "exclude_paths": _STRINGS,
@@ -267,6 +291,7 @@ _TABLES = {
     "tracking": (_TRACKING_FIELDS, TrackingConfig),
     "spool": (_SPOOL_FIELDS, SpoolConfig),
     "delivery": (_DELIVERY_FIELDS, DeliveryConfig),
+    "admin": (_ADMIN_FIELDS, AdminConfig),
 }
 _DESTINATION_COMMON: dict[str, _Field] = {
     "type": ((str,), "a string", _identity),

@@ -191,6 +191,8 @@ def meta_user_data(user_data: Mapping[str, Iterable[str]]) -> dict[str, list[str
     Keys Meta does not hash (IP, user agent, fbp, fbc) are not read from here at all;
     unknown keys are ignored rather than sent raw.
     """
+    if not user_data:
+        return {}  # Most events carry none: no field to normalise.
     fields = {key: _hashed_values(user_data.get(key, ()), _META[key]) for key in _META}
     return {key: hashes for key, hashes in fields.items() if hashes}
 
@@ -198,6 +200,8 @@ def meta_user_data(user_data: Mapping[str, Iterable[str]]) -> dict[str, list[str
 def tiktok_user_fields(user_data: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
     """TikTok's hashed C{user} fields (C{email}, C{phone}, C{external_id}) from Meta-named
     user data: key to list of SHA-256 hex, empty fields left out."""
+    if not user_data:
+        return {}
     fields = {
         name: _hashed_values(user_data.get(source, ()), normalise)
         for name, (source, normalise) in _TIKTOK.items()

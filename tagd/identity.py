@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from email.utils import formatdate
+from functools import lru_cache
 from typing import Collection, Iterable, Mapping, Protocol
 from urllib.parse import quote, unquote_to_bytes
 
@@ -58,7 +59,8 @@ _MAX_COOKIE = 1024
 
 
 class RandomSource(Protocol):
-    """What tagd needs from a source of randomness: C{random.SystemRandom()} in production."""
+    """What tagd needs from a source of randomness: a C{random.Random} seeded from the OS in
+    production (ids must be unique, not unpredictable)."""
 
     def randrange(self, start: int, stop: int = ..., /) -> int: ...
 
@@ -158,11 +160,18 @@ def set_cookie(
         raise ValueError(f"refusing to write an unsafe cookie {name!r}")
     parts = [f"{name}={value}", f"Max-Age={max_age}"]
     if now is not None:
-        parts.append("Expires=" + formatdate(now + max_age, usegmt=True))
+        parts.append(_expires(int(now + max_age)))
     parts += ["Path=/", "SameSite=Lax"]
     if secure:
         parts.append("Secure")
     return "; ".join(parts).encode("ascii")
+
+
+@lru_cache(maxsize=16)
+def _expires(second: int) -> str:
+    """The C{Expires} attribute for a Unix second: formatted once per second and lifetime,
+    not for every cookie of every tracked response."""
+    return "Expires=" + formatdate(second, usegmt=True)
 
 
 # --- Meta -----------------------------------------------------------------------------------

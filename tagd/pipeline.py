@@ -10,7 +10,7 @@ take the shop down, nor turn into a restart loop under systemd.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import inlineCallbacks
@@ -105,13 +105,7 @@ def build_tagging(config: Config, reactor, metrics: Metrics) -> tuple[TrackingHo
             reason=str(e),
         )
         submit = DirectDelivery(reactor=reactor, routes=routes, http=http, metrics=metrics).submit
-        tracker = Tracker(
-            config=config.tracking,
-            submit=submit,
-            metrics=metrics,
-            destination_types={d.type for d in config.destinations},
-        )
-        return tracker, [_Delivery(None, None, pool)]
+        return _tracker(config, submit, metrics), [_Delivery(None, None, pool)]
     delivery = config.delivery
     dispatcher = Dispatcher(
         reactor=reactor,
@@ -128,10 +122,14 @@ def build_tagging(config: Config, reactor, metrics: Metrics) -> tuple[TrackingHo
     names = [d.name for d in config.destinations]
     spool.on_commit = lambda: [dispatcher.wake(name) for name in names]
     submit = _Enqueue(spool, names, metrics)
-    tracker = Tracker(
+    return _tracker(config, submit, metrics), [_Delivery(dispatcher, spool, pool)]
+
+
+def _tracker(config: Config, submit: Callable[[Sequence[Event]], object], metrics: Metrics) -> Tracker:
+    """The tracker for C{config}'s tracking settings and destinations, handing events to C{submit}."""
+    return Tracker(
         config=config.tracking,
         submit=submit,
         metrics=metrics,
         destination_types={d.type for d in config.destinations},
     )
-    return tracker, [_Delivery(dispatcher, spool, pool)]

@@ -62,6 +62,9 @@ from tagd.events import Event
 log = Logger()
 
 FLUSH_AT = 500  # buffered events that start a group commit before the interval is up
+# Events of this process kept in memory, decoded, until every destination leased them once:
+# enough for the rows a healthy dispatcher leases within a second or two of their commit.
+KNOWN_EVENTS = 5000
 RETRY_WRITE_AFTER = 1.0  # seconds between attempts to write the buffer once a write failed
 LOG_EVERY = 60.0  # while writes fail, at most one log line per this many seconds
 MAX_ERROR = 500  # characters of an error message kept with a delivery
@@ -115,6 +118,11 @@ _RETRY_DEAD = (
     f" WHERE status = 'dead' AND (? IS NULL OR destination = ?) AND {_KEYS}"
 )
 _OWED_EVENTS = f"SELECT COUNT(DISTINCT event) FROM deliveries WHERE {_OWED} AND {_KEYS}"
+_OWED_ROWS = f"SELECT event FROM deliveries WHERE destination = ? AND {_OWED} AND {_KEYS}"
+_NO_LONGER_OWED = (
+    "SELECT COUNT(*) FROM json_each(?) AS k"
+    f" WHERE NOT EXISTS (SELECT 1 FROM deliveries WHERE event = k.value AND {_OWED})"
+)
 _FORGET_FINISHED = (
     "DELETE FROM events WHERE id IN (SELECT value FROM json_each(?))"
     " AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event = events.id)"
@@ -173,9 +181,10 @@ class DeadLetter:
 
 @attrs.frozen
 class _Buffered:
-    """An accepted event waiting for the next group commit, already serialised."""
+    """An accepted event waiting for the next group commit, already serialised; the event
+    itself goes to the spool's map of known events once committed (see L{_insert})."""
 
-    event_id: str
+    event: Event
     created: float
     body: str
     destinations: tuple[str, ...]
@@ -188,14 +197,35 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} cannot be stored in the spool")
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_plain)
+
+
 def event_to_json(event: Event) -> str:
     """The event as a JSON object of all its fields (L{event_from_json} restores it exactly).
 
     Non-finite numbers are refused: the tracking header cannot carry them, and the stored
     text must stay JSON that SQLite's own functions can read.
     """
-    fields = attrs.asdict(event, recurse=False)
-    return json.dumps(fields, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_plain)
+    # By hand rather than attrs.asdict: this runs for every tracked event, on the reactor.
+    fields = {
+        "event_name": event.event_name,
+        "event_id": event.event_id,
+        "event_time": event.event_time,
+        "source_url": event.source_url,
+        "client_ip": event.client_ip,
+        "user_agent": event.user_agent,
+        "referrer": event.referrer,
+        "custom_data": event.custom_data,
+        "contents": event.contents,
+        "user_data": event.user_data,
+        "fbp": event.fbp,
+        "fbc": event.fbc,
+        "ttclid": event.ttclid,
+        "ttp": event.ttp,
+        "ga_client_id": event.ga_client_id,
+        "ga_session_id": event.ga_session_id,
+    }
+    return _ENCODER.encode(fields)
 
 
 def event_from_json(text: str) -> Event:
@@ -264,22 +294,60 @@ def _prepare(db: sqlite3.Connection) -> int:
         return db.execute(f"SELECT COUNT(DISTINCT event) FROM deliveries WHERE {_OWED}").fetchone()[0]
 
 
-def _insert(db: sqlite3.Connection, batch: Sequence[_Buffered]) -> None:
-    """The group commit: every buffered event and its deliveries, in one transaction."""
+def _insert(db: sqlite3.Connection, batch: Sequence[_Buffered], known: dict[int, list]) -> None:
+    """The group commit: every buffered event and its deliveries, in one transaction.
+
+    Once committed, each event also goes into C{known} (row key to C{[event, destinations
+    left to lease it]}), so that L{_lease} need not decode what this process just wrote.
+    Only then: the keys of a transaction rolled back are given again.
+    """
+    committed = []
     with _transaction(db):
         for item in batch:
             event = db.execute(
                 "INSERT INTO events (event_id, created, body) VALUES (?, ?, ?)",
-                (item.event_id, item.created, item.body),
+                (item.event.event_id, item.created, item.body),
             ).lastrowid
             db.executemany(
                 "INSERT INTO deliveries (event, destination, status, next_at) VALUES (?, ?, 'pending', ?)",
                 [(event, destination, item.created) for destination in item.destinations],
             )
+            committed.append((event, [item.event, len(item.destinations)]))
+    known.update(committed)
+    # Oldest first: those a destination did not lease in time are decoded when it does.
+    while len(known) > KNOWN_EVENTS:
+        del known[next(iter(known))]
+
+
+def _keep(db: sqlite3.Connection, destination: str, keys: Sequence[int], sql: str, *params: Any) -> tuple[int, int]:
+    """Run C{sql}, which leaves the rows it changes owed (in flight, released, retried), on
+    the rows of C{destination} and C{keys}; returns the rows changed, and 0: no event
+    stops being owed, so there is nothing to count or forget."""
+    return db.execute(sql, (*params, destination, json.dumps(list(keys)))).rowcount, 0
+
+
+def _end(db: sqlite3.Connection, destination: str, keys: Sequence[int], sql: str, *params: Any) -> tuple[int, int]:
+    """Run C{sql}, which ends owed rows (acknowledged, dead, expired), on the rows of
+    C{destination} and C{keys}; returns the rows changed, and how many events stopped being
+    owed to any destination.
+
+    Only the events of the rows it ends can stop being owed: they are read first, and
+    after the change those with no owed row left are counted, and forgotten once no row
+    refers to them.  Lookups by key only, whatever the backlog.
+    """
+    ending = [event for (event,) in db.execute(_OWED_ROWS, (destination, json.dumps(list(keys))))]
+    if not ending:
+        return 0, 0
+    ending_json = json.dumps(ending)
+    changed = db.execute(sql, (*params, destination, ending_json)).rowcount
+    resolved = db.execute(_NO_LONGER_OWED, (ending_json,)).fetchone()[0]
+    db.execute(_FORGET_FINISHED, (ending_json,))
+    return changed, resolved
 
 
 def _apply(db: sqlite3.Connection, keys: Sequence[int], sql: str, *params: Any) -> tuple[int, int]:
-    """Run C{sql} on the rows of C{keys}, inside the caller's transaction.
+    """Run C{sql}, which may make rows owed again, on the rows of C{keys}, inside the
+    caller's transaction.
 
     Returns the rows changed, and how many of the events stopped being owed to any
     destination (the spool's bound counts those).  An event row goes once no delivery
@@ -293,13 +361,27 @@ def _apply(db: sqlite3.Connection, keys: Sequence[int], sql: str, *params: Any) 
     return changed, before - after
 
 
-def _change(db: sqlite3.Connection, keys: Sequence[int], sql: str, *params: Any) -> tuple[int, int]:
-    """L{_apply} in a transaction of its own."""
+def _change(db: sqlite3.Connection, apply: Callable[..., tuple[int, int]], *args: Any) -> tuple[int, int]:
+    """C{apply(db, *args)} (L{_keep} or L{_end}) in a transaction of its own."""
     with _transaction(db):
-        return _apply(db, keys, sql, *params)
+        return apply(db, *args)
 
 
-def _lease(db: sqlite3.Connection, destination: str, limit: int, now: float) -> tuple[list[Lease], int]:
+def _event(known: dict[int, list], key: int, body: str) -> Event:
+    """The event of row C{key}: from C{known} while a destination has yet to lease it,
+    else decoded from its stored C{body} (rows from before a restart, retried rows)."""
+    entry = known.get(key)
+    if entry is None:
+        return event_from_json(body)
+    entry[1] -= 1
+    if not entry[1]:
+        del known[key]
+    return entry[0]
+
+
+def _lease(
+    db: sqlite3.Connection, destination: str, limit: int, now: float, known: dict[int, list]
+) -> tuple[list[Lease], int]:
     """Take up to C{limit} due rows, oldest first, and mark them C{inflight}.
 
     A stored event that no longer decodes is dead-lettered here, so that one bad row can
@@ -309,11 +391,11 @@ def _lease(db: sqlite3.Connection, destination: str, limit: int, now: float) -> 
     with _transaction(db):
         for key, attempts, body in db.execute(_DUE, (destination, now, limit)).fetchall():
             try:
-                leases.append(Lease(key, event_from_json(body), attempts))
+                leases.append(Lease(key, _event(known, key, body), attempts))
             except Exception as e:
                 error = f"the stored event cannot be read ({type(e).__name__})"
-                resolved += _apply(db, [key], _DEAD, error, destination)[1]
-        _apply(db, [lease.key for lease in leases], _INFLIGHT, destination)
+                resolved += _end(db, destination, [key], _DEAD, error)[1]
+        _keep(db, destination, [lease.key for lease in leases], _INFLIGHT)
     return leases, resolved
 
 
@@ -360,6 +442,7 @@ class Spool:
         self._flush_interval = flush_interval
         self._undelivered = 0
         self._buffer: list[_Buffered] = []
+        self._known: dict[int, list] = {}  # see _insert; touched on the spool's thread only
         self._timer = None
         self._lock = DeferredLock()  # one group commit at a time, in order
         self._logged_at: float | None = None
@@ -467,7 +550,7 @@ class Spool:
             raise ValueError("an event needs at least one destination")
         room = max(0, self._max_events - self._undelivered)
         now = self._reactor.seconds()
-        rows = [_Buffered(event.event_id, now, event_to_json(event), targets) for event in events[:room]]
+        rows = [_Buffered(event, now, event_to_json(event), targets) for event in events[:room]]
         if rows:
             self._buffer.extend(rows)
             self._undelivered += len(rows)
@@ -523,7 +606,7 @@ class Spool:
         if not batch:
             return
         try:
-            await self._run(_insert, batch)
+            await self._run(_insert, batch, self._known)
         except Exception as e:
             self._buffer[:0] = batch
             self._write_failed(str(e) if isinstance(e, SpoolError) else type(e).__name__)
@@ -564,30 +647,30 @@ class Spool:
         row from its C{next_at}.  That order is the leasing index's own, so a lease costs
         the same with a large backlog as with a small one.
         """
-        return self._counted(_lease, destination, limit, now)
+        return self._counted(_lease, destination, limit, now, self._known)
 
     def ack(self, destination: str, keys: Sequence[int]) -> Deferred:
         """Delivered: forget these deliveries (and each event once nothing else is owed for it)."""
-        return self._counted(_change, keys, _ACK, destination)
+        return self._counted(_change, _end, destination, keys, _ACK)
 
     def retry(self, destination: str, keys: Sequence[int], next_at: float, error: str) -> Deferred:
         """A failed attempt: pending again from C{next_at}, one more attempt counted.
 
         C{error} is kept for people: it must not contain personal data.
         """
-        return self._counted(_change, keys, _RETRY, next_at, _clip(error), destination)
+        return self._counted(_change, _keep, destination, keys, _RETRY, next_at, _clip(error))
 
     def release(self, destination: str, keys: Sequence[int]) -> Deferred:
         """Not attempted after all (cancelled, throttled): pending again, as it was."""
-        return self._counted(_change, keys, _RELEASE, destination)
+        return self._counted(_change, _keep, destination, keys, _RELEASE)
 
     def dead(self, destination: str, keys: Sequence[int], error: str) -> Deferred:
         """Given up on (a permanent failure, the attempt counted); C{error} as for L{retry}."""
-        return self._counted(_change, keys, _DEAD, _clip(error), destination)
+        return self._counted(_change, _end, destination, keys, _DEAD, _clip(error))
 
     def expire(self, destination: str, keys: Sequence[int]) -> Deferred:
         """Too old for the platform to take: kept as C{expired}, never sent."""
-        return self._counted(_change, keys, _EXPIRE, destination)
+        return self._counted(_change, _end, destination, keys, _EXPIRE)
 
     def retry_dead(self, destination: str | None = None) -> Deferred:
         """Dead deliveries (of one destination, or all) pending again with no attempts; fires with their number."""

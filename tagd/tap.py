@@ -12,6 +12,7 @@ from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from tagd.admin import Health, build_admin
 from tagd.clientip import ClientIPResolver
 from tagd.config import Config, ConfigError, load_config, parse_config
 from tagd.origin import OriginClient
@@ -20,6 +21,7 @@ from tagd.site import TagdSite
 from tagd.lifecycle import Draining, OrderedServices, visitor_budget
 from tagd.metrics import Metrics
 from tagd.pipeline import build_tagging
+from tagd.spool import Spool
 
 DEFAULT_CONFIG = "tagd.toml"
 
@@ -66,15 +68,25 @@ class _OriginService(Service):
         return self._client.close()
 
 
+def _spool(delivery: list[Service]) -> Spool | None:
+    """The spool the delivery service writes to; None when it could not be opened (or no
+    destination is configured).  L{build_tagging} keeps it inside that service."""
+    return next((service._spool for service in delivery), None)
+
+
 def build_service(config: Config, reactor, metrics: Metrics | None = None) -> MultiService:
     """The service tree for C{config}, in start-up order (shutdown runs it backwards):
-    delivery, origin connections, draining of visitors in flight, the visitor listener."""
+    the admin listener, delivery, origin connections, draining of visitors in flight, the
+    visitor listener.
+
+    The admin listener starts first and stops last: through the whole shutdown, while
+    visitors drain and the spool flushes, C{/healthz} answers 503 instead of refusing
+    connections (which a monitor cannot tell from a crash), and C{/metrics} stays readable.
+    """
     proxy = config.proxy
     metrics = metrics if metrics is not None else Metrics()
     top = OrderedServices(reactor, deadline=proxy.shutdown_timeout)
     hook, delivery = build_tagging(config, reactor, metrics)
-    for service in delivery:
-        service.setServiceParent(top)
     client = OriginClient(
         reactor,
         proxy.origin,
@@ -92,11 +104,18 @@ def build_service(config: Config, reactor, metrics: Metrics | None = None) -> Mu
         response_timeout=proxy.response_timeout,
         on_tracking=hook,
     )
+    listener = strports.service(proxy.listen, TagdSite(resource), reactor=reactor)
+    health = Health(
+        serving=lambda: listener.running, spool=_spool(delivery), spool_wanted=bool(config.destinations)
+    )
+    build_admin(config.admin, reactor, metrics, proxy=resource, health=health).setServiceParent(top)
+    for service in delivery:
+        service.setServiceParent(top)
     _OriginService(client).setServiceParent(top)
     Draining(
         reactor, lambda: resource.in_flight, budget=visitor_budget(proxy.shutdown_timeout)
     ).setServiceParent(top)
-    strports.service(proxy.listen, TagdSite(resource), reactor=reactor).setServiceParent(top)
+    listener.setServiceParent(top)
     return top
 
 

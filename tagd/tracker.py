@@ -10,8 +10,10 @@ by reason; a malformed header is logged with its reason, never with its content.
 
 from __future__ import annotations
 
+import os
+import random
 import time
-from random import SystemRandom
+from functools import lru_cache
 from typing import Callable, Collection, Sequence
 
 from twisted.logger import Logger
@@ -40,6 +42,9 @@ log = Logger()
 MAX_EVENT_AGE = 7 * 24 * 3600
 MAX_CLOCK_SKEW = 60
 MALFORMED_LOG_INTERVAL = 60.0
+# Distinct tracking header values whose parsed events are kept: a cached page sends the
+# same value to every visitor, and parsing it again would give the same immutable specs.
+PARSED_HEADERS = 256
 # Not page views: uptime monitors probe with HEAD, browsers preflight with OPTIONS.
 UNTRACKED_METHODS = frozenset({b"HEAD", b"OPTIONS"})
 # The platforms whose first-party cookies each destination type calls for.  A platform that
@@ -78,7 +83,11 @@ class Tracker:
         self._submit = submit
         self._metrics = metrics
         self._clock = clock
-        self._rand = rand if rand is not None else SystemRandom()
+        # Ids need to be unique, not secret (a cookie shows them to the page anyway): a
+        # per-process generator seeded from the OS is as unique and much cheaper than
+        # asking the OS every time.
+        self._rand = rand if rand is not None else random.Random(os.urandom(32))
+        self._parsed = lru_cache(maxsize=PARSED_HEADERS)(self._parse_value)
         self._paths = PathFilter(config.include_paths, config.exclude_paths)
         self._statuses = tracked_statuses(config.track_statuses)
         self._bots = BotDetector(config.extra_bots, config.allow_bots)
@@ -86,13 +95,15 @@ class Tracker:
         self._malformed_unlogged = 0
 
     def __call__(self, values: list[bytes], visit: Visit) -> Tracked | None:
-        reason = self._refusal(visit)
+        headers = visit.request_headers
+        user_agent = headers.getRawHeaders(b"user-agent", (b"",))[0].decode("latin-1")
+        reason = self._refusal(visit, user_agent)
         if reason is not None:
             self._metrics.tracking_dropped.labels(reason).inc()
             return None
-        cookies = parse_cookie_header(visit.request_headers.getRawHeaders(b"cookie", ()))
+        cookies = parse_cookie_header(headers.getRawHeaders(b"cookie", ()))
         if consent_refused(
-            visit.request_headers,
+            headers,
             cookies,
             honor_gpc=self._config.honor_gpc,
             consent_cookie=self._config.consent_cookie or None,
@@ -104,21 +115,22 @@ class Tracker:
         if not specs:
             return None
         now = self._clock()
+        secure = visit.scheme == "https"
         identity = resolve_identity(
             cookies=cookies,
             query=visit.uri.partition(b"?")[2],
             now=now,
-            secure=visit.scheme == "https",
+            secure=secure,
             rand=self._rand,
             create_for=self._create_for,
         )
         event_ids = [spec.event_id or new_event_id(self._rand) for spec in specs]
         set_cookies = list(identity.set_cookies)
         if self._config.event_id_cookie:
-            set_cookies += self._event_id_cookies(specs, event_ids, visit.scheme == "https", now)
+            set_cookies += self._event_id_cookies(specs, event_ids, secure, now)
 
         def deliver() -> None:
-            events = self._events(specs, event_ids, visit, identity, now)
+            events = self._events(specs, event_ids, visit, user_agent, identity, now)
             if events:
                 self._metrics.events_accepted.inc(len(events))
                 self._submit(events)
@@ -142,7 +154,7 @@ class Tracker:
             values.setdefault(f"{name}_{spec.event_name}", event_id)
         return [event_id_cookie(value, key, secure, now=now) for key, value in values.items()]
 
-    def _refusal(self, visit: Visit) -> str | None:
+    def _refusal(self, visit: Visit, user_agent: str) -> str | None:
         """Why this response is not tracked at all, or None; cheapest checks first."""
         if visit.method in UNTRACKED_METHODS:
             return "method"
@@ -150,19 +162,22 @@ class Tracker:
             return "path"
         if visit.status not in self._statuses:
             return "status"
-        headers = visit.request_headers
-        if is_speculative(headers):
+        if is_speculative(visit.request_headers):
             return "prefetch"
-        user_agent = headers.getRawHeaders(b"user-agent", (b"",))[0]
-        if self._bots.is_bot(user_agent.decode("latin-1")):
+        if self._bots.is_bot(user_agent):
             return "bot"
         return None
+
+    def _parse_value(self, value: bytes) -> tuple[EventSpec, ...]:
+        """One header value's events, for L{_parsed}, which caches them (never an error:
+        a malformed value is refused, counted and logged every time it comes)."""
+        return tuple(parse_tracking_header(value, self._config.max_header_bytes))
 
     def _parse(self, values: list[bytes], visit: Visit) -> list[EventSpec]:
         specs: list[EventSpec] = []
         for value in values:
             try:
-                specs.extend(parse_tracking_header(value, self._config.max_header_bytes))
+                specs.extend(self._parsed(value))
             except TrackingHeaderError as e:
                 self._metrics.tracking_dropped.labels("malformed").inc()
                 self._log_malformed(str(e), visit)
@@ -189,12 +204,11 @@ class Tracker:
         specs: Sequence[EventSpec],
         event_ids: Sequence[str],
         visit: Visit,
+        user_agent: str,
         identity: Identity,
         now: float,
     ) -> list[Event]:
-        headers = visit.request_headers
-        user_agent = headers.getRawHeaders(b"user-agent", (b"",))[0].decode("latin-1")
-        referrer = headers.getRawHeaders(b"referer", (None,))[0]
+        referrer = visit.request_headers.getRawHeaders(b"referer", (None,))[0]
         source_url = visit.url()
         events = []
         for spec, event_id in zip(specs, event_ids):

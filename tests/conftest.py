@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
+import subprocess
 from collections import deque
+from pathlib import Path
 
 import attrs
 import pytest
@@ -21,10 +24,11 @@ from twisted.internet import reactor as _global_reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from helpers import ADMIN_TOML
 from origin import Origin
 
 TIMEOUT = 10.0
@@ -310,8 +314,11 @@ class Tagd:
 
 
 def proxy_toml(values: dict) -> str:
-    """A C{[proxy]} table with C{values} (strings, numbers, lists of strings)."""
-    return "[proxy]\n" + "".join(f"{key} = {json.dumps(v)}\n" for key, v in values.items())
+    """A C{[proxy]} table with C{values} (strings, numbers, lists of strings), and an
+    admin listener on a free port."""
+    return (
+        "[proxy]\n" + "".join(f"{key} = {json.dumps(v)}\n" for key, v in values.items()) + ADMIN_TOML
+    )
 
 
 def _listener(service) -> StreamServerEndpointService:
@@ -535,17 +542,61 @@ class TrackingTagd:
         return self.metrics.value("events_delivered", destination=destination, outcome=outcome)
 
 
-def platform_destinations(meta, ga4, tiktok, extra: dict | None = None) -> list[dict]:
-    """C{[[destinations]]} tables for the three fakes; C{extra[type]} adds keys to one."""
+def platform_destinations(meta, ga4, tiktok, extra: dict | None = None, **common) -> list[dict]:
+    """C{[[destinations]]} tables for the three fakes; C{common} adds keys to each,
+    C{extra[type]} to one."""
     extra = extra or {}
     return [
         {"type": "meta", "name": "meta", "pixel_id": "1234", "access_token": FAKE_META_TOKEN,
-         "api_version": "v24.0", "endpoint": meta.base, **extra.get("meta", {})},
+         "api_version": "v24.0", "endpoint": meta.base, **common, **extra.get("meta", {})},
         {"type": "ga4", "name": "ga4", "measurement_id": "G-TEST", "api_secret": FAKE_GA4_SECRET,
-         "endpoint": ga4.base, **extra.get("ga4", {})},
+         "endpoint": ga4.base, **common, **extra.get("ga4", {})},
         {"type": "tiktok", "name": "tiktok", "pixel_code": "CTEST123",
-         "access_token": FAKE_TIKTOK_TOKEN, "endpoint": tiktok.base, **extra.get("tiktok", {})},
+         "access_token": FAKE_TIKTOK_TOKEN, "endpoint": tiktok.base, **common, **extra.get("tiktok", {})},
     ]  # fmt: skip
+
+
+def destinations_toml(destinations: list[dict]) -> str:
+    """One C{[[destinations]]} table for each of C{destinations}."""
+    return "".join(toml_table("[[destinations]]", d) for d in destinations)
+
+
+def threaded_platforms() -> tuple:
+    """The fake Meta, GA4 and TikTok each served from a thread (L{helpers.ThreadedPlatform}),
+    in that order, on ports of their own; each is down until its C{up()}."""
+    from fakes import FakeGA4, FakeMeta, FakeTikTok
+    from helpers import ThreadedPlatform
+
+    return (
+        ThreadedPlatform("meta", FakeMeta(pixel_id="1234", access_token=FAKE_META_TOKEN)),
+        ThreadedPlatform("ga4", FakeGA4(measurement_id="G-TEST", api_secret=FAKE_GA4_SECRET)),
+        ThreadedPlatform("tiktok", FakeTikTok(pixel_code="CTEST123", access_token=FAKE_TIKTOK_TOKEN)),
+    )
+
+
+def process_config(
+    port: int,
+    origin_url: str,
+    spool_path,
+    platforms,
+    *,
+    proxy: dict | None = None,
+    spool: dict | None = None,
+    delivery: dict | None = None,
+    **destination,
+) -> str:
+    """The configuration of a tagd run as a process: listening on loopback port C{port}, in
+    front of C{origin_url}, its spool at C{spool_path}, sending to the three
+    L{threaded_platforms}.  C{proxy}, C{spool} and C{delivery} add keys to those tables
+    (the spool is polled every 0.1 s), C{destination} to each C{[[destinations]]} table."""
+    listen = f"tcp:{port}:interface=127.0.0.1"
+    return (
+        toml_table("[proxy]", {"listen": listen, "origin": origin_url, **(proxy or {})})
+        + ADMIN_TOML
+        + toml_table("[spool]", {"path": str(spool_path), **(spool or {})})
+        + toml_table("[delivery]", {"poll_interval": 0.1, **(delivery or {})})
+        + destinations_toml(platform_destinations(*platforms, **destination))
+    )
 
 
 @pytest_twisted.async_yield_fixture
@@ -576,12 +627,12 @@ async def start_tracking_tagd(reactor, origin, fake_meta, fake_ga4, fake_tiktok,
         }
         if destinations is None:
             destinations = platform_destinations(fake_meta, fake_ga4, fake_tiktok, platform)
-        text = toml_table("[proxy]", values) + toml_table("[tracking]", tracking or {})
+        text = toml_table("[proxy]", values) + ADMIN_TOML + toml_table("[tracking]", tracking or {})
         if "spool" in attrs.fields_dict(Config):
             # With durable delivery each tagd keeps its own spool in the test's folder, so
             # that no event outlives its test.
             text += toml_table("[spool]", {"path": str(tmp_path / f"spool-{len(started)}.sqlite3")})
-        text += "".join(toml_table("[[destinations]]", d) for d in destinations)
+        text += destinations_toml(destinations)
         metrics = Metrics()
         service = build_service(parse_config(text, "(test)"), reactor, metrics)
         service.startService()
@@ -649,15 +700,84 @@ async def exchange(port: int, request: bytes) -> bytes:
         protocol.transport.abortConnection()
 
 
+# -- directories this process cannot write ---------------------------------------------
+
+
+def _writable(directory: Path) -> bool:
+    """Whether this process can create a file in C{directory}."""
+    probe = directory / "probe"
+    try:
+        probe.touch()
+    except OSError:
+        return False
+    probe.unlink()
+    return True
+
+
+@pytest.fixture
+def make_read_only():
+    """Make a directory unwritable for this process, and writable again after the test.
+
+    Permission bits do it for a normal user; root ignores them, so for root the directory
+    is also made immutable (ext4 and most Linux file systems), or the test is skipped.
+    """
+    changed: list[Path] = []
+
+    def make(directory: Path) -> None:
+        directory.chmod(0o555)
+        changed.append(directory)
+        if _writable(directory) and shutil.which("chattr"):
+            subprocess.run(["chattr", "+i", str(directory)], capture_output=True)
+        if _writable(directory):
+            pytest.skip("this process can write to any directory here (root without chattr)")
+
+    yield make
+    for directory in changed:
+        if shutil.which("chattr"):
+            subprocess.run(["chattr", "-i", str(directory)], capture_output=True)
+        directory.chmod(0o755)
+
+
 # -- a tagd run by twistd, for tests that watch the process itself ---------------------
 
 
 def resident_memory(pid: int) -> int:
     """The resident set size of process C{pid}, in bytes."""
-    from pathlib import Path
-
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) * 1024
+
+
+@attrs.define
+class MemoryPeak:
+    """The resident memory of a process when sampling began, and the most seen since."""
+
+    pid: int
+    baseline: int
+    peak: int
+
+    def sample(self) -> None:
+        """Take one sample."""
+        self.peak = max(self.peak, resident_memory(self.pid))
+
+    @property
+    def growth(self) -> int:
+        """How many bytes the peak is above the baseline."""
+        return self.peak - self.baseline
+
+
+@contextlib.contextmanager
+def sampling_memory(pid: int, interval: float = 0.05):
+    """Sample the resident memory of process C{pid} every C{interval} seconds while the
+    block runs, and once more at its end; yields the L{MemoryPeak}."""
+    first = resident_memory(pid)
+    memory = MemoryPeak(pid, baseline=first, peak=first)
+    sampler = LoopingCall(memory.sample)
+    sampler.start(interval)
+    try:
+        yield memory
+    finally:
+        sampler.stop()
+    memory.sample()
 
 
 @contextlib.asynccontextmanager

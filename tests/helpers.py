@@ -24,6 +24,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # The twistd script installed next to the interpreter running the tests.
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 
+# Tests start many tagds, often at once: each admin listener takes a free port, never the
+# default 9100 that another tagd (or node_exporter) may hold.
+ADMIN_TOML = '[admin]\nlisten = "tcp:0:interface=127.0.0.1"\n'
+
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -139,6 +144,19 @@ def browser_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, list[t
 def tracking_header(event_id: str) -> str:
     """A page view named C{event_id}; GA4 carries no event id, so it also goes in custom data."""
     return json.dumps({"event_name": "PageView", "event_id": event_id, "custom_data": {"probe": event_id}})
+
+
+def raw_response(
+    tracking: bytes | None, body: bytes, *, status: bytes = b"200 OK", before=(), after=()
+) -> bytes:
+    """The bytes of a raw origin's response with C{body}: a C{Date} (with one, tagd adds
+    none), the header lines C{before}, the tracking header line if C{tracking} is not None,
+    the lines C{after}, and C{Content-Length} last."""
+    head = [b"HTTP/1.1 " + status, b"Date: Fri, 27 Nov 2026 08:00:00 GMT", *before]
+    if tracking is not None:
+        head.append(b"Worker-Tracking: " + tracking)
+    head += [*after, b"Content-Length: %d" % len(body)]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
 TRACKED_PAGE = b"<!doctype html><title>tracked</title>" + b"<p>page body</p>" * 200
@@ -291,6 +309,27 @@ class ThreadedPlatform:
             return set(self.delivered)
 
 
+def recorded_post(handler: BaseHTTPRequestHandler):
+    """The POST that C{handler} serves, its body read whole, as the fakes record a request
+    (a L{fakes.Recorded}, its body C{None} where it is not JSON)."""
+    from fakes import Recorded  # the fakes import the reactor; only tests that serve them pay
+
+    raw = handler.rfile.read(int(handler.headers.get("Content-Length", 0)))
+    parts = urlsplit(handler.path)
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    return Recorded(
+        method="POST",
+        path=parts.path,
+        query=parse_qs(parts.query),
+        headers={k.lower(): v for k, v in handler.headers.items()},
+        raw=raw,
+        body=body,
+    )
+
+
 class _PlatformHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the platforms' servers
     timeout = SERVER_TIMEOUT * 12
@@ -299,22 +338,7 @@ class _PlatformHandler(BaseHTTPRequestHandler):
         pass
 
     def do_POST(self) -> None:
-        from fakes import Recorded
-
-        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        parts = urlsplit(self.path)
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None
-        recorded = Recorded(
-            method="POST",
-            path=parts.path,
-            query=parse_qs(parts.query),
-            headers={k.lower(): v for k, v in self.headers.items()},
-            raw=raw,
-            body=body,
-        )
+        recorded = recorded_post(self)
         platform = self.server.platform
         recorded.violations.extend(platform.fake.check(recorded))
         status, content = platform.answer(recorded)

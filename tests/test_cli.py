@@ -351,7 +351,7 @@ def test_check_config_prints_everything_with_secrets_masked(folder):
     for secret in SECRETS:
         assert secret not in output
     printed = tomllib.loads(output)
-    assert set(printed) == {"proxy", "tracking", "spool", "delivery", "destinations"}
+    assert set(printed) == {"proxy", "tracking", "spool", "delivery", "admin", "destinations"}
     assert printed["proxy"]["listen"] == "tcp:8080"
     assert printed["tracking"]["track_statuses"] == ["2xx"]
     assert printed["spool"] == {"path": "spool.db", "max_events": 100000, "flush_interval": 0.05}

@@ -30,18 +30,9 @@ from pathlib import Path
 
 import attrs
 
-from conftest import FAKE_GA4_SECRET, FAKE_META_TOKEN, FAKE_TIKTOK_TOKEN, toml_table
-from fakes import FakeGA4, FakeMeta, FakeTikTok, Injection
-from helpers import (
-    TRACKED_PAGE,
-    TagdProcess,
-    ThreadedPlatform,
-    TrackedOrigin,
-    browser_get,
-    free_port,
-    spool_rows,
-    wait_until,
-)
+from conftest import FAKE_GA4_SECRET, FAKE_META_TOKEN, FAKE_TIKTOK_TOKEN, process_config, threaded_platforms
+from fakes import Injection
+from helpers import TRACKED_PAGE, TagdProcess, TrackedOrigin, browser_get, free_port, spool_rows, wait_until
 
 KILLS = 4
 FLUSH_INTERVAL = 0.01
@@ -152,36 +143,23 @@ def test_kill_9_mid_flight_loses_no_accepted_event(tmp_path):
     in the spool is the one event Meta refused as permanently invalid."""
     began = time.monotonic()
     origin = TrackedOrigin()
-    meta = ThreadedPlatform("meta", FakeMeta(pixel_id="1234", access_token=FAKE_META_TOKEN))
-    ga4 = ThreadedPlatform("ga4", FakeGA4(measurement_id="G-TEST", api_secret=FAKE_GA4_SECRET))
-    tiktok = ThreadedPlatform("tiktok", FakeTikTok(pixel_code="CTEST123", access_token=FAKE_TIKTOK_TOKEN))
-    platforms = (meta, ga4, tiktok)
+    platforms = threaded_platforms()
+    meta, ga4, tiktok = platforms
     port = free_port()
     spool = tmp_path / "spool.sqlite3"
     config = tmp_path / "tagd.toml"
     config.write_text(
-        toml_table(
-            "[proxy]",
-            {"listen": f"tcp:{port}:interface=127.0.0.1", "origin": origin.url, "shutdown_timeout": 5},
+        process_config(
+            port,
+            origin.url,
+            spool,
+            platforms,
+            proxy={"shutdown_timeout": 5},
+            spool={"flush_interval": FLUSH_INTERVAL},
+            delivery={"backoff_base": 0.05, "backoff_cap": 0.5},
+            timeout=2,
         )
-        + toml_table("[spool]", {"path": str(spool), "flush_interval": FLUSH_INTERVAL})
-        + toml_table("[delivery]", {"poll_interval": 0.1, "backoff_base": 0.05, "backoff_cap": 0.5})
-        + toml_table(
-            "[[destinations]]",
-            {"type": "meta", "name": "meta", "pixel_id": "1234", "access_token": FAKE_META_TOKEN,
-             "endpoint": meta.base, "timeout": 2},
-        )
-        + toml_table(
-            "[[destinations]]",
-            {"type": "ga4", "name": "ga4", "measurement_id": "G-TEST", "api_secret": FAKE_GA4_SECRET,
-             "endpoint": ga4.base, "timeout": 2},
-        )
-        + toml_table(
-            "[[destinations]]",
-            {"type": "tiktok", "name": "tiktok", "pixel_code": "CTEST123",
-             "access_token": FAKE_TIKTOK_TOKEN, "endpoint": tiktok.base, "timeout": 2},
-        )
-    )  # fmt: skip
+    )
     tagd = TagdProcess(config, tmp_path)
     visitors = Visitors(port)
     kills: list[tuple[float, float]] = []

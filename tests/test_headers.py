@@ -53,26 +53,18 @@ def forward(incoming: Headers, *, peer: str = PEER, host: bytes | None = b"shop.
     if host is not None and not incoming.hasHeader(b"host"):
         incoming = incoming.copy()
         incoming.addRawHeader(b"Host", host)
-    head = request_head(
-        b"GET",
-        b"/",
-        incoming,
-        peer=peer,
-        client_ip=CLIENT_IP,
-        proto=b"https",
-        default_host=ORIGIN_HOST,
-        body_length=0,
-    )
-    return parse_head(head)
+    return parse_head(head_for(b"GET", b"/", incoming, peer=peer))
 
 
-def head_for(method: bytes, target: bytes, incoming: Headers, body_length: int = 0) -> bytes:
+def head_for(
+    method: bytes, target: bytes, incoming: Headers, body_length: int = 0, *, peer: str = PEER
+) -> bytes:
     """L{request_head} with the forwarding values most tests do not care about."""
     return request_head(
         method,
         target,
         incoming,
-        peer=PEER,
+        peer=peer,
         client_ip=CLIENT_IP,
         proto=b"https",
         default_host=ORIGIN_HOST,

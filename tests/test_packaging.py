@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO_ROOT, TWISTD, free_port, read_log, running, wait_for_http
+from helpers import ADMIN_TOML, REPO_ROOT, TWISTD, free_port, read_log, running, wait_for_http
 
 # How long a daemon may take to exit after SIGTERM.
 STOP_TIMEOUT = 5.0
@@ -193,7 +193,7 @@ def test_twistd_plugin_serves(tmp_path, file_origin):
     config = tmp_path / "good.toml"
     config.write_text(
         '[proxy]\nlisten = "tcp:1:interface=127.0.0.1"\norigin = "http://127.0.0.1:9"\n'
-        'trusted_proxies = ["127.0.0.0/8"]\nresponse_timeout = 10\n'
+        'trusted_proxies = ["127.0.0.0/8"]\nresponse_timeout = 10\n' + ADMIN_TOML
     )
     args = [
         TWISTD, "-n", "tagd",
@@ -208,6 +208,8 @@ def test_tac_serves(tmp_path, file_origin):
     """C{twistd -ny tagd.tac} takes its configuration from TAGD_CONFIG and proxies the origin."""
     port = free_port()
     config = tmp_path / "tac.toml"
-    config.write_text(f'[proxy]\nlisten = "tcp:{port}:interface=127.0.0.1"\norigin = "{file_origin}"\n')
+    config.write_text(
+        f'[proxy]\nlisten = "tcp:{port}:interface=127.0.0.1"\norigin = "{file_origin}"\n' + ADMIN_TOML
+    )
     args = [TWISTD, "-ny", str(REPO_ROOT / "tagd.tac")]
     assert_serves_and_stops(args, cwd=tmp_path, env=clean_env(TAGD_CONFIG=str(config)), port=port)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest_twisted
-from twisted.internet.task import LoopingCall
 
-from conftest import resident_memory, sleep, twistd_tagd, within
+from conftest import sampling_memory, sleep, twistd_tagd, within
 
 GiB = 1 << 30
 MB = 1000 * 1000
@@ -27,22 +26,11 @@ async def test_one_gibibyte_download_keeps_tagd_memory_flat(tagd_process, connec
     pid, port = tagd_process
     visitor = await connect(port)
     assert (await within(visitor.request(b"GET", b"/page"))).status == 200  # warmed up
-    baseline = peak = resident_memory(pid)
-
-    def sample():
-        nonlocal peak
-        peak = max(peak, resident_memory(pid))
-
-    sampler = LoopingCall(sample)
-    sampler.start(0.05)
-    try:
+    with sampling_memory(pid) as memory:
         visitor.pause()
         answer = visitor.request(b"GET", b"/big?size=%d" % GiB, sink=lambda data: None)
         await sleep(1.0)
         visitor.resume()
         response = await within(answer, 60)
-    finally:
-        sampler.stop()
-    sample()
     assert response.complete and response.body_length == GiB
-    assert peak - baseline < 5 * MB, f"tagd grew by {(peak - baseline) / MB:.1f} MB"
+    assert memory.growth < 5 * MB, f"tagd grew by {memory.growth / MB:.1f} MB"

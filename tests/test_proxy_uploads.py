@@ -24,11 +24,10 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.ssl import CertificateOptions
-from twisted.internet.task import LoopingCall
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from conftest import WireVisitor, eventually, raw_request, resident_memory, sleep, twistd_tagd, within
+from conftest import WireVisitor, eventually, raw_request, sampling_memory, sleep, twistd_tagd, within
 from helpers import free_port
 from origin import ConnectionCounter, pattern, pattern_sha256
 
@@ -217,6 +216,26 @@ async def answer_or_cut(answer: Deferred, seconds: float = 10):
     return response if response.complete else None
 
 
+async def closing_answer(visitor, answer: Deferred):
+    """The response to an upload, or None if the connection was cut first; a response says
+    C{Connection: close}, and either way the visitor's connection ends."""
+    response = await answer_or_cut(answer)
+    if response is not None:
+        assert response.header(b"connection") == [b"close"]
+    await within(visitor.closed)
+    return response
+
+
+async def origin_request_dropped(sink: Sink) -> None:
+    """The sink's first upload ends unfinished, its connection lost, and no connection to
+    the sink stays open.  The sink is resumed first: a paused origin notices a closed
+    connection only once it reads again."""
+    sink.resume()
+    await within(sink.uploads[0].lost, 5)
+    assert not sink.uploads[0].complete
+    await eventually(lambda: sink.web.open == 0)
+
+
 async def still_serves(connect, port: int) -> None:
     """A new visitor connection to tagd gets an answer: the daemon is up and serving."""
     visitor = await connect(port)
@@ -366,10 +385,7 @@ async def test_visitor_leaving_mid_upload_aborts_the_origin_request(
     _, writer = upload(visitor, 64 * MiB)
     await eventually(lambda: sink.uploads and (sink.uploads[0].received > MiB or not origin_reading))
     visitor.transport.abortConnection()
-    sink.resume()  # a paused origin notices a closed connection only once it reads again
-    await within(sink.uploads[0].lost, 5)
-    assert not sink.uploads[0].complete
-    await eventually(lambda: sink.web.open == 0)
+    await origin_request_dropped(sink)
     await still_serves(connect, sink_tagd.port)
     assert logged_failures == []
 
@@ -382,11 +398,8 @@ async def test_origin_dying_mid_upload_gives_502_or_a_cut(sink_tagd, sink, conne
     sink.die_after = 2 * MiB
     visitor = await connect(sink_tagd.port)
     answer, _ = upload(visitor, 64 * MiB)
-    response = await answer_or_cut(answer)
-    if response is not None:
-        assert response.status == 502
-        assert response.header(b"connection") == [b"close"]
-    await within(visitor.closed)
+    response = await closing_answer(visitor, answer)
+    assert response is None or response.status == 502
     assert 2 * MiB <= sink.uploads[0].received < 64 * MiB
     sink.die_after = None
     await still_serves(connect, sink_tagd.port)
@@ -400,11 +413,8 @@ async def test_upload_to_an_unreachable_origin_gives_502(start_tagd, connect, lo
     tagd = await start_tagd(origin=f"http://127.0.0.1:{free_port()}")
     visitor = await connect(tagd.port)
     answer, _ = upload(visitor, 64 * MiB)
-    response = await answer_or_cut(answer)
-    if response is not None:
-        assert response.status == 502
-        assert response.header(b"connection") == [b"close"]
-    await within(visitor.closed)
+    response = await closing_answer(visitor, answer)
+    assert response is None or response.status == 502
     assert logged_failures == []
 
 
@@ -416,11 +426,8 @@ async def test_origin_refusing_an_upload_early(sink_tagd, sink, connect, logged_
     sink.answer_early = True
     visitor = await connect(sink_tagd.port)
     answer, _ = upload(visitor, 64 * MiB)
-    response = await answer_or_cut(answer)
-    if response is not None:
-        assert (response.status, bytes(response.body)) == (413, b"too large")
-        assert response.header(b"connection") == [b"close"]
-    await within(visitor.closed)
+    response = await closing_answer(visitor, answer)
+    assert response is None or (response.status, bytes(response.body)) == (413, b"too large")
     await eventually(lambda: sink.web.open == 0)
     sink.answer_early = False
     await still_serves(connect, sink_tagd.port)
@@ -456,10 +463,7 @@ async def test_origin_not_reading_an_upload_gives_504(start_tagd, sink, connect)
     response = await answer_or_cut(answer)
     if response is not None:
         assert response.status == 504
-    sink.resume()  # a paused origin notices a closed connection only once it reads again
-    await within(sink.uploads[0].lost, 5)
-    assert not sink.uploads[0].complete
-    await eventually(lambda: sink.web.open == 0)
+    await origin_request_dropped(sink)
 
 
 @pytest_twisted.ensureDeferred
@@ -513,23 +517,12 @@ async def test_large_upload_keeps_tagd_memory_flat(tagd_process, sink, connect):
     pid, port = tagd_process
     visitor = await connect(port)
     assert (await within(visitor.request(b"GET", b"/"))).status == 200  # warmed up
-    baseline = peak = resident_memory(pid)
-
-    def sample():
-        nonlocal peak
-        peak = max(peak, resident_memory(pid))
-
-    sampler = LoopingCall(sample)
-    sampler.start(0.05)
-    try:
+    with sampling_memory(pid) as memory:
         sink.paused = True
         answer, _ = upload(visitor, size)
         await sleep(1.0)
         sink.resume()
         response = await within(answer, 60)
-    finally:
-        sampler.stop()
-    sample()
     assert (response.status, bytes(response.body)) == (200, b"received %d" % size)
     assert sink.uploads[-1].sha256 == pattern_sha256(size)
-    assert peak - baseline < 5 * MB, f"tagd grew by {(peak - baseline) / MB:.1f} MB"
+    assert memory.growth < 5 * MB, f"tagd grew by {memory.growth / MB:.1f} MB"

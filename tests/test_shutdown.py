@@ -22,8 +22,7 @@ import time
 import attrs
 import pytest
 
-from conftest import FAKE_GA4_SECRET, FAKE_META_TOKEN, FAKE_TIKTOK_TOKEN, toml_table
-from fakes import FakeGA4, FakeMeta, FakeTikTok
+from conftest import process_config, threaded_platforms
 from helpers import (
     TRACKED_PAGE,
     TagdProcess,
@@ -63,31 +62,25 @@ def setup(tmp_path):
     """Build the servers; C{setup.configure(...)} writes tagd's configuration. Everything
     started is stopped when the test ends."""
     origin = TrackedOrigin()
-    meta = ThreadedPlatform("meta", FakeMeta(pixel_id="1234", access_token=FAKE_META_TOKEN))
-    ga4 = ThreadedPlatform("ga4", FakeGA4(measurement_id="G-TEST", api_secret=FAKE_GA4_SECRET))
-    tiktok = ThreadedPlatform("tiktok", FakeTikTok(pixel_code="CTEST123", access_token=FAKE_TIKTOK_TOKEN))
+    meta, ga4, tiktok = threaded_platforms()
     config = tmp_path / "tagd.toml"
     made = Setup(
         origin, meta, ga4, tiktok, free_port(), tmp_path / "spool.sqlite3", TagdProcess(config, tmp_path)
     )
 
     def configure(*, shutdown_timeout: float, flush_interval: float, platform_timeout: float = 5) -> None:
-        text = toml_table(
-            "[proxy]",
-            {"listen": f"tcp:{made.port}:interface=127.0.0.1", "origin": origin.url,
-             "shutdown_timeout": shutdown_timeout},
-        )  # fmt: skip
-        text += toml_table("[spool]", {"path": str(made.spool), "flush_interval": flush_interval})
-        text += toml_table("[delivery]", {"poll_interval": 0.1, "backoff_base": 0.05, "backoff_cap": 0.5})
-        for table in (
-            {"type": "meta", "name": "meta", "pixel_id": "1234", "access_token": FAKE_META_TOKEN},
-            {"type": "ga4", "name": "ga4", "measurement_id": "G-TEST", "api_secret": FAKE_GA4_SECRET},
-            {"type": "tiktok", "name": "tiktok", "pixel_code": "CTEST123", "access_token": FAKE_TIKTOK_TOKEN},
-        ):
-            platform = getattr(made, table["type"])
-            table = {**table, "endpoint": platform.base, "timeout": platform_timeout}
-            text += toml_table("[[destinations]]", table)
-        config.write_text(text)
+        config.write_text(
+            process_config(
+                made.port,
+                origin.url,
+                made.spool,
+                made.platforms,
+                proxy={"shutdown_timeout": shutdown_timeout},
+                spool={"flush_interval": flush_interval},
+                delivery={"backoff_base": 0.05, "backoff_cap": 0.5},
+                timeout=platform_timeout,
+            )
+        )
 
     made.configure = configure
     try:
@@ -116,6 +109,14 @@ class SlowVisit(threading.Thread):
         except (OSError, http.client.HTTPException) as e:
             self.error = e
         self.answered = time.monotonic()
+
+
+def waiting_visitor(setup: Setup, event_id: str, delay: float, timeout: float) -> SlowVisit:
+    """Start a L{SlowVisit} to tagd and wait until the origin holds its request back."""
+    visitor = SlowVisit(setup.port, event_id, delay, timeout)
+    visitor.start()
+    wait_until(lambda: setup.origin.waiting == 1, 5, "the visitor waiting on the origin")
+    return visitor
 
 
 def visit_all(port: int, event_ids: list[str]) -> None:
@@ -179,9 +180,7 @@ def test_sigterm_lets_the_visitor_finish_refuses_new_ones_and_keeps_every_event(
     )
     buffered = ["buffered-0", "buffered-1", "buffered-2"]
     visit_all(port, buffered)
-    visitor = SlowVisit(port, "last-visitor", delay=1.5, timeout=10)
-    visitor.start()
-    wait_until(lambda: setup.origin.waiting == 1, 5, "the visitor waiting on the origin")
+    visitor = waiting_visitor(setup, "last-visitor", delay=1.5, timeout=10)
 
     signalled = time.monotonic()
     tagd.process.terminate()
@@ -241,9 +240,7 @@ def test_sigterm_exits_within_the_deadline_when_a_visitor_takes_longer(setup):
     tagd.start()
     accepted = ["before-0", "before-1", "before-2"]
     visit_all(port, accepted)
-    visitor = SlowVisit(port, "never-answered", delay=30, timeout=10)
-    visitor.start()
-    wait_until(lambda: setup.origin.waiting == 1, 5, "the visitor waiting on the origin")
+    visitor = waiting_visitor(setup, "never-answered", delay=30, timeout=10)
 
     signalled = time.monotonic()
     tagd.process.terminate()
@@ -268,17 +265,14 @@ def test_sigterm_exits_within_the_deadline_when_a_visitor_takes_longer(setup):
     )
 
 
-
 def test_a_passed_deadline_is_a_warning_not_a_traceback(setup):
     """When a visitor outlasts C{shutdown_timeout}, tagd says so in a warning (that the
     deadline passed, or that visitors were cut) and logs no traceback or critical line:
     a deadline reached is an expected event, not a crash."""
     setup.configure(shutdown_timeout=2, flush_interval=0.05)
-    tagd, port = setup.tagd, setup.port
+    tagd = setup.tagd
     tagd.start()
-    visitor = SlowVisit(port, "never-answered", delay=30, timeout=10)
-    visitor.start()
-    wait_until(lambda: setup.origin.waiting == 1, 5, "the visitor waiting on the origin")
+    visitor = waiting_visitor(setup, "never-answered", delay=30, timeout=10)
     tagd.process.terminate()
     wait_exit(tagd, 2 + MARGIN + 1)
     visitor.join(5)
@@ -299,9 +293,7 @@ def test_the_deadline_bounds_the_whole_shutdown_even_after_a_visitor_used_it_up(
     tagd, port = setup.tagd, setup.port
     tagd.start()
     visit_all(port, ["buffered-0"])
-    visitor = SlowVisit(port, "never-answered", delay=30, timeout=15)
-    visitor.start()
-    wait_until(lambda: setup.origin.waiting == 1, 5, "the visitor waiting on the origin")
+    visitor = waiting_visitor(setup, "never-answered", delay=30, timeout=15)
     locker = sqlite3.connect(setup.spool, timeout=1, isolation_level=None)
     try:
         locker.execute("BEGIN IMMEDIATE")

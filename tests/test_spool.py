@@ -20,6 +20,7 @@ import pytest
 import pytest_twisted
 from twisted.logger import formatEvent, globalLogPublisher
 
+from tagd import spool as spool_module
 from tagd.events import Event
 from tagd.spool import FLUSH_AT, Lease, Spool, SpoolError, event_from_json, event_to_json
 
@@ -469,16 +470,47 @@ async def test_only_owed_rows_change(open_spool, reactor):
 
 @pytest_twisted.ensureDeferred
 async def test_unreadable_stored_event_is_dead_lettered(open_spool, path, reactor):
-    """A stored event that no longer decodes is dead-lettered by lease; the others are leased."""
-    spool = await filled(open_spool, range(3), ["meta"])
+    """A stored event that no longer decodes is dead-lettered by lease; the others are leased.
+
+    Reopened, as after a restart: the events a spool enqueued itself are leased from memory.
+    """
+    await within((await filled(open_spool, range(3), ["meta"])).close())
     with closing(sqlite3.connect(path)) as db, db:
         db.execute("UPDATE events SET body = '{broken' WHERE event_id = 'ev-1'")
+    spool = open_spool()
     leases = await within(spool.lease("meta", 10, reactor.seconds() + 1))
     assert [lease.event.event_id for lease in leases] == ["ev-0", "ev-2"]
     (letter,) = await within(spool.dead_letters())
     assert (letter.event_id, letter.event_name) == ("ev-1", None)
     assert "cannot be read" in letter.last_error
     assert spool.undelivered == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_lease_hands_over_the_enqueued_events(open_spool, reactor):
+    """Each destination leases the very events this spool enqueued: none is decoded again."""
+    enqueued = events(0, 3)
+    spool = open_spool()
+    spool.enqueue(enqueued, ["meta", "ga4"])
+    await within(spool.flush())
+    for destination in ("meta", "ga4"):
+        leases = await within(spool.lease(destination, 10, reactor.seconds() + 1))
+        assert [lease.event for lease in leases] == enqueued
+        assert all(lease.event is original for lease, original in zip(leases, enqueued))
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_kept_in_memory_are_bounded(open_spool, reactor, monkeypatch):
+    """Past KNOWN_EVENTS, the oldest events are forgotten and decoded from the file instead."""
+    monkeypatch.setattr(spool_module, "KNOWN_EVENTS", 2)
+    enqueued = events(0, 4)
+    spool = open_spool()
+    spool.enqueue(enqueued, ["meta"])
+    await within(spool.flush())
+    leases = await within(spool.lease("meta", 10, reactor.seconds() + 1))
+    assert [lease.event for lease in leases] == enqueued
+    identical = [lease.event is original for lease, original in zip(leases, enqueued)]
+    assert identical == [False, False, True, True]
 
 
 # -- restart, crash, close ----------------------------------------------------------------
@@ -514,6 +546,7 @@ CHILD = r"""
 import sys
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import react
+from tagd import spool as spool_module
 from tagd.events import Event
 from tagd.spool import Spool
 

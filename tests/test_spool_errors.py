@@ -13,66 +13,20 @@ The origin and the fake Meta, GA4 and TikTok (tests/fakes.py) are served from th
 from __future__ import annotations
 
 import random
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import FAKE_GA4_SECRET, FAKE_META_TOKEN, FAKE_TIKTOK_TOKEN, toml_table
-from fakes import FakeGA4, FakeMeta, FakeTikTok
-from helpers import (
-    TRACKED_PAGE,
-    TagdProcess,
-    ThreadedPlatform,
-    TrackedOrigin,
-    browser_get,
-    free_port,
-    wait_until,
-)
-
-
-def _writable(directory: Path) -> bool:
-    probe = directory / "probe"
-    try:
-        probe.touch()
-    except OSError:
-        return False
-    probe.unlink()
-    return True
-
-
-@pytest.fixture
-def make_read_only():
-    """Make a directory unwritable for this process (root ignores permission bits, so the
-    directory is also made immutable), or skip; writable again after the test."""
-    changed: list[Path] = []
-
-    def make(directory: Path) -> None:
-        directory.chmod(0o555)
-        changed.append(directory)
-        if _writable(directory) and shutil.which("chattr"):
-            subprocess.run(["chattr", "+i", str(directory)], capture_output=True)
-        if _writable(directory):
-            pytest.skip("this process can write to any directory here (root without chattr)")
-
-    yield make
-    for directory in changed:
-        if shutil.which("chattr"):
-            subprocess.run(["chattr", "-i", str(directory)], capture_output=True)
-        directory.chmod(0o755)
+from conftest import FAKE_GA4_SECRET, FAKE_META_TOKEN, FAKE_TIKTOK_TOKEN, process_config, threaded_platforms
+from helpers import TRACKED_PAGE, TagdProcess, TrackedOrigin, browser_get, free_port, wait_until
 
 
 @pytest.fixture
 def servers():
     """The origin and the three platforms, all up; stopped after the test."""
     origin = TrackedOrigin()
-    platforms = (
-        ThreadedPlatform("meta", FakeMeta(pixel_id="1234", access_token=FAKE_META_TOKEN)),
-        ThreadedPlatform("ga4", FakeGA4(measurement_id="G-TEST", api_secret=FAKE_GA4_SECRET)),
-        ThreadedPlatform("tiktok", FakeTikTok(pixel_code="CTEST123", access_token=FAKE_TIKTOK_TOKEN)),
-    )
+    platforms = threaded_platforms()
     for platform in platforms:
         platform.up()
     try:
@@ -84,28 +38,10 @@ def servers():
 
 
 def write_config(tmp_path: Path, origin: TrackedOrigin, platforms, spool: Path) -> Path:
-    meta, ga4, tiktok = platforms
+    """Write the configuration of a tagd in front of the servers with its spool at C{spool};
+    return where."""
     config = tmp_path / "tagd.toml"
-    config.write_text(
-        toml_table("[proxy]", {"listen": f"tcp:{free_port()}:interface=127.0.0.1", "origin": origin.url})
-        + toml_table("[spool]", {"path": str(spool)})
-        + toml_table("[delivery]", {"poll_interval": 0.1})
-        + toml_table(
-            "[[destinations]]",
-            {"type": "meta", "name": "meta", "pixel_id": "1234", "access_token": FAKE_META_TOKEN,
-             "endpoint": meta.base},
-        )
-        + toml_table(
-            "[[destinations]]",
-            {"type": "ga4", "name": "ga4", "measurement_id": "G-TEST", "api_secret": FAKE_GA4_SECRET,
-             "endpoint": ga4.base},
-        )
-        + toml_table(
-            "[[destinations]]",
-            {"type": "tiktok", "name": "tiktok", "pixel_code": "CTEST123",
-             "access_token": FAKE_TIKTOK_TOKEN, "endpoint": tiktok.base},
-        )
-    )  # fmt: skip
+    config.write_text(process_config(free_port(), origin.url, spool, platforms))
     return config
 
 

@@ -17,6 +17,7 @@ import pytest_twisted
 from twisted.logger import formatEvent
 
 from conftest import eventually, exchange, raw_request, sleep
+from helpers import raw_response
 
 FIREFOX = b"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 GOOGLEBOT = b"Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
@@ -31,17 +32,17 @@ def origin_answer(tracking: bytes | None, status: bytes = b"200 OK") -> bytes:
     last, as tagd writes a head: so the bytes without the tracking line are exactly what
     the visitor must get.
     """
-    head = [
-        b"HTTP/1.1 " + status,
-        b"Date: Fri, 27 Nov 2026 08:00:00 GMT",  # with one, tagd adds none
-        b"Content-Type: text/html; charset=utf-8",
-        b"Cache-Control: private, max-age=0",
-        b"Set-Cookie: cart=abc; Path=/; HttpOnly",
-    ]
-    if tracking is not None:
-        head.append(b"Worker-Tracking: " + tracking)
-    head += [b"X-Shop: 1", b"Content-Length: %d" % len(BODY)]
-    return b"\r\n".join(head) + b"\r\n\r\n" + BODY
+    return raw_response(
+        tracking,
+        BODY,
+        status=status,
+        before=[
+            b"Content-Type: text/html; charset=utf-8",
+            b"Cache-Control: private, max-age=0",
+            b"Set-Cookie: cart=abc; Path=/; HttpOnly",
+        ],
+        after=[b"X-Shop: 1"],
+    )
 
 
 SENTINEL = {"event_name": "PageView", "event_id": "sentinel-1"}

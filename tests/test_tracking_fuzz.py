@@ -22,13 +22,12 @@ import threading
 import time
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fakes import FakeGA4, FakeMeta, FakeTikTok, Recorded
-from helpers import TWISTD, read_log, running
+from helpers import ADMIN_TOML, TWISTD, raw_response, read_log, recorded_post, running
 from tagd.events import TrackingHeaderError, parse_tracking_header
 
 FIREFOX = b"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
@@ -39,16 +38,12 @@ TIMEOUT = 5.0
 
 def origin_answer(tracking: bytes | None) -> bytes:
     """The origin's response, the tracking line (if any) among the other headers."""
-    head = [
-        b"HTTP/1.1 200 OK",
-        b"Date: Fri, 27 Nov 2026 08:00:00 GMT",  # with one, tagd adds none
-        b"Content-Type: text/html",
-        b"Cache-Control: no-store",
-    ]
-    if tracking is not None:
-        head.append(b"Worker-Tracking: " + tracking)
-    head += [b"X-Shop: fuzz", b"Content-Length: %d" % len(BODY)]
-    return b"\r\n".join(head) + b"\r\n\r\n" + BODY
+    return raw_response(
+        tracking,
+        BODY,
+        before=[b"Content-Type: text/html", b"Cache-Control: no-store"],
+        after=[b"X-Shop: fuzz"],
+    )
 
 
 # -- the raw origin, in a thread ------------------------------------------------------
@@ -107,21 +102,9 @@ class _PlatformHandler(BaseHTTPRequestHandler):
         pass
 
     def do_POST(self) -> None:
-        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        parts = urlsplit(self.path)
-        platform = "ga4" if "/mp/collect" in parts.path else "tiktok" if "open_api" in parts.path else "meta"
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None
-        recorded = Recorded(
-            method="POST",
-            path=parts.path,
-            query=parse_qs(parts.query),
-            headers={k.lower(): v for k, v in self.headers.items()},
-            raw=raw,
-            body=body,
-        )
+        recorded = recorded_post(self)
+        path, body = recorded.path, recorded.body
+        platform = "ga4" if "/mp/collect" in path else "tiktok" if "open_api" in path else "meta"
         recorded.violations.extend(self.checkers[platform].check(recorded))
         self.server.received.append((platform, recorded))
         answer = {
@@ -289,7 +272,8 @@ def test_fuzzed_tracking_headers_never_change_the_response_nor_stop_tagd(tmp_pat
             "[proxy]\n"
             'listen = "tcp:0:interface=127.0.0.1"\n'
             f'origin = "http://127.0.0.1:{origin.server_address[1]}"\n'
-            "\n[[destinations]]\n"
+            + ADMIN_TOML
+            + "\n[[destinations]]\n"
             f'type = "meta"\npixel_id = "1234"\naccess_token = "meta-token"\nendpoint = "{base}"\n'
             "\n[[destinations]]\n"
             f'type = "ga4"\nmeasurement_id = "G-TEST"\napi_secret = "ga-secret"\nendpoint = "{base}"\n'

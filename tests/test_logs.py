@@ -1,0 +1,161 @@
+"""tagd's log observer: one JSON object per line for journald, readable text on a terminal,
+the level from TAGD_LOG_LEVEL, and twistd running tagd with it (--logger)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+
+import pytest
+from twisted.logger import Logger
+
+from tagd.logs import observer
+
+from helpers import TWISTD, http_get, wait_until
+
+FIELDS = {"time", "level", "namespace", "text"}
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00")
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def logger_to(stream, **environ) -> Logger:
+    """A logger whose only observer is tagd's, built for C{stream} and C{environ}."""
+    return Logger(namespace="tagd.test", observer=observer(stream, environ))
+
+
+def lines(stream) -> list[dict]:
+    """The JSON objects written to C{stream}, one per line (each line must be one)."""
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_json_line_has_time_level_namespace_and_text_only():
+    """Not on a terminal: each event is one JSON object with the formatted message, and none
+    of the event's other fields, which could hold a secret."""
+    out = io.StringIO()
+    log = logger_to(out)
+    log.info("sent {count} event(s) to {destination}", count=3, destination="meta", token="EAAB-secret")
+    log.warn("two\nlines")
+    first, second = lines(out)
+    assert set(first) == FIELDS
+    assert first["text"] == "sent 3 event(s) to meta"
+    assert (first["level"], first["namespace"]) == ("info", "tagd.test")
+    assert ISO_UTC.fullmatch(first["time"])
+    assert (second["level"], second["text"]) == ("warn", "two\nlines")
+    assert "EAAB-secret" not in out.getvalue()
+    assert out.getvalue().count("\n") == 2
+
+
+def test_failure_text_is_included():
+    """A logged failure adds its traceback as C{failure}, in the same single line."""
+    out = io.StringIO()
+    log = logger_to(out)
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.failure("delivery failed")
+    (line,) = lines(out)
+    assert set(line) == FIELDS | {"failure"}
+    assert (line["level"], line["text"]) == ("critical", "delivery failed")
+    assert "Traceback" in line["failure"] and "ZeroDivisionError" in line["failure"]
+
+
+@pytest.mark.parametrize(
+    "setting, written",
+    [
+        (None, ["info", "warn", "error", "critical"]),
+        ("debug", ["debug", "info", "warn", "error", "critical"]),
+        ("WARN", ["warn", "error", "critical"]),
+        ("warning", ["warn", "error", "critical"]),
+        ("critical", ["critical"]),
+    ],
+)
+def test_level_from_the_environment(setting, written):
+    """TAGD_LOG_LEVEL sets the lowest level written (any letter case); info when unset."""
+    out = io.StringIO()
+    log = logger_to(out, **({} if setting is None else {"TAGD_LOG_LEVEL": setting}))
+    for level in ("debug", "info", "warn", "error", "critical"):
+        getattr(log, level)("a {name} line", name=level)
+    assert [line["level"] for line in lines(out)] == written
+    assert [line["text"] for line in lines(out)] == [f"a {level} line" for level in written]
+
+
+def test_unknown_level_stops_start_up_with_one_line():
+    """A level tagd does not know is an error, as a bad configuration file is."""
+    with pytest.raises(SystemExit) as caught:
+        observer(io.StringIO(), {"TAGD_LOG_LEVEL": "loud"})
+    assert str(caught.value) == "tagd: TAGD_LOG_LEVEL='loud': must be one of debug, info, warn, error, critical"
+
+
+def test_terminal_gets_readable_text():
+    """On a terminal the lines are twistd's classic text, not JSON, and still filtered."""
+    out = Terminal()
+    log = logger_to(out)
+    log.debug("not shown")
+    log.info("hello {who}", who="operator")
+    text = out.getvalue()
+    assert text.endswith(" [tagd.test#info] hello operator\n")
+    assert text.count("\n") == 1 and "not shown" not in text
+
+
+def test_twistd_with_the_logger_writes_json_lines_to_a_pipe(tmp_path):
+    """C{twistd --logger=tagd.logs.observer -n tagd --config FILE}, its stdout a pipe (as
+    under systemd): every line it writes, from start-up to shutdown, is one JSON object with
+    the fields, including the admin listener's line and twistd's own."""
+    config = tmp_path / "tagd.toml"
+    config.write_text(
+        '[proxy]\nlisten = "tcp:0:interface=127.0.0.1"\norigin = "http://127.0.0.1:9"\n'
+        '[admin]\nlisten = "tcp:0:interface=127.0.0.1"\n',
+        encoding="utf-8",
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TAGD_CONFIG", "TAGD_LOG_LEVEL")}
+    process = subprocess.Popen(
+        [TWISTD, "--logger=tagd.logs.observer", "-n", "--pidfile=", "tagd", "--config", str(config)],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    output: list[str] = []
+
+    def read() -> None:
+        for line in process.stdout:
+            output.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+
+        def admin_port():
+            if process.poll() is not None:
+                raise AssertionError(f"twistd exited with {process.returncode}: {process.stderr.read()}")
+            found = re.search(r"admin listener on 127\.0\.0\.1:(\d+)", "".join(output))
+            return found and int(found.group(1))
+
+        port = wait_until(admin_port, timeout=20, what="listening")
+        assert http_get(port, "/healthz")[::2] == (200, b"ok\n")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(10)
+    reader.join(10)
+    assert process.stderr.read() == ""
+    records = [json.loads(line) for line in output]
+    assert all(line.endswith("\n") for line in output)
+    assert all(set(record) == FIELDS for record in records), records
+    assert all(record["level"] != "debug" for record in records)
+    texts = [record["text"] for record in records]
+    assert any(text.startswith("admin listener on 127.0.0.1:") for text in texts)
+    assert any(re.fullmatch(r"TagdSite starting on \d+", text) for text in texts)
+    assert texts[-1] == "Server Shut Down."
