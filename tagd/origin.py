@@ -36,6 +36,8 @@ from twisted.python.failure import Failure
 from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError
 from zope.interface import implementer
 
+from tagd.writes import send_now
+
 MAX_HEAD_SIZE = 64 * 1024
 NO_BODY_CODES = (204, 304)
 
@@ -249,7 +251,7 @@ class OriginConnection(Protocol):
         self._answered = False
         self._keep_alive = True
         transport = self.transport
-        transport.write(head if body is None else head + body)
+        send_now(transport, head if body is None else head + body)
         self._upload = upload
         if upload is not None:
             transport.registerProducer(upload, True)
