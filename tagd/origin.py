@@ -136,19 +136,34 @@ class OriginClient:
         head: bytes,
         body: bytes | None,
         upload: BodySource | None = None,
+    ) -> OriginConnection | None:
+        """Send C{head} (and C{body}) on an idle connection, if one is kept; return it.
+
+        C{None} means no connection was idle: call L{connect} instead.  This path is
+        every request's on a busy site, so it makes no Deferred.
+        """
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.transport is not None and connection.connected:
+                connection.send(receiver, method, head, body, upload, reused=True)
+                return connection
+        return None
+
+    def connect(
+        self,
+        receiver: ResponseReceiver,
+        method: bytes,
+        head: bytes,
+        body: bytes | None,
+        upload: BodySource | None = None,
     ) -> Deferred[OriginConnection]:
-        """Send C{head} (and C{body}) on an idle or a new connection.
+        """Open a new connection and send the request on it.
 
         With C{upload}, the body follows through L{OriginConnection.write_body} and
         L{OriginConnection.end_body} once the Deferred has fired.  The Deferred fires with
         the connection once the request is on its way; cancelling it before then abandons
         the connection attempt.
         """
-        while self._idle:
-            connection = self._idle.pop()
-            if connection.transport is not None and connection.connected:
-                connection.send(receiver, method, head, body, upload, reused=True)
-                return succeed(connection)
         connecting = self._endpoint.connect(_OriginFactory(self))
 
         def connected(connection: OriginConnection) -> OriginConnection:

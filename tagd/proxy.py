@@ -162,7 +162,12 @@ class _Exchange:
         request.notifyFinish().addCallbacks(self._answered, self._visitor_left)
 
     def _send(self) -> None:
-        d = self._proxy._client.request(self, self._request.method, self._head, self._body, self._upload)
+        client, method = self._proxy._client, self._request.method
+        connection = client.request(self, method, self._head, self._body, self._upload)
+        if connection is not None:
+            self._attached(connection)
+            return
+        d = client.connect(self, method, self._head, self._body, self._upload)
         self._pending = d
         d.addCallbacks(self._attached, self._connect_failed)
 
