@@ -44,8 +44,6 @@ from dataclasses import replace
 from proxy_throughput import (
     BENCH_DIR,
     HOST,
-    TRACKING_HEADER,
-    TRACKING_VALUE,
     LoadError,
     Processes,
     Server,
@@ -57,11 +55,11 @@ from proxy_throughput import (
     find_tools,
     free_port,
     measure,
+    prepare_origin,
     print_columns,
     run_and_clean_up,
     run_builtin,
     run_wrk,
-    start_origin,
     start_tagd,
     versions,
     wait_until_listening,
@@ -523,13 +521,7 @@ def run(args, processes: Processes) -> int:
         drive = lambda *a: run_wrk(tools["wrk"], *a, headers=LOAD_HEADERS)  # noqa: E731
     else:
         drive = lambda *a: run_builtin(*a, headers=LOAD_HEADERS)  # noqa: E731
-    origin, origin_text = start_origin(processes, tools["nginx"], args.run_dir)
-    wait_until_listening(origin)
-    status, _, expected_body = fetch(origin.port)
-    if status != 200:
-        raise StartError(f"the origin answered {status}")
-    generator = f"wrk, {args.threads} thread(s)" if tools["wrk"] else "built-in asyncio client"
-    print(f"origin: {origin_text}; {len(expected_body):,}-byte page with {TRACKING_HEADER}: {TRACKING_VALUE}")
+    origin, origin_text, expected_body, generator = prepare_origin(args, processes, tools)
     print(f"load:   {generator}, {args.connections} keep-alive connections, {args.warmup} s warm-up + "
           f"{args.duration} s per configuration, one at a time; a browser User-Agent and the _fbp/_ga cookies")
     print(f"machine: {os.cpu_count()} CPUs, load average {_loadavg()} (1/5/15 min) before the run\n", flush=True)

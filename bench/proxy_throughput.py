@@ -35,7 +35,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Sequence
 
 HOST = "127.0.0.1"
@@ -693,11 +693,11 @@ def check_python() -> None:
         raise StartError(f"{e}; run this with the Python of the virtual environment tagd is installed in") from None
 
 
-def run(args, processes: Processes) -> int:
-    """The whole benchmark; returns the exit status."""
-    check_python()
-    tools = find_tools(args)
-    drive = (lambda *a: run_wrk(tools["wrk"], *a)) if tools["wrk"] else run_builtin
+def prepare_origin(args, processes: Processes, tools: dict):
+    """Start the origin and check its page; say what it serves.
+
+    Returns the origin, its description, the page it serves and the load generator's name.
+    """
     origin, origin_text = start_origin(processes, tools["nginx"], args.run_dir)
     wait_until_listening(origin)
     status, _, expected_body = fetch(origin.port)
@@ -705,6 +705,15 @@ def run(args, processes: Processes) -> int:
         raise StartError(f"the origin answered {status}")
     generator = f"wrk, {args.threads} thread(s)" if tools["wrk"] else "built-in asyncio client"
     print(f"origin: {origin_text}; {len(expected_body):,}-byte page with {TRACKING_HEADER}: {TRACKING_VALUE}")
+    return origin, origin_text, expected_body, generator
+
+
+def run(args, processes: Processes) -> int:
+    """The whole benchmark; returns the exit status."""
+    check_python()
+    tools = find_tools(args)
+    drive = (lambda *a: run_wrk(tools["wrk"], *a)) if tools["wrk"] else run_builtin
+    origin, origin_text, expected_body, generator = prepare_origin(args, processes, tools)
     print(f"load:   {generator}, {args.connections} keep-alive connections, "
           f"{args.warmup} s warm-up + {args.duration} s per proxy, one proxy at a time\n", flush=True)
     results, failed = [], []
