@@ -129,11 +129,14 @@ def toml_key(key: str) -> str:
     return key if _BARE_KEY.fullmatch(key) else json.dumps(key, ensure_ascii=False)
 
 
-def masked(value: Any) -> Any:
-    """A secret with its value hidden; of a table of them (webhook headers), the names stay."""
+def masked(value: Any, key: str, references: Mapping[str, Mapping[str, str]]) -> Any:
+    """A secret as check-config shows it: the reference it was read through (it names a file
+    or a variable, not the secret, and the output stays a working configuration), else
+    hidden; of a table of them (webhook headers), the names stay and each value is so shown.
+    C{key} is the secret's key as configuration errors name it, as in C{references}."""
     if isinstance(value, Mapping):
-        return {key: MASK for key in value}
-    return MASK
+        return {name: masked(item, f"{key}.{name}", references) for name, item in value.items()}
+    return references.get(key, MASK)
 
 
 def toml_lines(values: Mapping[str, Any]) -> list[str]:
@@ -144,8 +147,11 @@ def toml_lines(values: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def destination_values(destination: DestinationConfig) -> dict[str, Any]:
-    """Every key of one C{[[destinations]]} table with the value the daemon uses, secrets masked.
+def destination_values(
+    prefix: str, destination: DestinationConfig, references: Mapping[str, Mapping[str, str]]
+) -> dict[str, Any]:
+    """Every key of one C{[[destinations]]} table (C{prefix}: C{destinations[0]}) with the
+    value the daemon uses, secrets masked.
 
     The values are read back from the built destination, so defaults and normalisations
     (a trimmed endpoint, say) show as they take effect.
@@ -154,15 +160,21 @@ def destination_values(destination: DestinationConfig) -> dict[str, Any]:
     values = {"type": destination.type, "name": destination.name, "timeout": destination.timeout}
     for key in keys:
         value = getattr(destination.destination, key)
-        values[key] = masked(value) if key in destination.secrets and value is not None else value
+        if key in destination.secrets and value is not None:
+            value = masked(value, f"{prefix}.{key}", references)
+        values[key] = value
     return values
 
 
-def table_values(table: Any) -> dict[str, Any]:
-    """Every key of one table with its value; a key marked secret in its field's metadata
+def table_values(
+    name: str, table: Any, references: Mapping[str, Mapping[str, str]]
+) -> dict[str, Any]:
+    """Every key of table C{name} with its value; a key marked secret in its field's metadata
     (C{[admin] token}) is masked when set, and shown empty when not."""
     return {
-        field.name: masked(value) if field.metadata.get("secret") and value else value
+        field.name: masked(value, f"{name}.{field.name}", references)
+        if field.metadata.get("secret") and value
+        else value
         for field in attrs.fields(type(table))
         for value in [getattr(table, field.name)]
     }
@@ -174,9 +186,11 @@ def resolved_toml(config: Config) -> str:
     for field in attrs.fields(Config):
         value = getattr(config, field.name)
         if attrs.has(type(value)):
-            lines += ["", f"[{field.name}]", *toml_lines(table_values(value))]
-    for destination in config.destinations:
-        lines += ["", "[[destinations]]", *toml_lines(destination_values(destination))]
+            values = table_values(field.name, value, config.references)
+            lines += ["", f"[{field.name}]", *toml_lines(values)]
+    for index, destination in enumerate(config.destinations):
+        values = destination_values(f"destinations[{index}]", destination, config.references)
+        lines += ["", "[[destinations]]", *toml_lines(values)]
     return "\n".join(lines)
 
 

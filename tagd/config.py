@@ -2,15 +2,24 @@
 
 Every problem is reported as a L{ConfigError} that names the file and the key, so that
 start-up can stop with one clear line instead of a traceback.
+
+A secret (a destination module's C{SECRETS}, C{[admin] token}, each value of a webhook's
+C{headers}) may be given as a reference instead: C{{ credential = "NAME" }} reads the file
+C{$CREDENTIALS_DIRECTORY/NAME} (systemd's C{LoadCredential=}), C{{ env = "NAME" }} an
+environment variable.  Then the configuration file can be shared, or kept in a repository,
+without any token in it.  References are resolved once, when the file is loaded, so that a
+missing credential stops start-up rather than the first delivery.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 import tomllib
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 import attrs
@@ -121,6 +130,10 @@ class Config:
     delivery: DeliveryConfig = DeliveryConfig()
     admin: AdminConfig = AdminConfig()
     destinations: tuple[DestinationConfig, ...] = ()
+    # The secrets given by reference, by key as errors name it ("admin.token",
+    # "destinations[0].headers.Authorization"): the reference table, which names where the
+    # secret was read and not the secret, so that check-config can show it.
+    references: Mapping[str, Mapping[str, str]] = MappingProxyType({})
 
 
 def _endpoint_string(value: str) -> str:
@@ -317,10 +330,109 @@ def _checked(path: str, prefix: str, raw: dict, fields: dict[str, _Field]) -> di
     return values
 
 
-def _table(path: str, name: str, raw: Any, overrides: dict[str, Any]):
+# What each kind of reference names.
+_REFERENCE_KINDS = {"credential": "file in $CREDENTIALS_DIRECTORY", "env": "environment variable"}
+
+
+def _read_credential(name: str, environ: Mapping[str, str]) -> str:
+    """The contents of systemd credential C{name}, without the newline a file usually ends with."""
+    if "/" in name or "\0" in name or name in (".", ".."):
+        raise ValueError(f"credential {name!r} must be a file name, not a path")
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    not_found = f"credential {name!r} not found (no $CREDENTIALS_DIRECTORY, or no such file in it)"
+    if not directory:
+        raise ValueError(not_found)
+    try:
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ValueError(not_found) from None
+    except OSError as e:
+        raise ValueError(f"credential {name!r} cannot be read: {e.strerror}") from None
+    try:
+        value = data.decode("utf-8").removesuffix("\n")
+    except UnicodeDecodeError:
+        raise ValueError(f"credential {name!r} is not UTF-8 text") from None
+    if not value:
+        raise ValueError(f"credential {name!r} is empty")
+    return value
+
+
+def _read_env(name: str, environ: Mapping[str, str]) -> str:
+    """The value of environment variable C{name}, which must be set and not empty."""
+    if name not in environ:
+        raise ValueError(f"environment variable {name} is not set")
+    if not environ[name]:
+        raise ValueError(f"environment variable {name} is empty")
+    return environ[name]
+
+
+def _secret(
+    path: str, key: str, value: Any, environ: Mapping[str, str], references: dict[str, Any]
+) -> Any:
+    """C{value} itself, or, for a reference table, the secret it names (recorded in
+    C{references} under C{key}).  Errors name the reference, never the value read."""
+    if not isinstance(value, dict):
+        return value
+    if len(value) != 1 or next(iter(value)) not in _REFERENCE_KINDS:
+        raise ConfigError(
+            path, key,
+            'a secret given as a table must be { credential = "NAME" } or { env = "NAME" }, '
+            f"got keys: {', '.join(value) or '(none)'}",
+        )
+    [(kind, name)] = value.items()
+    if not isinstance(name, str) or not name:
+        raise ConfigError(
+            path, key, f"{kind} must name the {_REFERENCE_KINDS[kind]} as a non-empty string"
+        )
+    read = _read_credential if kind == "credential" else _read_env
+    try:
+        secret = read(name, environ)
+    except ValueError as e:
+        raise ConfigError(path, key, str(e)) from None
+    references[key] = MappingProxyType({kind: name})
+    return secret
+
+
+def _with_secrets(
+    path: str,
+    prefix: str,
+    raw: dict,
+    fields: dict[str, _Field],
+    secrets: tuple[str, ...],
+    environ: Mapping[str, str],
+    references: dict[str, Any],
+) -> dict:
+    """C{raw} with each secret given by reference replaced by the secret; a secret that is a
+    table (webhook C{headers}) may give each of its values by reference."""
+    resolved = dict(raw)
+    for key in secrets:
+        if key not in raw:
+            continue
+        full = f"{prefix}.{key}"
+        if dict not in fields[key][0]:
+            resolved[key] = _secret(path, full, raw[key], environ, references)
+        elif isinstance(raw[key], dict):
+            resolved[key] = {
+                name: _secret(path, f"{full}.{name}", item, environ, references)
+                for name, item in raw[key].items()
+            }
+    return resolved
+
+
+def _table(
+    path: str,
+    name: str,
+    raw: Any,
+    overrides: dict[str, Any],
+    environ: Mapping[str, str],
+    references: dict[str, Any],
+):
     fields, cls = _TABLES[name]
     if not isinstance(raw, dict):
         raise ConfigError(path, name, "must be a table")
+    secrets = tuple(field.name for field in attrs.fields(cls) if field.metadata.get("secret"))
+    raw = _with_secrets(path, name, raw, fields, secrets, environ, references)
     values = _checked(path, name, raw, fields)
     # A bad command-line value is the command line's fault, not the file's.
     values.update(_checked(COMMAND_LINE, name, overrides, fields))
@@ -340,7 +452,9 @@ _TYPE_NAMES = {str: "a string", int: "a whole number", float: "a number", bool: 
                dict: "a table", list: "a list"}
 
 
-def _destination(path: str, index: int, raw: Any) -> DestinationConfig:
+def _destination(
+    path: str, index: int, raw: Any, environ: Mapping[str, str], references: dict[str, Any]
+) -> DestinationConfig:
     prefix = f"destinations[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(path, prefix, "must be a table ([[destinations]])")
@@ -350,7 +464,9 @@ def _destination(path: str, index: int, raw: Any) -> DestinationConfig:
             path, f"{prefix}.type", f"must be one of {', '.join(DESTINATION_TYPES)}, got {kind!r}"
         )
     module = destination_module(kind)
-    values = _checked(path, prefix, raw, _destination_fields(module))
+    fields = _destination_fields(module)
+    raw = _with_secrets(path, prefix, raw, fields, tuple(module.SECRETS), environ, references)
+    values = _checked(path, prefix, raw, fields)
     settings = {}
     for key, (_types, required, default) in module.KEYS.items():
         if key in values:
@@ -376,10 +492,14 @@ def _destination(path: str, index: int, raw: Any) -> DestinationConfig:
     )
 
 
-def _destinations(path: str, raw: Any) -> tuple[DestinationConfig, ...]:
+def _destinations(
+    path: str, raw: Any, environ: Mapping[str, str], references: dict[str, Any]
+) -> tuple[DestinationConfig, ...]:
     if not isinstance(raw, list):
         raise ConfigError(path, "destinations", "must be an array of tables ([[destinations]])")
-    destinations = tuple(_destination(path, i, item) for i, item in enumerate(raw))
+    destinations = tuple(
+        _destination(path, i, item, environ, references) for i, item in enumerate(raw)
+    )
     seen = set()
     for i, destination in enumerate(destinations):
         if destination.name in seen:
@@ -390,8 +510,16 @@ def _destinations(path: str, raw: Any) -> tuple[DestinationConfig, ...]:
     return destinations
 
 
-def parse_config(text: str, path: str, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Build a L{Config} from TOML text; C{overrides} are command-line values by table."""
+def parse_config(
+    text: str,
+    path: str,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> Config:
+    """Build a L{Config} from TOML text; C{overrides} are command-line values by table.
+
+    C{environ} is where secret references look for C{$CREDENTIALS_DIRECTORY} and variables.
+    """
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -401,15 +529,23 @@ def parse_config(text: str, path: str, overrides: dict[str, dict[str, Any]] | No
     for name in raw:
         if name not in known:
             raise ConfigError(path, name, f"unknown table (known: {', '.join(known)})")
+    references: dict[str, Any] = {}
     tables = {
-        name: _table(path, name, raw.get(name, {}), overrides.get(name, {}))
+        name: _table(path, name, raw.get(name, {}), overrides.get(name, {}), environ, references)
         for name in _TABLES
     }
-    return Config(path=path, destinations=_destinations(path, raw.get("destinations", [])), **tables)
+    destinations = _destinations(path, raw.get("destinations", []), environ, references)
+    return Config(
+        path=path, destinations=destinations, references=MappingProxyType(references), **tables
+    )
 
 
-def load_config(path: str, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Read and check the file at C{path}."""
+def load_config(
+    path: str,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> Config:
+    """Read and check the file at C{path}; C{environ} as for L{parse_config}."""
     try:
         with open(path, "rb") as f:
             text = f.read().decode("utf-8")
@@ -417,4 +553,4 @@ def load_config(path: str, overrides: dict[str, dict[str, Any]] | None = None) -
         raise ConfigError(path, "(file)", f"cannot be read: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(path, "(file)", "is not UTF-8 text") from None
-    return parse_config(text, path, overrides)
+    return parse_config(text, path, overrides, environ)

@@ -421,3 +421,58 @@ def test_missing_config_file_is_one_line(tmp_path):
     """A named file that does not exist is an error (only an unnamed ./tagd.toml may be absent)."""
     line = one_line_error(tagd("check-config", "absent.toml", cwd=tmp_path))
     assert "absent.toml: (file): cannot be read" in line
+
+
+REFERENCES = """
+[admin]
+token = { env = "TAGD_TEST_ADMIN_TOKEN" }
+
+[[destinations]]
+type = "meta"
+pixel_id = "1234"
+access_token = { credential = "meta-token" }
+
+[[destinations]]
+type = "webhook"
+url = "https://hooks.example/events"
+headers = { Authorization = { env = "TAGD_TEST_HOOK_AUTH" }, X-Api-Key = "webhook-key-5" }
+"""
+
+
+def test_check_config_shows_references_not_secrets(tmp_path):
+    """A secret given by reference is printed as that reference (where to read it), a
+    literal one as ***; the output, checked again in the same environment, prints the same."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "meta-token").write_text(f"{META_TOKEN}\n", encoding="utf-8")
+    (tmp_path / "tagd.toml").write_text(REFERENCES, encoding="utf-8")
+    env = {
+        "CREDENTIALS_DIRECTORY": str(credentials),
+        "TAGD_TEST_ADMIN_TOKEN": "admin-token-6",
+        "TAGD_TEST_HOOK_AUTH": WEBHOOK_AUTH,
+    }
+    output = ok(tagd("check-config", "tagd.toml", cwd=tmp_path, **env))
+    for secret in (META_TOKEN, "admin-token-6", WEBHOOK_AUTH, WEBHOOK_KEY):
+        assert secret not in output
+    assert 'access_token = { credential = "meta-token" }' in output.splitlines()
+    assert 'token = { env = "TAGD_TEST_ADMIN_TOKEN" }' in output.splitlines()
+    printed = tomllib.loads(output)
+    meta, hook = printed["destinations"]
+    assert meta["access_token"] == {"credential": "meta-token"}
+    assert hook["headers"] == {"Authorization": {"env": "TAGD_TEST_HOOK_AUTH"}, "X-Api-Key": "***"}
+
+    (tmp_path / "printed.toml").write_text(output, encoding="utf-8")
+    again = ok(tagd("check-config", "printed.toml", cwd=tmp_path, **env))
+    assert again.splitlines()[1:] == output.splitlines()[1:]
+
+
+def test_check_config_missing_credential_is_one_line(tmp_path):
+    """Without $CREDENTIALS_DIRECTORY a credential reference stops check-config with one line
+    naming the file, the key and the credential."""
+    (tmp_path / "tagd.toml").write_text(REFERENCES, encoding="utf-8")
+    env = {"CREDENTIALS_DIRECTORY": "", "TAGD_TEST_ADMIN_TOKEN": "admin-token-6"}
+    line = one_line_error(tagd("check-config", "tagd.toml", cwd=tmp_path, **env))
+    assert line == (
+        "tagd: configuration error in tagd.toml: destinations[0].access_token: credential "
+        "'meta-token' not found (no $CREDENTIALS_DIRECTORY, or no such file in it)"
+    )
