@@ -22,6 +22,7 @@ from tagd.lifecycle import Draining, OrderedServices, visitor_budget
 from tagd.metrics import Metrics
 from tagd.pipeline import build_tagging
 from tagd.spool import Spool
+from tagd.systemd import SystemdNotifier
 
 DEFAULT_CONFIG = "tagd.toml"
 
@@ -82,6 +83,8 @@ def build_service(config: Config, reactor, metrics: Metrics | None = None) -> Mu
     The admin listener starts first and stops last: through the whole shutdown, while
     visitors drain and the spool flushes, C{/healthz} answers 503 instead of refusing
     connections (which a monitor cannot tell from a crash), and C{/metrics} stays readable.
+    The notifier comes after the listener so that systemd hears C{READY=1} only once the
+    port is bound, and C{STOPPING=1} before anything else stops.
     """
     proxy = config.proxy
     metrics = metrics if metrics is not None else Metrics()
@@ -116,6 +119,7 @@ def build_service(config: Config, reactor, metrics: Metrics | None = None) -> Mu
         reactor, lambda: resource.in_flight, budget=visitor_budget(proxy.shutdown_timeout)
     ).setServiceParent(top)
     listener.setServiceParent(top)
+    SystemdNotifier(reactor).setServiceParent(top)
     return top
 
 
