@@ -1,11 +1,12 @@
-"""The C{tagd} command: look into the spool and check a configuration, beside a running daemon.
+"""The C{tagd} command: look into the spool, check a configuration and try a destination,
+beside a running daemon; and the demo.
 
 The spool commands open the daemon's file with a connection of their own (see the end of
 L{tagd.spool}), so they are safe while the daemon runs.  The configuration file is found as
 the daemon finds it, so that they look at the same spool as the daemon they sit beside.
 
 Output goes to stdout; a problem is one line on stderr and exit status 1.  Neither ever
-shows an event's contents or a secret.
+shows a visitor's event or a secret: the one event shown is C{send-test-event}'s own.
 """
 
 from __future__ import annotations
@@ -13,21 +14,34 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import sys
 import time
+import uuid
 from typing import Any, Mapping, Sequence
 
 import attrs
+import treq
+from twisted.internet.task import react
 
 from tagd.config import Config, ConfigError, DestinationConfig
+from tagd.delivery import http_client
+from tagd.destinations import Describing, Destination, Outcome, OutgoingRequest
+from tagd.destinations._common import redact
 from tagd.destinations.registry import destination_module
+from tagd.destinations.webhook import MIN_SECRET
+from tagd.events import Event
 from tagd.spool import SpoolError, read_dead_letters, read_depth, retry_dead_letters
 from tagd.tap import config_from_options
 
 MASK = "***"
 STATUSES = ("pending", "inflight", "dead", "expired")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class CommandError(Exception):
+    """A command that cannot do what was asked; the message is the line shown."""
 
 
 def load(path: str | None) -> Config:
@@ -199,13 +213,131 @@ def check_config(args: argparse.Namespace) -> None:
     print(resolved_toml(load(args.file)))
 
 
+# tagd send-test-event
+
+# A current desktop browser's user agent, so that the test event is what tagd sends for a
+# visitor, and is judged as such.
+TEST_USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+# From 192.0.2.0/24, reserved for documentation (RFC 5737): no visitor is ever this address.
+TEST_IP = "192.0.2.1"
+TEST_URL = "https://tagd.test/"
+
+
+def test_event(now: int) -> Event:
+    """A page view as a visitor's would arrive, with a fresh id (the platforms drop an event
+    whose id they have seen, as a duplicate) and a GA4 client id (GA4 takes no event without one)."""
+    return Event(
+        event_name="PageView",
+        event_id=f"tagd-test-{uuid.uuid4()}",
+        event_time=now,
+        source_url=TEST_URL,
+        client_ip=TEST_IP,
+        user_agent=TEST_USER_AGENT,
+        ga_client_id=f"{random.randrange(10**9, 10**10)}.{now}",
+        ga_session_id=str(now),
+    )
+
+
+def named_destination(config: Config, name: str) -> DestinationConfig:
+    """The destination called C{name}; the error lists the names there are to choose from."""
+    for destination in config.destinations:
+        if destination.name == name:
+            return destination
+    names = ", ".join(d.name for d in config.destinations) or "none"
+    raise CommandError(f"no destination named {name!r} in {config.path} (configured: {names})")
+
+
+def in_test_mode(destination: Destination) -> bool:
+    """Whether the platform keeps the event out of its reports: Meta and TikTok show an
+    event with a C{test_event_code} in their Test Events tab only; GA4 in C{debug} mode
+    sends to its validation server, which records nothing."""
+    return bool(getattr(destination, "test_event_code", None) or getattr(destination, "debug", False))
+
+
+def secret_values(destination: DestinationConfig) -> list[str]:
+    """The destination's secrets, and each word of them (a receiver may echo the token of a
+    C{Bearer} header alone), for removing from the platform's answer before it is shown.
+    Shorter ones (a webhook's C{X-Version: 1}) are no secret and would garble the answer."""
+    values = [getattr(destination.destination, key) for key in destination.secrets]
+    texts = [t for v in values if v for t in (v.values() if isinstance(v, Mapping) else [v])]
+    return [s for text in texts for s in (text, *text.split()) if len(s) >= MIN_SECRET]
+
+
+async def post_test_event(reactor, destination: DestinationConfig, request: OutgoingRequest) -> None:
+    """Send one request as the dispatcher would (tagd's client, the destination's timeout)
+    and show the platform's answer; exit status 1 unless it is a success."""
+    client, pool = http_client(reactor, pool_size=1)
+    print(f"{request.method} {request.log_url}")  # never request.url: it may carry the token
+    try:
+        response = await client.request(
+            request.method,
+            request.url,
+            data=request.body,
+            headers=dict(request.headers),
+            timeout=destination.timeout,
+            reactor=reactor,
+        )
+        body = await treq.content(response)
+    except Exception as e:
+        # The exception text may quote the URL, and with it a token: name the type only.
+        print(f"tagd: no answer from {request.log_url}: {type(e).__name__}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        await pool.closeCachedConnections()
+    verdict = destination.destination.classify(response.code, body)
+    answer = redact(body.decode("utf-8", "replace"), secret_values(destination))
+    print(f"status: {response.code}")
+    print(f"outcome: {verdict.outcome.value}" + (f" ({verdict.message})" if verdict.message else ""))
+    print(f"answer: {cell(answer) or '(empty)'}")
+    if verdict.outcome is not Outcome.SUCCESS:
+        raise SystemExit(1)
+
+
+def send_test_event(args: argparse.Namespace) -> None:
+    """Send one made-up event to one destination, to see a new token, pixel or endpoint
+    work before real visitors depend on it.
+
+    A C{log} destination prints its dry-run lines instead.  Otherwise the reactor runs
+    until the platform has answered, and the process exits with 0 for a success and 1 for
+    any other outcome (L{react} ends it: this returns only for a C{log} destination).
+    """
+    config = load(args.config)
+    destination = named_destination(config, args.destination)
+    event = test_event(int(time.time()))
+    if isinstance(destination.destination, Describing):
+        print("\n".join(destination.destination.describe([event])))
+        return
+    if not in_test_mode(destination.destination):
+        print(
+            f"tagd: warning: {destination.name} has no test_event_code (for GA4: debug = true), "
+            f"so the platform counts this {event.event_name} as real",
+            file=sys.stderr,
+        )
+    [request] = destination.destination.encode([event])
+    react(post_test_event, [destination, request])
+
+
+# tagd demo
+
+
+def demo(args: argparse.Namespace) -> None:
+    """C{python -m tagd.demo}, under the command people already have."""
+    from twisted.internet import reactor
+
+    from tagd.demo.__main__ import main as demo_main
+
+    demo_main(reactor)
+
+
 # The command line.
 
 
 def parser() -> argparse.ArgumentParser:
-    """C{tagd spool status|dead|retry-dead} and C{tagd check-config}; each command's
-    function is its C{run} default."""
-    top = argparse.ArgumentParser(prog="tagd", description="Inspect tagd's spool and configuration.")
+    """C{tagd spool status|dead|retry-dead}, C{tagd check-config}, C{tagd send-test-event}
+    and C{tagd demo}; each command's function is its C{run} default."""
+    top = argparse.ArgumentParser(
+        prog="tagd", description="Inspect tagd's spool and configuration, try a destination, run the demo."
+    )
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     config = argparse.ArgumentParser(add_help=False)
     config.add_argument(
@@ -233,6 +365,16 @@ def parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a configuration and print it, secrets masked")
     check.add_argument("file", metavar="FILE", nargs="?", help="[default: $TAGD_CONFIG or ./tagd.toml]")
     check.set_defaults(run=check_config)
+
+    test = commands.add_parser(
+        "send-test-event", parents=[config], help="send one test event to a destination and show the answer"
+    )
+    test.add_argument("--destination", metavar="NAME", required=True, help="the destination's name")
+    test.set_defaults(run=send_test_event)
+
+    commands.add_parser(
+        "demo", help="an example shop on port 8000 with tagd in front of it on 8080"
+    ).set_defaults(run=demo)
     return top
 
 
@@ -248,14 +390,16 @@ def positive(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The console script: 0 when done, 1 with one line on stderr when not (argparse: 2)."""
+    """The console script: 0 when done, 1 with one line on stderr when not (argparse: 2).
+
+    C{send-test-event} exits by itself once the platform has answered (see L{send_test_event})."""
     args = parser().parse_args(argv)
     try:
         args.run(args)
     except ConfigError as e:
         print(e, file=sys.stderr)  # one line naming the file and the key, never a value
         return 1
-    except SpoolError as e:
+    except (SpoolError, CommandError) as e:
         print(f"tagd: {e}", file=sys.stderr)
         return 1
     return 0

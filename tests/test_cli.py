@@ -476,3 +476,69 @@ def test_check_config_missing_credential_is_one_line(tmp_path):
         "tagd: configuration error in tagd.toml: destinations[0].access_token: credential "
         "'meta-token' not found (no $CREDENTIALS_DIRECTORY, or no such file in it)"
     )
+
+
+# tagd send-test-event, against a fake Meta served by the tests' reactor while the command
+# runs in a thread of its own.
+
+
+def meta_config(base: str, token: str, extra: str = "") -> str:
+    """One Meta destination sending to the fake at C{base}."""
+    return (
+        f'[[destinations]]\ntype = "meta"\npixel_id = "1234"\naccess_token = "{token}"\n'
+        f'endpoint = "{base}"\n{extra}'
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_test_event_with_a_test_code(tmp_path, fake_meta):
+    """One valid event carrying the test code reaches the platform; its answer is shown,
+    the token never is, and there is nothing to warn about."""
+    toml = meta_config(fake_meta.base, "meta-token", 'test_event_code = "TEST4242"\n')
+    (tmp_path / "test.toml").write_text(toml, encoding="utf-8")
+    result = await within(
+        deferToThread(tagd, "send-test-event", "--destination", "meta", "--config", "test.toml", cwd=tmp_path)
+    )
+    output = ok(result)
+    assert "meta-token" not in output
+    assert f"POST {fake_meta.base}/v24.0/1234/events" in output.splitlines()
+    assert "status: 200" in output.splitlines()
+    assert "outcome: success (events_received=1 fbtrace_id=FakeTrace1)" in output.splitlines()
+    assert '"events_received": 1' in output
+    (request,) = fake_meta.fake.requests
+    assert request.violations == []
+    assert request.body["test_event_code"] == "TEST4242"
+    (event,) = fake_meta.fake.events
+    assert event["event_name"] == "PageView"
+    assert event["event_source_url"] == "https://tagd.test/"
+    assert event["user_data"]["client_ip_address"] == "192.0.2.1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_test_event_shows_the_platforms_refusal(tmp_path, fake_meta):
+    """A refused event: exit status 1 with Meta's own message, a warning that the event
+    would have counted as real, and the (wrong) token nowhere."""
+    (tmp_path / "tagd.toml").write_text(meta_config(fake_meta.base, META_TOKEN), encoding="utf-8")
+    result = await within(deferToThread(tagd, "send-test-event", "--destination", "meta", cwd=tmp_path))
+    assert result.returncode == 1, result.stderr
+    assert "status: 400" in result.stdout.splitlines()
+    assert "outcome: permanent (HTTP 400, Meta error 190: Invalid OAuth access token." in result.stdout
+    assert '"message": "Invalid OAuth access token."' in result.stdout
+    assert "has no test_event_code" in result.stderr
+    assert META_TOKEN not in result.stdout + result.stderr
+    assert len(fake_meta.fake.events) == 1
+
+
+def test_send_test_event_to_an_unknown_destination(folder):
+    """A name that is not configured: one line listing the names that are."""
+    line = one_line_error(tagd("send-test-event", "--destination", "facebook", cwd=folder))
+    assert line == "tagd: no destination named 'facebook' in tagd.toml (configured: meta, ga4, tiktok, hook)"
+
+
+def test_send_test_event_to_a_dry_run(tmp_path):
+    """A log destination sends nothing: the dry-run lines are the answer."""
+    (tmp_path / "tagd.toml").write_text('[[destinations]]\ntype = "log"\n', encoding="utf-8")
+    lines = ok(tagd("send-test-event", "--destination", "log", cwd=tmp_path)).splitlines()
+    assert [line.split(": ", 1)[0] for line in lines] == ["meta", "ga4", "tiktok"]
+    for line, name in zip(lines, ('"PageView"', '"page_view"', '"Pageview"')):
+        assert name in line and "https://tagd.test/" in line and "192.0.2.0" in line
