@@ -7,7 +7,9 @@ prints instead of sending it to an ad platform.
 
 from __future__ import annotations
 
+import json
 import sys
+import tempfile
 
 from twisted.logger import globalLogBeginner, textFileLogObserver
 from twisted.web.server import Site
@@ -23,9 +25,12 @@ PROXY_PORT = 8080
 def main(reactor) -> None:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     reactor.listenTCP(SHOP_PORT, Site(shop_resource()), interface="127.0.0.1")
+    # The demo's spool lives in a folder of its own, not in the checkout it is run from.
+    spool = f"{tempfile.mkdtemp(prefix='tagd-demo-')}/spool.sqlite3"
     config = parse_config(
         f'[proxy]\nlisten = "tcp:{PROXY_PORT}:interface=127.0.0.1"\n'
         f'origin = "http://127.0.0.1:{SHOP_PORT}"\n'
+        f"[spool]\npath = {json.dumps(spool)}\n"
         '[[destinations]]\ntype = "log"\n',
         "(demo)",
     )
