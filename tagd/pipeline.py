@@ -24,7 +24,7 @@ from tagd.events import Event
 from tagd.metrics import Metrics
 from tagd.spool import Spool, SpoolError
 from tagd.tracker import Tracker
-from tagd.tracking import TrackingHook, not_configured
+from tagd.tracking import TrackingHook
 
 log = Logger()
 
@@ -84,11 +84,12 @@ class _Enqueue:
                 )
 
 
-def build_tagging(config: Config, reactor, metrics: Metrics) -> tuple[TrackingHook, list[Service]]:
-    """The tracking hook for the proxy, and the services that deliver what it accepts."""
+def build_tagging(config: Config, reactor, metrics: Metrics) -> tuple[TrackingHook | None, list[Service]]:
+    """The tracking hook for the proxy (None without destinations: the tracking header is
+    then only removed), and the services that deliver what it accepts."""
     if not config.destinations:
         log.info("no [[destinations]] configured: tracking headers are removed, no events sent")
-        return not_configured, []
+        return None, []
     http, pool = http_client(reactor)
     routes = [Route(d.destination, d.timeout) for d in config.destinations]
     try:

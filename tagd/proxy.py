@@ -57,7 +57,7 @@ class ProxyResource(Resource):
         client_ip_header: str,
         tracking_header: str,
         response_timeout: float,
-        on_tracking: TrackingHook,
+        on_tracking: TrackingHook | None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -220,7 +220,7 @@ class _Exchange:
         request.responseHeaders = headers
         request.defaultContentType = None
         self._close_if_uploading()
-        if tracking:
+        if tracking and self._proxy._on_tracking is not None:
             self._track(tracking, code, headers)
         request.registerProducer(self._connection, True)
         request.write(b"")  # The head goes out now, not with the first body bytes.

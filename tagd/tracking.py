@@ -45,8 +45,3 @@ class Tracked:
 class TrackingHook(Protocol):
     def __call__(self, values: list[bytes], visit: Visit) -> Tracked | None:
         """Decide about a tracked response; quick, since the response head waits for it."""
-
-
-def not_configured(values: list[bytes], visit: Visit) -> None:
-    """The hook while no destination is configured: the header is removed, nothing else."""
-    return None
