@@ -55,6 +55,7 @@ from proxy_throughput import (
     find_tools,
     free_port,
     measure,
+    parse_only,
     prepare_origin,
     print_columns,
     run_and_clean_up,
@@ -491,10 +492,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (configs, logs, spools)")
     args = parser.parse_args(argv)
-    args.only = [p.strip() for p in args.only.split(",") if p.strip()]
-    unknown = sorted(set(args.only) - set(SECTIONS))
-    if unknown or not args.only:
-        parser.error(f"--only takes names among {','.join(SECTIONS)}; got {unknown or 'nothing'}")
+    args.only = parse_only(parser, args.only, SECTIONS)
     if args.duration < 1 or args.warmup < 0 or args.connections < 1 or args.drain_events < 1 or args.drain_visitors < 1:
         parser.error("--duration, --connections and --drain-* must be at least 1, --warmup at least 0")
     if args.profile:

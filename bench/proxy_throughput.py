@@ -643,6 +643,15 @@ def print_ratios(found: dict) -> None:
 # --- main ------------------------------------------------------------------------------------------
 
 
+def parse_only(parser, text: str, names) -> list[str]:
+    """The comma-separated subset of C{names} that C{--only} asks for; a usage error otherwise."""
+    chosen = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = sorted(set(chosen) - set(names))
+    if unknown or not chosen:
+        parser.error(f"--only takes names among {','.join(names)}; got {unknown or 'nothing'}")
+    return chosen
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds of load per proxy (default 10)")
@@ -653,10 +662,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (configs, logs)")
     args = parser.parse_args(argv)
-    args.only = [p.strip() for p in args.only.split(",") if p.strip()]
-    unknown = sorted(set(args.only) - set(PROXIES))
-    if unknown or not args.only:
-        parser.error(f"--only takes names among {','.join(PROXIES)}; got {unknown or 'nothing'}")
+    args.only = parse_only(parser, args.only, PROXIES)
     if args.duration < 1 or args.warmup < 0 or args.connections < 1:
         parser.error("--duration and --connections must be at least 1, --warmup at least 0")
     return args
