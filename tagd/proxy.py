@@ -144,7 +144,8 @@ class _Exchange:
         self._client_ip = proxy._resolver.resolve(
             peer, headers.getRawHeaders(proxy._client_ip_header, (None,))[0]
         )
-        self._scheme = self._visitor_scheme(peer)
+        trusted = proxy._resolver.is_trusted(peer)
+        self._scheme = self._visitor_scheme(trusted)
         client = proxy._client
         self._head = request_head(
             request.method,
@@ -155,7 +156,7 @@ class _Exchange:
             proto=self._scheme.encode("ascii"),
             default_host=client.host,
             body_length=body_length,
-            drop=frozenset() if proxy._resolver.is_trusted(peer) else proxy._spoofable,
+            drop=frozenset() if trusted else proxy._spoofable,
         )
         proxy.in_flight += 1
         self._started = proxy._reactor.seconds()
@@ -171,9 +172,9 @@ class _Exchange:
         self._pending = d
         d.addCallbacks(self._attached, self._connect_failed)
 
-    def _visitor_scheme(self, peer: str) -> str:
+    def _visitor_scheme(self, trusted: bool) -> str:
         request = self._request
-        if self._proxy._resolver.is_trusted(peer):
+        if trusted:
             claimed = request.requestHeaders.getRawHeaders(b"x-forwarded-proto", (b"",))[0]
             if claimed in (b"http", b"https"):
                 return claimed.decode("ascii")
