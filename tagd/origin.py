@@ -59,6 +59,10 @@ class ResponseReceiver(Interface):
     def response_data(self, data: bytes) -> None:
         """A piece of the (de-chunked) body."""
 
+    def read_done(self) -> None:
+        """The read that brought the head, and any body bytes that came with it, has been
+        handed over in full: a head held back to go out with body bytes must go now."""
+
     def response_end(self) -> None:
         """The body is complete."""
 
@@ -331,6 +335,7 @@ class OriginConnection(Protocol):
             self.transport.abortConnection()
 
     def _head_received(self) -> None:
+        receiver = self._receiver
         while self._state is _HEAD:
             end = self._buffer.find(b"\r\n\r\n")
             if end < 0:
@@ -349,6 +354,8 @@ class OriginConnection(Protocol):
                 self._body_received(rest)
             else:
                 self.transport.abortConnection()  # Bytes after a complete response.
+        if receiver is not None:
+            receiver.read_done()
 
     def _parse_head(self, head: bytes) -> None:
         lines = head.split(b"\r\n")

@@ -224,10 +224,15 @@ class _Exchange:
         if tracking and self._proxy._on_tracking is not None:
             self._track(tracking, code, headers)
         request.registerProducer(self._connection, True)
-        request.write(b"")  # The head goes out now, not with the first body bytes.
+        # The channel holds the head, to send it with the body bytes of this same read.
+        request.write(b"")
 
     def response_data(self, data: bytes) -> None:
         self._request.write(data)
+
+    def read_done(self) -> None:
+        if not self._done:
+            self._request.channel.release_head()
 
     def response_end(self) -> None:
         if self._done:
@@ -261,9 +266,11 @@ class _Exchange:
                 reason=reason.getErrorMessage(),
             )
             self._end()
-            self._request.unregisterProducer()
+            request = self._request
+            request.unregisterProducer()
             # Close after what was received is flushed: a short body is a visible cut.
-            self._request.channel.transport.loseConnection()
+            request.channel.release_head()
+            request.channel.transport.loseConnection()
         else:
             log.warn(
                 "origin failed before answering {uri}: {reason}",

@@ -7,6 +7,11 @@ on every request.  A proxy answers
 every request of a connection from the same socket with headers that
 L{twisted.web.http_headers.Headers} has already sanitised, so the head is joined once and
 the local address is looked up once per connection.
+
+The head is also held back until the body's first bytes, so that head and body leave in
+one send straight to the socket (L{tagd.writes.send_now}) instead of two writes queued
+for the reactor's next turn: one system call instead of three (two of them
+C{epoll_ctl}) for a typical page, whose head and body the origin sends together.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from tagd.proxy import SMALL_BODY, ProxyResource
+from tagd.writes import send_now
 
 
 class ProxyRequest(Request):
@@ -84,10 +90,16 @@ class ProxyRequest(Request):
 
 
 class TagdChannel(HTTPChannel):
-    """An HTTP/1.1 channel that writes each response head in one piece."""
+    """An HTTP/1.1 channel that writes each response head in one piece, with the body's
+    first bytes when they are at hand.
+
+    A held head goes out with the next write, when the request is done (a response
+    without a body), or when L{release_head} says that no body bytes are at hand.
+    """
 
     _host = None
     _secure = None
+    _held = b""  # the response head, not yet written
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self.requests:
@@ -103,7 +115,26 @@ class TagdChannel(HTTPChannel):
             for value in values:
                 lines.append(b"%s: %s" % (name, value))
         lines.append(b"\r\n")
-        self.transport.write(b"\r\n".join(lines))
+        self._held = b"\r\n".join(lines)
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held:
+            self._held = b""
+            data = held + data
+        send_now(self.transport, data)
+
+    def writeSequence(self, iovec) -> None:
+        self.write(b"".join(iovec))
+
+    def release_head(self) -> None:
+        """Write a held response head now: no body bytes are at hand to join it."""
+        if self._held:
+            self.write(b"")
+
+    def requestDone(self, request) -> None:
+        self.release_head()
+        super().requestDone(request)
 
     def getHost(self):
         if self._host is None:

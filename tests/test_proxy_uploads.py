@@ -7,18 +7,12 @@ and that the test can make stop reading, answer early, or die halfway through a 
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 from io import BytesIO
-from pathlib import Path
 
 import attrs
 import pytest
 import pytest_twisted
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -28,6 +22,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from conftest import WireVisitor, eventually, raw_request, sampling_memory, sleep, twistd_tagd, within
+from certificates import self_signed
 from helpers import free_port
 from origin import ConnectionCounter, pattern, pattern_sha256
 
@@ -252,31 +247,6 @@ async def stalled(writer: BodyWriter) -> int:
             return before
 
 
-def _self_signed(folder: Path) -> str:
-    """Write a key and a certificate for localhost into C{folder}; return the options of
-    a Twisted C{ssl:} server endpoint string that uses them."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    (folder / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    (folder / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return f"privateKey={folder / 'key.pem'}:certKey={folder / 'cert.pem'}"
-
-
 # -- tests ------------------------------------------------------------------------------
 
 
@@ -439,7 +409,7 @@ async def test_origin_refusing_uploads_early_over_tls(reactor, start_tagd, sink,
     """Early refusals to visitors on TLS, which goes on delivering what the visitor sent
     while the connection shuts down: whether the rest of the body was still on its way or
     already in, each visitor gets the whole 413, and tagd logs no error."""
-    keys = _self_signed(tmp_path)
+    keys = self_signed(tmp_path)
     tagd = await start_tagd(origin=sink.url, listen=f"ssl:0:interface=127.0.0.1:{keys}")
     sink.answer_early = True
     for size in range(100_000, 1_000_000, 50_000):

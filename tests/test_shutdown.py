@@ -231,8 +231,8 @@ def test_sigterm_lets_the_visitor_finish_refuses_new_ones_and_keeps_every_event(
 
 def test_sigterm_exits_within_the_deadline_when_a_visitor_takes_longer(setup):
     """A visitor whose origin answer would take 30 s does not hold tagd: after SIGTERM it
-    exits within C{shutdown_timeout} (2 s) and a small margin, with C{Server Shut Down.},
-    and cuts that visitor off.  The events it accepted before, still waiting for their
+    exits within C{shutdown_timeout} (2 s) and a small margin, with C{Server Shut Down.};
+    that visitor gets a 502 as its origin connection closes, or is cut off.  The events it accepted before, still waiting for their
     group commit (the flush interval is 30 s), are flushed to the spool all the same, and
     delivered once tagd is started again with the platforms up."""
     setup.configure(shutdown_timeout=2, flush_interval=30)
@@ -249,7 +249,8 @@ def test_sigterm_exits_within_the_deadline_when_a_visitor_takes_longer(setup):
 
     assert exited - signalled < 2 + MARGIN
     assert exited - signalled >= 0.5, "did not wait for the visitor at all"
-    assert not visitor.is_alive() and visitor.status is None and visitor.error is not None
+    assert not visitor.is_alive()
+    assert visitor.status == 502 or (visitor.status is None and visitor.error is not None)
     log = tagd.logs()
     assert "Received SIGTERM" in log and "Server Shut Down." in log, log[-3000:]
     spooled = by_event(spool_rows(setup.spool))
