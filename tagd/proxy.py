@@ -70,6 +70,7 @@ class ProxyResource(Resource):
         self._tracking_header = tracking_header.encode("ascii")
         self._response_timeout = response_timeout
         self._on_tracking = on_tracking
+        self._deliveries = _Deliveries(reactor)
         # Visitor requests not yet answered in full: shutdown waits for them.
         self.in_flight = 0
         # Answers by status code, and the origin's latency (forwarding to response head)
@@ -385,17 +386,37 @@ class _Exchange:
         except Exception:
             log.failure("tracking hook failed; the response was not affected")
             return
-        reactor = self._proxy._reactor
-        # A call in the next reactor turn would still run before the reactor writes the
-        # buffered head to the socket; one more turn puts it after that write.
-        reactor.callLater(0, reactor.callLater, 0, _run_safely, tracked.deliver)
+        self._proxy._deliveries.add(tracked.deliver)
 
 
-def _run_safely(deliver) -> None:
-    try:
-        deliver()
-    except Exception:
-        log.failure("tracking delivery failed; the response was not affected")
+class _Deliveries:
+    """Runs the tracking hooks' delivery work after the visitors' heads are written: two
+    reactor turns later, all of one turn's together.
+
+    A call in the next turn would still run before the reactor writes a head that had to
+    be queued (its socket was full); one more turn puts it after that write.  One pair
+    of timed calls per turn, not per tracked response: under load a turn answers several.
+    """
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+        self._gathering: list = []
+
+    def add(self, deliver) -> None:
+        self._gathering.append(deliver)
+        if len(self._gathering) == 1:
+            self._reactor.callLater(0, self._next_turn)
+
+    def _next_turn(self) -> None:
+        batch, self._gathering = self._gathering, []
+        self._reactor.callLater(0, self._run, batch)
+
+    def _run(self, batch: list) -> None:
+        for deliver in batch:
+            try:
+                deliver()
+            except Exception:
+                log.failure("tracking delivery failed; the response was not affected")
 
 
 @implementer(IPushProducer)

@@ -10,8 +10,10 @@ from email.utils import parsedate_to_datetime
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 
+from tagd.proxy import _Deliveries
 from tagd.tracking import Tracked
 
 from conftest import eventually, raw_request, within
@@ -207,3 +209,31 @@ async def test_hook_returning_the_wrong_thing_does_not_affect_the_response(tagd,
     visitor = await connect(tagd.port)
     response = await within(visitor.request(b"GET", b"/page", headers=[(b"X-Track", b"v")]))
     assert (response.status, bytes(response.body)) == (200, PAGE)
+
+
+def _turn(clock: Clock) -> None:
+    """One reactor turn: the calls already scheduled run, not those they schedule
+    (C{Clock.advance} would run those too)."""
+    due, clock.calls = clock.calls, []
+    for call in due:
+        call.func(*call.args, **call.kw)
+
+
+def test_deliveries_run_two_turns_later_one_batch_per_turn(logged_failures):
+    """Deliveries added in one reactor turn run together two turns later; those added in
+    the next turn run a turn after them; one that raises is logged and stops no other."""
+    clock, ran = Clock(), []
+    deliveries = _Deliveries(clock)
+    deliveries.add(lambda: ran.append("a"))
+    deliveries.add(_raise)
+    deliveries.add(lambda: ran.append("b"))
+    assert len(clock.getDelayedCalls()) == 1
+    _turn(clock)
+    assert ran == []
+    deliveries.add(lambda: ran.append("c"))
+    _turn(clock)
+    assert ran == ["a", "b"]
+    _turn(clock)
+    assert ran == ["a", "b", "c"]
+    assert clock.getDelayedCalls() == []
+    assert [e["log_failure"].type for e in logged_failures] == [RuntimeError]
