@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -123,6 +122,38 @@ async def test_the_stream_shows_the_accepted_event_and_the_platforms_answer(star
     stream.transport.loseConnection()
     await within(stream.closed)
     await eventually(lambda: feed_of(tagd).subscribers == 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_event_shows_the_platforms_message_and_its_dead_letter(start_admin_tagd, http, fake_meta):
+    """Meta refuses an event: the stream shows the permanent answer with its HTTP status and
+    Meta's message, then the dead letter with the same reason."""
+    tagd = await start_admin_tagd(destinations=[meta_destination(fake_meta)])
+    stream = await open_stream(tagd.admin_port)
+    fake_meta.fake.inject(1, status=400, code=100)
+    await visit(http, tagd, "bad-1")
+    entries = await eventually(lambda: len(stream.entries()) >= 3 and stream.entries())
+    refused, dead = entries[1:]
+    assert (refused["outcome"], refused["status"], refused["event_ids"]) == ("permanent", 400, ["bad-1"])
+    assert (dead["outcome"], dead["status"], dead["event_ids"]) == ("dead", None, ["bad-1"])
+    assert refused["message"] and dead["message"] == refused["message"]
+    stream.transport.loseConnection()
+    await within(stream.closed)
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_spool_the_direct_deliveries_are_streamed(start_admin_tagd, http, tmp_path):
+    """When the spool cannot be opened, events go straight to the platforms, and the
+    stream shows them as it does through the spool."""
+    tagd = await start_admin_tagd(destinations=[DRY], spool={"path": str(tmp_path / "absent" / "spool.sqlite3")})
+    stream = await open_stream(tagd.admin_port)
+    await visit(http, tagd, "direct-1")
+    entries = await eventually(lambda: len(stream.entries()) >= 2 and stream.entries())
+    assert [(e["outcome"], e.get("destination"), e.get("event_id") or e["event_ids"]) for e in entries] == [
+        ("accepted", None, "direct-1"), ("success", "dry", ["direct-1"]),
+    ]  # fmt: skip
+    stream.transport.loseConnection()
+    await within(stream.closed)
 
 
 @pytest_twisted.ensureDeferred
