@@ -1,5 +1,7 @@
-"""The admin listener: C{/metrics} for Prometheus and C{/healthz} for monitors, on an
-endpoint of its own (C{[admin] listen}, loopback by default), never on the visitors' port.
+"""The admin listener: C{/metrics} for Prometheus, C{/healthz} for monitors and the
+dashboard for people (C{/}, with C{/stats.json} and the live C{/events}; see
+L{tagd.dashboard}), on an endpoint of its own (C{[admin] listen}, loopback by default),
+never on the visitors' port.
 
 C{/metrics} is tagd's registry in Prometheus' text format.  The counts the proxy keeps per
 request (answers by status, origin latency) and the spool's depth are read from plain
@@ -12,8 +14,8 @@ spool could not be opened at start-up (events then go straight to the platforms,
 effort, and are lost if a platform is down).  Without destinations there is nothing to keep
 and only serving counts.
 
-With C{[admin] token} set, every request needs C{Authorization: Bearer TOKEN}; the token is
-compared in constant time.
+With C{[admin] token} set, every request needs C{Authorization: Bearer TOKEN} or the
+session cookie a browser gets by logging in (see L{tagd.access}).
 
 The listener is not essential to the shop: when its endpoint cannot be bound (another
 program on port 9100, say), tagd logs why and goes on proxying without it.
@@ -21,8 +23,6 @@ program on port 9100, say), tagd logs why and goes on proxying without it.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from typing import Callable, Iterator
 
 import attrs
@@ -37,7 +37,10 @@ from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from tagd.access import Access
 from tagd.config import AdminConfig
+from tagd.dashboard import Events, Page, Stats
+from tagd.feed import Feed
 from tagd.metrics import Metrics
 from tagd.proxy import LATENCY_BOUNDS, ProxyResource
 from tagd.spool import Spool
@@ -45,7 +48,6 @@ from tagd.spool import Spool
 log = Logger()
 
 _TEXT = b"text/plain; charset=utf-8"
-_INDEX = b"tagd admin: /metrics (Prometheus), /healthz\n"
 
 
 class ProxyCollector:
@@ -158,53 +160,30 @@ class _Health(Resource):
         return problem.encode("utf-8") + b"\n"
 
 
-class _Index(Resource):
-    isLeaf = True
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"Content-Type", _TEXT)
-        return _INDEX
-
-
-class _Unauthorized(Resource):
-    isLeaf = True
-
-    def render(self, request: Request) -> bytes:
-        request.setResponseCode(401)
-        request.setHeader(b"WWW-Authenticate", b'Bearer realm="tagd admin"')
-        request.setHeader(b"Content-Type", _TEXT)
-        return b"a bearer token is required\n"
-
-
 class AdminRoot(Resource):
-    """C{/metrics} and C{/healthz}, behind the bearer token when one is set.
+    """The admin paths, behind the token when one is set (C{/login} excepted, which takes
+    it from a browser).  C{events} is the live stream, which the service ends at stop."""
 
-    Both sides of the comparison are SHA-256 digests, so that the time it takes tells
-    nothing about the token, not even its length.
-    """
-
-    def __init__(self, metrics: Metrics, health: Health, token: str) -> None:
+    def __init__(self, metrics: Metrics, health: Health, feed: Feed, token: str, reactor) -> None:
         super().__init__()
-        self._digest = hashlib.sha256(token.encode("ascii")).digest() if token else None
-        self.putChild(b"", _Index())
+        self._access = Access(token)
+        self.events = Events(feed, reactor)
+        self.putChild(b"", Page())
         self.putChild(b"metrics", _Metrics(metrics))
         self.putChild(b"healthz", _Health(health))
+        self.putChild(b"stats.json", Stats(metrics.registry, feed))
+        self.putChild(b"events", self.events)
+        self._login = self._access.login() if token else None
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
-        if not self._authorized(request):
-            return _Unauthorized()
+        if path == b"login" and self._login is not None:
+            return self._login
+        if not self._access.allows(request):
+            return self._access.refusal(path)
         return super().getChildWithDefault(path, request)
 
     def getChild(self, path: bytes, request: Request) -> IResource:
         return notFound()
-
-    def _authorized(self, request: Request) -> bool:
-        if self._digest is None:
-            return True
-        scheme, _, given = (request.getHeader(b"authorization") or b"").partition(b" ")
-        if scheme.lower() != b"bearer":
-            return False
-        return hmac.compare_digest(hashlib.sha256(given.strip()).digest(), self._digest)
 
 
 class AdminSite(Site):
@@ -220,15 +199,17 @@ class AdminSite(Site):
 class AdminService(Service):
     """Serves the admin site on C{listen}; a failure to listen is logged, not fatal.
 
-    C{port} is the listening port once bound.
+    C{port} is the listening port once bound.  At stop, after the port closes, the
+    dashboard's streams are ended too: they would otherwise keep their connections open.
     """
 
     port = None
 
-    def __init__(self, reactor, listen: str, site: Site) -> None:
+    def __init__(self, reactor, listen: str, root: AdminRoot) -> None:
         self._reactor = reactor
         self._listen = listen
-        self._site = site
+        self._root = root
+        self._site = AdminSite(root, reactor=reactor)
         self._listening: Deferred | None = None
 
     def startService(self) -> None:
@@ -240,12 +221,12 @@ class AdminService(Service):
         self.port = port
         address = port.getHost()
         where = f"{address.host}:{address.port}" if hasattr(address, "port") else str(address)
-        log.info("admin listener on {where}: /metrics, /healthz", where=where)
+        log.info("admin listener on {where}: the dashboard, /metrics, /healthz", where=where)
 
     def _failed(self, failure) -> None:
         log.error(
-            "admin listener cannot listen on {listen}: {reason}; /metrics and /healthz are "
-            "not served, visitors still are",
+            "admin listener cannot listen on {listen}: {reason}; the dashboard, /metrics and "
+            "/healthz are not served, visitors still are",
             listen=self._listen,
             reason=failure.getErrorMessage(),
         )
@@ -255,7 +236,9 @@ class AdminService(Service):
         listening, self._listening = self._listening, None
         if listening is None:
             return None
-        return listening.addCallback(lambda _: self.port and self.port.stopListening())
+        return listening.addCallback(lambda _: self.port and self.port.stopListening()).addCallback(
+            lambda _: self._root.events.close()
+        )
 
 
 def build_admin(
@@ -265,10 +248,12 @@ def build_admin(
     *,
     proxy: ProxyResource,
     health: Health,
+    feed: Feed,
 ) -> AdminService:
-    """The admin listener for C{config}, its collectors registered on C{metrics}."""
+    """The admin listener for C{config}, its collectors registered on C{metrics}, its
+    dashboard following C{feed}."""
     metrics.registry.register(ProxyCollector(proxy))
     if health.spool is not None:
         metrics.registry.register(SpoolCollector(health.spool))
-    root = AdminRoot(metrics, health, config.token)
-    return AdminService(reactor, config.listen, AdminSite(root, reactor=reactor))
+    root = AdminRoot(metrics, health, feed, config.token, reactor)
+    return AdminService(reactor, config.listen, root)

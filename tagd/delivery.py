@@ -24,6 +24,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from tagd.destinations import Describing, Destination, Outcome, OutgoingRequest
 from tagd.events import Event
+from tagd.feed import Feed
 from tagd.metrics import Metrics
 
 log = Logger()
@@ -83,11 +84,14 @@ class DirectDelivery:
     """Send every submitted batch to every destination, once, and count the outcome;
     events past a platform's age window are counted as expired instead (see L{expired})."""
 
-    def __init__(self, *, reactor, routes: Sequence[Route], http: HTTPClient, metrics: Metrics) -> None:
+    def __init__(
+        self, *, reactor, routes: Sequence[Route], http: HTTPClient, metrics: Metrics, feed: Feed | None = None
+    ) -> None:
         self._reactor = reactor
         self._routes = tuple(routes)
         self._http = http
         self._metrics = metrics
+        self._feed = feed
 
     def submit(self, events: Sequence[Event]) -> Deferred:
         """Start delivering C{events}; the Deferred (for tests and shutdown) fires when all answered."""
@@ -98,44 +102,47 @@ class DirectDelivery:
             if isinstance(route.destination, Describing):
                 for line in route.destination.describe(fresh):
                     log.info("{destination} (dry run): {line}", destination=route.destination.name, line=line)
-                self._count(route, len(fresh), Outcome.SUCCESS.value)
+                self._count(route, fresh, Outcome.SUCCESS.value)
                 continue
             requests = route.destination.encode(fresh)
             self._count_unsendable(route, fresh, requests)
             for request in requests:
-                attempts.append(ensureDeferred(self._send(route, request)))
+                carried = [fresh[position] for position in request.positions]
+                attempts.append(ensureDeferred(self._send(route, request, carried)))
         return DeferredList(attempts, consumeErrors=True)
 
     def _fresh(self, route: Route, events: Sequence[Event], now: float) -> list[Event]:
         """The events the route's platform still takes; the others are counted as expired,
         as the dispatcher counts them, and never sent: Meta and TikTok would refuse the
         whole request for one of them."""
-        fresh = [event for event in events if not expired(route.destination, event, now)]
-        stale = len(events) - len(fresh)
+        fresh: list[Event] = []
+        stale: list[Event] = []
+        for event in events:
+            (stale if expired(route.destination, event, now) else fresh).append(event)
         if stale:
             self._count(route, stale, EXPIRED)
             log.info(
                 "{destination}: {count} event(s) expired, older than the platform takes",
                 destination=route.destination.name,
-                count=stale,
+                count=len(stale),
             )
         return fresh
 
     def _count_unsendable(self, route: Route, events: Sequence[Event], requests) -> None:
         """Events a destination cannot encode (GA4 without a client id) are counted, not lost silently."""
         sent = {position for request in requests for position in request.positions}
-        unsendable = len(events) - len(sent)
+        unsendable = [event for position, event in enumerate(events) if position not in sent]
         if unsendable:
-            self._count(route, unsendable, Outcome.PERMANENT.value)
+            self._count(route, unsendable, Outcome.PERMANENT.value, message="an identifier the platform requires is missing")
             log.warn(
                 "{destination}: {count} event(s) cannot be sent to this platform (missing ids)",
                 destination=route.destination.name,
-                count=unsendable,
+                count=len(unsendable),
             )
 
-    async def _send(self, route: Route, request: OutgoingRequest) -> None:
+    async def _send(self, route: Route, request: OutgoingRequest, events: Sequence[Event]) -> None:
         destination = route.destination
-        count = len(request.positions)
+        count = len(events)
         try:
             response = await self._http.request(
                 request.method,
@@ -154,10 +161,10 @@ class DirectDelivery:
                 url=request.log_url,
                 error=type(e).__name__,
             )
-            self._count(route, count, Outcome.TRANSIENT.value)
+            self._count(route, events, Outcome.TRANSIENT.value, message=f"no answer: {type(e).__name__}")
             return
         verdict = destination.classify(response.code, body)
-        self._count(route, count, verdict.outcome.value)
+        self._count(route, events, verdict.outcome.value, response.code, verdict.message)
         if verdict.outcome is Outcome.SUCCESS:
             log.debug(
                 "{destination}: {count} event(s) delivered ({status})",
@@ -174,5 +181,11 @@ class DirectDelivery:
                 message=verdict.message,
             )
 
-    def _count(self, route: Route, count: int, outcome: str) -> None:
-        self._metrics.deliveries.labels(route.destination.name, outcome).inc(count)
+    def _count(
+        self, route: Route, events: Sequence[Event], outcome: str, status: int | None = None, message: str = ""
+    ) -> None:
+        """Count C{events}' outcome, and tell the dashboard's feed."""
+        name = route.destination.name
+        self._metrics.deliveries.labels(name, outcome).inc(len(events))
+        if self._feed is not None:
+            self._feed.delivered(name, outcome, events, status, message)

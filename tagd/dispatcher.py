@@ -54,6 +54,7 @@ from twisted.web.http_headers import Headers
 from tagd.delivery import EXPIRED, Route, expired
 from tagd.destinations import Describing, Outcome, OutgoingRequest, Verdict
 from tagd.events import Event
+from tagd.feed import Feed
 from tagd.metrics import Metrics
 
 log = Logger()
@@ -159,6 +160,7 @@ class Dispatcher(Service):
     @param backoff_cap: seconds; no retry waits longer.
     @param max_retry_after: seconds; the longest pause a platform's C{Retry-After} gets.
     @param rand: the jitter's source; pass a seeded one for reproducible tests.
+    @param feed: told of every outcome, for the dashboard (L{tagd.feed}).
     """
 
     def __init__(
@@ -175,6 +177,7 @@ class Dispatcher(Service):
         backoff_cap: float = 600.0,
         max_retry_after: float = 3600.0,
         rand: random.Random | None = None,
+        feed: Feed | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -182,6 +185,7 @@ class Dispatcher(Service):
         self._spool = spool
         self._http = http
         self._metrics = metrics
+        self._feed = feed
         self._poll_interval = poll_interval
         self._concurrency = concurrency
         self._backoff_base = backoff_base
@@ -302,7 +306,7 @@ class Dispatcher(Service):
             (stale if expired(lane.route.destination, row.event, now) else fresh).append(row)
         if stale:
             await self._spool.expire(lane.name, _keys(stale))
-            self._count(lane, EXPIRED, len(stale))
+            self._count(lane, EXPIRED, stale)
             log.info(
                 "{destination}: {count} event(s) expired, older than the platform takes",
                 destination=lane.name,
@@ -342,7 +346,7 @@ class Dispatcher(Service):
         for line in destination.describe([row.event for row in rows]):
             log.info("{destination} (dry run): {line}", destination=lane.name, line=line)
         await self._spool.ack(lane.name, _keys(rows))
-        self._count(lane, Outcome.SUCCESS.value, len(rows))
+        self._count(lane, Outcome.SUCCESS.value, rows)
 
     async def _bisect(self, lane: _Lane, rows: Sequence[Lease], reason: str) -> None:
         """Deliver each half of a refused batch again; a single event is dead."""
@@ -411,7 +415,7 @@ class Dispatcher(Service):
     ) -> None:
         """Record what the platform's answer means for C{rows}."""
         outcome = verdict.outcome
-        self._count(lane, outcome.value, len(rows))
+        self._count(lane, outcome.value, rows, status, verdict.message)
         log.debug(
             "{destination}: {count} event(s) to {url}: {outcome} (HTTP {status}) {message}",
             destination=lane.name,
@@ -459,7 +463,7 @@ class Dispatcher(Service):
 
     async def _dead(self, lane: _Lane, rows: Sequence[Lease], reason: str) -> None:
         await self._spool.dead(lane.name, _keys(rows), reason)
-        self._count(lane, DEAD, len(rows))
+        self._count(lane, DEAD, rows, message=reason)
         log.warn(
             "{destination}: {count} event(s) dead-lettered: {reason}",
             destination=lane.name,
@@ -467,5 +471,10 @@ class Dispatcher(Service):
             reason=reason,
         )
 
-    def _count(self, lane: _Lane, outcome: str, count: int) -> None:
-        self._metrics.deliveries.labels(lane.name, outcome).inc(count)
+    def _count(
+        self, lane: _Lane, outcome: str, rows: Sequence[Lease], status: int | None = None, message: str = ""
+    ) -> None:
+        """Count C{rows}' outcome, and tell the dashboard's feed."""
+        self._metrics.deliveries.labels(lane.name, outcome).inc(len(rows))
+        if self._feed is not None:
+            self._feed.delivered(lane.name, outcome, [row.event for row in rows], status, message)

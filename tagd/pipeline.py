@@ -21,6 +21,7 @@ from tagd.config import Config
 from tagd.delivery import DirectDelivery, Route, http_client
 from tagd.dispatcher import Dispatcher
 from tagd.events import Event
+from tagd.feed import Feed
 from tagd.metrics import Metrics
 from tagd.spool import Spool, SpoolError
 from tagd.tracker import Tracker
@@ -84,9 +85,12 @@ class _Enqueue:
                 )
 
 
-def build_tagging(config: Config, reactor, metrics: Metrics) -> tuple[TrackingHook | None, list[Service]]:
+def build_tagging(
+    config: Config, reactor, metrics: Metrics, feed: Feed | None = None
+) -> tuple[TrackingHook | None, list[Service]]:
     """The tracking hook for the proxy (None without destinations: the tracking header is
-    then only removed), and the services that deliver what it accepts."""
+    then only removed), and the services that deliver what it accepts; both tell C{feed}
+    what happens, for the dashboard."""
     if not config.destinations:
         log.info("no [[destinations]] configured: tracking headers are removed, no events sent")
         return None, []
@@ -105,8 +109,8 @@ def build_tagging(config: Config, reactor, metrics: Metrics) -> tuple[TrackingHo
             "spool is fixed and tagd restarted",
             reason=str(e),
         )
-        submit = DirectDelivery(reactor=reactor, routes=routes, http=http, metrics=metrics).submit
-        return _tracker(config, submit, metrics), [_Delivery(None, None, pool)]
+        submit = DirectDelivery(reactor=reactor, routes=routes, http=http, metrics=metrics, feed=feed).submit
+        return _tracker(config, submit, metrics, feed), [_Delivery(None, None, pool)]
     delivery = config.delivery
     dispatcher = Dispatcher(
         reactor=reactor,
@@ -119,18 +123,22 @@ def build_tagging(config: Config, reactor, metrics: Metrics) -> tuple[TrackingHo
         backoff_base=delivery.backoff_base,
         backoff_cap=delivery.backoff_cap,
         max_retry_after=delivery.max_retry_after,
+        feed=feed,
     )
     names = [d.name for d in config.destinations]
     spool.on_commit = lambda: [dispatcher.wake(name) for name in names]
     submit = _Enqueue(spool, names, metrics)
-    return _tracker(config, submit, metrics), [_Delivery(dispatcher, spool, pool)]
+    return _tracker(config, submit, metrics, feed), [_Delivery(dispatcher, spool, pool)]
 
 
-def _tracker(config: Config, submit: Callable[[Sequence[Event]], object], metrics: Metrics) -> Tracker:
+def _tracker(
+    config: Config, submit: Callable[[Sequence[Event]], object], metrics: Metrics, feed: Feed | None
+) -> Tracker:
     """The tracker for C{config}'s tracking settings and destinations, handing events to C{submit}."""
     return Tracker(
         config=config.tracking,
         submit=submit,
         metrics=metrics,
         destination_types={d.type for d in config.destinations},
+        feed=feed,
     )

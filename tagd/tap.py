@@ -15,6 +15,7 @@ from twisted.python import usage
 from tagd.admin import Health, build_admin
 from tagd.clientip import ClientIPResolver
 from tagd.config import Config, ConfigError, load_config, parse_config
+from tagd.feed import Feed
 from tagd.origin import OriginClient
 from tagd.proxy import ProxyResource
 from tagd.site import TagdSite
@@ -89,7 +90,8 @@ def build_service(config: Config, reactor, metrics: Metrics | None = None) -> Mu
     proxy = config.proxy
     metrics = metrics if metrics is not None else Metrics()
     top = OrderedServices(reactor, deadline=proxy.shutdown_timeout)
-    hook, delivery = build_tagging(config, reactor, metrics)
+    feed = Feed(reactor.seconds, [d.name for d in config.destinations])
+    hook, delivery = build_tagging(config, reactor, metrics, feed)
     client = OriginClient(
         reactor,
         proxy.origin,
@@ -111,7 +113,7 @@ def build_service(config: Config, reactor, metrics: Metrics | None = None) -> Mu
     health = Health(
         serving=lambda: listener.running, spool=_spool(delivery), spool_wanted=bool(config.destinations)
     )
-    build_admin(config.admin, reactor, metrics, proxy=resource, health=health).setServiceParent(top)
+    build_admin(config.admin, reactor, metrics, proxy=resource, health=health, feed=feed).setServiceParent(top)
     for service in delivery:
         service.setServiceParent(top)
     _OriginService(client).setServiceParent(top)

@@ -60,7 +60,8 @@ def test_plugin_scan_imports_nothing_of_tagd(tmp_path):
 
 
 def test_wheel_contains_plugin_and_no_twisted_package(tmp_path):
-    """The built wheel ships the plugin file and nothing else under twisted/.
+    """The built wheel ships the plugin file and nothing else under twisted/, and the
+    dashboard's page.
 
     An C{__init__.py} under twisted/ would shadow Twisted itself, so neither
     twisted/__init__.py nor twisted/plugins/__init__.py may be in it.  The wheel is built
@@ -91,6 +92,7 @@ def test_wheel_contains_plugin_and_no_twisted_package(tmp_path):
     assert "twisted/plugins/__init__.py" not in names
     assert {n for n in names if n.startswith("twisted/")} == {"twisted/plugins/tagd_plugin.py"}
     assert "tagd/__init__.py" in names
+    assert "tagd/dashboard.html" in names  # the admin listener's page, read at start-up
 
 
 @pytest.mark.parametrize(
