@@ -141,6 +141,8 @@ class _Lane:
     nap: Deferred | None = None
     batches: set[Deferred] = attrs.field(factory=set)
     inflight: set[Deferred] = attrs.field(factory=set)
+    loop: Deferred | None = None  # the running _run, once started
+    retired: bool = False  # replaced or removed by a reroute: leases nothing more
 
     @property
     def name(self) -> str:
@@ -179,30 +181,30 @@ class Dispatcher(Service):
         rand: random.Random | None = None,
         feed: Feed | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self._reactor = reactor
         self._spool = spool
         self._http = http
         self._metrics = metrics
         self._feed = feed
-        self._poll_interval = poll_interval
-        self._concurrency = concurrency
-        self._backoff_base = backoff_base
-        self._backoff_cap = backoff_cap
-        self._max_retry_after = max_retry_after
         self._rand = rand if rand is not None else random.Random()
-        self._lanes = {
-            route.destination.name: _Lane(route, DeferredSemaphore(concurrency)) for route in routes
-        }
-        self._loops: list[Deferred] = []
+        self._lanes: dict[str, _Lane] = {}
+        self._retiring: set[_Lane] = set()  # retired lanes still settling what they leased
+        self.reroute(
+            routes,
+            poll_interval=poll_interval,
+            concurrency=concurrency,
+            backoff_base=backoff_base,
+            backoff_cap=backoff_cap,
+            max_retry_after=max_retry_after,
+        )
 
     # -- the service ------------------------------------------------------------------
 
     def startService(self) -> None:
         """Start one loop per destination."""
         super().startService()
-        self._loops = [ensureDeferred(self._run(lane)) for lane in self._lanes.values()]
+        for lane in self._lanes.values():
+            self._start(lane)
 
     def stopService(self) -> Deferred:
         """Stop leasing and cancel the requests in flight; their rows go back to pending.
@@ -211,12 +213,61 @@ class Dispatcher(Service):
         may be closed after it, and nothing that was leased is left in flight.
         """
         super().stopService()
-        for lane in self._lanes.values():
+        lanes = [*self._lanes.values(), *self._retiring]
+        for lane in lanes:
             self._rouse(lane)
             for exchange in list(lane.inflight):
                 exchange.cancel()
-        pending = [*self._loops, *(batch for lane in self._lanes.values() for batch in lane.batches)]
-        return gatherResults(pending).addCallback(lambda _: None)
+        return gatherResults([self._settled(lane) for lane in lanes]).addCallback(lambda _: None)
+
+    def reroute(
+        self,
+        routes: Sequence[Route],
+        *,
+        poll_interval: float,
+        concurrency: int,
+        backoff_base: float,
+        backoff_cap: float,
+        max_retry_after: float,
+    ) -> Deferred:
+        """Deliver to C{routes}, with these settings, from now on (see the constructor;
+        a configuration reload calls this while the dispatcher runs).
+
+        A destination whose route is unchanged keeps its lane, with its pause and its
+        batches.  Every other lane is retired: it leases nothing more, its requests in
+        flight finish and are settled as usual, and its batches not yet sent release their
+        rows, which the new lane of that name (if any) then leases with the new route.  A
+        lane is never changed under a batch: a batch is sent, classified and split by the
+        route it was leased for.  A new concurrency retires every lane, since it sizes
+        their request slots.
+
+        Fires once every retired lane has settled or released all it leased: from then on
+        no row of a removed destination is in flight.
+        """
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        self._poll_interval = poll_interval
+        self._concurrency = concurrency
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._max_retry_after = max_retry_after
+        wanted = {route.destination.name: route for route in routes}
+        retired = [
+            lane
+            for name, lane in self._lanes.items()
+            if wanted.get(name) != lane.route or lane.slots.limit != concurrency
+        ]
+        for lane in retired:
+            del self._lanes[lane.name]
+            lane.retired = True
+            self._retiring.add(lane)
+            self._rouse(lane)
+        for name, route in wanted.items():
+            if name not in self._lanes:
+                lane = self._lanes[name] = _Lane(route, DeferredSemaphore(concurrency))
+                if self.running:
+                    self._start(lane)
+        return gatherResults([self._settled(lane) for lane in retired]).addCallback(lambda _: None)
 
     def wake(self, destination: str) -> None:
         """Look at C{destination}'s rows now: the spool has new ones."""
@@ -224,15 +275,29 @@ class Dispatcher(Service):
 
     # -- the loop ---------------------------------------------------------------------
 
+    def _start(self, lane: _Lane) -> None:
+        lane.loop = ensureDeferred(self._run(lane))
+
+    def _live(self, lane: _Lane) -> bool:
+        """Whether C{lane} may still lease and send: the service runs and the lane is not retired."""
+        return bool(self.running) and not lane.retired
+
+    def _settled(self, lane: _Lane) -> Deferred:
+        """Fires once C{lane}'s loop and batches have ended (at once for a lane never
+        started); a retired lane is then forgotten."""
+        ending = [lane.loop, *lane.batches] if lane.loop is not None else []
+        return gatherResults(ending).addCallback(lambda _: self._retiring.discard(lane))
+
     async def _run(self, lane: _Lane) -> None:
-        """Lease and deliver until the service stops; a failing spool is retried, never fatal."""
-        while self.running:
+        """Lease and deliver until the service stops or the lane is retired; a failing
+        spool is retried, never fatal."""
+        while self._live(lane):
             try:
                 await self._step(lane)
             except CancelledError:
                 return  # Stopping: whatever was leased is released by stopService.
             except Exception:
-                if not self.running:
+                if not self._live(lane):
                     return
                 log.failure("{destination}: cannot lease from the spool", destination=lane.name)
                 await self._nap(lane, self._poll_interval)
@@ -251,14 +316,14 @@ class Dispatcher(Service):
         rows = await self._spool.lease(lane.name, lane.route.destination.max_batch, now)
         if not rows:
             await self._nap(lane, self._poll_interval)
-        elif not self.running:
+        elif not self._live(lane):
             await self._release(lane, rows)
         else:
             self._start_batch(lane, rows)
 
     def _nap(self, lane: _Lane, seconds: float | None) -> Deferred:
         """Fires after C{seconds} (never, for C{None}) or at the next L{_rouse}."""
-        if lane.woken or not self.running:
+        if lane.woken or not self._live(lane):
             lane.woken = False
             return succeed(None)
         lane.nap = Deferred()
@@ -374,8 +439,8 @@ class Dispatcher(Service):
             await self._settle(lane, request, rows, *answer)
 
     def _may_send(self, lane: _Lane) -> bool:
-        """Not once stopping, nor while the platform asked us to pause."""
-        return bool(self.running) and lane.paused_until <= self._reactor.seconds()
+        """Not once stopping or retired, nor while the platform asked us to pause."""
+        return self._live(lane) and lane.paused_until <= self._reactor.seconds()
 
     async def _attempt(self, lane: _Lane, request: OutgoingRequest) -> tuple[int | None, Verdict] | None:
         """The HTTP status and the verdict; C{None} when shutdown cancelled the request."""

@@ -19,6 +19,7 @@ class Metrics:
     tracking_dropped: Counter = attrs.field(init=False)
     events_accepted: Counter = attrs.field(init=False)
     deliveries: Counter = attrs.field(init=False)
+    config_reloads: Counter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.tracking_dropped = Counter(
@@ -38,6 +39,15 @@ class Metrics:
             ["destination", "outcome"],
             registry=self.registry,
         )
+        self.config_reloads = Counter(
+            "tagd_config_reloads",
+            "Configuration reloads (SIGHUP) by result: ok, or failed (the old one kept).",
+            ["result"],
+            registry=self.registry,
+        )
+        # Both series from the start, at 0: an alert on "failed" needs one to compare with.
+        for result in ("ok", "failed"):
+            self.config_reloads.labels(result)
 
     def value(self, counter: str, **labels: str) -> float:
         """A counter's current value (for the CLI and the tests)."""

@@ -10,16 +10,16 @@ take the shop down, nor turn into a restart loop under systemd.
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
+import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, ensureDeferred, inlineCallbacks, succeed
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool
 
 from tagd.config import Config
 from tagd.delivery import DirectDelivery, Route, http_client
-from tagd.dispatcher import Dispatcher
+from tagd.dispatcher import DEAD, Dispatcher
 from tagd.events import Event
 from tagd.feed import Feed
 from tagd.metrics import Metrics
@@ -31,45 +31,29 @@ log = Logger()
 
 # A full queue on a busy site would otherwise log on every page view.
 QUEUE_FULL_LOG_INTERVAL = 60.0
-
-
-class _Delivery(Service):
-    """Owns the dispatcher, the spool and the platforms' connection pool, and stops them
-    in that order: leased rows are released before the spool flushes and closes."""
-
-    def __init__(self, dispatcher: Dispatcher | None, spool: Spool | None, pool: HTTPConnectionPool) -> None:
-        self._dispatcher = dispatcher
-        self._spool = spool
-        self._pool = pool
-
-    def startService(self) -> None:
-        super().startService()
-        if self._dispatcher is not None:
-            self._dispatcher.startService()
-
-    @inlineCallbacks
-    def stopService(self):
-        super().stopService()
-        if self._dispatcher is not None:
-            yield self._dispatcher.stopService()
-        if self._spool is not None:
-            yield self._spool.close()
-        yield self._pool.closeCachedConnections()
+# Why the rows of a destination that was removed from the configuration are dead letters.
+ABANDONED = "destination no longer configured"
 
 
 class _Enqueue:
-    """The tracker's submit: events into the spool, refusals counted and logged."""
+    """The tracker's submit: events into the spool, refusals counted and logged.
+
+    One for the life of the spool: a reload sets C{destinations}, so that an event a
+    replaced tracker still hands over goes to the destinations configured now.
+    """
 
     def __init__(self, spool: Spool, destinations: Sequence[str], metrics: Metrics, clock=time.time) -> None:
         self._spool = spool
-        self._destinations = tuple(destinations)
+        self.destinations = tuple(destinations)
         self._metrics = metrics
         self._clock = clock
         self._last_logged = float("-inf")
 
     def __call__(self, events: Sequence[Event]) -> None:
+        if not self.destinations:
+            return  # All removed by a reload: nobody to deliver to.
         try:
-            accepted = self._spool.enqueue(events, self._destinations)
+            accepted = self._spool.enqueue(events, self.destinations)
         except SpoolError:
             accepted = 0  # Closed: tagd is shutting down.
         refused = len(events) - accepted
@@ -85,17 +69,142 @@ class _Enqueue:
                 )
 
 
+class Delivery(Service):
+    """Owns the dispatcher, the spool and the platforms' connection pool, and stops them
+    in that order: leased rows are released before the spool flushes and closes.
+
+    It also holds the destinations, which L{retarget} changes while tagd runs (a
+    configuration reload), and makes the trackers that hand events to them.  Without a
+    spool (it could not be opened) events go straight to the platforms instead.
+    """
+
+    def __init__(
+        self, *, reactor, config: Config, metrics: Metrics, spool: Spool | None, feed: Feed | None = None
+    ) -> None:
+        self._reactor = reactor
+        self._metrics = metrics
+        self._feed = feed
+        self._spool = spool
+        self._http, self._pool = http_client(reactor)
+        self._routes = {d.name: Route(d.destination, d.timeout) for d in config.destinations}
+        self._dispatcher: Dispatcher | None = None
+        if spool is None:
+            self._submit: Callable[[Sequence[Event]], object] = self._direct()
+            return
+        self._dispatcher = Dispatcher(
+            reactor=reactor,
+            spool=spool,
+            routes=list(self._routes.values()),
+            http=self._http,
+            metrics=metrics,
+            feed=feed,
+            **attrs.asdict(config.delivery),
+        )
+        spool.on_commit = self._wake
+        self._enqueue = _Enqueue(spool, self._routes, metrics)
+        self._submit = self._enqueue
+
+    def startService(self) -> None:
+        super().startService()
+        if self._dispatcher is not None:
+            self._dispatcher.startService()
+            ensureDeferred(self._abandon_unconfigured()).addErrback(
+                lambda failure: log.failure(
+                    "cannot dead-letter the rows of destinations no longer configured", failure
+                )
+            )
+
+    @inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        if self._dispatcher is not None:
+            yield self._dispatcher.stopService()
+        if self._spool is not None:
+            yield self._spool.close()
+        yield self._pool.closeCachedConnections()
+
+    @property
+    def spool(self) -> Spool | None:
+        """The spool events are written to; None when it could not be opened."""
+        return self._spool
+
+    def tracker(self, config: Config) -> Tracker:
+        """The tracker for C{config}'s tracking settings and destinations, handing events
+        to the current destinations."""
+        return Tracker(
+            config=config.tracking,
+            submit=self._submit,
+            metrics=self._metrics,
+            destination_types={d.type for d in config.destinations},
+            feed=self._feed,
+        )
+
+    def retarget(self, config: Config, changed: Collection[str]) -> Deferred:
+        """Deliver to C{config}'s destinations from now on, with its C{[delivery]} settings.
+
+        Destinations not in C{changed} keep their route (and their lane, with its pause).
+        Events already accepted keep the destinations they were accepted for; those owed
+        to a destination that is gone become dead letters once its lane has settled what
+        it leased.  Fires when that is done.
+        """
+        self._routes = {
+            d.name: self._routes[d.name]
+            if d.name in self._routes and d.name not in changed
+            else Route(d.destination, d.timeout)
+            for d in config.destinations
+        }
+        if self._feed is not None:
+            self._feed.destinations = tuple(self._routes)
+        if self._dispatcher is None:
+            self._submit = self._direct()
+            return succeed(None)
+        self._enqueue.destinations = tuple(self._routes)
+        retired = self._dispatcher.reroute(list(self._routes.values()), **attrs.asdict(config.delivery))
+        return ensureDeferred(self._abandon_after(retired))
+
+    def _direct(self) -> Callable[[Sequence[Event]], object]:
+        return DirectDelivery(
+            reactor=self._reactor,
+            routes=list(self._routes.values()),
+            http=self._http,
+            metrics=self._metrics,
+            feed=self._feed,
+        ).submit
+
+    def _wake(self) -> None:
+        for name in self._routes:
+            self._dispatcher.wake(name)
+
+    async def _abandon_after(self, retired: Deferred) -> None:
+        await retired
+        await self._spool.flush()  # The buffer may hold rows for a removed destination.
+        await self._abandon_unconfigured()
+
+    async def _abandon_unconfigured(self) -> None:
+        """Rows owed to destinations no longer configured would wait for good, and count
+        against C{[spool] max_events}: they become dead letters, counted and logged once."""
+        abandoned = await self._spool.abandon(list(self._routes), ABANDONED)
+        for name, count in abandoned.items():
+            self._metrics.deliveries.labels(name, DEAD).inc(count)
+        if abandoned:
+            log.warn(
+                "dead-lettered the pending deliveries to destinations no longer configured "
+                "({counts}); `tagd spool retry-dead --destination NAME` sends them once NAME "
+                "is configured again",
+                counts=", ".join(f"{name}: {count}" for name, count in sorted(abandoned.items())),
+            )
+
+
 def build_tagging(
     config: Config, reactor, metrics: Metrics, feed: Feed | None = None
-) -> tuple[TrackingHook | None, list[Service]]:
+) -> tuple[TrackingHook | None, Delivery | None]:
     """The tracking hook for the proxy (None without destinations: the tracking header is
-    then only removed), and the services that deliver what it accepts; both tell C{feed}
-    what happens, for the dashboard."""
+    then only removed), and the service that delivers what it accepts (None without
+    destinations, since nothing needs delivering, nor a spool); both tell C{feed} what
+    happens, for the dashboard."""
     if not config.destinations:
         log.info("no [[destinations]] configured: tracking headers are removed, no events sent")
-        return None, []
-    http, pool = http_client(reactor)
-    routes = [Route(d.destination, d.timeout) for d in config.destinations]
+        return None, None
     try:
         spool = Spool.open(
             config.spool.path,
@@ -109,36 +218,6 @@ def build_tagging(
             "spool is fixed and tagd restarted",
             reason=str(e),
         )
-        submit = DirectDelivery(reactor=reactor, routes=routes, http=http, metrics=metrics, feed=feed).submit
-        return _tracker(config, submit, metrics, feed), [_Delivery(None, None, pool)]
-    delivery = config.delivery
-    dispatcher = Dispatcher(
-        reactor=reactor,
-        spool=spool,
-        routes=routes,
-        http=http,
-        metrics=metrics,
-        poll_interval=delivery.poll_interval,
-        concurrency=delivery.concurrency,
-        backoff_base=delivery.backoff_base,
-        backoff_cap=delivery.backoff_cap,
-        max_retry_after=delivery.max_retry_after,
-        feed=feed,
-    )
-    names = [d.name for d in config.destinations]
-    spool.on_commit = lambda: [dispatcher.wake(name) for name in names]
-    submit = _Enqueue(spool, names, metrics)
-    return _tracker(config, submit, metrics, feed), [_Delivery(dispatcher, spool, pool)]
-
-
-def _tracker(
-    config: Config, submit: Callable[[Sequence[Event]], object], metrics: Metrics, feed: Feed | None
-) -> Tracker:
-    """The tracker for C{config}'s tracking settings and destinations, handing events to C{submit}."""
-    return Tracker(
-        config=config.tracking,
-        submit=submit,
-        metrics=metrics,
-        destination_types={d.type for d in config.destinations},
-        feed=feed,
-    )
+        spool = None
+    delivery = Delivery(reactor=reactor, config=config, metrics=metrics, spool=spool, feed=feed)
+    return delivery.tracker(config), delivery

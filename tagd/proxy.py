@@ -69,7 +69,9 @@ class ProxyResource(Resource):
         self._spoofable = frozenset({self._client_ip_header.lower()})
         self._tracking_header = tracking_header.encode("ascii")
         self._response_timeout = response_timeout
-        self._on_tracking = on_tracking
+        # Public: a configuration reload replaces the hook with one assignment, which
+        # requests already past their response head never notice.
+        self.on_tracking = on_tracking
         self._deliveries = _Deliveries(reactor)
         # Visitor requests not yet answered in full: shutdown waits for them.
         self.in_flight = 0
@@ -222,7 +224,7 @@ class _Exchange:
         request.responseHeaders = headers
         request.defaultContentType = None
         self._close_if_uploading()
-        if tracking and self._proxy._on_tracking is not None:
+        if tracking and self._proxy.on_tracking is not None:
             self._track(tracking, code, headers)
         request.registerProducer(self._connection, True)
         # The channel holds the head, to send it with the body bytes of this same read.
@@ -376,7 +378,7 @@ class _Exchange:
             status=status,
         )
         try:
-            tracked = self._proxy._on_tracking(values, visit)
+            tracked = self._proxy.on_tracking(values, visit)
             if tracked is None:
                 return
             if not isinstance(tracked, Tracked):

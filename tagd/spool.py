@@ -112,6 +112,12 @@ _DEAD = (
     "UPDATE deliveries SET status = 'dead', attempts = attempts + 1, last_error = ?"
     f" WHERE destination = ? AND {_OWED} AND {_KEYS}"
 )
+# A delivery to a destination that is no longer configured: dead, with no attempt counted.
+_ABANDON = f"UPDATE deliveries SET status = 'dead', last_error = ? WHERE destination = ? AND {_OWED} AND {_KEYS}"
+_UNCONFIGURED = (
+    "SELECT destination, event FROM deliveries"
+    " WHERE status = 'pending' AND destination NOT IN (SELECT value FROM json_each(?))"
+)
 _DEAD_EVENTS = "SELECT DISTINCT event FROM deliveries WHERE status = 'dead' AND (? IS NULL OR destination = ?)"
 _RETRY_DEAD = (
     "UPDATE deliveries SET status = 'pending', attempts = 0, next_at = ?"
@@ -406,6 +412,20 @@ def _retry_dead(db: sqlite3.Connection, destination: str | None, now: float) -> 
         return _apply(db, keys, _RETRY_DEAD, now, destination, destination)
 
 
+def _abandon(db: sqlite3.Connection, keep: Sequence[str], error: str) -> tuple[dict[str, int], int]:
+    """Pending deliveries to any destination not in C{keep} become dead letters with C{error};
+    returns their number by destination, and how many events stopped being owed."""
+    with _transaction(db):
+        orphans: dict[str, list[int]] = {}
+        for destination, event in db.execute(_UNCONFIGURED, (json.dumps(list(keep)),)).fetchall():
+            orphans.setdefault(destination, []).append(event)
+        counts, resolved = {}, 0
+        for destination, keys in orphans.items():
+            counts[destination], ended = _end(db, destination, keys, _ABANDON, error)
+            resolved += ended
+        return counts, resolved
+
+
 def _next_due(db: sqlite3.Connection, destination: str) -> float | None:
     return db.execute(
         "SELECT MIN(next_at) FROM deliveries WHERE destination = ? AND status = 'pending'", (destination,)
@@ -671,6 +691,16 @@ class Spool:
     def expire(self, destination: str, keys: Sequence[int]) -> Deferred:
         """Too old for the platform to take: kept as C{expired}, never sent."""
         return self._counted(_change, _end, destination, keys, _EXPIRE)
+
+    def abandon(self, keep: Sequence[str], error: str) -> Deferred:
+        """Pending deliveries to destinations not in C{keep} become dead letters with
+        C{error}, so that they stop counting against L{undelivered}'s bound; fires with
+        their number by destination.
+
+        Rows in flight are left to whoever leased them.  L{retry_dead} (C{tagd spool
+        retry-dead}) makes them pending again once their destination is back.
+        """
+        return self._counted(_abandon, keep, _clip(error))
 
     def retry_dead(self, destination: str | None = None) -> Deferred:
         """Dead deliveries (of one destination, or all) pending again with no attempts; fires with their number."""

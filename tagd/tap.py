@@ -6,6 +6,8 @@ C{twistd -n tagd --config PATH} and C{twistd -ny tagd.tac} both end in L{makeSer
 from __future__ import annotations
 
 import os
+from functools import partial
+from typing import Callable
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
@@ -22,7 +24,7 @@ from tagd.site import TagdSite
 from tagd.lifecycle import Draining, OrderedServices, visitor_budget
 from tagd.metrics import Metrics
 from tagd.pipeline import build_tagging
-from tagd.spool import Spool
+from tagd.reload import ReloadOnHangup, Reloader
 from tagd.systemd import SystemdNotifier
 
 DEFAULT_CONFIG = "tagd.toml"
@@ -70,16 +72,13 @@ class _OriginService(Service):
         return self._client.close()
 
 
-def _spool(delivery: list[Service]) -> Spool | None:
-    """The spool the delivery service writes to; None when it could not be opened (or no
-    destination is configured).  L{build_tagging} keeps it inside that service."""
-    return next((service._spool for service in delivery), None)
-
-
-def build_service(config: Config, reactor, metrics: Metrics | None = None) -> MultiService:
+def build_service(
+    config: Config, reactor, metrics: Metrics | None = None, load: Callable[[], Config] | None = None
+) -> MultiService:
     """The service tree for C{config}, in start-up order (shutdown runs it backwards):
     the admin listener, delivery, origin connections, draining of visitors in flight, the
-    visitor listener.
+    visitor listener, and with C{load} (which reads the configuration again) the reload on
+    SIGHUP, which stops first so that no reload runs into the shutdown.
 
     The admin listener starts first and stops last: through the whole shutdown, while
     visitors drain and the spool flushes, C{/healthz} answers 503 instead of refusing
@@ -111,16 +110,21 @@ def build_service(config: Config, reactor, metrics: Metrics | None = None) -> Mu
     )
     listener = strports.service(proxy.listen, TagdSite(resource), reactor=reactor)
     health = Health(
-        serving=lambda: listener.running, spool=_spool(delivery), spool_wanted=bool(config.destinations)
+        serving=lambda: listener.running,
+        spool=delivery.spool if delivery is not None else None,
+        spool_wanted=bool(config.destinations),
     )
     build_admin(config.admin, reactor, metrics, proxy=resource, health=health, feed=feed).setServiceParent(top)
-    for service in delivery:
-        service.setServiceParent(top)
+    if delivery is not None:
+        delivery.setServiceParent(top)
     _OriginService(client).setServiceParent(top)
     Draining(
         reactor, lambda: resource.in_flight, budget=visitor_budget(proxy.shutdown_timeout)
     ).setServiceParent(top)
     listener.setServiceParent(top)
+    if load is not None:
+        reloader = Reloader(config=config, load=load, proxy=resource, delivery=delivery, metrics=metrics)
+        ReloadOnHangup(reactor, reloader).setServiceParent(top)
     SystemdNotifier(reactor).setServiceParent(top)
     return top
 
@@ -133,4 +137,4 @@ def makeService(options, reactor=None) -> MultiService:
         config = config_from_options(options)
     except ConfigError as e:
         raise SystemExit(str(e)) from None
-    return build_service(config, reactor)
+    return build_service(config, reactor, load=partial(config_from_options, options))

@@ -334,8 +334,8 @@ def _install_hook(service, hook) -> None:
     into the resource it built.
     """
     proxy = _listener(service).factory.resource
-    assert hasattr(proxy, "_on_tracking"), "the proxy resource no longer has _on_tracking"
-    proxy._on_tracking = hook
+    assert hasattr(proxy, "on_tracking"), "the proxy resource no longer has on_tracking"
+    proxy.on_tracking = hook
 
 
 def _listening_port(service) -> Deferred:

@@ -1,0 +1,83 @@
+"""Dispatcher.reroute, as a configuration reload calls it while the dispatcher runs: a
+lane is never changed under a batch, a removed lane settles what it leased and leases
+nothing more, an unchanged lane goes on as it was.
+
+The in-memory spool and the fixtures are test_dispatcher's: a settlement of a row that
+is not in flight fails the test there.
+"""
+
+from __future__ import annotations
+
+import pytest_twisted
+
+from conftest import eventually, sleep, within
+from test_dispatcher import (  # noqa: F401 (fixtures)
+    ObservedMeta,
+    delivered,
+    dispatch,
+    events,
+    meta_route,
+    metrics,
+    serving,
+    spool,
+)
+
+SETTINGS = {"poll_interval": 0.05, "concurrency": 1, "backoff_base": 0.05, "backoff_cap": 1.0, "max_retry_after": 60.0}
+
+
+def ids(served) -> list[str]:
+    return [event["event_id"] for event in served.fake.events]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_changed_route_takes_effect_from_the_next_batch(serving, dispatch, spool):
+    """The batch in flight when Meta's endpoint changes is answered by the old endpoint and
+    acknowledged; the rows after it go to the new one; reroute fires once the old lane's
+    batch is settled."""
+    old, new = serving(ObservedMeta()), serving(ObservedMeta())
+    old.fake.inject(1, delay=0.5)
+    spool.add("meta", events("e", 4))
+    dispatcher = dispatch(meta_route(old, max_batch=2), **SETTINGS)
+    await eventually(lambda: len(old.fake.requests) == 1)
+
+    rerouted = dispatcher.reroute([meta_route(new, max_batch=2)], **SETTINGS)
+    assert not rerouted.called  # the old lane's batch is still waiting for its answer
+    await within(rerouted)
+    await eventually(lambda: set(spool.states("meta").values()) == {"done"})
+    assert ids(old) == ["e-0", "e-1"]
+    assert ids(new) == ["e-2", "e-3"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_removed_route_settles_its_batch_and_leases_nothing_more(serving, dispatch, spool, metrics):
+    """Removed while a batch is in flight: that batch is acknowledged, the other rows stay
+    pending (for the pipeline to dead-letter) and are never sent."""
+    served = serving(ObservedMeta())
+    served.fake.inject(1, delay=0.3)
+    spool.add("meta", events("r", 3))
+    dispatcher = dispatch(meta_route(served, max_batch=1), **SETTINGS)
+    await eventually(lambda: len(served.fake.requests) == 1)
+
+    await within(dispatcher.reroute([], **SETTINGS))
+    await sleep(0.3)
+    assert spool.states("meta") == {"r-0": "done", "r-1": "pending", "r-2": "pending"}
+    assert len(served.fake.requests) == 1
+    assert delivered(metrics, "meta", "success") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unchanged_route_keeps_its_lane_and_its_pause(serving, dispatch, spool, metrics):
+    """A reroute that leaves Meta's route as it was keeps the pause a 429 asked for: no
+    request within the second, then delivery.  New settings apply all the same."""
+    served = serving(ObservedMeta(retry_after="1"))
+    served.fake.inject(1, status=429, code=17)
+    spool.add("meta", events("p", 2))
+    route = meta_route(served)
+    dispatcher = dispatch(route, **SETTINGS)
+    await eventually(lambda: delivered(metrics, "meta", "throttle") == 2)
+    throttled_at = served.fake.times[0]
+
+    await within(dispatcher.reroute([route], **{**SETTINGS, "poll_interval": 0.02}))
+    await eventually(lambda: delivered(metrics, "meta", "success") == 2, timeout=5)
+    assert served.fake.times[1] - throttled_at >= 1.0
+    assert len(served.fake.requests) == 2

@@ -1,0 +1,505 @@
+"""Reloading the configuration (SIGHUP): what changed, what is applied, what waits for a
+restart, what an invalid file does, and the rows of destinations that are gone.
+
+The diff is tested as pure functions; the reload itself in-process, against the real
+fake platforms and a real spool file, with the reload called as the SIGHUP handler calls
+it; and SIGHUP itself on tagd run as users run it (C{twistd -n tagd --config FILE}),
+over a keep-alive connection that must survive the reload.
+"""
+
+from __future__ import annotations
+
+import http.client
+import signal
+from functools import partial
+from pathlib import Path
+
+import attrs
+import pytest
+import pytest_twisted
+from twisted.application.service import MultiService
+from twisted.logger import formatEvent
+
+from conftest import (
+    FAKE_META_TOKEN,
+    _listening_port,
+    destinations_toml,
+    eventually,
+    platform_destinations,
+    sleep,
+    threaded_platforms,
+    toml_table,
+    within,
+)
+from fakes import make_event
+from helpers import (
+    ADMIN_TOML,
+    BROWSER_UA,
+    REPO_ROOT,
+    TRACKED_PAGE,
+    TagdProcess,
+    TrackedOrigin,
+    free_port,
+    spool_rows,
+    wait_until,
+)
+from test_tracking_e2e import tracked_visit
+from tagd.config import load_config, parse_config
+from tagd.configdiff import Changes, diff
+from tagd.metrics import Metrics
+from tagd.pipeline import ABANDONED
+from tagd.reload import ReloadOnHangup
+from tagd.spool import Spool, read_dead_letters, retry_dead_letters
+from tagd.tap import build_service
+
+PAGE_VIEW = {"event_name": "PageView"}
+NEW_TOKEN = "rotated-meta-token"
+
+
+# -- the diff ----------------------------------------------------------------------------
+
+
+def config(destinations: list[dict], **tables: dict) -> str:
+    """A configuration file's text: C{tables} by name, then the destinations."""
+    text = "".join(toml_table(f"[{name}]", values) for name, values in tables.items())
+    return text + destinations_toml(destinations)
+
+
+@attrs.frozen
+class Endpoint:
+    """Stands in for a served fake where only its base URL is needed."""
+
+    base: str
+
+
+ENDPOINTS = [Endpoint(f"http://127.0.0.1:{port}") for port in (9001, 9002, 9003)]
+
+
+def test_diff_names_destinations_tables_and_restart_keys():
+    """A changed token makes its destination changed, a new name added, a missing one
+    removed; [tracking] and [delivery] are flagged; [proxy] and [admin] keys are named
+    for a restart; the summary holds names only, never a token."""
+    meta, ga4, _ = platform_destinations(*ENDPOINTS)
+    dry = {"type": "log", "name": "dry"}
+    hook = {"type": "webhook", "name": "hook", "url": "http://127.0.0.1:9004/e"}
+    old = parse_config(config([meta, ga4, dry], admin={"token": "old-admin"}), "old.toml")
+    new = parse_config(
+        config(
+            [{**meta, "access_token": NEW_TOKEN}, ga4, hook],
+            proxy={"origin": "http://127.0.0.1:9999"},
+            tracking={"exclude_paths": ["/static/*"]},
+            delivery={"concurrency": 3},
+            admin={"token": "new-admin"},
+        ),
+        "new.toml",
+    )
+    changes = diff(old, new)
+    assert changes == Changes(
+        added=("hook",),
+        removed=("dry",),
+        changed=("meta",),
+        tracking=True,
+        delivery=True,
+        restart=("proxy.origin", "admin.token"),
+    )
+    summary = changes.summary()
+    assert summary == (
+        "destinations added: hook; destinations removed: dry; destinations changed: meta; "
+        "[tracking] changed; [delivery] changed"
+    )
+    assert not {FAKE_META_TOKEN, NEW_TOKEN, "old-admin", "new-admin"} & set(summary.split())
+
+
+def test_the_same_file_read_twice_changes_nothing():
+    """Meta and TikTok destinations compare by identity; read twice, they still count as
+    unchanged, so a reload of an unchanged file keeps every lane."""
+    text = config(platform_destinations(*ENDPOINTS), tracking={"extra_bots": ["probe"]})
+    changes = diff(parse_config(text, "a.toml"), parse_config(text, "a.toml"))
+    assert changes == Changes() and not changes.reloadable
+    assert changes.summary() == "nothing changed"
+
+
+def test_a_timeout_or_type_change_is_a_change():
+    """Same name, other timeout or other type: changed."""
+    meta, _, tiktok = platform_destinations(*ENDPOINTS)
+    old = parse_config(config([meta, tiktok]), "a.toml")
+    new = parse_config(config([{**meta, "timeout": 9}, {"type": "log", "name": "tiktok"}]), "a.toml")
+    assert diff(old, new).changed == ("meta", "tiktok")
+
+
+# -- in-process reloads ----------------------------------------------------------------------
+
+
+@attrs.define
+class Running:
+    """A tagd built from a file, which a test rewrites and reloads."""
+
+    port: int
+    metrics: Metrics
+    service: MultiService
+    path: Path
+
+    def reload(self, text: str):
+        """Write C{text} to the file and reload, as SIGHUP does; a Deferred."""
+        self.path.write_text(text)
+        (hangup,) = [s for s in self.service if isinstance(s, ReloadOnHangup)]
+        return within(hangup.reloader.reload())
+
+    def reloads(self, result: str) -> float:
+        return self.metrics.value("config_reloads", result=result)
+
+
+@pytest_twisted.async_yield_fixture
+async def start_tagd(reactor, tmp_path):
+    """C{await start_tagd(text)}: tagd from C{text}, written to tmp_path/tagd.toml, reloading
+    from that file."""
+    started = []
+
+    async def start(text: str) -> Running:
+        path = tmp_path / "tagd.toml"
+        path.write_text(text)
+        metrics = Metrics()
+        load = partial(load_config, str(path))
+        service = build_service(load(), reactor, metrics, load=load)
+        service.startService()
+        started.append(service)
+        return Running(await within(_listening_port(service)), metrics, service, path)
+
+    yield start
+    for service in started:
+        await within(service.stopService())
+
+
+def tagd_toml(origin, spool: Path, destinations: list[dict], **tables: dict) -> str:
+    """tagd on a free loopback port in front of the test origin, its spool at C{spool},
+    polling often and backing off briefly; C{tables} add keys by table name."""
+    proxy = {"listen": "tcp:0:interface=127.0.0.1", "origin": f"http://127.0.0.1:{origin.port}", "pool_size": 4}
+    delivery = {"poll_interval": 0.05, "backoff_base": 0.05, "backoff_cap": 0.2}
+    text = toml_table("[proxy]", {**proxy, **tables.pop("proxy", {})}) + ADMIN_TOML
+    text += toml_table("[spool]", {"path": str(spool)})
+    text += toml_table("[delivery]", {**delivery, **tables.pop("delivery", {})})
+    text += "".join(toml_table(f"[{name}]", values) for name, values in tables.items())
+    return text + destinations_toml(destinations)
+
+
+def reload_lines(log_events) -> list[tuple[str, str]]:
+    """(level, text) of what the reload logged."""
+    return [
+        (event["log_level"].name, formatEvent(event))
+        for event in log_events
+        if event.get("log_namespace") in ("tagd.reload", "tagd.pipeline")
+    ]
+
+
+def event_ids(served) -> list[str]:
+    return [event.get("event_id") for event in served.fake.events]
+
+
+async def visit(port: int, connect, event_id: str, path: bytes = b"/page") -> None:
+    visitor = await connect(port)
+    await tracked_visit(visitor, {**PAGE_VIEW, "event_id": event_id}, path=path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_swaps_destinations(
+    start_tagd, origin, connect, fake_meta, fake_ga4, fake_tiktok, tmp_path, log_events
+):
+    """Meta replaced by GA4: the visit before the reload reaches Meta, the one after it
+    GA4 only (with the _ga cookie the new tracker now sets), on the same visitor
+    connection; one info line names what changed, and the reload is counted."""
+    meta, ga4, _ = platform_destinations(fake_meta, fake_ga4, fake_tiktok)
+    spool = tmp_path / "spool.sqlite3"
+    tagd = await start_tagd(tagd_toml(origin, spool, [meta]))
+    visitor = await connect(tagd.port)
+    await tracked_visit(visitor, {**PAGE_VIEW, "event_id": "before"})
+    await eventually(lambda: event_ids(fake_meta) == ["before"])
+
+    await tagd.reload(tagd_toml(origin, spool, [ga4]))
+    response = await tracked_visit(visitor, {**PAGE_VIEW, "event_id": "after"})
+    assert any(cookie.startswith(b"_ga=") for cookie in response.header(b"set-cookie"))
+    await eventually(lambda: len(fake_ga4.fake.events) == 1)
+    await sleep(0.2)
+    assert event_ids(fake_meta) == ["before"]
+    assert fake_ga4.fake.violations == []
+    assert tagd.reloads("ok") == 1 and tagd.reloads("failed") == 0
+    assert reload_lines(log_events) == [
+        ("info", f"configuration reloaded from {tagd.path}: destinations added: ga4; destinations removed: meta")
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_invalid_file_keeps_the_running_configuration(
+    start_tagd, origin, connect, fake_meta, fake_ga4, fake_tiktok, tmp_path, log_events, monkeypatch
+):
+    """A missing credential, then a TOML syntax error: each reload logs one error naming
+    the file and the key, counts a failure, and changes nothing; no token is logged."""
+    meta, _, tiktok = platform_destinations(fake_meta, fake_ga4, fake_tiktok)
+    spool = tmp_path / "spool.sqlite3"
+    tagd = await start_tagd(tagd_toml(origin, spool, [meta]))
+    monkeypatch.delenv("TAGD_TEST_UNSET", raising=False)
+    missing = tagd_toml(origin, spool, [tiktok]) + (
+        '[[destinations]]\ntype = "meta"\nname = "meta"\npixel_id = "1234"\n'
+        f'endpoint = "{fake_meta.base}"\naccess_token = {{ env = "TAGD_TEST_UNSET" }}\n'
+    )
+    await tagd.reload(missing)
+    await tagd.reload(tagd_toml(origin, spool, [{**meta, "access_token": NEW_TOKEN}]) + "[tracking\n")
+
+    await visit(tagd.port, connect, "still-meta")
+    await eventually(lambda: event_ids(fake_meta) == ["still-meta"])
+    await sleep(0.2)
+    assert fake_tiktok.fake.events == []
+    assert tagd.reloads("failed") == 2 and tagd.reloads("ok") == 0
+    [(level, missing), (level_too, syntax)] = reload_lines(log_events)
+    assert level == level_too == "error"
+    prefix = f"configuration not reloaded, the running one stays: tagd: configuration error in {tagd.path}: "
+    assert missing == prefix + "destinations[1].access_token: environment variable TAGD_TEST_UNSET is not set"
+    assert syntax.startswith(prefix + "(file): not valid TOML: ")
+    text = "\n".join(formatEvent(event) for event in log_events)
+    assert FAKE_META_TOKEN not in text and NEW_TOKEN not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_restart_keys_are_named_and_the_rest_is_applied(
+    start_tagd, origin, connect, fake_meta, fake_ga4, fake_tiktok, tmp_path, log_events
+):
+    """A new origin and a new [tracking] filter: the filter applies at once, the proxy
+    keeps its origin, and one warning names proxy.origin, at every reload until a
+    restart."""
+    meta, _, _ = platform_destinations(fake_meta, fake_ga4, fake_tiktok)
+    spool = tmp_path / "spool.sqlite3"
+    tagd = await start_tagd(tagd_toml(origin, spool, [meta]))
+    changed = tagd_toml(
+        origin, spool, [meta], proxy={"origin": f"http://127.0.0.1:{free_port()}"},
+        tracking={"exclude_paths": ["/page/skip*"]},
+    )  # fmt: skip
+    await tagd.reload(changed)
+    await visit(tagd.port, connect, "excluded", path=b"/page/skip")  # the running origin answers
+    await visit(tagd.port, connect, "tracked")
+    await eventually(lambda: event_ids(fake_meta) == ["tracked"])
+    assert tagd.metrics.value("tracking_dropped", reason="path") == 1
+    await tagd.reload(changed)
+
+    warning = (
+        "warn",
+        f"{tagd.path}: proxy.origin changed, which tagd reads only at start-up: the running "
+        "values stay until a restart (systemctl restart tagd)",
+    )
+    assert reload_lines(log_events) == [
+        ("info", f"configuration reloaded from {tagd.path}: [tracking] changed"),
+        warning,
+        ("info", f"configuration reloaded from {tagd.path}: nothing changed"),
+        warning,
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_destinations_for_a_tagd_started_without_any_wait_for_a_restart(
+    start_tagd, origin, connect, fake_meta, fake_ga4, fake_tiktok, tmp_path, log_events
+):
+    """Started without destinations, tagd has no spool: a reload that adds one says it
+    needs a restart, and tracking headers are still only removed."""
+    meta, _, _ = platform_destinations(fake_meta, fake_ga4, fake_tiktok)
+    spool = tmp_path / "spool.sqlite3"
+    tagd = await start_tagd(tagd_toml(origin, spool, []))
+    await tagd.reload(tagd_toml(origin, spool, [meta]))
+    await visit(tagd.port, connect, "untracked")
+    await sleep(0.3)
+    assert fake_meta.fake.events == [] and not spool.exists()
+    assert tagd.reloads("ok") == 1
+    assert reload_lines(log_events)[-2:] == [
+        ("info", f"configuration reloaded from {tagd.path}: nothing changed"),
+        ("warn", f"{tagd.path}: destinations (tagd started without any, so it has no spool yet) changed, "
+                 "which tagd reads only at start-up: the running values stay until a restart "
+                 "(systemctl restart tagd)"),
+    ]  # fmt: skip
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_destination_removed_and_added_back(
+    start_tagd, origin, connect, fake_meta, fake_ga4, fake_tiktok, tmp_path
+):
+    """Without destinations after a reload the tracking header is only removed (no event);
+    the spool stays open, so a later reload that adds Meta back tracks again."""
+    meta, _, _ = platform_destinations(fake_meta, fake_ga4, fake_tiktok)
+    spool = tmp_path / "spool.sqlite3"
+    tagd = await start_tagd(tagd_toml(origin, spool, [meta]))
+    await tagd.reload(tagd_toml(origin, spool, []))
+    await visit(tagd.port, connect, "nowhere")
+    await tagd.reload(tagd_toml(origin, spool, [meta]))
+    await visit(tagd.port, connect, "back")
+    await eventually(lambda: event_ids(fake_meta) == ["back"])
+    await sleep(0.2)
+    assert event_ids(fake_meta) == ["back"]
+    assert {row[0] for row in spool_rows(spool)} <= {"back"}
+
+
+# -- rows of destinations that are gone ------------------------------------------------------
+
+
+def dead_reasons(spool: Path, destination: str) -> list[str]:
+    return [letter.last_error for letter in read_dead_letters(str(spool), destination)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_removed_destination_s_rows_become_dead_letters_and_come_back(
+    start_tagd, origin, connect, fake_meta, fake_ga4, fake_tiktok, tmp_path, log_events
+):
+    """Meta fails while two events wait for it; a reload removes Meta: its rows become dead
+    letters ("destination no longer configured"), no longer counted as undelivered, and
+    one line says how many.  Configured again, retry-dead sends them to Meta."""
+    meta, _, tiktok = platform_destinations(fake_meta, fake_ga4, fake_tiktok)
+    spool = tmp_path / "spool.sqlite3"
+    tagd = await start_tagd(tagd_toml(origin, spool, [meta, tiktok]))
+    fake_meta.fake.inject(1000, status=503)
+    for event_id in ("m-1", "m-2"):
+        await visit(tagd.port, connect, event_id)
+    await eventually(lambda: len(fake_tiktok.fake.events) == 2)
+    await eventually(lambda: not [row for row in spool_rows(spool) if row[1] == "tiktok"])  # acknowledged
+    await eventually(lambda: tagd.metrics.value("events_delivered", destination="meta", outcome="transient") >= 2)
+
+    await tagd.reload(tagd_toml(origin, spool, [tiktok]))
+    assert dead_reasons(spool, "meta") == [ABANDONED, ABANDONED]
+    assert tagd.metrics.value("events_delivered", destination="meta", outcome="dead") == 2
+    (delivery,) = [s for s in tagd.service if hasattr(s, "spool")]
+    assert delivery.spool.undelivered == 0
+    assert [text for level, text in reload_lines(log_events) if level == "warn"] == [
+        "dead-lettered the pending deliveries to destinations no longer configured (meta: 2); "
+        "`tagd spool retry-dead --destination NAME` sends them once NAME is configured again"
+    ]
+
+    fake_meta.fake._injections.clear()
+    await tagd.reload(tagd_toml(origin, spool, [meta, tiktok]))
+    assert retry_dead_letters(str(spool), "meta") == 2
+    await eventually(lambda: sorted(event_ids(fake_meta)) == ["m-1", "m-2"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_rows_of_unknown_destinations_are_dead_letters_after_a_start(
+    reactor, start_tagd, origin, fake_meta, fake_ga4, fake_tiktok, tmp_path, log_events
+):
+    """A spool holding rows for a destination renamed away ("old-meta") and for one still
+    configured: at start-up the first become dead letters, the others are delivered."""
+    meta, _, _ = platform_destinations(fake_meta, fake_ga4, fake_tiktok)
+    spool_path = tmp_path / "spool.sqlite3"
+    spool = Spool.open(str(spool_path), reactor=reactor)
+    spool.enqueue([make_event(event_id="kept")], ["meta", "old-meta"])
+    spool.enqueue([make_event(event_id="orphan")], ["old-meta"])
+    await within(spool.close())
+
+    await start_tagd(tagd_toml(origin, spool_path, [meta]))
+    await eventually(lambda: event_ids(fake_meta) == ["kept"])
+    await eventually(lambda: len(dead_reasons(spool_path, "old-meta")) == 2)
+    assert dead_reasons(spool_path, "old-meta") == [ABANDONED, ABANDONED]
+    assert dead_reasons(spool_path, "meta") == []
+    assert [text for level, text in reload_lines(log_events) if level == "warn"] == [
+        "dead-lettered the pending deliveries to destinations no longer configured (old-meta: 2); "
+        "`tagd spool retry-dead --destination NAME` sends them once NAME is configured again"
+    ]
+
+
+# -- SIGHUP to tagd run by twistd ------------------------------------------------------------
+
+
+@attrs.define
+class Shop:
+    """An origin, the three platforms, and tagd's configuration file in front of them."""
+
+    origin: TrackedOrigin
+    platforms: tuple
+    port: int
+    spool: Path
+    tagd: TagdProcess
+
+    def write(self, destinations: list[str], **tables: dict) -> None:
+        """tagd.toml with the named platforms (meta, ga4, tiktok) as destinations."""
+        chosen = [d for d in platform_destinations(*self.platforms) if d["name"] in destinations]
+        proxy = {"listen": f"tcp:{self.port}:interface=127.0.0.1", "origin": self.origin.url}
+        self.tagd.config.write_text(
+            toml_table("[proxy]", proxy)
+            + ADMIN_TOML
+            + toml_table("[spool]", {"path": str(self.spool)})
+            + toml_table("[delivery]", {"poll_interval": 0.1})
+            + "".join(toml_table(f"[{name}]", values) for name, values in tables.items())
+            + destinations_toml(chosen)
+        )
+
+
+@pytest.fixture
+def shop(tmp_path):
+    origin = TrackedOrigin()
+    platforms = threaded_platforms()
+    for platform in platforms:
+        platform.up()
+    made = Shop(origin, platforms, free_port(), tmp_path / "spool.sqlite3", TagdProcess(tmp_path / "tagd.toml", tmp_path))
+    try:
+        yield made
+    finally:
+        made.tagd.close()
+        for platform in platforms:
+            platform.close()
+        origin.close()
+
+
+def get(connection: http.client.HTTPConnection, path: str) -> int:
+    """GET C{path} on the kept connection as a browser; the status."""
+    connection.request("GET", path, headers={"User-Agent": BROWSER_UA, "Host": "shop.example"})
+    response = connection.getresponse()
+    assert response.read() == TRACKED_PAGE
+    return response.status
+
+
+def hangup(tagd: TagdProcess, reloads: int) -> str:
+    """Send SIGHUP and wait until tagd has logged C{reloads} reload results in all."""
+    tagd.process.send_signal(signal.SIGHUP)
+    return wait_until(
+        lambda: (log := tagd.logs()).count("configuration reloaded from") + log.count("configuration not reloaded") >= reloads and log,
+        10,
+        "reloaded",
+    )
+
+
+def test_sighup_reloads_without_dropping_a_kept_connection(shop):
+    """twistd -n tagd with Meta: SIGHUP after the file gains TikTok and an excluded path.
+    The visitor's keep-alive connection goes on (same socket), the excluded page is no
+    event, the next page reaches Meta and TikTok.  An invalid file on the next SIGHUP
+    changes nothing and is one error line naming file and key, with no token."""
+    meta, _, tiktok = shop.platforms
+    shop.write(["meta"])
+    port = shop.tagd.start()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        assert get(connection, "/e/first") == 200
+        wait_until(lambda: meta.delivered_ids() == {"first"}, 10, "delivered to Meta")
+        socket_before = connection.sock
+
+        shop.write(["meta", "tiktok"], tracking={"exclude_paths": ["/e/skip*"]})
+        log = hangup(shop.tagd, 1)
+        assert f"configuration reloaded from {shop.tagd.config}: destinations added: tiktok; [tracking] changed" in log
+        assert get(connection, "/e/skip-1") == 200
+        assert get(connection, "/e/second") == 200
+        wait_until(lambda: "second" in meta.delivered_ids() and tiktok.delivered_ids() == {"second"}, 10, "delivered")
+        assert connection.sock is socket_before
+
+        shop.tagd.config.write_text(shop.tagd.config.read_text().replace('"meta"', '"nonsense"', 1))
+        log = hangup(shop.tagd, 2)
+        assert get(connection, "/e/third") == 200
+        wait_until(lambda: "third" in tiktok.delivered_ids() and "third" in meta.delivered_ids(), 10, "delivered")
+        assert connection.sock is socket_before
+    finally:
+        connection.close()
+    assert "skip-1" not in meta.delivered_ids() | tiktok.delivered_ids()
+    assert "skip-1" not in {row[0] for row in spool_rows(shop.spool)}
+    errors = [line for line in log.splitlines() if "configuration not reloaded" in line]
+    assert len(errors) == 1, log
+    assert (
+        f"tagd: configuration error in {shop.tagd.config}: destinations[0].type: must be one of "
+        "meta, ga4, tiktok, webhook, log, got 'nonsense'"
+    ) in errors[0]
+    assert FAKE_META_TOKEN not in log and "tt-token" not in log
+    assert "Traceback" not in log
+
+
+def test_the_unit_reloads_with_sighup():
+    """systemctl reload tagd sends SIGHUP to the main process."""
+    unit = (REPO_ROOT / "contrib" / "systemd" / "tagd.service").read_text()
+    assert "\nExecReload=/bin/kill -HUP $MAINPID\n" in unit
