@@ -522,7 +522,7 @@ async def test_send_test_event_shows_the_platforms_refusal(tmp_path, fake_meta):
     result = await within(deferToThread(tagd, "send-test-event", "--destination", "meta", cwd=tmp_path))
     assert result.returncode == 1, result.stderr
     assert "status: 400" in result.stdout.splitlines()
-    assert "outcome: permanent (HTTP 400, Meta error 190: Invalid OAuth access token." in result.stdout
+    assert "outcome: auth (HTTP 400, Meta error 190: Invalid OAuth access token." in result.stdout
     assert '"message": "Invalid OAuth access token."' in result.stdout
     assert "has no test_event_code" in result.stderr
     assert META_TOKEN not in result.stdout + result.stderr
