@@ -12,15 +12,22 @@ by the platform's verdict:
     the platform says, and the rows go back to pending untouched;
   - permanent: a batch is split in halves and each half sent again, so that one poison
     event cannot sink the others; a single event is dead-lettered with the platform's
-    message.
+    message;
+  - auth (a bad, expired or revoked token, no permission): the destination's fault, not
+    the events', so nothing is split or dead-lettered.  The destination pauses, for
+    L{AUTH_PAUSE} seconds at first, twice as long after each further refusal, up to
+    C{backoff_cap}, and its rows go back to pending untouched.  One error line says so
+    (with the platform's message), and C{tagd_destination_credentials_refused} is 1 until
+    the platform accepts a request again; after the token is fixed and tagd restarted,
+    delivery resumes with nothing lost.
 
-Throttled rows go back with their attempt count unchanged: the platform refused the
-destination's rate, not those events, and counting it would lengthen their own backoff
-for a fault that is not theirs.  The pause lives in memory; after a restart the first
-request asks again, and a platform still throttling restores it.
+Throttled and refused rows go back with their attempt count unchanged: the platform
+refused the destination's rate or credentials, not those events, and counting it would
+lengthen their own backoff for a fault that is not theirs.  Pauses live in memory; after
+a restart the first request asks again, and a platform still refusing restores them.
 
-Counted outcomes: C{transient}, C{throttle} and C{permanent} count the events of every
-answered attempt (a poison event found by three halvings counts four times), while
+Counted outcomes: C{transient}, C{throttle}, C{auth} and C{permanent} count the events of
+every answered attempt (a poison event found by three halvings counts four times), while
 C{success}, C{expired} and C{dead} count each event once, at its end.
 
 A row is never lost here: whatever is not acknowledged, retried, expired or dead-lettered
@@ -60,6 +67,10 @@ log = Logger()
 
 # The shortest pause a throttle causes, even when Retry-After says 0 or a past date.
 MIN_PAUSE = 1.0
+# Seconds a destination whose credentials were refused first pauses (then twice as long
+# after each refusal, up to backoff_cap): a fixed token needs a restart anyway, and a
+# refusal the platform takes back soon (a token rotated a moment late) is retried soon.
+AUTH_PAUSE = 10.0
 # 2 ** 64 backoff bases are far beyond any cap; a larger exponent would overflow a float.
 MAX_EXPONENT = 64
 # An outcome that is not a platform's answer but a row's end (like EXPIRED).
@@ -136,6 +147,7 @@ class _Lane:
     slots: DeferredSemaphore
     paused_until: float = 0.0
     throttles: int = 0  # throttled answers since the last success
+    refusals: int = 0  # pauses for refused credentials since the last success
     woken: bool = False  # a wake-up came while the loop was not napping
     nap: Deferred | None = None
     batches: set[Deferred] = attrs.field(factory=set)
@@ -191,6 +203,8 @@ class Dispatcher(Service):
         self._lanes = {
             route.destination.name: _Lane(route, DeferredSemaphore(concurrency)) for route in routes
         }
+        for name in self._lanes:
+            self._metrics.credentials_refused.labels(name).set(0)
         self._loops: list[Deferred] = []
 
     # -- the service ------------------------------------------------------------------
@@ -362,6 +376,8 @@ class Dispatcher(Service):
         await lane.slots.acquire()
         try:
             answer = await self._attempt(lane, request) if self._may_send(lane) else None
+            if answer is not None:
+                self._heed(lane, answer[1])
         finally:
             lane.slots.release()
         if answer is None:
@@ -401,6 +417,18 @@ class Dispatcher(Service):
         )
         return response, await treq.content(response)
 
+    def _heed(self, lane: _Lane, verdict: Verdict) -> None:
+        """What an answer means for the whole destination (a pause, or the end of one),
+        decided before its slot passes to the next request: releasing the slot starts
+        that request at once, which must not go out after a pause began."""
+        if verdict.outcome is Outcome.SUCCESS:
+            lane.throttles = 0
+            self._accepted(lane)
+        elif verdict.outcome is Outcome.THROTTLE:
+            self._pause(lane, verdict.retry_after)
+        elif verdict.outcome is Outcome.AUTH:
+            self._refused(lane, verdict.message)
+
     async def _settle(
         self,
         lane: _Lane,
@@ -409,7 +437,8 @@ class Dispatcher(Service):
         status: int | None,
         verdict: Verdict,
     ) -> None:
-        """Record what the platform's answer means for C{rows}."""
+        """Record what the platform's answer means for C{rows} (for the destination:
+        L{_heed})."""
         outcome = verdict.outcome
         self._count(lane, outcome.value, len(rows))
         log.debug(
@@ -422,12 +451,10 @@ class Dispatcher(Service):
             message=verdict.message,
         )
         if outcome is Outcome.SUCCESS:
-            lane.throttles = 0
             await self._spool.ack(lane.name, _keys(rows))
         elif outcome is Outcome.TRANSIENT:
             await self._retry(lane, rows, verdict.message)
-        elif outcome is Outcome.THROTTLE:
-            self._pause(lane, verdict.retry_after)
+        elif outcome in (Outcome.THROTTLE, Outcome.AUTH):
             await self._release(lane, rows)
         else:
             await self._bisect(lane, rows, verdict.message)
@@ -453,6 +480,43 @@ class Dispatcher(Service):
         lane.throttles += 1
         lane.paused_until = max(lane.paused_until, self._reactor.seconds() + delay)
         log.info("{destination}: throttled, pausing for {delay:.1f} s", destination=lane.name, delay=delay)
+
+    def _refused(self, lane: _Lane, message: str) -> None:
+        """The platform refused the destination's credentials: pause it (L{AUTH_PAUSE},
+        doubling, up to the backoff cap) and say so, at error level the first time.
+
+        A refusal that comes while such a pause runs answers a request sent before it
+        began: the same refusal, neither a longer pause nor another line.
+        """
+        now = self._reactor.seconds()
+        if lane.refusals and lane.paused_until > now:
+            return
+        delay = min(self._backoff_cap, AUTH_PAUSE * 2 ** min(lane.refusals, MAX_EXPONENT))
+        lane.refusals += 1
+        lane.paused_until = max(lane.paused_until, now + delay)
+        self._metrics.credentials_refused.labels(lane.name).set(1)
+        if lane.refusals == 1:
+            log.error(
+                "{destination}: the platform refuses this destination's credentials, so nothing"
+                " is sent to it; its events stay in the spool until the token is fixed and tagd"
+                " restarted. Trying again in {delay:.0f} s. The platform said: {message}",
+                destination=lane.name,
+                delay=delay,
+                message=message,
+            )
+        else:
+            log.info(
+                "{destination}: credentials still refused, trying again in {delay:.0f} s",
+                destination=lane.name,
+                delay=delay,
+            )
+
+    def _accepted(self, lane: _Lane) -> None:
+        """A request went through: whatever refusal there was is over."""
+        if lane.refusals:
+            lane.refusals = 0
+            self._metrics.credentials_refused.labels(lane.name).set(0)
+            log.info("{destination}: credentials accepted again, delivering", destination=lane.name)
 
     async def _release(self, lane: _Lane, rows: Sequence[Lease]) -> None:
         await self._spool.release(lane.name, _keys(rows))

@@ -8,7 +8,7 @@ A registry is passed in (a fresh one per test) rather than Prometheus' global on
 from __future__ import annotations
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 
 @attrs.define
@@ -19,6 +19,7 @@ class Metrics:
     tracking_dropped: Counter = attrs.field(init=False)
     events_accepted: Counter = attrs.field(init=False)
     deliveries: Counter = attrs.field(init=False)
+    credentials_refused: Gauge = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.tracking_dropped = Counter(
@@ -36,6 +37,12 @@ class Metrics:
             "tagd_events_delivered",
             "Events by destination and the outcome of their delivery attempt.",
             ["destination", "outcome"],
+            registry=self.registry,
+        )
+        self.credentials_refused = Gauge(
+            "tagd_destination_credentials_refused",
+            "1 while the platform refuses the destination's credentials and nothing is sent to it.",
+            ["destination"],
             registry=self.registry,
         )
 

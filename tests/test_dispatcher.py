@@ -193,8 +193,8 @@ def ga4_route(served) -> Route:
     return Route(ga4.build("ga4", settings), 2.0)
 
 
-def tiktok_route(served) -> Route:
-    settings = {"pixel_code": "CTEST123", "access_token": "tt-token", "endpoint": served.base}
+def tiktok_route(served, **settings) -> Route:
+    settings = {"pixel_code": "CTEST123", "access_token": "tt-token", "endpoint": served.base, **settings}
     return Route(tiktok.build("tiktok", settings), 2.0)
 
 
@@ -214,6 +214,12 @@ def settled(spool: MemorySpool, *destinations: str) -> bool:
 
 def delivered(metrics: Metrics, destination: str, outcome: str) -> float:
     return metrics.value("events_delivered", destination=destination, outcome=outcome)
+
+
+def refused(metrics: Metrics, destination: str) -> float | None:
+    """C{tagd_destination_credentials_refused} of C{destination}; None when not set."""
+    name = "tagd_destination_credentials_refused"
+    return metrics.registry.get_sample_value(name, {"destination": destination})
 
 
 # -- fixtures -------------------------------------------------------------------------------
@@ -405,6 +411,53 @@ async def test_poison_event_is_split_out_of_its_batch(serving, dispatch, spool, 
     assert delivered(metrics, "meta", "permanent") == 8 + 4 + 2 + 1
     assert delivered(metrics, "meta", "success") == 7
     assert delivered(metrics, "meta", "dead") == 1
+
+
+REFUSALS = {
+    "meta": (ObservedMeta, meta_route, "HTTP 400, Meta error 190: Invalid OAuth access token."),
+    "tiktok": (FakeTikTok, tiktok_route, "TikTok code 40105: Access token is incorrect or has been revoked."),
+}
+
+
+@pytest.mark.parametrize("platform", sorted(REFUSALS))
+@pytest_twisted.ensureDeferred
+async def test_refused_token_pauses_the_destination_and_loses_nothing(
+    serving, dispatch, spool, metrics, dispatcher_log, platform
+):
+    """A wrong token, refused as the platform documents it: of a lease of 50 events in
+    requests of 10, two at a time, the first two requests go out and nothing more (no
+    halving), no event is dead-lettered or charged an attempt, every row is pending
+    again, one error line names the destination and gives the platform's message but not
+    the token, and the refusal is counted and shown.  With the right token, after a
+    restart, all 50 are delivered."""
+    fake, route, message = REFUSALS[platform]
+    served = serving(fake())
+    spool.add(platform, events("tok", 50))
+    first = dispatch(route(served, access_token="wrong-token-123", max_batch=10), concurrency=2)
+
+    await eventually(lambda: delivered(metrics, platform, "auth") == 20)
+    await eventually(lambda: set(spool.states(platform).values()) == {"pending"})
+    assert len(served.fake.requests) == 2
+    assert [row.attempts for row in spool.rows.values()] == [0] * 50
+    assert spool.retries == []
+    assert delivered(metrics, platform, "permanent") == delivered(metrics, platform, "dead") == 0
+    assert refused(metrics, platform) == 1
+    errors = [line for line in dispatcher_log if "refuses this destination's credentials" in line]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"{platform}: ") and message in errors[0]
+    assert not [line for line in dispatcher_log if "wrong-token-123" in line]
+    await within(first.stopService())
+    assert len(served.fake.requests) == 2
+
+    dispatch(route(served, max_batch=10))
+    await eventually(lambda: set(spool.states(platform).values()) == {"done"})
+    assert len(served.fake.requests) == 2 + 5
+    assert sorted(e["event_id"] for r in served.fake.requests[2:] for e in r.body["data"]) == sorted(
+        f"tok-{i}" for i in range(50)
+    )
+    assert [{v.code for v in r.violations} for r in served.fake.requests] == [{"BAD_TOKEN"}] * 2 + [set()] * 5
+    assert delivered(metrics, platform, "success") == 50
+    assert refused(metrics, platform) == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -635,10 +688,8 @@ class Ceilings(random.Random):
 def clocked(clock: Clock, receiver: Scripted, spool: MemorySpool, **options) -> Dispatcher:
     """A started dispatcher on C{clock} with one webhook route to C{receiver}."""
     route = hook_route("http://hook.test/events", 5.0, max_batch=options.pop("max_batch", 100))
-    options = {"poll_interval": 1.0, "rand": Ceilings(), **options}
-    dispatcher = Dispatcher(
-        reactor=clock, spool=spool, routes=[route], http=StubTreq(receiver), metrics=Metrics(), **options
-    )
+    options = {"poll_interval": 1.0, "rand": Ceilings(), "metrics": Metrics(), **options}
+    dispatcher = Dispatcher(reactor=clock, spool=spool, routes=[route], http=StubTreq(receiver), **options)
     dispatcher.startService()
     return dispatcher
 
@@ -690,6 +741,30 @@ def test_throttle_holds_every_batch_until_retry_after(clock):
     assert spool.states("hook") == {"t-0": "done", "t-1": "done", "t-2": "done"}
     assert [at - throttled_at for at, _ in receiver.received[1:]] == [30, 30, 30]
     assert spool.retries == []
+    assert dispatcher.stopService().called  # nothing in flight: at once
+
+
+def test_refusals_pause_longer_each_time_up_to_the_cap(clock):
+    """A receiver refusing the credentials (401) four times: the destination pauses
+    AUTH_PAUSE (10 s), then 20, 40, and 50 (the cap), with its row pending, no attempt
+    counted and the refusal shown meanwhile; the first success ends it."""
+    receiver, spool, metrics = Scripted(clock), MemorySpool(clock.seconds), Metrics()
+    receiver.answers.extend([(401, {})] * 4)
+    spool.add("hook", events("r", 1))
+    dispatcher = clocked(clock, receiver, spool, backoff_cap=50.0, metrics=metrics)
+    started = clock.seconds()
+
+    for _ in range(119):
+        clock.advance(1)
+    assert [at - started for at, _ in receiver.received] == [0, 10, 30, 70]
+    assert spool.row("hook", "r-0").state == "pending" and spool.row("hook", "r-0").attempts == 0
+    assert refused(metrics, "hook") == 1
+    clock.advance(1)
+    assert [at - started for at, _ in receiver.received][-1] == 120
+    assert spool.states("hook") == {"r-0": "done"}
+    assert spool.retries == []
+    assert refused(metrics, "hook") == 0
+    assert delivered(metrics, "hook", "auth") == 4 and delivered(metrics, "hook", "dead") == 0
     assert dispatcher.stopService().called  # nothing in flight: at once
 
 
