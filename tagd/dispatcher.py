@@ -1,8 +1,10 @@
 """The dispatcher: drains the spool through each destination, at least once.
 
-One loop per destination leases due rows from the spool, drops the events the platform
-would refuse for their age, encodes the rest, POSTs them with treq and settles every row
-by the platform's verdict:
+One loop per destination leases due rows from the spool (up to L{LEASE} at once, more when
+a destination's batches are larger), drops the events the platform would refuse for their
+age, encodes the rest into as many requests as the platform's limits ask (GA4 sends one
+visitor per request), POSTs them with treq, at most C{concurrency} at once, and settles
+the rows of every request by the platform's verdict on it:
 
   - success: acknowledged, done;
   - transient (5xx, timeout, reset, the platform's transient codes): retried later, with
@@ -50,6 +52,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
+    DeferredList,
     DeferredSemaphore,
     ensureDeferred,
     gatherResults,
@@ -71,6 +74,11 @@ MIN_PAUSE = 1.0
 # after each refusal, up to backoff_cap): a fixed token needs a restart anyway, and a
 # refusal the platform takes back soon (a token rotated a moment late) is retried soon.
 AUTH_PAUSE = 10.0
+# Rows a destination leases at once, at least.  GA4 takes 25 events of one visitor per
+# request, so a lease of its batch size would be a few visitors' events: after an outage
+# with many visitors, one lease per request or two.  A large lease keeps every request
+# slot busy; each of its requests is still settled by itself.
+LEASE = 1000
 # 2 ** 64 backoff bases are far beyond any cap; a larger exponent would overflow a float.
 MAX_EXPONENT = 64
 # An outcome that is not a platform's answer but a row's end (like EXPIRED).
@@ -166,7 +174,7 @@ class Dispatcher(Service):
     @param http: the treq client for the platforms (L{tagd.delivery.http_client}).
     @param poll_interval: seconds between looks at the spool when nobody calls L{wake}.
     @param concurrency: requests in flight per destination, at most; also the number of
-        leased batches a destination holds at once, so that a backlog stays in the spool.
+        leases a destination holds at once, so that a backlog stays in the spool.
     @param backoff_base: seconds; the n-th retry waits up to C{backoff_base * 2**n}.
     @param backoff_cap: seconds; no retry waits longer.
     @param max_retry_after: seconds; the longest pause a platform's C{Retry-After} gets.
@@ -258,7 +266,8 @@ class Dispatcher(Service):
             await self._lease(lane, now)
 
     async def _lease(self, lane: _Lane, now: float) -> None:
-        rows = await self._spool.lease(lane.name, lane.route.destination.max_batch, now)
+        limit = max(LEASE, lane.route.destination.max_batch)
+        rows = await self._spool.lease(lane.name, limit, now)
         if not rows:
             await self._nap(lane, self._poll_interval)
         elif not self.running:
@@ -325,7 +334,12 @@ class Dispatcher(Service):
         return fresh
 
     async def _deliver(self, lane: _Lane, rows: Sequence[Lease]) -> None:
-        """Encode C{rows} and send every request; rows no request carries are dead."""
+        """Encode C{rows} and send every request; rows no request carries are dead.
+
+        The rows of requests that could not be sent (stopping, or the destination paused
+        meanwhile) go back to pending in one spool call: a lease may make hundreds of
+        requests, and a call for each would hold shutdown up, one disk sync apiece.
+        """
         destination = lane.route.destination
         if isinstance(destination, Describing):
             await self._dry_run(lane, rows, destination)
@@ -349,7 +363,13 @@ class Dispatcher(Service):
         if skipped:
             reason = f"{destination.type} cannot send this event: an identifier it requires is missing"
             await self._dead(lane, skipped, reason)
-        await gatherResults(sends, consumeErrors=True)
+        results = await DeferredList(sends, consumeErrors=True)
+        unsent = [row for ok, carried in results if ok for row in carried]
+        if unsent:
+            await self._release(lane, unsent)
+        for ok, failure in results:
+            if not ok:
+                failure.raiseException()
 
     async def _dry_run(self, lane: _Lane, rows: Sequence[Lease], destination: Describing) -> None:
         """The log destination: each event described in the log, and done."""
@@ -371,8 +391,9 @@ class Dispatcher(Service):
 
     # -- one request --------------------------------------------------------------------
 
-    async def _send(self, lane: _Lane, request: OutgoingRequest, rows: Sequence[Lease]) -> None:
-        """Send C{request} in one of the lane's slots, then settle its rows outside it."""
+    async def _send(self, lane: _Lane, request: OutgoingRequest, rows: Sequence[Lease]) -> Sequence[Lease]:
+        """Send C{request} in one of the lane's slots, then settle its rows outside it;
+        returns the rows left unsettled because the request was not sent or was cancelled."""
         await lane.slots.acquire()
         try:
             answer = await self._attempt(lane, request) if self._may_send(lane) else None
@@ -381,9 +402,9 @@ class Dispatcher(Service):
         finally:
             lane.slots.release()
         if answer is None:
-            await self._release(lane, rows)
-        else:
-            await self._settle(lane, request, rows, *answer)
+            return rows
+        await self._settle(lane, request, rows, *answer)
+        return ()
 
     def _may_send(self, lane: _Lane) -> bool:
         """Not once stopping, nor while the platform asked us to pause."""

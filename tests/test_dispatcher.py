@@ -74,7 +74,8 @@ class MemorySpool:
 
     Only an in-flight row may be settled: a dispatcher that settles a row twice, or one
     it never leased, fails the test with an C{AssertionError}.  C{retries} records every
-    retry as (event id, time of the call, next_at, error) for the backoff assertions.
+    retry as (event id, time of the call, next_at, error) for the backoff assertions;
+    C{leased} the size of every lease that found rows, C{releases} of every release.
     """
 
     def __init__(self, clock=_global_reactor.seconds) -> None:
@@ -82,6 +83,8 @@ class MemorySpool:
         self._keys = itertools.count(1)
         self.rows: dict[int, Row] = {}
         self.retries: list[tuple[str, float, float, str]] = []
+        self.leased: list[int] = []
+        self.releases: list[int] = []
 
     def add(self, destination: str, events) -> None:
         for event in events:
@@ -105,6 +108,8 @@ class MemorySpool:
         ][:limit]  # fmt: skip
         for row in due:
             row.state = "inflight"
+        if due:
+            self.leased.append(len(due))
         return succeed([Leased(r.key, r.event, r.attempts) for r in due])
 
     def _settle(self, destination: str, keys, state: str, error: str = "") -> list[Row]:
@@ -126,6 +131,7 @@ class MemorySpool:
         return succeed(None)
 
     def release(self, destination: str, keys) -> Deferred:
+        self.releases.append(len(keys))
         self._settle(destination, keys, "pending")
         return succeed(None)
 
@@ -550,6 +556,22 @@ def ga4_clients(count: int) -> list[Event]:
     return [make_event(event_id=f"v-{i}", ga_client_id=f"{i}.1706540400") for i in range(count)]
 
 
+@pytest_twisted.ensureDeferred
+async def test_ga4_leases_many_visitors_at_once(serving, dispatch, spool, metrics):
+    """60 visitors' events are one lease, not one per 25 rows: 60 requests, one visitor
+    each, two at a time at most, each settled by itself."""
+    served = serving(ObservedGA4())
+    spool.add("ga4", ga4_clients(60))
+    dispatch(ga4_route(served), concurrency=2)
+
+    await eventually(lambda: settled(spool, "ga4"))
+    assert set(spool.states("ga4").values()) == {"done"}
+    assert spool.leased == [60]
+    assert len(served.fake.requests) == 60 and served.fake.violations == []
+    assert served.fake.peak <= 2
+    assert delivered(metrics, "ga4", "success") == 60
+
+
 @pytest.mark.parametrize("shape", ["batches", "requests"])
 @pytest_twisted.ensureDeferred
 async def test_concurrency_limit_per_destination(serving, dispatch, spool, shape):
@@ -574,7 +596,8 @@ async def test_concurrency_limit_per_destination(serving, dispatch, spool, shape
 @pytest_twisted.ensureDeferred
 async def test_stop_cancels_requests_and_releases_rows(serving, dispatch, spool, metrics, reactor):
     """Stopping cancels the request in flight at once; its row, and the rows of the same
-    lease still waiting for a request slot, are pending again with no attempt counted."""
+    lease still waiting for a request slot, are pending again with no attempt counted,
+    released together (a lease may hold hundreds of requests)."""
     served = serving(ObservedGA4())
     served.fake.inject(3, delay=5.0)
     spool.add("ga4", ga4_clients(3))
@@ -587,6 +610,7 @@ async def test_stop_cancels_requests_and_releases_rows(serving, dispatch, spool,
     assert reactor.seconds() - started < 1.0
     assert set(spool.states("ga4").values()) == {"pending"}
     assert [r.attempts for r in spool.rows.values()] == [0, 0, 0]
+    assert spool.releases == [3]  # in one spool call
     assert spool.retries == []
     assert len(served.fake.requests) == 1
     assert delivered(metrics, "ga4", "transient") == 0
