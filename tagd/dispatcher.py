@@ -59,6 +59,7 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from tagd.delivery import EXPIRED, Route, expired
@@ -147,12 +148,57 @@ def _by_attempts(rows: Sequence[Lease]) -> dict[int, list[Lease]]:
     return groups
 
 
+class _Acks:
+    """One destination's acknowledgements, written together: the requests answered while
+    a write runs are acknowledged by the next one, in a single spool call.
+
+    A lease makes hundreds of GA4 requests, one visitor each.  An acknowledgement apiece
+    (a transaction and a disk sync on the spool's one thread) would queue up ahead of
+    every other destination's leases and slow them all down.
+    """
+
+    def __init__(self, spool: Spool, destination: str) -> None:
+        self._spool = spool
+        self._destination = destination
+        self._keys: list[Hashable] = []
+        self._waiting: list[Deferred] = []
+        self._writing = False
+
+    def ack(self, keys: Sequence[Hashable]) -> Deferred:
+        """Acknowledge C{keys}; fires once they are written (fails as the spool did)."""
+        done = Deferred()
+        self._keys.extend(keys)
+        self._waiting.append(done)
+        if not self._writing:
+            ensureDeferred(self._write())
+        return done
+
+    async def _write(self) -> None:
+        self._writing = True
+        try:
+            while self._keys:
+                keys, self._keys = self._keys, []
+                waiting, self._waiting = self._waiting, []
+                try:
+                    await self._spool.ack(self._destination, keys)
+                except Exception:
+                    failure = Failure()
+                    for done in waiting:
+                        done.errback(failure)
+                else:
+                    for done in waiting:
+                        done.callback(None)
+        finally:
+            self._writing = False
+
+
 @attrs.define(eq=False)
 class _Lane:
     """One destination's loop: its request slots, its pause, its nap and its work."""
 
     route: Route
     slots: DeferredSemaphore
+    acks: _Acks
     paused_until: float = 0.0
     throttles: int = 0  # throttled answers since the last success
     refusals: int = 0  # pauses for refused credentials since the last success
@@ -209,7 +255,10 @@ class Dispatcher(Service):
         self._max_retry_after = max_retry_after
         self._rand = rand if rand is not None else random.Random()
         self._lanes = {
-            route.destination.name: _Lane(route, DeferredSemaphore(concurrency)) for route in routes
+            route.destination.name: _Lane(
+                route, DeferredSemaphore(concurrency), _Acks(spool, route.destination.name)
+            )
+            for route in routes
         }
         for name in self._lanes:
             self._metrics.credentials_refused.labels(name).set(0)
@@ -472,7 +521,7 @@ class Dispatcher(Service):
             message=verdict.message,
         )
         if outcome is Outcome.SUCCESS:
-            await self._spool.ack(lane.name, _keys(rows))
+            await lane.acks.ack(_keys(rows))
         elif outcome is Outcome.TRANSIENT:
             await self._retry(lane, rows, verdict.message)
         elif outcome in (Outcome.THROTTLE, Outcome.AUTH):

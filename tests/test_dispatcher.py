@@ -747,6 +747,36 @@ def test_backoff_ceilings_double_up_to_the_cap(clock):
     assert dispatcher.stopService().called  # nothing in flight: at once
 
 
+class HeldAcks(MemorySpool):
+    """A spool whose acknowledgements wait until the test lets them through; C{acks}
+    holds the number of rows of each call, and a Deferred that writes them when fired."""
+
+    def __init__(self, clock) -> None:
+        super().__init__(clock)
+        self.acks: list[tuple[int, Deferred]] = []
+
+    def ack(self, destination: str, keys) -> Deferred:
+        written = Deferred().addCallback(lambda _: MemorySpool.ack(self, destination, keys))
+        self.acks.append((len(keys), written))
+        return written
+
+
+def test_acknowledgements_answered_meanwhile_are_written_together(clock):
+    """Five one-event requests answered while the first acknowledgement is written: the
+    other four are acknowledged in one spool call after it, each row done."""
+    receiver, spool = Scripted(clock), HeldAcks(clock.seconds)
+    spool.add("hook", events("a", 5))
+    dispatcher = clocked(clock, receiver, spool, max_batch=1, concurrency=1)
+
+    assert len(receiver.received) == 5
+    assert [count for count, _ in spool.acks] == [1]
+    spool.acks[0][1].callback(None)
+    assert [count for count, _ in spool.acks] == [1, 4]
+    spool.acks[1][1].callback(None)
+    assert set(spool.states("hook").values()) == {"done"}
+    assert dispatcher.stopService().called  # nothing in flight: at once
+
+
 def test_throttle_holds_every_batch_until_retry_after(clock):
     """After a 429 with Retry-After: 30, no batch of the destination goes out for 30 s,
     whatever the polls and wake-ups; then all are delivered."""
