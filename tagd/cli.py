@@ -86,12 +86,34 @@ def age(seconds: float) -> str:
 # tagd spool ...
 
 
+def known_destinations(config: Config, depth: Mapping[tuple[str, str], int]) -> list[str]:
+    """The configured destinations, then those the spool still holds rows for that are no
+    longer configured."""
+    return list(dict.fromkeys([d.name for d in config.destinations] + sorted({d for d, _ in depth})))
+
+
+def check_destination(config: Config, name: str | None) -> None:
+    """Refuse a C{--destination} that names nothing: neither configured nor in the spool.
+
+    A mistyped name would otherwise find no dead letters and look like a healthy answer.
+    """
+    if name is None:
+        return
+    known = known_destinations(config, read_depth(config.spool.path))
+    if name not in known:
+        names = ", ".join(known) or "none"
+        raise CommandError(
+            f"no destination named {name!r} in {config.path} or in the spool {config.spool.path}"
+            f" (known: {names})"
+        )
+
+
 def spool_status(args: argparse.Namespace) -> None:
     """Deliveries by destination and status: configured destinations first, even when
     empty, then any the spool still holds for destinations no longer configured."""
     config = load(args.config)
     depth = read_depth(config.spool.path)
-    names = list(dict.fromkeys([d.name for d in config.destinations] + sorted({d for d, _ in depth})))
+    names = known_destinations(config, depth)
     rows = [[name, *(depth.get((name, status), 0) for status in STATUSES)] for name in names]
     print(f"spool {os.path.abspath(config.spool.path)}")
     print(table(["destination", *STATUSES], rows))
@@ -100,6 +122,7 @@ def spool_status(args: argparse.Namespace) -> None:
 def spool_dead(args: argparse.Namespace) -> None:
     """The newest dead letters, with the reason each was given up on."""
     config = load(args.config)
+    check_destination(config, args.destination)
     letters = read_dead_letters(config.spool.path, args.destination, args.limit)
     if not letters:
         print("no dead letters")
@@ -117,8 +140,13 @@ def spool_dead(args: argparse.Namespace) -> None:
 def spool_retry_dead(args: argparse.Namespace) -> None:
     """Dead letters back to pending, for after the cause is fixed (a new token, say)."""
     config = load(args.config)
+    check_destination(config, args.destination)
     count = retry_dead_letters(config.spool.path, args.destination)
-    print(f"{count} dead letter(s) moved back to pending; tagd sends them at its next poll (or when it starts)")
+    if count:
+        print(f"{count} dead letter(s) moved back to pending; tagd sends them at its next poll (or when it starts)")
+    else:
+        of = f" for {args.destination}" if args.destination else ""
+        print(f"no dead letters{of}: nothing moved")
 
 
 # tagd check-config

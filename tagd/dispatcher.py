@@ -1,8 +1,10 @@
 """The dispatcher: drains the spool through each destination, at least once.
 
-One loop per destination leases due rows from the spool, drops the events the platform
-would refuse for their age, encodes the rest, POSTs them with treq and settles every row
-by the platform's verdict:
+One loop per destination leases due rows from the spool (up to L{LEASE} at once, more when
+a destination's batches are larger), drops the events the platform would refuse for their
+age, encodes the rest into as many requests as the platform's limits ask (GA4 sends one
+visitor per request), POSTs them with treq, at most C{concurrency} at once, and settles
+the rows of every request by the platform's verdict on it:
 
   - success: acknowledged, done;
   - transient (5xx, timeout, reset, the platform's transient codes): retried later, with
@@ -12,15 +14,22 @@ by the platform's verdict:
     the platform says, and the rows go back to pending untouched;
   - permanent: a batch is split in halves and each half sent again, so that one poison
     event cannot sink the others; a single event is dead-lettered with the platform's
-    message.
+    message;
+  - auth (a bad, expired or revoked token, no permission): the destination's fault, not
+    the events', so nothing is split or dead-lettered.  The destination pauses, for
+    L{AUTH_PAUSE} seconds at first, twice as long after each further refusal, up to
+    C{backoff_cap}, and its rows go back to pending untouched.  One error line says so
+    (with the platform's message), and C{tagd_destination_credentials_refused} is 1 until
+    the platform accepts a request again; once the token is fixed (a reload gives the
+    destination a new lane, unpaused) delivery resumes with nothing lost.
 
-Throttled rows go back with their attempt count unchanged: the platform refused the
-destination's rate, not those events, and counting it would lengthen their own backoff
-for a fault that is not theirs.  The pause lives in memory; after a restart the first
-request asks again, and a platform still throttling restores it.
+Throttled and refused rows go back with their attempt count unchanged: the platform
+refused the destination's rate or credentials, not those events, and counting it would
+lengthen their own backoff for a fault that is not theirs.  Pauses live in memory; after
+a restart the first request asks again, and a platform still refusing restores them.
 
-Counted outcomes: C{transient}, C{throttle} and C{permanent} count the events of every
-answered attempt (a poison event found by three halvings counts four times), while
+Counted outcomes: C{transient}, C{throttle}, C{auth} and C{permanent} count the events of
+every answered attempt (a poison event found by three halvings counts four times), while
 C{success}, C{expired} and C{dead} count each event once, at its end.
 
 A row is never lost here: whatever is not acknowledged, retried, expired or dead-lettered
@@ -43,12 +52,14 @@ from twisted.application.service import Service
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
+    DeferredList,
     DeferredSemaphore,
     ensureDeferred,
     gatherResults,
     succeed,
 )
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from tagd.delivery import EXPIRED, Route, expired
@@ -61,6 +72,15 @@ log = Logger()
 
 # The shortest pause a throttle causes, even when Retry-After says 0 or a past date.
 MIN_PAUSE = 1.0
+# Seconds a destination whose credentials were refused first pauses (then twice as long
+# after each refusal, up to backoff_cap): a fixed token needs a restart anyway, and a
+# refusal the platform takes back soon (a token rotated a moment late) is retried soon.
+AUTH_PAUSE = 10.0
+# Rows a destination leases at once, at least.  GA4 takes 25 events of one visitor per
+# request, so a lease of its batch size would be a few visitors' events: after an outage
+# with many visitors, one lease per request or two.  A large lease keeps every request
+# slot busy; each of its requests is still settled by itself.
+LEASE = 1000
 # 2 ** 64 backoff bases are far beyond any cap; a larger exponent would overflow a float.
 MAX_EXPONENT = 64
 # An outcome that is not a platform's answer but a row's end (like EXPIRED).
@@ -129,14 +149,60 @@ def _by_attempts(rows: Sequence[Lease]) -> dict[int, list[Lease]]:
     return groups
 
 
+class _Acks:
+    """One destination's acknowledgements, written together: the requests answered while
+    a write runs are acknowledged by the next one, in a single spool call.
+
+    A lease makes hundreds of GA4 requests, one visitor each.  An acknowledgement apiece
+    (a transaction and a disk sync on the spool's one thread) would queue up ahead of
+    every other destination's leases and slow them all down.
+    """
+
+    def __init__(self, spool: Spool, destination: str) -> None:
+        self._spool = spool
+        self._destination = destination
+        self._keys: list[Hashable] = []
+        self._waiting: list[Deferred] = []
+        self._writing = False
+
+    def ack(self, keys: Sequence[Hashable]) -> Deferred:
+        """Acknowledge C{keys}; fires once they are written (fails as the spool did)."""
+        done = Deferred()
+        self._keys.extend(keys)
+        self._waiting.append(done)
+        if not self._writing:
+            ensureDeferred(self._write())
+        return done
+
+    async def _write(self) -> None:
+        self._writing = True
+        try:
+            while self._keys:
+                keys, self._keys = self._keys, []
+                waiting, self._waiting = self._waiting, []
+                try:
+                    await self._spool.ack(self._destination, keys)
+                except Exception:
+                    failure = Failure()
+                    for done in waiting:
+                        done.errback(failure)
+                else:
+                    for done in waiting:
+                        done.callback(None)
+        finally:
+            self._writing = False
+
+
 @attrs.define(eq=False)
 class _Lane:
     """One destination's loop: its request slots, its pause, its nap and its work."""
 
     route: Route
     slots: DeferredSemaphore
+    acks: _Acks
     paused_until: float = 0.0
     throttles: int = 0  # throttled answers since the last success
+    refusals: int = 0  # pauses for refused credentials since the last success
     woken: bool = False  # a wake-up came while the loop was not napping
     nap: Deferred | None = None
     batches: set[Deferred] = attrs.field(factory=set)
@@ -157,7 +223,7 @@ class Dispatcher(Service):
     @param http: the treq client for the platforms (L{tagd.delivery.http_client}).
     @param poll_interval: seconds between looks at the spool when nobody calls L{wake}.
     @param concurrency: requests in flight per destination, at most; also the number of
-        leased batches a destination holds at once, so that a backlog stays in the spool.
+        leases a destination holds at once, so that a backlog stays in the spool.
     @param backoff_base: seconds; the n-th retry waits up to C{backoff_base * 2**n}.
     @param backoff_cap: seconds; no retry waits longer.
     @param max_retry_after: seconds; the longest pause a platform's C{Retry-After} gets.
@@ -262,9 +328,13 @@ class Dispatcher(Service):
             lane.retired = True
             self._retiring.add(lane)
             self._rouse(lane)
+            if lane.name not in wanted:
+                self._metrics.credentials_refused.remove(lane.name)
         for name, route in wanted.items():
             if name not in self._lanes:
-                lane = self._lanes[name] = _Lane(route, DeferredSemaphore(concurrency))
+                # A new route (a new token, say) has not been refused yet.
+                self._metrics.credentials_refused.labels(name).set(0)
+                lane = self._lanes[name] = _Lane(route, DeferredSemaphore(concurrency), _Acks(self._spool, name))
                 if self.running:
                     self._start(lane)
         return gatherResults([self._settled(lane) for lane in retired]).addCallback(lambda _: None)
@@ -313,7 +383,8 @@ class Dispatcher(Service):
             await self._lease(lane, now)
 
     async def _lease(self, lane: _Lane, now: float) -> None:
-        rows = await self._spool.lease(lane.name, lane.route.destination.max_batch, now)
+        limit = max(LEASE, lane.route.destination.max_batch)
+        rows = await self._spool.lease(lane.name, limit, now)
         if not rows:
             await self._nap(lane, self._poll_interval)
         elif not self._live(lane):
@@ -380,7 +451,12 @@ class Dispatcher(Service):
         return fresh
 
     async def _deliver(self, lane: _Lane, rows: Sequence[Lease]) -> None:
-        """Encode C{rows} and send every request; rows no request carries are dead."""
+        """Encode C{rows} and send every request; rows no request carries are dead.
+
+        The rows of requests that could not be sent (stopping, or the destination paused
+        meanwhile) go back to pending in one spool call: a lease may make hundreds of
+        requests, and a call for each would hold shutdown up, one disk sync apiece.
+        """
         destination = lane.route.destination
         if isinstance(destination, Describing):
             await self._dry_run(lane, rows, destination)
@@ -404,7 +480,13 @@ class Dispatcher(Service):
         if skipped:
             reason = f"{destination.type} cannot send this event: an identifier it requires is missing"
             await self._dead(lane, skipped, reason)
-        await gatherResults(sends, consumeErrors=True)
+        results = await DeferredList(sends, consumeErrors=True)
+        unsent = [row for ok, carried in results if ok for row in carried]
+        if unsent:
+            await self._release(lane, unsent)
+        for ok, failure in results:
+            if not ok:
+                failure.raiseException()
 
     async def _dry_run(self, lane: _Lane, rows: Sequence[Lease], destination: Describing) -> None:
         """The log destination: each event described in the log, and done."""
@@ -426,17 +508,20 @@ class Dispatcher(Service):
 
     # -- one request --------------------------------------------------------------------
 
-    async def _send(self, lane: _Lane, request: OutgoingRequest, rows: Sequence[Lease]) -> None:
-        """Send C{request} in one of the lane's slots, then settle its rows outside it."""
+    async def _send(self, lane: _Lane, request: OutgoingRequest, rows: Sequence[Lease]) -> Sequence[Lease]:
+        """Send C{request} in one of the lane's slots, then settle its rows outside it;
+        returns the rows left unsettled because the request was not sent or was cancelled."""
         await lane.slots.acquire()
         try:
             answer = await self._attempt(lane, request) if self._may_send(lane) else None
+            if answer is not None:
+                self._heed(lane, answer[1])
         finally:
             lane.slots.release()
         if answer is None:
-            await self._release(lane, rows)
-        else:
-            await self._settle(lane, request, rows, *answer)
+            return rows
+        await self._settle(lane, request, rows, *answer)
+        return ()
 
     def _may_send(self, lane: _Lane) -> bool:
         """Not once stopping or retired, nor while the platform asked us to pause."""
@@ -470,6 +555,18 @@ class Dispatcher(Service):
         )
         return response, await treq.content(response)
 
+    def _heed(self, lane: _Lane, verdict: Verdict) -> None:
+        """What an answer means for the whole destination (a pause, or the end of one),
+        decided before its slot passes to the next request: releasing the slot starts
+        that request at once, which must not go out after a pause began."""
+        if verdict.outcome is Outcome.SUCCESS:
+            lane.throttles = 0
+            self._accepted(lane)
+        elif verdict.outcome is Outcome.THROTTLE:
+            self._pause(lane, verdict.retry_after)
+        elif verdict.outcome is Outcome.AUTH:
+            self._refused(lane, verdict.message)
+
     async def _settle(
         self,
         lane: _Lane,
@@ -478,7 +575,8 @@ class Dispatcher(Service):
         status: int | None,
         verdict: Verdict,
     ) -> None:
-        """Record what the platform's answer means for C{rows}."""
+        """Record what the platform's answer means for C{rows} (for the destination:
+        L{_heed})."""
         outcome = verdict.outcome
         self._count(lane, outcome.value, rows, status, verdict.message)
         log.debug(
@@ -491,12 +589,10 @@ class Dispatcher(Service):
             message=verdict.message,
         )
         if outcome is Outcome.SUCCESS:
-            lane.throttles = 0
-            await self._spool.ack(lane.name, _keys(rows))
+            await lane.acks.ack(_keys(rows))
         elif outcome is Outcome.TRANSIENT:
             await self._retry(lane, rows, verdict.message)
-        elif outcome is Outcome.THROTTLE:
-            self._pause(lane, verdict.retry_after)
+        elif outcome in (Outcome.THROTTLE, Outcome.AUTH):
             await self._release(lane, rows)
         else:
             await self._bisect(lane, rows, verdict.message)
@@ -522,6 +618,43 @@ class Dispatcher(Service):
         lane.throttles += 1
         lane.paused_until = max(lane.paused_until, self._reactor.seconds() + delay)
         log.info("{destination}: throttled, pausing for {delay:.1f} s", destination=lane.name, delay=delay)
+
+    def _refused(self, lane: _Lane, message: str) -> None:
+        """The platform refused the destination's credentials: pause it (L{AUTH_PAUSE},
+        doubling, up to the backoff cap) and say so, at error level the first time.
+
+        A refusal that comes while such a pause runs answers a request sent before it
+        began: the same refusal, neither a longer pause nor another line.
+        """
+        now = self._reactor.seconds()
+        if lane.refusals and lane.paused_until > now:
+            return
+        delay = min(self._backoff_cap, AUTH_PAUSE * 2 ** min(lane.refusals, MAX_EXPONENT))
+        lane.refusals += 1
+        lane.paused_until = max(lane.paused_until, now + delay)
+        self._metrics.credentials_refused.labels(lane.name).set(1)
+        if lane.refusals == 1:
+            log.error(
+                "{destination}: the platform refuses this destination's credentials, so nothing"
+                " is sent to it; its events stay in the spool until the token is fixed (then reload"
+                " the configuration, or restart tagd). Trying again in {delay:.0f} s. The platform said: {message}",
+                destination=lane.name,
+                delay=delay,
+                message=message,
+            )
+        else:
+            log.info(
+                "{destination}: credentials still refused, trying again in {delay:.0f} s",
+                destination=lane.name,
+                delay=delay,
+            )
+
+    def _accepted(self, lane: _Lane) -> None:
+        """A request went through: whatever refusal there was is over."""
+        if lane.refusals:
+            lane.refusals = 0
+            self._metrics.credentials_refused.labels(lane.name).set(0)
+            log.info("{destination}: credentials accepted again, delivering", destination=lane.name)
 
     async def _release(self, lane: _Lane, rows: Sequence[Lease]) -> None:
         await self._spool.release(lane.name, _keys(rows))

@@ -7,7 +7,7 @@ Two kinds of entry, both plain JSON-ready dicts with a sequence number C{id}, a 
   - an event the tracker accepted: its name, its id and the destinations it is owed to,
     with the outcome C{accepted};
   - a delivery's result for one destination: the outcome (C{success}, C{transient},
-    C{throttle}, C{permanent}, C{expired}, C{dead}), the platform's HTTP status, how many
+    C{throttle}, C{auth}, C{permanent}, C{expired}, C{dead}), the platform's HTTP status, how many
     events, the first of their ids and names, and the platform's answer, clipped.
 
 An entry names events by their id and name only.  It never holds what the event knows of

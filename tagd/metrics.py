@@ -8,7 +8,7 @@ A registry is passed in (a fresh one per test) rather than Prometheus' global on
 from __future__ import annotations
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 
 @attrs.define
@@ -20,6 +20,7 @@ class Metrics:
     events_accepted: Counter = attrs.field(init=False)
     deliveries: Counter = attrs.field(init=False)
     config_reloads: Counter = attrs.field(init=False)
+    credentials_refused: Gauge = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.tracking_dropped = Counter(
@@ -48,6 +49,12 @@ class Metrics:
         # Both series from the start, at 0: an alert on "failed" needs one to compare with.
         for result in ("ok", "failed"):
             self.config_reloads.labels(result)
+        self.credentials_refused = Gauge(
+            "tagd_destination_credentials_refused",
+            "1 while the platform refuses the destination's credentials and nothing is sent to it.",
+            ["destination"],
+            registry=self.registry,
+        )
 
     def value(self, counter: str, **labels: str) -> float:
         """A counter's current value (for the CLI and the tests)."""

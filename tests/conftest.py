@@ -783,17 +783,11 @@ def sampling_memory(pid: int, interval: float = 0.05):
 @contextlib.asynccontextmanager
 async def twistd_tagd(origin_url: str, tmp_path):
     """A twistd-run tagd in front of C{origin_url}; yields (pid, port)."""
-    from helpers import TWISTD, read_log, running
+    from helpers import TWISTD, running, tagd_up
 
     config = tmp_path / "tagd.toml"
     config.write_text(proxy_toml({"listen": "tcp:0:interface=127.0.0.1", "origin": origin_url}))
     log = tmp_path / "tagd.log"
     with running([TWISTD, "-n", "tagd", "--config", str(config)], cwd=tmp_path, log=log) as process:
-
-        def listening():
-            if process.poll() is not None:
-                raise AssertionError(f"tagd exited with {process.returncode}:\n{read_log(log)}")
-            return re.search(rb"starting on (\d+)", log.read_bytes())
-
-        started = await eventually(listening, timeout=20, interval=0.1)
-        yield process.pid, int(started.group(1))
+        port, _ = await eventually(lambda: tagd_up(process, log), timeout=20, interval=0.1)
+        yield process.pid, port

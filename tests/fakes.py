@@ -8,8 +8,11 @@ and answers the way the real platform does:
     code 100 for a bad parameter, subcode 2804003 for an event older than 7 days);
   - GA4 answers 204 to anything, so its violations are only recorded, except on
     C{/debug/mp/collect}, which answers them as C{validationMessages};
-  - TikTok answers HTTP 200 even on failure, with C{code} 0 for success, 40001 for a
-    wrong token and 40002 for bad parameters.
+  - TikTok answers HTTP 200 even on failure, with C{code} 0 for success, 40105 for a
+    missing or wrong token ("Access token is incorrect or has been revoked") and 40002
+    for bad parameters.
+
+A wrong token is refused whole, before any event is looked at, as the platforms do.
 
 The checks are written from the platforms' documentation (the project's PLATFORMS.md),
 not from tagd's encoders, so that an encoder mistake shows up as a violation.
@@ -558,7 +561,7 @@ class FakeTikTok(FakePlatform):
     def answer(self, recorded: Recorded) -> Answer:
         codes = {v.code for v in recorded.violations}
         if "BAD_TOKEN" in codes:
-            return self._reply(40001, "Access token is incorrect or has been revoked.")
+            return self._reply(40105, "Access token is incorrect or has been revoked.")
         if recorded.violations:
             return self._reply(40002, "Invalid parameters: " + "; ".join(map(str, recorded.violations)))
         return self._reply(0, "OK")

@@ -83,6 +83,31 @@ def read_log(log: Path | None) -> str:
     return log.read_text(errors="replace")
 
 
+def tagd_up(process: subprocess.Popen, log: Path) -> tuple[int, int] | None:
+    """(visitor port, admin port) of a twistd-run tagd writing to C{log} once it is fully
+    up, else None; fails at once, with its output, when the process has exited.
+
+    Up means both listeners are logged and the admin listener answers C{/healthz}
+    (whatever it says: an unusable spool makes it 503).  Only a running reactor answers,
+    and the reactor installs twistd's signal handlers before it runs: a SIGTERM sent
+    when the visitor port is merely bound may find the default handler, which ends tagd
+    without its clean shutdown.  Every process test waits for this before signalling,
+    so the configuration must have an admin listener (L{ADMIN_TOML}).
+    """
+    if process.poll() is not None:
+        raise AssertionError(f"tagd exited with {process.returncode}:\n{read_log(log)}")
+    text = log.read_bytes() if log.exists() else b""
+    visitor = re.search(rb"starting on (\d+)", text)
+    admin = re.search(rb"admin listener on [0-9.]+:(\d+)", text)
+    if visitor is None or admin is None:
+        return None
+    try:
+        http_get(int(admin[1]), "/healthz", timeout=1.0)
+    except (OSError, http.client.HTTPException):
+        return None
+    return int(visitor[1]), int(admin[1])
+
+
 @contextmanager
 def running(args: list[str], *, cwd: Path, log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
     """Run C{args} with its output in C{log}; make sure it is gone when the block ends."""
@@ -365,7 +390,7 @@ class TagdProcess:
         return self.runs[-1][0]
 
     def start(self, timeout: float = 20.0) -> int:
-        """Start a run and wait until it listens; return the port it listens on."""
+        """Start a run and wait until it is up (L{tagd_up}); return its visitor port."""
         log = self.cwd / f"tagd-{len(self.runs)}.log"
         out = open(log, "wb")
         self._files.append(out)
@@ -377,13 +402,7 @@ class TagdProcess:
             stderr=subprocess.STDOUT,
         )
         self.runs.append((process, log))
-
-        def listening():
-            if process.poll() is not None:
-                raise AssertionError(f"tagd exited with {process.returncode}:\n{read_log(log)}")
-            return re.search(rb"starting on (\d+)", log.read_bytes())
-
-        return int(wait_until(listening, timeout, "listening", interval=0.02).group(1))
+        return wait_until(lambda: tagd_up(process, log), timeout, "up", interval=0.02)[0]
 
     def kill(self) -> None:
         """C{kill -9} the running tagd."""

@@ -254,7 +254,31 @@ def test_retry_dead_moves_dead_rows_only(folder, spool_file):
     assert ok(tagd("spool", "retry-dead", cwd=folder)).startswith("1 dead letter(s)")
     assert rows(spool_file)[("ev-0", "ga4")] == ("pending", 0)
     assert rows(spool_file)[("ev-3", "meta")] == ("inflight", 0)
-    assert ok(tagd("spool", "retry-dead", cwd=folder)).startswith("0 dead letter(s)")
+    assert ok(tagd("spool", "retry-dead", cwd=folder)) == "no dead letters: nothing moved\n"
+
+
+@pytest.mark.parametrize("command", ["retry-dead", "dead"])
+def test_an_unknown_destination_is_an_error(folder, spool_file, command):
+    """--destination with a name neither configured nor in the spool (a typo) is one line
+    naming the destinations there are, exit status 1, and the spool is left as it was;
+    a configured destination without dead letters says so, exit status 0."""
+    error = one_line_error(tagd("spool", command, "--destination", "mata", cwd=folder))
+    assert "no destination named 'mata'" in error
+    assert error.endswith("(known: meta, ga4, tiktok, hook)")
+    assert rows(spool_file) == STATE
+    output = ok(tagd("spool", command, "--destination", "tiktok", cwd=folder))
+    assert output.startswith("no dead letters")
+    assert rows(spool_file) == STATE
+
+
+def test_retry_dead_for_a_destination_no_longer_configured(folder, spool_file):
+    """A destination removed from the configuration whose rows the spool still holds is
+    known: its dead letters can still be retried (say, before it is configured again)."""
+    (folder / "tagd.toml").write_text('[spool]\npath = "spool.db"\n[[destinations]]\ntype = "log"\n')
+    output = ok(tagd("spool", "retry-dead", "--destination", "meta", cwd=folder))
+    assert output.startswith("2 dead letter(s) moved back to pending")
+    error = one_line_error(tagd("spool", "retry-dead", "--destination", "hook", cwd=folder))
+    assert error.endswith("(known: log, ga4, meta)")
 
 
 @pytest_twisted.ensureDeferred
@@ -522,7 +546,7 @@ async def test_send_test_event_shows_the_platforms_refusal(tmp_path, fake_meta):
     result = await within(deferToThread(tagd, "send-test-event", "--destination", "meta", cwd=tmp_path))
     assert result.returncode == 1, result.stderr
     assert "status: 400" in result.stdout.splitlines()
-    assert "outcome: permanent (HTTP 400, Meta error 190: Invalid OAuth access token." in result.stdout
+    assert "outcome: auth (HTTP 400, Meta error 190: Invalid OAuth access token." in result.stdout
     assert '"message": "Invalid OAuth access token."' in result.stdout
     assert "has no test_event_code" in result.stderr
     assert META_TOKEN not in result.stdout + result.stderr

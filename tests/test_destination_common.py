@@ -39,7 +39,8 @@ def test_required_keys(kind):
 BY_STATUS = {
     Outcome.THROTTLE: [429],
     Outcome.TRANSIENT: [408, 500, 502, 503],
-    Outcome.PERMANENT: [301, 400, 401, 403, 404],
+    Outcome.AUTH: [401, 403],
+    Outcome.PERMANENT: [301, 400, 404],
 }
 
 
@@ -49,7 +50,8 @@ BY_STATUS = {
 )
 def test_empty_answer_judged_by_status(kind, status, outcome):
     """Without a body to read, every destination judges the status alike: 429 slows
-    down, a timeout (408) or 5xx is retried, any other error never will succeed."""
+    down, a timeout (408) or 5xx is retried, 401 and 403 refuse the credentials (not the
+    events), any other error never will succeed."""
     verdict = destination(kind).classify(status, b"")
     assert verdict.outcome is outcome
     assert verdict.retry_after is None

@@ -318,13 +318,26 @@ def test_throttle_codes(code):
     assert verdict.retry_after is None
 
 
-@pytest.mark.parametrize(("code", "subcode"), [(100, 2804003), (190, 460), (803, None)])
-def test_permanent_codes_carry_meta_message(code, subcode):
-    """Bad parameters (e.g. an event too old), bad tokens and unknown 4xx codes are
-    dead-lettered with Meta's code, subcode, message and fbtrace_id."""
+@pytest.mark.parametrize(
+    ("code", "subcode", "outcome"),
+    [
+        (100, 2804003, Outcome.PERMANENT),
+        (803, None, Outcome.PERMANENT),
+        (190, 460, Outcome.AUTH),
+        (102, None, Outcome.AUTH),
+        (10, None, Outcome.AUTH),
+        (200, None, Outcome.AUTH),
+        (299, None, Outcome.AUTH),
+    ],
+)
+def test_refusals_carry_meta_message(code, subcode, outcome):
+    """Bad parameters (e.g. an event too old) and unknown 4xx codes are the events'
+    fault, permanent; a bad or expired token (190), an expired session (102) and missing
+    permissions (10, 200-299) are the destination's.  Each verdict carries Meta's code,
+    subcode, message and fbtrace_id."""
     extra = {"error_subcode": subcode} if subcode else {}
     verdict = destination().classify(400, meta_error(code, **extra))
-    assert verdict.outcome is Outcome.PERMANENT
+    assert verdict.outcome is outcome
     assert f"error {code}" in verdict.message
     assert f"problem {code}" in verdict.message
     assert "AbC123" in verdict.message

@@ -242,15 +242,17 @@ def test_success_is_code_zero():
     ("code", "outcome"),
     [
         (40100, Outcome.THROTTLE),
-        (40001, Outcome.PERMANENT),
+        (40001, Outcome.AUTH),
         (40002, Outcome.PERMANENT),
         (40700, Outcome.TRANSIENT),
-        (40105, Outcome.PERMANENT),
+        (40105, Outcome.AUTH),
+        (40999, Outcome.PERMANENT),
         (50000, Outcome.TRANSIENT),
     ],
 )
 def test_failures_inside_http_200(code, outcome):
-    """TikTok answers 200 even when it refuses: its code decides, its message is kept."""
+    """TikTok answers 200 even when it refuses: its code decides (40001 and 40105 refuse
+    the token, not the events), its message is kept."""
     verdict = destination().classify(200, tiktok_answer(code, f"reason {code}"))
     assert verdict.outcome is outcome
     assert verdict.retry_after is None

@@ -74,7 +74,8 @@ class MemorySpool:
 
     Only an in-flight row may be settled: a dispatcher that settles a row twice, or one
     it never leased, fails the test with an C{AssertionError}.  C{retries} records every
-    retry as (event id, time of the call, next_at, error) for the backoff assertions.
+    retry as (event id, time of the call, next_at, error) for the backoff assertions;
+    C{leased} the size of every lease that found rows, C{releases} of every release.
     """
 
     def __init__(self, clock=_global_reactor.seconds) -> None:
@@ -82,6 +83,8 @@ class MemorySpool:
         self._keys = itertools.count(1)
         self.rows: dict[int, Row] = {}
         self.retries: list[tuple[str, float, float, str]] = []
+        self.leased: list[int] = []
+        self.releases: list[int] = []
 
     def add(self, destination: str, events) -> None:
         for event in events:
@@ -105,6 +108,8 @@ class MemorySpool:
         ][:limit]  # fmt: skip
         for row in due:
             row.state = "inflight"
+        if due:
+            self.leased.append(len(due))
         return succeed([Leased(r.key, r.event, r.attempts) for r in due])
 
     def _settle(self, destination: str, keys, state: str, error: str = "") -> list[Row]:
@@ -126,6 +131,7 @@ class MemorySpool:
         return succeed(None)
 
     def release(self, destination: str, keys) -> Deferred:
+        self.releases.append(len(keys))
         self._settle(destination, keys, "pending")
         return succeed(None)
 
@@ -193,8 +199,8 @@ def ga4_route(served) -> Route:
     return Route(ga4.build("ga4", settings), 2.0)
 
 
-def tiktok_route(served) -> Route:
-    settings = {"pixel_code": "CTEST123", "access_token": "tt-token", "endpoint": served.base}
+def tiktok_route(served, **settings) -> Route:
+    settings = {"pixel_code": "CTEST123", "access_token": "tt-token", "endpoint": served.base, **settings}
     return Route(tiktok.build("tiktok", settings), 2.0)
 
 
@@ -214,6 +220,12 @@ def settled(spool: MemorySpool, *destinations: str) -> bool:
 
 def delivered(metrics: Metrics, destination: str, outcome: str) -> float:
     return metrics.value("events_delivered", destination=destination, outcome=outcome)
+
+
+def refused(metrics: Metrics, destination: str) -> float | None:
+    """C{tagd_destination_credentials_refused} of C{destination}; None when not set."""
+    name = "tagd_destination_credentials_refused"
+    return metrics.registry.get_sample_value(name, {"destination": destination})
 
 
 # -- fixtures -------------------------------------------------------------------------------
@@ -407,6 +419,53 @@ async def test_poison_event_is_split_out_of_its_batch(serving, dispatch, spool, 
     assert delivered(metrics, "meta", "dead") == 1
 
 
+REFUSALS = {
+    "meta": (ObservedMeta, meta_route, "HTTP 400, Meta error 190: Invalid OAuth access token."),
+    "tiktok": (FakeTikTok, tiktok_route, "TikTok code 40105: Access token is incorrect or has been revoked."),
+}
+
+
+@pytest.mark.parametrize("platform", sorted(REFUSALS))
+@pytest_twisted.ensureDeferred
+async def test_refused_token_pauses_the_destination_and_loses_nothing(
+    serving, dispatch, spool, metrics, dispatcher_log, platform
+):
+    """A wrong token, refused as the platform documents it: of a lease of 50 events in
+    requests of 10, two at a time, the first two requests go out and nothing more (no
+    halving), no event is dead-lettered or charged an attempt, every row is pending
+    again, one error line names the destination and gives the platform's message but not
+    the token, and the refusal is counted and shown.  With the right token, after a
+    restart, all 50 are delivered."""
+    fake, route, message = REFUSALS[platform]
+    served = serving(fake())
+    spool.add(platform, events("tok", 50))
+    first = dispatch(route(served, access_token="wrong-token-123", max_batch=10), concurrency=2)
+
+    await eventually(lambda: delivered(metrics, platform, "auth") == 20)
+    await eventually(lambda: set(spool.states(platform).values()) == {"pending"})
+    assert len(served.fake.requests) == 2
+    assert [row.attempts for row in spool.rows.values()] == [0] * 50
+    assert spool.retries == []
+    assert delivered(metrics, platform, "permanent") == delivered(metrics, platform, "dead") == 0
+    assert refused(metrics, platform) == 1
+    errors = [line for line in dispatcher_log if "refuses this destination's credentials" in line]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"{platform}: ") and message in errors[0]
+    assert not [line for line in dispatcher_log if "wrong-token-123" in line]
+    await within(first.stopService())
+    assert len(served.fake.requests) == 2
+
+    dispatch(route(served, max_batch=10))
+    await eventually(lambda: set(spool.states(platform).values()) == {"done"})
+    assert len(served.fake.requests) == 2 + 5
+    assert sorted(e["event_id"] for r in served.fake.requests[2:] for e in r.body["data"]) == sorted(
+        f"tok-{i}" for i in range(50)
+    )
+    assert [{v.code for v in r.violations} for r in served.fake.requests] == [{"BAD_TOKEN"}] * 2 + [set()] * 5
+    assert delivered(metrics, platform, "success") == 50
+    assert refused(metrics, platform) == 0
+
+
 @pytest_twisted.ensureDeferred
 async def test_events_past_the_age_window_expire_unsent(serving, dispatch, spool, metrics):
     """Meta's 7 days and GA4's 72 hours (less a minute's margin) expire events before
@@ -497,6 +556,22 @@ def ga4_clients(count: int) -> list[Event]:
     return [make_event(event_id=f"v-{i}", ga_client_id=f"{i}.1706540400") for i in range(count)]
 
 
+@pytest_twisted.ensureDeferred
+async def test_ga4_leases_many_visitors_at_once(serving, dispatch, spool, metrics):
+    """60 visitors' events are one lease, not one per 25 rows: 60 requests, one visitor
+    each, two at a time at most, each settled by itself."""
+    served = serving(ObservedGA4())
+    spool.add("ga4", ga4_clients(60))
+    dispatch(ga4_route(served), concurrency=2)
+
+    await eventually(lambda: settled(spool, "ga4"))
+    assert set(spool.states("ga4").values()) == {"done"}
+    assert spool.leased == [60]
+    assert len(served.fake.requests) == 60 and served.fake.violations == []
+    assert served.fake.peak <= 2
+    assert delivered(metrics, "ga4", "success") == 60
+
+
 @pytest.mark.parametrize("shape", ["batches", "requests"])
 @pytest_twisted.ensureDeferred
 async def test_concurrency_limit_per_destination(serving, dispatch, spool, shape):
@@ -521,7 +596,8 @@ async def test_concurrency_limit_per_destination(serving, dispatch, spool, shape
 @pytest_twisted.ensureDeferred
 async def test_stop_cancels_requests_and_releases_rows(serving, dispatch, spool, metrics, reactor):
     """Stopping cancels the request in flight at once; its row, and the rows of the same
-    lease still waiting for a request slot, are pending again with no attempt counted."""
+    lease still waiting for a request slot, are pending again with no attempt counted,
+    released together (a lease may hold hundreds of requests)."""
     served = serving(ObservedGA4())
     served.fake.inject(3, delay=5.0)
     spool.add("ga4", ga4_clients(3))
@@ -534,6 +610,7 @@ async def test_stop_cancels_requests_and_releases_rows(serving, dispatch, spool,
     assert reactor.seconds() - started < 1.0
     assert set(spool.states("ga4").values()) == {"pending"}
     assert [r.attempts for r in spool.rows.values()] == [0, 0, 0]
+    assert spool.releases == [3]  # in one spool call
     assert spool.retries == []
     assert len(served.fake.requests) == 1
     assert delivered(metrics, "ga4", "transient") == 0
@@ -635,10 +712,8 @@ class Ceilings(random.Random):
 def clocked(clock: Clock, receiver: Scripted, spool: MemorySpool, **options) -> Dispatcher:
     """A started dispatcher on C{clock} with one webhook route to C{receiver}."""
     route = hook_route("http://hook.test/events", 5.0, max_batch=options.pop("max_batch", 100))
-    options = {"poll_interval": 1.0, "rand": Ceilings(), **options}
-    dispatcher = Dispatcher(
-        reactor=clock, spool=spool, routes=[route], http=StubTreq(receiver), metrics=Metrics(), **options
-    )
+    options = {"poll_interval": 1.0, "rand": Ceilings(), "metrics": Metrics(), **options}
+    dispatcher = Dispatcher(reactor=clock, spool=spool, routes=[route], http=StubTreq(receiver), **options)
     dispatcher.startService()
     return dispatcher
 
@@ -672,6 +747,36 @@ def test_backoff_ceilings_double_up_to_the_cap(clock):
     assert dispatcher.stopService().called  # nothing in flight: at once
 
 
+class HeldAcks(MemorySpool):
+    """A spool whose acknowledgements wait until the test lets them through; C{acks}
+    holds the number of rows of each call, and a Deferred that writes them when fired."""
+
+    def __init__(self, clock) -> None:
+        super().__init__(clock)
+        self.acks: list[tuple[int, Deferred]] = []
+
+    def ack(self, destination: str, keys) -> Deferred:
+        written = Deferred().addCallback(lambda _: MemorySpool.ack(self, destination, keys))
+        self.acks.append((len(keys), written))
+        return written
+
+
+def test_acknowledgements_answered_meanwhile_are_written_together(clock):
+    """Five one-event requests answered while the first acknowledgement is written: the
+    other four are acknowledged in one spool call after it, each row done."""
+    receiver, spool = Scripted(clock), HeldAcks(clock.seconds)
+    spool.add("hook", events("a", 5))
+    dispatcher = clocked(clock, receiver, spool, max_batch=1, concurrency=1)
+
+    assert len(receiver.received) == 5
+    assert [count for count, _ in spool.acks] == [1]
+    spool.acks[0][1].callback(None)
+    assert [count for count, _ in spool.acks] == [1, 4]
+    spool.acks[1][1].callback(None)
+    assert set(spool.states("hook").values()) == {"done"}
+    assert dispatcher.stopService().called  # nothing in flight: at once
+
+
 def test_throttle_holds_every_batch_until_retry_after(clock):
     """After a 429 with Retry-After: 30, no batch of the destination goes out for 30 s,
     whatever the polls and wake-ups; then all are delivered."""
@@ -690,6 +795,30 @@ def test_throttle_holds_every_batch_until_retry_after(clock):
     assert spool.states("hook") == {"t-0": "done", "t-1": "done", "t-2": "done"}
     assert [at - throttled_at for at, _ in receiver.received[1:]] == [30, 30, 30]
     assert spool.retries == []
+    assert dispatcher.stopService().called  # nothing in flight: at once
+
+
+def test_refusals_pause_longer_each_time_up_to_the_cap(clock):
+    """A receiver refusing the credentials (401) four times: the destination pauses
+    AUTH_PAUSE (10 s), then 20, 40, and 50 (the cap), with its row pending, no attempt
+    counted and the refusal shown meanwhile; the first success ends it."""
+    receiver, spool, metrics = Scripted(clock), MemorySpool(clock.seconds), Metrics()
+    receiver.answers.extend([(401, {})] * 4)
+    spool.add("hook", events("r", 1))
+    dispatcher = clocked(clock, receiver, spool, backoff_cap=50.0, metrics=metrics)
+    started = clock.seconds()
+
+    for _ in range(119):
+        clock.advance(1)
+    assert [at - started for at, _ in receiver.received] == [0, 10, 30, 70]
+    assert spool.row("hook", "r-0").state == "pending" and spool.row("hook", "r-0").attempts == 0
+    assert refused(metrics, "hook") == 1
+    clock.advance(1)
+    assert [at - started for at, _ in receiver.received][-1] == 120
+    assert spool.states("hook") == {"r-0": "done"}
+    assert spool.retries == []
+    assert refused(metrics, "hook") == 0
+    assert delivered(metrics, "hook", "auth") == 4 and delivered(metrics, "hook", "dead") == 0
     assert dispatcher.stopService().called  # nothing in flight: at once
 
 

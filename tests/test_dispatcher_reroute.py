@@ -81,3 +81,25 @@ async def test_an_unchanged_route_keeps_its_lane_and_its_pause(serving, dispatch
     await eventually(lambda: delivered(metrics, "meta", "success") == 2, timeout=5)
     assert served.fake.times[1] - throttled_at >= 1.0
     assert len(served.fake.requests) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_token_by_reload_ends_the_refusal(serving, dispatch, spool, metrics):
+    """Meta refuses the token: the destination pauses and
+    C{tagd_destination_credentials_refused} says 1.  A reroute with the right token (a
+    reload) gives Meta a new lane, unpaused: everything waiting is delivered at once and
+    the gauge goes back to 0.  A destination removed altogether loses its gauge."""
+    served = serving(ObservedMeta())
+    spool.add("meta", events("t", 3))
+    dispatcher = dispatch(meta_route(served, access_token="wrong-token-123"), **SETTINGS)
+    refused = lambda: metrics.registry.get_sample_value(  # noqa: E731
+        "tagd_destination_credentials_refused", {"destination": "meta"}
+    )
+    await eventually(lambda: refused() == 1)
+
+    await within(dispatcher.reroute([meta_route(served)], **SETTINGS))
+    await eventually(lambda: set(spool.states("meta").values()) == {"done"})
+    assert refused() == 0
+
+    await within(dispatcher.reroute([], **SETTINGS))
+    assert refused() is None

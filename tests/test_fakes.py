@@ -394,9 +394,9 @@ async def test_tiktok_flags_malformed(tiktok, change, field):
 
 @pytest_twisted.ensureDeferred
 async def test_tiktok_wrong_token(tiktok):
-    """A wrong Access-Token is code 40001 under HTTP 200."""
+    """A wrong Access-Token is code 40105 under HTTP 200."""
     status, answer = await post(tiktok.base + TIKTOK_PATH, tiktok_example(), {"Access-Token": "nope"})
-    assert (status, answer["code"]) == (200, 40001)
+    assert (status, answer["code"]) == (200, 40105)
 
 
 # -- injected failures ----------------------------------------------------------------

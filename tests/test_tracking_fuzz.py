@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fakes import FakeGA4, FakeMeta, FakeTikTok, Recorded
-from helpers import ADMIN_TOML, TWISTD, raw_response, read_log, recorded_post, running
+from helpers import ADMIN_TOML, TWISTD, raw_response, read_log, recorded_post, running, tagd_up, wait_until
 from tagd.events import TrackingHeaderError, parse_tracking_header
 
 FIREFOX = b"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
@@ -282,12 +282,7 @@ def test_fuzzed_tracking_headers_never_change_the_response_nor_stop_tagd(tmp_pat
         )
         log = tmp_path / "tagd.log"
         with running([TWISTD, "-n", "tagd", "--config", str(config)], cwd=tmp_path, log=log) as process:
-            deadline = time.monotonic() + 20
-            while not (started := re.search(rb"starting on (\d+)", log.read_bytes())):
-                assert process.poll() is None, f"tagd exited with {process.returncode}:\n{read_log(log)}"
-                assert time.monotonic() < deadline, f"tagd did not start:\n{read_log(log)}"
-                time.sleep(0.05)
-            port = int(started[1])
+            port, _ = wait_until(lambda: tagd_up(process, log), 20, "up", interval=0.05)
             outcomes = {"parsed": 0, "refused": 0}
 
             @settings(

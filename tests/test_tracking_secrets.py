@@ -123,7 +123,7 @@ async def tracked_visits(tagd, connect, count: int = 1) -> None:
 
 def outcomes(tagd, name: str) -> dict[str, float]:
     """The delivery outcomes counted for destination C{name}."""
-    return {o: tagd.delivered(name, o) for o in ("success", "transient", "throttle", "permanent")}
+    return {o: tagd.delivered(name, o) for o in ("success", "transient", "throttle", "auth", "permanent")}
 
 
 def failed(tagd, name: str) -> float:
@@ -168,10 +168,10 @@ async def test_no_token_in_logs_when_platforms_quote_it_back(
 async def test_no_token_in_logs_on_injected_errors_and_successes(
     start_tracking_tagd, connect, fake_meta, fake_ga4, fake_tiktok, log_events
 ):
-    """The standard fakes answer the first request with an error (Meta 400/190, GA4 503,
+    """The standard fakes answer the first request with an error (Meta 400/100, GA4 503,
     TikTok's throttle code) and later ones normally; neither the failures nor the
     successes (logged at debug level) show a token."""
-    fake_meta.fake.inject(status=400, code=190)
+    fake_meta.fake.inject(status=400, code=100)
     fake_ga4.fake.inject(status=503)
     fake_tiktok.fake.inject(code=40100)
     tagd = await start_tracking_tagd()

@@ -22,6 +22,10 @@ class Outcome(enum.Enum):
     TRANSIENT = "transient"  # retry later (5xx, timeouts, resets, transient codes)
     THROTTLE = "throttle"  # slow the whole destination down, then retry
     PERMANENT = "permanent"  # never retry: dead letter with the platform's message
+    # The platform refuses the destination's credentials (a bad, expired or revoked token,
+    # no permission for the pixel): no event is at fault, so none is dead-lettered; the
+    # destination pauses and its events wait until the owner fixes the token.
+    AUTH = "auth"
 
 
 @attrs.frozen

@@ -145,8 +145,11 @@ def status_outcome(status: int) -> Outcome | None:
     """What the HTTP status alone says when the body gives no better answer.
 
     408 is the receiver (or a proxy before it) timing out on the request: as transient
-    as the 5xx a gateway answers for the same reason.
+    as the 5xx a gateway answers for the same reason.  401 and 403 refuse the sender's
+    credentials, whatever the request carries.
     """
+    if status in (401, 403):
+        return Outcome.AUTH
     if status == 429:
         return Outcome.THROTTLE
     if status == 408 or status >= 500:
@@ -158,8 +161,8 @@ def status_verdict(status: int, body: bytes, secrets: Iterable[str] = ()) -> Ver
     """Judge an answer by its HTTP status alone, for receivers with no codes of their own.
 
     2xx delivered; 429 asks the sender to slow down; 408 and 5xx are the receiver's
-    trouble and worth a retry; any other status says the request itself is wrong, so it
-    never will be accepted.  The message quotes the start of an error answer, secrets
+    trouble and worth a retry; 401 and 403 refuse the credentials; any other status says
+    the request itself is wrong, so it never will be accepted.  The message quotes the start of an error answer, secrets
     removed before it is cut (a cut could leave half a secret that redaction misses).
     """
     if 200 <= status < 300:

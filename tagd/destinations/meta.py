@@ -45,7 +45,10 @@ DEFAULT_TIMEOUT = 1.5
 # Meta's error codes (error.code) and what they ask of a sender.
 THROTTLE_CODES = frozenset({4, 17, 613, 80003, 80004})
 TRANSIENT_CODES = frozenset({1, 2, 341, 368, 5000})
-PERMANENT_CODES = frozenset({100, 190})
+PERMANENT_CODES = frozenset({100})
+# The token or its permissions, not the events: 190 a bad or expired token, 102 an
+# expired session, 10 and 200-299 no permission for the pixel (the Graph API's codes).
+AUTH_CODES = frozenset({10, 102, 190, *range(200, 300)})
 # Events for which Meta's standard parameters include the number of items bought.
 COUNTED_EVENTS = frozenset({"InitiateCheckout", "Purchase"})
 
@@ -115,6 +118,8 @@ def _error_outcome(status: int, error: Mapping[str, Any]) -> Outcome:
         return Outcome.THROTTLE
     if code in TRANSIENT_CODES or error.get("is_transient") is True:
         return Outcome.TRANSIENT
+    if code in AUTH_CODES:
+        return Outcome.AUTH
     if code in PERMANENT_CODES:
         return Outcome.PERMANENT
     return status_outcome(status) or Outcome.PERMANENT

@@ -52,7 +52,10 @@ DEFAULT_EVENT_NAMES = {
 # TikTok's answer codes and what they ask of a sender.
 THROTTLE_CODES = frozenset({40100})
 TRANSIENT_CODES = frozenset({40700})
-PERMANENT_CODES = frozenset({40001, 40002})
+PERMANENT_CODES = frozenset({40002})  # invalid parameters
+# The token, not the events: 40001 no permission for the pixel, 40105 a token that is
+# wrong or revoked.
+AUTH_CODES = frozenset({40001, 40105})
 # 5xxxx: TikTok's own system errors, worth another try.
 SYSTEM_ERRORS = range(50000, 60000)
 
@@ -126,7 +129,9 @@ def _code_outcome(code: int) -> Outcome:
         return Outcome.THROTTLE
     if code in TRANSIENT_CODES or code in SYSTEM_ERRORS:
         return Outcome.TRANSIENT
-    return Outcome.PERMANENT  # 40001/40002 (auth) and every code we do not know.
+    if code in AUTH_CODES:
+        return Outcome.AUTH
+    return Outcome.PERMANENT  # 40002 (invalid parameters) and every code we do not know.
 
 
 def _message(status: int, answer: Mapping[str, Any] | None, code: int | None) -> str:
