@@ -183,12 +183,15 @@ os.execv(sys.argv[2], sys.argv[2:])
 class ServiceManager:
     """systemd on a stand-in machine: a folder C{root} holding the machine's own paths
     (C{paths}: C{/opt/tagd} is C{root/opt/tagd}, and so on), and C{ports} for the ports its
-    units name (C{ListenStream=8080} binds C{ports[8080]}).  Paths outside C{paths} are this
-    machine's (C{/bin/kill}, C{/dev/null}).
+    units name (C{ListenStream=8080} binds C{ports[8080]}).  A path a unit names outside
+    C{paths} is this machine's (C{/bin/kill}); what systemd itself makes (the notify socket,
+    state and credential directories, the journal) is always in C{root}.
 
-    Units are read at L{daemon_reload}, from C{/etc/systemd/system}.  A service must be
+    Units are read at L{daemon_reload}, from C{root/etc/systemd/system}.  A service must be
     C{Type=notify}, as tagd's is.  C{journal} holds what the units wrote and systemd's
-    lines about them, as C{journalctl -u NAME -o cat} would show.
+    lines about them, as C{journalctl -u NAME -o cat} would show.  A state directory is a
+    plain folder where systemd, for a C{DynamicUser=}, links C{/var/lib/NAME} to
+    C{/var/lib/private/NAME}.
     """
 
     def __init__(self, root: Path, paths: tuple[str, ...], ports: Mapping[int, int]) -> None:
@@ -196,11 +199,12 @@ class ServiceManager:
         self.paths = paths
         self.ports = ports
         self._inside = re.compile(r"(?<![\w./-])(%s)(?![\w.-])" % "|".join(map(re.escape, paths)))
-        run = self.path("/run/systemd")
+        # What systemd itself makes is in root, whatever C{paths} say.
+        run = root / "run/systemd"
         run.mkdir(parents=True, exist_ok=True)
         self.notify_path = short_socket_path(run)
         self.notify = NotifySocket(str(self.notify_path))
-        self.journal = self.path("/var/log/journal.log")
+        self.journal = root / "var/log/journal.log"
         self.journal.parent.mkdir(parents=True, exist_ok=True)
         self.units: dict[str, Unit] = {}
         self.enabled: set[str] = set()
@@ -234,7 +238,7 @@ class ServiceManager:
         return name if "." in name else name + ".service"
 
     def daemon_reload(self) -> None:
-        directory = self.path("/etc/systemd/system")
+        directory = self.root / "etc/systemd/system"
         self.units = {p.name: Unit(directory, p.name) for p in directory.iterdir() if p.suffix in (".service", ".socket")}
 
     def unit(self, name: str) -> Unit:
@@ -345,14 +349,14 @@ class ServiceManager:
             env["WATCHDOG_USEC"] = str(int(seconds(watchdog) * 1_000_000))
         states = (unit.get("Service", "StateDirectory") or "").split()
         for state in states:
-            directory = self.path(f"/var/lib/{state}")
+            directory = self.root / "var/lib" / state
             directory.mkdir(parents=True, exist_ok=True)
             directory.chmod(int(unit.get("Service", "StateDirectoryMode", "0755"), 8))
         if states:
-            env["STATE_DIRECTORY"] = ":".join(str(self.path(f"/var/lib/{s}")) for s in states)
+            env["STATE_DIRECTORY"] = ":".join(str(self.root / "var/lib" / s) for s in states)
         credentials = unit.all("Service", "LoadCredential")
         if credentials:
-            directory = self.path(f"/run/credentials/{unit.name}")
+            directory = self.root / "run/credentials" / unit.name
             shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir(parents=True)
             for credential in credentials:
