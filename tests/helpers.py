@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -28,6 +29,19 @@ TWISTD = str(Path(sys.executable).with_name("twistd"))
 # default 9100 that another tagd (or node_exporter) may hold.
 ADMIN_TOML = '[admin]\nlisten = "tcp:0:interface=127.0.0.1"\n'
 
+
+def copy_checkout(destination: Path) -> None:
+    """The checkout's files at C{destination}, as a release of them would hold them: without
+    its git data, virtual environment and build leftovers, which must not leak into a build
+    from the copy (and the checkout itself is not written to)."""
+    shutil.copytree(
+        REPO_ROOT,
+        destination,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
+            ".pytest_cache", ".hypothesis", "_trial_temp", "dropin.cache",
+        ),
+    )
 
 
 def free_port() -> int:
@@ -263,7 +277,8 @@ class ThreadedPlatform:
     Down (not listening) until L{up}; while up it can fail every request with an HTTP
     status (C{failing}), answer late (C{delay}, seconds), and refuse for good any request
     carrying an event id in C{refuse} (with the fake's answer to C{refusal}).  Otherwise
-    it answers as the fake does.  C{delivered} holds the ids of the events it accepted.
+    it answers as the fake does.  C{delivered} holds the ids of the events it accepted, and
+    the fake's C{requests} every request, as the fake records those it serves itself.
     """
 
     def __init__(self, platform: str, fake) -> None:
@@ -312,6 +327,7 @@ class ThreadedPlatform:
 
         ids = event_ids_in(self.platform, recorded.body)
         with self.lock:
+            self.fake.requests.append(recorded)
             self.received.append(ids)
             self.violations.extend(str(v) for v in recorded.violations)
         if self.delay:

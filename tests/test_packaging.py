@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ADMIN_TOML, REPO_ROOT, TWISTD, free_port, read_log, running, wait_for_http
+from helpers import ADMIN_TOML, REPO_ROOT, TWISTD, copy_checkout, free_port, read_log, running, wait_for_http
 
 # How long a daemon may take to exit after SIGTERM.
 STOP_TIMEOUT = 5.0
@@ -69,14 +68,7 @@ def test_wheel_contains_plugin_and_no_twisted_package(tmp_path):
     the checkout is not written to.
     """
     source = tmp_path / "source"
-    shutil.copytree(
-        REPO_ROOT,
-        source,
-        ignore=shutil.ignore_patterns(
-            ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
-            ".pytest_cache", ".hypothesis", "_trial_temp", "dropin.cache",
-        ),
-    )
+    copy_checkout(source)
     dist = tmp_path / "dist"
     result = subprocess.run(
         [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(source)],

@@ -3,7 +3,7 @@
 tagd runs as the unit runs it (C{twistd -n --pidfile= tagd --config FILE}) with
 C{$NOTIFY_SOCKET} naming a socket this test binds, as systemd does for C{Type=notify}; what
 arrives there is what systemd would hear.  The units in contrib/systemd are checked by
-C{systemd-analyze verify} where it is installed (Debian's C{systemd} package).
+C{systemd-analyze verify} (Debian's C{systemd} package; see L{service_manager.require_tool}).
 """
 
 from __future__ import annotations
@@ -25,48 +25,13 @@ from twisted.logger import Logger
 
 import tagd.systemd
 from helpers import ADMIN_TOML, REPO_ROOT, TWISTD, free_port, http_get, read_log, running
+from service_manager import NotifySocket, short_socket_path, systemd_analyze_verify
 from tagd.config import parse_config
 from tagd.systemd import SystemdNotifier, notify_address, watchdog_interval
 from tagd.tap import build_service
 
 UNITS = REPO_ROOT / "contrib" / "systemd"
 INSTALLED_TWISTD = "/opt/tagd/bin/twistd"  # where the unit expects tagd (README.md)
-
-
-class NotifySocket:
-    """The service manager's end: a bound AF_UNIX datagram socket, as systemd makes."""
-
-    def __init__(self, address) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-        self.messages: list[tuple[float, dict[str, str]]] = []  # (arrival, fields)
-
-    def receive(self, timeout: float) -> dict[str, str] | None:
-        """The next notification, as its fields; None when none comes within C{timeout}."""
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(4096)
-        except TimeoutError:
-            return None
-        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
-        self.messages.append((time.monotonic(), fields))
-        return fields
-
-    def wait_for(self, key: str, timeout: float, process: subprocess.Popen, log: Path) -> dict[str, str]:
-        """Read notifications until one carries C{key}; fail with tagd's log otherwise."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            fields = self.receive(min(0.2, max(deadline - time.monotonic(), 0.01)))
-            if fields is not None and key in fields:
-                return fields
-            if fields is None and process.poll() is not None:
-                break
-        raise AssertionError(
-            f"no {key} within {timeout} s (got {[m for _, m in self.messages]}):\n{read_log(log)}"
-        )
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def tagd_config(tmp_path: Path, port: int) -> Path:
@@ -84,14 +49,6 @@ def tagd_env(notify: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_", "LISTEN_"))}
     env.update(NOTIFY_SOCKET=notify, **extra)
     return env
-
-
-def short_socket_path(tmp_path: Path) -> Path:
-    """A socket path in C{tmp_path}; AF_UNIX paths hold at most 107 bytes."""
-    path = tmp_path / "notify"
-    if len(str(path).encode()) > 100:
-        pytest.skip("the temporary directory's path is too long for an AF_UNIX socket")
-    return path
 
 
 # -- against a real tagd ------------------------------------------------------------------
@@ -297,16 +254,10 @@ def test_service_unit_runs_tagd_as_documented():
 def verify(tmp_path: Path, service_text: str) -> subprocess.CompletedProcess:
     """C{systemd-analyze verify} on the units copied to C{tmp_path}, with ExecStart
     pointing at the twistd under test (verify insists that the program exists)."""
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze is not installed (Debian: apt-get install systemd)")
     assert INSTALLED_TWISTD in service_text
     (tmp_path / "tagd.service").write_text(service_text.replace(INSTALLED_TWISTD, TWISTD))
     shutil.copy(UNITS / "tagd.socket", tmp_path / "tagd.socket")
-    return subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", "tagd.service", "tagd.socket"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "SYSTEMD_LOG_COLOR": "0"},
-    )
+    return systemd_analyze_verify(["tagd.service", "tagd.socket"], cwd=tmp_path)
 
 
 def test_units_verify(tmp_path):
