@@ -404,7 +404,7 @@ def test_check_that_it_runs(droplet):
     assert "tagd_requests_in_flight" in metrics
     journal = droplet.manager.journal.read_text().splitlines()
     assert any(line.startswith("Started tagd.service") for line in journal)
-    assert f"admin listener on 127.0.0.1:{droplet.admin_port}: /metrics, /healthz" in messages.splitlines()
+    assert f"admin listener on 127.0.0.1:{droplet.admin_port}: the dashboard, /metrics, /healthz" in messages.splitlines()
     logged = [json.loads(line) for line in journal if line.startswith("{")]
     assert problems.splitlines() == [e["text"] for e in logged if e["level"] != "info"]
 
