@@ -136,7 +136,28 @@ class Config:
     references: Mapping[str, Mapping[str, str]] = MappingProxyType({})
 
 
+def _systemd_endpoint(value: str) -> str:
+    """Check a C{systemd:} endpoint string's form only.
+
+    Twisted's parser looks the descriptor up among those systemd passed in, which exist
+    only inside the service: C{tagd check-config} and the C{spool} commands, run beside
+    it, would refuse a valid file.
+    """
+    options = dict(part.partition("=")[::2] for part in value.split(":")[1:])
+    if options.get("domain") not in ("INET", "INET6", "UNIX"):
+        raise ValueError(f"{value!r}: a systemd endpoint needs domain=INET6, INET or UNIX")
+    index, name = options.get("index"), options.get("name")
+    if (index is None) == (name is None) or (index is not None and not index.isdigit()):
+        raise ValueError(f"{value!r}: a systemd endpoint needs either index=N or name=NAME")
+    unknown = set(options) - {"domain", "index", "name"}
+    if unknown:
+        raise ValueError(f"{value!r}: unknown systemd endpoint option(s) {', '.join(sorted(unknown))}")
+    return value
+
+
 def _endpoint_string(value: str) -> str:
+    if value.startswith("systemd:"):
+        return _systemd_endpoint(value)
     # Parsing builds the endpoint object without listening; no reactor is touched.
     try:
         endpoint = serverFromString(None, value)

@@ -169,6 +169,22 @@ def test_listen_port_out_of_range(write, listen):
     assert_config_error(write(f'[proxy]\nlisten = "{listen}"\n'), "proxy.listen")
 
 
+@pytest.mark.parametrize("listen", ["systemd:domain=INET6:index=0", "systemd:domain=INET:name=tagd"])
+def test_systemd_listen_checked_by_form_outside_the_service(write, listen):
+    """A systemd: endpoint is valid where systemd passed no socket (tagd check-config beside
+    the service): only its form is checked."""
+    assert load_config(write(f'[proxy]\nlisten = "{listen}"\n')).proxy.listen == listen
+
+
+@pytest.mark.parametrize(
+    "listen",
+    ["systemd:index=0", "systemd:domain=INET6", "systemd:domain=INET6:index=0:name=x", "systemd:domain=INET6:index=a",
+     "systemd:domain=IPX:index=0", "systemd:domain=INET6:index=0:backlog=5"],
+)
+def test_systemd_listen_of_the_wrong_form(write, listen):
+    assert_config_error(write(f'[proxy]\nlisten = "{listen}"\n'), "proxy.listen")
+
+
 @pytest.mark.parametrize(
     "origin",
     ["http://bücher.example", "http://user:secret@shop.example", "http://shop.example/my shop"],
