@@ -4,7 +4,10 @@ The targets for tagd are relative (at least 3x the stock Twisted proxy, at least
 nginx), and absolute requests/s depend on the machine, so every figure is measured here,
 in the same run, against the same origin: a page of about 38 KB carrying the tracking
 header.  The proxies run one after the other, never together, so none steals CPU from
-another.  The origin is nginx serving a static file when nginx is installed, because an
+another, in rounds (three by default): tagd, stock, nginx, then again.  On a small
+machine one proxy's figure varies by a tenth from one run to the next; each proxy's
+median round, a whole run of its own, is what the ratios compare, and every round is
+printed.  The origin is nginx serving a static file when nginx is installed, because an
 origin slower than the proxies would be what gets measured; otherwise the Twisted demo
 shop stands in and the figures say more about the shop than about the proxies.
 
@@ -12,7 +15,7 @@ Load comes from wrk (32 keep-alive connections by default); without wrk a small 
 client does the job, far slower, so its figures only show that things work.
 
 Run with the Python of the virtual environment that tagd is installed in:
-C{.venv/bin/python bench/proxy_throughput.py [--duration 10] [--only tagd,stock]}.
+C{.venv/bin/python bench/proxy_throughput.py [--duration 10] [--rounds 3] [--only tagd,stock]}.
 The exit status is 0 even when a target is missed (this is a report); it is 1 only when
 something could not be started or answered wrongly before being measured.
 """
@@ -354,7 +357,7 @@ def start_tagd(processes: Processes, origin_port: int, run_dir: str, name: str =
         raise StartError(f"no twistd next to {sys.executable}; run with the venv's Python")
     port = free_port()
     tagd_dir = os.path.join(run_dir, name)
-    os.makedirs(tagd_dir)
+    os.makedirs(tagd_dir, exist_ok=True)  # the same proxy again, in a later round
     config = os.path.join(tagd_dir, "tagd.toml")
     with open(config, "w") as f:
         f.write(f'[proxy]\nlisten = "tcp:{port}:interface={HOST}"\norigin = "http://{HOST}:{origin_port}"\n')
@@ -569,14 +572,15 @@ def measure(server: Server, origin: Server, drive, args, expected_body: bytes, o
     return result
 
 
-def run_one(name: str, processes: Processes, origin: Server, tools: dict, drive, args, expected_body: bytes) -> dict:
-    """Start one proxy, check its answer, measure it, stop it."""
+def run_one(name: str, processes: Processes, origin: Server, tools: dict, drive, args, expected_body: bytes,
+            label: str | None = None) -> dict:
+    """Start one proxy, check its answer, measure it, stop it; C{label} names the run."""
     starters = {
         "tagd": lambda: start_tagd(processes, origin.port, args.run_dir),
         "stock": lambda: start_stock(processes, origin.port, args.run_dir),
         "nginx": lambda: start_nginx_proxy(processes, tools["nginx"], origin.port, args.run_dir),
     }
-    print(f"{name}:", flush=True)
+    print(f"{label or name}:", flush=True)
     server = starters[name]()
     try:
         wait_until_listening(server)
@@ -609,10 +613,16 @@ def print_columns(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None
         print("  ".join(cells))
 
 
-def print_table(results: list[dict]) -> None:
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median requests/s (the lower middle one of an even count): a whole
+    run, its latencies and CPU with it, never figures mixed from different runs."""
+    return sorted(runs, key=lambda r: r["rps"])[(len(runs) - 1) // 2]
+
+
+def print_table(results: list[dict], label=lambda r: r["name"]) -> None:
     columns = ("proxy", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "proxy CPU", "origin CPU")
     rows = [
-        (r["name"], f"{r['rps']:,.0f}", _ms(r["p50_ms"]), _ms(r["p90_ms"]), _ms(r["p99_ms"]),
+        (label(r), f"{r['rps']:,.0f}", _ms(r["p50_ms"]), _ms(r["p90_ms"]), _ms(r["p99_ms"]),
          str(r["error_total"]), cpu_cell(r["proxy_cpu_pct"]), cpu_cell(r["origin_cpu_pct"]))
         for r in results
     ]
@@ -658,13 +668,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load first (default 2)")
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections (default 32)")
     parser.add_argument("--threads", type=int, default=1, choices=(1, 2), help="wrk threads (default 1)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each proxy, in turn; the median counts (default 3)")
     parser.add_argument("--only", default=",".join(PROXIES), help="comma-separated subset of tagd,stock,nginx")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (configs, logs)")
     args = parser.parse_args(argv)
     args.only = parse_only(parser, args.only, PROXIES)
-    if args.duration < 1 or args.warmup < 0 or args.connections < 1:
-        parser.error("--duration and --connections must be at least 1, --warmup at least 0")
+    if args.duration < 1 or args.warmup < 0 or args.connections < 1 or args.rounds < 1:
+        parser.error("--duration, --rounds and --connections must be at least 1, --warmup at least 0")
     return args
 
 
@@ -721,15 +732,33 @@ def run(args, processes: Processes) -> int:
     drive = (lambda *a: run_wrk(tools["wrk"], *a)) if tools["wrk"] else run_builtin
     origin, origin_text, expected_body, generator = prepare_origin(args, processes, tools)
     print(f"load:   {generator}, {args.connections} keep-alive connections, "
-          f"{args.warmup} s warm-up + {args.duration} s per proxy, one proxy at a time\n", flush=True)
-    results, failed = [], []
-    for name in (p for p in PROXIES if p in args.only):
-        try:
-            results.append(run_one(name, processes, origin, tools, drive, args, expected_body))
-        except (StartError, LoadError) as e:
-            print(f"  {name} FAILED: {e}", flush=True)
-            failed.append(name)
+          f"{args.warmup} s warm-up + {args.duration} s per proxy and round, one proxy at a time, "
+          f"{args.rounds} round(s)\n", flush=True)
+    runs: dict[str, list[dict]] = {name: [] for name in PROXIES if name in args.only}
+    failed: list[str] = []
+    for round_number in range(1, args.rounds + 1):
+        for name in (n for n in runs if n not in failed):
+            try:
+                result = run_one(name, processes, origin, tools, drive, args, expected_body,
+                                 label=f"{name}, round {round_number}")
+            except (StartError, LoadError) as e:
+                print(f"  {name} FAILED: {e}", flush=True)
+                failed.append(name)
+            else:
+                runs[name].append({**result, "round": round_number})
     print()
+    if args.rounds > 1:
+        every = sorted((r for done in runs.values() for r in done), key=lambda r: r["round"])
+        if every:
+            print("every round:")
+            print_table(every, label=lambda r: f"{r['name']} #{r['round']}")
+            for round_number in range(1, args.rounds + 1):
+                print(f"round {round_number}: " + "   ".join(
+                    f"{key} {v['ratio']:.2f}x" for key, v in
+                    ratios([r for r in every if r["round"] == round_number]).items()))
+            print()
+        print(f"median round of each proxy (of {args.rounds}):")
+    results = [median_run(done) for name, done in runs.items() if done and name not in failed]
     if results:
         print_table(results)
         print()
@@ -738,7 +767,8 @@ def run(args, processes: Processes) -> int:
     if args.json:
         report = {"origin": origin_text, "page_bytes": len(expected_body), "load_generator": generator,
                   "connections": args.connections, "duration_s": args.duration, "warmup_s": args.warmup,
-                  "versions": versions(tools), "results": results, "ratios": found, "failed": failed}
+                  "rounds": args.rounds, "versions": versions(tools), "results": results,
+                  "every_round": runs, "ratios": found, "failed": failed}
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         print(f"\nresults written to {args.json}")
