@@ -44,6 +44,10 @@ class ProxyRequest(Request):
     _chunked = False  # a chunked body, collected until it proves large
     _refused = False  # answered 400 at header time; nothing to forward
 
+    def parseCookies(self) -> None:
+        """Left undone: the Cookie header goes to the origin as it came, and tagging reads
+        the few cookies it needs from it (L{tagd.identity})."""
+
     def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()
         if len(self.requestHeaders.getRawHeaders(b"host", ())) > 1:
