@@ -2,8 +2,9 @@
 
 A restart drops every visitor's keep-alive connection and, for a moment, the port itself;
 a shop owner who adds a destination or fixes a filter should not have to pay that.  So on
-SIGHUP tagd reads its file again, the way it did at start-up (same path, same
-command-line overrides), and applies what it can while it serves:
+SIGHUP tagd reads again the file it started with (the path found at start-up, the same
+command-line overrides; see L{tagd.tap.config_loader}), and applies what it can while it
+serves:
 
   - C{[[destinations]]}: new ones start, removed ones stop (their pending rows become dead
     letters), changed ones take the new settings from their next batch on;
