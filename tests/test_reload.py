@@ -272,8 +272,8 @@ async def test_restart_keys_are_named_and_the_rest_is_applied(
     start_tagd, origin, connect, fake_meta, fake_ga4, fake_tiktok, tmp_path, log_events
 ):
     """A new origin and a new [tracking] filter: the filter applies at once, the proxy
-    keeps its origin, and one warning names proxy.origin, at every reload until a
-    restart."""
+    keeps its origin, and the reload's one line, a warning, names proxy.origin, at every
+    reload until a restart."""
     meta, _, _ = platform_destinations(fake_meta, fake_ga4, fake_tiktok)
     spool = tmp_path / "spool.sqlite3"
     tagd = await start_tagd(tagd_toml(origin, spool, [meta]))
@@ -288,16 +288,13 @@ async def test_restart_keys_are_named_and_the_rest_is_applied(
     assert tagd.metrics.value("tracking_dropped", reason="path") == 1
     await tagd.reload(changed)
 
-    warning = (
-        "warn",
-        f"{tagd.path}: proxy.origin changed, which tagd reads only at start-up: the running "
-        "values stay until a restart (systemctl restart tagd)",
+    restart = (
+        "proxy.origin changed, which tagd reads only at start-up: the running values stay "
+        "until a restart (systemctl restart tagd)"
     )
     assert reload_lines(log_events) == [
-        ("info", f"configuration reloaded from {tagd.path}: [tracking] changed"),
-        warning,
-        ("info", f"configuration reloaded from {tagd.path}: nothing changed"),
-        warning,
+        ("warn", f"configuration reloaded from {tagd.path}: [tracking] changed; {restart}"),
+        ("warn", f"configuration reloaded from {tagd.path}: {restart}"),
     ]
 
 
@@ -315,11 +312,11 @@ async def test_destinations_for_a_tagd_started_without_any_wait_for_a_restart(
     await sleep(0.3)
     assert fake_meta.fake.events == [] and not spool.exists()
     assert tagd.reloads("ok") == 1
-    assert reload_lines(log_events)[-2:] == [
-        ("info", f"configuration reloaded from {tagd.path}: nothing changed"),
-        ("warn", f"{tagd.path}: destinations (tagd started without any, so it has no spool yet) changed, "
-                 "which tagd reads only at start-up: the running values stay until a restart "
-                 "(systemctl restart tagd)"),
+    assert reload_lines(log_events) == [
+        ("info", "no [[destinations]] configured: tracking headers are removed, no events sent"),
+        ("warn", f"configuration reloaded from {tagd.path}: destinations (tagd started without any, so "
+                 "it has no spool yet) changed, which tagd reads only at start-up: the running values "
+                 "stay until a restart (systemctl restart tagd)"),
     ]  # fmt: skip
 
 
@@ -399,9 +396,8 @@ async def test_a_tagd_started_on_its_defaults_looks_for_tagd_toml_again(
     await within(reload())
     assert reload_lines(log_events) == [
         ("info", "configuration reloaded from (built-in defaults): nothing changed"),
-        ("info", f"configuration reloaded from {tmp_path / 'tagd.toml'}: nothing changed"),
-        ("warn", f"{tmp_path / 'tagd.toml'}: admin.listen changed, which tagd reads only at start-up: "
-                 "the running values stay until a restart (systemctl restart tagd)"),
+        ("warn", f"configuration reloaded from {tmp_path / 'tagd.toml'}: admin.listen changed, which "
+                 "tagd reads only at start-up: the running values stay until a restart (systemctl restart tagd)"),
     ]  # fmt: skip
 
 
