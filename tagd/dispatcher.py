@@ -305,7 +305,9 @@ class Dispatcher(Service):
         rows, which the new lane of that name (if any) then leases with the new route.  A
         lane is never changed under a batch: a batch is sent, classified and split by the
         route it was leased for.  A new concurrency retires every lane, since it sizes
-        their request slots.
+        their request slots; a lane retired for that alone hands its pause (a throttle's,
+        refused credentials') to its successor, as the platform would still answer the
+        same route the same way.
 
         Fires once every retired lane has settled or released all it leased: from then on
         no row of a removed destination is in flight.
@@ -323,6 +325,7 @@ class Dispatcher(Service):
             for name, lane in self._lanes.items()
             if wanted.get(name) != lane.route or lane.slots.limit != concurrency
         ]
+        replaced = {lane.name: lane for lane in retired}
         for lane in retired:
             del self._lanes[lane.name]
             lane.retired = True
@@ -332,9 +335,15 @@ class Dispatcher(Service):
                 self._metrics.credentials_refused.remove(lane.name)
         for name, route in wanted.items():
             if name not in self._lanes:
-                # A new route (a new token, say) has not been refused yet.
-                self._metrics.credentials_refused.labels(name).set(0)
                 lane = self._lanes[name] = _Lane(route, DeferredSemaphore(concurrency), _Acks(self._spool, name))
+                previous = replaced.get(name)
+                if previous is not None and previous.route == route:
+                    lane.paused_until = previous.paused_until
+                    lane.throttles = previous.throttles
+                    lane.refusals = previous.refusals
+                else:
+                    # A new route (a new token, say) has not been refused yet.
+                    self._metrics.credentials_refused.labels(name).set(0)
                 if self.running:
                     self._start(lane)
         return gatherResults([self._settled(lane) for lane in retired]).addCallback(lambda _: None)

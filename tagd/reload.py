@@ -2,8 +2,9 @@
 
 A restart drops every visitor's keep-alive connection and, for a moment, the port itself;
 a shop owner who adds a destination or fixes a filter should not have to pay that.  So on
-SIGHUP tagd reads its file again, the way it did at start-up (same path, same
-command-line overrides), and applies what it can while it serves:
+SIGHUP tagd reads again the file it started with (the path found at start-up, the same
+command-line overrides; see L{tagd.tap.config_loader}), and applies what it can while it
+serves:
 
   - C{[[destinations]]}: new ones start, removed ones stop (their pending rows become dead
     letters), changed ones take the new settings from their next batch on;
@@ -12,9 +13,10 @@ command-line overrides), and applies what it can while it serves:
   - C{[delivery]}: the dispatcher takes the new settings.
 
 The spool stays open and no connection is touched.  C{[proxy]}, C{[spool]} and C{[admin]}
-are read only at start-up: when they differ, the rest is applied and one warning names the
-keys that wait for a restart.  A tagd started without destinations has no spool and no
-dispatcher, so adding destinations to it also waits for a restart.
+are read only at start-up: when they differ, the rest is applied and the reload's one line,
+a warning then, names the keys that wait for a restart.  A tagd started without
+destinations has no spool and no dispatcher, so adding destinations to it also waits for
+a restart.
 
 A file tagd cannot run with changes nothing: one error line says why (the same text that
 would stop start-up, naming file and key, never a secret), and
@@ -94,14 +96,17 @@ class Reloader:
             settled = None
         self.current = applied
         self._metrics.config_reloads.labels("ok").inc()
-        log.info("configuration reloaded from {path}: {summary}", path=new.path, summary=changes.summary())
+        # One line per reload, a warning when keys wait for a restart, so that every reload
+        # that worked is one entry beginning "configuration reloaded from" in the journal.
+        parts = [changes.summary()] if changes.reloadable or not restart else []
         if restart:
-            log.warn(
-                "{path}: {keys} changed, which tagd reads only at start-up: the running values "
-                "stay until a restart (systemctl restart tagd)",
-                path=new.path,
-                keys=", ".join(restart),
+            parts.append(
+                f"{', '.join(restart)} changed, which tagd reads only at start-up: the running "
+                "values stay until a restart (systemctl restart tagd)"
             )
+        (log.warn if restart else log.info)(
+            "configuration reloaded from {path}: {summary}", path=new.path, summary="; ".join(parts)
+        )
         if settled is not None:
             try:
                 await settled

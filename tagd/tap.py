@@ -42,19 +42,47 @@ class Options(usage.Options):
     ]
 
 
+def _named(options, environ) -> str | None:
+    """The file the options or the environment name, if any."""
+    return options.get("config") or environ.get("TAGD_CONFIG")
+
+
+def _overrides(options) -> dict[str, dict]:
+    """The command-line values that replace the file's, by table."""
+    return {"proxy": {k: options[k] for k in ("listen", "origin") if options.get(k) is not None}}
+
+
+def _read(path: str, overrides: dict[str, dict], *, required: bool) -> Config:
+    """The file at C{path}; when it is not C{required} and does not exist, the built-in
+    defaults."""
+    if not required and not os.path.exists(path):
+        return parse_config("", "(built-in defaults)", overrides)
+    return load_config(path, overrides)
+
+
 def config_from_options(options, environ=os.environ) -> Config:
     """Load the configuration file named by the options or the environment.
 
     A missing file is an error only when it was named; with no name and no
     C{./tagd.toml}, tagd runs on its defaults.
     """
-    overrides = {
-        "proxy": {k: options[k] for k in ("listen", "origin") if options.get(k) is not None}
-    }
-    path = options.get("config") or environ.get("TAGD_CONFIG")
-    if path is None and not os.path.exists(DEFAULT_CONFIG):
-        return parse_config("", "(built-in defaults)", overrides)
-    return load_config(path or DEFAULT_CONFIG, overrides)
+    named = _named(options, environ)
+    return _read(named or DEFAULT_CONFIG, _overrides(options), required=named is not None)
+
+
+def config_loader(options, environ=os.environ) -> Callable[[], Config]:
+    """How the daemon reads its configuration, at start-up and at every reload.
+
+    The file is found once, here, as L{config_from_options} finds it, and its path made
+    absolute: a reload reads the very file start-up read, whatever the working directory
+    is by then.  Once a file was found, its absence is an error like any other, so that a
+    C{./tagd.toml} an editor renames while saving fails that reload instead of bringing
+    back the defaults, which would remove every destination.  A tagd that started on its
+    defaults looks for the same C{./tagd.toml} at each reload.
+    """
+    named = _named(options, environ)
+    path = os.path.abspath(named or DEFAULT_CONFIG)
+    return partial(_read, path, _overrides(options), required=named is not None or os.path.exists(path))
 
 
 class _OriginService(Service):
@@ -133,8 +161,9 @@ def makeService(options, reactor=None) -> MultiService:
     """twistd's entry point: a configuration error ends start-up with one line."""
     if reactor is None:
         from twisted.internet import reactor
+    load = config_loader(options)
     try:
-        config = config_from_options(options)
+        config = load()
     except ConfigError as e:
         raise SystemExit(str(e)) from None
-    return build_service(config, reactor, load=partial(config_from_options, options))
+    return build_service(config, reactor, load=load)

@@ -15,6 +15,7 @@ from test_dispatcher import (  # noqa: F401 (fixtures)
     ObservedMeta,
     delivered,
     dispatch,
+    dispatcher_log,
     events,
     meta_route,
     metrics,
@@ -81,6 +82,52 @@ async def test_an_unchanged_route_keeps_its_lane_and_its_pause(serving, dispatch
     await eventually(lambda: delivered(metrics, "meta", "success") == 2, timeout=5)
     assert served.fake.times[1] - throttled_at >= 1.0
     assert len(served.fake.requests) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_concurrency_keeps_a_throttle_s_pause(serving, dispatch, spool, metrics):
+    """A new concurrency gives Meta a new lane, as it sizes the request slots; the route is
+    the same, so the pause a 429 asked for goes on in the new lane."""
+    served = serving(ObservedMeta(retry_after="1"))
+    served.fake.inject(1, status=429, code=17)
+    spool.add("meta", events("c", 2))
+    route = meta_route(served)
+    dispatcher = dispatch(route, **SETTINGS)
+    await eventually(lambda: delivered(metrics, "meta", "throttle") == 2)
+    throttled_at = served.fake.times[0]
+
+    await within(dispatcher.reroute([route], **{**SETTINGS, "concurrency": 2}))
+    await eventually(lambda: delivered(metrics, "meta", "success") == 2, timeout=5)
+    assert served.fake.times[1] - throttled_at >= 1.0
+    assert len(served.fake.requests) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_concurrency_keeps_a_refusal(serving, dispatch, spool, metrics, dispatcher_log):
+    """Meta refuses the token, and a reload changes only the concurrency: the new lane
+    keeps the refusal's pause (1 s, the backoff cap here) and
+    C{tagd_destination_credentials_refused} stays 1.  The next refusal, after the pause,
+    is a further one (an info line), not a first one (a second error line)."""
+    served = serving(ObservedMeta())
+    spool.add("meta", events("k", 3))
+    route = meta_route(served, access_token="wrong-token-123")
+    dispatcher = dispatch(route, **SETTINGS)
+    refused = lambda: metrics.registry.get_sample_value(  # noqa: E731
+        "tagd_destination_credentials_refused", {"destination": "meta"}
+    )
+    await eventually(lambda: refused() == 1)
+    refused_at = served.fake.times[0]
+
+    await within(dispatcher.reroute([route], **{**SETTINGS, "concurrency": 2}))
+    assert refused() == 1
+    await eventually(lambda: len(served.fake.requests) == 2, timeout=5)
+    assert served.fake.times[1] - refused_at >= 1.0
+    assert refused() == 1
+    assert len([line for line in dispatcher_log if "refuses this destination's credentials" in line]) == 1
+    assert [line for line in dispatcher_log if "credentials still refused" in line] == [
+        "meta: credentials still refused, trying again in 1 s"
+    ]
+    assert set(spool.states("meta").values()) == {"pending"}
 
 
 @pytest_twisted.ensureDeferred

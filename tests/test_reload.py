@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.client
 import signal
-from functools import partial
 from pathlib import Path
 
 import attrs
@@ -44,13 +43,13 @@ from helpers import (
     wait_until,
 )
 from test_tracking_e2e import tracked_visit
-from tagd.config import load_config, parse_config
+from tagd.config import parse_config
 from tagd.configdiff import Changes, diff
 from tagd.metrics import Metrics
 from tagd.pipeline import ABANDONED
-from tagd.reload import ReloadOnHangup
+from tagd.reload import ReloadOnHangup, Reloader
 from tagd.spool import Spool, read_dead_letters, retry_dead_letters
-from tagd.tap import build_service
+from tagd.tap import build_service, config_loader
 
 PAGE_VIEW = {"event_name": "PageView"}
 NEW_TOKEN = "rotated-meta-token"
@@ -142,24 +141,34 @@ class Running:
     def reload(self, text: str):
         """Write C{text} to the file and reload, as SIGHUP does; a Deferred."""
         self.path.write_text(text)
-        (hangup,) = [s for s in self.service if isinstance(s, ReloadOnHangup)]
-        return within(hangup.reloader.reload())
+        return self.hangup()
+
+    def hangup(self):
+        """Reload, as SIGHUP does, whatever the file holds now; a Deferred."""
+        return within(reloader(self.service).reload())
 
     def reloads(self, result: str) -> float:
         return self.metrics.value("config_reloads", result=result)
 
 
+def reloader(service: MultiService) -> Reloader:
+    """The reloader that SIGHUP calls in C{service}."""
+    (hangup,) = [s for s in service if isinstance(s, ReloadOnHangup)]
+    return hangup.reloader
+
+
 @pytest_twisted.async_yield_fixture
 async def start_tagd(reactor, tmp_path):
-    """C{await start_tagd(text)}: tagd from C{text}, written to tmp_path/tagd.toml, reloading
-    from that file."""
+    """C{await start_tagd(text)}: tagd from C{text}, written to tmp_path/tagd.toml and named
+    by --config, reloading from that file; with C{named=False} no option names it, so the
+    test's working directory must be tmp_path."""
     started = []
 
-    async def start(text: str) -> Running:
+    async def start(text: str, *, named: bool = True) -> Running:
         path = tmp_path / "tagd.toml"
         path.write_text(text)
         metrics = Metrics()
-        load = partial(load_config, str(path))
+        load = config_loader({"config": str(path)} if named else {}, environ={})
         service = build_service(load(), reactor, metrics, load=load)
         service.startService()
         started.append(service)
@@ -263,8 +272,8 @@ async def test_restart_keys_are_named_and_the_rest_is_applied(
     start_tagd, origin, connect, fake_meta, fake_ga4, fake_tiktok, tmp_path, log_events
 ):
     """A new origin and a new [tracking] filter: the filter applies at once, the proxy
-    keeps its origin, and one warning names proxy.origin, at every reload until a
-    restart."""
+    keeps its origin, and the reload's one line, a warning, names proxy.origin, at every
+    reload until a restart."""
     meta, _, _ = platform_destinations(fake_meta, fake_ga4, fake_tiktok)
     spool = tmp_path / "spool.sqlite3"
     tagd = await start_tagd(tagd_toml(origin, spool, [meta]))
@@ -279,16 +288,13 @@ async def test_restart_keys_are_named_and_the_rest_is_applied(
     assert tagd.metrics.value("tracking_dropped", reason="path") == 1
     await tagd.reload(changed)
 
-    warning = (
-        "warn",
-        f"{tagd.path}: proxy.origin changed, which tagd reads only at start-up: the running "
-        "values stay until a restart (systemctl restart tagd)",
+    restart = (
+        "proxy.origin changed, which tagd reads only at start-up: the running values stay "
+        "until a restart (systemctl restart tagd)"
     )
     assert reload_lines(log_events) == [
-        ("info", f"configuration reloaded from {tagd.path}: [tracking] changed"),
-        warning,
-        ("info", f"configuration reloaded from {tagd.path}: nothing changed"),
-        warning,
+        ("warn", f"configuration reloaded from {tagd.path}: [tracking] changed; {restart}"),
+        ("warn", f"configuration reloaded from {tagd.path}: {restart}"),
     ]
 
 
@@ -306,11 +312,11 @@ async def test_destinations_for_a_tagd_started_without_any_wait_for_a_restart(
     await sleep(0.3)
     assert fake_meta.fake.events == [] and not spool.exists()
     assert tagd.reloads("ok") == 1
-    assert reload_lines(log_events)[-2:] == [
-        ("info", f"configuration reloaded from {tagd.path}: nothing changed"),
-        ("warn", f"{tagd.path}: destinations (tagd started without any, so it has no spool yet) changed, "
-                 "which tagd reads only at start-up: the running values stay until a restart "
-                 "(systemctl restart tagd)"),
+    assert reload_lines(log_events) == [
+        ("info", "no [[destinations]] configured: tracking headers are removed, no events sent"),
+        ("warn", f"configuration reloaded from {tagd.path}: destinations (tagd started without any, so "
+                 "it has no spool yet) changed, which tagd reads only at start-up: the running values "
+                 "stay until a restart (systemctl restart tagd)"),
     ]  # fmt: skip
 
 
@@ -331,6 +337,68 @@ async def test_every_destination_removed_and_added_back(
     await sleep(0.2)
     assert event_ids(fake_meta) == ["back"]
     assert {row[0] for row in spool_rows(spool)} <= {"back"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_reads_the_file_found_at_start_up(
+    start_tagd, origin, connect, fake_meta, fake_ga4, fake_tiktok, tmp_path, log_events, monkeypatch
+):
+    """tagd found ./tagd.toml at start-up (no --config, no $TAGD_CONFIG).  Renamed away (an
+    editor saving it) when SIGHUP comes, from another working directory: the reload fails
+    with one error line naming the file, and Meta keeps its lane and its rows, where the
+    built-in defaults would have removed it.  Back in place, that same file is read."""
+    meta, _, tiktok = platform_destinations(fake_meta, fake_ga4, fake_tiktok)
+    spool = tmp_path / "spool.sqlite3"
+    monkeypatch.chdir(tmp_path)
+    tagd = await start_tagd(tagd_toml(origin, spool, [meta]), named=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "tagd.toml").write_text(tagd_toml(origin, spool, []))
+    monkeypatch.chdir(elsewhere)
+    saved = tagd.path.rename(tmp_path / "tagd.toml~")
+
+    await tagd.hangup()
+    assert reload_lines(log_events) == [
+        (
+            "error",
+            "configuration not reloaded, the running one stays: tagd: configuration error in "
+            f"{tagd.path}: (file): cannot be read: No such file or directory",
+        )
+    ]
+    assert tagd.reloads("failed") == 1 and tagd.reloads("ok") == 0
+    await visit(tagd.port, connect, "kept")
+    await eventually(lambda: event_ids(fake_meta) == ["kept"])
+    assert read_dead_letters(str(spool), "meta") == []
+
+    saved.rename(tagd.path)
+    await tagd.reload(tagd_toml(origin, spool, [meta, tiktok]))
+    assert reload_lines(log_events)[1:] == [
+        ("info", f"configuration reloaded from {tagd.path}: destinations added: tiktok")
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tagd_started_on_its_defaults_looks_for_tagd_toml_again(
+    reactor, origin, tmp_path, log_events, monkeypatch
+):
+    """No file at start-up: tagd runs on its built-in defaults, and each reload looks for
+    ./tagd.toml of the directory it started in.  Still none: nothing changes, and the line
+    says so.  One written since: it is read, and what it sets waits for a restart."""
+    monkeypatch.chdir(tmp_path)
+    overrides = {"listen": "tcp:0:interface=127.0.0.1", "origin": f"http://127.0.0.1:{origin.port}"}
+    load = config_loader(overrides, environ={})
+    reload = reloader(build_service(load(), reactor, Metrics(), load=load)).reload
+    monkeypatch.chdir(tmp_path.parent)
+    log_events.clear()  # what start-up logged
+
+    await within(reload())
+    (tmp_path / "tagd.toml").write_text(toml_table("[admin]", {"listen": "tcp:0:interface=127.0.0.1"}))
+    await within(reload())
+    assert reload_lines(log_events) == [
+        ("info", "configuration reloaded from (built-in defaults): nothing changed"),
+        ("warn", f"configuration reloaded from {tmp_path / 'tagd.toml'}: admin.listen changed, which "
+                 "tagd reads only at start-up: the running values stay until a restart (systemctl restart tagd)"),
+    ]  # fmt: skip
 
 
 # -- rows of destinations that are gone ------------------------------------------------------
