@@ -50,7 +50,7 @@ import threading
 import time
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 from urllib.parse import quote
 
 import attrs
@@ -120,10 +120,12 @@ _UNCONFIGURED = (
     "SELECT destination, event FROM deliveries"
     " WHERE status = 'pending' AND destination NOT IN (SELECT value FROM json_each(?))"
 )
-_DEAD_EVENTS = "SELECT DISTINCT event FROM deliveries WHERE status = 'dead' AND (? IS NULL OR destination = ?)"
+# Rows of the destinations in a JSON list, or of all when it is NULL.
+_AMONG = "(? IS NULL OR destination IN (SELECT value FROM json_each(?)))"
+_DEAD_EVENTS = f"SELECT DISTINCT event FROM deliveries WHERE status = 'dead' AND {_AMONG}"
 _RETRY_DEAD = (
     "UPDATE deliveries SET status = 'pending', attempts = 0, next_at = ?"
-    f" WHERE status = 'dead' AND (? IS NULL OR destination = ?) AND {_KEYS}"
+    f" WHERE status = 'dead' AND {_AMONG} AND {_KEYS}"
 )
 _ALL_OWED_EVENTS = f"SELECT COUNT(DISTINCT event) FROM deliveries WHERE {_OWED}"
 _OWED_EVENTS = f"{_ALL_OWED_EVENTS} AND {_KEYS}"
@@ -413,11 +415,13 @@ def _lease(
     return leases, resolved
 
 
-def _retry_dead(db: sqlite3.Connection, destination: str | None, now: float) -> tuple[int, int]:
-    """Dead rows (of one destination, or all) back to pending, with a fresh attempt count."""
+def _retry_dead(db: sqlite3.Connection, destinations: Collection[str] | None, now: float) -> tuple[int, int]:
+    """Dead rows (of C{destinations}, or of all when None) back to pending, with a fresh
+    attempt count."""
+    names = None if destinations is None else json.dumps(list(destinations))
     with _transaction(db):
-        keys = [key for (key,) in db.execute(_DEAD_EVENTS, (destination, destination))]
-        return _apply(db, keys, _RETRY_DEAD, now, destination, destination)
+        keys = [key for (key,) in db.execute(_DEAD_EVENTS, (names, names))]
+        return _apply(db, keys, _RETRY_DEAD, now, names, names)
 
 
 def _abandon(db: sqlite3.Connection, keep: Sequence[str], error: str) -> tuple[dict[str, int], int]:
@@ -747,9 +751,10 @@ class Spool:
         """
         return self._counted(_abandon, keep, _clip(error))
 
-    def retry_dead(self, destination: str | None = None) -> Deferred:
-        """Dead deliveries (of one destination, or all) pending again with no attempts; fires with their number."""
-        return self._counted(_retry_dead, destination, self._reactor.seconds())
+    def retry_dead(self, destinations: Collection[str] | None = None) -> Deferred:
+        """Dead deliveries (of C{destinations}, or of all when None) pending again with no
+        attempts; fires with their number."""
+        return self._counted(_retry_dead, destinations, self._reactor.seconds())
 
     def next_due(self, destination: str) -> Deferred:
         """When the next pending delivery to C{destination} is due (a time), or None."""
@@ -814,7 +819,7 @@ def read_dead_letters(path: str, destination: str | None = None, limit: int = 10
         return _dead_letters(db, destination, limit)
 
 
-def retry_dead_letters(path: str, destination: str | None = None) -> int:
+def retry_dead_letters(path: str, destinations: Collection[str] | None = None) -> int:
     """L{Spool.retry_dead} on the file at C{path}; returns the number of deliveries revived.
 
     They are due at once, so a running dispatcher sends them at its next poll.  The running
@@ -822,4 +827,4 @@ def retry_dead_letters(path: str, destination: str | None = None) -> int:
     (once a minute), so its bound may be exceeded by up to this many events meanwhile.
     """
     with _outside(path, write=True) as db:
-        return _retry_dead(db, destination, time.time())[0]
+        return _retry_dead(db, destinations, time.time())[0]

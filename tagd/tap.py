@@ -28,6 +28,8 @@ from tagd.reload import ReloadOnHangup, Reloader
 from tagd.systemd import SystemdNotifier
 
 DEFAULT_CONFIG = "tagd.toml"
+# The path of the configuration tagd runs on when no file is named and there is no ./tagd.toml.
+BUILT_IN = "(built-in defaults)"
 
 log = Logger()
 
@@ -53,7 +55,7 @@ def config_from_options(options, environ=os.environ) -> Config:
     }
     path = options.get("config") or environ.get("TAGD_CONFIG")
     if path is None and not os.path.exists(DEFAULT_CONFIG):
-        return parse_config("", "(built-in defaults)", overrides)
+        return parse_config("", BUILT_IN, overrides)
     return load_config(path or DEFAULT_CONFIG, overrides)
 
 

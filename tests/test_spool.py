@@ -581,7 +581,7 @@ async def test_dead_letters_and_retry_dead(open_spool, reactor):
     assert all(abs(d.created - reactor.seconds()) < 60 for d in letters)
     assert [d.destination for d in await within(spool.dead_letters("ga4"))] == ["ga4"]
 
-    assert await within(spool.retry_dead("meta")) == 1
+    assert await within(spool.retry_dead(["meta"])) == 1
     assert spool.undelivered == 3
     leases = await within(spool.lease("meta", 10, reactor.seconds() + 1))
     assert [(lease.event.event_id, lease.attempts) for lease in leases] == [
