@@ -33,7 +33,7 @@ from tagd.destinations.registry import destination_module
 from tagd.destinations.webhook import MIN_SECRET
 from tagd.events import Event
 from tagd.spool import SpoolError, read_dead_letters, read_depth, retry_dead_letters
-from tagd.tap import config_from_options
+from tagd.tap import BUILT_IN, config_from_options
 
 MASK = "***"
 STATUSES = ("pending", "inflight", "dead", "expired")
@@ -137,16 +137,47 @@ def spool_dead(args: argparse.Namespace) -> None:
         print(f"(the newest {args.limit} only; a larger --limit shows any older ones)")
 
 
+def configured(config: Config) -> list[str] | None:
+    """The names of the destinations configured in the file the command read; None when it
+    read none (the built-in defaults): it cannot tell what the daemon beside it runs with."""
+    if config.path == BUILT_IN:
+        return None
+    return [d.name for d in config.destinations]
+
+
 def spool_retry_dead(args: argparse.Namespace) -> None:
-    """Dead letters back to pending, for after the cause is fixed (a new token, say)."""
+    """Dead letters back to pending, for after the cause is fixed (a new token, say).
+
+    Only those of configured destinations: the daemon sends nothing to a destination it has
+    no configuration for, and dead-letters its rows again at its next start or reload.  So
+    a C{--destination} that is not configured is refused, and without one the dead letters
+    of destinations no longer configured stay as they are, with a line saying how many.
+    Without a configuration file the command cannot tell, and moves what it is asked to.
+    """
     config = load(args.config)
     check_destination(config, args.destination)
-    count = retry_dead_letters(config.spool.path, args.destination)
+    names = configured(config)
+    if names is not None and args.destination is not None and args.destination not in names:
+        raise CommandError(
+            f"{args.destination!r} is not configured in {config.path}: tagd would dead-letter its"
+            " rows again at its next start or reload; configure it first"
+        )
+    left = {}
+    if names is not None and args.destination is None:
+        depth = read_depth(config.spool.path)
+        left = {name: n for (name, status), n in sorted(depth.items()) if status == "dead" and name not in names}
+    count = retry_dead_letters(config.spool.path, names if args.destination is None else [args.destination])
     if count:
         print(f"{count} dead letter(s) moved back to pending; tagd sends them at its next poll (or when it starts)")
     else:
-        of = f" for {args.destination}" if args.destination else ""
+        of = f" for {args.destination}" if args.destination else " for the configured destinations" if left else ""
         print(f"no dead letters{of}: nothing moved")
+    if left:
+        counts = ", ".join(f"{name}: {n}" for name, n in left.items())
+        print(
+            f"{sum(left.values())} dead letter(s) of destinations not configured in {config.path} left"
+            f" as they are ({counts}): tagd would dead-letter them again; configure them first"
+        )
 
 
 # tagd check-config

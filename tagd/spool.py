@@ -26,7 +26,9 @@ explicit cost of never making a visitor wait for the disk.
 Bound: at most C{max_events} events may be undelivered (buffered, pending or in flight).
 When the spool is full, the policy is "refuse newest": L{Spool.enqueue} accepts what fits
 and refuses the rest, returning how many it accepted, so that the caller counts and logs
-each refused event.  Dead and expired rows stay for inspection and do not count.
+each refused event.  Dead and expired rows stay for inspection and do not count.  The
+count is kept in memory, and recounted from the file now and then (L{Spool.recount}), since
+another process may make dead letters owed again.
 
 The file holds personal data (C{Event.user_data}, IP addresses), so it is created with mode
 0600, and no message or log line of this module ever contains event contents.
@@ -48,7 +50,7 @@ import threading
 import time
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 from urllib.parse import quote
 
 import attrs
@@ -118,12 +120,15 @@ _UNCONFIGURED = (
     "SELECT destination, event FROM deliveries"
     " WHERE status = 'pending' AND destination NOT IN (SELECT value FROM json_each(?))"
 )
-_DEAD_EVENTS = "SELECT DISTINCT event FROM deliveries WHERE status = 'dead' AND (? IS NULL OR destination = ?)"
+# Rows of the destinations in a JSON list, or of all when it is NULL.
+_AMONG = "(? IS NULL OR destination IN (SELECT value FROM json_each(?)))"
+_DEAD_EVENTS = f"SELECT DISTINCT event FROM deliveries WHERE status = 'dead' AND {_AMONG}"
 _RETRY_DEAD = (
     "UPDATE deliveries SET status = 'pending', attempts = 0, next_at = ?"
-    f" WHERE status = 'dead' AND (? IS NULL OR destination = ?) AND {_KEYS}"
+    f" WHERE status = 'dead' AND {_AMONG} AND {_KEYS}"
 )
-_OWED_EVENTS = f"SELECT COUNT(DISTINCT event) FROM deliveries WHERE {_OWED} AND {_KEYS}"
+_ALL_OWED_EVENTS = f"SELECT COUNT(DISTINCT event) FROM deliveries WHERE {_OWED}"
+_OWED_EVENTS = f"{_ALL_OWED_EVENTS} AND {_KEYS}"
 _OWED_ROWS = f"SELECT event FROM deliveries WHERE destination = ? AND {_OWED} AND {_KEYS}"
 _NO_LONGER_OWED = (
     "SELECT COUNT(*) FROM json_each(?) AS k"
@@ -297,7 +302,12 @@ def _prepare(db: sqlite3.Connection) -> int:
         elif version != SCHEMA_VERSION:
             raise SpoolError(f"the file has schema version {version}, this tagd knows {SCHEMA_VERSION}")
         db.execute("UPDATE deliveries SET status = 'pending' WHERE status = 'inflight'")
-        return db.execute(f"SELECT COUNT(DISTINCT event) FROM deliveries WHERE {_OWED}").fetchone()[0]
+        return _owed(db)
+
+
+def _owed(db: sqlite3.Connection) -> int:
+    """The number of events the file still owes to some destination (pending or in flight)."""
+    return db.execute(_ALL_OWED_EVENTS).fetchone()[0]
 
 
 def _insert(db: sqlite3.Connection, batch: Sequence[_Buffered], known: dict[int, list]) -> None:
@@ -405,11 +415,13 @@ def _lease(
     return leases, resolved
 
 
-def _retry_dead(db: sqlite3.Connection, destination: str | None, now: float) -> tuple[int, int]:
-    """Dead rows (of one destination, or all) back to pending, with a fresh attempt count."""
+def _retry_dead(db: sqlite3.Connection, destinations: Collection[str] | None, now: float) -> tuple[int, int]:
+    """Dead rows (of C{destinations}, or of all when None) back to pending, with a fresh
+    attempt count."""
+    names = None if destinations is None else json.dumps(list(destinations))
     with _transaction(db):
-        keys = [key for (key,) in db.execute(_DEAD_EVENTS, (destination, destination))]
-        return _apply(db, keys, _RETRY_DEAD, now, destination, destination)
+        keys = [key for (key,) in db.execute(_DEAD_EVENTS, (names, names))]
+        return _apply(db, keys, _RETRY_DEAD, now, names, names)
 
 
 def _abandon(db: sqlite3.Connection, keep: Sequence[str], error: str) -> tuple[dict[str, int], int]:
@@ -578,8 +590,8 @@ class Spool:
                 self._schedule(self._flush_interval)
             elif not self._lock.locked:
                 self.flush()
-            # Else a commit is running and starts the next when it ends: one waiter at
-            # most, never one per tracked response.
+            # Else a commit (or a recount) is running and starts the next when it ends: one
+            # waiter at most, never one per tracked response.
         return len(rows)
 
     def flush(self) -> Deferred:
@@ -634,8 +646,13 @@ class Spool:
         self.commits += 1
         self._write_succeeded(len(batch))
         self.on_commit()
-        if len(self._buffer) >= FLUSH_AT:
-            self._reactor.callLater(0, self.flush)  # What piled up while this one ran.
+        self._resume()
+
+    def _resume(self) -> None:
+        """Schedule the commit of what piled up while the lock was held: L{enqueue} starts
+        none then, trusting the holder to start the next once it is done."""
+        if len(self._buffer) >= FLUSH_AT and self.healthy:
+            self._reactor.callLater(0, self.flush)
         elif self._buffer:
             self._schedule(self._flush_interval)
 
@@ -657,6 +674,38 @@ class Spool:
         if not self.healthy:
             log.info("spool: writing again, {count} delayed event(s) written", count=count)
         self.healthy, self.last_error, self._logged_at = True, None, None
+
+    def recount(self) -> Deferred:
+        """Count the undelivered events anew, from the file; fires with the count.
+
+        The count is kept in memory, changed by what this process does, and another
+        process changes the file behind its back: C{tagd spool retry-dead} makes dead
+        letters owed again, uncounted, and delivering them then takes them off the count a
+        second time.  Left alone, the count would drift below the truth for good, and the
+        bound loosen with it.
+
+        The count is exact: it runs under the commit lock, so every accepted event is either
+        in the file or in the buffer, none in a commit on its way between them; and on the
+        spool's thread, whose results reach the reactor in the order it ran them, so the
+        changes it sees have already adjusted the count it replaces, and those it does not
+        see adjust the new one.
+        """
+        return self._lock.run(lambda: ensureDeferred(self._recount()))
+
+    async def _recount(self) -> int:
+        try:
+            owed = await self._run(_owed)
+        finally:
+            self._resume()
+        counted, self._undelivered = self._undelivered, owed + len(self._buffer)
+        if counted != self._undelivered:
+            log.info(
+                "spool: {count} undelivered event(s) recounted from the file where {counted} were "
+                "counted (another process, such as tagd spool retry-dead, changed what is owed)",
+                count=self._undelivered,
+                counted=counted,
+            )
+        return self._undelivered
 
     # For the dispatcher.
 
@@ -702,9 +751,10 @@ class Spool:
         """
         return self._counted(_abandon, keep, _clip(error))
 
-    def retry_dead(self, destination: str | None = None) -> Deferred:
-        """Dead deliveries (of one destination, or all) pending again with no attempts; fires with their number."""
-        return self._counted(_retry_dead, destination, self._reactor.seconds())
+    def retry_dead(self, destinations: Collection[str] | None = None) -> Deferred:
+        """Dead deliveries (of C{destinations}, or of all when None) pending again with no
+        attempts; fires with their number."""
+        return self._counted(_retry_dead, destinations, self._reactor.seconds())
 
     def next_due(self, destination: str) -> Deferred:
         """When the next pending delivery to C{destination} is due (a time), or None."""
@@ -769,12 +819,12 @@ def read_dead_letters(path: str, destination: str | None = None, limit: int = 10
         return _dead_letters(db, destination, limit)
 
 
-def retry_dead_letters(path: str, destination: str | None = None) -> int:
+def retry_dead_letters(path: str, destinations: Collection[str] | None = None) -> int:
     """L{Spool.retry_dead} on the file at C{path}; returns the number of deliveries revived.
 
     They are due at once, so a running dispatcher sends them at its next poll.  The running
-    daemon's count of undelivered events does not include them until it restarts, so its
-    bound may be exceeded by up to this many events meanwhile.
+    daemon's count of undelivered events includes them from its next L{Spool.recount}
+    (once a minute), so its bound may be exceeded by up to this many events meanwhile.
     """
     with _outside(path, write=True) as db:
-        return _retry_dead(db, destination, time.time())[0]
+        return _retry_dead(db, destinations, time.time())[0]

@@ -28,6 +28,8 @@ from tagd.reload import ReloadOnHangup, Reloader
 from tagd.systemd import SystemdNotifier
 
 DEFAULT_CONFIG = "tagd.toml"
+# The path of the configuration tagd runs on when no file is named and there is no ./tagd.toml.
+BUILT_IN = "(built-in defaults)"
 
 log = Logger()
 
@@ -56,7 +58,7 @@ def _read(path: str, overrides: dict[str, dict], *, required: bool) -> Config:
     """The file at C{path}; when it is not C{required} and does not exist, the built-in
     defaults."""
     if not required and not os.path.exists(path):
-        return parse_config("", "(built-in defaults)", overrides)
+        return parse_config("", BUILT_IN, overrides)
     return load_config(path, overrides)
 
 

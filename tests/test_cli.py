@@ -271,14 +271,49 @@ def test_an_unknown_destination_is_an_error(folder, spool_file, command):
     assert rows(spool_file) == STATE
 
 
-def test_retry_dead_for_a_destination_no_longer_configured(folder, spool_file):
-    """A destination removed from the configuration whose rows the spool still holds is
-    known: its dead letters can still be retried (say, before it is configured again)."""
+def test_retry_dead_refuses_a_destination_no_longer_configured(folder, spool_file):
+    """A destination whose rows the spool still holds but the configuration no longer names
+    is known, but retrying its dead letters is refused: tagd would dead-letter them again."""
     (folder / "tagd.toml").write_text('[spool]\npath = "spool.db"\n[[destinations]]\ntype = "log"\n')
-    output = ok(tagd("spool", "retry-dead", "--destination", "meta", cwd=folder))
-    assert output.startswith("2 dead letter(s) moved back to pending")
+    error = one_line_error(tagd("spool", "retry-dead", "--destination", "meta", cwd=folder))
+    assert error == (
+        "tagd: 'meta' is not configured in tagd.toml: tagd would dead-letter its rows again at its"
+        " next start or reload; configure it first"
+    )
+    assert rows(spool_file) == STATE
     error = one_line_error(tagd("spool", "retry-dead", "--destination", "hook", cwd=folder))
     assert error.endswith("(known: log, ga4, meta)")
+
+
+def test_retry_dead_leaves_destinations_no_longer_configured(folder, spool_file):
+    """Without --destination only the configured destinations' dead letters move; those of
+    the others stay dead, and a line says how many, by destination."""
+    (folder / "tagd.toml").write_text(CONFIG.replace('type = "ga4"', 'type = "ga4"\nname = "ga4-new"'))
+    output = ok(tagd("spool", "retry-dead", cwd=folder))
+    assert output == (
+        "2 dead letter(s) moved back to pending; tagd sends them at its next poll (or when it starts)\n"
+        "1 dead letter(s) of destinations not configured in tagd.toml left as they are (ga4: 1):"
+        " tagd would dead-letter them again; configure them first\n"
+    )
+    assert rows(spool_file) == {**STATE, ("ev-0", "meta"): ("pending", 0), ("ev-1", "meta"): ("pending", 0)}
+    output = ok(tagd("spool", "retry-dead", cwd=folder))
+    assert output.startswith("no dead letters for the configured destinations: nothing moved\n1 dead letter(s)")
+
+
+def test_retry_dead_without_a_configuration_file_moves_all(folder, spool_file):
+    """With no configuration file the command cannot tell what the daemon runs with: it
+    moves every dead letter, as asked, from the spool at the built-in path."""
+    (folder / "tagd.toml").unlink()
+    for suffix in ("", "-wal", "-shm"):
+        if (folder / f"spool.db{suffix}").exists():
+            (folder / f"spool.db{suffix}").rename(folder / f"tagd-spool.sqlite3{suffix}")
+    assert ok(tagd("spool", "retry-dead", cwd=folder)).startswith("3 dead letter(s) moved back to pending")
+    assert rows(folder / "tagd-spool.sqlite3") == {
+        **STATE,
+        ("ev-0", "ga4"): ("pending", 0),
+        ("ev-0", "meta"): ("pending", 0),
+        ("ev-1", "meta"): ("pending", 0),
+    }
 
 
 @pytest_twisted.ensureDeferred

@@ -437,7 +437,7 @@ async def test_a_removed_destination_s_rows_become_dead_letters_and_come_back(
 
     fake_meta.fake._injections.clear()
     await tagd.reload(tagd_toml(origin, spool, [meta, tiktok]))
-    assert retry_dead_letters(str(spool), "meta") == 2
+    assert retry_dead_letters(str(spool), ["meta"]) == 2
     await eventually(lambda: sorted(event_ids(fake_meta)) == ["m-1", "m-2"])
 
 
