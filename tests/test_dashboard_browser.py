@@ -1,7 +1,7 @@
 """The dashboard in a real headless Chromium, driven by Selenium through the system's
 chromedriver: log in with the token, watch an event sent through the proxy appear with
-its platform's answer, filter it away, follow the destinations a reload changes, and leave
-no stream behind.
+its platform's answer, filter it away, follow the destinations a reload changes, and log
+out, leaving no stream behind.
 
 Selenium's calls block, so each step runs in a thread while the reactor goes on serving
 tagd, the origin and the fake platform.  Without Chromium the test is skipped, unless
@@ -117,6 +117,14 @@ def shows_meta_again(driver) -> bool:
     return ("success", "meta", "order-9") in set(rows(driver))
 
 
+def log_out(driver) -> None:
+    """Press the page's button; the login form comes back."""
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, "logout").click()
+    until(driver, lambda d: d.find_elements(By.ID, "token"), "the login form")
+
+
 def accepted_counter(driver) -> str:
     from selenium.webdriver.common.by import By
 
@@ -129,7 +137,7 @@ async def test_the_dashboard_shows_an_event_sent_through_the_proxy(start_admin_t
     through the proxy shows as accepted for both destinations and as Meta's success; the
     counters count it; filtering by the dry-run destination hides Meta's row and keeps
     the dry run's; the filter offers the destinations configured now, and when the chosen
-    one goes, shows every destination again; when the browser goes, so does its stream."""
+    one goes, shows every destination again; logging out ends the stream and the session."""
     tagd = await start_admin_tagd(admin={"token": TOKEN}, destinations=[meta_destination(fake_meta), DRY])
     await within(deferToThread(log_in_and_open, browser, tagd.admin_url("/")), 2 * WAIT)
     assert feed_of(tagd).subscribers == 1
@@ -150,5 +158,7 @@ async def test_the_dashboard_shows_an_event_sent_through_the_proxy(start_admin_t
     await within(deferToThread(until, browser, lambda d: destination_filter(d) == fell_back, "dry gone"), 2 * WAIT)
     await within(deferToThread(until, browser, shows_meta_again, "every destination's rows"), 2 * WAIT)
 
-    await within(deferToThread(browser.quit), 2 * WAIT)
+    await within(deferToThread(log_out, browser), 2 * WAIT)
     await eventually(lambda: feed_of(tagd).subscribers == 0)
+    status = "return fetch('stats.json').then(response => response.status)"
+    assert await within(deferToThread(browser.execute_script, status)) == 401
