@@ -14,8 +14,8 @@ memory, every session ends when tagd restarts, which is also the only way the to
 changes (C{[admin]} is read at start-up).  The cookie is C{HttpOnly} (no script reads it)
 and C{SameSite=Strict} (no other site's page sends it, nor posts the login or logout).
 
-The token is compared in constant time, as digests; sessions are found by their id's
-digest too, so that neither a lookup's time nor tagd's memory holds an id as given.
+The token is compared in constant time, as digests.  Sessions are kept by their id's
+digest: a lookup's time then tells nothing of the ids kept, and tagd's memory holds none.
 Neither the token nor a session id is ever logged.
 """
 
@@ -115,8 +115,9 @@ class Access:
             return None
         now = self._reactor.seconds()
         # All live equally long, so the oldest end first.
-        while self._sessions and (next(iter(self._sessions.values())) <= now or len(self._sessions) >= MAX_SESSIONS):
-            self._sessions.popitem(last=False)
+        sessions = self._sessions
+        while sessions and (len(sessions) >= MAX_SESSIONS or next(iter(sessions.values())) <= now):
+            sessions.popitem(last=False)
         session = secrets.token_urlsafe(32).encode("ascii")
         self._sessions[_key(session)] = now + SESSION_LIFETIME
         return session
