@@ -2,27 +2,40 @@
 
 Programs (Prometheus, curl, monitors) send C{Authorization: Bearer TOKEN}.  A browser
 cannot add that header to the dashboard's live stream (C{EventSource} sends none), so a
-person logs in once: the token goes in a form, posted to C{/login}, never in a URL (where
+person logs in: the token goes in a form, posted to C{/login}, never in a URL (where
 history, bookmarks and proxies' logs would keep it), and the answer sets a session cookie.
 
-The cookie holds an HMAC of a fixed text keyed with the token, not the token: it opens the
-admin pages, but whoever reads it cannot learn the token that C{/metrics} scrapers use, and
-changing the token ends every session.  It is C{HttpOnly} (no script reads it) and
-C{SameSite=Strict} (no other site's page sends it).  Both the header and the cookie are
-compared in constant time.
+The cookie holds a random session id, new at every login, not the token nor anything
+made from it: whoever copies it cannot learn the token, and it opens the admin paths only
+while tagd keeps that session.  tagd keeps it in memory, for L{SESSION_LIFETIME} from the
+login (checked here, whatever the browser does with the cookie's C{Max-Age}), until
+C{/logout} ends it, or until it is the oldest of more than L{MAX_SESSIONS}.  Being in
+memory, every session ends when tagd restarts, which is also the only way the token
+changes (C{[admin]} is read at start-up).  The cookie is C{HttpOnly} (no script reads it)
+and C{SameSite=Strict} (no other site's page sends it, nor posts the login or logout).
+
+The token is compared in constant time, as digests.  Sessions are kept by their id's
+digest: a lookup's time then tells nothing of the ids kept, and tagd's memory holds none.
+Neither the token nor a session id is ever logged.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
+from collections import OrderedDict
 from urllib.parse import parse_qs
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 COOKIE = b"tagd_admin"
-_SESSION_KEY = b"tagd admin session"
+# A working day at the dashboard; after that, the token again.
+SESSION_LIFETIME = 12 * 3600
+# Sessions kept at once: a few people with a few browsers each.  A login beyond that ends
+# the oldest session, so that logins cannot grow tagd's memory.
+MAX_SESSIONS = 32
 _TEXT = b"text/plain; charset=utf-8"
 _HTML = b"text/html; charset=utf-8"
 # A form's body is a few dozen bytes; more is not a login.
@@ -46,15 +59,21 @@ def _login_page(notice: str) -> bytes:
 
 
 class Access:
-    """The check for C{token}; an empty token lets everyone in."""
+    """The check for C{token}, and the sessions of the browsers that logged in with it;
+    an empty token lets everyone in.
 
-    def __init__(self, token: str) -> None:
-        secret = token.encode("ascii")
-        self._digest = hashlib.sha256(secret).digest() if token else None
-        self._session = hmac.new(secret, _SESSION_KEY, hashlib.sha256).hexdigest().encode("ascii")
+    @param reactor: its C{seconds} times the sessions.
+    """
+
+    def __init__(self, token: str, reactor) -> None:
+        self._digest = hashlib.sha256(token.encode("ascii")).digest() if token else None
+        self._reactor = reactor
+        # Each session id's digest and when the session ends, oldest first.
+        self._sessions: OrderedDict[bytes, float] = OrderedDict()
 
     def allows(self, request: Request) -> bool:
-        """Whether C{request} carries the bearer token or a session cookie.
+        """Whether C{request} carries the bearer token or the cookie of a session that
+        has not ended.
 
         The header's comparison is between SHA-256 digests, so that the time it takes
         tells nothing about the token, not even its length.
@@ -65,22 +84,53 @@ class Access:
         if scheme.lower() == b"bearer":
             return hmac.compare_digest(hashlib.sha256(given.strip()).digest(), self._digest)
         cookie = request.getCookie(COOKIE)
-        return cookie is not None and hmac.compare_digest(cookie, self._session)
+        if cookie is None:
+            return False
+        key = _key(cookie)
+        ends = self._sessions.get(key)
+        if ends is None:
+            return False
+        if ends <= self._reactor.seconds():
+            del self._sessions[key]
+            return False
+        return True
 
     def login(self) -> Resource:
-        """C{/login}: the token from a posted form, answered with the session cookie."""
+        """C{/login}: the token from a posted form, answered with a new session's cookie."""
         return _Login(self)
+
+    def logout(self) -> Resource:
+        """C{/logout}: the end of the session whose cookie is posted."""
+        return _Logout(self)
 
     def refusal(self, path: bytes) -> Resource:
         """The answer to a request without the token: for the dashboard (C{/}) the login
         form, which a browser shows; elsewhere a line of text for programs."""
         return _Unauthorized(_login_page("This admin listener needs its token.") if path == b"" else None)
 
-    def session(self, token: bytes) -> bytes | None:
-        """The session cookie's value, when C{token} is the right one."""
-        if self._digest is not None and hmac.compare_digest(hashlib.sha256(token).digest(), self._digest):
-            return self._session
-        return None
+    def start_session(self, token: bytes) -> bytes | None:
+        """A new session's id, when C{token} is the right one.  Sessions past their end
+        are forgotten first; the oldest one goes when L{MAX_SESSIONS} are kept."""
+        if self._digest is None or not hmac.compare_digest(hashlib.sha256(token).digest(), self._digest):
+            return None
+        now = self._reactor.seconds()
+        # All live equally long, so the oldest end first.
+        sessions = self._sessions
+        while sessions and (len(sessions) >= MAX_SESSIONS or next(iter(sessions.values())) <= now):
+            sessions.popitem(last=False)
+        session = secrets.token_urlsafe(32).encode("ascii")
+        self._sessions[_key(session)] = now + SESSION_LIFETIME
+        return session
+
+    def end_session(self, session: bytes | None) -> None:
+        """Forget C{session}; an unknown or missing one is ignored (a second logout)."""
+        if session is not None:
+            self._sessions.pop(_key(session), None)
+
+
+def _key(session: bytes) -> bytes:
+    """What a session is kept by: its id's digest."""
+    return hashlib.sha256(session).digest()
 
 
 class _Unauthorized(Resource):
@@ -101,6 +151,20 @@ class _Unauthorized(Resource):
         return self._page
 
 
+def _set_cookie(request: Request, value: bytes, max_age: int) -> None:
+    """The session cookie, for the whole listener; C{max_age} 0 makes the browser drop it."""
+    request.addCookie(
+        COOKIE, value, path=b"/", max_age=str(max_age).encode("ascii"), httpOnly=True, sameSite="strict"
+    )
+
+
+def _back_to_the_dashboard(request: Request, text: bytes) -> bytes:
+    request.setResponseCode(303)
+    request.setHeader(b"Location", b"./")
+    request.setHeader(b"Content-Type", _TEXT)
+    return text
+
+
 class _Login(Resource):
     isLeaf = True
 
@@ -112,14 +176,28 @@ class _Login(Resource):
         """Only the form's body is read: a token in the query string would be in a URL."""
         form = parse_qs(request.content.read(MAX_LOGIN_BODY).decode("latin-1"))
         token = (form.get("token") or [""])[0].encode("latin-1")
-        session = self._access.session(token)
+        session = self._access.start_session(token)
         request.setHeader(b"Cache-Control", b"no-store")
         if session is None:
             request.setResponseCode(401)
             request.setHeader(b"Content-Type", _HTML)
             return _login_page("That is not the token.")
-        request.addCookie(COOKIE, session, path=b"/", httpOnly=True, sameSite="strict")
-        request.setResponseCode(303)
-        request.setHeader(b"Location", b"./")
-        request.setHeader(b"Content-Type", _TEXT)
-        return b"logged in\n"
+        _set_cookie(request, session, SESSION_LIFETIME)
+        return _back_to_the_dashboard(request, b"logged in\n")
+
+
+class _Logout(Resource):
+    """Open without the token, like C{/login}: a browser whose session has already ended
+    must still be able to drop its cookie."""
+
+    isLeaf = True
+
+    def __init__(self, access: Access) -> None:
+        super().__init__()
+        self._access = access
+
+    def render_POST(self, request: Request) -> bytes:
+        self._access.end_session(request.getCookie(COOKIE))
+        request.setHeader(b"Cache-Control", b"no-store")
+        _set_cookie(request, b"", 0)
+        return _back_to_the_dashboard(request, b"logged out\n")

@@ -15,7 +15,7 @@ effort, and are lost if a platform is down).  Without destinations there is noth
 and only serving counts.
 
 With C{[admin] token} set, every request needs C{Authorization: Bearer TOKEN} or the
-session cookie a browser gets by logging in (see L{tagd.access}).
+cookie of a session a browser gets by logging in (see L{tagd.access}).
 
 The listener is not essential to the shop: when its endpoint cannot be bound (another
 program on port 9100, say), tagd logs why and goes on proxying without it.
@@ -161,23 +161,24 @@ class _Health(Resource):
 
 
 class AdminRoot(Resource):
-    """The admin paths, behind the token when one is set (C{/login} excepted, which takes
-    it from a browser).  C{events} is the live stream, which the service ends at stop."""
+    """The admin paths, behind the token when one is set (C{/login} and C{/logout}
+    excepted, which begin and end a browser's session).  C{events} is the live stream,
+    which the service ends at stop."""
 
     def __init__(self, metrics: Metrics, health: Health, feed: Feed, token: str, reactor) -> None:
         super().__init__()
-        self._access = Access(token)
+        self._access = Access(token, reactor)
         self.events = Events(feed, reactor)
-        self.putChild(b"", Page())
+        self.putChild(b"", Page(logout=bool(token)))
         self.putChild(b"metrics", _Metrics(metrics))
         self.putChild(b"healthz", _Health(health))
         self.putChild(b"stats.json", Stats(metrics.registry, feed))
         self.putChild(b"events", self.events)
-        self._login = self._access.login() if token else None
+        self._open = {b"login": self._access.login(), b"logout": self._access.logout()} if token else {}
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
-        if path == b"login" and self._login is not None:
-            return self._login
+        if path in self._open:
+            return self._open[path]
         if not self._access.allows(request):
             return self._access.refusal(path)
         return super().getChildWithDefault(path, request)

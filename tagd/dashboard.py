@@ -58,14 +58,20 @@ def _page() -> tuple[bytes, bytes]:
     return page, policy
 
 
+# With a token, the page's header ends the browser's session (see L{tagd.access}); without
+# one there is no session, and the button would only mislead.
+_LOGOUT = b'<form method="post" action="logout"><button id="logout" type="submit">Log out</button></form>'
+
+
 class Page(Resource):
-    """C{/}: the page, read once at start-up."""
+    """C{/}: the page, read once at start-up; C{logout} adds the button that ends a session."""
 
     isLeaf = True
 
-    def __init__(self) -> None:
+    def __init__(self, logout: bool) -> None:
         super().__init__()
-        self._page, self._policy = _page()
+        page, self._policy = _page()
+        self._page = page.replace(b"</header>", _LOGOUT + b"</header>", 1) if logout else page
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")

@@ -8,7 +8,9 @@ Two kinds of entry, both plain JSON-ready dicts with a sequence number C{id}, a 
     with the outcome C{accepted};
   - a delivery's result for one destination: the outcome (C{success}, C{transient},
     C{throttle}, C{auth}, C{permanent}, C{expired}, C{dead}), the platform's HTTP status, how many
-    events, the first of their ids and names, and the platform's answer, clipped.
+    events, the first of their ids and names, and the platform's answer, clipped.  Dead
+    letters made without a delivery (a destination removed from the configuration) are
+    counted only, with the reason as the message.
 
 An entry names events by their id and name only.  It never holds what the event knows of
 the visitor (IP address, user agent, cookies, click ids, user data, hashed or not) nor a
@@ -96,13 +98,24 @@ class Feed:
         """C{events} came to C{outcome} at C{destination}; C{status} is the platform's
         HTTP status (None when it did not answer or was not asked) and C{message} its
         answer, which never contains a token (see L{tagd.destinations.Verdict})."""
-        named = events[:MAX_NAMED_EVENTS]
+        self._settled(destination, outcome, len(events), events[:MAX_NAMED_EVENTS], status, message)
+
+    def counted(self, destination: str, outcome: str, count: int, message: str) -> None:
+        """C{count} events came to C{outcome} at C{destination} without being sent or
+        read (the rows of a destination no longer configured are dead-lettered in the
+        spool, in bulk): the entry counts them, names none, and has no HTTP status;
+        C{message} says why."""
+        self._settled(destination, outcome, count, (), None, message)
+
+    def _settled(
+        self, destination: str, outcome: str, count: int, named: Sequence[Event], status: int | None, message: str
+    ) -> None:
         self.publish(
             {
                 "outcome": outcome,
                 "destination": destination,
                 "status": status,
-                "count": len(events),
+                "count": count,
                 "event_ids": [event.event_id for event in named],
                 "event_names": sorted({event.event_name for event in named}),
                 "message": message[:MAX_MESSAGE],

@@ -205,10 +205,13 @@ class Delivery(Service):
 
     async def _abandon_unconfigured(self) -> None:
         """Rows owed to destinations no longer configured would wait for good, and count
-        against C{[spool] max_events}: they become dead letters, counted and logged once."""
+        against C{[spool] max_events}: they become dead letters, counted, logged once and
+        shown on the dashboard, like the dead letters of a delivery."""
         abandoned = await self._spool.abandon(list(self._routes), ABANDONED)
         for name, count in abandoned.items():
             self._metrics.deliveries.labels(name, DEAD).inc(count)
+            if self._feed is not None:
+                self._feed.counted(name, DEAD, count, ABANDONED)
         if abandoned:
             log.warn(
                 "dead-lettered the pending deliveries to destinations no longer configured "

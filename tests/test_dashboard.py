@@ -1,17 +1,21 @@
 """The dashboard over real loopback sockets: the live stream of events and platform
 answers read by a raw HTTP client, its filters, heartbeat and clean-up, a reader that
-stops reading, the counters, and the token for a browser (a login form and a cookie)."""
+stops reading, the counters, and the token for a browser (a login form, sessions and
+their cookie)."""
 
 from __future__ import annotations
 
 import json
 
+import attrs
 import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
 
 from conftest import FAKE_META_TOKEN, eventually, within
+from tagd import access
 from test_admin import FIREFOX, TOKEN, get, meta_destination, samples, start_admin_tagd, value  # noqa: F401
 
 DRY = {"type": "log", "name": "dry"}
@@ -310,12 +314,37 @@ async def post_login(http, tagd, token: str):
     return response
 
 
+async def log_in(http, tagd) -> str:
+    """Log in with the token; the C{Cookie} header's value for the session."""
+    response = await post_login(http, tagd, TOKEN)
+    assert response.code == 303
+    (cookie,) = response.headers.getRawHeaders("set-cookie")
+    return cookie.split(";")[0]
+
+
+async def log_out(http, tagd, pair: str):
+    response = await within(http.post(tagd.admin_url("/logout"), headers={"Cookie": pair}, allow_redirects=False))
+    await within(response.text())
+    return response
+
+
+async def opens(http, tagd, pair: str) -> bool:
+    """Whether the session cookie C{pair} opens the dashboard and C{/metrics}; when it
+    does not, the dashboard asks to log in."""
+    page, _, body = await get(http, tagd.admin_url("/"), Cookie=pair)
+    metrics = (await get(http, tagd.admin_url("/metrics"), Cookie=pair))[0]
+    assert (page, metrics) in ((200, 200), (401, 401))
+    assert ('action="login"' in body) == (page == 401)
+    return page == 200
+
+
 @pytest_twisted.ensureDeferred
 async def test_with_a_token_a_browser_logs_in_for_a_cookie(start_admin_tagd, http, log_events):
     """With a token, the page, the counters and the stream answer 401 without it (the page
     with a login form), 200 with the bearer header, and 200 with the cookie that posting
-    the token to C{/login} sets: C{HttpOnly}, C{SameSite=Strict}, not the token itself.
-    A wrong token, or the token in the query string, opens nothing; no log line holds it."""
+    the token to C{/login} sets: C{HttpOnly}, C{SameSite=Strict}, C{Max-Age} the
+    session's lifetime, not the token itself.  A wrong token, or the token in the query
+    string, opens nothing; no log line holds the token or the session id."""
     tagd = await start_admin_tagd(admin={"token": TOKEN})
     for path in ("/", "/stats.json", "/events", f"/?token={TOKEN}", f"/events?token={TOKEN}"):
         assert (await get(http, tagd.admin_url(path)))[0] == 401, path
@@ -331,14 +360,92 @@ async def test_with_a_token_a_browser_logs_in_for_a_cookie(start_admin_tagd, htt
     assert TOKEN not in cookie
     pair, *attributes = [part.strip() for part in cookie.split(";")]
     assert pair.startswith("tagd_admin=")
-    assert {a.lower() for a in attributes} == {"path=/", "httponly", "samesite=strict"}
+    lifetime = f"max-age={access.SESSION_LIFETIME}"
+    assert {a.lower() for a in attributes} == {"path=/", lifetime, "httponly", "samesite=strict"}
 
     code, _, body = await get(http, tagd.admin_url("/"), Cookie=pair)
-    assert code == 200 and "<title>tagd</title>" in body
+    assert code == 200 and "<title>tagd</title>" in body and 'action="logout"' in body
     assert (await get(http, tagd.admin_url("/stats.json"), Cookie=pair))[0] == 200
     assert (await get(http, tagd.admin_url("/metrics"), Cookie="tagd_admin=" + TOKEN))[0] == 401
     stream = await open_stream(tagd.admin_port, headers=b"Cookie: %s\r\n" % pair.encode())
     assert stream.status == 200 and stream.header(b"content-type") == [b"text/event-stream; charset=utf-8"]
     stream.transport.loseConnection()
     await within(stream.closed)
-    assert not [e for e in log_events if TOKEN in repr(e)]
+    session = pair.partition("=")[2]
+    assert not [e for e in log_events if TOKEN in repr(e) or session in repr(e)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_login_is_a_session_of_its_own_until_its_logout(start_admin_tagd, http):
+    """Two logins get two random ids, each opening every path; logging out ends that
+    session only and has the browser drop its cookie; a second logout is harmless."""
+    tagd = await start_admin_tagd(admin={"token": TOKEN})
+    first, second = await log_in(http, tagd), await log_in(http, tagd)
+    assert first != second
+    assert await opens(http, tagd, first) and await opens(http, tagd, second)
+
+    response = await log_out(http, tagd, first)
+    assert response.code == 303 and response.headers.getRawHeaders("location") == ["./"]
+    (cookie,) = response.headers.getRawHeaders("set-cookie")
+    assert [part.strip().lower() for part in cookie.split(";")][:3] == ["tagd_admin=", "path=/", "max-age=0"]
+    assert not await opens(http, tagd, first)
+    assert await opens(http, tagd, second)
+    assert (await log_out(http, tagd, first)).code == 303
+    assert (await get(http, tagd.admin_url("/logout")))[0] == 405  # a link cannot log out
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_token_there_is_no_session_to_end(start_admin_tagd, http):
+    tagd = await start_admin_tagd()
+    code, _, body = await get(http, tagd.admin_url("/"))
+    assert code == 200 and 'action="logout"' not in body
+    assert (await log_out(http, tagd, "tagd_admin=x")).code == 404
+
+
+@attrs.define
+class ClockedAdmin:
+    """An admin listener with a token whose sessions are timed by C{clock}."""
+
+    clock: Clock
+    service: object
+
+    def admin_url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.service.port.getHost().port}{path}"
+
+
+@pytest_twisted.async_yield_fixture
+async def clocked_admin(reactor):
+    """The admin listener on a real loopback port, its sessions on a fake clock."""
+    from tagd.admin import AdminRoot, AdminService, Health
+    from tagd.feed import Feed
+    from tagd.metrics import Metrics
+
+    clock = Clock()
+    health = Health(serving=lambda: True, spool=None, spool_wanted=False)
+    root = AdminRoot(Metrics(), health, Feed(clock.seconds), TOKEN, clock)
+    service = AdminService(reactor, "tcp:0:interface=127.0.0.1", root)
+    service.startService()
+    await eventually(lambda: service.port is not None)
+    yield ClockedAdmin(clock, service)
+    await within(service.stopService())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_ends_after_its_lifetime_whatever_the_cookie_says(clocked_admin, http):
+    """A session opens the admin paths until its lifetime from the login is up, then
+    the page asks to log in again and C{/metrics} answers 401, with the same cookie."""
+    pair = await log_in(http, clocked_admin)
+    clocked_admin.clock.advance(access.SESSION_LIFETIME - 1)
+    assert await opens(http, clocked_admin, pair)
+    later = await log_in(http, clocked_admin)
+    clocked_admin.clock.advance(1)
+    assert not await opens(http, clocked_admin, pair)
+    assert await opens(http, clocked_admin, later)
+
+
+@pytest_twisted.ensureDeferred
+async def test_past_the_bound_a_login_ends_the_oldest_session(clocked_admin, http, monkeypatch):
+    """Logins cannot grow tagd's memory: past L{MAX_SESSIONS} the oldest session ends."""
+    monkeypatch.setattr(access, "MAX_SESSIONS", 2)
+    oldest, older, newest = [await log_in(http, clocked_admin) for _ in range(3)]
+    assert [await opens(http, clocked_admin, pair) for pair in (oldest, older, newest)] == [False, True, True]

@@ -1,6 +1,7 @@
 """The dashboard in a real headless Chromium, driven by Selenium through the system's
 chromedriver: log in with the token, watch an event sent through the proxy appear with
-its platform's answer, filter it away, and leave no stream behind.
+its platform's answer, filter it away, follow the destinations a reload changes, and log
+out, leaving no stream behind.
 
 Selenium's calls block, so each step runs in a thread while the reactor goes on serving
 tagd, the origin and the fake platform.  Without Chromium the test is skipped, unless
@@ -103,6 +104,27 @@ def shows_dry_only(driver) -> bool:
     return ("success", "dry", "order-9") in shown and not any(row[1] == "meta" for row in shown)
 
 
+def destination_filter(driver) -> tuple[list[str], str]:
+    """The destination filter's choices (after "all") and the one chosen."""
+    choices, chosen = driver.execute_script(
+        "const select = document.getElementById('destination');"
+        "return [[...select.options].slice(1).map(option => option.value), select.value]"
+    )
+    return choices, chosen
+
+
+def shows_meta_again(driver) -> bool:
+    return ("success", "meta", "order-9") in set(rows(driver))
+
+
+def log_out(driver) -> None:
+    """Press the page's button; the login form comes back."""
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, "logout").click()
+    until(driver, lambda d: d.find_elements(By.ID, "token"), "the login form")
+
+
 def accepted_counter(driver) -> str:
     from selenium.webdriver.common.by import By
 
@@ -114,7 +136,8 @@ async def test_the_dashboard_shows_an_event_sent_through_the_proxy(start_admin_t
     """In Chromium: the dashboard asks for the token, then streams live; a purchase sent
     through the proxy shows as accepted for both destinations and as Meta's success; the
     counters count it; filtering by the dry-run destination hides Meta's row and keeps
-    the dry run's; when the browser goes, so does its stream."""
+    the dry run's; the filter offers the destinations configured now, and when the chosen
+    one goes, shows every destination again; logging out ends the stream and the session."""
     tagd = await start_admin_tagd(admin={"token": TOKEN}, destinations=[meta_destination(fake_meta), DRY])
     await within(deferToThread(log_in_and_open, browser, tagd.admin_url("/")), 2 * WAIT)
     assert feed_of(tagd).subscribers == 1
@@ -126,5 +149,16 @@ async def test_the_dashboard_shows_an_event_sent_through_the_proxy(start_admin_t
     await within(deferToThread(filter_to_dry, browser), 2 * WAIT)
     await within(deferToThread(until, browser, shows_dry_only, "the dry run's rows only"), 2 * WAIT)
 
-    await within(deferToThread(browser.quit), 2 * WAIT)
+    # What a reload does to the destinations: the filter follows, keeping a choice still there.
+    feed_of(tagd).destinations = ("dry", "ga4")
+    kept = (["dry", "ga4"], "dry")
+    await within(deferToThread(until, browser, lambda d: destination_filter(d) == kept, "ga4 added"), 2 * WAIT)
+    feed_of(tagd).destinations = ("meta",)
+    fell_back = (["meta"], "")
+    await within(deferToThread(until, browser, lambda d: destination_filter(d) == fell_back, "dry gone"), 2 * WAIT)
+    await within(deferToThread(until, browser, shows_meta_again, "every destination's rows"), 2 * WAIT)
+
+    await within(deferToThread(log_out, browser), 2 * WAIT)
     await eventually(lambda: feed_of(tagd).subscribers == 0)
+    status = "return fetch('stats.json').then(response => response.status)"
+    assert await within(deferToThread(browser.execute_script, status)) == 401

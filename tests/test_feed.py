@@ -123,3 +123,17 @@ def test_no_entry_holds_what_the_event_knows_of_the_visitor(outcome):
         event.ttp, event.ga_client_id, event.ga_session_id, "A-1001", "sku-1",
     ]  # fmt: skip
     assert [value for value in private if value in text] == []
+
+
+def test_dead_letters_made_without_a_delivery_are_counted_unnamed():
+    """Rows dead-lettered in bulk (their destination was removed) make one entry: the
+    count and the reason, no HTTP status, no ids or names; it passes the filters as a
+    delivery does."""
+    ring = feed()
+    ring.counted("tiktok", "dead", 7, "destination no longer configured")
+    (entry,) = ring.recent()
+    assert entry == {
+        "outcome": "dead", "destination": "tiktok", "status": None, "count": 7, "event_ids": [],
+        "event_names": [], "message": "destination no longer configured", "id": 1, "time": 1764230400.0,
+    }  # fmt: skip
+    assert matches(entry, "tiktok", "dead") and not matches(entry, "meta", None)

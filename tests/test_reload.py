@@ -10,6 +10,7 @@ over a keep-alive connection that must survive the reload.
 from __future__ import annotations
 
 import http.client
+import json
 import signal
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 import pytest_twisted
 from twisted.application.service import MultiService
 from twisted.logger import formatEvent
+from twisted.web.client import Agent, readBody
 
 from conftest import (
     FAKE_META_TOKEN,
@@ -43,6 +45,7 @@ from helpers import (
     wait_until,
 )
 from test_tracking_e2e import tracked_visit
+from tagd.admin import AdminService
 from tagd.config import parse_config
 from tagd.configdiff import Changes, diff
 from tagd.metrics import Metrics
@@ -410,11 +413,14 @@ def dead_reasons(spool: Path, destination: str) -> list[str]:
 
 @pytest_twisted.ensureDeferred
 async def test_a_removed_destination_s_rows_become_dead_letters_and_come_back(
-    start_tagd, origin, connect, fake_meta, fake_ga4, fake_tiktok, tmp_path, log_events
+    reactor, start_tagd, origin, connect, fake_meta, fake_ga4, fake_tiktok, tmp_path, log_events
 ):
     """Meta fails while two events wait for it; a reload removes Meta: its rows become dead
     letters ("destination no longer configured"), no longer counted as undelivered, and
-    one line says how many.  Configured again, retry-dead sends them to Meta."""
+    one line says how many.  The dashboard's live table shows them as one entry, counted
+    (the spool dead-letters them without reading them, so no ids), and its counters keep
+    Meta's but list only TikTok as configured.  Configured again, retry-dead sends them
+    to Meta."""
     meta, _, tiktok = platform_destinations(fake_meta, fake_ga4, fake_tiktok)
     spool = tmp_path / "spool.sqlite3"
     tagd = await start_tagd(tagd_toml(origin, spool, [meta, tiktok]))
@@ -434,6 +440,15 @@ async def test_a_removed_destination_s_rows_become_dead_letters_and_come_back(
         "dead-lettered the pending deliveries to destinations no longer configured (meta: 2); "
         "`tagd spool retry-dead --destination NAME` sends them once NAME is configured again"
     ]
+    (admin,) = [s for s in tagd.service if isinstance(s, AdminService)]
+    (dead,) = [entry for entry in admin._root.events._feed.recent() if entry["outcome"] == "dead"]
+    assert dead == {
+        "outcome": "dead", "destination": "meta", "status": None, "count": 2, "event_ids": [],
+        "event_names": [], "message": ABANDONED, "id": dead["id"], "time": dead["time"],
+    }  # fmt: skip
+    stats_url = b"http://127.0.0.1:%d/stats.json" % admin.port.getHost().port
+    stats = json.loads(await within(readBody(await within(Agent(reactor).request(b"GET", stats_url)))))
+    assert stats["destinations"] == ["tiktok"] and stats["delivered"]["meta"]["dead"] == 2
 
     fake_meta.fake._injections.clear()
     await tagd.reload(tagd_toml(origin, spool, [meta, tiktok]))
