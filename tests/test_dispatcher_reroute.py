@@ -8,6 +8,7 @@ is not in flight fails the test there.
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
 
 from conftest import eventually, sleep, within
@@ -66,10 +67,17 @@ async def test_a_removed_route_settles_its_batch_and_leases_nothing_more(serving
     assert delivered(metrics, "meta", "success") == 1
 
 
+@pytest.mark.parametrize(
+    "changed",
+    [{"poll_interval": 0.02}, {"concurrency": 2}],
+    ids=["same-lane", "new-concurrency"],
+)
 @pytest_twisted.ensureDeferred
-async def test_an_unchanged_route_keeps_its_lane_and_its_pause(serving, dispatch, spool, metrics):
+async def test_a_reroute_with_the_same_route_keeps_the_pause(serving, dispatch, spool, metrics, changed):
     """A reroute that leaves Meta's route as it was keeps the pause a 429 asked for: no
-    request within the second, then delivery.  New settings apply all the same."""
+    request within the second, then delivery.  New settings apply all the same; a new
+    concurrency gives Meta a new lane (it sizes the request slots), and the pause goes on
+    in that lane."""
     served = serving(ObservedMeta(retry_after="1"))
     served.fake.inject(1, status=429, code=17)
     spool.add("meta", events("p", 2))
@@ -78,25 +86,7 @@ async def test_an_unchanged_route_keeps_its_lane_and_its_pause(serving, dispatch
     await eventually(lambda: delivered(metrics, "meta", "throttle") == 2)
     throttled_at = served.fake.times[0]
 
-    await within(dispatcher.reroute([route], **{**SETTINGS, "poll_interval": 0.02}))
-    await eventually(lambda: delivered(metrics, "meta", "success") == 2, timeout=5)
-    assert served.fake.times[1] - throttled_at >= 1.0
-    assert len(served.fake.requests) == 2
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_new_concurrency_keeps_a_throttle_s_pause(serving, dispatch, spool, metrics):
-    """A new concurrency gives Meta a new lane, as it sizes the request slots; the route is
-    the same, so the pause a 429 asked for goes on in the new lane."""
-    served = serving(ObservedMeta(retry_after="1"))
-    served.fake.inject(1, status=429, code=17)
-    spool.add("meta", events("c", 2))
-    route = meta_route(served)
-    dispatcher = dispatch(route, **SETTINGS)
-    await eventually(lambda: delivered(metrics, "meta", "throttle") == 2)
-    throttled_at = served.fake.times[0]
-
-    await within(dispatcher.reroute([route], **{**SETTINGS, "concurrency": 2}))
+    await within(dispatcher.reroute([route], **{**SETTINGS, **changed}))
     await eventually(lambda: delivered(metrics, "meta", "success") == 2, timeout=5)
     assert served.fake.times[1] - throttled_at >= 1.0
     assert len(served.fake.requests) == 2
