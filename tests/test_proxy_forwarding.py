@@ -273,6 +273,26 @@ async def test_client_ip_header_believed_only_from_trusted_peers(
 
 
 @pytest_twisted.ensureDeferred
+async def test_nginx_in_front_on_the_droplet(start_tagd, origin, connect, hook):
+    """The README's nginx variant: nginx on the same host sets X-Real-IP to the visitor's
+    address, tagd trusts only 127.0.0.1 and reads that header.  A CF-Connecting-IP the
+    visitor sent through nginx is not believed."""
+    tagd = await start_tagd(trusted_proxies=["127.0.0.1/32"], client_ip_header="X-Real-IP")
+    visitor = await connect(tagd.port)
+    await within(
+        visitor.request(
+            b"GET",
+            b"/echo",
+            headers=[(b"X-Real-IP", b"203.0.113.9"), (b"CF-Connecting-IP", b"6.6.6.6"), (b"X-Track", b"{}")],
+        )
+    )
+    (seen,) = origin.seen
+    assert seen.header(b"x-real-ip") == [b"203.0.113.9"]
+    [(_, visit)] = await within(hook.called())
+    assert visit.client_ip == "203.0.113.9"
+
+
+@pytest_twisted.ensureDeferred
 async def test_garbage_client_ip_header_from_trusted_peer_is_ignored(start_tagd, origin, connect):
     """A trusted peer's client IP header that is not an IP address falls back to the peer."""
     tagd = await start_tagd(trusted_proxies=["127.0.0.0/8"])
