@@ -6,6 +6,7 @@ C{twistd -n tagd --config PATH} and C{twistd -ny tagd.tac} both end in L{makeSer
 from __future__ import annotations
 
 import os
+import sys
 from functools import partial
 from typing import Callable
 
@@ -30,6 +31,9 @@ from tagd.systemd import SystemdNotifier
 DEFAULT_CONFIG = "tagd.toml"
 # The path of the configuration tagd runs on when no file is named and there is no ./tagd.toml.
 BUILT_IN = "(built-in defaults)"
+# sysexits.h's EX_CONFIG.  A status of its own, so that systemd can tell a configuration
+# error, which a restart would only repeat, from a crash (RestartPreventExitStatus=).
+CONFIG_ERROR_EXIT = 78
 
 log = Logger()
 
@@ -160,12 +164,14 @@ def build_service(
 
 
 def makeService(options, reactor=None) -> MultiService:
-    """twistd's entry point: a configuration error ends start-up with one line."""
+    """twistd's entry point: a configuration error ends start-up with one line on stderr
+    and the exit status L{CONFIG_ERROR_EXIT}."""
     if reactor is None:
         from twisted.internet import reactor
     load = config_loader(options)
     try:
         config = load()
     except ConfigError as e:
-        raise SystemExit(str(e)) from None
+        sys.stderr.write(f"{e}\n")
+        raise SystemExit(CONFIG_ERROR_EXIT) from None
     return build_service(config, reactor, load=load)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ADMIN_TOML, REPO_ROOT, TWISTD, copy_checkout, free_port, read_log, running, wait_for_http
+from tagd.tap import CONFIG_ERROR_EXIT
 
 # How long a daemon may take to exit after SIGTERM.
 STOP_TIMEOUT = 5.0
@@ -130,7 +131,7 @@ def assert_stops_with_one_line(path: Path, key: str, *, cwd: Path) -> None:
         text=True,
         timeout=60,
     )
-    assert result.returncode != 0
+    assert result.returncode == CONFIG_ERROR_EXIT, result.stdout
     assert "Traceback" not in result.stdout, result.stdout
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout

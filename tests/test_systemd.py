@@ -28,7 +28,7 @@ from helpers import ADMIN_TOML, REPO_ROOT, TWISTD, free_port, http_get, read_log
 from service_manager import NotifySocket, short_socket_path, systemd_analyze_verify
 from tagd.config import parse_config
 from tagd.systemd import SystemdNotifier, notify_address, watchdog_interval
-from tagd.tap import build_service
+from tagd.tap import CONFIG_ERROR_EXIT, build_service
 
 UNITS = REPO_ROOT / "contrib" / "systemd"
 INSTALLED_TWISTD = "/opt/tagd/bin/twistd"  # where the unit expects tagd (README.md)
@@ -249,6 +249,9 @@ def test_service_unit_runs_tagd_as_documented():
     # tagd's own deadline (10 s by default) must end well before systemd kills it.
     assert float(settings["TimeoutStopSec"]) > parse_config("", "(defaults)").proxy.shutdown_timeout
     assert settings["CapabilityBoundingSet"] == ""
+    # A configuration error is not restarted: tagd exits with the status the unit names.
+    assert settings["Restart"] == "on-failure"
+    assert settings["RestartPreventExitStatus"] == str(CONFIG_ERROR_EXIT)
 
 
 def verify(tmp_path: Path, service_text: str) -> subprocess.CompletedProcess:
