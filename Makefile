@@ -10,11 +10,13 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test install bench
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+# pip, not python: a venv that failed half-way (no ensurepip) has a python but no pip,
+# and is made again rather than used.
+$(BIN)/pip:
+	$(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-install: $(BIN)/python
+install: $(BIN)/pip
 	$(BIN)/python -m pip install --quiet ".[test]"
 
 demo: install
