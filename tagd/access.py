@@ -38,7 +38,7 @@ SESSION_LIFETIME = 12 * 3600
 MAX_SESSIONS = 32
 _TEXT = b"text/plain; charset=utf-8"
 _HTML = b"text/html; charset=utf-8"
-# A form's body is a few dozen bytes; more is not a login.
+# A form's body is a few dozen bytes: a longer one is refused, not parsed.
 MAX_LOGIN_BODY = 4096
 
 _LOGIN_PAGE = """<!doctype html>
@@ -174,7 +174,12 @@ class _Login(Resource):
 
     def render_POST(self, request: Request) -> bytes:
         """Only the form's body is read: a token in the query string would be in a URL."""
-        form = parse_qs(request.content.read(MAX_LOGIN_BODY).decode("latin-1"))
+        body = request.content.read(MAX_LOGIN_BODY + 1)
+        if len(body) > MAX_LOGIN_BODY:
+            request.setResponseCode(413)
+            request.setHeader(b"Content-Type", _TEXT)
+            return b"a login form is never that long\n"
+        form = parse_qs(body.decode("latin-1"))
         token = (form.get("token") or [""])[0].encode("latin-1")
         session = self._access.start_session(token)
         request.setHeader(b"Cache-Control", b"no-store")

@@ -31,9 +31,14 @@ class Changes:
     restart: tuple[str, ...] = ()  # keys that take effect only after a restart
 
     @property
+    def delivering(self) -> bool:
+        """Whether delivery changes: its destinations or its C{[delivery]} settings."""
+        return bool(self.added or self.removed or self.changed or self.delivery)
+
+    @property
     def reloadable(self) -> bool:
         """Whether anything a reload applies has changed."""
-        return bool(self.added or self.removed or self.changed or self.tracking or self.delivery)
+        return self.delivering or self.tracking
 
     def summary(self) -> str:
         """The reloadable changes in words, for the log: names only, never values."""

@@ -208,13 +208,16 @@ class Events(Resource):
         stream.replay(self._feed.subscribe(stream.send))
         heartbeat = LoopingCall(stream.write, b": keep-alive\n\n")
         heartbeat.clock = self._reactor
-        heartbeat.start(HEARTBEAT, now=False)
+        heartbeat.start(HEARTBEAT, now=False).addErrback(
+            lambda failure: log.failure("a dashboard stream's keep-alive failed", failure)
+        )
         self._streams.add(stream)
 
         def gone(_) -> None:
-            heartbeat.stop()
             self._feed.unsubscribe(stream.send)
             self._streams.discard(stream)
+            if heartbeat.running:
+                heartbeat.stop()
 
         request.notifyFinish().addBoth(gone)
         return NOT_DONE_YET

@@ -73,8 +73,9 @@ log = Logger()
 # The shortest pause a throttle causes, even when Retry-After says 0 or a past date.
 MIN_PAUSE = 1.0
 # Seconds a destination whose credentials were refused first pauses (then twice as long
-# after each refusal, up to backoff_cap): a fixed token needs a restart anyway, and a
-# refusal the platform takes back soon (a token rotated a moment late) is retried soon.
+# after each refusal, up to backoff_cap): a fixed token comes with a reload or a restart,
+# which starts the destination afresh, and a refusal the platform takes back soon (a token
+# rotated a moment late) is retried soon.
 AUTH_PAUSE = 10.0
 # Rows a destination leases at once, at least.  GA4 takes 25 events of one visitor per
 # request, so a lease of its batch size would be a few visitors' events: after an outage
@@ -493,9 +494,11 @@ class Dispatcher(Service):
         unsent = [row for ok, carried in results if ok for row in carried]
         if unsent:
             await self._release(lane, unsent)
-        for ok, failure in results:
-            if not ok:
-                failure.raiseException()
+        failures = [failure for ok, failure in results if not ok]
+        for failure in failures[1:]:
+            log.failure("{destination}: the spool could not record a request's fate", failure, destination=lane.name)
+        if failures:
+            failures[0].raiseException()  # Logged by the batch's own handler.
 
     async def _dry_run(self, lane: _Lane, rows: Sequence[Lease], destination: Describing) -> None:
         """The log destination: each event described in the log, and done."""
@@ -567,7 +570,13 @@ class Dispatcher(Service):
     def _heed(self, lane: _Lane, verdict: Verdict) -> None:
         """What an answer means for the whole destination (a pause, or the end of one),
         decided before its slot passes to the next request: releasing the slot starts
-        that request at once, which must not go out after a pause began."""
+        that request at once, which must not go out after a pause began.
+
+        A retired lane's answers say nothing of the destination any more: its requests
+        left with the old route (an old token, say), and the lane that replaced it, or the
+        destination's removal, decides its pause and its gauge."""
+        if lane.retired:
+            return
         if verdict.outcome is Outcome.SUCCESS:
             lane.throttles = 0
             self._accepted(lane)
@@ -611,8 +620,11 @@ class Dispatcher(Service):
     def _backoff(self, attempts: int) -> float:
         """Seconds to wait after C{attempts} earlier failures: full jitter, uniformly
         between 0 and C{min(cap, base * 2**attempts)}."""
-        ceiling = min(self._backoff_cap, self._backoff_base * 2 ** min(attempts, MAX_EXPONENT))
-        return self._rand.uniform(0, ceiling)
+        return self._rand.uniform(0, self._doubled(self._backoff_base, attempts))
+
+    def _doubled(self, base: float, times: int) -> float:
+        """C{base} doubled C{times} times, capped at C{backoff_cap}."""
+        return min(self._backoff_cap, base * 2 ** min(times, MAX_EXPONENT))
 
     async def _retry(self, lane: _Lane, rows: Sequence[Lease], error: str) -> None:
         now = self._reactor.seconds()
@@ -638,7 +650,7 @@ class Dispatcher(Service):
         now = self._reactor.seconds()
         if lane.refusals and lane.paused_until > now:
             return
-        delay = min(self._backoff_cap, AUTH_PAUSE * 2 ** min(lane.refusals, MAX_EXPONENT))
+        delay = self._doubled(AUTH_PAUSE, lane.refusals)
         lane.refusals += 1
         lane.paused_until = max(lane.paused_until, now + delay)
         self._metrics.credentials_refused.labels(lane.name).set(1)

@@ -28,7 +28,11 @@ import json
 from collections import deque
 from typing import Callable, Iterable, Sequence
 
+from twisted.logger import Logger
+
 from tagd.events import Event
+
+log = Logger()
 
 # Entries kept for a stream that connects: enough to fill a screen with context.
 RECENT = 200
@@ -123,14 +127,21 @@ class Feed:
         )
 
     def publish(self, entry: Entry) -> None:
-        """Keep C{entry} (numbered and timed) and hand it to every stream."""
+        """Keep C{entry} (numbered and timed) and hand it to every stream.
+
+        It runs on the tracking and delivery paths: a stream that fails is logged and
+        dropped, and never stops an event on its way."""
         entry["id"] = next(self._ids)
         entry["time"] = round(self._clock(), 3)
         self._recent.append(entry)
         if self._subscribers:
             text = encode(entry)
             for subscriber in list(self._subscribers):
-                subscriber(entry, text)
+                try:
+                    subscriber(entry, text)
+                except Exception:
+                    log.failure("a dashboard stream failed and is closed")
+                    self.unsubscribe(subscriber)
 
     # -- who watches --------------------------------------------------------------------
 

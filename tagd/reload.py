@@ -34,7 +34,7 @@ from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred
 from twisted.logger import Logger
 
 from tagd.config import Config, ConfigError
-from tagd.configdiff import RESTART_TABLES, diff, restart_keys
+from tagd.configdiff import RESTART_TABLES, diff
 from tagd.metrics import Metrics
 from tagd.pipeline import Delivery
 from tagd.proxy import ProxyResource
@@ -83,17 +83,18 @@ class Reloader:
             self._metrics.config_reloads.labels("failed").inc()
             log.error("configuration not reloaded, the running one stays: {error}", error=str(e))
             return
-        restart = restart_keys(self.current, new)
+        no_spool = ()
         if self._delivery is None and new.destinations:
-            restart += (NO_SPOOL_YET,)
+            no_spool = (NO_SPOOL_YET,)
             new = attrs.evolve(new, destinations=())
+        changes = diff(self.current, new)
+        restart = changes.restart + no_spool
         applied = attrs.evolve(new, **{table: getattr(self.current, table) for table in RESTART_TABLES})
-        changes = diff(self.current, applied)
+        settled = None
         if changes.reloadable and self._delivery is not None:
-            settled = self._delivery.retarget(applied, changes.changed)
+            if changes.delivering:
+                settled = self._delivery.retarget(applied, changes.changed)
             self._proxy.on_tracking = self._delivery.tracker(applied) if applied.destinations else None
-        else:
-            settled = None
         self.current = applied
         self._metrics.config_reloads.labels("ok").inc()
         # One line per reload, a warning when keys wait for a restart, so that every reload

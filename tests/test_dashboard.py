@@ -395,6 +395,15 @@ async def test_each_login_is_a_session_of_its_own_until_its_logout(start_admin_t
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_overlong_login_form_is_refused_unread(start_admin_tagd, http):
+    """A login body longer than any form (the token padded past 4 KiB) gets 413 and no
+    session, even with the right token first."""
+    tagd = await start_admin_tagd(admin={"token": TOKEN})
+    response = await post_login(http, tagd, TOKEN + "&pad=" + "x" * 5000)
+    assert response.code == 413 and response.headers.getRawHeaders("set-cookie") is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_without_a_token_there_is_no_session_to_end(start_admin_tagd, http):
     tagd = await start_admin_tagd()
     code, _, body = await get(http, tagd.admin_url("/"))

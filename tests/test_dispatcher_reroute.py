@@ -140,3 +140,18 @@ async def test_a_new_token_by_reload_ends_the_refusal(serving, dispatch, spool, 
 
     await within(dispatcher.reroute([], **SETTINGS))
     assert refused() is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refusal_answering_a_retired_lane_does_not_touch_the_new_one(serving, dispatch, spool, metrics):
+    """The token is fixed by a reload while a request with the old one is still out: its
+    refusal, arriving after the reroute, neither pauses the new lane nor sets the gauge."""
+    served = serving(ObservedMeta())
+    served.fake.inject(1, delay=0.5)
+    spool.add("meta", events("o", 2))
+    dispatcher = dispatch(meta_route(served, access_token="wrong-token-123"), **SETTINGS)
+    await eventually(lambda: len(served.fake.requests) == 1)
+
+    await within(dispatcher.reroute([meta_route(served)], **SETTINGS))
+    await eventually(lambda: set(spool.states("meta").values()) == {"done"})
+    assert metrics.registry.get_sample_value("tagd_destination_credentials_refused", {"destination": "meta"}) == 0

@@ -137,3 +137,22 @@ def test_dead_letters_made_without_a_delivery_are_counted_unnamed():
         "event_names": [], "message": "destination no longer configured", "id": 1, "time": 1764230400.0,
     }  # fmt: skip
     assert matches(entry, "tiktok", "dead") and not matches(entry, "meta", None)
+
+
+def test_a_failing_stream_is_dropped_and_stops_nothing(logged_failures):
+    """A stream that raises is logged and unsubscribed; the entry is kept, the other
+    streams get it, and the publisher (tracking, delivery) never sees the error."""
+    feed = Feed(lambda: 0.0, ["meta"])
+    got = []
+
+    def broken(entry, text):
+        raise OSError("the browser went away mid-write")
+
+    feed.subscribe(broken)
+    feed.subscribe(lambda entry, text: got.append(entry["event_id"]))
+    feed.accepted([make_event(event_id="a")])
+    feed.accepted([make_event(event_id="b")])
+    assert got == ["a", "b"]
+    assert feed.subscribers == 1
+    assert [e["event_id"] for e in feed.recent()] == ["a", "b"]
+    assert [e["log_failure"].type for e in logged_failures] == [OSError]
