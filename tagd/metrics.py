@@ -19,6 +19,7 @@ class Metrics:
     tracking_dropped: Counter = attrs.field(init=False)
     events_accepted: Counter = attrs.field(init=False)
     deliveries: Counter = attrs.field(init=False)
+    delivery_retries: Counter = attrs.field(init=False)
     config_reloads: Counter = attrs.field(init=False)
     credentials_refused: Gauge = attrs.field(init=False)
 
@@ -38,6 +39,12 @@ class Metrics:
             "tagd_events_delivered",
             "Events by destination and the outcome of their delivery attempt.",
             ["destination", "outcome"],
+            registry=self.registry,
+        )
+        self.delivery_retries = Counter(
+            "tagd_delivery_retries",
+            "Events the dispatcher scheduled for another attempt after a transient failure.",
+            ["destination"],
             registry=self.registry,
         )
         self.config_reloads = Counter(
