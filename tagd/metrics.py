@@ -10,6 +10,9 @@ from __future__ import annotations
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+# Every reason tagd_tracking_dropped_total counts (by L{tagd.tracker} and L{tagd.pipeline}).
+DROP_REASONS = ("method", "path", "status", "prefetch", "bot", "consent", "malformed", "event_time", "queue_full")
+
 
 @attrs.define
 class Metrics:
@@ -30,6 +33,10 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        # Every series from the start, at 0: a rate alert on a reason needs one to match
+        # before the first such drop (as for the reload results below).
+        for reason in DROP_REASONS:
+            self.tracking_dropped.labels(reason)
         self.events_accepted = Counter(
             "tagd_events_accepted",
             "Events accepted from tracking headers.",
