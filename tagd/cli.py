@@ -28,7 +28,7 @@ from twisted.internet.task import react
 from tagd.config import Config, ConfigError, DestinationConfig
 from tagd.delivery import http_client
 from tagd.destinations import Describing, Destination, Outcome, OutgoingRequest
-from tagd.destinations._common import redact
+from tagd.destinations._common import public_url, redact
 from tagd.destinations.registry import destination_module
 from tagd.destinations.webhook import MIN_SECRET
 from tagd.events import Event
@@ -38,6 +38,9 @@ from tagd.tap import BUILT_IN, config_from_options
 MASK = "***"
 STATUSES = ("pending", "inflight", "dead", "expired")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+# Destination keys holding a URL whose user info or query may carry a credential (a
+# webhook's url); the platforms' endpoints are refused with either, so they show as written.
+CREDENTIAL_URLS = frozenset({"url"})
 
 
 class CommandError(Exception):
@@ -224,7 +227,8 @@ def destination_values(
     prefix: str, destination: DestinationConfig, references: Mapping[str, Mapping[str, str]]
 ) -> dict[str, Any]:
     """Every key of one C{[[destinations]]} table (C{prefix}: C{destinations[0]}) with the
-    value the daemon uses, secrets masked.
+    value the daemon uses, secrets masked, and so the user info, query and fragment of a URL
+    (L{CREDENTIAL_URLS}), which the daemon's logs leave out for the same reason.
 
     The values are read back from the built destination, so defaults and normalisations
     (a trimmed endpoint, say) show as they take effect.
@@ -235,6 +239,8 @@ def destination_values(
         value = getattr(destination.destination, key)
         if key in destination.secrets and value is not None:
             value = masked(value, f"{prefix}.{key}", references)
+        elif key in CREDENTIAL_URLS:
+            value = public_url(value, MASK)
         values[key] = value
     return values
 

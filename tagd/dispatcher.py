@@ -30,7 +30,9 @@ a restart the first request asks again, and a platform still refusing restores t
 
 Counted outcomes: C{transient}, C{throttle}, C{auth} and C{permanent} count the events of
 every answered attempt (a poison event found by three halvings counts four times), while
-C{success}, C{expired} and C{dead} count each event once, at its end.
+C{success}, C{expired} and C{dead} count each event once, at its end.  Each row scheduled
+for another attempt (L{_retry}) is also counted in C{tagd_delivery_retries_total}, so that
+an alert can watch retries alone.
 
 A row is never lost here: whatever is not acknowledged, retried, expired or dead-lettered
 is released back to pending (on shutdown, on a throttle), and a row whose settlement
@@ -630,6 +632,7 @@ class Dispatcher(Service):
         now = self._reactor.seconds()
         for attempts, group in _by_attempts(rows).items():
             await self._spool.retry(lane.name, _keys(group), now + self._backoff(attempts), error)
+            self._metrics.delivery_retries.labels(lane.name).inc(len(group))
 
     def _pause(self, lane: _Lane, asked: float | None) -> None:
         """No new request to the destination for the delay the platform asked (clamped),

@@ -10,6 +10,9 @@ from __future__ import annotations
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+# Every reason tagd_tracking_dropped_total counts (by L{tagd.tracker} and L{tagd.pipeline}).
+DROP_REASONS = ("method", "path", "status", "prefetch", "bot", "consent", "malformed", "event_time", "queue_full")
+
 
 @attrs.define
 class Metrics:
@@ -19,6 +22,7 @@ class Metrics:
     tracking_dropped: Counter = attrs.field(init=False)
     events_accepted: Counter = attrs.field(init=False)
     deliveries: Counter = attrs.field(init=False)
+    delivery_retries: Counter = attrs.field(init=False)
     config_reloads: Counter = attrs.field(init=False)
     credentials_refused: Gauge = attrs.field(init=False)
 
@@ -29,6 +33,10 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        # Every series from the start, at 0: a rate alert on a reason needs one to match
+        # before the first such drop (as for the reload results below).
+        for reason in DROP_REASONS:
+            self.tracking_dropped.labels(reason)
         self.events_accepted = Counter(
             "tagd_events_accepted",
             "Events accepted from tracking headers.",
@@ -38,6 +46,12 @@ class Metrics:
             "tagd_events_delivered",
             "Events by destination and the outcome of their delivery attempt.",
             ["destination", "outcome"],
+            registry=self.registry,
+        )
+        self.delivery_retries = Counter(
+            "tagd_delivery_retries",
+            "Events the dispatcher scheduled for another attempt after a transient failure.",
+            ["destination"],
             registry=self.registry,
         )
         self.config_reloads = Counter(

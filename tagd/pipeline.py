@@ -19,7 +19,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from tagd.config import Config
-from tagd.delivery import DirectDelivery, Route, http_client
+from tagd.delivery import EXPIRED, DirectDelivery, Route, http_client
+from tagd.destinations import Outcome
 from tagd.dispatcher import DEAD, Dispatcher
 from tagd.events import Event
 from tagd.feed import Feed
@@ -40,6 +41,8 @@ ABANDONED = "destination no longer configured"
 # destinations) holds the next group commit back for some tens of milliseconds, which no
 # visitor waits for.
 RECOUNT_INTERVAL = 60.0
+# Every outcome tagd_events_delivered_total counts a destination's events under.
+OUTCOMES = (*(outcome.value for outcome in Outcome), EXPIRED, DEAD)
 
 
 class _Enqueue:
@@ -98,6 +101,7 @@ class Delivery(Service):
         self._spool = spool
         self._http, self._pool = http_client(reactor)
         self._routes = {d.name: Route(d.destination, d.timeout) for d in config.destinations}
+        self._count_from_zero()
         self._dispatcher: Dispatcher | None = None
         self._recounting: LoopingCall | None = None
         if spool is None:
@@ -170,6 +174,7 @@ class Delivery(Service):
             else Route(d.destination, d.timeout)
             for d in config.destinations
         }
+        self._count_from_zero()
         if self._feed is not None:
             self._feed.destinations = tuple(self._routes)
         if self._dispatcher is None:
@@ -178,6 +183,15 @@ class Delivery(Service):
         self._enqueue.destinations = tuple(self._routes)
         retired = self._dispatcher.reroute(list(self._routes.values()), **attrs.asdict(config.delivery))
         return ensureDeferred(self._abandon_after(retired))
+
+    def _count_from_zero(self) -> None:
+        """Every delivery series of each destination configured now, at 0 until counted:
+        a rate alert on retries or dead letters needs a series to match before the first.
+        A series already counting keeps its count, and a removed destination's stays."""
+        for name in self._routes:
+            self._metrics.delivery_retries.labels(name)
+            for outcome in OUTCOMES:
+                self._metrics.deliveries.labels(name, outcome)
 
     def _direct(self) -> Callable[[Sequence[Event]], object]:
         return DirectDelivery(

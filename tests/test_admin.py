@@ -189,10 +189,28 @@ async def test_metrics_count_requests_latency_deliveries_spool_and_drops(start_a
     assert value(parsed, "tagd_events_accepted_total") == 3
     for outcome, expected in [("success", 2), ("transient", 1), ("permanent", 1), ("dead", 1)]:
         assert value(parsed, "tagd_events_delivered_total", destination="meta", outcome=outcome) == expected
+    assert value(parsed, "tagd_delivery_retries_total", destination="meta") == 1
     assert value(parsed, "tagd_tracking_dropped_total", reason="bot") == 1
     assert value(parsed, "tagd_spool_undelivered_events") == 0
     assert value(parsed, "tagd_spool_buffered_events") == 0
     assert value(parsed, "tagd_spool_healthy") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_drop_reason_and_delivery_outcome_is_listed_at_zero(start_admin_tagd, http, fake_meta):
+    """Before any traffic /metrics lists every drop reason and, for each destination, every
+    delivery outcome and its retries at 0, so that a rate alert has a series from the start."""
+    from tagd.metrics import DROP_REASONS
+    from tagd.pipeline import OUTCOMES
+
+    tagd = await start_admin_tagd(destinations=[meta_destination(fake_meta)])
+    parsed = samples((await get(http, tagd.admin_url("/metrics")))[2])
+    assert {reason: value(parsed, "tagd_tracking_dropped_total", reason=reason) for reason in DROP_REASONS} == {
+        reason: 0 for reason in DROP_REASONS
+    }
+    outcomes = {o: value(parsed, "tagd_events_delivered_total", destination="meta", outcome=o) for o in OUTCOMES}
+    assert outcomes == {outcome: 0 for outcome in OUTCOMES}
+    assert value(parsed, "tagd_delivery_retries_total", destination="meta") == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -433,6 +433,33 @@ def test_check_config_prints_everything_with_secrets_masked(folder):
     assert again.splitlines()[1:] == output.splitlines()[1:]
 
 
+def test_check_config_masks_a_webhook_url_s_credentials(tmp_path):
+    """A token in a webhook URL's query or user info is masked as the logs leave it out,
+    and the output still checks as a configuration; an endpoint (refused with either) and a
+    URL without them show as written."""
+    config = (
+        '[[destinations]]\ntype = "webhook"\nname = "query"\n'
+        f'url = "https://hooks.example/x?key={WEBHOOK_KEY}"\n'
+        '[[destinations]]\ntype = "webhook"\nname = "user"\n'
+        f'url = "https://ingest:{WEBHOOK_KEY}@hooks.example/in#{WEBHOOK_KEY}"\n'
+        '[[destinations]]\ntype = "webhook"\nname = "plain"\nurl = "https://hooks.example/events"\n'
+        f'[[destinations]]\ntype = "tiktok"\npixel_code = "CTEST123"\naccess_token = "{TIKTOK_TOKEN}"\n'
+        'endpoint = "https://tiktok.example:8443/base"\n'
+    )
+    (tmp_path / "tagd.toml").write_text(config, encoding="utf-8")
+    output = ok(tagd("check-config", "tagd.toml", cwd=tmp_path))
+    for secret in (WEBHOOK_KEY, "key=", "ingest", TIKTOK_TOKEN):
+        assert secret not in output
+    query, user, plain, tiktok = tomllib.loads(output)["destinations"]
+    assert query["url"] == "https://hooks.example/x?***"
+    assert user["url"] == "https://***@hooks.example/in#***"
+    assert plain["url"] == "https://hooks.example/events"
+    assert tiktok["endpoint"] == "https://tiktok.example:8443/base"
+    (tmp_path / "printed.toml").write_text(output, encoding="utf-8")
+    again = ok(tagd("check-config", "printed.toml", cwd=tmp_path))
+    assert again.splitlines()[1:] == output.splitlines()[1:]
+
+
 def test_check_config_defaults_like_the_daemon(tmp_path):
     """Without FILE it reads $TAGD_CONFIG, and with nothing at all shows the built-in defaults."""
     config = tmp_path / "env.toml"

@@ -16,6 +16,8 @@ from twisted.internet.task import Clock
 
 from conftest import FAKE_META_TOKEN, eventually, within
 from tagd import access
+from tagd.metrics import DROP_REASONS
+from tagd.pipeline import OUTCOMES
 from test_admin import FIREFOX, TOKEN, get, meta_destination, samples, start_admin_tagd, value  # noqa: F401
 
 DRY = {"type": "log", "name": "dry"}
@@ -273,13 +275,14 @@ async def test_stats_json_holds_the_metrics_counts(start_admin_tagd, http, fake_
     assert code == 200 and headers.getRawHeaders("content-type") == ["application/json"]
     stats = json.loads(body)
     metrics = samples((await get(http, tagd.admin_url("/metrics")))[2])
+    # Every outcome and reason is listed from the start, at 0 until it happens.
     assert stats == {
         "destinations": ["meta"],
         "requests": {"200": value(metrics, "tagd_requests_total", status="200")},
         "in_flight": 0,
         "accepted": 1,
-        "delivered": {"meta": {"success": 1}},
-        "dropped": {"bot": 1},
+        "delivered": {"meta": {outcome: int(outcome == "success") for outcome in OUTCOMES}},
+        "dropped": {reason: int(reason == "bot") for reason in DROP_REASONS},
         "spool": {"undelivered": 0, "buffered": 0, "healthy": 1},
     }
     assert stats["requests"]["200"] == 2

@@ -9,6 +9,7 @@ import pytest
 from fakes import make_event
 from tagd.config import ConfigError, parse_config
 from tagd.destinations import Describing, Outcome
+from tagd.destinations._common import public_url
 from tagd.destinations.registry import DESTINATION_TYPES, destination_module
 
 # The required keys of each type, with usable values.
@@ -160,6 +161,26 @@ def test_endpoint_accepted_without_trailing_slash(kind, url, endpoint):
     """Any http(s) base URL works, with a port, an IPv6 host or a path prefix (a proxy);
     its trailing slash goes, since the platform's path is appended to it."""
     assert destination_module(kind).build(kind, REQUIRED[kind] | {"endpoint": url}).endpoint == endpoint
+
+
+@pytest.mark.parametrize(
+    ("url", "logged", "shown"),
+    [
+        ("https://hooks.example/x?key=SECRET", "https://hooks.example/x", "https://hooks.example/x?***"),
+        (
+            "https://user:pw@hooks.example:8443/x?k=1#frag",
+            "https://hooks.example:8443/x",
+            "https://***@hooks.example:8443/x?***#***",
+        ),
+        ("http://[2001:db8::5]:8443/in", "http://[2001:db8::5]:8443/in", "http://[2001:db8::5]:8443/in"),
+    ],
+)
+def test_public_url_hides_what_may_carry_a_credential(url, logged, shown):
+    """User info, query and fragment are left out of a log line, or masked where the URL
+    must stay recognisable as one (check-config); a URL without them is shown as it is."""
+    assert public_url(url) == logged
+    assert public_url(url, "***") == shown
+    assert destination_module("webhook").build("hook", {"url": url}).log_url == logged
 
 
 @pytest.mark.parametrize("kind", DESTINATION_TYPES)

@@ -326,6 +326,7 @@ async def test_server_errors_retried_with_full_jitter_until_delivered(serving, d
         assert 0 <= next_at - at <= 0.2 * 2**attempts, (event_id, attempts)
         assert error.startswith("HTTP 503, Meta error 1")
     assert delivered(metrics, "meta", "transient") == 4
+    assert metrics.value("delivery_retries", destination="meta") == 4
     assert delivered(metrics, "meta", "success") == 2
 
 
@@ -352,6 +353,7 @@ async def test_throttle_pauses_only_its_destination(serving, dispatch, spool, me
     first, second = throttled.fake.times
     assert second - first >= 0.99
     assert spool.retries == []
+    assert metrics.value("delivery_retries", destination="meta") == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -367,6 +369,7 @@ async def test_timeout_is_transient(serving, dispatch, spool, metrics):
     assert error == "no answer: TimeoutError"
     assert len(served.fake.requests) == 2
     assert delivered(metrics, "meta", "transient") == 1
+    assert metrics.value("delivery_retries", destination="meta") == 1
 
 
 @pytest.mark.parametrize(
@@ -393,6 +396,7 @@ async def test_connection_failure_is_transient(reactor, dispatch, spool, metrics
     assert spool.row("hook", "lost-0").state == "pending"
     assert 0 <= next_at - at <= 60.0
     assert delivered(metrics, "hook", "transient") == 1
+    assert metrics.value("delivery_retries", destination="hook") == 1
     assert delivered(metrics, "hook", "dead") == 0
 
 

@@ -227,6 +227,12 @@ async def test_reload_swaps_destinations(
     await eventually(lambda: event_ids(fake_meta) == ["before"])
 
     await tagd.reload(tagd_toml(origin, spool, [ga4]))
+    # The added destination's series are there at once, at 0; the removed one's keep counting.
+    assert tagd.metrics.registry.get_sample_value(
+        "tagd_events_delivered_total", {"destination": "ga4", "outcome": "dead"}
+    ) == 0
+    assert tagd.metrics.registry.get_sample_value("tagd_delivery_retries_total", {"destination": "ga4"}) == 0
+    assert tagd.metrics.value("events_delivered", destination="meta", outcome="success") == 1
     response = await tracked_visit(visitor, {**PAGE_VIEW, "event_id": "after"})
     assert any(cookie.startswith(b"_ga=") for cookie in response.header(b"set-cookie"))
     await eventually(lambda: len(fake_ga4.fake.events) == 1)

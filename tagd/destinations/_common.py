@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from tagd.destinations import OutgoingRequest, Outcome, Verdict
 from tagd.events import Event
@@ -74,6 +74,17 @@ def check_endpoint(url: str, key: str = "endpoint") -> str:
     if "@" in parts.netloc or "?" in url or "#" in url:
         raise ValueError(f"{key}: must be a base URL, without user info, query or fragment")
     return url.rstrip("/")
+
+
+def public_url(url: str, hidden: str = "") -> str:
+    """C{url} with its user info, query and fragment, which may carry a credential, each
+    replaced by C{hidden}: left out of a log line, shown as masked by C{tagd check-config}."""
+    parts = urlsplit(url)
+    _, at, host = parts.netloc.rpartition("@")
+    netloc = f"{hidden}@{host}" if at and hidden else host
+    query = hidden if parts.query else ""
+    fragment = hidden if parts.fragment else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
 
 
 def json_bytes(document: Any) -> bytes:

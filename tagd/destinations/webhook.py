@@ -34,6 +34,7 @@ from tagd.destinations._common import (
     check_url,
     encode_batches,
     filled,
+    public_url,
     status_verdict,
 )
 from tagd.events import Event
@@ -95,12 +96,7 @@ class WebhookDestination:
     @property
     def log_url(self) -> str:
         """The URL without user info, query or fragment, which may carry credentials."""
-        parts = urlsplit(self.url)
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{host}{port}{parts.path}"
+        return public_url(self.url)
 
     def secrets(self) -> tuple[str, ...]:
         """Everything that must never appear in a message: header values and their
