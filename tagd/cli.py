@@ -30,7 +30,7 @@ from tagd.delivery import http_client
 from tagd.destinations import Describing, Destination, Outcome, OutgoingRequest
 from tagd.destinations._common import public_url, redact
 from tagd.destinations.registry import destination_module
-from tagd.destinations.webhook import MIN_SECRET
+from tagd.destinations.webhook import MIN_SECRET, WebhookDestination
 from tagd.events import Event
 from tagd.spool import SpoolError, read_dead_letters, read_depth, retry_dead_letters
 from tagd.tap import BUILT_IN, config_from_options
@@ -322,9 +322,12 @@ def in_test_mode(destination: Destination) -> bool:
 def secret_values(destination: DestinationConfig) -> list[str]:
     """The destination's secrets, and each word of them (a receiver may echo the token of a
     C{Bearer} header alone), for removing from the platform's answer before it is shown.
-    Shorter ones (a webhook's C{X-Version: 1}) are no secret and would garble the answer."""
-    values = [getattr(destination.destination, key) for key in destination.secrets]
+    Shorter ones (a webhook's C{X-Version: 1}) are no secret and would garble the answer.
+    A webhook names its own as well: its URL's query and user info may hold a key."""
+    built = destination.destination
+    values = [getattr(built, key) for key in destination.secrets]
     texts = [t for v in values if v for t in (v.values() if isinstance(v, Mapping) else [v])]
+    texts += built.secrets() if isinstance(built, WebhookDestination) else ()
     return [s for text in texts for s in (text, *text.split()) if len(s) >= MIN_SECRET]
 
 

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
+from twisted.web.resource import Resource
 
 from tagd.spool import Spool
 
-from conftest import within
+from conftest import serve_quietly, within
 from fakes import make_event
 
 # The console script installed next to the interpreter running the tests.
@@ -613,6 +615,36 @@ async def test_send_test_event_shows_the_platforms_refusal(tmp_path, fake_meta):
     assert "has no test_event_code" in result.stderr
     assert META_TOKEN not in result.stdout + result.stderr
     assert len(fake_meta.fake.events) == 1
+
+
+class EchoingReceiver(Resource):
+    """A webhook receiver that refuses everything and quotes the URL it was sent to."""
+
+    isLeaf = True
+
+    def render_POST(self, request) -> bytes:
+        request.setResponseCode(400)
+        return b"unknown key in " + request.uri
+
+    def close(self) -> None:
+        """Nothing held open (L{fakes.Served} closes what it serves)."""
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_test_event_hides_a_webhook_url_token_the_receiver_echoes(tmp_path):
+    """The key in a webhook URL's query is a secret: echoed back in the receiver's answer,
+    it is masked there as in the log."""
+    served = serve_quietly(EchoingReceiver())
+    try:
+        key = "hook-key-5f3a9c2e"
+        url = f"http://127.0.0.1:{served.port.getHost().port}/collect?key={key}"
+        (tmp_path / "tagd.toml").write_text(f'[[destinations]]\ntype = "webhook"\nurl = "{url}"\n')
+        result = await within(deferToThread(tagd, "send-test-event", "--destination", "webhook", cwd=tmp_path))
+    finally:
+        await within(Deferred.fromCoroutine(served.stop()))
+    assert result.returncode == 1, result.stderr
+    assert "unknown key in /collect?" in result.stdout
+    assert key not in result.stdout + result.stderr
 
 
 def test_send_test_event_to_an_unknown_destination(folder):
