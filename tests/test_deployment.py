@@ -16,12 +16,21 @@ What cannot run in a container without systemd as PID 1 runs through the nearest
 thing:
 
  - C{systemctl}: L{service_manager.ServiceManager} does what systemd does with the unit files
-   as the steps installed them, drop-ins included (its docstring says how); the steps that
-   install units also pass C{systemd-analyze verify --root} on the droplet;
+   as the steps installed them, drop-ins included (its docstring says how): tagd runs as
+   C{DynamicUser=}'s made-up user, which owns only its state and credentials, so it must
+   read the 0644 configuration and cannot write the venv, as on the droplet; a tagd that
+   dies or stops feeding the watchdog is restarted.  The steps that install units also pass
+   C{systemd-analyze verify --root} on the droplet;
+ - what needs systemd's namespaces and filters is not applied: C{ProtectSystem=strict}
+   (which would make the venv read-only even to root), C{ProtectHome=}, C{PrivateTmp=},
+   C{PrivateDevices=}, the other C{Protect*}/C{Restrict*} settings,
+   C{CapabilityBoundingSet=}, C{NoNewPrivileges=} and C{SystemCallArchitectures=}; the
+   state directory is a plain folder, not C{/var/lib/private/tagd};
  - C{journalctl -u tagd -o cat}: what the stand-in collected from tagd's stdout and stderr,
    with systemd's own lines about the unit, piped into the README's jq filters;
  - C{apt-get}: C{update} is left to this machine's package lists, C{install} is run with
    C{--simulate}, and the programs the later steps use must come from those packages;
+   C{python3} is this machine's (L{droplet_python});
  - step 2 runs on the reader's computer: C{git archive HEAD} is a tar of the working tree
    (so that the code under test is the code checked out, committed or not), and C{ssh}
    runs its command in the droplet's shell, here.
@@ -43,6 +52,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import tomllib
 from pathlib import Path
@@ -65,6 +75,8 @@ TYPED = {"Put the token in a root-only file": META_TOKEN + "\n"}
 ON_DEMAND = {"After editing the configuration"}
 
 WAIT = 30.0  # seconds for a delivery to arrive
+
+NOBODY = 65534  # Debian's nobody and nogroup
 
 
 def readme_steps() -> dict[str, list[str]]:
@@ -106,6 +118,20 @@ def commands(block: str) -> list[str]:
     return found
 
 
+def droplet_python() -> Path:
+    """The python3 that step 3 makes /opt/tagd with: the one the tests run on (its
+    installation's, not the tests' virtual environment), or, where a user other than root
+    cannot run that one (a Python in root's home), Debian's, which a droplet has.  The venv
+    keeps running its python3, as the service's made-up user."""
+    for python in (Path(sys.base_prefix) / "bin/python3", Path("/usr/bin/python3")):
+        try:
+            subprocess.run([python, "-I", "-c", "import venv"], check=True, timeout=30, user=NOBODY, group=NOBODY, extra_groups=[])
+        except (OSError, subprocess.CalledProcessError):
+            continue
+        return python
+    pytest.fail("no python3 with venv here that a user other than root may run")
+
+
 class Droplet:
     """A fresh Debian droplet in a folder: the README's steps run in it, its systemd is a
     L{ServiceManager}, its shop a L{TrackedOrigin}, and Meta a fake (from step 4 on)."""
@@ -121,10 +147,10 @@ class Droplet:
         self.done: list[str] = []
         self.outputs: dict[str, list[str]] = {}
         self.meta = None  # a helpers.ThreadedPlatform
-        # The reader's shell: root's, with the python3 the tests run on (its installation's,
-        # not the tests' virtual environment) and nothing that would steer tagd.
+        # The reader's shell: root's, with a python3 of this machine's (see droplet_python)
+        # and nothing that would steer tagd.
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("TAGD_", "CREDENTIALS_", "NOTIFY_"))}
-        self.env["PATH"] = f"{Path(sys.base_prefix) / 'bin'}:{os.environ['PATH']}"
+        self.env["PATH"] = f"{droplet_python().parent}:{os.environ['PATH']}"
         self.env["HOME"] = str(root / "root")
 
     @property
@@ -277,16 +303,21 @@ class Droplet:
 
 
 @pytest.fixture(scope="module")
-def droplet(tmp_path_factory):
+def droplet():
     require_tool("curl")
     require_tool("jq")
     origin = TrackedOrigin()
-    droplet = Droplet(tmp_path_factory.mktemp("droplet"), origin)
+    # Not in pytest's temporary folder, which only root may enter: the service's user must
+    # reach the droplet's files, as it can on a machine whose / is 0755.
+    root = Path(tempfile.mkdtemp(prefix="droplet-"))
+    root.chmod(0o755)
+    droplet = Droplet(root, origin)
     try:
         yield droplet
     finally:
         droplet.close()
         origin.close()
+        shutil.rmtree(root)
 
 
 EXEC_KEYS = ("ExecStartPre", "ExecStart", "ExecStartPost", "ExecReload", "ExecStop", "ExecStopPost")
@@ -342,6 +373,17 @@ def test_install_into_opt(droplet):
     assert where.stdout.startswith(str(droplet.path("/opt/tagd/lib"))), where.stdout + where.stderr
 
 
+def writable_by_others(folder: Path) -> list[Path]:
+    """What in C{folder} a user other than root may change."""
+    found = []
+    for directory, folders, files in os.walk(folder):
+        for path in (Path(directory), *(Path(directory) / name for name in files)):
+            stat = path.lstat()
+            if not path.is_symlink() and (stat.st_uid != 0 or stat.st_mode & 0o022):
+                found.append(path)
+    return found
+
+
 def test_configuration(droplet):
     """The file parses, names its token by reference only, and is readable by any user."""
     droplet.through("Write the configuration")
@@ -392,6 +434,22 @@ def test_start(droplet):
     spool = state / "tagd-spool.sqlite3"
     wait_until(spool.exists, 5, "the spool created")
     assert spool.stat().st_mode & 0o777 == 0o600
+
+    # DynamicUser=yes: a user of its own, who owns the state and the credentials, and may
+    # not change the venv; the configuration it read is root's, 0644.
+    uid = manager.users["tagd.service"]
+    assert uid >= 61184
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    assert status["Uid"].split() == [str(uid)] * 4 and status["Gid"].split() == [str(uid)] * 4
+    assert status["Groups"].strip() == ""
+    assert (state.stat().st_uid, state.stat().st_mode & 0o777) == (uid, 0o700)
+    assert spool.stat().st_uid == uid
+    environ = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if v)
+    [credential] = Path(environ["CREDENTIALS_DIRECTORY"]).iterdir()
+    assert (credential.stat().st_uid, credential.stat().st_mode & 0o777) == (uid, 0o400)
+    assert writable_by_others(droplet.path("/opt/tagd")) == []
+    config = droplet.path("/etc/tagd/tagd.toml").stat()
+    assert (config.st_uid, config.st_mode & 0o777) == (0, 0o644)
 
 
 def test_check_that_it_runs(droplet):
