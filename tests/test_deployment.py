@@ -371,6 +371,8 @@ def test_install_into_opt(droplet):
     assert (bin / "twistd").is_file() and (bin / "tagd").is_file()
     where = subprocess.run([bin / "python", "-c", "import tagd; print(tagd.__file__)"], capture_output=True, text=True, cwd="/")
     assert where.stdout.startswith(str(droplet.path("/opt/tagd/lib"))), where.stdout + where.stderr
+    [plugins] = droplet.path("/opt/tagd/lib").glob("python3*/site-packages/twisted/plugins")
+    assert (plugins / "dropin.cache").stat().st_mtime >= (plugins / "tagd_plugin.py").stat().st_mtime
 
 
 def writable_by_others(folder: Path) -> list[Path]:
@@ -462,6 +464,7 @@ def test_check_that_it_runs(droplet):
     assert "tagd_requests_in_flight" in metrics
     journal = droplet.manager.journal.read_text().splitlines()
     assert any(line.startswith("Started tagd.service") for line in journal)
+    assert not [line for line in journal if "plugin cache" in line]
     assert f"admin listener on 127.0.0.1:{droplet.admin_port}: the dashboard, /metrics, /healthz" in messages.splitlines()
     logged = [json.loads(line) for line in journal if line.startswith("{")]
     assert problems.splitlines() == [e["text"] for e in logged if e["level"] != "info"]
@@ -500,7 +503,8 @@ def test_watch_deliveries(droplet):
 def test_upgrade(droplet):
     """Step 2 again, then the upgrade: pip reinstalls tagd, the restart stops tagd cleanly
     (STOPPING=1, within TimeoutStopSec), and the restarted tagd finds its spool: an event
-    Meta refused before the restart is delivered after it."""
+    Meta refused before the restart is delivered after it.  The plugin cache, written again,
+    is one the service's user need not write."""
     droplet.before("Upgrade")
     droplet.meta.failing = 503
     droplet.visit("deploy-kept")
@@ -515,6 +519,7 @@ def test_upgrade(droplet):
     assert droplet.manager.processes["tagd.service"].pid != pid
     droplet.meta.failing = None
     droplet.wait_delivered("deploy-kept")
+    assert "plugin cache" not in droplet.manager.journal.read_text()
 
 
 def test_reload(droplet):
