@@ -54,6 +54,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+import time
 import tomllib
 from pathlib import Path
 
@@ -498,6 +499,55 @@ def test_watch_deliveries(droplet):
     assert f"spool {droplet.path('/var/lib/tagd/tagd-spool.sqlite3')}" in status
     assert re.search(r"^meta\s+\d+\s+\d+\s+\d+\s+\d+$", status, re.M), status
     assert re.search(r'^tagd_events_delivered_total\{destination="meta",outcome="success"\} [1-9]', metrics, re.M), metrics
+
+
+def test_restart_on_failure(droplet):
+    """C{Restart=on-failure}: tagd killed (SIGKILL, as by the kernel's OOM killer) is
+    started again after C{RestartSec=}, says READY=1 again and serves, and finds its spool:
+    an event Meta refused before the kill is delivered after it."""
+    droplet.before("Upgrade")
+    manager = droplet.manager
+    droplet.meta.failing = 503
+    droplet.visit("deploy-crash")
+    wait_until(lambda: any("deploy-crash" in ids for ids in droplet.meta.received), WAIT, "Meta asked")
+    killed = manager.processes["tagd.service"]
+    os.kill(killed.pid, signal.SIGKILL)
+    died = time.monotonic()
+    wait_until(lambda: manager.is_active("tagd") and manager.processes["tagd.service"] is not killed, WAIT, "tagd restarted")
+    assert manager.failures[-1] == ("tagd.service", "signal", -signal.SIGKILL)
+    assert manager.started_at["tagd.service"] - died >= seconds(manager.unit("tagd").get("Service", "RestartSec"))
+    assert http_get(droplet.admin_port, "/healthz")[0] == 200
+    droplet.meta.failing = None
+    droplet.wait_delivered("deploy-crash")
+
+
+def test_watchdog(droplet):
+    """C{WatchdogSec=}: a tagd whose event loop turns keeps the watchdog fed; one that stops
+    (SIGSTOP, a hang) misses it and gets SIGABRT, which a stopped process leaves pending,
+    then SIGKILL after C{TimeoutAbortSec=}, and C{Restart=on-failure} starts tagd again.
+    A drop-in shortens both times, as a reader could, and is removed afterwards."""
+    droplet.before("Upgrade")
+    manager = droplet.manager
+    drop_in = droplet.path("/etc/systemd/system/tagd.service.d/watchdog.conf")
+    drop_in.write_text("[Service]\nWatchdogSec=3\nTimeoutAbortSec=1\n")
+    manager.daemon_reload()
+    manager.restart("tagd")
+    try:
+        failures = len(manager.failures)
+        time.sleep(4)
+        assert len(manager.failures) == failures and manager.is_active("tagd")
+        hung = manager.processes["tagd.service"]
+        os.kill(hung.pid, signal.SIGSTOP)
+        wait_until(lambda: manager.is_active("tagd") and manager.processes["tagd.service"] is not hung, WAIT, "tagd restarted")
+        assert manager.failures[failures:] == [("tagd.service", "watchdog", -signal.SIGKILL)]
+        assert http_get(droplet.admin_port, "/healthz")[0] == 200
+        journal = manager.journal.read_text()
+        assert "tagd.service: Watchdog timeout (limit 3s)!" in journal
+        assert f"tagd.service: Killing process {hung.pid} with signal SIGABRT." in journal
+    finally:
+        drop_in.unlink()
+        manager.daemon_reload()
+        manager.restart("tagd")
 
 
 def test_upgrade(droplet):
