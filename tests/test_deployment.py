@@ -31,8 +31,10 @@ thing:
  - C{apt-get}: C{update} is left to this machine's package lists, C{install} is run with
    C{--simulate}, and the programs the later steps use must come from those packages;
    C{python3} is this machine's (L{droplet_python});
- - step 2 runs on the reader's computer: C{git archive HEAD} is a tar of the working tree
-   (so that the code under test is the code checked out, committed or not), and C{ssh}
+ - step 2 runs on the reader's computer: C{git archive HEAD} is a tar of the working tree,
+   because the code under test must be the code checked out, changes not yet committed
+   included, which are what a developer tests; that every file the install and the units
+   need is tracked, so that the reader's archive holds it too, is checked instead.  C{ssh}
    runs its command in the droplet's shell, here.
 
 Each step has its test (L{STEPS}); a test first runs the steps before its own that have not
@@ -78,6 +80,9 @@ ON_DEMAND = {"After editing the configuration"}
 WAIT = 30.0  # seconds for a delivery to arrive
 
 NOBODY = 65534  # Debian's nobody and nogroup
+
+# What step 3's install and step 7's units take from the checkout.
+NEEDED_FILES = ("tagd", "twisted", "setup.cfg", "pyproject.toml", "README.md", "contrib")
 
 
 def readme_steps() -> dict[str, list[str]]:
@@ -357,11 +362,23 @@ def test_prerequisites(droplet):
 
 
 def test_copy_to_the_droplet(droplet):
-    """The code lands in /usr/local/src/tagd: the source tree, without git data or builds."""
+    """The code lands in /usr/local/src/tagd: the source tree, without git data or builds;
+    and what the install and the units need of it is tracked by git (see the module's
+    docstring)."""
     droplet.through("Copy tagd to the droplet")
     source = droplet.path("/usr/local/src/tagd")
     assert (source / "setup.cfg").is_file() and (source / "contrib/systemd/tagd.service").is_file()
     assert not (source / ".git").exists() and not (source / ".venv").exists()
+    tracked = subprocess.run(
+        [require_tool("git"), "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    copied = [
+        str(path.relative_to(source))
+        for top in NEEDED_FILES
+        for path in ((source / top).rglob("*") if (source / top).is_dir() else [source / top])
+        if path.is_file()
+    ]
+    assert [path for path in copied if path not in tracked] == [], "files git archive HEAD would leave out"
 
 
 def test_install_into_opt(droplet):
