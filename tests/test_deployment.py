@@ -16,14 +16,25 @@ What cannot run in a container without systemd as PID 1 runs through the nearest
 thing:
 
  - C{systemctl}: L{service_manager.ServiceManager} does what systemd does with the unit files
-   as the steps installed them, drop-ins included (its docstring says how); the steps that
-   install units also pass C{systemd-analyze verify --root} on the droplet;
+   as the steps installed them, drop-ins included (its docstring says how): tagd runs as
+   C{DynamicUser=}'s made-up user, which owns only its state and credentials, so it must
+   read the 0644 configuration and cannot write the venv, as on the droplet; a tagd that
+   dies or stops feeding the watchdog is restarted.  The steps that install units also pass
+   C{systemd-analyze verify --root} on the droplet;
+ - what needs systemd's namespaces and filters is not applied: C{ProtectSystem=strict}
+   (which would make the venv read-only even to root), C{ProtectHome=}, C{PrivateTmp=},
+   C{PrivateDevices=}, the other C{Protect*}/C{Restrict*} settings,
+   C{CapabilityBoundingSet=}, C{NoNewPrivileges=} and C{SystemCallArchitectures=}; the
+   state directory is a plain folder, not C{/var/lib/private/tagd};
  - C{journalctl -u tagd -o cat}: what the stand-in collected from tagd's stdout and stderr,
    with systemd's own lines about the unit, piped into the README's jq filters;
  - C{apt-get}: C{update} is left to this machine's package lists, C{install} is run with
    C{--simulate}, and the programs the later steps use must come from those packages;
- - step 2 runs on the reader's computer: C{git archive HEAD} is a tar of the working tree
-   (so that the code under test is the code checked out, committed or not), and C{ssh}
+   C{python3} is this machine's (L{droplet_python});
+ - step 2 runs on the reader's computer: C{git archive HEAD} is a tar of the working tree,
+   because the code under test must be the code checked out, changes not yet committed
+   included, which are what a developer tests; that every file the install and the units
+   need is tracked, so that the reader's archive holds it too, is checked instead.  C{ssh}
    runs its command in the droplet's shell, here.
 
 Each step has its test (L{STEPS}); a test first runs the steps before its own that have not
@@ -43,7 +54,9 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
+import time
 import tomllib
 from pathlib import Path
 
@@ -65,6 +78,11 @@ TYPED = {"Put the token in a root-only file": META_TOKEN + "\n"}
 ON_DEMAND = {"After editing the configuration"}
 
 WAIT = 30.0  # seconds for a delivery to arrive
+
+NOBODY = 65534  # Debian's nobody and nogroup
+
+# What step 3's install and step 7's units take from the checkout.
+NEEDED_FILES = ("tagd", "twisted", "setup.cfg", "pyproject.toml", "README.md", "contrib")
 
 
 def readme_steps() -> dict[str, list[str]]:
@@ -106,6 +124,20 @@ def commands(block: str) -> list[str]:
     return found
 
 
+def droplet_python() -> Path:
+    """The python3 that step 3 makes /opt/tagd with: the one the tests run on (its
+    installation's, not the tests' virtual environment), or, where a user other than root
+    cannot run that one (a Python in root's home), Debian's, which a droplet has.  The venv
+    keeps running its python3, as the service's made-up user."""
+    for python in (Path(sys.base_prefix) / "bin/python3", Path("/usr/bin/python3")):
+        try:
+            subprocess.run([python, "-I", "-c", "import venv"], check=True, timeout=30, user=NOBODY, group=NOBODY, extra_groups=[])
+        except (OSError, subprocess.CalledProcessError):
+            continue
+        return python
+    pytest.fail("no python3 with venv here that a user other than root may run")
+
+
 class Droplet:
     """A fresh Debian droplet in a folder: the README's steps run in it, its systemd is a
     L{ServiceManager}, its shop a L{TrackedOrigin}, and Meta a fake (from step 4 on)."""
@@ -121,10 +153,10 @@ class Droplet:
         self.done: list[str] = []
         self.outputs: dict[str, list[str]] = {}
         self.meta = None  # a helpers.ThreadedPlatform
-        # The reader's shell: root's, with the python3 the tests run on (its installation's,
-        # not the tests' virtual environment) and nothing that would steer tagd.
+        # The reader's shell: root's, with a python3 of this machine's (see droplet_python)
+        # and nothing that would steer tagd.
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("TAGD_", "CREDENTIALS_", "NOTIFY_"))}
-        self.env["PATH"] = f"{Path(sys.base_prefix) / 'bin'}:{os.environ['PATH']}"
+        self.env["PATH"] = f"{droplet_python().parent}:{os.environ['PATH']}"
         self.env["HOME"] = str(root / "root")
 
     @property
@@ -277,16 +309,21 @@ class Droplet:
 
 
 @pytest.fixture(scope="module")
-def droplet(tmp_path_factory):
+def droplet():
     require_tool("curl")
     require_tool("jq")
     origin = TrackedOrigin()
-    droplet = Droplet(tmp_path_factory.mktemp("droplet"), origin)
+    # Not in pytest's temporary folder, which only root may enter: the service's user must
+    # reach the droplet's files, as it can on a machine whose / is 0755.
+    root = Path(tempfile.mkdtemp(prefix="droplet-"))
+    root.chmod(0o755)
+    droplet = Droplet(root, origin)
     try:
         yield droplet
     finally:
         droplet.close()
         origin.close()
+        shutil.rmtree(root)
 
 
 EXEC_KEYS = ("ExecStartPre", "ExecStart", "ExecStartPost", "ExecReload", "ExecStop", "ExecStopPost")
@@ -325,11 +362,23 @@ def test_prerequisites(droplet):
 
 
 def test_copy_to_the_droplet(droplet):
-    """The code lands in /usr/local/src/tagd: the source tree, without git data or builds."""
+    """The code lands in /usr/local/src/tagd: the source tree, without git data or builds;
+    and what the install and the units need of it is tracked by git (see the module's
+    docstring)."""
     droplet.through("Copy tagd to the droplet")
     source = droplet.path("/usr/local/src/tagd")
     assert (source / "setup.cfg").is_file() and (source / "contrib/systemd/tagd.service").is_file()
     assert not (source / ".git").exists() and not (source / ".venv").exists()
+    tracked = subprocess.run(
+        [require_tool("git"), "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    copied = [
+        str(path.relative_to(source))
+        for top in NEEDED_FILES
+        for path in ((source / top).rglob("*") if (source / top).is_dir() else [source / top])
+        if path.is_file()
+    ]
+    assert [path for path in copied if path not in tracked] == [], "files git archive HEAD would leave out"
 
 
 def test_install_into_opt(droplet):
@@ -340,6 +389,19 @@ def test_install_into_opt(droplet):
     assert (bin / "twistd").is_file() and (bin / "tagd").is_file()
     where = subprocess.run([bin / "python", "-c", "import tagd; print(tagd.__file__)"], capture_output=True, text=True, cwd="/")
     assert where.stdout.startswith(str(droplet.path("/opt/tagd/lib"))), where.stdout + where.stderr
+    [plugins] = droplet.path("/opt/tagd/lib").glob("python3*/site-packages/twisted/plugins")
+    assert (plugins / "dropin.cache").stat().st_mtime >= (plugins / "tagd_plugin.py").stat().st_mtime
+
+
+def writable_by_others(folder: Path) -> list[Path]:
+    """What in C{folder} a user other than root may change."""
+    found = []
+    for directory, folders, files in os.walk(folder):
+        for path in (Path(directory), *(Path(directory) / name for name in files)):
+            stat = path.lstat()
+            if not path.is_symlink() and (stat.st_uid != 0 or stat.st_mode & 0o022):
+                found.append(path)
+    return found
 
 
 def test_configuration(droplet):
@@ -393,6 +455,22 @@ def test_start(droplet):
     wait_until(spool.exists, 5, "the spool created")
     assert spool.stat().st_mode & 0o777 == 0o600
 
+    # DynamicUser=yes: a user of its own, who owns the state and the credentials, and may
+    # not change the venv; the configuration it read is root's, 0644.
+    uid = manager.users["tagd.service"]
+    assert uid >= 61184
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    assert status["Uid"].split() == [str(uid)] * 4 and status["Gid"].split() == [str(uid)] * 4
+    assert status["Groups"].strip() == ""
+    assert (state.stat().st_uid, state.stat().st_mode & 0o777) == (uid, 0o700)
+    assert spool.stat().st_uid == uid
+    environ = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if v)
+    [credential] = Path(environ["CREDENTIALS_DIRECTORY"]).iterdir()
+    assert (credential.stat().st_uid, credential.stat().st_mode & 0o777) == (uid, 0o400)
+    assert writable_by_others(droplet.path("/opt/tagd")) == []
+    config = droplet.path("/etc/tagd/tagd.toml").stat()
+    assert (config.st_uid, config.st_mode & 0o777) == (0, 0o644)
+
 
 def test_check_that_it_runs(droplet):
     """status, /healthz and /metrics through the admin port; the README's jq filters on a
@@ -404,6 +482,7 @@ def test_check_that_it_runs(droplet):
     assert "tagd_requests_in_flight" in metrics
     journal = droplet.manager.journal.read_text().splitlines()
     assert any(line.startswith("Started tagd.service") for line in journal)
+    assert not [line for line in journal if "plugin cache" in line]
     assert f"admin listener on 127.0.0.1:{droplet.admin_port}: the dashboard, /metrics, /healthz" in messages.splitlines()
     logged = [json.loads(line) for line in journal if line.startswith("{")]
     assert problems.splitlines() == [e["text"] for e in logged if e["level"] != "info"]
@@ -439,10 +518,60 @@ def test_watch_deliveries(droplet):
     assert re.search(r'^tagd_events_delivered_total\{destination="meta",outcome="success"\} [1-9]', metrics, re.M), metrics
 
 
+def test_restart_on_failure(droplet):
+    """C{Restart=on-failure}: tagd killed (SIGKILL, as by the kernel's OOM killer) is
+    started again after C{RestartSec=}, says READY=1 again and serves, and finds its spool:
+    an event Meta refused before the kill is delivered after it."""
+    droplet.before("Upgrade")
+    manager = droplet.manager
+    droplet.meta.failing = 503
+    droplet.visit("deploy-crash")
+    wait_until(lambda: any("deploy-crash" in ids for ids in droplet.meta.received), WAIT, "Meta asked")
+    killed = manager.processes["tagd.service"]
+    os.kill(killed.pid, signal.SIGKILL)
+    died = time.monotonic()
+    wait_until(lambda: manager.is_active("tagd") and manager.processes["tagd.service"] is not killed, WAIT, "tagd restarted")
+    assert manager.failures[-1] == ("tagd.service", "signal", -signal.SIGKILL)
+    assert manager.started_at["tagd.service"] - died >= seconds(manager.unit("tagd").get("Service", "RestartSec"))
+    assert http_get(droplet.admin_port, "/healthz")[0] == 200
+    droplet.meta.failing = None
+    droplet.wait_delivered("deploy-crash")
+
+
+def test_watchdog(droplet):
+    """C{WatchdogSec=}: a tagd whose event loop turns keeps the watchdog fed; one that stops
+    (SIGSTOP, a hang) misses it and gets SIGABRT, which a stopped process leaves pending,
+    then SIGKILL after C{TimeoutAbortSec=}, and C{Restart=on-failure} starts tagd again.
+    A drop-in shortens both times, as a reader could, and is removed afterwards."""
+    droplet.before("Upgrade")
+    manager = droplet.manager
+    drop_in = droplet.path("/etc/systemd/system/tagd.service.d/watchdog.conf")
+    drop_in.write_text("[Service]\nWatchdogSec=3\nTimeoutAbortSec=1\n")
+    manager.daemon_reload()
+    manager.restart("tagd")
+    try:
+        failures = len(manager.failures)
+        time.sleep(4)
+        assert len(manager.failures) == failures and manager.is_active("tagd")
+        hung = manager.processes["tagd.service"]
+        os.kill(hung.pid, signal.SIGSTOP)
+        wait_until(lambda: manager.is_active("tagd") and manager.processes["tagd.service"] is not hung, WAIT, "tagd restarted")
+        assert manager.failures[failures:] == [("tagd.service", "watchdog", -signal.SIGKILL)]
+        assert http_get(droplet.admin_port, "/healthz")[0] == 200
+        journal = manager.journal.read_text()
+        assert "tagd.service: Watchdog timeout (limit 3s)!" in journal
+        assert f"tagd.service: Killing process {hung.pid} with signal SIGABRT." in journal
+    finally:
+        drop_in.unlink()
+        manager.daemon_reload()
+        manager.restart("tagd")
+
+
 def test_upgrade(droplet):
     """Step 2 again, then the upgrade: pip reinstalls tagd, the restart stops tagd cleanly
     (STOPPING=1, within TimeoutStopSec), and the restarted tagd finds its spool: an event
-    Meta refused before the restart is delivered after it."""
+    Meta refused before the restart is delivered after it.  The plugin cache, written again,
+    is one the service's user need not write."""
     droplet.before("Upgrade")
     droplet.meta.failing = 503
     droplet.visit("deploy-kept")
@@ -457,6 +586,7 @@ def test_upgrade(droplet):
     assert droplet.manager.processes["tagd.service"].pid != pid
     droplet.meta.failing = None
     droplet.wait_delivered("deploy-kept")
+    assert "plugin cache" not in droplet.manager.journal.read_text()
 
 
 def test_reload(droplet):
