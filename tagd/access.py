@@ -201,6 +201,13 @@ class _Logout(Resource):
         super().__init__()
         self._access = access
 
+    def render_GET(self, request: Request) -> bytes:
+        """A link cannot log out (another site could embed one): only the form's POST."""
+        request.setResponseCode(405)
+        request.setHeader(b"Allow", b"POST")
+        request.setHeader(b"Content-Type", _TEXT)
+        return b"log out with the dashboard's button\n"
+
     def render_POST(self, request: Request) -> bytes:
         self._access.end_session(request.getCookie(COOKIE))
         request.setHeader(b"Cache-Control", b"no-store")
