@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import socket
+import time
 
 import pytest
 import pytest_twisted
+from twisted.internet.threads import deferToThread
 
 from conftest import eventually, sleep, within
 from origin import pattern_sha256
@@ -53,3 +56,25 @@ async def test_slow_visitor_pauses_the_origin(tagd, origin, connect):
     response = await within(answer, 30)
     assert response.body_length == size
     assert digest.hexdigest() == pattern_sha256(size)
+
+
+def _head_then_rest(port: int) -> tuple[float, bytes]:
+    """In a thread: ask for a page whose body the origin starts a second after its head;
+    when did the whole head arrive, and what came with it?"""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(b"GET /slow?parts=1&delay=1.0 HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+        started, received = time.monotonic(), b""
+        while b"\r\n\r\n" not in received:
+            received += connection.recv(65536)
+        return time.monotonic() - started, received
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_head_without_body_bytes_goes_out_at_once(tagd):
+    """tagd sends a response head together with the body bytes that came with it; when
+    none did (a stream, a slow page), the head goes out on its own at once, not with
+    the body a second later."""
+    waited, received = await within(deferToThread(_head_then_rest, tagd.port))
+    assert received.startswith(b"HTTP/1.1 200 ")
+    assert waited < 0.5, f"the head took {waited:.2f} s"
+    assert received.endswith(b"\r\n\r\n"), received  # the body is still to come
