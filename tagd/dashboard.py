@@ -31,6 +31,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from tagd.feed import Entry, Feed, encode, matches
+from tagd.pipeline import OUTCOMES
 
 log = Logger()
 
@@ -86,9 +87,11 @@ def stats(registry: CollectorRegistry, destinations) -> dict:
     """The counters the dashboard shows, from C{registry}'s samples: visitors' answers by
     status, requests in flight, events accepted, delivery outcomes by destination (C{dead}
     counts dead letters since start), drops by reason, and the spool's depth (None
-    without a spool)."""
+    without a spool); with the destinations and every outcome, which the page's filters
+    and table offer."""
     counts: dict = {
         "destinations": list(destinations),
+        "outcomes": list(OUTCOMES),
         "requests": {},
         "in_flight": 0,
         "accepted": 0,

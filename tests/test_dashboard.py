@@ -278,6 +278,7 @@ async def test_stats_json_holds_the_metrics_counts(start_admin_tagd, http, fake_
     # Every outcome and reason is listed from the start, at 0 until it happens.
     assert stats == {
         "destinations": ["meta"],
+        "outcomes": ["success", "transient", "throttle", "permanent", "auth", "expired", "dead"],
         "requests": {"200": value(metrics, "tagd_requests_total", status="200")},
         "in_flight": 0,
         "accepted": 1,

@@ -17,6 +17,8 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
+from tagd.pipeline import OUTCOMES
+
 from conftest import eventually, within
 from test_admin import TOKEN, meta_destination, start_admin_tagd  # noqa: F401
 from test_dashboard import DRY, feed_of, visit
@@ -117,6 +119,22 @@ def shows_meta_again(driver) -> bool:
     return ("success", "meta", "order-9") in set(rows(driver))
 
 
+def filter_to_success(driver) -> list[str]:
+    """Choose the outcome C{success} in the filter; the outcomes it offers after "all"."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    select = Select(driver.find_element(By.ID, "outcome"))
+    offered = [option.get_attribute("value") for option in select.options][1:]
+    select.select_by_value("success")
+    return offered
+
+
+def shows_successes_only(driver) -> bool:
+    shown = set(rows(driver))
+    return ("success", "meta", "order-9") in shown and {row[0] for row in shown} == {"success"}
+
+
 def log_out(driver) -> None:
     """Press the page's button; the login form comes back."""
     from selenium.webdriver.common.by import By
@@ -157,6 +175,10 @@ async def test_the_dashboard_shows_an_event_sent_through_the_proxy(start_admin_t
     fell_back = (["meta"], "")
     await within(deferToThread(until, browser, lambda d: destination_filter(d) == fell_back, "dry gone"), 2 * WAIT)
     await within(deferToThread(until, browser, shows_meta_again, "every destination's rows"), 2 * WAIT)
+
+    # The outcomes offered are every one tagd has, as /stats.json lists them.
+    assert await within(deferToThread(filter_to_success, browser), 2 * WAIT) == ["accepted", *OUTCOMES]
+    await within(deferToThread(until, browser, shows_successes_only, "the successes only"), 2 * WAIT)
 
     await within(deferToThread(log_out, browser), 2 * WAIT)
     await eventually(lambda: feed_of(tagd).subscribers == 0)
