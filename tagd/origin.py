@@ -301,8 +301,11 @@ class OriginConnection(Protocol):
         self._paused = True
         self.transport.pauseProducing()
         # A visitor who stops reading would otherwise hold this connection, and an
-        # origin worker behind it, for as long as it likes.
-        self._stall = self._client._reactor.callLater(self._client.stall_timeout, self._stalled)
+        # origin worker behind it, for as long as it likes.  Twisted pauses again on
+        # every write while the visitor's socket stays full: the window runs from the
+        # first pause, and one timer is all there is to cancel.
+        if self._stall is None:
+            self._stall = self._client._reactor.callLater(self._client.stall_timeout, self._stalled)
 
     def resumeProducing(self) -> None:
         self._paused = False

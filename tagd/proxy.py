@@ -273,7 +273,9 @@ class _Exchange:
             request.unregisterProducer()
             # Close after what was received is flushed: a short body is a visible cut.
             request.channel.release_head()
-            request.channel.transport.loseConnection()
+            # The channel's own loseConnection, which unregisters it as the transport's
+            # producer first: a TLS transport closes only once no producer is left.
+            request.channel.loseConnection()
         else:
             log.warn(
                 "origin failed before answering {uri}: {reason}",

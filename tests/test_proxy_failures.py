@@ -6,9 +6,12 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 from twisted.internet.defer import gatherResults
+from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.ssl import CertificateOptions
 
-from conftest import eventually, raw_request, within
+from certificates import self_signed
+from conftest import WireVisitor, eventually, raw_request, within
 from helpers import free_port
 from origin import PAGE
 
@@ -113,6 +116,18 @@ async def test_origin_breaking_off_cuts_the_visitor(tagd, connect, path):
     assert response.body_length <= 1000
     await within(visitor.closed)
     await _still_answers(connect, tagd.port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_origin_breaking_off_cuts_a_visitor_on_tls(reactor, start_tagd, origin, tmp_path):
+    """The same cut for a visitor on TLS, whose transport closes only once no producer is
+    registered on it: the visitor is not left holding a response that never ends."""
+    tagd = await start_tagd(listen=f"ssl:0:interface=127.0.0.1:{self_signed(tmp_path)}")
+    endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", tagd.port, CertificateOptions(verify=False))
+    visitor = await within(connectProtocol(endpoint, WireVisitor()))
+    response = await within(visitor.request(b"GET", b"/cut?send=1000&promise=5000"))
+    assert response.status == 200 and not response.complete
+    await within(visitor.closed)
 
 
 @pytest_twisted.ensureDeferred

@@ -8,10 +8,12 @@ import time
 
 import pytest
 import pytest_twisted
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
 
 from conftest import eventually, sleep, within
 from origin import pattern_sha256
+from tagd.origin import OriginClient, OriginConnection
 
 MiB = 1 << 20
 
@@ -78,3 +80,28 @@ async def test_a_head_without_body_bytes_goes_out_at_once(tagd):
     assert received.startswith(b"HTTP/1.1 200 ")
     assert waited < 0.5, f"the head took {waited:.2f} s"
     assert received.endswith(b"\r\n\r\n"), received  # the body is still to come
+
+
+def test_repeated_pauses_keep_one_stall_timer():
+    """Twisted pauses the origin connection again on every write while the visitor's
+    socket stays full.  The stall window runs from the first pause, and the resume that
+    follows cancels it: no timer is left to cut the connection later (under another
+    visitor's exchange, once the connection is back in the pool)."""
+    clock = MemoryReactorClock()
+    client = OriginClient(clock, "http://127.0.0.1:8000", connect_timeout=1, pool_size=1, idle_timeout=60, stall_timeout=5)
+    connection = OriginConnection(client)
+    transport = StringTransport()
+    connection.makeConnection(transport)
+    connection.pauseProducing()
+    clock.advance(3)
+    connection.pauseProducing()
+    connection.resumeProducing()
+    assert clock.getDelayedCalls() == []
+    clock.advance(10)
+    assert not transport.disconnecting
+
+    connection.pauseProducing()
+    clock.advance(4)
+    connection.pauseProducing()
+    clock.advance(1)  # five seconds after the first pause
+    assert transport.disconnecting
