@@ -3,9 +3,11 @@
 The spool is what makes rule 2 hold ("an accepted event is never silently lost") without
 breaking rule 1 ("the visitor never waits for tagging"):
 
-  - L{Spool.enqueue} runs on the reactor thread for every tracked request and never touches
-    the disk: it appends to an in-memory buffer.  A group commit writes everything buffered
-    in one transaction every C{flush_interval} seconds, or as soon as L{FLUSH_AT} events wait.
+  - L{Spool.enqueue} runs on the reactor thread for every tracked request and never waits
+    for the disk: it appends to an in-memory buffer, and to the intake journal (one
+    C{write(2)} into the page cache, see L{tagd.intake}), so that the event outlives the
+    process.  A group commit writes everything buffered in one transaction every
+    C{flush_interval} seconds, or as soon as L{FLUSH_AT} events wait.
   - All SQLite work runs on one dedicated thread that owns the connection (SQLite's own
     same-thread check enforces it); the reactor only sees Deferreds.
   - Every row is a delivery of one event to one destination, with its status, attempts, next
@@ -19,9 +21,10 @@ process crash or C{kill -9} (NORMAL would give that too), and FULL also makes it
 OS crash or power loss: each commit syncs the WAL.  With NORMAL an OS crash could lose every
 commit since the last checkpoint, possibly minutes of events.  The price, one fsync per
 transaction, is paid on the spool's thread once per group commit (at most 1 / flush_interval
-per second), never by a visitor.  What no setting covers is the buffer itself: events
-accepted in the last C{flush_interval} seconds before a crash are lost; that window is the
-explicit cost of never making a visitor wait for the disk.
+per second), never by a visitor.  Events not yet committed are in the intake journal,
+which L{Spool.open} replays: they survive a process crash or C{kill -9}, though not an OS
+crash or power loss in the moments before the kernel writes them out (the journal is never
+synced; that would make the reactor wait for the disk).
 
 Bound: at most C{max_events} events may be undelivered (buffered, pending or in flight).
 When the spool is full, the policy is "refuse newest": L{Spool.enqueue} accepts what fits
@@ -60,6 +63,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from tagd.events import Event
+from tagd.intake import Journal, discard, entry_line, read_segment
 
 log = Logger()
 
@@ -199,6 +203,7 @@ class _Buffered:
     created: float
     body: str
     destinations: tuple[str, ...]
+    key: int  # handed out at enqueue, in order (see tagd.intake)
 
 
 def _plain(value: Any) -> Any:
@@ -285,8 +290,8 @@ def _create_private(path: str) -> None:
         os.close(fd)
 
 
-def _prepare(db: sqlite3.Connection) -> int:
-    """Set the file up; return the number of undelivered events it holds.
+def _prepare(db: sqlite3.Connection) -> None:
+    """Set the file up.
 
     Rows left C{inflight} by a crash go back to C{pending}: they are sent again.
     """
@@ -302,7 +307,6 @@ def _prepare(db: sqlite3.Connection) -> int:
         elif version != SCHEMA_VERSION:
             raise SpoolError(f"the file has schema version {version}, this tagd knows {SCHEMA_VERSION}")
         db.execute("UPDATE deliveries SET status = 'pending' WHERE status = 'inflight'")
-        return _owed(db)
 
 
 def _owed(db: sqlite3.Connection) -> int:
@@ -310,29 +314,76 @@ def _owed(db: sqlite3.Connection) -> int:
     return db.execute(_ALL_OWED_EVENTS).fetchone()[0]
 
 
-def _insert(db: sqlite3.Connection, batch: Sequence[_Buffered], known: dict[int, list]) -> None:
-    """The group commit: every buffered event and its deliveries, in one transaction.
+_INSERT_EVENT = "INSERT INTO events (id, event_id, created, body) VALUES (?, ?, ?, ?)"
+_INSERT_DELIVERY = "INSERT INTO deliveries (event, destination, status, next_at) VALUES (?, ?, 'pending', ?)"
+# The last event key ever handed out (AUTOINCREMENT keeps it, even once that event is gone).
+_LAST_KEY = "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)"
+
+
+def _store(db: sqlite3.Connection, rows: Sequence[tuple[int, str, float, str, Sequence[str]]]) -> None:
+    """Insert events and their deliveries: (key, event_id, created, body, destinations) each."""
+    db.executemany(_INSERT_EVENT, [(key, event_id, created, body) for key, event_id, created, body, _ in rows])
+    db.executemany(
+        _INSERT_DELIVERY,
+        [(key, destination, created) for key, _, created, _, destinations in rows for destination in destinations],
+    )
+
+
+def _insert(
+    db: sqlite3.Connection, batch: Sequence[_Buffered], known: dict[int, list], segments: Sequence[str]
+) -> list[str]:
+    """The group commit: every buffered event and its deliveries, in one transaction; then
+    the journal C{segments} it covers are removed (returns why any could not be).
 
     Once committed, each event also goes into C{known} (row key to C{[event, destinations
     left to lease it]}), so that L{_lease} need not decode what this process just wrote.
-    Only then: the keys of a transaction rolled back are given again.
     """
-    committed = []
     with _transaction(db):
-        for item in batch:
-            event = db.execute(
-                "INSERT INTO events (event_id, created, body) VALUES (?, ?, ?)",
-                (item.event.event_id, item.created, item.body),
-            ).lastrowid
-            db.executemany(
-                "INSERT INTO deliveries (event, destination, status, next_at) VALUES (?, ?, 'pending', ?)",
-                [(event, destination, item.created) for destination in item.destinations],
-            )
-            committed.append((event, [item.event, len(item.destinations)]))
-    known.update(committed)
+        _store(db, [(item.key, item.event.event_id, item.created, item.body, item.destinations) for item in batch])
+    known.update((item.key, [item.event, len(item.destinations)]) for item in batch)
     # Oldest first: those a destination did not lease in time are decoded when it does.
     while len(known) > KNOWN_EVENTS:
         del known[next(iter(known))]
+    return discard(segments)
+
+
+@attrs.frozen
+class _Recovered:
+    """What opening found: events owed, the next key to hand out, and the journal's replay."""
+
+    owed: int
+    next_key: int
+    replayed: int
+    unreadable: int
+    problems: list[str]
+
+
+def _recover(db: sqlite3.Connection, segments: Sequence[str]) -> _Recovered:
+    """Set the file up, and insert the events of the journal C{segments} that it lacks:
+    those accepted by a process that died before committing them."""
+    _prepare(db)
+    last = db.execute(_LAST_KEY).fetchone()[0]
+    entries, unreadable, read, problems = [], 0, [], []
+    for path in segments:
+        try:
+            found, bad = read_segment(path)
+        except OSError as e:
+            problems.append(f"{os.path.basename(path)}: {e.strerror}")
+            continue
+        entries += found
+        unreadable += bad
+        read.append(path)
+    lacking = [entry for entry in entries if entry.key > last]
+    if lacking:
+        with _transaction(db):
+            _store(db, [(e.key, e.event_id, e.created, e.body, e.destinations) for e in lacking])
+    return _Recovered(
+        owed=_owed(db),
+        next_key=max([last, *(entry.key for entry in lacking)]) + 1,
+        replayed=len(lacking),
+        unreadable=unreadable,
+        problems=problems + discard(read),
+    )
 
 
 def _keep(db: sqlite3.Connection, destination: str, keys: Sequence[int], sql: str, *params: Any) -> tuple[int, int]:
@@ -454,6 +505,15 @@ def _dead_letters(db: sqlite3.Connection, destination: str | None, limit: int) -
     return [DeadLetter(*row) for row in rows]
 
 
+def _left_behind(problems: Sequence[str]) -> None:
+    """Log the journal segments that could not be removed (harmless, see L{discard})."""
+    if problems:
+        log.warn(
+            "spool: cannot remove intake journal segments, which later starts skip: {problems}",
+            problems="; ".join(problems),
+        )
+
+
 class Spool:
     """A durable queue of deliveries; build it with L{Spool.open}.
 
@@ -474,6 +534,11 @@ class Spool:
         self._flush_interval = flush_interval
         self._undelivered = 0
         self._buffer: list[_Buffered] = []
+        self._journal = Journal(path)
+        self._sealed: list[str] = []  # journal segments no group commit has covered yet
+        self._next_key = 1  # set by open() from the file
+        self._destination_lists: dict[tuple[str, ...], str] = {}  # their JSON, for journal lines
+        self._journal_logged_at: float | None = None
         self._known: dict[int, list] = {}  # see _insert; touched on the spool's thread only
         self._timer = None
         self._lock = DeferredLock()  # one group commit at a time, in order
@@ -499,12 +564,24 @@ class Spool:
         path = os.fspath(path)
         spool = cls(path, reactor, max_events, flush_interval)
         try:
-            spool._undelivered = spool._wait(spool._connect)
+            recovered = spool._wait(spool._connect)
         except BaseException as e:
             spool._pool.stop()
+            spool._journal.unlock()
             if isinstance(e, SpoolError):
                 raise SpoolError(f"cannot open the spool {path}: {e}") from None
             raise
+        spool._undelivered, spool._next_key = recovered.owed, recovered.next_key
+        if recovered.replayed or recovered.unreadable:
+            log.warn(
+                "spool: {count} event(s) accepted before tagd last stopped without closing the "
+                "spool were written from its intake journal{unreadable}",
+                count=recovered.replayed,
+                unreadable=f"; {recovered.unreadable} line(s) could not be read and are lost"
+                if recovered.unreadable
+                else "",
+            )
+        _left_behind(recovered.problems)
         return spool
 
     @property
@@ -519,9 +596,11 @@ class Spool:
 
     # On the spool's thread.
 
-    def _connect(self) -> int:
+    def _connect(self) -> _Recovered:
         """Create the connection here, so that it belongs to this thread (SQLite checks)."""
         try:
+            if not self._journal.lock():
+                raise SpoolError("another process has it open (is a second tagd running with this configuration?)")
             _create_private(self.path)
             self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
         except OSError as e:
@@ -529,7 +608,7 @@ class Spool:
         except sqlite3.Error as e:
             raise SpoolError(_reason(e)) from None
         try:
-            return self._call(_prepare)
+            return self._call(_recover, self._journal.leftovers())
         except BaseException:
             self._db.close()
             raise
@@ -571,7 +650,8 @@ class Spool:
     def enqueue(self, events: Sequence[Event], destinations: Sequence[str]) -> int:
         """Accept C{events} for delivery to every destination; return how many were accepted.
 
-        Never touches the disk: the events wait in memory for the next group commit.  When
+        Never waits for the disk: the events wait in memory for the next group commit, and
+        are appended to the intake journal (L{tagd.intake}), which outlives the process.  When
         the spool is full, the newest are refused (the last of C{events}): the caller counts
         C{len(events) - accepted} as dropped, queue full.
         """
@@ -582,8 +662,9 @@ class Spool:
             raise ValueError("an event needs at least one destination")
         room = max(0, self._max_events - self._undelivered)
         now = self._reactor.seconds()
-        rows = [_Buffered(event, now, event_to_json(event), targets) for event in events[:room]]
+        rows = [_Buffered(event, now, event_to_json(event), targets, key) for key, event in self._keyed(events[:room])]
         if rows:
+            self._journal_append(rows)
             self._buffer.extend(rows)
             self._undelivered += len(rows)
             if len(self._buffer) < FLUSH_AT or not self.healthy:
@@ -593,6 +674,31 @@ class Spool:
             # Else a commit (or a recount) is running and starts the next when it ends: one
             # waiter at most, never one per tracked response.
         return len(rows)
+
+    def _keyed(self, events: Sequence[Event]) -> Iterator[tuple[int, Event]]:
+        """C{events} with the keys they will have in the file, handed out in order."""
+        first, self._next_key = self._next_key, self._next_key + len(events)
+        return zip(range(first, self._next_key), events)
+
+    def _journal_append(self, rows: Sequence[_Buffered]) -> None:
+        """Put C{rows} in the intake journal; when the kernel refuses, they wait in memory
+        only, as the log says (once a minute at most)."""
+        targets = rows[0].destinations
+        names = self._destination_lists.get(targets)
+        if names is None:
+            names = self._destination_lists[targets] = json.dumps(list(targets))
+        try:
+            self._journal.append(b"".join(entry_line(row.key, row.created, names, row.body) for row in rows))
+        except OSError as e:
+            now = self._reactor.seconds()
+            if self._journal_logged_at is None or now - self._journal_logged_at >= LOG_EVERY:
+                self._journal_logged_at = now
+                log.error(
+                    "spool: cannot append to the intake journal beside {path}, so events wait for "
+                    "their group commit in memory only, and a crash would lose them: {reason}",
+                    path=self.path,
+                    reason=e.strerror or str(e),
+                )
 
     def flush(self) -> Deferred:
         """Commit everything buffered now, in one transaction.
@@ -612,9 +718,11 @@ class Spool:
     async def _close(self) -> None:
         await self.flush()
         self._cancel_timer()
+        self._journal.seal()
         if self._buffer:
             log.error(
-                "spool: {count} event(s) could not be written before closing and are lost: {reason}",
+                "spool: {count} event(s) could not be written before closing: {reason}; those "
+                "in its intake journal are written when tagd next opens the spool",
                 count=len(self._buffer),
                 reason=self.last_error,
             )
@@ -623,6 +731,7 @@ class Spool:
         finally:
             self._closed = True
             self._pool.stop()
+            self._journal.unlock()
 
     def _schedule(self, delay: float) -> None:
         if self._timer is None or not self._timer.active():
@@ -637,12 +746,16 @@ class Spool:
         batch, self._buffer = self._buffer, []
         if not batch:
             return
+        self._sealed += self._journal.seal()
+        covered = list(self._sealed)
         try:
-            await self._run(_insert, batch, self._known)
+            problems = await self._run(_insert, batch, self._known, covered)
         except Exception as e:
             self._buffer[:0] = batch
             self._write_failed(str(e) if isinstance(e, SpoolError) else type(e).__name__)
             return
+        del self._sealed[: len(covered)]
+        _left_behind(problems)
         self.commits += 1
         self._write_succeeded(len(batch))
         self.on_commit()

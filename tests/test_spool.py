@@ -3,11 +3,14 @@ with real processes, and files that cannot be opened or written."""
 
 from __future__ import annotations
 
+import errno
+import glob
 import math
 import os
 import select
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -25,6 +28,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from tagd import spool as spool_module
 from tagd.config import parse_config
 from tagd.events import Event
+from tagd import intake as intake_module
+from tagd.intake import SEGMENT, read_segment
 from tagd.metrics import Metrics
 from tagd.pipeline import RECOUNT_INTERVAL, Delivery
 from tagd.spool import (
@@ -717,17 +722,24 @@ async def leased(reactor, spool, count):
     print("leased", len(leases), flush=True)
     await Deferred()
 
+async def accepted(reactor, spool, count):
+    for n in range(count):
+        spool.enqueue(events(n, 1), ["meta", "ga4"])
+    print("accepted", count, flush=True)
+    await Deferred()
+
 async def writing(reactor, spool, count):
     written = 0
     while True:
         spool.enqueue(events(written, count), ["meta", "ga4"])
+        print("accepted", written + count, flush=True)
         await spool.flush()
         written += count
         print("committed", written, flush=True)
 
 async def main(reactor, mode, path, count):
     spool = Spool.open(path, reactor=reactor, flush_interval=60)
-    await {"leased": leased, "writing": writing}[mode](reactor, spool, int(count))
+    await {"leased": leased, "accepted": accepted, "writing": writing}[mode](reactor, spool, int(count))
 
 react(lambda reactor: ensureDeferred(main(reactor, *sys.argv[1:])))
 """
@@ -781,22 +793,35 @@ async def test_kill_9_with_rows_in_flight_loses_nothing(open_spool, path, reacto
 
 @pytest_twisted.ensureDeferred
 async def test_kill_9_while_committing_keeps_every_commit_whole(open_spool, path):
-    """A real process commits groups of 100 in a loop and is SIGKILLed at a moment it does not
-    choose: every group it reported is there, and no group is there in part."""
+    """A real process accepts and commits groups of 100 in a loop and is SIGKILLed at a
+    moment it does not choose: every group it committed is in the file, none in part, and
+    reopening adds the group it had accepted but not committed, from the intake journal."""
     child = start_child("writing", str(path), "100")
-    for _ in range(5):
-        reported = int(read_line(child).split()[1])
+    while read_line(child) != "committed 500":
+        pass
     time.sleep(0.003)
-    kill(child)
+    os.kill(child.pid, signal.SIGKILL)
+    assert child.wait(timeout=10) == -signal.SIGKILL
+    # Everything it printed before it died: its last "accepted" line is what it had accepted
+    # (or one group less, when the kill fell between an enqueue and its line).
+    printed = child.stdout.read().decode().splitlines()
+    child.stdout.close()
+    child.stderr.close()
+    accepted = max([500, *(int(line.split()[1]) for line in printed if line.startswith("accepted"))])
 
     stored = count(path, "events")
-    assert stored >= reported
+    assert stored >= 500
     assert stored % 100 == 0
     assert count(path, "deliveries") == 2 * stored
     ids = {event_id for (event_id,) in query(path, "SELECT event_id FROM events")}
     assert ids == {f"ev-{n}" for n in range(stored)}
     spool = open_spool()
-    assert spool.undelivered == stored
+    reopened = count(path, "events")
+    assert reopened in (accepted, accepted + 100)
+    assert spool.undelivered == reopened
+    assert count(path, "deliveries") == 2 * reopened
+    ids = {event_id for (event_id,) in query(path, "SELECT event_id FROM events")}
+    assert ids == {f"ev-{n}" for n in range(reopened)}
 
 
 # -- a file that cannot be written ------------------------------------------------------
@@ -845,9 +870,9 @@ async def test_disk_full_keeps_events_in_memory(open_spool, path, spool_log):
 
 
 @pytest_twisted.ensureDeferred
-async def test_close_on_a_full_disk_says_what_is_lost(open_spool, path, spool_log):
-    """Closing while the buffer cannot be written: close still finishes, and the log counts
-    the events lost (they are never lost silently)."""
+async def test_close_on_a_full_disk_leaves_the_events_to_the_journal(open_spool, path, spool_log, reactor):
+    """Closing while the buffer cannot be written: close still finishes, the log counts the
+    events not written and says where they are, and the next open writes them."""
     spool = open_spool(flush_interval=60)
     spool.enqueue([event(0)], ["meta"])
     await within(spool.flush())
@@ -855,8 +880,15 @@ async def test_close_on_a_full_disk_says_what_is_lost(open_spool, path, spool_lo
     spool.enqueue(events(1, 50), ["meta"])
     await within(spool.close())
     assert count(path, "events") == 1
-    assert "50 event(s) could not be written before closing and are lost" in spool_log[-1]
+    assert "50 event(s) could not be written before closing" in spool_log[-1]
     assert "disk is full" in spool_log[-1]
+    assert "intake journal" in spool_log[-1]
+
+    reopened = open_spool()  # SQLite's page limit was the closed connection's own
+    assert reopened.undelivered == 51
+    assert "50 event(s) accepted before tagd last stopped" in spool_log[-1]
+    leases = await within(reopened.lease("meta", 100, reactor.seconds() + 1))
+    assert [lease.event for lease in leases] == events(0, 51)
 
 
 @pytest_twisted.ensureDeferred
@@ -887,3 +919,187 @@ async def test_enqueue_storm_during_a_commit_queues_no_flushes(open_spool, path)
     await eventually(lambda: not spool._lock.locked)
     assert spool.buffered == 0
     assert spool.commits <= 4
+
+
+# The intake journal: what is accepted and not yet committed outlives the process.
+
+
+def segments(path: Path) -> list[str]:
+    """The intake journal's segments beside the spool at C{path}."""
+    return sorted(glob.glob(f"{path}{SEGMENT}*"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_9_before_the_group_commit_loses_no_accepted_event(open_spool, path, reactor, spool_log):
+    """A real process accepts N events one at a time, as N tracked responses would hand
+    them over, and is SIGKILLed before any group commit: reopening the spool writes all N
+    from the intake journal, once each, owed to both destinations, and removes the journal."""
+    total = 300
+    child = start_child("accepted", str(path), str(total))
+    assert read_line(child) == f"accepted {total}"
+    kill(child)
+    assert count(path, "events") == 0
+    assert len(segments(path)) == 1
+
+    spool = open_spool()
+    assert spool.undelivered == total
+    assert await within(spool.depth()) == {("meta", "pending"): total, ("ga4", "pending"): total}
+    for destination in ("meta", "ga4"):
+        leases = await within(spool.lease(destination, 10 * total, reactor.seconds() + 1))
+        assert [lease.event for lease in leases] == child_events(total)
+    assert segments(path) == []
+    assert f"{total} event(s) accepted before tagd last stopped" in spool_log[-1]
+
+
+def child_events(count: int) -> list[Event]:
+    """The events L{CHILD} enqueues."""
+    return [
+        Event("Purchase", f"ev-{n}", 1_700_000_000, "https://shop.example/", "192.0.2.1", "UA",
+              user_data={"em": ("jane@example.com",)})
+        for n in range(count)
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_group_commit_removes_the_journal_it_covers(open_spool, path):
+    """Accepted events are in a journal segment (owner-only) until their group commit, which
+    removes it; events accepted later go to a new segment."""
+    spool = open_spool(flush_interval=60)
+    spool.enqueue(events(0, 3), ["meta"])
+    spool.enqueue(events(3, 2), ["meta", "ga4"])
+    [first] = segments(path)
+    assert stat.S_IMODE(os.stat(first).st_mode) == 0o600
+    with open(first, "rb") as f:
+        assert len(f.read().splitlines()) == 5
+    await within(spool.flush())
+    assert segments(path) == []
+    spool.enqueue(events(5, 1), ["meta"])
+    [second] = segments(path)
+    assert second > first
+
+
+@pytest_twisted.ensureDeferred
+async def test_committed_events_are_not_written_again_from_the_journal(open_spool, path, reactor):
+    """A segment left behind although its events were committed (the process died between
+    the commit and the removal) adds nothing when the spool is opened again, even once
+    those events were delivered and forgotten."""
+    spool = open_spool(flush_interval=60)
+    spool.enqueue(events(0, 4), ["meta"])
+    [segment] = segments(path)
+    with open(segment, "rb") as f:
+        kept = f.read()
+    await within(spool.flush())
+    leases = await within(spool.lease("meta", 2, reactor.seconds() + 1))
+    await within(spool.ack("meta", [lease.key for lease in leases]))
+    await within(spool.close())
+    with open(segment, "wb") as f:
+        f.write(kept)
+
+    reopened = open_spool()
+    assert reopened.undelivered == 2
+    assert count(path, "events") == 2
+    assert segments(path) == []
+    reopened.enqueue(events(4, 1), ["meta"])
+    await within(reopened.flush())
+    assert query(path, "SELECT id, event_id FROM events ORDER BY id") == [(3, "ev-2"), (4, "ev-3"), (5, "ev-4")]
+
+
+async def left_journal(open_spool, path: Path, count: int) -> bytes:
+    """The journal a spool at C{path} writes for C{count} events (to meta), as a crash
+    before their group commit would leave it; the spool itself is closed."""
+    spool = open_spool(path, flush_interval=60)
+    spool.enqueue(events(0, count), ["meta"])
+    [segment] = segments(path)
+    with open(segment, "rb") as f:
+        kept = f.read()
+    await within(spool.close())
+    return kept
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreadable_journal_line_is_counted_and_the_rest_written(open_spool, tmp_path, spool_log, reactor):
+    """A line the disk had no room to finish is skipped and counted in the log line; every
+    other line of the journal is written, here into a spool file started anew (the old one
+    moved aside)."""
+    kept = await left_journal(open_spool, tmp_path / "old.db", 3)
+    new = tmp_path / "new.db"
+    with open(f"{new}{SEGMENT}00000001", "wb") as f:
+        f.write(kept + b'4\t1700000000.0\t["meta"]\t{"event_name":"Purch')
+
+    reopened = open_spool(new)
+    assert reopened.undelivered == 3
+    leases = await within(reopened.lease("meta", 10, reactor.seconds() + 1))
+    assert [lease.event for lease in leases] == events(0, 3)
+    assert "3 event(s) accepted before tagd last stopped" in spool_log[-1]
+    assert "1 line(s) could not be read and are lost" in spool_log[-1]
+    assert EMAIL.strip() not in spool_log[-1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_journal_the_kernel_refuses_is_logged_once(open_spool, path, spool_log):
+    """When the journal cannot be appended to, events still wait for their group commit
+    in memory and are committed; one log line says that a crash would lose them."""
+    spool = open_spool(flush_interval=60)
+
+    def refuse(data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    spool._journal.append = refuse
+    assert spool.enqueue(events(0, 2), ["meta"]) == 2
+    assert spool.enqueue(events(2, 2), ["meta"]) == 2
+    journal_lines = [line for line in spool_log if "intake journal" in line]
+    assert len(journal_lines) == 1
+    assert "No space left on device" in journal_lines[0] and "in memory only" in journal_lines[0]
+    await within(spool.flush())
+    assert count(path, "events") == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_second_process_cannot_open_a_spool_in_use(open_spool, path):
+    """Only one process hands out a spool's event keys: a second tagd on the same file is
+    refused with a reason (and proxies without a spool), and the first goes on committing."""
+    child = start_child("accepted", str(path), "5")
+    assert read_line(child) == "accepted 5"
+    try:
+        with pytest.raises(SpoolError, match="another process has it open"):
+            open_spool()
+    finally:
+        kill(child)
+    spool = open_spool()  # the kernel released the lock with the process
+    assert spool.undelivered == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_short_journal_write_starts_a_new_segment(open_spool, path, monkeypatch):
+    """The disk takes only part of a journal line: the next event goes to a new segment,
+    so that it is not glued to the cut line, and a crash would lose only the cut one."""
+    spool = open_spool(flush_interval=60)
+    real_write = os.write
+
+    def half(fd, data):
+        return real_write(fd, data[: len(data) // 2])
+
+    monkeypatch.setattr(intake_module.os, "write", half)
+    spool.enqueue(events(0, 1), ["meta"])
+    monkeypatch.setattr(intake_module.os, "write", real_write)
+    spool.enqueue(events(1, 1), ["meta"])
+    cut, whole = segments(path)
+    assert read_segment(cut) == ([], 1)
+    assert [entry.event_id for entry in read_segment(whole)[0]] == ["ev-1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_segment_that_cannot_be_read_is_left_and_named(open_spool, tmp_path, spool_log):
+    """A segment that cannot be read (here a directory in its place) does not stop the
+    spool from opening: the other segments are written, and the log names the one left."""
+    kept = await left_journal(open_spool, tmp_path / "old.db", 2)
+    new = tmp_path / "new.db"
+    with open(f"{new}{SEGMENT}00000007", "wb") as f:
+        f.write(kept)
+    os.mkdir(f"{new}{SEGMENT}00000003")
+
+    reopened = open_spool(new)
+    assert reopened.undelivered == 2
+    assert "2 event(s) accepted before tagd last stopped" in spool_log[-2]
+    assert "00000003" in spool_log[-1] and "00000007" not in spool_log[-1]
+    assert segments(new) == [f"{new}{SEGMENT}00000003"]

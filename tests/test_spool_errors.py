@@ -118,14 +118,14 @@ def test_existing_spool_in_a_directory_made_read_only(tmp_path, servers, make_re
         wait_until(lambda: earlier.process.poll() is not None, 10, "the earlier run stopped")
     finally:
         earlier.close()
-    assert [p.name for p in directory.iterdir()] == ["spool.sqlite3"]
+    assert sorted(p.name for p in directory.iterdir()) == ["spool.sqlite3", "spool.sqlite3.intake.lock"]
     before = spool.read_bytes()
     make_read_only(directory)
 
     reasons = ("cannot be opened", "read-only", "Permission denied")
     run_without_spool(tmp_path, origin, platforms, spool, reasons)
     assert spool.read_bytes() == before
-    assert [p.name for p in directory.iterdir()] == ["spool.sqlite3"]
+    assert sorted(p.name for p in directory.iterdir()) == ["spool.sqlite3", "spool.sqlite3.intake.lock"]
 
 
 def test_spool_file_that_is_not_a_database(tmp_path, servers):
