@@ -827,10 +827,15 @@ async def test_kill_9_while_committing_keeps_every_commit_whole(open_spool, path
 # -- a file that cannot be written ------------------------------------------------------
 
 
-async def fill_the_disk(spool: Spool) -> None:
-    """Let the spool's file grow no more: the next commit that needs a page fails as on a full disk."""
+async def on_a_full_disk(open_spool) -> Spool:
+    """A spool that committed C{event(0)} and whose file may grow no more from now on: its
+    next commit that needs a page fails as on a full disk."""
+    spool = open_spool(flush_interval=60)
+    spool.enqueue([event(0)], ["meta"])
+    await within(spool.flush())
     pages = await within(spool._run(lambda db: db.execute("PRAGMA page_count").fetchone()[0]))
     await within(spool._run(lambda db: db.execute(f"PRAGMA max_page_count = {pages}")))
+    return spool
 
 
 async def make_room(spool: Spool) -> None:
@@ -842,10 +847,7 @@ async def make_room(spool: Spool) -> None:
 async def test_disk_full_keeps_events_in_memory(open_spool, path, spool_log):
     """A full disk during group commits: nothing raised, events kept in memory, healthy false,
     one log line naming the reason and no personal data; once space is back, all are written."""
-    spool = open_spool(flush_interval=60)
-    spool.enqueue([event(0)], ["meta"])
-    await within(spool.flush())
-    await fill_the_disk(spool)
+    spool = await on_a_full_disk(open_spool)
 
     assert spool.enqueue(events(1, 200), ["meta", "ga4"]) == 200
     await within(spool.flush())
@@ -873,10 +875,7 @@ async def test_disk_full_keeps_events_in_memory(open_spool, path, spool_log):
 async def test_close_on_a_full_disk_leaves_the_events_to_the_journal(open_spool, path, spool_log, reactor):
     """Closing while the buffer cannot be written: close still finishes, the log counts the
     events not written and says where they are, and the next open writes them."""
-    spool = open_spool(flush_interval=60)
-    spool.enqueue([event(0)], ["meta"])
-    await within(spool.flush())
-    await fill_the_disk(spool)
+    spool = await on_a_full_disk(open_spool)
     spool.enqueue(events(1, 50), ["meta"])
     await within(spool.close())
     assert count(path, "events") == 1
@@ -894,10 +893,7 @@ async def test_close_on_a_full_disk_leaves_the_events_to_the_journal(open_spool,
 @pytest_twisted.ensureDeferred
 async def test_failed_writes_are_retried_by_themselves(open_spool, path):
     """After a failed group commit the spool tries again on its own, without a flush call."""
-    spool = open_spool(flush_interval=60)
-    spool.enqueue([event(0)], ["meta"])
-    await within(spool.flush())
-    await fill_the_disk(spool)
+    spool = await on_a_full_disk(open_spool)
     spool.enqueue(events(1, 100), ["meta"])
     await within(spool.flush())
     assert not spool.healthy
