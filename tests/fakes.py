@@ -65,6 +65,14 @@ class Recorded:
     body: Any  # the parsed JSON, or None when it was not JSON
     violations: list[Violation] = attrs.field(factory=list)
 
+    def framing(self) -> str:
+        """How the body came, for a violation about its shape: a body cut short by a
+        closed connection reads differently from one sent malformed."""
+        return (
+            f"({len(self.raw)} bytes received, Content-Length {self.headers.get('content-length')}, "
+            f"Transfer-Encoding {self.headers.get('transfer-encoding')}, starting {self.raw[:40]!r})"
+        )
+
 
 @attrs.frozen
 class Injection:
@@ -274,7 +282,7 @@ class FakeMeta(FakePlatform):
             yield Violation("access_token", "does not match", "BAD_TOKEN")
         body = recorded.body
         if not isinstance(body, dict) or not isinstance(body.get("data"), list):
-            yield Violation("data", "the body must be a JSON object with a data list")
+            yield Violation("data", f"the body must be a JSON object with a data list {recorded.framing()}")
             return
         if not 1 <= len(body["data"]) <= self.max_events:
             yield Violation("data", f"must hold 1 to {self.max_events} events")
@@ -386,7 +394,7 @@ class FakeGA4(FakePlatform):
             yield Violation("body", f"is {size} bytes; must be under 130 kB", "VALUE_OUT_OF_BOUNDS")
         body = recorded.body
         if not isinstance(body, dict):
-            yield Violation("body", "must be a JSON object")
+            yield Violation("body", f"must be a JSON object {recorded.framing()}")
             return
         yield from self._check_body(body)
 
@@ -506,7 +514,7 @@ class FakeTikTok(FakePlatform):
             yield Violation("Access-Token", "missing or wrong", "BAD_TOKEN")
         body = recorded.body
         if not isinstance(body, dict):
-            yield Violation("body", "must be a JSON object")
+            yield Violation("body", f"must be a JSON object {recorded.framing()}")
             return
         if body.get("event_source") != "web":
             yield Violation("event_source", "must be 'web'")
