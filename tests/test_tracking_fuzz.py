@@ -103,6 +103,8 @@ class _PlatformHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         recorded = recorded_post(self)
+        if recorded is None:
+            return
         path, body = recorded.path, recorded.body
         platform = "ga4" if "/mp/collect" in path else "tiktok" if "open_api" in path else "meta"
         recorded.violations.extend(self.checkers[platform].check(recorded))
