@@ -17,6 +17,7 @@ from twisted.python import usage
 
 from tagd.admin import Health, build_admin
 from tagd.clientip import ClientIPResolver
+from tagd.collection import tune_collector
 from tagd.config import Config, ConfigError, load_config, parse_config
 from tagd.feed import Feed
 from tagd.origin import OriginClient
@@ -174,4 +175,6 @@ def makeService(options, reactor=None) -> MultiService:
     except ConfigError as e:
         sys.stderr.write(f"{e}\n")
         raise SystemExit(CONFIG_ERROR_EXIT) from None
-    return build_service(config, reactor, load=load)
+    service = build_service(config, reactor, load=load)
+    tune_collector(reactor)
+    return service
