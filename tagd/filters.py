@@ -172,17 +172,22 @@ class BotDetector:
     ) -> None:
         if cache_size < 0:
             raise ValueError("cache_size must not be negative")
-        self._listed = _crawler_list_matcher()
-        self._extra = _alternation(tuple(extra_patterns), "extra bot")
-        self._allowed = _alternation(tuple(allow_patterns), "allowed bot")
-        self._cached = functools.lru_cache(maxsize=cache_size)(self._judge)
+        listed = _crawler_list_matcher()
+        extra = _alternation(tuple(extra_patterns), "extra bot")
+        allowed = _alternation(tuple(allow_patterns), "allowed bot")
 
-    def _judge(self, user_agent: str) -> bool:
-        if self._allowed is not None and self._allowed(user_agent):
-            return False
-        if self._listed(user_agent):
-            return True
-        return self._extra is not None and bool(self._extra(user_agent))
+        # A closure rather than a method: a cache of a bound method would make the
+        # detector refer to itself, and one of start-up that a reload replaces would never
+        # be freed (see tagd.collection).
+        def judge(user_agent: str) -> bool:
+            if allowed is not None and allowed(user_agent):
+                return False
+            if listed(user_agent):
+                return True
+            return extra is not None and bool(extra(user_agent))
+
+        self._judge = judge
+        self._cached = functools.lru_cache(maxsize=cache_size)(judge)
 
     def is_bot(self, user_agent: str | None) -> bool:
         """Whether this user agent is a bot; a missing or blank one is, since browsers send one."""

@@ -61,6 +61,22 @@ COOKIE_PLATFORMS: dict[str, frozenset[str]] = {
 }
 
 
+def _header_parser(max_header_bytes: int) -> Callable[[bytes], tuple[EventSpec, ...]]:
+    """One header value's events, cached (never an error: a malformed value is refused,
+    counted and logged every time it comes).
+
+    A closure rather than a cached method of the tracker: the tracker would refer to
+    itself, and a tracker of start-up that a reload replaces would never be freed (see
+    L{tagd.collection}).
+    """
+
+    @lru_cache(maxsize=PARSED_HEADERS)
+    def parsed(value: bytes) -> tuple[EventSpec, ...]:
+        return tuple(parse_tracking_header(value, max_header_bytes))
+
+    return parsed
+
+
 class Tracker:
     """The tracking hook of a proxy with destinations configured."""
 
@@ -90,7 +106,7 @@ class Tracker:
         # per-process generator seeded from the OS is as unique and much cheaper than
         # asking the OS every time.
         self._rand = rand if rand is not None else random.Random(os.urandom(32))
-        self._parsed = lru_cache(maxsize=PARSED_HEADERS)(self._parse_value)
+        self._parsed = _header_parser(config.max_header_bytes)
         self._paths = PathFilter(config.include_paths, config.exclude_paths)
         self._statuses = tracked_statuses(config.track_statuses)
         self._bots = BotDetector(config.extra_bots, config.allow_bots)
@@ -172,11 +188,6 @@ class Tracker:
         if self._bots.is_bot(user_agent):
             return "bot"
         return None
-
-    def _parse_value(self, value: bytes) -> tuple[EventSpec, ...]:
-        """One header value's events, for L{_parsed}, which caches them (never an error:
-        a malformed value is refused, counted and logged every time it comes)."""
-        return tuple(parse_tracking_header(value, self._config.max_header_bytes))
 
     def _parse(self, values: list[bytes], visit: Visit) -> list[EventSpec]:
         specs: list[EventSpec] = []

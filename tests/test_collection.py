@@ -40,5 +40,7 @@ def test_the_twistd_entry_point_tunes_the_collector(collector, tmp_path, monkeyp
     options = tap.Options()
     options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--origin", "http://127.0.0.1:9"])
     gc.set_threshold(700, 10, 10)
+    tap.build_service(tap.config_from_options(options), MemoryReactorClock())
+    assert gc.get_threshold() == (700, 10, 10)
     tap.makeService(options, reactor=MemoryReactorClock())
-    assert gc.get_threshold()[0] == YOUNG_THRESHOLD
+    assert gc.get_threshold() == (YOUNG_THRESHOLD, 10, 10)

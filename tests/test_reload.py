@@ -9,9 +9,11 @@ over a keep-alive connection that must survive the reload.
 
 from __future__ import annotations
 
+import gc
 import http.client
 import json
 import signal
+import weakref
 from pathlib import Path
 
 import attrs
@@ -243,6 +245,30 @@ async def test_reload_swaps_destinations(
     assert reload_lines(log_events) == [
         ("info", f"configuration reloaded from {tagd.path}: destinations added: ga4; destinations removed: meta")
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tracker_a_reload_replaces_is_freed_though_start_up_was_frozen(
+    start_tagd, origin, connect, fake_meta, fake_ga4, fake_tiktok, tmp_path
+):
+    """C{twistd tagd} freezes start-up's objects out of the garbage collector (see
+    tagd.collection), which then never frees one caught in a reference cycle: the tracker
+    a reload replaces, with its caches and bot detector, is freed all the same."""
+    meta, _, _ = platform_destinations(fake_meta, fake_ga4, fake_tiktok)
+    spool = tmp_path / "spool.sqlite3"
+    tagd = await start_tagd(tagd_toml(origin, spool, [meta]))
+    await visit(tagd.port, connect, "fills-the-caches")
+    await eventually(lambda: event_ids(fake_meta) == ["fills-the-caches"])
+    tracker = reloader(tagd.service)._proxy.on_tracking
+    replaced = [weakref.ref(tracker), weakref.ref(tracker._bots)]
+    del tracker
+    gc.freeze()
+    try:
+        await tagd.reload(tagd_toml(origin, spool, [meta], tracking={"honor_gpc": False}))
+        gc.collect()
+        assert [ref() for ref in replaced] == [None, None]
+    finally:
+        gc.unfreeze()
 
 
 @pytest_twisted.ensureDeferred
