@@ -32,7 +32,7 @@ from tagd.destinations._common import public_url, redact
 from tagd.destinations.registry import destination_module
 from tagd.destinations.webhook import MIN_SECRET, WebhookDestination
 from tagd.events import Event
-from tagd.spool import SpoolError, read_dead_letters, read_depth, retry_dead_letters
+from tagd.spool import SpoolError, read_dead_letters, read_depth, read_journal, retry_dead_letters
 from tagd.tap import BUILT_IN, config_from_options
 
 MASK = "***"
@@ -120,6 +120,12 @@ def spool_status(args: argparse.Namespace) -> None:
     rows = [[name, *(depth.get((name, status), 0) for status in STATUSES)] for name in names]
     print(f"spool {os.path.abspath(config.spool.path)}")
     print(table(["destination", *STATUSES], rows))
+    journal = read_journal(config.spool.path)
+    if journal:
+        print(
+            f"intake journal: {journal} accepted event(s) not in the file yet (a running tagd "
+            "writes them at its next group commit, a stopped one when it next starts)"
+        )
 
 
 def spool_dead(args: argparse.Namespace) -> None:

@@ -926,6 +926,22 @@ def read_depth(path: str) -> dict[tuple[str, str], int]:
         return _depth(db)
 
 
+def read_journal(path: str) -> int:
+    """How many events the intake journal beside the spool at C{path} holds that the file
+    lacks: beside a running tagd, those waiting for its next group commit; beside a stopped
+    one, those it accepted and did not commit, which it writes when it next starts."""
+    with _outside(path, write=False) as db:
+        last = db.execute(_LAST_KEY).fetchone()[0]
+    lacking = 0
+    for segment in Journal(path).leftovers():
+        try:
+            entries, _ = read_segment(segment)
+        except OSError:
+            continue  # Gone meanwhile (committed), or unreadable: tagd's start says which.
+        lacking += sum(1 for entry in entries if entry.key > last)
+    return lacking
+
+
 def read_dead_letters(path: str, destination: str | None = None, limit: int = 100) -> list[DeadLetter]:
     """L{Spool.dead_letters} of the file at C{path}, read-only."""
     with _outside(path, write=False) as db:

@@ -18,7 +18,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 
-from tagd.spool import Spool
+from tagd.intake import SEGMENT, entry_line
+from tagd.spool import Spool, event_to_json
 
 from conftest import serve_quietly, within
 from fakes import make_event
@@ -188,6 +189,21 @@ def test_status_counts(folder, spool_file):
         "tiktok": {"pending": 0, "inflight": 0, "dead": 0, "expired": 0},
         "hook": {"pending": 0, "inflight": 0, "dead": 0, "expired": 0},
     }
+    assert rows(spool_file) == STATE
+
+
+def test_status_counts_the_journal_s_events_not_in_the_file(folder, spool_file):
+    """status: events a tagd accepted and did not commit before it stopped (in the intake
+    journal beside the spool) are counted below the table; none, no line."""
+    assert "intake journal" not in ok(tagd("spool", "status", cwd=folder))
+    lines = b"".join(
+        entry_line(100 + n, 1_700_000_000.0, '["meta"]', event_to_json(make_event(event_id=f"lost-{n}")))
+        for n in range(2)
+    )
+    (folder / f"spool.db{SEGMENT}00000001").write_bytes(lines)
+    output = ok(tagd("spool", "status", cwd=folder))
+    assert output.splitlines()[-1].startswith("intake journal: 2 accepted event(s) not in the file yet")
+    assert "lost-" not in output
     assert rows(spool_file) == STATE
 
 
