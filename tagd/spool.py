@@ -689,6 +689,9 @@ class Spool:
             names = self._destination_lists[targets] = json.dumps(list(targets))
         try:
             self._journal.append(b"".join(entry_line(row.key, row.created, names, row.body) for row in rows))
+            if self._journal_logged_at is not None:
+                self._journal_logged_at = None
+                log.info("spool: appending to the intake journal again")
         except OSError as e:
             now = self._reactor.seconds()
             if self._journal_logged_at is None or now - self._journal_logged_at >= LOG_EVERY:

@@ -1034,7 +1034,8 @@ async def test_an_unreadable_journal_line_is_counted_and_the_rest_written(open_s
 @pytest_twisted.ensureDeferred
 async def test_a_journal_the_kernel_refuses_is_logged_once(open_spool, path, spool_log):
     """When the journal cannot be appended to, events still wait for their group commit
-    in memory and are committed; one log line says that a crash would lose them."""
+    in memory and are committed; one log line says that a crash would lose them, and
+    another when appending works again."""
     spool = open_spool(flush_interval=60)
 
     def refuse(data: bytes) -> None:
@@ -1046,8 +1047,12 @@ async def test_a_journal_the_kernel_refuses_is_logged_once(open_spool, path, spo
     journal_lines = [line for line in spool_log if "intake journal" in line]
     assert len(journal_lines) == 1
     assert "No space left on device" in journal_lines[0] and "in memory only" in journal_lines[0]
+    del spool._journal.append  # the kernel takes writes again
+    assert spool.enqueue(events(4, 1), ["meta"]) == 1
+    assert spool_log[-1] == "spool: appending to the intake journal again"
+    assert len(segments(path)) == 1
     await within(spool.flush())
-    assert count(path, "events") == 4
+    assert count(path, "events") == 5
 
 
 @pytest_twisted.ensureDeferred
