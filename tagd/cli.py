@@ -120,12 +120,14 @@ def spool_status(args: argparse.Namespace) -> None:
     rows = [[name, *(depth.get((name, status), 0) for status in STATUSES)] for name in names]
     print(f"spool {os.path.abspath(config.spool.path)}")
     print(table(["destination", *STATUSES], rows))
-    journal = read_journal(config.spool.path)
+    journal, unreadable = read_journal(config.spool.path)
     if journal:
         print(
             f"intake journal: {journal} accepted event(s) not in the file yet (a running tagd "
             "writes them at its next group commit, a stopped one when it next starts)"
         )
+    if unreadable:
+        print(f"intake journal: cannot read {', '.join(unreadable)}")
 
 
 def spool_dead(args: argparse.Namespace) -> None:

@@ -15,8 +15,8 @@ most runs:
     collection then takes up to about 19 ms.
 
 The price of freezing: the collector never frees a frozen object, only reference counting
-does.  What a reload replaces (the tracker, with its caches and bot detector) therefore
-must not refer to itself; the tests check that it is freed.
+does.  The start-up objects that a reload replaces (the tracker, with its caches and bot
+detector) therefore must not refer to themselves; a test checks that they are freed.
 """
 
 from __future__ import annotations

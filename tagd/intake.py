@@ -38,6 +38,7 @@ import attrs
 
 SEGMENT = ".intake-"  # a segment is the spool's path, this, and its number
 LOCK = ".intake.lock"  # the spool's path and this: held by the process that has the spool open
+UNREADABLE = ".unreadable"  # added to a segment that could not be read at start-up
 
 
 @attrs.frozen
@@ -97,6 +98,7 @@ class Journal:
         self._prefix = os.path.abspath(spool_path) + SEGMENT
         self._fd: int | None = None
         self._writing: str | None = None
+        self._cut: list[str] = []  # segments a failed append sealed, for the next seal() to return
         self._last = max((number for _, number in self._numbered()), default=0)
 
     def _numbered(self) -> list[tuple[str, int]]:
@@ -113,11 +115,18 @@ class Journal:
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as e:
             os.close(fd)
-            return False
+            if isinstance(e, BlockingIOError):
+                return False
+            raise
         self._lock_fd = fd
         return True
+
+    @property
+    def lock_path(self) -> str:
+        """The lock file, for messages about it."""
+        return self._lock_path
 
     def unlock(self) -> None:
         """Let another process open the spool (once it is closed)."""
@@ -131,7 +140,9 @@ class Journal:
 
     def append(self, data: bytes) -> None:
         """Append C{data} (whole lines) to the segment being written, opening one if none is;
-        raises L{OSError} when the kernel did not take all of it."""
+        raises L{OSError} when the kernel did not take all of it.  The next line must not be
+        glued to a cut one, so a failed append ends its segment; the next L{seal} returns it
+        with the others, for removal once their events are committed."""
         if self._fd is None:
             self._last += 1
             path = f"{self._prefix}{self._last:08d}"
@@ -140,15 +151,19 @@ class Journal:
         try:
             written = os.write(self._fd, data)
         except OSError:
-            self.seal()
+            self._cut += self._close_segment()
             raise
         if written != len(data):
-            # The next line must not be glued to this cut one: it goes to a new segment.
-            self.seal()
+            self._cut += self._close_segment()
             raise OSError(f"the disk took {written} of {len(data)} bytes")
 
     def seal(self) -> list[str]:
-        """Stop writing to the current segment; returns it (in a list, empty when none was open)."""
+        """Stop writing to the current segment; returns every segment ended since the last
+        call (this one, and those that failed appends ended)."""
+        ended, self._cut = [*self._cut, *self._close_segment()], []
+        return ended
+
+    def _close_segment(self) -> list[str]:
         if self._fd is None:
             return []
         fd, path, self._fd, self._writing = self._fd, self._writing, None, None

@@ -63,7 +63,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from tagd.events import Event
-from tagd.intake import Journal, discard, entry_line, read_segment
+from tagd.intake import UNREADABLE, Journal, discard, entry_line, read_segment
 
 log = Logger()
 
@@ -354,8 +354,26 @@ class _Recovered:
     owed: int
     next_key: int
     replayed: int
-    unreadable: int
-    problems: list[str]
+    unreadable: int  # lines
+    set_aside: list[str]  # segments that could not be read, and where they went
+    problems: list[str]  # segments that could not be removed
+
+
+def _set_aside(path: str) -> str:
+    """Rename a segment that cannot be read out of the journal, and say where it went.
+
+    Left in place it would be read again at a later start, once readable, and its keys,
+    which this start hands out anew, would clash with the new events.  A segment that
+    cannot be moved either stops the spool from opening, for the same reason.
+    """
+    aside = path + UNREADABLE
+    try:
+        os.rename(path, aside)
+    except OSError as e:
+        raise SpoolError(
+            f"the intake journal's {os.path.basename(path)} can be neither read nor moved aside ({e.strerror})"
+        ) from None
+    return f"moved aside as {os.path.basename(aside)}; its events are lost"
 
 
 def _recover(db: sqlite3.Connection, segments: Sequence[str]) -> _Recovered:
@@ -363,12 +381,12 @@ def _recover(db: sqlite3.Connection, segments: Sequence[str]) -> _Recovered:
     those accepted by a process that died before committing them."""
     _prepare(db)
     last = db.execute(_LAST_KEY).fetchone()[0]
-    entries, unreadable, read, problems = [], 0, [], []
+    entries, unreadable, read, aside = [], 0, [], []
     for path in segments:
         try:
             found, bad = read_segment(path)
         except OSError as e:
-            problems.append(f"{os.path.basename(path)}: {e.strerror}")
+            aside.append(f"{os.path.basename(path)} cannot be read ({e.strerror}), {_set_aside(path)}")
             continue
         entries += found
         unreadable += bad
@@ -382,7 +400,8 @@ def _recover(db: sqlite3.Connection, segments: Sequence[str]) -> _Recovered:
         next_key=max([last, *(entry.key for entry in lacking)]) + 1,
         replayed=len(lacking),
         unreadable=unreadable,
-        problems=problems + discard(read),
+        set_aside=aside,
+        problems=discard(read),
     )
 
 
@@ -538,7 +557,8 @@ class Spool:
         self._sealed: list[str] = []  # journal segments no group commit has covered yet
         self._next_key = 1  # set by open() from the file
         self._destination_lists: dict[tuple[str, ...], str] = {}  # their JSON, for journal lines
-        self._journal_logged_at: float | None = None
+        self._journal_logged_at: float | None = None  # the last error line about it
+        self._journal_failing = False  # an error line said so, and no line since that it works
         self._known: dict[int, list] = {}  # see _insert; touched on the spool's thread only
         self._timer = None
         self._lock = DeferredLock()  # one group commit at a time, in order
@@ -581,6 +601,8 @@ class Spool:
                 if recovered.unreadable
                 else "",
             )
+        if recovered.set_aside:
+            log.error("spool: intake journal: {segments}", segments="; ".join(recovered.set_aside))
         _left_behind(recovered.problems)
         return spool
 
@@ -599,7 +621,11 @@ class Spool:
     def _connect(self) -> _Recovered:
         """Create the connection here, so that it belongs to this thread (SQLite checks)."""
         try:
-            if not self._journal.lock():
+            try:
+                locked = self._journal.lock()
+            except OSError as e:
+                raise SpoolError(f"cannot take its lock file {self._journal.lock_path}: {e.strerror}") from None
+            if not locked:
                 raise SpoolError("another process has it open (is a second tagd running with this configuration?)")
             _create_private(self.path)
             self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
@@ -689,13 +715,13 @@ class Spool:
             names = self._destination_lists[targets] = json.dumps(list(targets))
         try:
             self._journal.append(b"".join(entry_line(row.key, row.created, names, row.body) for row in rows))
-            if self._journal_logged_at is not None:
-                self._journal_logged_at = None
+            if self._journal_failing:
+                self._journal_failing = False
                 log.info("spool: appending to the intake journal again")
         except OSError as e:
             now = self._reactor.seconds()
             if self._journal_logged_at is None or now - self._journal_logged_at >= LOG_EVERY:
-                self._journal_logged_at = now
+                self._journal_logged_at, self._journal_failing = now, True
                 log.error(
                     "spool: cannot append to the intake journal beside {path}, so events wait for "
                     "their group commit in memory only, and a crash would lose them: {reason}",
@@ -929,20 +955,24 @@ def read_depth(path: str) -> dict[tuple[str, str], int]:
         return _depth(db)
 
 
-def read_journal(path: str) -> int:
+def read_journal(path: str) -> tuple[int, list[str]]:
     """How many events the intake journal beside the spool at C{path} holds that the file
-    lacks: beside a running tagd, those waiting for its next group commit; beside a stopped
-    one, those it accepted and did not commit, which it writes when it next starts."""
+    lacks, and the segments that cannot be read.  Beside a running tagd, the events wait
+    for its next group commit; beside a stopped one, it accepted them and did not commit
+    them, and writes them when it next starts (which sets unreadable segments aside)."""
     with _outside(path, write=False) as db:
         last = db.execute(_LAST_KEY).fetchone()[0]
-    lacking = 0
+    lacking, unreadable = 0, []
     for segment in Journal(path).leftovers():
         try:
             entries, _ = read_segment(segment)
-        except OSError:
-            continue  # Gone meanwhile (committed), or unreadable: tagd's start says which.
+        except FileNotFoundError:
+            continue  # Committed and removed meanwhile.
+        except OSError as e:
+            unreadable.append(f"{os.path.basename(segment)} ({e.strerror})")
+            continue
         lacking += sum(1 for entry in entries if entry.key > last)
-    return lacking
+    return lacking, unreadable
 
 
 def read_dead_letters(path: str, destination: str | None = None, limit: int = 100) -> list[DeadLetter]:

@@ -194,15 +194,19 @@ def test_status_counts(folder, spool_file):
 
 def test_status_counts_the_journal_s_events_not_in_the_file(folder, spool_file):
     """status: events a tagd accepted and did not commit before it stopped (in the intake
-    journal beside the spool) are counted below the table; none, no line."""
+    journal beside the spool) are counted below the table, and a segment that cannot be
+    read is named; none, no line."""
     assert "intake journal" not in ok(tagd("spool", "status", cwd=folder))
     lines = b"".join(
         entry_line(100 + n, 1_700_000_000.0, '["meta"]', event_to_json(make_event(event_id=f"lost-{n}")))
         for n in range(2)
     )
     (folder / f"spool.db{SEGMENT}00000001").write_bytes(lines)
+    (folder / f"spool.db{SEGMENT}00000002").mkdir()  # a segment that cannot be read
     output = ok(tagd("spool", "status", cwd=folder))
-    assert output.splitlines()[-1].startswith("intake journal: 2 accepted event(s) not in the file yet")
+    counted, unreadable = output.splitlines()[-2:]
+    assert counted.startswith("intake journal: 2 accepted event(s) not in the file yet")
+    assert unreadable.startswith(f"intake journal: cannot read spool.db{SEGMENT}00000002 (")
     assert "lost-" not in output
     assert rows(spool_file) == STATE
 

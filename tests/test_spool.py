@@ -29,7 +29,7 @@ from tagd import spool as spool_module
 from tagd.config import parse_config
 from tagd.events import Event
 from tagd import intake as intake_module
-from tagd.intake import SEGMENT, read_segment
+from tagd.intake import SEGMENT, UNREADABLE, read_segment
 from tagd.metrics import Metrics
 from tagd.pipeline import RECOUNT_INTERVAL, Delivery
 from tagd.spool import (
@@ -1073,7 +1073,8 @@ async def test_a_second_process_cannot_open_a_spool_in_use(open_spool, path):
 @pytest_twisted.ensureDeferred
 async def test_a_short_journal_write_starts_a_new_segment(open_spool, path, monkeypatch):
     """The disk takes only part of a journal line: the next event goes to a new segment,
-    so that it is not glued to the cut line, and a crash would lose only the cut one."""
+    so that it is not glued to the cut line, and a crash would lose only the cut one; the
+    group commit of both events removes both segments."""
     spool = open_spool(flush_interval=60)
     real_write = os.write
 
@@ -1087,12 +1088,17 @@ async def test_a_short_journal_write_starts_a_new_segment(open_spool, path, monk
     cut, whole = segments(path)
     assert read_segment(cut) == ([], 1)
     assert [entry.event_id for entry in read_segment(whole)[0]] == ["ev-1"]
+    await within(spool.flush())
+    assert count(path, "events") == 2
+    assert segments(path) == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_segment_that_cannot_be_read_is_left_and_named(open_spool, tmp_path, spool_log):
+async def test_a_segment_that_cannot_be_read_is_set_aside_and_named(open_spool, tmp_path, spool_log, reactor):
     """A segment that cannot be read (here a directory in its place) does not stop the
-    spool from opening: the other segments are written, and the log names the one left."""
+    spool from opening: the other segments are written, and the unreadable one is renamed
+    out of the journal, named in an error line, so that no later start reads it with keys
+    this one hands out anew."""
     kept = await left_journal(open_spool, tmp_path / "old.db", 2)
     new = tmp_path / "new.db"
     with open(f"{new}{SEGMENT}00000007", "wb") as f:
@@ -1102,5 +1108,10 @@ async def test_a_segment_that_cannot_be_read_is_left_and_named(open_spool, tmp_p
     reopened = open_spool(new)
     assert reopened.undelivered == 2
     assert "2 event(s) accepted before tagd last stopped" in spool_log[-2]
-    assert "00000003" in spool_log[-1] and "00000007" not in spool_log[-1]
-    assert segments(new) == [f"{new}{SEGMENT}00000003"]
+    assert "00000003 cannot be read" in spool_log[-1]
+    assert "moved aside as new.db.intake-00000003.unreadable" in spool_log[-1]
+    assert "00000007" not in spool_log[-1]
+    assert segments(new) == [f"{new}{SEGMENT}00000003{UNREADABLE}"]
+    reopened.enqueue(events(2, 1), ["meta"])
+    await within(reopened.close())
+    assert open_spool(new).undelivered == 3
