@@ -81,6 +81,11 @@ OVERHEAD_TARGET = 0.8  # tracked req/s over untracked req/s, at least
 ISOLATION_TOLERANCE = 0.10  # req/s and p99 with sick platforms, within this of healthy
 # Sick platforms: (row label, fake mode).  "slow" answers after --delay seconds.
 SICK = (("slow", "slow"), ("never", "hang"))
+# The visitor's path alone: a spool of one event with platforms that never answer, so that
+# tagd decides, sets the cookies and builds every event as usual, and then refuses it as
+# queue full, storing and sending nothing.  Its requests/s over untracked's is the most the
+# overhead ratio could be with storage and delivery free, or done in another process.
+SPOOL_FULL = "spool full"
 POLL = 0.25  # seconds between looks at the fakes' counters
 # Once every fake has what wrk counted, stragglers (requests wrk cut off) may still come.
 STRAGGLERS = 1.0
@@ -157,37 +162,47 @@ def run_config(label: str, mode: str | None, processes: Processes, origin: Serve
     """One tagd configuration under load: no destinations (C{mode} None) or three fakes.
 
     Each round has a spool of its own: what sick platforms left owed in one round must not
-    fill the next one's spool towards its bound, which would refuse events and look cheap.
+    fill the next one's spool towards its bound, which would refuse events and look cheap
+    (unless refusing is the point: L{SPOOL_FULL}).
+
+    Besides the load's figures, C{cpu_us_per_request} is tagd's CPU time per request
+    from the warm-up on until the work the load caused is done: for healthy platforms,
+    until the last event arrived, since delivery that lags behind the load runs after it.
     """
     print(f"{label}, round {round_number}:", flush=True)
     fakes, ports = start_platforms(processes, label, mode, args) if mode else (None, None)
     spool = os.path.join(args.run_dir, f"spool-{label}-{round_number}.sqlite3")
+    max_events = 1 if label == SPOOL_FULL else 100_000
     try:
-        tagd = start_tagd(processes, origin.port, args.run_dir, f"tagd-{label}", tagd_config(ports, spool))
+        tagd = start_tagd(processes, origin.port, args.run_dir, f"tagd-{label}",
+                          tagd_config(ports, spool, max_events=max_events))
         try:
             wait_until_listening(tagd)
             if not check_answer(tagd, expected_body, "before"):
                 raise StartError(f"tagd ({label}) did not return the origin's page; not measured")
             profile = profiling(args, tagd, label)
+            cpu_before = tagd.cpu_seconds()
             result = measure(tagd, origin, drive, args, expected_body, others=[fakes] if fakes else (),
                              around_run=profile)
             result["label"] = label
             result["fakes_cpu_pct"] = result.pop(f"{fakes.name}_cpu_pct") if fakes else None
             print(f"  {result['rps']:,.0f} req/s, p99 {result['p99_ms']:.2f} ms, {result['error_total']} errors",
                   flush=True)
+            expected = result["requests"] + result["warmup_requests"]
             if ports is not None:
-                expected = result["requests"] + result["warmup_requests"]
                 if mode == "ok":
                     stats, waited = wait_for_events(ports, expected, args.settle)
                 else:
                     stats, waited = platform_stats(ports), None
+            cpu = _cpu_used(cpu_before, tagd.cpu_seconds())
+            result["cpu_us_per_request"] = round(1e6 * cpu / expected) if cpu is not None and expected else None
         finally:
             result_stop = stop_tagd(processes, tagd)
     finally:
         if fakes is not None:
             processes.stop(fakes)
     result["stop"] = result_stop
-    if ports is not None:
+    if ports is not None and label != SPOOL_FULL:
         result["delivery"] = delivery_check(stats, waited, owed(spool), expected, args)
     return result
 
@@ -416,6 +431,8 @@ def medians(runs: list[dict]) -> dict:
     result = dict(median_run(runs))
     result["p99_ms"] = statistics.median(r["p99_ms"] for r in runs)
     result["error_total"] = max(r["error_total"] for r in runs)
+    cpu = [r["cpu_us_per_request"] for r in runs if r.get("cpu_us_per_request") is not None]
+    result["cpu_us_per_request"] = statistics.median(cpu) if cpu else None
     if "delivery" in result:
         result["delivery"] = {
             **result["delivery"],
@@ -426,10 +443,12 @@ def medians(runs: list[dict]) -> dict:
 
 
 def print_loadprint_columns(results: list[dict]) -> None:
-    columns = ("tagd run", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "tagd CPU", "origin CPU", "fakes CPU")
+    columns = ("tagd run", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "tagd CPU", "origin CPU", "fakes CPU",
+               "tagd CPU µs/req, all done")
     print_columns(columns, [
         (r["label"], f"{r['rps']:,.0f}", f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
-         str(r["error_total"]), cpu_cell(r["proxy_cpu_pct"]), cpu_cell(r["origin_cpu_pct"]), cpu_cell(r["fakes_cpu_pct"]))
+         str(r["error_total"]), cpu_cell(r["proxy_cpu_pct"]), cpu_cell(r["origin_cpu_pct"]), cpu_cell(r["fakes_cpu_pct"]),
+         "-" if r.get("cpu_us_per_request") is None else f"{r['cpu_us_per_request']:,.0f}")
         for r in results
     ])
 
@@ -442,6 +461,14 @@ def verdicts(by_label: dict[str, dict]) -> list[dict]:
         ratio = healthy["rps"] / untracked["rps"]
         found.append({"what": "overhead: tracked/untracked req/s", "value": ratio, "target": f">= {OVERHEAD_TARGET:.2f}",
                       "pass": ratio >= OVERHEAD_TARGET})
+        full = by_label.get(SPOOL_FULL)
+        if full:
+            found.append({"what": "  the most it could be: spool full/untracked req/s", "value": full["rps"] / untracked["rps"],
+                          "target": "", "pass": None})
+        cpu = (healthy.get("cpu_us_per_request"), untracked.get("cpu_us_per_request"))
+        if None not in cpu and cpu[1] > 0:
+            found.append({"what": "  tagd CPU per request, all delivered: tracked/untracked", "value": cpu[0] / cpu[1],
+                          "target": "", "pass": None})
     if healthy and "delivery" in healthy:
         d = healthy["delivery"]
         arrived = "/".join(f"{p['events']:,}" for p in d["platforms"].values())
@@ -462,7 +489,7 @@ def verdicts(by_label: dict[str, dict]) -> list[dict]:
         found.append({"what": f"isolation: {label}: events answered or still owed after the stop",
                       "value": None, "target": "all", "pass": sick["delivery"]["accounted"]})
     for item in found:
-        item["verdict"] = "PASS" if item["pass"] else "MISS"
+        item["verdict"] = "" if item["pass"] is None else "PASS" if item["pass"] else "MISS"
     return found
 
 
@@ -558,6 +585,8 @@ def run(args, processes: Processes) -> int:
         configs.append(("untracked", None))
     if "overhead" in args.only or "isolation" in args.only:
         configs.append(("healthy", "ok"))
+    if "overhead" in args.only:
+        configs.append((SPOOL_FULL, "hang"))
     if "isolation" in args.only:
         configs.extend(SICK)
     runs: dict[str, list[dict]] = {label: [] for label, _mode in configs}
