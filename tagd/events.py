@@ -14,6 +14,8 @@ from typing import Any, Callable, Mapping
 
 import attrs
 
+from tagd.identity import VisitorIds
+
 MAX_HEADER_BYTES = 8192
 MAX_EVENTS_PER_HEADER = 10
 MAX_CONTENTS = 100
@@ -69,11 +71,12 @@ class EventSpec:
 
 
 @attrs.frozen
-class Event:
+class Event(VisitorIds):
     """One event, enriched from the visitor's request, ready for every destination.
 
     C{user_data} values are as the origin gave them (raw or already SHA-256 hex);
-    each destination normalises and hashes them its own way.
+    each destination normalises and hashes them its own way.  The visitor's ids are the
+    fields of L{VisitorIds}, given by keyword.
     """
 
     event_name: str
@@ -86,12 +89,6 @@ class Event:
     custom_data: Mapping[str, Any] = attrs.field(factory=dict)
     contents: tuple[Mapping[str, Any], ...] = ()
     user_data: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict, repr=False)
-    fbp: str | None = attrs.field(default=None, repr=False)
-    fbc: str | None = attrs.field(default=None, repr=False)
-    ttclid: str | None = attrs.field(default=None, repr=False)
-    ttp: str | None = attrs.field(default=None, repr=False)
-    ga_client_id: str | None = attrs.field(default=None, repr=False)
-    ga_session_id: str | None = attrs.field(default=None, repr=False)
 
 
 def _string(value: Any, where: str, limit: int = MAX_STRING) -> str:

@@ -65,11 +65,13 @@ class RandomSource(Protocol):
     def randrange(self, start: int, stop: int = ..., /) -> int: ...
 
 
-@attrs.frozen
-class Identity:
-    """The visitor's ids for one tracked response, and the cookies to add to that response.
+@attrs.frozen(kw_only=True)
+class VisitorIds:
+    """The ids the platforms match a visitor on, declared once: L{Identity} resolves them
+    for a response and every L{tagd.events.Event} carries them.
 
-    Ids are pseudonymous but personal: kept out of repr so that no log line shows them.
+    Keyword-only, so that a class built on these can still list its own required fields
+    first.  Ids are pseudonymous but personal: kept out of repr so that no log line shows them.
     """
 
     fbp: str | None = attrs.field(default=None, repr=False)
@@ -78,6 +80,12 @@ class Identity:
     ttp: str | None = attrs.field(default=None, repr=False)
     ga_client_id: str | None = attrs.field(default=None, repr=False)
     ga_session_id: str | None = attrs.field(default=None, repr=False)
+
+
+@attrs.frozen(kw_only=True)
+class Identity(VisitorIds):
+    """The visitor's ids for one tracked response, and the cookies to add to that response."""
+
     set_cookies: tuple[bytes, ...] = attrs.field(default=(), repr=False)
 
 
