@@ -45,17 +45,29 @@ RECOUNT_INTERVAL = 60.0
 OUTCOMES = (*(outcome.value for outcome in Outcome), EXPIRED, DEAD)
 
 
+def _count_accepted(metrics: Metrics, feed: Feed | None, events: Sequence[Event]) -> None:
+    """C{events} were accepted for delivery: counted, and told to the dashboard's feed
+    before anything is told of their delivery."""
+    metrics.events_accepted.inc(len(events))
+    if feed is not None:
+        feed.accepted(events)
+
+
 class _Enqueue:
-    """The tracker's submit: events into the spool, refusals counted and logged.
+    """The tracker's submit: events into the spool, those it takes counted as accepted,
+    refusals counted as dropped and logged.
 
     One for the life of the spool: a reload sets C{destinations}, so that an event a
     replaced tracker still hands over goes to the destinations configured now.
     """
 
-    def __init__(self, spool: Spool, destinations: Sequence[str], metrics: Metrics, clock=time.time) -> None:
+    def __init__(
+        self, spool: Spool, destinations: Sequence[str], metrics: Metrics, feed: Feed | None, clock=time.time
+    ) -> None:
         self._spool = spool
         self.destinations = tuple(destinations)
         self._metrics = metrics
+        self._feed = feed
         self._clock = clock
         self._last_logged = float("-inf")
 
@@ -66,6 +78,8 @@ class _Enqueue:
             accepted = self._spool.enqueue(events, self.destinations)
         except SpoolError:
             accepted = 0  # Closed: tagd is shutting down.
+        if accepted:
+            _count_accepted(self._metrics, self._feed, events[:accepted])
         refused = len(events) - accepted
         if refused:
             self._metrics.tracking_dropped.labels("queue_full").inc(refused)
@@ -119,7 +133,7 @@ class Delivery(Service):
         spool.on_commit = self._wake
         self._recounting = LoopingCall(self._recount)
         self._recounting.clock = reactor
-        self._enqueue = _Enqueue(spool, self._routes, metrics)
+        self._enqueue = _Enqueue(spool, self._routes, metrics, feed)
         self._submit = self._enqueue
 
     def startService(self) -> None:
@@ -157,7 +171,6 @@ class Delivery(Service):
             submit=self._submit,
             metrics=self._metrics,
             destination_types={d.type for d in config.destinations},
-            feed=self._feed,
         )
 
     def retarget(self, config: Config, changed: Collection[str]) -> Deferred:
@@ -194,13 +207,20 @@ class Delivery(Service):
                 self._metrics.deliveries.labels(name, outcome)
 
     def _direct(self) -> Callable[[Sequence[Event]], object]:
-        return DirectDelivery(
+        """The submit of a tagd without a spool: every event is accepted, and sent at once."""
+        direct = DirectDelivery(
             reactor=self._reactor,
             routes=list(self._routes.values()),
             http=self._http,
             metrics=self._metrics,
             feed=self._feed,
-        ).submit
+        )
+
+        def submit(events: Sequence[Event]) -> object:
+            _count_accepted(self._metrics, self._feed, events)
+            return direct.submit(events)
+
+        return submit
 
     def _recount(self) -> Deferred:
         """L{Spool.recount}; a failure is logged, and the next recount tries again."""

@@ -20,7 +20,6 @@ from twisted.logger import Logger
 
 from tagd.config import TrackingConfig
 from tagd.events import Event, EventSpec, TrackingHeaderError, parse_tracking_header
-from tagd.feed import Feed
 from tagd.filters import BotDetector, PathFilter, consent_refused, is_speculative, tracked_statuses
 from tagd.identity import (
     GA4,
@@ -78,7 +77,11 @@ def _header_parser(max_header_bytes: int) -> Callable[[bytes], tuple[EventSpec, 
 
 
 class Tracker:
-    """The tracking hook of a proxy with destinations configured."""
+    """The tracking hook of a proxy with destinations configured.
+
+    C{submit} hands a response's events to delivery, which counts as accepted those it
+    takes (a full spool refuses some, and counts them as dropped).
+    """
 
     def __init__(
         self,
@@ -89,10 +92,8 @@ class Tracker:
         destination_types: Collection[str],
         clock: Callable[[], float] = time.time,
         rand=None,
-        feed: Feed | None = None,
     ) -> None:
         self._config = config
-        self._feed = feed
         # With first_party_cookies off tagd may set no cookie, so it creates no id either.
         self._create_for = (
             frozenset().union(*(COOKIE_PLATFORMS[kind] for kind in destination_types))
@@ -151,9 +152,6 @@ class Tracker:
         def deliver() -> None:
             events = self._events(specs, event_ids, visit, user_agent, identity, now)
             if events:
-                self._metrics.events_accepted.inc(len(events))
-                if self._feed is not None:
-                    self._feed.accepted(events)
                 self._submit(events)
 
         return Tracked(set_cookies=tuple(set_cookies), deliver=deliver)

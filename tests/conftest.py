@@ -604,8 +604,8 @@ async def start_tracking_tagd(reactor, origin, fake_meta, fake_ga4, fake_tiktok,
     """Start tagd with C{[[destinations]]} pointing at the three fakes and metrics of its own.
 
     C{await start_tracking_tagd(raw=True, proxy={...}, tracking={...}, destinations=[...])}:
-    C{raw} puts it in front of the raw origin instead of the web origin, C{proxy} and
-    C{tracking} are keys of those tables, C{destinations} replaces the three platform
+    C{raw} puts it in front of the raw origin instead of the web origin, C{proxy},
+    C{tracking} and C{spool} are keys of those tables, C{destinations} replaces the three platform
     tables, and C{platform} adds keys to them by type (C{{"meta": {"test_event_code": ...}}}).
     No hook recorder is installed: the real tracker runs.
     """
@@ -615,7 +615,7 @@ async def start_tracking_tagd(reactor, origin, fake_meta, fake_ga4, fake_tiktok,
 
     started = []
 
-    async def start(*, raw=False, proxy=None, tracking=None, destinations=None, platform=None):
+    async def start(*, raw=False, proxy=None, tracking=None, spool=None, destinations=None, platform=None):
         port = origin.raw_port if raw else origin.port
         values = {
             "listen": "tcp:0:interface=127.0.0.1",
@@ -631,7 +631,7 @@ async def start_tracking_tagd(reactor, origin, fake_meta, fake_ga4, fake_tiktok,
         if "spool" in attrs.fields_dict(Config):
             # With durable delivery each tagd keeps its own spool in the test's folder, so
             # that no event outlives its test.
-            text += toml_table("[spool]", {"path": str(tmp_path / f"spool-{len(started)}.sqlite3")})
+            text += toml_table("[spool]", {"path": str(tmp_path / f"spool-{len(started)}.sqlite3"), **(spool or {})})
         text += destinations_toml(destinations)
         metrics = Metrics()
         service = build_service(parse_config(text, "(test)"), reactor, metrics)

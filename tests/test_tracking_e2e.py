@@ -500,3 +500,25 @@ async def test_demo_shop_visit_reaches_every_platform(
     assert sorted(e["event"] for e in fake_tiktok.fake.events) == ["InitiateCheckout", "Pageview", "ViewContent"]
     [view] = [e for e in fake_tiktok.fake.events if e["event"] == "ViewContent"]
     assert view["properties"]["contents"] == [{"content_id": "123", "content_type": "product", "quantity": 1}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_spool_refuses_the_newest_events_and_counts_them_as_dropped(
+    start_tracking_tagd, connect, fake_meta, fake_ga4, fake_tiktok, log_events
+):
+    """With C{[spool] max_events = 2} and platforms failing every request (so nothing
+    leaves the spool), five tracked visits in turn: each visitor gets the page and the
+    event-id cookie as always; the first two events are accepted, the other three are
+    dropped as C{queue_full} and never counted as accepted, and one warning says so."""
+    for fake in (fake_meta, fake_ga4, fake_tiktok):
+        fake.fake.inject(100, status=503)
+    tagd = await start_tracking_tagd(spool={"max_events": 2})
+    visitor = await connect(tagd.port)
+    for _ in range(5):
+        response = await tracked_visit(visitor, {"event_name": "PageView"})
+        assert "tagd_event_id" in cookies_set(response)
+    await eventually(lambda: tagd.dropped("queue_full") == 3)
+    assert tagd.metrics.value("events_accepted") == 2
+    warnings = [e for e in log_events if str(e.get("log_format", "")).startswith("spool full")]
+    assert [w["count"] for w in warnings] == [1]
+    assert all(fake.fake.events == [] for fake in (fake_meta, fake_ga4, fake_tiktok))
