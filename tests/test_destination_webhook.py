@@ -48,6 +48,15 @@ def test_body_has_every_event_field():
     assert request.positions == (0,)
 
 
+def test_body_lists_the_event_before_the_visitor_ids():
+    """A person reading a webhook body sees the event's name, id and time first, and the
+    visitor's ids last, as in the body of earlier versions."""
+    (request,) = destination().encode([make_event()])
+    (record,) = json.loads(request.body)["events"]
+    assert list(record)[:3] == ["event_name", "event_id", "event_time"]
+    assert list(record)[-6:] == ["fbp", "fbc", "ttclid", "ttp", "ga_client_id", "ga_session_id"]
+
+
 def test_user_data_hashed():
     """user_data values are normalised field by field as for Meta, then SHA-256 hashed;
     digests are not hashed again, only lower-cased."""

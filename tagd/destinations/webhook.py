@@ -39,6 +39,7 @@ from tagd.destinations._common import (
 )
 from tagd.events import Event
 from tagd.hashing import meta_user_data
+from tagd.identity import VisitorIds
 
 TYPE = "webhook"
 SECRETS = ("headers",)
@@ -59,11 +60,16 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Shorter header values (C{X-Version: 1}) are no secret, and redacting them would garble
 # every message that happens to contain the same characters.
 MIN_SECRET = 4
+_ID_FIELDS = tuple(field.name for field in attrs.fields(VisitorIds))
 
 
 def event_record(event: Event) -> dict[str, Any]:
-    """The normalised event as a JSON-ready object, with C{user_data} hashed."""
+    """The normalised event as a JSON-ready object, with C{user_data} hashed: the event's
+    own fields first, then the visitor's ids (which attrs would list first, as they come
+    from L{VisitorIds}), so that a person reading the body sees the event name first."""
     record = attrs.asdict(event, recurse=False)
+    for name in _ID_FIELDS:
+        record[name] = record.pop(name)
     record["custom_data"] = dict(event.custom_data)
     record["contents"] = [dict(content) for content in event.contents]
     record["user_data"] = meta_user_data(event.user_data)
