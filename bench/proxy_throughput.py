@@ -88,17 +88,27 @@ class Server:
             return ""
 
     def cpu_seconds(self) -> float | None:
-        """User+system CPU time so far, from /proc (None where there is no /proc).
+        """User+system CPU time so far, all threads, from /proc (None where there is no /proc).
 
         It shows whether a server was CPU-bound during its run: a proxy near 100% of
         one core is the bottleneck, an origin near 100% would make the figures worthless.
         """
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            return None
+        return _stat_cpu_seconds(f"/proc/{self.proc.pid}/stat")
+
+    def main_thread_cpu_seconds(self) -> float | None:
+        """The CPU time of the process's first thread alone: for a Twisted server, the
+        reactor's, which bounds its requests/s whatever its other threads do."""
+        return _stat_cpu_seconds(f"/proc/{self.proc.pid}/task/{self.proc.pid}/stat")
+
+
+def _stat_cpu_seconds(path: str) -> float | None:
+    """User+system CPU seconds from a /proc C{stat} file, or None when it cannot be read."""
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class Processes:
