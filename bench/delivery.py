@@ -86,9 +86,10 @@ ISOLATION_TOLERANCE = 0.10  # req/s and p99 with sick platforms, within this of 
 # Sick platforms: (row label, fake mode).  "slow" answers after --delay seconds.
 SICK = (("slow", "slow"), ("never", "hang"))
 # The visitor's path alone: a spool of one event with platforms that never answer, so that
-# tagd decides, sets the cookies and builds every event as usual, and then refuses it as
-# queue full, storing and sending nothing.  Its requests/s over untracked's is the most the
-# overhead ratio could be with storage and delivery free, or done in another process.
+# tagd decides, sets the cookies and builds every event as usual, and then refuses all but
+# the first as queue full.  Its requests/s over untracked's is about the most the overhead
+# ratio could be with storage and delivery free (a hand-over to another process would still
+# serialise and write each event, which a refusal skips).
 SPOOL_FULL = "spool full"
 POLL = 0.25  # seconds between looks at the fakes' counters
 # Once every fake has what wrk counted, stragglers (requests wrk cut off) may still come.
@@ -141,20 +142,21 @@ def platform_stats(ports: dict[str, int]) -> dict[str, dict]:
     return stats
 
 
-def wait_for_events(ports: dict[str, int], expected: int, timeout: float) -> tuple[dict[str, dict], float]:
+def wait_for_events(ports: dict[str, int], expected: int, timeout: float) -> tuple[dict[str, dict], float, bool]:
     """Poll the fakes until every one has C{expected} events, or C{timeout} seconds pass.
 
     Returns the counters, read again L{STRAGGLERS} seconds after the last look so that
-    late duplicates or extra events show too, and the seconds until C{expected} arrived
-    (or the timeout).
+    late duplicates or extra events show too, the seconds until C{expected} arrived (or
+    the timeout), and whether they all did.
     """
     started = time.monotonic()
     while True:
         stats = platform_stats(ports)
         waited = time.monotonic() - started
-        if all(s["events"] >= expected for s in stats.values()) or waited >= timeout:
+        arrived = all(s["events"] >= expected for s in stats.values())
+        if arrived or waited >= timeout:
             time.sleep(STRAGGLERS)
-            return platform_stats(ports), waited
+            return platform_stats(ports), waited, arrived
         time.sleep(POLL)
 
 
@@ -199,8 +201,7 @@ def run_config(label: str, mode: str | None, processes: Processes, origin: Serve
             done = True
             if ports is not None:
                 if mode == "ok":
-                    stats, waited = wait_for_events(ports, expected, args.settle)
-                    done = all(s["events"] >= expected for s in stats.values())
+                    stats, waited, done = wait_for_events(ports, expected, args.settle)
                 else:
                     stats, waited = platform_stats(ports), None
             cpu = _cpu_used(cpu_before, tagd.cpu_seconds())
@@ -214,8 +215,8 @@ def run_config(label: str, mode: str | None, processes: Processes, origin: Serve
     result["stop"] = result_stop
     if label == SPOOL_FULL:
         result["stored"] = max(owed(spool).values(), default=0)
-        print(f"  {result['stored']} event(s) stored, every later one refused as queue full "
-              f"(expected: at most 1)", flush=True)
+        print(f"  {result['stored']} event(s) stored (1 expected: the first, every later one refused as "
+              f"queue full; none would mean nothing was tracked)", flush=True)
     elif ports is not None:
         result["delivery"] = delivery_check(stats, waited, owed(spool), expected, args)
     return result
@@ -399,7 +400,7 @@ def run_drain(label: str, visitors: int, processes: Processes, origin: Server, a
         started = time.monotonic()
         cpu_before = (tagd.cpu_seconds(), fakes.cpu_seconds())
         try:
-            stats, _ = wait_for_events(ports, args.drain_events, args.drain_timeout)
+            stats, _, _ = wait_for_events(ports, args.drain_events, args.drain_timeout)
             cpu_after = (tagd.cpu_seconds(), fakes.cpu_seconds())
         finally:
             result_stop = stop_tagd(processes, tagd)
@@ -445,14 +446,14 @@ def _cpu_used(before, after) -> float | None:
 def medians(runs: list[dict]) -> dict:
     """One configuration's rounds as one result: the median round (by requests/s), with the
     median p99 of all rounds, whose noise would otherwise decide the isolation verdicts,
-    the most visitor errors of any round, the most events any spool-full round stored, and
+    the most visitor errors of any round, every count of events a spool-full round stored, and
     delivery judged good only if every round's was.
     """
     result = dict(median_run(runs))
     result["p99_ms"] = statistics.median(r["p99_ms"] for r in runs)
     result["error_total"] = max(r["error_total"] for r in runs)
     if "stored" in result:
-        result["stored"] = max(r["stored"] for r in runs)
+        result["stored"] = sorted({r["stored"] for r in runs})
     if "delivery" in result:
         result["delivery"] = {
             **result["delivery"],
@@ -489,8 +490,9 @@ def verdicts(by_label: dict[str, dict]) -> list[dict]:
         if full:
             found.append({"what": "  the most it could be: spool full/untracked req/s", "value": full["rps"] / untracked["rps"],
                           "target": "", "pass": None})
-            found.append({"what": "  spool full: events stored before the refusals", "value": full["stored"],
-                          "target": "<= 1", "pass": full["stored"] <= 1})
+            found.append({"what": "  spool full: events stored before the refusals",
+                          "value": "/".join(map(str, full["stored"])), "target": "1 each round",
+                          "pass": full["stored"] == [1]})
         for key, what in (("reactor_us_per_request", "reactor CPU per request under load"),
                           ("cpu_us_per_request", "tagd CPU per request, all delivered")):
             cpu = (healthy.get(key), untracked.get(key))

@@ -7,7 +7,8 @@ exactly what the dispatcher would, only without retries.
 
 L{DirectDelivery} sends each batch of events to every destination at once; each
 platform's answer is classified by its destination and counted.  Nothing here is awaited
-by a visitor's request: L{DirectDelivery.submit} is the one call the tracker makes.
+by a visitor's request: L{DirectDelivery.submit} is the one call made for the events
+the tracker hands over (see L{tagd.pipeline}).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ that follow it.
 Two kinds of entry, both plain JSON-ready dicts with a sequence number C{id}, a C{time}
 (epoch seconds) and an C{outcome}:
 
-  - an event the tracker accepted: its name, its id and the destinations it is owed to,
+  - an event accepted for delivery (by the spool, or sent at once without one): its name, its id and the destinations it is owed to,
     with the outcome C{accepted};
   - a delivery's result for one destination: the outcome (C{success}, C{transient},
     C{throttle}, C{auth}, C{permanent}, C{expired}, C{dead}), the platform's HTTP status, how many
@@ -80,7 +80,7 @@ class Feed:
     # -- what happens -------------------------------------------------------------------
 
     def accepted(self, events: Iterable[Event]) -> None:
-        """The tracker accepted C{events}: one entry each."""
+        """C{events} were accepted for delivery: one entry each."""
         for event in events:
             self.publish(
                 {

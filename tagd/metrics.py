@@ -11,7 +11,9 @@ import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 # Every reason tagd_tracking_dropped_total counts (by L{tagd.tracker} and L{tagd.pipeline}).
-DROP_REASONS = ("method", "path", "status", "prefetch", "bot", "consent", "malformed", "event_time", "queue_full")
+DROP_REASONS = (
+    "method", "path", "status", "prefetch", "bot", "consent", "malformed", "event_time", "queue_full", "no_destination"
+)
 
 
 @attrs.define
@@ -39,7 +41,7 @@ class Metrics:
             self.tracking_dropped.labels(reason)
         self.events_accepted = Counter(
             "tagd_events_accepted",
-            "Events accepted from tracking headers.",
+            "Events accepted for delivery: taken by the spool, or sent at once by a tagd without one.",
             registry=self.registry,
         )
         self.deliveries = Counter(

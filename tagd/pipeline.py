@@ -73,7 +73,9 @@ class _Enqueue:
 
     def __call__(self, events: Sequence[Event]) -> None:
         if not self.destinations:
-            return  # All removed by a reload: nobody to deliver to.
+            # A reload removed every destination after these responses were tracked.
+            self._metrics.tracking_dropped.labels("no_destination").inc(len(events))
+            return
         try:
             accepted = self._spool.enqueue(events, self.destinations)
         except SpoolError:

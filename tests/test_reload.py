@@ -22,6 +22,7 @@ import pytest_twisted
 from twisted.application.service import MultiService
 from twisted.logger import formatEvent
 from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
 
 from conftest import (
     FAKE_META_TOKEN,
@@ -46,7 +47,7 @@ from helpers import (
     spool_rows,
     wait_until,
 )
-from test_tracking_e2e import tracked_visit
+from test_tracking_e2e import FIREFOX, tracked_visit
 from tagd.admin import AdminService
 from tagd.config import parse_config
 from tagd.configdiff import Changes, diff
@@ -55,6 +56,7 @@ from tagd.pipeline import ABANDONED
 from tagd.reload import ReloadOnHangup, Reloader
 from tagd.spool import Spool, read_dead_letters, retry_dead_letters
 from tagd.tap import build_service, config_loader
+from tagd.tracking import Visit
 
 PAGE_VIEW = {"event_name": "PageView"}
 NEW_TOKEN = "rotated-meta-token"
@@ -372,6 +374,33 @@ async def test_every_destination_removed_and_added_back(
     await sleep(0.2)
     assert event_ids(fake_meta) == ["back"]
     assert {row[0] for row in spool_rows(spool)} <= {"back"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_of_a_response_tracked_as_every_destination_goes_are_counted_as_dropped(
+    start_tagd, origin, fake_meta, fake_ga4, fake_tiktok, tmp_path
+):
+    """A response tracked just before a reload removes every destination hands its events
+    over after it (two reactor turns after its head): nobody is left to deliver them to,
+    so they are counted as dropped for that reason, never as accepted."""
+    meta, _, _ = platform_destinations(fake_meta, fake_ga4, fake_tiktok)
+    spool = tmp_path / "spool.sqlite3"
+    tagd = await start_tagd(tagd_toml(origin, spool, [meta]))
+    tracker = reloader(tagd.service)._proxy.on_tracking
+    visit = Visit(
+        client_ip="192.0.2.1",
+        scheme="https",
+        method=b"GET",
+        uri=b"/page",
+        host=b"shop.example",
+        request_headers=Headers({b"user-agent": [FIREFOX]}),
+        status=200,
+    )
+    tracked = tracker([json.dumps(PAGE_VIEW).encode()], visit)
+    await tagd.reload(tagd_toml(origin, spool, []))
+    tracked.deliver()
+    assert tagd.metrics.value("tracking_dropped", reason="no_destination") == 1
+    assert tagd.metrics.value("events_accepted") == 0
 
 
 @pytest_twisted.ensureDeferred
