@@ -172,10 +172,11 @@ def run_config(label: str, mode: str | None, processes: Processes, origin: Serve
     (unless refusing is the point: L{SPOOL_FULL}).
 
     Besides the load's figures: C{reactor_us_per_request}, the reactor thread's CPU time
-    per request over warm-up and run, which bounds requests/s; and C{cpu_us_per_request},
-    tagd's CPU time (all threads) per request from the warm-up on until the work the load
-    caused is done: for healthy platforms, until the last event arrived, since delivery
-    that lags behind the load runs after it (None if not every event arrived).
+    per request over warm-up and run, which bounds requests/s; and C{cpu_us_per_request}
+    and C{reactor_done_us_per_request}, tagd's CPU time (all threads) and the reactor's
+    per request from the warm-up on until the work the load caused is done: for healthy
+    platforms, until the last event arrived, since delivery that lags behind the load runs
+    after it (None if not every event arrived).
     """
     print(f"{label}, round {round_number}:", flush=True)
     fakes, ports = start_platforms(processes, label, mode, args) if mode else (None, None)
@@ -205,8 +206,10 @@ def run_config(label: str, mode: str | None, processes: Processes, origin: Serve
                 else:
                     stats, waited = platform_stats(ports), None
             cpu = _cpu_used(cpu_before, tagd.cpu_seconds())
+            reactor_done = _cpu_used(reactor_before, tagd.main_thread_cpu_seconds())
             result["reactor_us_per_request"] = _per_request(reactor, expected)
             result["cpu_us_per_request"] = _per_request(cpu, expected) if done else None
+            result["reactor_done_us_per_request"] = _per_request(reactor_done, expected) if done else None
         finally:
             result_stop = stop_tagd(processes, tagd)
     finally:
@@ -499,6 +502,9 @@ def verdicts(by_label: dict[str, dict]) -> list[dict]:
             if None not in cpu and cpu[1] > 0:
                 found.append({"what": f"  {what}: tracked/untracked", "value": cpu[0] / cpu[1],
                               "target": "", "pass": None})
+        if healthy.get("reactor_done_us_per_request"):
+            found.append({"what": "  tracked req/s the reactor could deliver for, at most",
+                          "value": f"{1e6 / healthy['reactor_done_us_per_request']:,.0f}", "target": "", "pass": None})
     if healthy and "delivery" in healthy:
         d = healthy["delivery"]
         arrived = "/".join(f"{p['events']:,}" for p in d["platforms"].values())
