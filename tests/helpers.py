@@ -279,6 +279,8 @@ class ThreadedPlatform:
     carrying an event id in C{refuse} (with the fake's answer to C{refusal}).  Otherwise
     it answers as the fake does.  C{delivered} holds the ids of the events it accepted, and
     the fake's C{requests} every request, as the fake records those it serves itself.
+    C{cut} counts the requests it never handled because their connection closed before
+    their whole body came: expected only when tagd stopped with a request in flight.
     """
 
     def __init__(self, platform: str, fake) -> None:
@@ -293,6 +295,7 @@ class ThreadedPlatform:
         self.delivered: list[str] = []
         self.received: list[list[str]] = []  # the event ids of every request, in order
         self.violations: list[str] = []
+        self.cut = 0
         self.lock = threading.Lock()
         self.released = threading.Event()
         self._server: ThreadingHTTPServer | None = None
@@ -389,9 +392,11 @@ class _PlatformHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         recorded = recorded_post(self)
-        if recorded is None:
-            return
         platform = self.server.platform
+        if recorded is None:
+            with platform.lock:
+                platform.cut += 1
+            return
         recorded.violations.extend(platform.fake.check(recorded))
         status, content = platform.answer(recorded)
         self.send_response(status)

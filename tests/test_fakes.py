@@ -455,7 +455,7 @@ async def test_non_post_flagged(tiktok):
 def test_a_threaded_platform_ignores_a_request_cut_short():
     """A POST whose connection closes before its whole body came is never handled, as by a
     real server (tagd cuts one when it stops with a POST in flight: the client writes the
-    head first and the body later); the next, whole request is."""
+    head first and the body later), only counted; the next, whole request is handled."""
     platform = ThreadedPlatform("meta", FakeMeta(pixel_id="1234", access_token="token"))
     platform.up()
     try:
@@ -474,5 +474,5 @@ def test_a_threaded_platform_ignores_a_request_cut_short():
         connection.close()
     finally:
         platform.close()
-    assert len(platform.received) == 1
+    assert len(platform.received) == 1 and platform.cut == 1
     assert all("data list" not in violation for violation in platform.violations)

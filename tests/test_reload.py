@@ -629,6 +629,7 @@ def test_sighup_reloads_without_dropping_a_kept_connection(shop):
         assert get(connection, "/e/third") == 200
         wait_until(lambda: "third" in tiktok.delivered_ids() and "third" in meta.delivered_ids(), 10, "delivered")
         assert connection.sock is socket_before
+        assert (meta.cut, tiktok.cut) == (0, 0)  # no request cut by a reload
     finally:
         connection.close()
     assert "skip-1" not in meta.delivered_ids() | tiktok.delivered_ids()

@@ -67,6 +67,7 @@ def run_without_spool(
         time.sleep(1.0)  # time for a crash or a second complaint to show
         assert tagd.process.poll() is None, f"tagd exited:\n{tagd.logs()}"
         assert browser_get(port, "/e/still-up")[0] == 200
+        assert [platform.cut for platform in platforms] == [0, 0, 0]  # none cut before the stop
         tagd.process.terminate()
         wait_until(lambda: tagd.process.poll() is not None, 10, "stopped after SIGTERM")
     finally:
