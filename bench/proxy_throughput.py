@@ -218,6 +218,22 @@ def _traceback_ends(lines) -> list[str]:
     return ends
 
 
+def _unfolded(lines: Sequence[str]) -> list[str]:
+    """C{lines} with the traceback of each of tagd's JSON lines (see tagd.logs) written out
+    below it, indented as twistd's text log indents one, for L{_traceback_ends}."""
+    out = []
+    for line in lines:
+        out.append(line)
+        if line.startswith("{"):
+            try:
+                failure = json.loads(line).get("failure")
+            except (ValueError, AttributeError):
+                failure = None
+            if isinstance(failure, str):
+                out.extend("\t" + part for part in failure.splitlines())
+    return out
+
+
 def summarize_log(path: str) -> tuple[int, dict[str, int]]:
     """How many lines a server logged, and its tracebacks counted by exception.
 
@@ -229,7 +245,7 @@ def summarize_log(path: str) -> tuple[int, dict[str, int]]:
             lines = f.read().splitlines()
     except OSError:
         return 0, {}
-    ends = _traceback_ends(lines)
+    ends = _traceback_ends(_unfolded(lines))
     return len(lines), {end: ends.count(end) for end in sorted(set(ends))}
 
 
@@ -356,7 +372,9 @@ def start_origin(processes: Processes, nginx: str | None, run_dir: str) -> tuple
 
 
 def start_tagd(processes: Processes, origin_port: int, run_dir: str, name: str = "tagd", extra_config: str = "") -> Server:
-    """tagd through twistd, as a user runs it, from the installed package and plugin.
+    """tagd through twistd, as a user runs it, from the installed package and plugin, with
+    the log observer its systemd unit uses (JSON lines at C{info}: the dispatcher's
+    per-request C{debug} lines are dropped before any formatting, as in production).
 
     C{extra_config} is TOML appended after the C{[proxy]} table (destinations, spool), so
     that other benchmarks start tagd the same way; C{name} keeps their runs apart.
@@ -373,7 +391,7 @@ def start_tagd(processes: Processes, origin_port: int, run_dir: str, name: str =
         f.write(f'[proxy]\nlisten = "tcp:{port}:interface={HOST}"\norigin = "http://{HOST}:{origin_port}"\n')
         f.write(extra_config)
     # cwd is a scratch directory so that a source checkout cannot shadow the installed plugin.
-    argv = [twistd, "-n", "--pidfile=", "tagd", "--config", config]
+    argv = [twistd, "-n", "--pidfile=", "--logger=tagd.logs.observer", "tagd", "--config", config]
     return processes.start(name, port, argv, cwd=tagd_dir)
 
 
