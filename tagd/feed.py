@@ -4,8 +4,8 @@ that follow it.
 Two kinds of entry, both plain JSON-ready dicts with a sequence number C{id}, a C{time}
 (epoch seconds) and an C{outcome}:
 
-  - an event accepted for delivery (by the spool, or sent at once without one): its name, its id and the destinations it is owed to,
-    with the outcome C{accepted};
+  - an event accepted for delivery (by the spool, or sent at once by a tagd without one):
+    its name, its id and the destinations it is owed to, with the outcome C{accepted};
   - a delivery's result for one destination: the outcome (C{success}, C{transient},
     C{throttle}, C{auth}, C{permanent}, C{expired}, C{dead}), the platform's HTTP status, how many
     events, the first of their ids and names, and the platform's answer, clipped.  Dead
