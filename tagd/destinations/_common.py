@@ -183,9 +183,19 @@ def status_verdict(status: int, body: bytes, secrets: Iterable[str] = ()) -> Ver
     return verdict(status_outcome(status) or Outcome.PERMANENT, message)
 
 
+# The values without_empty leaves out, built once: written inside the comprehension, the
+# tuple (with a new list and dict) would be built again for every key of every event.
+_EMPTY = (None, "", [], {})
+
+
 def without_empty(document: Mapping[str, Any]) -> dict[str, Any]:
-    """C{document} without the keys whose value is C{None}, an empty string or empty container."""
-    return {key: value for key, value in document.items() if value not in (None, "", [], {})}
+    """C{document} without the keys whose value is C{None}, an empty string or empty container
+    (a mapping that compares equal to C{{}} included).
+
+    This runs for several parts of every event sent: a true value, most of them, is kept
+    at once, and only the others are compared with the empty ones (C{0} and C{False} stay).
+    """
+    return {key: value for key, value in document.items() if value or value not in _EMPTY}
 
 
 def filled(keys: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
