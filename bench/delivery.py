@@ -502,9 +502,9 @@ def verdicts(by_label: dict[str, dict]) -> list[dict]:
             if None not in cpu and cpu[1] > 0:
                 found.append({"what": f"  {what}: tracked/untracked", "value": cpu[0] / cpu[1],
                               "target": "", "pass": None})
-        if healthy.get("reactor_done_us_per_request"):
-            found.append({"what": "  tracked req/s the reactor could deliver for, at most",
-                          "value": f"{1e6 / healthy['reactor_done_us_per_request']:,.0f}", "target": "", "pass": None})
+    if healthy and healthy.get("reactor_done_us_per_request"):
+        found.append({"what": "tracked req/s the reactor could deliver for, at most",
+                      "value": f"{1e6 / healthy['reactor_done_us_per_request']:,.0f}", "target": "", "pass": None})
     if healthy and "delivery" in healthy:
         d = healthy["delivery"]
         arrived = "/".join(f"{p['events']:,}" for p in d["platforms"].values())

@@ -12,16 +12,20 @@ visitor with the C{_fbp} and C{_ga} cookies, in batches of 1,000 (GA4 puts up to
 visitor in a request).
 
 Run with the Python of the virtual environment tagd is installed in:
-C{.venv/bin/python bench/encode.py [--events 1000] [--repeat 20]}.
+C{.venv/bin/python bench/encode.py [--events 1000] [--repeat 20]}.  It times that
+installed tagd (it prints where it is), so install it again after changing the code.
+The exit status is 0, 2 for bad arguments, 130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 
+import tagd
 from tagd.config import parse_config
 from tagd.events import Event
 from tagd.spool import event_to_json
@@ -67,8 +71,8 @@ def events(count: int) -> list[Event]:
 
 def per_event(work, batch: list[Event], repeat: int) -> float:
     """The median of C{repeat} runs of C{work(batch)}, in microseconds per event: the
-    garbage collections that a run's allocations cause are part of its cost, as they are
-    in the daemon, and the median keeps one run that something else disturbed out."""
+    garbage collections that a run's allocations cause are part of its cost, and the
+    median keeps one run that something else disturbed out."""
     seconds = []
     for _ in range(repeat):
         started = time.perf_counter()
@@ -84,6 +88,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.events < 1 or args.repeat < 1:
         parser.error("--events and --repeat must be at least 1")
+    print(f"tagd from {os.path.dirname(tagd.__file__)}; {args.events:,} events a batch, median of {args.repeat}")
     batch = events(args.events)
     config = parse_config(CONFIG, "(bench)")
     spool = per_event(lambda b: [event_to_json(e) for e in b], batch, args.repeat)
@@ -96,4 +101,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -118,13 +118,15 @@ class Processes:
         self._log_dir = log_dir
         self._servers: list[Server] = []
 
-    def start(self, name: str, port: int, argv: list[str], cwd: str) -> Server:
-        """Start C{argv} with its output in C{<log_dir>/<name>.log}."""
+    def start(self, name: str, port: int, argv: list[str], cwd: str, env: dict[str, str] | None = None) -> Server:
+        """Start C{argv} with its output in C{<log_dir>/<name>.log}; C{env} adds to the
+        environment it inherits."""
         log_path = os.path.join(self._log_dir, f"{name}.log")
         log_file = open(log_path, "wb")
         try:
             proc = subprocess.Popen(
-                argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
+                argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                env={**os.environ, **env} if env else None,
             )
         except OSError as e:
             log_file.close()
@@ -392,7 +394,8 @@ def start_tagd(processes: Processes, origin_port: int, run_dir: str, name: str =
         f.write(extra_config)
     # cwd is a scratch directory so that a source checkout cannot shadow the installed plugin.
     argv = [twistd, "-n", "--pidfile=", "--logger=tagd.logs.observer", "tagd", "--config", config]
-    return processes.start(name, port, argv, cwd=tagd_dir)
+    # The unit's level too, whatever the shell running the benchmark asks of its own tagd.
+    return processes.start(name, port, argv, cwd=tagd_dir, env={"TAGD_LOG_LEVEL": "info"})
 
 
 def start_stock(processes: Processes, origin_port: int, run_dir: str) -> Server:

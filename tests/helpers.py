@@ -279,8 +279,9 @@ class ThreadedPlatform:
     carrying an event id in C{refuse} (with the fake's answer to C{refusal}).  Otherwise
     it answers as the fake does.  C{delivered} holds the ids of the events it accepted, and
     the fake's C{requests} every request, as the fake records those it serves itself.
-    C{cut} counts the requests it never handled because their connection closed before
-    their whole body came: expected only when tagd stopped with a request in flight.
+    C{cut} counts the requests it never handled because their connection closed or was
+    reset before their whole body came: expected only when tagd stopped with a request
+    in flight, or cancelled one.
     """
 
     def __init__(self, platform: str, fake) -> None:
@@ -356,15 +357,19 @@ class ThreadedPlatform:
 def recorded_post(handler: BaseHTTPRequestHandler):
     """The POST that C{handler} serves, its body read whole, as the fakes record a request
     (a L{fakes.Recorded}, its body C{None} where it is not JSON); C{None} for a request
-    whose connection closed before its whole body came.
+    whose connection closed or was reset before its whole body came.
 
     A server never handles a request cut short, and tagd cuts one when it stops with a
-    POST in flight: Twisted's client writes the head, and the body in a later turn.
+    POST in flight: Twisted's client writes the head, and the body in a later turn, and a
+    cancelled request aborts its connection (a reset, not a close).
     """
     from fakes import Recorded  # the fakes import the reactor; only tests that serve them pay
 
     declared = int(handler.headers.get("Content-Length", 0))
-    raw = handler.rfile.read(declared)
+    try:
+        raw = handler.rfile.read(declared)
+    except OSError:  # reset, or no more within the server's timeout
+        raw = b""
     if len(raw) < declared:
         handler.close_connection = True
         return None

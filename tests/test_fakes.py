@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import json
 import socket
+import struct
 import time
 
 import pytest
@@ -16,7 +17,7 @@ import treq
 
 from conftest import within
 from fakes import FakeGA4, FakeMeta, FakeTikTok, serve
-from helpers import ThreadedPlatform
+from helpers import ThreadedPlatform, wait_until
 
 
 def sha(value: str) -> str:
@@ -453,9 +454,10 @@ async def test_non_post_flagged(tiktok):
 
 
 def test_a_threaded_platform_ignores_a_request_cut_short():
-    """A POST whose connection closes before its whole body came is never handled, as by a
-    real server (tagd cuts one when it stops with a POST in flight: the client writes the
-    head first and the body later), only counted; the next, whole request is handled."""
+    """A POST whose connection closes, or is reset, before its whole body came is never
+    handled, as by a real server (tagd cuts one when it stops with a POST in flight: the
+    client writes the head first and the body later; a cancelled request is aborted, a
+    reset), only counted; the next, whole request is handled."""
     platform = ThreadedPlatform("meta", FakeMeta(pixel_id="1234", access_token="token"))
     platform.up()
     try:
@@ -468,11 +470,16 @@ def test_a_threaded_platform_ignores_a_request_cut_short():
             cut.sendall(head + body[:10])
             cut.shutdown(socket.SHUT_WR)
             assert cut.recv(1024) == b""  # closed unanswered
+        with socket.create_connection(("127.0.0.1", platform.port), timeout=5) as reset:
+            reset.sendall(head + body[:10])
+            time.sleep(0.1)  # the head is read: the server waits for the body
+            reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        wait_until(lambda: platform.cut == 2, 5, "the reset request counted")
         connection = http.client.HTTPConnection("127.0.0.1", platform.port, timeout=5)
         connection.request("POST", "/v21.0/1234/events?access_token=token", body, {"Content-Type": "application/json"})
         connection.getresponse().read()
         connection.close()
     finally:
         platform.close()
-    assert len(platform.received) == 1 and platform.cut == 1
+    assert len(platform.received) == 1 and platform.cut == 2
     assert all("data list" not in violation for violation in platform.violations)
