@@ -76,6 +76,16 @@ class ProxyCollector:
             buckets=buckets,
             sum_value=proxy.latency_sum,
         )
+        yield CounterMetricFamily(
+            "tagd_responses_cut",
+            "Responses the origin broke off after their head: the visitor's connection was cut.",
+            value=proxy.cut_responses,
+        )
+        yield CounterMetricFamily(
+            "tagd_response_heads_cleaned",
+            "Response heads written without a reason phrase or header that held CR, LF or NUL.",
+            value=proxy.forged_heads,
+        )
         yield GaugeMetricFamily(
             "tagd_requests_in_flight", "Visitor requests not yet answered in full.", value=proxy.in_flight
         )

@@ -17,6 +17,8 @@ connection's send buffer is full.
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 from typing import Protocol as Interface
 from urllib.parse import urlsplit
 
@@ -33,7 +35,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
-from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError
+from httptools import HttpParserCallbackError, HttpParserError, HttpResponseParser
 from zope.interface import implementer
 
 from tagd.writes import send_now
@@ -148,9 +150,13 @@ class OriginClient:
         """
         while self._idle:
             connection = self._idle.pop()
-            if connection.transport is not None and connection.connected:
-                connection.send(receiver, method, head, body, upload, reused=True)
-                return connection
+            if not connection.usable:
+                continue
+            if connection.has_unread_bytes():
+                connection.discard()
+                continue
+            connection.send(receiver, method, head, body, upload, reused=True)
+            return connection
         return None
 
     def connect(
@@ -186,6 +192,11 @@ class OriginClient:
 
     def added(self, connection: OriginConnection) -> None:
         self._connections.add(connection)
+
+    def forget(self, connection: OriginConnection) -> None:
+        """Never hand out C{connection} again: it is being closed."""
+        if connection in self._idle:
+            self._idle.remove(connection)
 
     def lost(self, connection: OriginConnection) -> None:
         self._connections.discard(connection)
@@ -230,23 +241,39 @@ class _OriginFactory(ClientFactory):
         return OriginConnection(self._client)
 
 
-_IDLE, _HEAD, _BODY = "idle", "head", "body"
+_IDLE, _HEAD, _BODY, _DONE = "idle", "head", "body", "done"
+
+# What a reason phrase may hold (RFC 9112 section 4: HTAB, SP, VCHAR, obs-text).
+_BAD_REASON = re.compile(rb"[^\t\x20-\x7e\x80-\xff]")
+
+
+class _ExtraBytes(Exception):
+    """The origin sent bytes after a complete response, in the same read."""
 
 
 @implementer(IPushProducer)
 class OriginConnection(Protocol):
-    """One persistent connection to the origin, carrying one exchange at a time."""
+    """One persistent connection to the origin, carrying one exchange at a time.
+
+    Responses are parsed by llhttp (through httptools), strict: no bare LF, no obs-fold,
+    no invalid header names or characters, no conflicting framing.  The connection goes
+    back to the pool only once the read that completed a response held nothing more, and
+    never after a HEAD, whose buggy bodies trail the head.
+    """
 
     idle_since = 0.0
+    usable = True  # false once the connection can no longer carry an exchange
+    _reusable = False  # the response in hand allows the connection to be kept
+    _close_delimited = False  # the response in hand ends when the origin closes
     _stall = None  # the visitor's stall timer, while the visitor is not reading
 
     def __init__(self, client: OriginClient) -> None:
         self._client = client
         self._receiver: ResponseReceiver | None = None
         self._state = _IDLE
-        self._buffer = b""
         self._paused = False
         self._upload: BodySource | None = None
+        self._parser = HttpResponseParser(self)
 
     def connectionMade(self) -> None:
         self._client.added(self)
@@ -266,9 +293,8 @@ class OriginConnection(Protocol):
         self._method = method
         self._reused = reused
         self._state = _HEAD
-        self._buffer = b""
+        self._head_size = self._head_size_parsed = 0
         self._answered = False
-        self._keep_alive = True
         transport = self.transport
         send_now(transport, head if body is None else head + body)
         self._upload = upload
@@ -324,137 +350,120 @@ class OriginConnection(Protocol):
     def stopProducing(self) -> None:
         self.abort()
 
-    # Receiving.
+    # Receiving: llhttp calls the on_* methods while it parses a read.
 
     def dataReceived(self, data: bytes) -> None:
-        self._answered = True
-        if self._state is _BODY:
-            self._body_received(data)
-        elif self._state is _HEAD:
-            self._buffer += data
-            self._head_received()
-        else:
+        if self._state is _IDLE:
             # Nothing may come while no request is out: the connection is no longer trusted.
-            self.transport.abortConnection()
-
-    def _head_received(self) -> None:
+            self.discard()
+            return
+        self._answered = True
+        if self._state is _HEAD:
+            self._head_size += len(data)
         receiver = self._receiver
-        while self._state is _HEAD:
-            end = self._buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buffer) > MAX_HEAD_SIZE:
-                    self._fail(OriginProtocolError("response head too large"))
+        try:
+            self._parser.feed_data(data)
+        except HttpParserError as error:
+            reason = error.__context__ if isinstance(error, HttpParserCallbackError) else error
+            if isinstance(reason, _ExtraBytes) or self._state is _DONE:
+                self._reusable = False
+            elif isinstance(reason, (OriginProtocolError, HttpParserError)):
+                self._fail(OriginProtocolError(str(reason) or type(reason).__name__))
                 return
-            head, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
-            try:
-                self._parse_head(head)
-            except OriginProtocolError as e:
-                self._fail(e)
-                return
-        if self._buffer:
-            rest, self._buffer = self._buffer, b""
-            if self._state is _BODY:
-                self._body_received(rest)
             else:
-                self.transport.abortConnection()  # Bytes after a complete response.
+                raise reason from None  # tagd's own fault, for Twisted to log
+        if self._state is _DONE:
+            self._complete()
+        elif self._state is _HEAD and self._head_size > MAX_HEAD_SIZE:
+            self._fail(OriginProtocolError("response head too large"))
+            return
         if receiver is not None:
             receiver.read_done()
 
-    def _parse_head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        status = lines[0].split(b" ", 2)
-        if len(status) < 2 or not status[0].startswith(b"HTTP/1.") or not status[1].isdigit() or len(status[1]) != 3:
-            raise OriginProtocolError("malformed status line")
-        code = int(status[1])
-        if 100 <= code < 200:
-            return  # Interim answers (100 Continue, 103 Early Hints) are not forwarded.
-        headers = []
-        chunked = close_delimited = False
-        length = None
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name[-1:] in b" \t" or line[:1] in b" \t":
-                raise OriginProtocolError("malformed header line")
-            value = value.strip(b" \t")
-            lower = name.lower()
-            if lower == b"content-length":
-                if not value.isdigit() or (length is not None and int(value) != length):
-                    raise OriginProtocolError("bad Content-Length")
-                length = int(value)
-                continue
-            if lower == b"transfer-encoding":
-                chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
-                close_delimited = not chunked
-            elif lower == b"connection" and b"close" in value.lower():
-                self._keep_alive = False
-            headers.append((name, value))
-        if status[0] != b"HTTP/1.1":
-            self._keep_alive = False
-        if self._method == b"HEAD" or code in NO_BODY_CODES:
-            if length is not None:
-                headers.append((b"Content-Length", b"%d" % length))
-            length = 0
-        elif chunked or close_delimited:
-            length = None
-        elif length is not None:
-            headers.append((b"Content-Length", b"%d" % length))
+    def on_message_begin(self) -> None:
+        if self._state is _DONE:
+            raise _ExtraBytes()
+        self._phrase = b""
+        self._headers = []
+        self._length = None
+        self._chunked = False
+
+    def on_status(self, phrase: bytes) -> None:
+        self._phrase += phrase
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._state is not _HEAD:
+            return  # A trailer of a chunked body: not forwarded.
+        self._head_size_parsed += len(name) + len(value) + 4
+        if self._head_size_parsed > MAX_HEAD_SIZE:
+            raise OriginProtocolError("response head too large")
+        value = value.strip(b" \t")
+        lower = name.lower()
+        if lower == b"content-length":
+            self._length = value  # llhttp has checked it: digits, given once
+        elif lower == b"transfer-encoding":
+            if value.lower() != b"chunked":
+                raise OriginProtocolError("unsupported transfer coding")
+            self._chunked = True
         else:
-            close_delimited = True
+            self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        code = parser.get_status_code()
+        if not 100 <= code <= 599:
+            raise OriginProtocolError("status code out of range")
+        if code == 101:
+            raise OriginProtocolError("unrequested protocol switch")
+        if code < 200:
+            return  # Interim answers (100 Continue, 103 Early Hints) are not forwarded.
+        if parser.get_http_version() not in ("1.1", "1.0"):
+            raise OriginProtocolError("unsupported HTTP version")
+        phrase = self._phrase
+        if _BAD_REASON.search(phrase):
+            raise OriginProtocolError("invalid character in the reason phrase")
+        headers = self._headers
+        head_only = self._method == b"HEAD"
+        if self._length is not None:
+            headers.append((b"Content-Length", self._length))
+        self._close_delimited = not (head_only or self._chunked or self._length is not None or code in NO_BODY_CODES)
+        self._reusable = parser.should_keep_alive() and not (head_only or self._close_delimited)
         self._state = _BODY
-        self._remaining = length
-        self._chunks = _ChunkedTransferDecoder(self._chunk, self._chunks_done) if chunked else None
-        if close_delimited:
-            self._keep_alive = False
         receiver = self._receiver
         if receiver is not None:
-            receiver.response_head(code, status[2] if len(status) > 2 else b"", headers)
-        if length == 0:
-            self._complete()
+            receiver.response_head(code, phrase, headers)
+        if head_only:
+            self._state = _DONE  # Whatever follows is a body the origin should not have sent.
 
-    def _body_received(self, data: bytes) -> None:
-        if self._chunks is not None:
-            try:
-                self._chunks.dataReceived(data)
-            except _MalformedChunkedDataError:
-                self._fail(OriginProtocolError("malformed chunked body"))
-            return
-        remaining = self._remaining
-        if remaining is None:
-            self._chunk(data)
-        elif len(data) < remaining:
-            self._remaining = remaining - len(data)
-            self._chunk(data)
-        else:
-            if len(data) > remaining:
-                self._keep_alive = False  # The origin sent more than it announced.
-                data = data[:remaining]
-            self._chunk(data)
-            self._complete()
-
-    def _chunk(self, data: bytes) -> None:
+    def on_body(self, data: bytes) -> None:
+        if self._state is _DONE:
+            raise _ExtraBytes()
         if self._receiver is not None:
             self._receiver.response_data(data)
 
-    def _chunks_done(self, extra: bytes) -> None:
-        if extra:
-            self._keep_alive = False
-        self._complete()
+    def on_message_complete(self) -> None:
+        if self._state is _BODY:
+            self._state = _DONE
+        elif self._state is _DONE:
+            raise _ExtraBytes()
 
     def _complete(self) -> None:
+        """The response is complete and the read that brought its end is parsed in full."""
         receiver, self._receiver = self._receiver, None
         self._state = _IDLE
-        self._chunks = None
         if self._upload is not None:
             # Answered before the whole body went out: the body is abandoned with the
             # connection (a registered producer would keep it open).
             self._upload = None
+            self.usable = False
             self.transport.unregisterProducer()
             self.transport.loseConnection()
-        elif self._keep_alive and receiver is not None and self.connected:
+        elif self._reusable and receiver is not None and self.connected:
             if self._paused:
                 self.resumeProducing()
             self._client.release(self)
         else:
+            self.usable = False
             self.transport.loseConnection()
         if receiver is not None:
             receiver.response_end()
@@ -462,17 +471,43 @@ class OriginConnection(Protocol):
     def _fail(self, reason: Exception) -> None:
         receiver, self._receiver = self._receiver, None
         self._state = _IDLE
+        self.usable = False
         self.transport.abortConnection()
         if receiver is not None:
             receiver.response_failed(Failure(reason), retryable=False)
+
+    def discard(self) -> None:
+        """Close a connection that can no longer be trusted, at once and for good."""
+        self.usable = False
+        self._client.forget(self)
+        self.transport.abortConnection()
+
+    def has_unread_bytes(self) -> bool:
+        """Whether the origin sent something (or closed) since the last exchange ended,
+        which the reactor has not read yet: such a connection is not reused (nginx checks
+        the same way).  Only a plain TCP socket can be asked; TLS records may be pending
+        legitimately (session tickets), and what reaches the reactor is caught anyway."""
+        handle = self.transport.getHandle()
+        if not isinstance(handle, socket.socket):
+            return False
+        try:
+            return handle.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) is not None
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None
+        self.usable = False
         self._client.lost(self)
-        if self._state is _BODY and self._remaining is None and self._chunks is None:
-            self._complete()  # A close-delimited body ends with the connection.
+        if self._state is _BODY and self._close_delimited and reason.check(ConnectionDone):
+            self._complete()  # A close-delimited body ends with the connection, cleanly.
+            return
+        if self._state is _DONE:
+            self._complete()  # A HEAD answered; whatever followed it is gone with the connection.
             return
         receiver, self._receiver = self._receiver, None
         self._state = _IDLE

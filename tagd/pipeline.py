@@ -25,14 +25,13 @@ from tagd.dispatcher import DEAD, Dispatcher
 from tagd.events import Event
 from tagd.feed import Feed
 from tagd.metrics import Metrics
+from tagd.ratelimit import Once
 from tagd.spool import Spool, SpoolError
 from tagd.tracker import Tracker
 from tagd.tracking import TrackingHook
 
 log = Logger()
 
-# A full queue on a busy site would otherwise log on every page view.
-QUEUE_FULL_LOG_INTERVAL = 60.0
 # Why the rows of a destination that was removed from the configuration are dead letters.
 ABANDONED = "destination no longer configured"
 # Seconds between recounts of the spool's undelivered events from its file (see
@@ -68,8 +67,7 @@ class _Enqueue:
         self.destinations = tuple(destinations)
         self._metrics = metrics
         self._feed = feed
-        self._clock = clock
-        self._last_logged = float("-inf")
+        self._queue_full_said = Once(clock)
 
     def __call__(self, events: Sequence[Event]) -> None:
         if not self.destinations:
@@ -85,9 +83,7 @@ class _Enqueue:
         refused = len(events) - accepted
         if refused:
             self._metrics.tracking_dropped.labels("queue_full").inc(refused)
-            now = self._clock()
-            if now - self._last_logged >= QUEUE_FULL_LOG_INTERVAL:
-                self._last_logged = now
+            if self._queue_full_said.due():
                 log.warn(
                     "spool full or closed: {count} event(s) refused (said once a minute; see "
                     'tagd_tracking_dropped_total{{reason="queue_full"}})',

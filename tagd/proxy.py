@@ -28,6 +28,7 @@ from zope.interface import implementer
 from tagd.clientip import ClientIPResolver
 from tagd.headers import request_head, split_response_headers
 from tagd.origin import OriginClient, OriginConnection, VisitorStalled
+from tagd.ratelimit import Once
 from tagd.tracking import Tracked, TrackingHook, Visit
 
 log = Logger()
@@ -81,6 +82,12 @@ class ProxyResource(Resource):
         self.statuses: dict[int, int] = {}
         self.latency_buckets = [0] * (len(LATENCY_BOUNDS) + 1)
         self.latency_sum = 0.0
+        # Responses the origin broke off after their head, each a cut visitor connection.
+        self.cut_responses = 0
+        self._cut_said = Once(reactor.seconds)
+        # Response heads that held a CR, LF or NUL where none belongs, written without it.
+        self.forged_heads = 0
+        self._forged_said = Once(reactor.seconds)
 
     def render(self, request: Request):
         _Exchange(self, request).start()
@@ -98,6 +105,31 @@ class ProxyResource(Resource):
         if latency is not None:
             self.latency_buckets[bisect_left(LATENCY_BOUNDS, latency)] += 1
             self.latency_sum += latency
+
+
+    def cut_off(self, path: str, reason: str) -> None:
+        """Count a response that broke off after its head; say so at most once a minute."""
+        self.cut_responses += 1
+        if self._cut_said.due():
+            log.warn(
+                "origin response for {uri} broke off: {reason}; the visitor's connection was "
+                "cut ({count} so far; said once a minute, see tagd_responses_cut_total)",
+                uri=path,
+                reason=reason,
+                count=self.cut_responses,
+            )
+
+    def forged_head(self, dropped: int) -> None:
+        """Count a response head that held line breaks or NULs where none belong, written
+        without them (C{dropped} headers left out); say so at most once a minute."""
+        self.forged_heads += 1
+        if self._forged_said.due():
+            log.warn(
+                "a response head held CR, LF or NUL in its reason phrase or {dropped} header(s): "
+                "written without them ({count} so far; said once a minute)",
+                dropped=dropped,
+                count=self.forged_heads,
+            )
 
 
 def _target(uri: bytes) -> bytes:
@@ -262,20 +294,12 @@ class _Exchange:
             self._request.unregisterProducer()
             self._request.channel.transport.abortConnection()
         elif self._head_seen:
-            # The status line is already out: the only honest signal left is a cut connection.
-            log.warn(
-                "origin response for {uri} broke off: {reason}",
-                uri=self._path(),
-                reason=reason.getErrorMessage(),
-            )
+            # The status line is already out: the only honest signal left is a cut
+            # connection, a reset, which no framing of the visitor's can take for an end.
+            self._proxy.cut_off(self._path(), reason.getErrorMessage())
             self._end()
-            request = self._request
-            request.unregisterProducer()
-            # Close after what was received is flushed: a short body is a visible cut.
-            request.channel.release_head()
-            # The channel's own loseConnection, which unregisters it as the transport's
-            # producer first: a TLS transport closes only once no producer is left.
-            request.channel.loseConnection()
+            self._request.unregisterProducer()
+            self._request.channel.transport.abortConnection()
         else:
             log.warn(
                 "origin failed before answering {uri}: {reason}",

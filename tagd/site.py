@@ -19,7 +19,7 @@ from __future__ import annotations
 from io import BytesIO
 
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.server import Request, Site
 
 from tagd.proxy import SMALL_BODY, ProxyResource
@@ -93,6 +93,27 @@ class ProxyRequest(Request):
             self.processingFailed(Failure())
 
 
+def _forges_lines(part: bytes) -> bool:
+    return b"\r" in part or b"\n" in part or b"\0" in part
+
+
+def _clean_head(version: bytes, code: bytes, reason: bytes, headers) -> tuple[bytes, int]:
+    """The response head without the lines that would break out of their place: a reason
+    phrase with CR, LF or NUL becomes the status code's own, such a header is left out."""
+    if _forges_lines(reason):
+        reason = RESPONSES.get(int(code), b"Unknown")
+    lines = [b"%s %s %s" % (version, code, reason)]
+    dropped = 0
+    for name, values in headers.getAllRawHeaders():
+        for value in values:
+            if _forges_lines(name) or _forges_lines(value):
+                dropped += 1
+            else:
+                lines.append(b"%s: %s" % (name, value))
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines), dropped
+
+
 class TagdChannel(HTTPChannel):
     """An HTTP/1.1 channel that writes each response head in one piece, with the body's
     first bytes when they are at hand.
@@ -119,7 +140,13 @@ class TagdChannel(HTTPChannel):
             for value in values:
                 lines.append(b"%s: %s" % (name, value))
         lines.append(b"\r\n")
-        self._held = b"\r\n".join(lines)
+        head = b"\r\n".join(lines)
+        # Each line ends in the one CRLF the join put there: any other CR, LF or NUL came
+        # in a name, value or reason phrase and would let it forge lines of its own.
+        if head.count(b"\n") != len(lines) or head.count(b"\r") != len(lines) or b"\0" in head:
+            head, dropped = _clean_head(version, code, reason, headers)
+            self.site.resource.forged_head(dropped)
+        self._held = head
 
     def write(self, data: bytes) -> None:
         held = self._held

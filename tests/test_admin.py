@@ -17,6 +17,7 @@ import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
 
 from conftest import (
     FAKE_META_TOKEN,
@@ -232,7 +233,7 @@ def test_latency_buckets_are_exported_cumulatively():
     from tagd.proxy import ProxyResource
 
     proxy = ProxyResource(
-        reactor=None, client=None, resolver=None, client_ip_header="CF-Connecting-IP",
+        reactor=Clock(), client=None, resolver=None, client_ip_header="CF-Connecting-IP",
         tracking_header="Worker-Tracking", response_timeout=1.0, on_tracking=None,
     )  # fmt: skip
     for seconds in (0.001, 0.005, 0.3, 0.3, 99.0):
