@@ -50,6 +50,8 @@ TRACKING_VALUE = json.dumps({"event_name": "PageView"})
 PROXIES = ("tagd", "stock", "nginx")
 # tagd's targets, as multiples of the other proxy's requests/s.
 TARGETS = {"stock": 3.0, "nginx": 0.7}
+# The most tagd may add to one unloaded request's median latency, in milliseconds.
+UNLOADED_TARGET_MS = 0.25
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 5.0
@@ -618,10 +620,35 @@ def run_one(name: str, processes: Processes, origin: Server, tools: dict, drive,
         if not check_answer(server, expected_body, "before"):
             raise StartError(f"{name} did not return the origin's page; not measured")
         result = measure(server, origin, drive, args, expected_body)
-        print(f"  {result['rps']:,.0f} req/s, {result['error_total']} errors", flush=True)
+        result["unloaded_p50_ms"] = unloaded_p50(drive, server.port, args)
+        print(f"  {result['rps']:,.0f} req/s, {result['error_total']} errors; "
+              f"unloaded p50 {result['unloaded_p50_ms']:.3f} ms", flush=True)
         return result
     finally:
         processes.stop(server)
+
+
+def unloaded_p50(drive, port: int, args) -> float:
+    """The median latency of requests sent one at a time on one connection: what a proxy
+    adds to a single visit when nothing else is going on."""
+    return drive(port, args.unloaded_duration, 1, 1)["p50_ms"]
+
+
+def print_unloaded(origin_runs: list[float], results: list[dict]) -> dict:
+    """Each proxy's unloaded p50 over the origin's own, measured in the same rounds."""
+    if not origin_runs:
+        return {}
+    origin_p50 = sorted(origin_runs)[(len(origin_runs) - 1) // 2]
+    print(f"\nunloaded (one connection, one request at a time): origin alone p50 {origin_p50:.3f} ms")
+    added = {}
+    for r in results:
+        extra = r["unloaded_p50_ms"] - origin_p50
+        verdict = ""
+        if r["name"] == "tagd":
+            verdict = f"   target <= {UNLOADED_TARGET_MS} ms   {'PASS' if extra <= UNLOADED_TARGET_MS else 'MISS'}"
+        print(f"  {r['name']:<6} p50 {r['unloaded_p50_ms']:.3f} ms, adds {extra:+.3f} ms{verdict}")
+        added[r["name"]] = round(extra, 3)
+    return {"origin_p50_ms": origin_p50, "added_ms": added}
 
 
 # --- the report --------------------------------------------------------------------------------
@@ -701,6 +728,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, choices=(1, 2), help="wrk threads (default 1)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each proxy, in turn; the median counts (default 3)")
     parser.add_argument("--only", default=",".join(PROXIES), help="comma-separated subset of tagd,stock,nginx")
+    parser.add_argument("--unloaded-duration", type=int, default=3,
+                        help="seconds of one-at-a-time requests per proxy and round, for the unloaded latency (default 3)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (configs, logs)")
     args = parser.parse_args(argv)
@@ -767,7 +796,12 @@ def run(args, processes: Processes) -> int:
           f"{args.rounds} round(s)\n", flush=True)
     runs: dict[str, list[dict]] = {name: [] for name in PROXIES if name in args.only}
     failed: list[str] = []
+    origin_unloaded: list[float] = []
     for round_number in range(1, args.rounds + 1):
+        try:
+            origin_unloaded.append(unloaded_p50(drive, origin.port, args))
+        except LoadError as e:
+            print(f"  origin's unloaded latency FAILED: {e}", flush=True)
         for name in (n for n in runs if n not in failed):
             try:
                 result = run_one(name, processes, origin, tools, drive, args, expected_body,
@@ -795,11 +829,12 @@ def run(args, processes: Processes) -> int:
         print()
     found = ratios(results)
     print_ratios(found)
+    unloaded = print_unloaded(origin_unloaded, results)
     if args.json:
         report = {"origin": origin_text, "page_bytes": len(expected_body), "load_generator": generator,
                   "connections": args.connections, "duration_s": args.duration, "warmup_s": args.warmup,
                   "rounds": args.rounds, "versions": versions(tools), "results": results,
-                  "every_round": runs, "ratios": found, "failed": failed}
+                  "every_round": runs, "ratios": found, "unloaded": unloaded, "failed": failed}
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         print(f"\nresults written to {args.json}")

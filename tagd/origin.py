@@ -30,7 +30,7 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ISystemHandle
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall
@@ -487,6 +487,8 @@ class OriginConnection(Protocol):
         which the reactor has not read yet: such a connection is not reused (nginx checks
         the same way).  Only a plain TCP socket can be asked; TLS records may be pending
         legitimately (session tickets), and what reaches the reactor is caught anyway."""
+        if not ISystemHandle.providedBy(self.transport):
+            return False
         handle = self.transport.getHandle()
         if not isinstance(handle, socket.socket):
             return False
