@@ -752,6 +752,50 @@ def find_tools(args) -> dict:
     return tools
 
 
+def calibrate(rounds: int = 5) -> dict:
+    """How fast this machine runs the two kinds of work a proxy does, best of C{rounds}:
+    pure-Python bytecode (tagd's share) and the kernel's copy of a page over loopback (the
+    larger share of nginx's).  The tagd/nginx ratio follows their quotient from one
+    machine to the next, so it is printed beside the figures."""
+    lines = [b"X-Header-%d: value-%d" % (i, i) for i in range(12)]
+
+    def python_work() -> None:
+        for _ in range(2_000):
+            headers = []
+            for line in lines:
+                name, _, value = line.partition(b":")
+                headers.append((name.lower(), value.strip()))
+
+    page = b"x" * PAGE_SIZE
+    left, right = socket.socketpair()
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    right.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+
+    def kernel_work() -> None:
+        for _ in range(200):
+            left.sendall(page)
+            got = 0
+            while got < PAGE_SIZE:
+                got += len(right.recv(1 << 17))
+
+    def best(work, per: int) -> float:
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - started)
+        return min(times) / per * 1e6
+
+    try:
+        python_us = best(python_work, 2_000)
+        kernel_us = best(kernel_work, 200)
+    finally:
+        left.close()
+        right.close()
+    return {"python_us_per_head": round(python_us, 2), "kernel_us_per_page": round(kernel_us, 2),
+            "python_over_kernel": round(python_us / kernel_us, 3)}
+
+
 def versions(tools: dict) -> dict:
     import twisted
 
@@ -790,6 +834,10 @@ def run(args, processes: Processes) -> int:
     check_python()
     tools = find_tools(args)
     drive = (lambda *a: run_wrk(tools["wrk"], *a)) if tools["wrk"] else run_builtin
+    machine = calibrate()
+    print(f"machine: {os.cpu_count()} CPUs; Python splits a 12-line head in {machine['python_us_per_head']} µs, "
+          f"the kernel moves a {PAGE_SIZE:,}-byte page over loopback in {machine['kernel_us_per_page']} µs "
+          f"(quotient {machine['python_over_kernel']}: the higher, the lower tagd/nginx)")
     origin, origin_text, expected_body, generator = prepare_origin(args, processes, tools)
     print(f"load:   {generator}, {args.connections} keep-alive connections, "
           f"{args.warmup} s warm-up + {args.duration} s per proxy and round, one proxy at a time, "
@@ -833,7 +881,7 @@ def run(args, processes: Processes) -> int:
     if args.json:
         report = {"origin": origin_text, "page_bytes": len(expected_body), "load_generator": generator,
                   "connections": args.connections, "duration_s": args.duration, "warmup_s": args.warmup,
-                  "rounds": args.rounds, "versions": versions(tools), "results": results,
+                  "rounds": args.rounds, "versions": versions(tools), "machine": machine, "results": results,
                   "every_round": runs, "ratios": found, "unloaded": unloaded, "failed": failed}
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -237,3 +237,22 @@ def test_deliveries_run_two_turns_later_one_batch_per_turn(logged_failures):
     assert ran == ["a", "b", "c"]
     assert clock.getDelayedCalls() == []
     assert [e["log_failure"].type for e in logged_failures] == [RuntimeError]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cookie_with_a_line_break_or_nul_never_reaches_the_wire(tagd, connect, hook, log_events):
+    """The last check before the visitor: a header value holding a NUL (here a cookie,
+    whatever built it) is left out of the head, and one holding CR LF stays one line
+    (Twisted's headers fold it to a space) instead of forging a header of its own; the
+    response and its other headers go out, and a warning says so once."""
+    hook.behaviour = lambda values, visit: Tracked(
+        set_cookies=(b"_fbp=fb.1.2.3\x00; Path=/", b"_ok=1", b"x=1\r\nSet-Cookie: forged=1")
+    )
+    visitor = await connect(tagd.port)
+    response = await within(visitor.request(b"GET", b"/cookies", headers=[(b"X-Track", b"v")]))
+    assert response.status == 200 and response.complete
+    cookies = response.header(b"set-cookie")
+    assert b"_ok=1" in cookies and b"a=1; Path=/" in cookies
+    assert not any(b"\x00" in c or b"_fbp" in c or c.startswith(b"forged") for c in cookies), cookies
+    warnings = [e for e in log_events if "CR, LF or NUL" in e.get("log_format", "")]
+    assert len(warnings) == 1
