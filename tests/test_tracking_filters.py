@@ -280,6 +280,47 @@ async def test_malformed_among_good_values_only_the_bad_one_is_dropped(
     assert [e["event_id"] for e in fake_tiktok.fake.events] == ["good-1"]
 
 
+HUGE = "9" * 401  # beyond a float's range (about 1.8e308), under json's 4300-digit limit
+
+OUT_OF_RANGE = {
+    # id: (the event, as JSON text with a number no platform can take; what the log says)
+    "value": ('{"event_name": "Purchase", "custom_data": {"value": %s}}' % HUGE, "custom_data.value"),
+    "item price": (
+        '{"event_name": "AddToCart", "contents": [{"id": "a", "item_price": %s}]}' % HUGE, "item_price"
+    ),
+    "other custom data": ('{"event_name": "Purchase", "custom_data": {"shelf": [1, %s]}}' % HUGE, "custom_data"),
+    "num_items": ('{"event_name": "Purchase", "custom_data": {"num_items": %s}}' % HUGE, "num_items"),
+    "event_time": ('{"event_name": "Purchase", "event_time": %s}' % HUGE, "event_time"),
+    "order id": ('{"event_name": "Purchase", "custom_data": {"order_id": %s}}' % ("9" * 501), "order_id"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("value, reason", OUT_OF_RANGE.values(), ids=list(OUT_OF_RANGE))
+@pytest_twisted.ensureDeferred
+async def test_a_number_out_of_range_is_malformed_and_the_other_values_go_through(
+    start_tracking_tagd, origin, fake_meta, fake_ga4, fake_tiktok, log_events, value, reason
+):
+    """A tracking header value with a 401-digit number (or an id of 501 digits) where a
+    number is read: that value is refused as malformed, counted and logged once with the
+    field it names and without a traceback, while the response's other tracking header
+    value still becomes its event."""
+    tagd = await start_tracking_tagd(raw=True)
+    good = json.dumps({"event_name": "ViewContent", "event_id": "good-1"}).encode()
+    answer = origin_answer(good).replace(b"X-Shop: 1\r\n", b"X-Shop: 1\r\nWorker-Tracking: %s\r\n" % value.encode())
+    origin.answer_raw(b"/huge", answer)
+    response = await exchange(tagd.port, raw_request(b"GET", b"/huge", headers=[(b"User-Agent", FIREFOX)]))
+    assert response.endswith(BODY) and b"Worker-Tracking" not in response
+    assert b"Set-Cookie: tagd_event_id=good-1;" in response
+    await eventually(lambda: all(f.fake.events for f in (fake_meta, fake_ga4, fake_tiktok)))
+    assert [e["event_id"] for e in fake_meta.fake.events] == ["good-1"]
+    assert [e["event_id"] for e in fake_tiktok.fake.events] == ["good-1"]
+    assert (tagd.dropped("malformed"), tagd.metrics.value("events_accepted")) == (1, 1)
+    lines = [line for line in _tagd_lines(log_events) if "/huge" in line]
+    assert len(lines) == 1 and reason in lines[0], lines
+    assert HUGE not in "\n".join(_tagd_lines(log_events))
+    assert not [e for e in log_events if "log_failure" in e]
+
+
 @pytest_twisted.ensureDeferred
 async def test_varying_malformed_headers_on_one_page_log_once(start_tracking_tagd, origin, log_events):
     """A page whose malformed header differs on every view (here: oversized by a different
