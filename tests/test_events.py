@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from header_numbers import numbered_values
 from tagd.events import (
     MAX_HEADER_BYTES,
     STANDARD_EVENTS,
@@ -438,44 +439,9 @@ def test_every_documented_value_is_accepted_as_written(events, as_array, ensure_
         assert all(math.isfinite(v) for v in spec.custom_data.values() if isinstance(v, float))
 
 
-def _json_number(number: float) -> str:
-    """A float as Python's json writes it: NaN, Infinity and -Infinity included."""
-    return json.dumps(number)
-
-
-# Any text a JSON number (or Python's json, which also reads NaN and Infinity) may be:
-# integers of any size, up to and past json's 4300-digit limit, every float, and
-# exponents far beyond a float's range either way.
-number_texts = st.one_of(
-    st.integers().map(str),
-    st.integers(-(10**420), 10**420).map(str),
-    st.integers(4290, 4310).map(lambda digits: "9" * digits),
-    st.floats().map(_json_number),
-    st.builds("{}e{}".format, st.integers(-(10**6), 10**6), st.integers(-(10**6), 10**6)),
-    st.builds("{}.{}E+{}".format, st.integers(0, 9), st.integers(0, 10**20), st.integers(300, 400)),
-)
-# Every place the parser reads a number, or meets one where something else belongs; each
-# {} becomes a number text.
-NUMBER_PLACES = [
-    '{{"event_name": "Purchase", "custom_data": {{"value": {}}}}}',
-    '{{"event_name": "Purchase", "custom_data": {{"num_items": {}}}}}',
-    '{{"event_name": "Purchase", "custom_data": {{"order_id": {}, "currency": {}}}}}',
-    '{{"event_name": "Purchase", "custom_data": {{"shelf": {{"n": [{}, {}]}}, "content_ids": [{}]}}}}',
-    '{{"event_name": "Purchase", "event_time": {}}}',
-    '{{"event_name": "AddToCart", "contents": [{{"id": {}, "quantity": {}, "item_price": {}}}]}}',
-    '{{"event_name": {}, "event_id": {}, "user_data": {{"em": [{}]}}}}',
-    '[{{"event_name": "PageView"}}, {}]',
-    "{}",
-]
-numbered_values = st.builds(
-    lambda place, numbers: place.format(*numbers[: place.count("{}")]).encode(),
-    st.sampled_from(NUMBER_PLACES),
-    st.lists(number_texts, min_size=3, max_size=3),
-)
-
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(valid_events | numbered_values, min_size=1, max_size=8), st.booleans())
+@given(st.lists(valid_events | numbered_values(), min_size=1, max_size=8), st.booleans())
 def test_no_number_makes_the_parser_raise_and_well_formed_events_still_come_out(values, ensure_ascii):
     """A response's tracking header values, some of them well-formed events and some with
     any number at all wherever a number is read (or not expected): each value with such a
