@@ -280,6 +280,12 @@ async def test_malformed_among_good_values_only_the_bad_one_is_dropped(
     assert [e["event_id"] for e in fake_tiktok.fake.events] == ["good-1"]
 
 
+def _tracking_lines(*values: bytes) -> bytes:
+    """The origin's answer with one tracking header line for each of C{values}, in order."""
+    lines = b"".join(b"Worker-Tracking: %s\r\n" % value for value in values)
+    return origin_answer(None).replace(b"X-Shop: 1\r\n", b"X-Shop: 1\r\n" + lines)
+
+
 HUGE = "9" * 401  # beyond a float's range (about 1.8e308), under json's 4300-digit limit
 
 OUT_OF_RANGE = {
@@ -306,8 +312,7 @@ async def test_a_number_out_of_range_is_malformed_and_the_other_values_go_throug
     value still becomes its event."""
     tagd = await start_tracking_tagd(raw=True)
     good = json.dumps({"event_name": "ViewContent", "event_id": "good-1"}).encode()
-    answer = origin_answer(good).replace(b"X-Shop: 1\r\n", b"X-Shop: 1\r\nWorker-Tracking: %s\r\n" % value.encode())
-    origin.answer_raw(b"/huge", answer)
+    origin.answer_raw(b"/huge", _tracking_lines(good, value.encode()))
     response = await exchange(tagd.port, raw_request(b"GET", b"/huge", headers=[(b"User-Agent", FIREFOX)]))
     assert response.endswith(BODY) and b"Worker-Tracking" not in response
     assert b"Set-Cookie: tagd_event_id=good-1;" in response
@@ -321,17 +326,13 @@ async def test_a_number_out_of_range_is_malformed_and_the_other_values_go_throug
     assert not [e for e in log_events if "log_failure" in e]
 
 
-def _tracking_lines(*values: bytes) -> bytes:
-    """The origin's answer with one tracking header line for each of C{values}, in order."""
-    lines = b"".join(b"Worker-Tracking: %s\r\n" % value for value in values)
-    return origin_answer(None).replace(b"X-Shop: 1\r\n", b"X-Shop: 1\r\n" + lines)
-
-
 def _events_named(prefix: str, count: int, start: int = 0) -> list[dict]:
     return [{"event_name": "PageView", "event_id": f"{prefix}-{i}"} for i in range(start, start + count)]
 
 
-@pytest.mark.parametrize("tracking, kept", [({}, 20), ({"max_events_per_response": 3}, 3)], ids=["default", "set"])
+@pytest.mark.parametrize(
+    "tracking, kept", [({}, 20), ({"max_events_per_response": 3}, 3)], ids=["default", "configured"]
+)
 @pytest_twisted.ensureDeferred
 async def test_events_past_the_response_cap_are_dropped_counted_and_logged_once(
     start_tracking_tagd, origin, fake_meta, fake_ga4, fake_tiktok, log_events, tracking, kept
@@ -352,7 +353,7 @@ async def test_events_past_the_response_cap_are_dropped_counted_and_logged_once(
     assert tagd.dropped("too_many_events") == 2 * (25 - kept)
     assert tagd.dropped("malformed") == 0
     expected = [event["event_id"] for event in events[:kept]] * 2
-    await eventually(lambda: len(fake_meta.fake.events) == len(expected) and len(fake_tiktok.fake.events) == len(expected))
+    await eventually(lambda: len(fake_meta.fake.events) == len(fake_tiktok.fake.events) == len(expected))
     await sleep(0.1)  # an event past the cap would show up by now
     assert sorted(e["event_id"] for e in fake_meta.fake.events) == sorted(expected)
     assert sorted(e["event_id"] for e in fake_tiktok.fake.events) == sorted(expected)
@@ -363,17 +364,20 @@ async def test_events_past_the_response_cap_are_dropped_counted_and_logged_once(
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_response_cap_counts_only_well_formed_events(start_tracking_tagd, origin, fake_meta, fake_tiktok):
+async def test_the_response_cap_counts_only_well_formed_events(
+    start_tracking_tagd, origin, fake_meta, fake_tiktok
+):
     """A malformed value among the tracking header values takes none of the response's
     cap: with a cap of 3, a malformed value between two values of 2 events leaves the
     first 3 well-formed events, in header order, and the fourth is the one dropped."""
     tagd = await start_tracking_tagd(raw=True, tracking={"max_events_per_response": 3})
     first, second = _events_named("ok", 2), _events_named("ok", 2, start=2)
-    origin.answer_raw(b"/mixed", _tracking_lines(json.dumps(first).encode(), b"{not json", json.dumps(second).encode()))
+    values = [json.dumps(first).encode(), b"{not json", json.dumps(second).encode()]
+    origin.answer_raw(b"/mixed", _tracking_lines(*values))
     response = await exchange(tagd.port, raw_request(b"GET", b"/mixed", headers=[(b"User-Agent", FIREFOX)]))
     assert response.endswith(BODY) and b"Worker-Tracking" not in response
     assert (tagd.dropped("malformed"), tagd.dropped("too_many_events")) == (1, 1)
-    await eventually(lambda: len(fake_meta.fake.events) == 3 and len(fake_tiktok.fake.events) == 3)
+    await eventually(lambda: len(fake_meta.fake.events) == len(fake_tiktok.fake.events) == 3)
     await sleep(0.1)  # a fourth event would show up by now
     assert [e["event_id"] for e in fake_meta.fake.events] == ["ok-0", "ok-1", "ok-2"]
 
