@@ -75,6 +75,7 @@ class TrackingConfig:
     event_id_cookie: str = "tagd_event_id"
     first_party_cookies: bool = True
     max_header_bytes: int = 8192
+    max_events_per_response: int = 20
 
 
 @attrs.frozen
@@ -319,6 +320,7 @@ _TRACKING_FIELDS: dict[str, _Field] = {
     "event_id_cookie": ((str,), "a string", _cookie_name),
     "first_party_cookies": ((bool,), "true or false", _identity),
     "max_header_bytes": ((int,), "a whole number", _positive),
+    "max_events_per_response": ((int,), "a whole number", _positive),
 }
 _TABLES = {
     "proxy": (_PROXY_FIELDS, ProxyConfig),

@@ -8,8 +8,8 @@ never reaches a platform.
 from __future__ import annotations
 
 import json
-import math
 import re
+import sys
 from typing import Any, Callable, Mapping
 
 import attrs
@@ -20,6 +20,12 @@ MAX_HEADER_BYTES = 8192
 MAX_EVENTS_PER_HEADER = 10
 MAX_CONTENTS = 100
 MAX_STRING = 500
+# Every number must lie within a float's range: no platform takes one beyond it (a
+# 401-digit integer; 1e401, which json reads as inf) or NaN, and turning such an integer
+# into a float raises OverflowError.
+MAX_NUMBER = sys.float_info.max
+# Whole numbers (event_time, num_items) the platforms store in 64 bits at most.
+MAX_WHOLE_NUMBER = 2**63 - 1
 
 # Meta's standard events; any other name must look like a custom event name.
 STANDARD_EVENTS = frozenset(
@@ -100,16 +106,23 @@ def _string(value: Any, where: str, limit: int = MAX_STRING) -> str:
 
 
 def _number(value: Any, where: str) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A number within a float's range; the comparison is exact for an integer of any
+    size and false for NaN."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= MAX_NUMBER:
         raise TrackingHeaderError(f"{where} must be a finite number")
     return value
 
 
+def _whole_number(value: Any) -> bool:
+    """Whether C{value} is a whole number of 64 bits at most (not a boolean)."""
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_WHOLE_NUMBER
+
+
 def _identifier(value: Any, where: str) -> str:
     """An id as the text the platforms define it to be: shops often write numeric ids,
-    which become the same digits."""
+    which become the same digits, held to the same length as any other id."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+        return _string(str(value), where)
     if not isinstance(value, str):
         raise TrackingHeaderError(f"{where} must be a string or a whole number")
     return _string(value, where)
@@ -122,8 +135,8 @@ def _currency(value: Any, where: str) -> str:
 
 
 def _count(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise TrackingHeaderError(f"{where} must be a whole number of at least 0")
+    if not _whole_number(value) or value < 0:
+        raise TrackingHeaderError(f"{where} must be a whole number from 0 to {MAX_WHOLE_NUMBER}")
     return value
 
 
@@ -237,10 +250,8 @@ def _event_spec(value: Any, index: int) -> EventSpec:
     if event_id is not None:
         event_id = _string(event_id, "event_id", 100)
     event_time = value.get("event_time")
-    if event_time is not None and (
-        isinstance(event_time, bool) or not isinstance(event_time, int) or event_time <= 0
-    ):
-        raise TrackingHeaderError("event_time must be Unix seconds, a positive whole number")
+    if event_time is not None and (not _whole_number(event_time) or event_time <= 0):
+        raise TrackingHeaderError("event_time must be Unix seconds, a positive whole number of 64 bits")
     contents = value.get("contents", [])
     if not isinstance(contents, list) or len(contents) > MAX_CONTENTS:
         raise TrackingHeaderError(f"contents must be a list of at most {MAX_CONTENTS} objects")
@@ -259,6 +270,8 @@ def parse_tracking_header(raw: bytes, max_bytes: int = MAX_HEADER_BYTES) -> list
     if len(raw) > max_bytes:
         raise TrackingHeaderError(f"header is longer than the {max_bytes} bytes allowed")
     try:
+        # A ValueError too for an integer of more than 4300 digits, which Python will not
+        # convert (sys.int_info.default_max_str_digits).
         decoded = json.loads(raw.decode("utf-8"))
         # JSON may escape lone surrogates ("\\ud800") that no UTF-8 text can hold; they
         # would fail later, in a cookie or in hashing, instead of here.

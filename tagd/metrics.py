@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 # Every reason tagd_tracking_dropped_total counts (by L{tagd.tracker} and L{tagd.pipeline}).
 DROP_REASONS = (
-    "method", "path", "status", "prefetch", "bot", "consent", "malformed", "event_time", "queue_full", "no_destination"
+    "method", "path", "status", "prefetch", "bot", "consent", "malformed", "event_time", "too_many_events",
+    "queue_full", "no_destination",
 )
 
 

@@ -5,7 +5,8 @@ speculative load, bot, consent, in that order: cheapest first), parses the heade
 resolves the visitor's first-party ids.  That part is quick and runs before the response
 head goes out, because the cookies it sets travel in that head.  Building the events and
 handing them to delivery is left for after the head is on its way.  Every drop is counted
-by reason; a malformed header is logged with its reason, never with its content.
+by reason; a malformed header, an event out of its time window and the events past a
+response's cap are logged with their reason, never with the header's content.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ log = Logger()
 # from the future: the origin's own event_time must fall inside this window.
 MAX_EVENT_AGE = 7 * 24 * 3600
 MAX_CLOCK_SKEW = 60
-MALFORMED_LOG_INTERVAL = 60.0
+DROP_LOG_INTERVAL = 60.0
 # Distinct tracking header values whose parsed events are kept: a cached page sends the
 # same value to every visitor, and parsing it again would give the same immutable specs.
 PARSED_HEADERS = 256
@@ -111,8 +112,8 @@ class Tracker:
         self._paths = PathFilter(config.include_paths, config.exclude_paths)
         self._statuses = tracked_statuses(config.track_statuses)
         self._bots = BotDetector(config.extra_bots, config.allow_bots)
-        self._malformed_logged_at = float("-inf")
-        self._malformed_unlogged = 0
+        # reason -> (when its last line was logged, drops since then not logged)
+        self._drops_logged: dict[str, tuple[float, int]] = {}
 
     def __call__(self, values: list[bytes], visit: Visit) -> Tracked | None:
         headers = visit.request_headers
@@ -188,30 +189,40 @@ class Tracker:
         return None
 
     def _parse(self, values: list[bytes], visit: Visit) -> list[EventSpec]:
+        """The events of every well-formed value, in order, up to the response's cap: the
+        origin may send the header any number of times, each value with events of its own."""
         specs: list[EventSpec] = []
         for value in values:
             try:
                 specs.extend(self._parsed(value))
             except TrackingHeaderError as e:
-                self._metrics.tracking_dropped.labels("malformed").inc()
-                self._log_malformed(str(e), visit)
+                self._drop("malformed", f"a value ignored: {e}", visit)
+        cap = self._config.max_events_per_response
+        if len(specs) > cap:
+            surplus = len(specs) - cap
+            why = f"{surplus} event(s) past max_events_per_response ({cap}) dropped"
+            self._drop("too_many_events", why, visit, surplus)
+            del specs[cap:]
         return specs
 
-    def _log_malformed(self, reason: str, visit: Visit) -> None:
-        """One line a minute at most, whatever varies: a broken origin would log every view."""
+    def _drop(self, reason: str, why: str, visit: Visit, count: int = 1) -> None:
+        """Count C{count} drops under C{reason}, and say why in one line a minute at most per
+        reason, whatever varies: a broken origin would log every view."""
+        self._metrics.tracking_dropped.labels(reason).inc(count)
         now = self._clock()
-        if now - self._malformed_logged_at < MALFORMED_LOG_INTERVAL:
-            self._malformed_unlogged += 1
+        logged_at, unlogged = self._drops_logged.get(reason, (float("-inf"), 0))
+        if now - logged_at < DROP_LOG_INTERVAL:
+            self._drops_logged[reason] = (logged_at, unlogged + count)
             return
         log.warn(
-            "tracking header on {path} ignored: {reason} ({unlogged} more since the last "
-            'such line; all counted in tagd_tracking_dropped_total{{reason="malformed"}})',
+            "tracking header on {path}: {why} ({unlogged} more since the last line about them; "
+            'all counted in tagd_tracking_dropped_total{{reason="{reason}"}})',
             path=visit.uri.partition(b"?")[0].decode("latin-1"),
+            why=why,
+            unlogged=unlogged,
             reason=reason,
-            unlogged=self._malformed_unlogged,
         )
-        self._malformed_logged_at = now
-        self._malformed_unlogged = 0
+        self._drops_logged[reason] = (now, 0)
 
     def _events(
         self,
@@ -228,8 +239,7 @@ class Tracker:
         for spec, event_id in zip(specs, event_ids):
             event_time = spec.event_time or int(now)
             if not now - MAX_EVENT_AGE <= event_time <= now + MAX_CLOCK_SKEW:
-                self._metrics.tracking_dropped.labels("event_time").inc()
-                self._log_malformed("event_time outside the last 7 days", visit)
+                self._drop("event_time", "an event dropped: event_time outside the last 7 days", visit)
                 continue
             events.append(
                 Event(

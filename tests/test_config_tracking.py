@@ -36,6 +36,7 @@ def test_tracking_defaults(load):
     assert tracking.honor_gpc is True
     assert tracking.track_statuses == ("2xx",)
     assert tracking.event_id_cookie == "tagd_event_id"
+    assert tracking.max_events_per_response == 20
     assert load("").destinations == ()
 
 
@@ -47,7 +48,7 @@ def test_tracking_keys_parsed(load):
         'extra_bots = ["MyScraper"]\nallow_bots = ["ShopMonitor/1"]\n'
         'honor_gpc = false\nconsent_cookie = "cc"\nconsent_values = ["ok"]\n'
         'track_statuses = ["2xx", 304, "400-404"]\nevent_id_cookie = ""\n'
-        "first_party_cookies = false\nmax_header_bytes = 1024\n"
+        "first_party_cookies = false\nmax_header_bytes = 1024\nmax_events_per_response = 3\n"
     ).tracking
     assert tracking.include_paths == ("/shop/*",)
     assert tracking.exclude_paths == ("/shop/admin/*",)
@@ -59,6 +60,7 @@ def test_tracking_keys_parsed(load):
     assert tracking.event_id_cookie == ""
     assert tracking.first_party_cookies is False
     assert tracking.max_header_bytes == 1024
+    assert tracking.max_events_per_response == 3
 
 
 @pytest.mark.parametrize(
@@ -69,6 +71,8 @@ def test_tracking_keys_parsed(load):
         ("[tracking]\nhonor_gpc = 1\n", "tracking.honor_gpc"),
         ('[tracking]\nconsent_cookie = "a b"\n', "tracking.consent_cookie"),
         ("[tracking]\nmax_header_bytes = 0\n", "tracking.max_header_bytes"),
+        ("[tracking]\nmax_events_per_response = 0\n", "tracking.max_events_per_response"),
+        ("[tracking]\nmax_events_per_response = 2.5\n", "tracking.max_events_per_response"),
         ("[tracking]\nsampling = 1\n", "tracking.sampling"),
         ('[destinations]\ntype = "meta"\n', "destinations"),
         ('[[destinations]]\ntype = "adwords"\n', "destinations[0].type"),

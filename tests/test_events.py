@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from header_numbers import numbered_values
 from tagd.events import (
     MAX_HEADER_BYTES,
     STANDARD_EVENTS,
@@ -121,6 +123,26 @@ def test_a_numeric_order_id_becomes_a_string():
     assert spec.custom_data == {"order_id": "1001"}
 
 
+def test_numbers_up_to_their_bounds_are_accepted_as_written():
+    """The largest numbers each field takes pass unchanged: any number within a float's
+    range (an integer of 308 digits included), whole numbers of 64 bits, and ids of as
+    many digits as an id may have characters."""
+    biggest = 10**308  # a float's range ends at about 1.8e308
+    [spec] = parse(
+        {
+            **EVENT,
+            "event_time": 2**63 - 1,
+            "custom_data": {"value": -biggest, "num_items": 2**63 - 1, "order_id": 10**499, "n": [biggest, 1.5e308]},
+            "contents": [{"id": 10**499, "item_price": biggest}],
+        }
+    )
+    assert spec.event_time == 2**63 - 1
+    assert spec.custom_data == {
+        "value": -biggest, "num_items": 2**63 - 1, "order_id": str(10**499), "n": [biggest, 1.5e308]
+    }  # fmt: skip
+    assert spec.contents == ({"id": str(10**499), "item_price": biggest},)
+
+
 def test_the_size_cap_is_inclusive_and_configurable():
     """A value of exactly C{max_bytes} is read; one byte more is refused, naming the cap."""
     value = b'{"event_name":"PageView"}'
@@ -168,6 +190,8 @@ MALFORMED = {
     "event time a boolean": ({**EVENT, "event_time": True}, "event_time must be Unix seconds"),
     "event time zero": ({**EVENT, "event_time": 0}, "event_time must be Unix seconds"),
     "event time negative": ({**EVENT, "event_time": -5}, "event_time must be Unix seconds"),
+    "event time over 64 bits": ({**EVENT, "event_time": 2**63}, "event_time must be Unix seconds"),
+    "event time NaN": (b'{"event_name": "Purchase", "event_time": NaN}', "event_time must be Unix seconds"),
     "custom data a list": ({**EVENT, "custom_data": ["EUR"]}, "custom_data must be an object"),
     "custom data a string": ({**EVENT, "custom_data": "EUR"}, "custom_data must be an object"),
     "custom data NaN": (b'{"event_name": "Purchase", "custom_data": {"value": NaN}}', "finite number"),
@@ -179,6 +203,11 @@ MALFORMED = {
     "value NaN": (b'{"event_name": "Purchase", "custom_data": {"value": NaN}}', "custom_data.value must be a finite number"),
     "value a boolean": ({**EVENT, "custom_data": {"value": True}}, "custom_data.value must be a finite number"),
     "value null": ({**EVENT, "custom_data": {"value": None}}, "custom_data.value must be a finite number"),
+    "value 1e401": (b'{"event_name": "Purchase", "custom_data": {"value": 1e401}}', "custom_data.value must be a finite number"),
+    "value of 401 digits": ({**EVENT, "custom_data": {"value": 10**400}}, "custom_data.value must be a finite number"),
+    "value of 5000 digits": (b'{"event_name": "Purchase", "custom_data": {"value": ' + b"9" * 5000 + b"}}", "not valid JSON"),
+    "other custom data of 401 digits": ({**EVENT, "custom_data": {"n": {"m": [-(10**400)]}}}, "custom_data[] must be a finite"),
+    "other custom data Infinity": (b'{"event_name": "Purchase", "custom_data": {"n": Infinity}}', "custom_data must be a finite"),
     "currency a symbol": ({**EVENT, "custom_data": {"currency": "\u20ac"}}, "custom_data.currency must be a currency code of 3"),
     "currency a name": ({**EVENT, "custom_data": {"currency": "euro"}}, "custom_data.currency must be a currency code of 3"),
     "currency digits": ({**EVENT, "custom_data": {"currency": "978"}}, "custom_data.currency must be a currency code of 3"),
@@ -187,12 +216,14 @@ MALFORMED = {
     "order id a boolean": ({**EVENT, "custom_data": {"order_id": True}}, "custom_data.order_id must be a string or a whole"),
     "order id a list": ({**EVENT, "custom_data": {"order_id": ["1"]}}, "custom_data.order_id must be a string or a whole"),
     "order id empty": ({**EVENT, "custom_data": {"order_id": ""}}, "custom_data.order_id must be 1 to 500"),
+    "order id of 501 digits": ({**EVENT, "custom_data": {"order_id": 10**500}}, "custom_data.order_id must be 1 to 500"),
     "content ids a string": ({**EVENT, "custom_data": {"content_ids": "sku-1"}}, "custom_data.content_ids must be a list"),
     "content ids numbers": ({**EVENT, "custom_data": {"content_ids": [1, 2]}}, "custom_data.content_ids[] must be a string"),
     "content ids too many": ({**EVENT, "custom_data": {"content_ids": ["1"] * 101}}, "content_ids must be a list of at most 100"),
     "num items negative": ({**EVENT, "custom_data": {"num_items": -1}}, "custom_data.num_items must be a whole number"),
     "num items a float": ({**EVENT, "custom_data": {"num_items": 2.0}}, "custom_data.num_items must be a whole number"),
     "num items a string": ({**EVENT, "custom_data": {"num_items": "2"}}, "custom_data.num_items must be a whole number"),
+    "num items over 64 bits": ({**EVENT, "custom_data": {"num_items": 2**63}}, "custom_data.num_items must be a whole number"),
     "search string a number": ({**EVENT, "custom_data": {"search_string": 42}}, "custom_data.search_string must be a string"),
     "content name a list": ({**EVENT, "custom_data": {"content_name": ["mug"]}}, "custom_data.content_name must be a string"),
     "content category null": ({**EVENT, "custom_data": {"content_category": None}}, "custom_data.content_category must be"),
@@ -211,6 +242,9 @@ MALFORMED = {
     "quantity huge": ({**EVENT, "contents": [{"id": "1", "quantity": 1_000_001}]}, "positive whole number"),
     "price a string": ({**EVENT, "contents": [{"id": "1", "item_price": "12"}]}, "item_price must be a finite number"),
     "price NaN": (b'{"event_name":"Purchase","contents":[{"id":"1","item_price":NaN}]}', "finite number"),
+    "price of 401 digits": ({**EVENT, "contents": [{"id": "1", "item_price": 10**400}]}, "item_price must be a finite"),
+    "price -1e999": (b'{"event_name":"Purchase","contents":[{"id":"1","item_price":-1e999}]}', "item_price must be a finite"),
+    "content id of 501 digits": ({**EVENT, "contents": [{"id": 10**500}]}, "contents[0].id must be 1 to 500"),
     "title a number": ({**EVENT, "contents": [{"id": "1", "title": 5}]}, "contents[0].title must be a string"),
     "user data a list": ({**EVENT, "user_data": ["a@example.com"]}, "user_data must be an object"),
     "user data unknown key": ({**EVENT, "user_data": {"email": "a@example.com"}}, "user_data has an unknown key"),
@@ -403,3 +437,32 @@ def test_every_documented_value_is_accepted_as_written(events, as_array, ensure_
         assert spec.contents == tuple(event.get("contents", []))
         assert spec.user_data == {key: tuple(values) for key, values in event.get("user_data", {}).items()}
         assert all(math.isfinite(v) for v in spec.custom_data.values() if isinstance(v, float))
+
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(valid_events | numbered_values(), min_size=1, max_size=8), st.booleans())
+def test_no_number_makes_the_parser_raise_and_well_formed_events_still_come_out(values, ensure_ascii):
+    """A response's tracking header values, some of them well-formed events and some with
+    any number at all wherever a number is read (or not expected): each value with such a
+    number is events or a TrackingHeaderError, never another exception, and every
+    well-formed value still gives exactly its event, in order."""
+    expected, came_out = [], []
+    for index, value in enumerate(values):
+        if isinstance(value, dict):
+            value = {**value, "event_id": f"well-formed-{index}"}
+            raw = json.dumps(value, ensure_ascii=ensure_ascii).encode()
+            if len(raw) > MAX_HEADER_BYTES:
+                continue  # the cap has its own test
+            expected.append(value["event_id"])
+        else:
+            raw = value
+        outcome = _outcome(raw)
+        if isinstance(outcome, list):
+            came_out += outcome
+            for spec in outcome:
+                numbers = [*spec.custom_data.values(), *(c.get("item_price") for c in spec.contents)]
+                assert all(abs(n) <= sys.float_info.max for n in numbers if isinstance(n, (int, float)))
+        else:
+            assert isinstance(value, bytes), outcome
+    assert [spec.event_id for spec in came_out if spec.event_id in expected] == expected

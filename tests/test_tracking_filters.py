@@ -134,7 +134,7 @@ async def test_filtered_visit_makes_no_event_and_leaves_the_response_untouched(
         response = await exchange(tagd.port, raw_request(b"GET", path, headers=headers))
         assert response == origin_answer(None, status)
     assert tagd.dropped(reason) == 2
-    others = {"bot", "prefetch", "consent", "path", "status", "malformed", "event_time"} - {reason}
+    others = {"bot", "prefetch", "consent", "path", "status", "malformed", "event_time", "too_many_events"} - {reason}
     assert all(tagd.dropped(other) == 0 for other in others)
     await only_the_sentinel_arrives(tagd, origin, (fake_meta, fake_ga4, fake_tiktok), sentinel_headers)
 
@@ -278,6 +278,108 @@ async def test_malformed_among_good_values_only_the_bad_one_is_dropped(
     await eventually(lambda: all(f.fake.events for f in (fake_meta, fake_ga4, fake_tiktok)))
     assert [e["event_id"] for e in fake_meta.fake.events] == ["good-1"]
     assert [e["event_id"] for e in fake_tiktok.fake.events] == ["good-1"]
+
+
+def _tracking_lines(*values: bytes) -> bytes:
+    """The origin's answer with one tracking header line for each of C{values}, in order."""
+    lines = b"".join(b"Worker-Tracking: %s\r\n" % value for value in values)
+    return origin_answer(None).replace(b"X-Shop: 1\r\n", b"X-Shop: 1\r\n" + lines)
+
+
+HUGE = "9" * 401  # beyond a float's range (about 1.8e308), under json's 4300-digit limit
+
+OUT_OF_RANGE = {
+    # id: (the event, as JSON text with a number no platform can take; what the log says)
+    "value": ('{"event_name": "Purchase", "custom_data": {"value": %s}}' % HUGE, "custom_data.value"),
+    "item price": (
+        '{"event_name": "AddToCart", "contents": [{"id": "a", "item_price": %s}]}' % HUGE, "item_price"
+    ),
+    "other custom data": ('{"event_name": "Purchase", "custom_data": {"shelf": [1, %s]}}' % HUGE, "custom_data"),
+    "num_items": ('{"event_name": "Purchase", "custom_data": {"num_items": %s}}' % HUGE, "num_items"),
+    "event_time": ('{"event_name": "Purchase", "event_time": %s}' % HUGE, "event_time"),
+    "order id": ('{"event_name": "Purchase", "custom_data": {"order_id": %s}}' % ("9" * 501), "order_id"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("value, reason", OUT_OF_RANGE.values(), ids=list(OUT_OF_RANGE))
+@pytest_twisted.ensureDeferred
+async def test_a_number_out_of_range_is_malformed_and_the_other_values_go_through(
+    start_tracking_tagd, origin, fake_meta, fake_ga4, fake_tiktok, log_events, value, reason
+):
+    """A tracking header value with a 401-digit number (or an id of 501 digits) where a
+    number is read: that value is refused as malformed, counted and logged once with the
+    field it names and without a traceback, while the response's other tracking header
+    value still becomes its event."""
+    tagd = await start_tracking_tagd(raw=True)
+    good = json.dumps({"event_name": "ViewContent", "event_id": "good-1"}).encode()
+    origin.answer_raw(b"/huge", _tracking_lines(good, value.encode()))
+    response = await exchange(tagd.port, raw_request(b"GET", b"/huge", headers=[(b"User-Agent", FIREFOX)]))
+    assert response.endswith(BODY) and b"Worker-Tracking" not in response
+    assert b"Set-Cookie: tagd_event_id=good-1;" in response
+    await eventually(lambda: all(f.fake.events for f in (fake_meta, fake_ga4, fake_tiktok)))
+    assert [e["event_id"] for e in fake_meta.fake.events] == ["good-1"]
+    assert [e["event_id"] for e in fake_tiktok.fake.events] == ["good-1"]
+    assert (tagd.dropped("malformed"), tagd.metrics.value("events_accepted")) == (1, 1)
+    lines = [line for line in _tagd_lines(log_events) if "/huge" in line]
+    assert len(lines) == 1 and reason in lines[0], lines
+    assert HUGE not in "\n".join(_tagd_lines(log_events))
+    assert not [e for e in log_events if "log_failure" in e]
+
+
+def _events_named(prefix: str, count: int, start: int = 0) -> list[dict]:
+    return [{"event_name": "PageView", "event_id": f"{prefix}-{i}"} for i in range(start, start + count)]
+
+
+@pytest.mark.parametrize(
+    "tracking, kept", [({}, 20), ({"max_events_per_response": 3}, 3)], ids=["default", "configured"]
+)
+@pytest_twisted.ensureDeferred
+async def test_events_past_the_response_cap_are_dropped_counted_and_logged_once(
+    start_tracking_tagd, origin, fake_meta, fake_ga4, fake_tiktok, log_events, tracking, kept
+):
+    """A response whose tracking header values hold 25 events together (arrays of 10, 10
+    and 5, each within the 10 a value may hold): the first C{max_events_per_response}
+    in header order reach the platforms and get their cookie, the rest are counted under
+    too_many_events, one per event, and a second such response adds to the count without
+    another log line."""
+    tagd = await start_tracking_tagd(raw=True, tracking=tracking)
+    events = _events_named("cap", 25)
+    values = [json.dumps(events[at : at + 10]).encode() for at in (0, 10, 20)]
+    origin.answer_raw(b"/many", _tracking_lines(*values))
+    for _ in range(2):
+        response = await exchange(tagd.port, raw_request(b"GET", b"/many", headers=[(b"User-Agent", FIREFOX)]))
+        assert response.endswith(BODY) and b"Worker-Tracking" not in response
+        assert b"Set-Cookie: tagd_event_id=cap-0;" in response
+    assert tagd.dropped("too_many_events") == 2 * (25 - kept)
+    assert tagd.dropped("malformed") == 0
+    expected = [event["event_id"] for event in events[:kept]] * 2
+    await eventually(lambda: len(fake_meta.fake.events) == len(fake_tiktok.fake.events) == len(expected))
+    await sleep(0.1)  # an event past the cap would show up by now
+    assert sorted(e["event_id"] for e in fake_meta.fake.events) == sorted(expected)
+    assert sorted(e["event_id"] for e in fake_tiktok.fake.events) == sorted(expected)
+    assert tagd.metrics.value("events_accepted") == len(expected)
+    lines = [line for line in _tagd_lines(log_events) if "/many" in line]
+    assert len(lines) == 1 and f"{25 - kept} event(s) past max_events_per_response ({kept})" in lines[0], lines
+    assert "too_many_events" in lines[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_response_cap_counts_only_well_formed_events(
+    start_tracking_tagd, origin, fake_meta, fake_tiktok
+):
+    """A malformed value among the tracking header values takes none of the response's
+    cap: with a cap of 3, a malformed value between two values of 2 events leaves the
+    first 3 well-formed events, in header order, and the fourth is the one dropped."""
+    tagd = await start_tracking_tagd(raw=True, tracking={"max_events_per_response": 3})
+    first, second = _events_named("ok", 2), _events_named("ok", 2, start=2)
+    values = [json.dumps(first).encode(), b"{not json", json.dumps(second).encode()]
+    origin.answer_raw(b"/mixed", _tracking_lines(*values))
+    response = await exchange(tagd.port, raw_request(b"GET", b"/mixed", headers=[(b"User-Agent", FIREFOX)]))
+    assert response.endswith(BODY) and b"Worker-Tracking" not in response
+    assert (tagd.dropped("malformed"), tagd.dropped("too_many_events")) == (1, 1)
+    await eventually(lambda: len(fake_meta.fake.events) == len(fake_tiktok.fake.events) == 3)
+    await sleep(0.1)  # a fourth event would show up by now
+    assert [e["event_id"] for e in fake_meta.fake.events] == ["ok-0", "ok-1", "ok-2"]
 
 
 @pytest_twisted.ensureDeferred

@@ -22,11 +22,14 @@ import threading
 import time
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
 
+import attrs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fakes import FakeGA4, FakeMeta, FakeTikTok, Recorded
+from header_numbers import numbered_values
 from helpers import ADMIN_TOML, TWISTD, raw_response, read_log, recorded_post, running, tagd_up, wait_until
 from tagd.events import TrackingHeaderError, parse_tracking_header
 
@@ -258,15 +261,24 @@ header_values = st.one_of(
 ).map(lambda value: bytes(b for b in value if b not in (0x0D, 0x0A)))
 
 
-# -- the test -------------------------------------------------------------------------
+# -- the tests ------------------------------------------------------------------------
 
 
-def test_fuzzed_tracking_headers_never_change_the_response_nor_stop_tagd(tmp_path):
-    """hypothesis chooses tracking header values (arbitrary bytes, text, JSON, near-valid
-    events, oversized values); for each, tagd's visitor gets the origin's exact bytes
-    minus the tracking line, plus tagd's cookies exactly when the header parses; every
-    platform request it makes meanwhile passes the fakes' checks; and afterwards the
-    daemon still serves and has logged no traceback."""
+@attrs.frozen
+class Fuzzed:
+    """A tagd run by twistd for fuzzing, and the servers around it."""
+
+    port: int
+    origin: RawOrigin
+    platforms: PlatformStub
+
+
+@contextmanager
+def fuzzed_tagd(tmp_path) -> Iterator[Fuzzed]:
+    """tagd as users run it (C{twistd -n tagd --config FILE}, all three platform
+    destinations) in front of a L{RawOrigin}, sending to a L{PlatformStub}.  When the
+    block is done, tagd must still be up and must have logged no traceback, no secret,
+    and the platforms must have found nothing to object to."""
     with serving(RawOrigin()) as origin, serving(PlatformStub()) as platforms:
         base = f"http://127.0.0.1:{platforms.server_address[1]}"
         config = tmp_path / "tagd.toml"
@@ -285,23 +297,7 @@ def test_fuzzed_tracking_headers_never_change_the_response_nor_stop_tagd(tmp_pat
         log = tmp_path / "tagd.log"
         with running([TWISTD, "-n", "tagd", "--config", str(config)], cwd=tmp_path, log=log) as process:
             port, _ = wait_until(lambda: tagd_up(process, log), 20, "up", interval=0.05)
-            outcomes = {"parsed": 0, "refused": 0}
-
-            @settings(
-                max_examples=200,
-                deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-            )
-            @given(header_values)
-            def one_response(value: bytes) -> None:
-                origin.answer = origin_answer(value)
-                response, cookies = without_tagd_cookies(fetch(port))
-                assert response == origin_answer(None)
-                expected = parses(value)
-                outcomes["parsed" if expected else "refused"] += 1
-                assert (cookies > 0) == expected, (cookies, value[:200])
-
-            one_response()
+            yield Fuzzed(port, origin, platforms)
             # Still up, still proxying, still tracking.
             origin.answer = origin_answer(b'{"event_name": "PageView", "event_id": "after-fuzz"}')
             response, cookies = without_tagd_cookies(fetch(port))
@@ -314,6 +310,75 @@ def test_fuzzed_tracking_headers_never_change_the_response_nor_stop_tagd(tmp_pat
             text = read_log(log)  # what it logged while running; stopping is tested elsewhere
     assert "Traceback" not in text and "Unhandled" not in text, text[-3000:]
     assert "meta-token" not in text and "ga-secret" not in text and "tt-token" not in text
-    assert outcomes["parsed"] > 0 and outcomes["refused"] > 0, outcomes
     violations = [(platform, str(v)) for platform, r in platforms.received for v in r.violations]
     assert violations == []
+
+
+def test_fuzzed_tracking_headers_never_change_the_response_nor_stop_tagd(tmp_path):
+    """hypothesis chooses tracking header values (arbitrary bytes, text, JSON, near-valid
+    events, oversized values); for each, tagd's visitor gets the origin's exact bytes
+    minus the tracking line, plus tagd's cookies exactly when the header parses; every
+    platform request it makes meanwhile passes the fakes' checks; and afterwards the
+    daemon still serves and has logged no traceback."""
+    with fuzzed_tagd(tmp_path) as tagd:
+        outcomes = {"parsed": 0, "refused": 0}
+
+        @settings(
+            max_examples=200,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
+        @given(header_values)
+        def one_response(value: bytes) -> None:
+            tagd.origin.answer = origin_answer(value)
+            response, cookies = without_tagd_cookies(fetch(tagd.port))
+            assert response == origin_answer(None)
+            expected = parses(value)
+            outcomes["parsed" if expected else "refused"] += 1
+            assert (cookies > 0) == expected, (cookies, value[:200])
+
+        one_response()
+    assert outcomes["parsed"] > 0 and outcomes["refused"] > 0, outcomes
+
+
+def test_no_number_in_the_header_keeps_the_other_values_events_from_coming_out(tmp_path):
+    """hypothesis puts any number Python's json reads (integers of any size, past its
+    4300-digit limit too; floats, NaN and the infinities; exponents far past a float's
+    range) wherever the tracking header has a number, in up to three values beside up to
+    three well-formed ones on one response: every well-formed value's event still comes
+    out (its event-id cookie is set), a value with such numbers gets its cookie exactly
+    when the parser takes it, and tagd stays up without a traceback."""
+    with fuzzed_tagd(tmp_path) as tagd:
+
+        @settings(
+            max_examples=150,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
+        @given(
+            st.lists(st.sampled_from(["ViewContent", "AddToCart", "Lead"]), min_size=1, max_size=3),
+            st.lists(numbered_values("Probe"), max_size=3),
+            st.randoms(use_true_random=False),
+        )
+        def one_response(good_names, probes, order) -> None:
+            good = [
+                json.dumps({"event_name": f"{name}{i}", "event_id": f"good-{i}"}).encode()
+                for i, name in enumerate(good_names)
+            ]
+            probes = [probe.replace(b'"Probe"', b'"Probe%d"' % i) for i, probe in enumerate(probes)]
+            values = good + probes
+            order.shuffle(values)
+            tagd.origin.answer = origin_answer(None).replace(
+                b"X-Shop: fuzz\r\n", b"X-Shop: fuzz\r\n" + b"".join(b"Worker-Tracking: %s\r\n" % v for v in values)
+            )
+            response = fetch(tagd.port)
+            head = response.partition(b"\r\n\r\n")[0]
+            assert b"Worker-Tracking" not in head and response.endswith(BODY)
+            for i, name in enumerate(good_names):
+                assert b"\r\nSet-Cookie: tagd_event_id_%s%d=good-%d;" % (name.encode(), i, i) in head, head
+            for probe in probes:
+                name = re.search(rb'"event_name": "(Probe\d+)"', probe)
+                has_cookie = name is not None and b"Set-Cookie: tagd_event_id_%s=" % name[1] in head
+                assert has_cookie == parses(probe), probe[:300]
+
+        one_response()
