@@ -138,32 +138,6 @@ async def _form_parsing_flag(live: Live) -> None:
     attribute(live.request, "_parsePOSTFormSubmission", bool)
 
 
-async def _chunked_decoder(live: Live) -> None:
-    decoder_class = attribute(web_http, "_ChunkedTransferDecoder", type)
-    chunks: list[bytes] = []
-    rests: list[bytes] = []
-    takes(decoder_class, chunks.append, rests.append)
-    decoder = decoder_class(chunks.append, rests.append)
-    takes(decoder.dataReceived, b"")
-    decoder.dataReceived(b"5\r\nhello\r\n0\r\n\r\nafter")
-    if (b"".join(chunks), rests) != (b"hello", [b"after"]):
-        raise Changed(f"decoding gave the data {chunks!r} and the rest {rests!r}")
-
-
-async def _malformed_chunks(live: Live) -> None:
-    error = attribute(web_http, "_MalformedChunkedDataError", type)
-    if not issubclass(error, Exception):
-        raise Changed(f"{error!r} is not an exception")
-    decoder = web_http._ChunkedTransferDecoder(lambda data: None, lambda rest: None)
-    try:
-        decoder.dataReceived(b"not a chunk size\r\n")
-    except error:
-        return
-    except Exception as e:
-        raise Changed(f"a malformed chunk size raised {e!r} instead") from None
-    raise Changed("a malformed chunk size raised nothing")
-
-
 async def _write_buffer(live: Live) -> None:
     transport = live.channel.transport
     if not isinstance(transport, Connection):
@@ -241,8 +215,6 @@ INTERNALS = (
     Internal("HTTPChannel._respondToBadRequestAndDisconnect", "tagd/site.py, ProxyRequest.gotLength", _bad_request),
     Internal("HTTPChannel._waitingForTransport", "tagd/proxy.py, the exchange's _release", _waiting_for_transport),
     Internal("Request._parsePOSTFormSubmission", "tagd/site.py, ProxyRequest", _form_parsing_flag),
-    Internal("twisted.web.http._ChunkedTransferDecoder", "tagd/origin.py, OriginConnection", _chunked_decoder),
-    Internal("twisted.web.http._MalformedChunkedDataError", "tagd/origin.py, OriginConnection", _malformed_chunks),
     Internal("Connection.dataBuffer", "tagd/writes.py, send_now", _write_buffer),
     Internal("Connection._tempDataBuffer", "tagd/writes.py, send_now", _queued_writes),
     Internal("twisted.web.client._HTTP11ClientFactory", "tagd/delivery.py, _QuietClientFactory", _client_factory),
