@@ -29,9 +29,8 @@ from tagd.writes import send_now
 class ProxyRequest(Request):
     """A request handed straight to the site's one resource, its body left unparsed.
 
-    Twisted Web would parse form bodies (and answer 400 to a multipart body it cannot
-    parse) and walk the resource tree; a proxy forwards bodies untouched, and its
-    resource answers every path.
+    Twisted Web would walk the resource tree (and, unless the site says otherwise, parse
+    form bodies); a proxy forwards bodies untouched, and its resource answers every path.
 
     Twisted Web also collects the whole body before it hands a request on.  That stays
     so for bodies up to L{SMALL_BODY}; a larger one (by its Content-Length, or a chunked
@@ -39,7 +38,6 @@ class ProxyRequest(Request):
     C{content} left empty.
     """
 
-    _parsePOSTFormSubmission = False
     _upload = None  # takes the body's pieces once the request is forwarded early
     _chunked = False  # a chunked body, collected until it proves large
     _refused = False  # answered 400 at header time; nothing to forward
@@ -152,11 +150,18 @@ class TagdChannel(HTTPChannel):
 
 
 class TagdSite(Site):
-    """The site in front of the proxy resource; access lines are left to the metrics."""
+    """The site in front of the proxy resource; access lines are left to the metrics.
+
+    Form bodies are the origin's to parse, or to refuse: Twisted Web would parse every
+    small one, and answer 400 to a multipart body it cannot parse.
+    """
 
     protocol = TagdChannel
     requestFactory = ProxyRequest
     displayTracebacks = False
+
+    def __init__(self, resource: ProxyResource, reactor=None) -> None:
+        super().__init__(resource, parsePOSTFormSubmission=False, reactor=reactor)
 
     def log(self, request) -> None:
         pass

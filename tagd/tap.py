@@ -143,7 +143,7 @@ def build_service(
         response_timeout=proxy.response_timeout,
         on_tracking=hook,
     )
-    listener = strports.service(proxy.listen, TagdSite(resource), reactor=reactor)
+    listener = strports.service(proxy.listen, TagdSite(resource, reactor=reactor), reactor=reactor)
     health = Health(
         serving=lambda: listener.running,
         spool=delivery.spool if delivery is not None else None,
