@@ -18,12 +18,19 @@ from __future__ import annotations
 
 from io import BytesIO
 
+from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site
 
+from tagd.headers import transfer_coding_refusal
 from tagd.proxy import SMALL_BODY, ProxyResource
+from tagd.ratelimit import RateLimitedLog
 from tagd.writes import send_now
+
+log = Logger()
+
+_TRANSFER_ENCODING = b"transfer-encoding:"
 
 
 class ProxyRequest(Request):
@@ -40,7 +47,7 @@ class ProxyRequest(Request):
 
     _upload = None  # takes the body's pieces once the request is forwarded early
     _chunked = False  # a chunked body, collected until it proves large
-    _refused = False  # answered 400 at header time; nothing to forward
+    _refused = False  # answered at header time (see refuse); nothing to forward
 
     def parseCookies(self) -> None:
         """Left undone: the Cookie header goes to the origin as it came, and tagging reads
@@ -48,15 +55,37 @@ class ProxyRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()
+        if self._refused:
+            return
         if len(self.requestHeaders.getRawHeaders(b"host", ())) > 1:
             # RFC 9112 section 3.2: the origin and tagging might each believe another one.
-            self._refused = True
-            self.channel._respondToBadRequestAndDisconnect()
+            self.refuse(400, "two Host headers")
             return
         if length is None:
             self._chunked = True
         elif length > SMALL_BODY:
             self._forward(length)
+
+    def refuse(self, code: int, reason: str, *headers: bytes) -> None:
+        """Answer C{code} while the request is still being read, and close the connection:
+        what the visitor sends after it could not be told from a next request.
+
+        C{reason} goes to the log, at most once a minute (a peer can send these at will);
+        C{headers} are more header lines for the answer.
+        """
+        if self._refused:
+            return
+        self._refused = True
+        # Else the channel would follow the answer with a 100 Continue for a visitor who asks.
+        self.requestHeaders.removeHeader(b"expect")
+        channel = self.channel
+        channel.site.refusals.warn(
+            reason, "visitor request refused with {code}: {reason}", code=code, reason=reason
+        )
+        lines = [b"HTTP/1.1 %d %s" % (code, RESPONSES[code]), *headers]
+        lines += [b"Date: " + datetimeToString(), b"Content-Length: 0", b"Connection: close"]
+        channel.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        channel.loseConnection()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -102,6 +131,22 @@ class TagdChannel(HTTPChannel):
     _host = None
     _secure = None
     _held = b""  # the response head, not yet written
+
+    def headerReceived(self, line: bytes) -> bool:
+        """Refuse a Transfer-Encoding other than plain chunked before Twisted Web reads it.
+
+        Twisted Web ignores C{identity}, so that the body after it is read as a next
+        request (or a chunked line after it wins), and answers other codings 400 where
+        RFC 9112 wants 501.  The lines read so far count with this one, as one list.
+        """
+        if line[: len(_TRANSFER_ENCODING)].lower() == _TRANSFER_ENCODING:
+            request = self.requests[-1]
+            earlier = request.requestHeaders.getRawHeaders(b"transfer-encoding", [])
+            refusal = transfer_coding_refusal(b",".join([*earlier, line[len(_TRANSFER_ENCODING) :]]))
+            if refusal is not None:
+                request.refuse(*refusal)
+                return False
+        return super().headerReceived(line)
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self.requests:
@@ -162,6 +207,7 @@ class TagdSite(Site):
 
     def __init__(self, resource: ProxyResource, reactor=None) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, reactor=reactor)
+        self.refusals = RateLimitedLog(log, self.reactor.seconds)
 
     def log(self, request) -> None:
         pass

@@ -1,4 +1,5 @@
-"""Unit tests for the pure header rewriting in L{tagd.headers}."""
+"""Unit tests for the pure header functions in L{tagd.headers}: the rewriting, and the
+verdicts on the headers that decide how a request is read."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.web.http_headers import Headers
 
-from tagd.headers import request_head, split_response_headers
+from tagd.headers import request_head, split_response_headers, transfer_coding_refusal
 
 # Written out here rather than imported, so that a name dropped from tagd's list fails.
 HOP_BY_HOP_NAMES = [
@@ -320,3 +321,40 @@ def test_end_to_end_headers_pass_unchanged(fields):
         **fields,
         **as_dict(forward(headers())),
     }
+
+
+# -- Transfer-Encoding ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [b"chunked", b"Chunked", b" CHUNKED\t"])
+def test_chunked_alone_is_read(value):
+    """Plain chunked, in any case and with surrounding whitespace, is the one coding read."""
+    assert transfer_coding_refusal(value) is None
+
+
+@pytest.mark.parametrize(
+    "value, status",
+    [
+        (b"identity", 501),
+        (b"gzip", 501),
+        (b"gzip, chunked", 501),
+        (b"x;q=1 , chunked", 501),
+        (b'gzip;level="9, fast", chunked', 501),
+        (b"chunked, identity", 400),
+        (b"chunked, chunked", 400),
+        (b"chunked,", 400),
+        (b",chunked", 400),
+        (b"", 400),
+        (b"chunked;", 400),
+        (b"chunked;a=1", 400),
+        (b'"chunked"', 400),
+        (b"chunked gzip", 400),
+        (b"g\xffzip, chunked", 400),
+    ],
+)
+def test_other_transfer_encodings_are_refused(value, status):
+    """A coding other than chunked is 501 (RFC 9112 section 6.1); a value that cannot frame
+    a body (no list of codings, chunked not last or twice, chunked with parameters) 400
+    (section 6.3)."""
+    refusal = transfer_coding_refusal(value)
+    assert refusal is not None and refusal[0] == status

@@ -5,8 +5,101 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
+from twisted.logger import formatEvent
 
-from conftest import within
+from conftest import WireResponse, raw_request, within
+
+# A second request hidden where the first one's body would be: forwarded, it would be a
+# request the front proxy never saw.
+SMUGGLED = b"GET /echo?smuggled HTTP/1.1\r\nHost: shop.example\r\n\r\n"
+CHUNKED_SMUGGLE = b"%x\r\n%s\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED)
+
+
+async def refused(connect, tagd, request: bytes, method: bytes = b"POST") -> WireResponse:
+    """Send C{request} on a new connection; its response, once tagd has closed the connection."""
+    visitor = await connect(tagd.port)
+    answer = visitor.expect(method)
+    visitor.send(request)
+    response = await within(answer)
+    await within(visitor.closed, 5)
+    return response
+
+
+def _refusal_lines(log_events) -> list[str]:
+    return [formatEvent(e) for e in log_events if "refused" in formatEvent(e)]
+
+
+# -- Transfer-Encoding ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "codings, status",
+    [
+        ([b"identity"], 501),
+        ([b"gzip, chunked"], 501),
+        ([b"x"], 501),
+        ([b"GZIP;level=9 , Chunked"], 501),
+        ([b"identity"] + [b"chunked"], 501),
+        ([b"chunked, identity"], 400),
+        ([b"chunked"] + [b"identity"], 400),
+        ([b"chunked, chunked"], 400),
+        ([b"chunked,"], 400),
+        ([b'"chunked"'], 400),
+        ([b"chunked;"], 400),
+        ([b""], 400),
+    ],
+    ids=[
+        "identity", "gzip-chunked", "x", "params-and-case", "identity-line-then-chunked-line",
+        "chunked-identity", "chunked-line-then-identity-line", "chunked-twice", "trailing-comma",
+        "quoted", "empty-parameter", "empty",
+    ],
+)  # fmt: skip
+@pytest_twisted.ensureDeferred
+async def test_transfer_codings_other_than_chunked_are_refused(tagd, origin, connect, codings, status):
+    """RFC 9112 section 6.1: a coding tagd does not implement gets 501, a Transfer-Encoding
+    that cannot frame a body (chunked not last, twice, or not a list of codings) 400; either
+    way neither the request nor what its body hides reaches the origin, and the connection
+    closes."""
+    headers = [(b"Transfer-Encoding", coding) for coding in codings]
+    request = raw_request(b"POST", b"/echo", headers=headers, body=CHUNKED_SMUGGLE)
+    response = await refused(connect, tagd, request)
+    assert response.status == status
+    assert response.header(b"connection") == [b"close"]
+    assert origin.seen == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"Content-Length", b"%d" % len(CHUNKED_SMUGGLE)), (b"Transfer-Encoding", b"chunked")],
+        [(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"%d" % len(CHUNKED_SMUGGLE))],
+        [(b"Transfer-Encoding", b"identity"), (b"Content-Length", b"%d" % len(CHUNKED_SMUGGLE))],
+        [(b"Content-Length", b"%d" % len(CHUNKED_SMUGGLE)), (b"Transfer-Encoding", b"identity")],
+    ],
+    ids=["length-then-chunked", "chunked-then-length", "identity-then-length", "length-then-identity"],
+)
+@pytest_twisted.ensureDeferred
+async def test_transfer_encoding_with_content_length_is_refused(tagd, origin, connect, headers):
+    """RFC 9112 section 6.3: a request framed both ways is an error (tagd does not pick a
+    framing the front proxy may not have picked): it is refused, the origin sees nothing
+    and the connection closes."""
+    request = raw_request(b"POST", b"/echo", headers=headers, body=CHUNKED_SMUGGLE)
+    response = await refused(connect, tagd, request)
+    assert response.status in (400, 501)
+    assert origin.seen == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_are_logged_once_a_minute_without_header_values(tagd, origin, connect, log_events):
+    """A refused request is logged with its status and reason, but a peer sending them by
+    the thousand writes one line a minute, and the line carries no header value."""
+    for _ in range(3):
+        request = raw_request(b"POST", b"/echo", headers=[(b"Transfer-Encoding", b"x-private-4242")])
+        assert (await refused(connect, tagd, request)).status == 501
+    (line,) = _refusal_lines(log_events)
+    assert "501" in line and "Transfer-Encoding" in line
+    assert not [e for e in log_events if "4242" in repr(e)]
+    assert origin.seen == []
 
 
 # -- form bodies ------------------------------------------------------------------------
