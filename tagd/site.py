@@ -30,6 +30,9 @@ from tagd.writes import send_now
 
 log = Logger()
 
+# What a refused CONNECT is told in Allow: every method is forwarded but CONNECT, which
+# would ask the origin for a tunnel; these are the standard ones.
+FORWARDED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"
 _TRANSFER_ENCODING = b"transfer-encoding:"
 
 
@@ -60,6 +63,9 @@ class ProxyRequest(Request):
         if len(self.requestHeaders.getRawHeaders(b"host", ())) > 1:
             # RFC 9112 section 3.2: the origin and tagging might each believe another one.
             self.refuse(400, "two Host headers")
+            return
+        if self.channel._command == b"CONNECT":
+            self.refuse(405, "CONNECT, which tagd does not forward", b"Allow: " + FORWARDED_METHODS)
             return
         if length is None:
             self._chunked = True

@@ -102,6 +102,24 @@ async def test_refusals_are_logged_once_a_minute_without_header_values(tagd, ori
     assert origin.seen == []
 
 
+# -- CONNECT ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("headers", [[], [(b"Content-Length", b"1000000")]], ids=["bare", "large-body"])
+@pytest_twisted.ensureDeferred
+async def test_connect_is_not_allowed(tagd, origin, connect, headers):
+    """CONNECT would ask the origin for a tunnel: tagd answers 405 with the methods it
+    forwards in C{Allow}, and the origin is not even connected to, a large announced body
+    notwithstanding."""
+    request = raw_request(b"CONNECT", b"shop.example:443", headers=headers)
+    response = await refused(connect, tagd, request, method=b"CONNECT")
+    assert response.status == 405
+    (allow,) = response.header(b"allow")
+    methods = [m.strip() for m in allow.split(b",")]
+    assert {b"GET", b"HEAD", b"POST"} <= set(methods) and b"CONNECT" not in methods
+    assert origin.seen == [] and origin.web.accepted == 0
+
+
 # -- form bodies ------------------------------------------------------------------------
 
 
