@@ -54,6 +54,11 @@ def _connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
     )
 
 
+def asks_to_close(connection: Iterable[bytes]) -> bool:
+    """Whether C{Connection} values carry the C{close} token, in any case and any place."""
+    return b"close" in _connection_tokens(connection)
+
+
 def transfer_coding_refusal(value: bytes) -> tuple[int, str] | None:
     """Why a request's C{Transfer-Encoding} (all its values joined by commas) cannot be
     read, as a status and a reason fit for a log line; None for plain C{chunked}, the one

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site
 
-from tagd.headers import transfer_coding_refusal
+from tagd.headers import asks_to_close, transfer_coding_refusal
 from tagd.proxy import SMALL_BODY, ProxyResource
 from tagd.ratelimit import RateLimitedLog
 from tagd.writes import send_now
@@ -153,6 +153,20 @@ class TagdChannel(HTTPChannel):
                 request.refuse(*refusal)
                 return False
         return super().headerReceived(line)
+
+    def checkPersistence(self, request, version: bytes) -> bool:
+        """Whether the connection stays open after this request's response.
+
+        Twisted Web reads only the first Connection line and splits it at spaces, so
+        C{close, X-Foo} would keep the connection open; RFC 9110 section 7.6.1 makes it a
+        list of tokens, on as many lines as the visitor likes.
+        """
+        if version != b"HTTP/1.1":
+            return False
+        if asks_to_close(request.requestHeaders.getRawHeaders(b"connection", ())):
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            return False
+        return True
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self.requests:

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.web.http_headers import Headers
 
-from tagd.headers import request_head, split_response_headers, transfer_coding_refusal
+from tagd.headers import asks_to_close, request_head, split_response_headers, transfer_coding_refusal
 
 # Written out here rather than imported, so that a name dropped from tagd's list fails.
 HOP_BY_HOP_NAMES = [
@@ -321,6 +321,27 @@ def test_end_to_end_headers_pass_unchanged(fields):
         **fields,
         **as_dict(forward(headers())),
     }
+
+
+# -- Connection: close ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "values, closing",
+    [
+        ([b"close"], True),
+        ([b"close, X-Foo"], True),
+        ([b"X-Foo,CLOSE "], True),
+        ([b"keep-alive", b" Close"], True),
+        ([b"keep-alive, X-Close"], False),
+        ([b"closed"], False),
+        ([], False),
+    ],
+)
+def test_asks_to_close(values, closing):
+    """The close token counts in any case, with any spacing, in any Connection line; a
+    token that merely contains it does not."""
+    assert asks_to_close(values) is closing
 
 
 # -- Transfer-Encoding ------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest_twisted
 from twisted.logger import formatEvent
 
 from conftest import WireResponse, raw_request, within
+from origin import Echo
 
 # A second request hidden where the first one's body would be: forwarded, it would be a
 # request the front proxy never saw.
@@ -23,6 +24,15 @@ async def refused(connect, tagd, request: bytes, method: bytes = b"POST") -> Wir
     response = await within(answer)
     await within(visitor.closed, 5)
     return response
+
+
+def _echoed(response) -> Echo:
+    assert response.status == 200
+    return Echo.parse(bytes(response.body))
+
+
+def _names(echo: Echo) -> set[str]:
+    return {name.lower() for name, _ in echo.headers}
 
 
 def _refusal_lines(log_events) -> list[str]:
@@ -100,6 +110,32 @@ async def test_refusals_are_logged_once_a_minute_without_header_values(tagd, ori
     assert "501" in line and "Transfer-Encoding" in line
     assert not [e for e in log_events if "4242" in repr(e)]
     assert origin.seen == []
+
+
+# -- Connection: close ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "connection",
+    [
+        [b"close, X-Foo"],
+        [b"X-Foo,close"],
+        [b" CLOSE ,x-foo "],
+        [b"X-Foo", b"Close"],
+    ],
+    ids=["close-first", "close-last-no-space", "any-case-spaces", "second-line"],
+)
+@pytest_twisted.ensureDeferred
+async def test_close_among_other_connection_tokens_closes(tagd, origin, connect, connection):
+    """A close token anywhere in the Connection header (any case, any spacing, any of its
+    lines) is a close: the response says so and the connection ends after it; the other
+    tokens still name hop-by-hop headers that the origin does not get."""
+    visitor = await connect(tagd.port)
+    headers = [(b"Connection", value) for value in connection] + [(b"X-Foo", b"hop")]
+    response = await within(visitor.request(b"GET", b"/echo", headers=headers))
+    assert response.header(b"connection") == [b"close"]
+    assert "x-foo" not in _names(_echoed(response))
+    await within(visitor.closed, 5)
 
 
 # -- CONNECT ----------------------------------------------------------------------------
