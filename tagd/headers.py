@@ -88,6 +88,13 @@ def transfer_coding_refusal(value: bytes) -> tuple[int, str] | None:
     return 400, "a Transfer-Encoding that names chunked with parameters"
 
 
+def _impersonates(lower: bytes, guarded: frozenset[bytes]) -> bool:
+    """Whether a header name with underscores reads, C{_} as C{-} (as CGI-style frameworks
+    read names), as a forwarding header or one in C{guarded}."""
+    dashed = lower.replace(b"_", b"-")
+    return dashed in _PROTECTED or dashed in guarded or dashed.startswith(b"x-forwarded-")
+
+
 def request_head(
     method: bytes,
     target: bytes,
@@ -99,6 +106,8 @@ def request_head(
     default_host: bytes,
     body_length: int | None,
     drop: frozenset[bytes] = frozenset(),
+    allow_underscores: bool = False,
+    guarded: frozenset[bytes] = frozenset(),
 ) -> bytes:
     """The request line and header block sent to the origin, ready for the wire.
 
@@ -108,6 +117,11 @@ def request_head(
     are set, whatever the visitor sent.  A C{body_length} of None announces a chunked body.
     Headers named (lower-case) in C{drop} are not forwarded: a client IP header from a
     peer that is not a trusted proxy, say.
+
+    A header whose name has an underscore is dropped, as nginx drops it: the origin's
+    framework may read C{X_Real_IP} as C{X-Real-IP}.  With C{allow_underscores} it is
+    forwarded unless it reads so as C{Host}, C{X-Forwarded-*}, C{X-Real-IP} or a name in
+    C{guarded} (lower-case: the client IP header).
     """
     skip = _REQUEST_SKIP | drop
     if incoming.hasHeader(b"connection"):
@@ -121,6 +135,8 @@ def request_head(
         if lower in skip:
             if lower == b"x-forwarded-for":
                 chain = values
+            continue
+        if b"_" in lower and (not allow_underscores or _impersonates(lower, guarded)):
             continue
         if lower == b"host":
             host = values[0]

@@ -58,6 +58,7 @@ class ProxyResource(Resource):
         tracking_header: str,
         response_timeout: float,
         on_tracking: TrackingHook | None,
+        allow_underscores: bool = False,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -67,6 +68,7 @@ class ProxyResource(Resource):
         # From a peer that is not a trusted proxy this header is a claim anyone can make:
         # the origin must not read it either.
         self._spoofable = frozenset({self._client_ip_header.lower()})
+        self._allow_underscores = allow_underscores
         self._tracking_header = tracking_header.encode("ascii")
         self._response_timeout = response_timeout
         # Public: a configuration reload replaces the hook with one assignment, which
@@ -160,6 +162,9 @@ class _Exchange:
             default_host=client.host,
             body_length=body_length,
             drop=frozenset() if trusted else proxy._spoofable,
+            allow_underscores=proxy._allow_underscores,
+            # The client IP header, which no underscored name may stand in for either.
+            guarded=proxy._spoofable,
         )
         proxy.in_flight += 1
         self._started = proxy._reactor.seconds()

@@ -142,6 +142,7 @@ def build_service(
         tracking_header=proxy.tracking_header,
         response_timeout=proxy.response_timeout,
         on_tracking=hook,
+        allow_underscores=proxy.allow_underscores_in_headers,
     )
     listener = strports.service(proxy.listen, TagdSite(resource, reactor=reactor), reactor=reactor)
     health = Health(

@@ -58,7 +58,7 @@ def forward(incoming: Headers, *, peer: str = PEER, host: bytes | None = b"shop.
 
 
 def head_for(
-    method: bytes, target: bytes, incoming: Headers, body_length: int = 0, *, peer: str = PEER
+    method: bytes, target: bytes, incoming: Headers, body_length: int = 0, *, peer: str = PEER, **options
 ) -> bytes:
     """L{request_head} with the forwarding values most tests do not care about."""
     return request_head(
@@ -70,6 +70,7 @@ def head_for(
         proto=b"https",
         default_host=ORIGIN_HOST,
         body_length=body_length,
+        **options,
     )
 
 
@@ -321,6 +322,39 @@ def test_end_to_end_headers_pass_unchanged(fields):
         **fields,
         **as_dict(forward(headers())),
     }
+
+
+# -- header names with underscores ------------------------------------------------------
+
+IMPERSONATING = [
+    b"X_Real_IP",
+    b"x_forwarded_for",
+    b"X-Forwarded_Host",
+    b"X_FORWARDED_PROTO",
+    b"X_Forwarded_Anything",
+    b"Content_Length",
+    b"CF_Connecting_IP",
+]
+
+
+@pytest.mark.parametrize("allow", [False, True], ids=["default", "allowed"])
+def test_underscored_names_reading_as_protected_headers_are_dropped(allow):
+    """A name that reads, C{_} as C{-}, as a forwarding header tagd sets or as the client
+    IP header (guarded) never reaches the origin, even when underscores are allowed."""
+    incoming = headers(*[(name, b"203.0.113.9") for name in IMPERSONATING], (b"Host", b"shop.example"))
+    head = head_for(b"GET", b"/", incoming, allow_underscores=allow, guarded=frozenset({b"cf-connecting-ip"}))
+    assert not [line for line in head.split(b"\r\n")[1:] if b"_" in line.partition(b":")[0]]
+    assert parse_head(head).getRawHeaders(b"x-real-ip") == [CLIENT_IP.encode()]
+
+
+def test_other_underscored_names_only_when_allowed():
+    """A shop's own underscored header is dropped by default and forwarded when allowed,
+    value and spelling as sent."""
+    incoming = headers((b"Host", b"shop.example"), (b"X_Shop_Flag", b"on"), (b"Accept", b"*/*"))
+    assert not parse_head(head_for(b"GET", b"/", incoming)).hasHeader(b"x_shop_flag")
+    allowed = head_for(b"GET", b"/", incoming, allow_underscores=True)
+    assert b"\r\nX_shop_flag: on\r\n" in allowed or b"\r\nX_Shop_Flag: on\r\n" in allowed
+    assert parse_head(allowed).getRawHeaders(b"accept") == [b"*/*"]
 
 
 # -- Connection: close ------------------------------------------------------------------

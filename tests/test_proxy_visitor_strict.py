@@ -138,6 +138,48 @@ async def test_close_among_other_connection_tokens_closes(tagd, origin, connect,
     await within(visitor.closed, 5)
 
 
+# -- header names with underscores -------------------------------------------------------
+
+UNDERSCORED = [
+    (b"CF_Connecting_IP", b"203.0.113.9"),
+    (b"X_Real_IP", b"203.0.113.9"),
+    (b"X_Forwarded_For", b"203.0.113.9"),
+    (b"x_forwarded_HOST", b"evil.example"),
+    (b"X-Forwarded_Proto", b"https"),
+    (b"X_Shop_Flag", b"kept-when-allowed"),
+]
+
+
+@pytest_twisted.ensureDeferred
+async def test_header_names_with_underscores_are_dropped(tagd, connect):
+    """CGI-style frameworks read C{X_Real_IP} as C{X-Real-IP}: by default no header whose
+    name has an underscore reaches the origin, and the forwarding headers it gets are
+    tagd's own."""
+    visitor = await connect(tagd.port)
+    echo = _echoed(await within(visitor.request(b"GET", b"/echo", headers=UNDERSCORED)))
+    assert not [name for name in _names(echo) if "_" in name]
+    assert [v for n, v in echo.headers if n.lower() == "x-real-ip"] == ["127.0.0.1"]
+    assert [v for n, v in echo.headers if n.lower() == "x-forwarded-for"] == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize(
+    "client_ip_header, kept",
+    [("CF-Connecting-IP", {"x_shop_flag", "x_client_ip"}), ("X-Client-IP", {"x_shop_flag", "cf_connecting_ip"})],
+)
+@pytest_twisted.ensureDeferred
+async def test_allowed_underscores_still_cannot_impersonate_protected_headers(
+    start_tagd, connect, client_ip_header, kept
+):
+    """With C{allow_underscores_in_headers} a shop's own underscored headers reach the
+    origin, but none that reads, C{_} as C{-}, as a forwarding header tagd sets or as the
+    configured client IP header (another client IP header is just a header then)."""
+    tagd = await start_tagd(allow_underscores_in_headers=True, client_ip_header=client_ip_header)
+    visitor = await connect(tagd.port)
+    headers = [*UNDERSCORED, (b"X_Client_IP", b"203.0.113.9")]
+    echo = _echoed(await within(visitor.request(b"GET", b"/echo", headers=headers)))
+    assert {name for name in _names(echo) if "_" in name} == kept
+
+
 # -- CONNECT ----------------------------------------------------------------------------
 
 
