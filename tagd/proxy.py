@@ -28,6 +28,7 @@ from zope.interface import implementer
 from tagd.clientip import ClientIPResolver
 from tagd.headers import request_head, split_response_headers
 from tagd.origin import OriginClient, OriginConnection, VisitorStalled
+from tagd.paths import remove_dot_segments
 from tagd.tracking import Tracked, TrackingHook, Visit
 
 log = Logger()
@@ -111,6 +112,21 @@ def _target(uri: bytes) -> bytes:
     return path + (b"?" + parts.query if parts.query else b"")
 
 
+def _origin_target(prefix: bytes, uri: bytes) -> bytes:
+    """The target sent to the origin: the visitor's, under the origin URL's path prefix.
+
+    Under a prefix the path's dot segments are resolved first (C{%2e} too), so that
+    C{/../admin} cannot climb out of it; the query goes as sent.  Without a prefix the
+    path goes as sent, dot segments and all: the origin has its whole namespace and
+    resolves them itself, as it would with no proxy in front.
+    """
+    target = _target(uri)
+    if not prefix:
+        return target
+    path, question, query = target.partition(b"?")
+    return prefix + remove_dot_segments(path) + question + query
+
+
 class _Exchange:
     """One visitor request and the origin request made for it; the origin's receiver."""
 
@@ -154,7 +170,7 @@ class _Exchange:
         client = proxy._client
         self._head = request_head(
             request.method,
-            client.prefix + _target(request.uri),
+            _origin_target(client.prefix, request.uri),
             headers,
             peer=peer,
             client_ip=self._client_ip,

@@ -180,6 +180,42 @@ async def test_allowed_underscores_still_cannot_impersonate_protected_headers(
     assert {name for name in _names(echo) if "_" in name} == kept
 
 
+# -- dot segments under the origin's path prefix -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "target, forwarded",
+    [
+        (b"/../admin", b"/shop/admin"),
+        (b"/a/%2e%2e/../x", b"/shop/x"),
+        (b"/a/.%2E/%2E./b/./c?q=/../d", b"/shop/b/c?q=/../d"),
+        (b"/a/b/..", b"/shop/a/"),
+        (b"/%2e", b"/shop/"),
+        (b"http://shop.example/a/../../admin?x", b"/shop/admin?x"),
+        (b"admin", b"/shop/admin"),
+        (b"/a..b/.a/a./..%2e/c", b"/shop/a..b/.a/a./..%2e/c"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_dot_segments_cannot_climb_out_of_the_prefix(start_tagd, origin, connect, target, forwarded):
+    """Under an origin path prefix, dot segments (and their %2e spellings, any case) are
+    resolved before the prefix is put in front, so the origin never sees a path that
+    leaves it; the query and segments that merely contain dots go as sent."""
+    tagd = await start_tagd(origin=f"http://127.0.0.1:{origin.port}/shop")
+    visitor = await connect(tagd.port)
+    await within(visitor.request(b"GET", target))
+    assert [seen.uri for seen in origin.seen] == [forwarded]
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_prefix_the_path_goes_as_sent(tagd, origin, connect):
+    """Without a prefix the origin has its whole namespace: tagd forwards the path as the
+    visitor sent it, dot segments and all."""
+    visitor = await connect(tagd.port)
+    await within(visitor.request(b"GET", b"/a/%2e%2e/../echo"))
+    assert [seen.uri for seen in origin.seen] == [b"/a/%2e%2e/../echo"]
+
+
 # -- CONNECT ----------------------------------------------------------------------------
 
 
