@@ -53,6 +53,7 @@ class ProxyConfig:
     tracking_header: str = "Worker-Tracking"
     trusted_proxies: tuple[str, ...] = (CLOUDFLARE_WORD,)
     client_ip_header: str = "CF-Connecting-IP"
+    allow_underscores_in_headers: bool = False
     connect_timeout: float = 5.0
     response_timeout: float = 60.0
     pool_size: int = 64
@@ -285,6 +286,7 @@ _PROXY_FIELDS: dict[str, _Field] = {
     "tracking_header": ((str,), "a string", _header_name),
     "trusted_proxies": ((list,), "a list of strings", _trusted_proxies),
     "client_ip_header": ((str,), "a string", _header_name),
+    "allow_underscores_in_headers": ((bool,), "true or false", _identity),
     "connect_timeout": ((int, float), "a number of seconds", _positive),
     "response_timeout": ((int, float), "a number of seconds", _positive),
     "pool_size": ((int,), "a whole number", _positive),

@@ -1,11 +1,14 @@
-"""Pure functions that rewrite headers on their way through the proxy.
+"""Pure functions that rewrite headers on their way through the proxy, and judge the few
+that decide how the visitor's request is read.
 
-They touch no network, so every rule here is tested without a socket.  Both run once per
-proxied request, so each makes a single pass over the headers and builds nothing twice.
+They touch no network, so every rule here is tested without a socket.  The rewriting runs
+once per proxied request, so each function makes a single pass over the headers and builds
+nothing twice.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 from twisted.web.http_headers import Headers
@@ -33,6 +36,15 @@ _SET_BY_PROXY = frozenset(
 
 _REQUEST_SKIP = HOP_BY_HOP | _SET_BY_PROXY
 _PROTECTED = _SET_BY_PROXY | {b"host"}
+# RFC 9112 section 7: a transfer-coding is a token (RFC 9110 section 5.6.2) with optional
+# parameters, each a token or a quoted string; this matches one of a comma-separated list,
+# with the comma after it unless it ends the value.
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_LISTED_CODING = re.compile(
+    rb'[ \t]*(%s)(?:[ \t]*;[ \t]*%s=(?:%s|"(?:[^"\\]|\\.)*"))*[ \t]*(?:,(?=.)|\Z)'
+    % (_TOKEN, _TOKEN, _TOKEN),
+    re.DOTALL,
+)
 
 
 def _connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
@@ -40,6 +52,47 @@ def _connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
     return frozenset(
         token.strip().lower() for value in values for token in value.split(b",") if token.strip()
     )
+
+
+def asks_to_close(connection: Iterable[bytes]) -> bool:
+    """Whether C{Connection} values carry the C{close} token, in any case and any place."""
+    return b"close" in _connection_tokens(connection)
+
+
+def transfer_coding_refusal(value: bytes) -> tuple[int, str] | None:
+    """Why a request's C{Transfer-Encoding} (all its values joined by commas) cannot be
+    read, as a status and a reason fit for a log line; None for plain C{chunked}, the one
+    coding tagd decodes.
+
+    RFC 9112 section 6.1: a coding tagd does not implement gets 501, whether or not chunked
+    follows it.  Section 6.3: a value that is no list of codings, or whose chunked is not
+    last or comes twice, leaves the body's length unknown: 400.  Anything but exactly one
+    C{chunked} is refused either way: no framing is guessed.
+    """
+    if value.strip(b" \t").lower() == b"chunked":
+        return None
+    codings = []
+    position = 0
+    while True:
+        match = _LISTED_CODING.match(value, position)
+        if match is None:
+            return 400, "a Transfer-Encoding that is not a list of transfer codings"
+        codings.append(match.group(1).lower())
+        position = match.end()
+        if position == len(value):
+            break
+    if b"chunked" in codings[:-1]:
+        return 400, "a Transfer-Encoding whose chunked is not the last coding, or not the only one"
+    if any(coding != b"chunked" for coding in codings):
+        return 501, "a transfer coding other than chunked in Transfer-Encoding"
+    return 400, "a Transfer-Encoding that names chunked with parameters"
+
+
+def _impersonates(lower: bytes, guarded: frozenset[bytes]) -> bool:
+    """Whether a header name with underscores reads, C{_} as C{-} (as CGI-style frameworks
+    read names), as a forwarding header or one in C{guarded}."""
+    dashed = lower.replace(b"_", b"-")
+    return dashed in _PROTECTED or dashed in guarded or dashed.startswith(b"x-forwarded-")
 
 
 def request_head(
@@ -53,6 +106,8 @@ def request_head(
     default_host: bytes,
     body_length: int | None,
     drop: frozenset[bytes] = frozenset(),
+    allow_underscores: bool = False,
+    guarded: frozenset[bytes] = frozenset(),
 ) -> bytes:
     """The request line and header block sent to the origin, ready for the wire.
 
@@ -62,6 +117,11 @@ def request_head(
     are set, whatever the visitor sent.  A C{body_length} of None announces a chunked body.
     Headers named (lower-case) in C{drop} are not forwarded: a client IP header from a
     peer that is not a trusted proxy, say.
+
+    A header whose name has an underscore is dropped, as nginx drops it: the origin's
+    framework may read C{X_Real_IP} as C{X-Real-IP}.  With C{allow_underscores} it is
+    forwarded unless it reads so as C{Host}, C{X-Forwarded-*}, C{X-Real-IP} or a name in
+    C{guarded} (lower-case: the client IP header).
     """
     skip = _REQUEST_SKIP | drop
     if incoming.hasHeader(b"connection"):
@@ -75,6 +135,8 @@ def request_head(
         if lower in skip:
             if lower == b"x-forwarded-for":
                 chain = values
+            continue
+        if b"_" in lower and (not allow_underscores or _impersonates(lower, guarded)):
             continue
         if lower == b"host":
             host = values[0]

@@ -25,7 +25,7 @@ from tagd.dispatcher import DEAD, Dispatcher
 from tagd.events import Event
 from tagd.feed import Feed
 from tagd.metrics import Metrics
-from tagd.ratelimit import Once
+from tagd.ratelimit import RateLimitedLog
 from tagd.spool import Spool, SpoolError
 from tagd.tracker import Tracker
 from tagd.tracking import TrackingHook
@@ -67,7 +67,7 @@ class _Enqueue:
         self.destinations = tuple(destinations)
         self._metrics = metrics
         self._feed = feed
-        self._queue_full_said = Once(clock)
+        self._warnings = RateLimitedLog(log, clock)
 
     def __call__(self, events: Sequence[Event]) -> None:
         if not self.destinations:
@@ -83,12 +83,12 @@ class _Enqueue:
         refused = len(events) - accepted
         if refused:
             self._metrics.tracking_dropped.labels("queue_full").inc(refused)
-            if self._queue_full_said.due():
-                log.warn(
-                    "spool full or closed: {count} event(s) refused (said once a minute; see "
-                    'tagd_tracking_dropped_total{{reason="queue_full"}})',
-                    count=refused,
-                )
+            self._warnings.warn(
+                "queue full",
+                "spool full or closed: {count} event(s) refused (said once a minute; see "
+                'tagd_tracking_dropped_total{{reason="queue_full"}})',
+                count=refused,
+            )
 
 
 class Delivery(Service):

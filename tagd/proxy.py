@@ -28,7 +28,8 @@ from zope.interface import implementer
 from tagd.clientip import ClientIPResolver
 from tagd.headers import request_head, split_response_headers
 from tagd.origin import OriginClient, OriginConnection, VisitorStalled
-from tagd.ratelimit import Once
+from tagd.paths import remove_dot_segments
+from tagd.ratelimit import RateLimitedLog
 from tagd.tracking import Tracked, TrackingHook, Visit
 
 log = Logger()
@@ -59,6 +60,7 @@ class ProxyResource(Resource):
         tracking_header: str,
         response_timeout: float,
         on_tracking: TrackingHook | None,
+        allow_underscores: bool = False,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -68,6 +70,7 @@ class ProxyResource(Resource):
         # From a peer that is not a trusted proxy this header is a claim anyone can make:
         # the origin must not read it either.
         self._spoofable = frozenset({self._client_ip_header.lower()})
+        self._allow_underscores = allow_underscores
         self._tracking_header = tracking_header.encode("ascii")
         self._response_timeout = response_timeout
         # Public: a configuration reload replaces the hook with one assignment, which
@@ -84,10 +87,9 @@ class ProxyResource(Resource):
         self.latency_sum = 0.0
         # Responses the origin broke off after their head, each a cut visitor connection.
         self.cut_responses = 0
-        self._cut_said = Once(reactor.seconds)
         # Response heads that held a CR, LF or NUL where none belongs, written without it.
         self.forged_heads = 0
-        self._forged_said = Once(reactor.seconds)
+        self._warnings = RateLimitedLog(log, reactor.seconds)
 
     def render(self, request: Request):
         _Exchange(self, request).start()
@@ -106,30 +108,29 @@ class ProxyResource(Resource):
             self.latency_buckets[bisect_left(LATENCY_BOUNDS, latency)] += 1
             self.latency_sum += latency
 
-
     def cut_off(self, path: str, reason: str) -> None:
         """Count a response that broke off after its head; say so at most once a minute."""
         self.cut_responses += 1
-        if self._cut_said.due():
-            log.warn(
-                "origin response for {uri} broke off: {reason}; the visitor's connection was "
-                "cut ({count} so far; said once a minute, see tagd_responses_cut_total)",
-                uri=path,
-                reason=reason,
-                count=self.cut_responses,
-            )
+        self._warnings.warn(
+            "cut",
+            "origin response for {uri} broke off: {reason}; the visitor's connection was cut "
+            "({count} so far, see tagd_responses_cut_total)",
+            uri=path,
+            reason=reason,
+            count=self.cut_responses,
+        )
 
     def forged_head(self, dropped: int) -> None:
         """Count a response head that held line breaks or NULs where none belong, written
         without them (C{dropped} headers left out); say so at most once a minute."""
         self.forged_heads += 1
-        if self._forged_said.due():
-            log.warn(
-                "a response head held CR, LF or NUL in its reason phrase or {dropped} header(s): "
-                "written without them ({count} so far; said once a minute)",
-                dropped=dropped,
-                count=self.forged_heads,
-            )
+        self._warnings.warn(
+            "forged head",
+            "a response head held CR, LF or NUL in its reason phrase or {dropped} header(s): "
+            "written without them ({count} so far)",
+            dropped=dropped,
+            count=self.forged_heads,
+        )
 
 
 def _target(uri: bytes) -> bytes:
@@ -139,6 +140,21 @@ def _target(uri: bytes) -> bytes:
     parts = urlsplit(uri)
     path = parts.path or b"/"
     return path + (b"?" + parts.query if parts.query else b"")
+
+
+def _origin_target(prefix: bytes, uri: bytes) -> bytes:
+    """The target sent to the origin: the visitor's, under the origin URL's path prefix.
+
+    Under a prefix the path's dot segments are resolved first (C{%2e} too), so that
+    C{/../admin} cannot climb out of it; the query goes as sent.  Without a prefix the
+    path goes as sent, dot segments and all: the origin has its whole namespace and
+    resolves them itself, as it would with no proxy in front.
+    """
+    target = _target(uri)
+    if not prefix:
+        return target
+    path, question, query = target.partition(b"?")
+    return prefix + remove_dot_segments(path) + question + query
 
 
 class _Exchange:
@@ -184,7 +200,7 @@ class _Exchange:
         client = proxy._client
         self._head = request_head(
             request.method,
-            client.prefix + _target(request.uri),
+            _origin_target(client.prefix, request.uri),
             headers,
             peer=peer,
             client_ip=self._client_ip,
@@ -192,6 +208,9 @@ class _Exchange:
             default_host=client.host,
             body_length=body_length,
             drop=frozenset() if trusted else proxy._spoofable,
+            allow_underscores=proxy._allow_underscores,
+            # The client IP header, which no underscored name may stand in for either.
+            guarded=proxy._spoofable,
         )
         proxy.in_flight += 1
         self._started = proxy._reactor.seconds()

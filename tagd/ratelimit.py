@@ -1,28 +1,38 @@
-"""Saying a recurring cause once a minute, not once per occurrence.
-
-A hostile origin or visitor can repeat the same fault thousands of times a second; the
-journal should show it in a line or two, and the metrics count every occurrence.
-"""
+"""Log lines that anyone on the internet can cause at will, at most one a minute of each kind."""
 
 from __future__ import annotations
 
 from typing import Callable
 
+from twisted.logger import Logger
+
 LOG_INTERVAL = 60.0
 
 
-class Once:
-    """Tells whether a line about one cause is due: at most once per C{interval} seconds."""
+class RateLimitedLog:
+    """Writes a warning of each kind at most once per C{interval} seconds, and says in the
+    next one how many were held back meanwhile.
 
-    def __init__(self, clock: Callable[[], float], interval: float = LOG_INTERVAL) -> None:
+    A peer repeating a bad request by the thousand must neither fill the journal nor push
+    the first line of its kind out of sight.
+    """
+
+    def __init__(self, log: Logger, clock: Callable[[], float], interval: float = LOG_INTERVAL) -> None:
+        self._log = log
         self._clock = clock
         self._interval = interval
-        self._last = float("-inf")
+        self._written: dict[str, float] = {}  # by kind: when its last line was written
+        self._held: dict[str, int] = {}  # by kind: lines held back since
 
-    def due(self) -> bool:
-        """True (and the interval starts again) when the line may be said now."""
+    def warn(self, kind: str, format: str, **fields) -> None:
+        """Log C{format} with C{fields}, unless a line of C{kind} went out less than the
+        interval ago.  C{kind} is one of a few fixed strings, never something a peer sent."""
         now = self._clock()
-        if now - self._last < self._interval:
-            return False
-        self._last = now
-        return True
+        written = self._written.get(kind)
+        if written is not None and now - written < self._interval:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return
+        self._written[kind] = now
+        self._log.warn(
+            format + " ({held} more since the last such line)", held=self._held.pop(kind, 0), **fields
+        )

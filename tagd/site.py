@@ -18,20 +18,29 @@ from __future__ import annotations
 
 from io import BytesIO
 
+from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site
 
+from tagd.headers import asks_to_close, transfer_coding_refusal
 from tagd.proxy import SMALL_BODY, ProxyResource
+from tagd.ratelimit import RateLimitedLog
 from tagd.writes import send_now
+
+log = Logger()
+
+# What a refused CONNECT is told in Allow: every method is forwarded but CONNECT, which
+# would ask the origin for a tunnel; these are the standard ones.
+FORWARDED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"
+_TRANSFER_ENCODING = b"transfer-encoding:"
 
 
 class ProxyRequest(Request):
     """A request handed straight to the site's one resource, its body left unparsed.
 
-    Twisted Web would parse form bodies (and answer 400 to a multipart body it cannot
-    parse) and walk the resource tree; a proxy forwards bodies untouched, and its
-    resource answers every path.
+    Twisted Web would walk the resource tree (and, unless the site says otherwise, parse
+    form bodies); a proxy forwards bodies untouched, and its resource answers every path.
 
     Twisted Web also collects the whole body before it hands a request on.  That stays
     so for bodies up to L{SMALL_BODY}; a larger one (by its Content-Length, or a chunked
@@ -39,10 +48,9 @@ class ProxyRequest(Request):
     C{content} left empty.
     """
 
-    _parsePOSTFormSubmission = False
     _upload = None  # takes the body's pieces once the request is forwarded early
     _chunked = False  # a chunked body, collected until it proves large
-    _refused = False  # answered 400 at header time; nothing to forward
+    _refused = False  # answered at header time (see refuse); nothing to forward
 
     def parseCookies(self) -> None:
         """Left undone: the Cookie header goes to the origin as it came, and tagging reads
@@ -50,15 +58,40 @@ class ProxyRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()
+        if self._refused:
+            return
         if len(self.requestHeaders.getRawHeaders(b"host", ())) > 1:
             # RFC 9112 section 3.2: the origin and tagging might each believe another one.
-            self._refused = True
-            self.channel._respondToBadRequestAndDisconnect()
+            self.refuse(400, "two Host headers")
+            return
+        if self.channel._command == b"CONNECT":
+            self.refuse(405, "CONNECT, which tagd does not forward", b"Allow: " + FORWARDED_METHODS)
             return
         if length is None:
             self._chunked = True
         elif length > SMALL_BODY:
             self._forward(length)
+
+    def refuse(self, code: int, reason: str, *headers: bytes) -> None:
+        """Answer C{code} while the request is still being read, and close the connection:
+        what the visitor sends after it could not be told from a next request.
+
+        C{reason} goes to the log, at most once a minute (a peer can send these at will);
+        C{headers} are more header lines for the answer.
+        """
+        if self._refused:
+            return
+        self._refused = True
+        # Else the channel would follow the answer with a 100 Continue for a visitor who asks.
+        self.requestHeaders.removeHeader(b"expect")
+        channel = self.channel
+        channel.site.refusals.warn(
+            reason, "visitor request refused with {code}: {reason}", code=code, reason=reason
+        )
+        lines = [b"HTTP/1.1 %d %s" % (code, RESPONSES[code]), *headers]
+        lines += [b"Date: " + datetimeToString(), b"Content-Length: 0", b"Connection: close"]
+        channel.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        channel.loseConnection()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -126,6 +159,36 @@ class TagdChannel(HTTPChannel):
     _secure = None
     _held = b""  # the response head, not yet written
 
+    def headerReceived(self, line: bytes) -> bool:
+        """Refuse a Transfer-Encoding other than plain chunked before Twisted Web reads it.
+
+        Twisted Web ignores C{identity}, so that the body after it is read as a next
+        request (or a chunked line after it wins), and answers other codings 400 where
+        RFC 9112 wants 501.  The lines read so far count with this one, as one list.
+        """
+        if line[: len(_TRANSFER_ENCODING)].lower() == _TRANSFER_ENCODING:
+            request = self.requests[-1]
+            earlier = request.requestHeaders.getRawHeaders(b"transfer-encoding", [])
+            refusal = transfer_coding_refusal(b",".join([*earlier, line[len(_TRANSFER_ENCODING) :]]))
+            if refusal is not None:
+                request.refuse(*refusal)
+                return False
+        return super().headerReceived(line)
+
+    def checkPersistence(self, request, version: bytes) -> bool:
+        """Whether the connection stays open after this request's response.
+
+        Twisted Web reads only the first Connection line and splits it at spaces, so
+        C{close, X-Foo} would keep the connection open; RFC 9110 section 7.6.1 makes it a
+        list of tokens, on as many lines as the visitor likes.
+        """
+        if version != b"HTTP/1.1":
+            return False
+        if asks_to_close(request.requestHeaders.getRawHeaders(b"connection", ())):
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            return False
+        return True
+
     def rawDataReceived(self, data: bytes) -> None:
         if not self.requests:
             # The rest of a body whose request was answered early (the origin refused
@@ -179,11 +242,19 @@ class TagdChannel(HTTPChannel):
 
 
 class TagdSite(Site):
-    """The site in front of the proxy resource; access lines are left to the metrics."""
+    """The site in front of the proxy resource; access lines are left to the metrics.
+
+    Form bodies are the origin's to parse, or to refuse: Twisted Web would parse every
+    small one, and answer 400 to a multipart body it cannot parse.
+    """
 
     protocol = TagdChannel
     requestFactory = ProxyRequest
     displayTracebacks = False
+
+    def __init__(self, resource: ProxyResource, reactor=None) -> None:
+        super().__init__(resource, parsePOSTFormSubmission=False, reactor=reactor)
+        self.refusals = RateLimitedLog(log, self.reactor.seconds)
 
     def log(self, request) -> None:
         pass

@@ -142,8 +142,9 @@ def build_service(
         tracking_header=proxy.tracking_header,
         response_timeout=proxy.response_timeout,
         on_tracking=hook,
+        allow_underscores=proxy.allow_underscores_in_headers,
     )
-    listener = strports.service(proxy.listen, TagdSite(resource), reactor=reactor)
+    listener = strports.service(proxy.listen, TagdSite(resource, reactor=reactor), reactor=reactor)
     health = Health(
         serving=lambda: listener.running,
         spool=delivery.spool if delivery is not None else None,

@@ -45,6 +45,7 @@ def test_defaults_from_empty_file(write):
     assert proxy.tracking_header == "Worker-Tracking"
     assert proxy.trusted_proxies == ("cloudflare",)
     assert proxy.client_ip_header == "CF-Connecting-IP"
+    assert proxy.allow_underscores_in_headers is False
     for timeout in (proxy.connect_timeout, proxy.response_timeout, proxy.pool_idle_timeout):
         assert timeout > 0
     assert isinstance(proxy.pool_size, int) and proxy.pool_size > 0
@@ -65,6 +66,7 @@ def test_every_key_parsed(write):
         tracking_header = "X-Shop-Tracking"
         trusted_proxies = ["cloudflare", "10.0.0.0/8", "2001:db8::/32"]
         client_ip_header = "X-Client-IP"
+        allow_underscores_in_headers = true
         connect_timeout = 2
         response_timeout = 30.5
         pool_size = 16
@@ -79,6 +81,7 @@ def test_every_key_parsed(write):
             tracking_header="X-Shop-Tracking",
             trusted_proxies=("cloudflare", "10.0.0.0/8", "2001:db8::/32"),
             client_ip_header="X-Client-IP",
+            allow_underscores_in_headers=True,
             connect_timeout=2,
             response_timeout=30.5,
             pool_size=16,
@@ -137,6 +140,7 @@ def test_timeouts_must_be_finite(write, key, value):
         pytest.param("[proxy]\nconnect_timeout = true\n", "proxy.connect_timeout", id="bool-timeout"),
         pytest.param("[proxy]\npool_size = false\n", "proxy.pool_size", id="bool-count"),
         pytest.param("[proxy]\ntracking_header = true\n", "proxy.tracking_header", id="bool-string"),
+        pytest.param('[proxy]\nallow_underscores_in_headers = "no"\n', "proxy.allow_underscores_in_headers", id="string-bool"),
         pytest.param('[proxy]\norigin = "ftp://shop.example"\n', "proxy.origin", id="url-scheme-ftp"),
         pytest.param('[proxy]\norigin = "shop.example:8000"\n', "proxy.origin", id="url-no-scheme"),
         pytest.param('[proxy]\norigin = "http:///path"\n', "proxy.origin", id="url-no-host"),

@@ -1,4 +1,5 @@
-"""Unit tests for the pure header rewriting in L{tagd.headers}."""
+"""Unit tests for the pure header functions in L{tagd.headers}: the rewriting, and the
+verdicts on the headers that decide how a request is read."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.web.http_headers import Headers
 
-from tagd.headers import request_head, split_response_headers
+from tagd.headers import asks_to_close, request_head, split_response_headers, transfer_coding_refusal
 
 # Written out here rather than imported, so that a name dropped from tagd's list fails.
 HOP_BY_HOP_NAMES = [
@@ -57,7 +58,7 @@ def forward(incoming: Headers, *, peer: str = PEER, host: bytes | None = b"shop.
 
 
 def head_for(
-    method: bytes, target: bytes, incoming: Headers, body_length: int = 0, *, peer: str = PEER
+    method: bytes, target: bytes, incoming: Headers, body_length: int = 0, *, peer: str = PEER, **options
 ) -> bytes:
     """L{request_head} with the forwarding values most tests do not care about."""
     return request_head(
@@ -69,6 +70,7 @@ def head_for(
         proto=b"https",
         default_host=ORIGIN_HOST,
         body_length=body_length,
+        **options,
     )
 
 
@@ -320,3 +322,94 @@ def test_end_to_end_headers_pass_unchanged(fields):
         **fields,
         **as_dict(forward(headers())),
     }
+
+
+# -- header names with underscores ------------------------------------------------------
+
+IMPERSONATING = [
+    b"X_Real_IP",
+    b"x_forwarded_for",
+    b"X-Forwarded_Host",
+    b"X_FORWARDED_PROTO",
+    b"X_Forwarded_Anything",
+    b"Content_Length",
+    b"CF_Connecting_IP",
+]
+
+
+@pytest.mark.parametrize("allow", [False, True], ids=["default", "allowed"])
+def test_underscored_names_reading_as_protected_headers_are_dropped(allow):
+    """A name that reads, C{_} as C{-}, as a forwarding header tagd sets or as the client
+    IP header (guarded) never reaches the origin, even when underscores are allowed."""
+    incoming = headers(*[(name, b"203.0.113.9") for name in IMPERSONATING], (b"Host", b"shop.example"))
+    head = head_for(b"GET", b"/", incoming, allow_underscores=allow, guarded=frozenset({b"cf-connecting-ip"}))
+    assert not [line for line in head.split(b"\r\n")[1:] if b"_" in line.partition(b":")[0]]
+    assert parse_head(head).getRawHeaders(b"x-real-ip") == [CLIENT_IP.encode()]
+
+
+def test_other_underscored_names_only_when_allowed():
+    """A shop's own underscored header is dropped by default and forwarded when allowed,
+    value and spelling as sent."""
+    incoming = headers((b"Host", b"shop.example"), (b"X_Shop_Flag", b"on"), (b"Accept", b"*/*"))
+    assert not parse_head(head_for(b"GET", b"/", incoming)).hasHeader(b"x_shop_flag")
+    allowed = head_for(b"GET", b"/", incoming, allow_underscores=True)
+    assert b"\r\nX_shop_flag: on\r\n" in allowed or b"\r\nX_Shop_Flag: on\r\n" in allowed
+    assert parse_head(allowed).getRawHeaders(b"accept") == [b"*/*"]
+
+
+# -- Connection: close ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "values, closing",
+    [
+        ([b"close"], True),
+        ([b"close, X-Foo"], True),
+        ([b"X-Foo,CLOSE "], True),
+        ([b"keep-alive", b" Close"], True),
+        ([b"keep-alive, X-Close"], False),
+        ([b"closed"], False),
+        ([], False),
+    ],
+)
+def test_asks_to_close(values, closing):
+    """The close token counts in any case, with any spacing, in any Connection line; a
+    token that merely contains it does not."""
+    assert asks_to_close(values) is closing
+
+
+# -- Transfer-Encoding ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [b"chunked", b"Chunked", b" CHUNKED\t"])
+def test_chunked_alone_is_read(value):
+    """Plain chunked, in any case and with surrounding whitespace, is the one coding read."""
+    assert transfer_coding_refusal(value) is None
+
+
+@pytest.mark.parametrize(
+    "value, status",
+    [
+        (b"identity", 501),
+        (b"gzip", 501),
+        (b"gzip, chunked", 501),
+        (b"x;q=1 , chunked", 501),
+        (b'gzip;level="9, fast", chunked', 501),
+        (b"chunked, identity", 400),
+        (b"chunked, chunked", 400),
+        (b"chunked,", 400),
+        (b",chunked", 400),
+        (b"", 400),
+        (b"chunked;", 400),
+        (b"chunked;a=1", 400),
+        (b'"chunked"', 400),
+        (b"chunked gzip", 400),
+        (b"g\xffzip, chunked", 400),
+    ],
+)
+def test_other_transfer_encodings_are_refused(value, status):
+    """A coding other than chunked is 501 (RFC 9112 section 6.1); a value that cannot frame
+    a body (no list of codings, chunked not last or twice, chunked with parameters) 400
+    (section 6.3)."""
+    refusal = transfer_coding_refusal(value)
+    assert refusal is not None and refusal[0] == status

@@ -111,16 +111,6 @@ def _request_line_part(name: str, expected: bytes) -> Callable[[Live], Awaitable
     return check
 
 
-async def _bad_request(live: Live) -> None:
-    takes(live.channel._respondToBadRequestAndDisconnect)
-    answer = live.visitor.expect(b"POST")
-    live.channel._respondToBadRequestAndDisconnect()
-    response = await within(answer)
-    await within(live.visitor.closed)
-    if response.status != 400:
-        raise Changed(f"it answered {response.status}, not 400")
-
-
 async def _waiting_for_transport(live: Live) -> None:
     if attribute(live.channel, "_waitingForTransport", bool):
         raise Changed("_waitingForTransport is set on a channel whose writes are not blocked")
@@ -132,10 +122,6 @@ async def _waiting_for_transport(live: Live) -> None:
         live.channel.resumeProducing()
     if live.channel._waitingForTransport:
         raise Changed("resuming the channel's writes leaves _waitingForTransport set")
-
-
-async def _form_parsing_flag(live: Live) -> None:
-    attribute(live.request, "_parsePOSTFormSubmission", bool)
 
 
 async def _write_buffer(live: Live) -> None:
@@ -212,9 +198,7 @@ INTERNALS = (
     Internal(
         "HTTPChannel._version", "tagd/site.py, ProxyRequest._forward", _request_line_part("_version", b"HTTP/1.1")
     ),
-    Internal("HTTPChannel._respondToBadRequestAndDisconnect", "tagd/site.py, ProxyRequest.gotLength", _bad_request),
     Internal("HTTPChannel._waitingForTransport", "tagd/proxy.py, the exchange's _release", _waiting_for_transport),
-    Internal("Request._parsePOSTFormSubmission", "tagd/site.py, ProxyRequest", _form_parsing_flag),
     Internal("Connection.dataBuffer", "tagd/writes.py, send_now", _write_buffer),
     Internal("Connection._tempDataBuffer", "tagd/writes.py, send_now", _queued_writes),
     Internal("twisted.web.client._HTTP11ClientFactory", "tagd/delivery.py, _QuietClientFactory", _client_factory),
