@@ -1,5 +1,5 @@
 """An origin that sends what it should not: bytes beyond its framing, heads that would
-inject headers, and responses cut off.
+inject headers, responses cut off, and all of those at random under concurrent visitors.
 
 The origin is L{hostile_origin.ScriptedOrigin}: every byte and every pause is the test's.
 Visitors are raw sockets whose received bytes are all kept and read strictly (L{read_reply}),
@@ -11,19 +11,22 @@ C{SMUGGLED}; headers a hostile origin tries to slip in carry the word C{injected
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Callable
 
 import attrs
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 
-from conftest import raw_request, within
-from hostile_origin import SMUGGLED, Await, Close, Hold, Received, Reset, Send, Wait, marker, ok
+from conftest import eventually, raw_request, within
+from hostile_origin import SMUGGLED, Await, Close, Hold, Received, Reset, Send, Wait, honest, marker, ok
 
 INJECTED = b"injected"
 FOREIGN = (b"SMUGGLED", b"stolen", INJECTED)  # none of these may ever reach a visitor
@@ -538,3 +541,181 @@ async def test_close_delimited_body_ended_by_reset_is_cut_off(
     await within(visitor.closed, 2)
     await assert_still_serving(visit, proxy.port)
     assert logged_failures == []
+
+
+# -- D: any of it, at random, under visitors sharing the pool -----------------------------
+
+_REASONS = {200: b"OK", 404: b"Not Found", 500: b"Internal Server Error", 204: b"No Content", 304: b"Not Modified"}
+_INTERIM = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+_UPGRADE = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+_CLEAN = ("none", "interim")  # valid answers: they must come through as they are
+_ANY_ANSWER = (*_CLEAN, "bare-lf-reason", "bare-lf-header", "upgrade")
+_FRAMED_END = ("smuggled-after", "late-garbage")  # need an end that is not the close
+
+
+@attrs.frozen
+class Plan:
+    """How the origin answers one visitor's request."""
+
+    method: bytes
+    status: int
+    framing: str  # "length", "chunked", "close" (ended by the origin's close), "none" (204, 304)
+    corruption: str
+    pad: int  # body bytes after the marker
+    chunk: int  # chunk size of a chunked body
+    writes: tuple[int, ...]  # the sizes of the writes the answer is cut into (the rest is one more)
+    pause: float  # between those writes
+    cut: int  # where a truncated answer ends, within its body
+    garbage: bytes  # the chunk size line of a broken chunk
+    bad_chunk: int  # which chunk gets it
+
+    @property
+    def late(self) -> bool:
+        """Bytes follow the answer after a pause: a request sent meanwhile may meet them."""
+        return self.corruption == "late-garbage"
+
+    @property
+    def has_body(self) -> bool:
+        return self.method != b"HEAD" and self.status not in NO_BODY
+
+    def body(self, path: bytes) -> bytes:
+        """The body the visitor should get."""
+        return marker(path) + b"." * self.pad if self.has_body else b""
+
+    def steps(self, request: Received) -> list:
+        """The origin's steps for C{request}."""
+        body = marker(request.path) + b"." * self.pad
+        status_line = b"HTTP/1.1 %d %s" % (self.status, _REASONS[self.status])
+        headers = [b"X-Plan: " + self.corruption.encode("ascii")]
+        if self.corruption == "bare-lf-reason":
+            status_line += b"\nX-Injected: injected"
+        if self.corruption == "bare-lf-header":
+            headers.append(b"X-A: 1\nX-Injected: injected")
+        if self.framing == "length":
+            headers.append(b"Content-Length: %d" % len(body))
+        elif self.framing == "chunked":
+            headers.append(b"Transfer-Encoding: chunked")
+        head = status_line + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n"
+        payload = b""
+        if self.has_body and self.framing == "chunked":
+            pieces = [body[at : at + self.chunk] for at in range(0, len(body), self.chunk)]
+            sizes = [b"%x" % len(piece) for piece in pieces]
+            if self.corruption == "chunk-garbage":
+                sizes[self.bad_chunk % len(sizes)] = self.garbage
+            payload = b"".join(b"%s\r\n%s\r\n" % pair for pair in zip(sizes, pieces)) + b"0\r\n\r\n"
+        elif self.has_body:
+            payload = body
+        answer = (_INTERIM if self.corruption == "interim" else b"") + head + payload
+        ending = [Close()] if self.framing == "close" else []
+        if self.corruption == "upgrade":
+            answer, ending = _UPGRADE + SMUGGLED, [Hold()]
+        elif self.corruption.startswith("truncate"):
+            answer = answer[: len(answer) - len(payload) + self.cut % len(payload)]
+            ending = [Reset()] if self.corruption == "truncate-reset" else [Close()]
+        elif self.corruption == "chunk-garbage":
+            ending = [Close()]  # a size beyond the bytes sent must not leave it waiting
+        elif self.corruption == "late-garbage":
+            ending = [Wait(0.005), Send(b"SMUGGLED"), *ending]
+        steps = []
+        for size in self.writes:
+            if size < len(answer):
+                steps += [Send(answer[:size]), Wait(self.pause)]
+                answer = answer[size:]
+        if self.corruption == "smuggled-after":
+            answer += SMUGGLED  # in the same write as the answer's last bytes
+        return [*steps, Send(answer), *ending]
+
+
+@st.composite
+def plans(draw) -> Plan:
+    """One request's plan: a valid answer, or one corrupted in a way that fits it."""
+    method = draw(st.sampled_from([b"GET", b"GET", b"HEAD"]))
+    status = draw(st.sampled_from([200, 200, 404, 500, 204, 304]))
+    framing = "none" if status in NO_BODY else draw(st.sampled_from(["length", "chunked", "close"]))
+    choices = list(_ANY_ANSWER)
+    if framing != "close":
+        choices += _FRAMED_END
+    if method != b"HEAD" and status not in NO_BODY:
+        choices += ["truncate-reset"] + (["truncate-fin"] if framing != "close" else [])
+        if framing == "chunked":
+            choices.append("chunk-garbage")
+    return Plan(
+        method=method,
+        status=status,
+        framing=framing,
+        corruption=draw(st.sampled_from(["none", *choices])),
+        pad=draw(st.integers(0, 3000)),
+        chunk=draw(st.integers(1, 2000)),
+        writes=tuple(draw(st.lists(st.integers(1, 600), max_size=3))),
+        pause=draw(st.sampled_from([0, 0.001, 0.003])),
+        cut=draw(st.integers(0, 10_000)),
+        garbage=draw(st.sampled_from(list(BAD_CHUNK_SIZES.values()))),
+        bad_chunk=draw(st.integers(0, 5)),
+    )
+
+
+_MARKERS = re.compile(rb"path=(/e[0-9]+/v[0-9]+);")
+
+
+def check(plan: Plan, path: bytes, reply: Reply | None, visitor: Visitor, strict: bool) -> None:
+    """The invariant for one visitor: its own answer (cut off only by a closed
+    connection), a 502, or a closed connection; never a byte of any other response."""
+    assert visitor.foreign() == [], visitor.data[:600]
+    assert set(_MARKERS.findall(visitor.data)) <= {path}, visitor.data[:600]
+    expected = plan.body(path)
+    if strict and plan.corruption in _CLEAN:
+        assert reply is not None and reply.complete, reply
+        assert (reply.status, reply.body) == (plan.status, expected), reply
+    if reply is None:
+        return
+    if reply.status == 502:
+        assert_bad_gateway(reply, plan.method)
+    elif reply.complete:
+        assert (reply.status, reply.body) == (plan.status, expected), reply
+    else:
+        assert reply.status == plan.status and expected.startswith(reply.body), reply
+
+
+_examples = itertools.count()
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],  # each example takes real time
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(st.lists(plans(), min_size=3, max_size=4))
+@pytest_twisted.ensureDeferred
+async def test_hostile_answers_never_reach_another_visitor(
+    scripted_origin, proxy, visit, logged_failures, example
+):
+    """hypothesis draws, for each of 3-4 visitors asking at once through one tagd (one
+    pool, kept from example to example), how the origin answers: valid answers with
+    bodies naming the request, or ones with bytes past their end, bodies on HEAD, 204 or
+    304, bare LFs, broken chunk sizes, truncation, smuggled responses.  Each visitor gets
+    its own answer, a 502, or a closed connection; the valid answers arrive as sent,
+    unless bytes came late on a connection the pool may have handed on; and no visitor
+    ever gets a byte of a response meant for someone else."""
+    n = next(_examples)
+    paths = [b"/e%d/v%d" % (n, i) for i in range(len(example))]
+    by_path = dict(zip(paths, example))
+    scripted_origin.respond = lambda r: by_path[r.path].steps(r) if r.path in by_path else honest(r)
+    visitors = [await visit(proxy.port) for _ in example]
+    asking = [Deferred.fromCoroutine(v.ask(m.method, path)) for v, m, path in zip(visitors, example, paths)]
+    try:
+        try:
+            replies = await within(gatherResults(asking, consumeErrors=True), 8)
+        except FirstError as error:
+            raise error.subFailure.value from None  # a malformed response, or a timeout
+        strict = not any(plan.late for plan in example)
+        for plan, path, reply, visitor in zip(example, paths, replies, visitors):
+            check(plan, path, reply, visitor, strict)
+        assert logged_failures == []
+    finally:
+        await eventually(lambda: scripted_origin.busy == 0)
+        # Before the next example: tagd has dropped every connection that got bytes late.
+        late = {r.connection for r in scripted_origin.received if r.path in by_path and by_path[r.path].late}
+        await eventually(lambda: all(scripted_origin.connections[i].lost.called for i in late))
+        for visitor in visitors:
+            visitor.transport.abortConnection()
