@@ -29,6 +29,7 @@ from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from helpers import ADMIN_TOML
+from hostile_origin import ScriptedOrigin
 from origin import Origin
 
 TIMEOUT = 10.0
@@ -361,6 +362,16 @@ def reactor():
 async def origin(reactor):
     """The test origin, listening on free loopback ports."""
     server = Origin(reactor)
+    server.start()
+    yield server
+    await within(server.stop())
+
+
+@pytest_twisted.async_yield_fixture
+async def scripted_origin(reactor):
+    """An origin that sends exactly the bytes the test scripts (L{hostile_origin}); request
+    it before C{start_tagd}, so that tagd is stopped first."""
+    server = ScriptedOrigin(reactor)
     server.start()
     yield server
     await within(server.stop())
