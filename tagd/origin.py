@@ -265,6 +265,7 @@ class OriginConnection(Protocol):
     usable = True  # false once the connection can no longer carry an exchange
     _reusable = False  # the response in hand allows the connection to be kept
     _close_delimited = False  # the response in hand ends when the origin closes
+    _head = None  # the response head parsed in this read, to be handed on after it
     _stall = None  # the visitor's stall timer, while the visitor is not reading
 
     def __init__(self, client: OriginClient) -> None:
@@ -361,6 +362,9 @@ class OriginConnection(Protocol):
         if self._state is _HEAD:
             self._head_size += len(data)
         receiver = self._receiver
+        # The whole read is parsed before any of it is handed on, so that a fault anywhere
+        # in it gives a 502 rather than a response cut after a head that was fine.
+        self._pieces = pieces = []
         try:
             self._parser.feed_data(data)
         except HttpParserError as error:
@@ -368,15 +372,24 @@ class OriginConnection(Protocol):
             if isinstance(reason, _ExtraBytes) or self._state is _DONE:
                 self._reusable = False
             elif isinstance(reason, (OriginProtocolError, HttpParserError)):
+                self._head = None
                 self._fail(OriginProtocolError(str(reason) or type(reason).__name__))
                 return
             else:
                 raise reason from None  # tagd's own fault, for Twisted to log
-        if self._state is _DONE:
-            self._complete()
-        elif self._state is _HEAD and self._head_size > MAX_HEAD_SIZE:
+        if self._state is _HEAD and self._head_size > MAX_HEAD_SIZE:
             self._fail(OriginProtocolError("response head too large"))
             return
+        if receiver is not None:
+            head, self._head = self._head, None
+            if head is not None:
+                receiver.response_head(*head)
+            for piece in pieces:
+                if self._receiver is not receiver:
+                    break  # The exchange ended meanwhile (the visitor left).
+                receiver.response_data(piece)
+        if self._state is _DONE:
+            self._complete()
         if receiver is not None:
             receiver.read_done()
 
@@ -429,17 +442,14 @@ class OriginConnection(Protocol):
         self._close_delimited = not (head_only or self._chunked or self._length is not None or code in NO_BODY_CODES)
         self._reusable = parser.should_keep_alive() and not (head_only or self._close_delimited)
         self._state = _BODY
-        receiver = self._receiver
-        if receiver is not None:
-            receiver.response_head(code, phrase, headers)
+        self._head = (code, phrase, headers)
         if head_only:
             self._state = _DONE  # Whatever follows is a body the origin should not have sent.
 
     def on_body(self, data: bytes) -> None:
         if self._state is _DONE:
             raise _ExtraBytes()
-        if self._receiver is not None:
-            self._receiver.response_data(data)
+        self._pieces.append(data)
 
     def on_message_complete(self) -> None:
         if self._state is _BODY:

@@ -178,11 +178,21 @@ def test_malformed_heads_fail_the_exchange_before_any_head(response):
     assert transport.disconnecting and not _pooled(client, connection)
 
 
-def test_malformed_chunk_size_fails_mid_body():
-    """A broken chunk after the head fails the exchange (the visitor's connection is cut)."""
+def test_a_malformed_chunk_in_the_read_of_the_head_fails_before_the_head():
+    """A whole read is parsed before any of it is handed on: a broken chunk in the read
+    that brought the head fails the exchange with no head passed on (a 502)."""
     client, connection, transport, receiver = _exchange()
     _feed(connection, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n")
-    assert receiver.head is not None and receiver.failure.check(OriginProtocolError)
+    assert receiver.head is None and receiver.failure.check(OriginProtocolError)
+    assert not _pooled(client, connection)
+
+
+def test_a_malformed_chunk_in_a_later_read_fails_mid_body():
+    """Once the head is out, a broken chunk can only cut the visitor's connection."""
+    client, connection, transport, receiver = _exchange()
+    _feed(connection, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", b"zz\r\n")
+    assert receiver.head is not None and receiver.body == b"hello"
+    assert receiver.failure.check(OriginProtocolError)
     assert not _pooled(client, connection)
 
 

@@ -143,26 +143,25 @@ async def test_origin_closing_right_after_a_short_body_cuts_the_visitor(raw_tagd
 
 
 @pytest.mark.parametrize(
-    "answer, status",
+    "answer",
     [
-        (b"NOT HTTP\r\n\r\n", 502),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n", 502),
-        (b"HTTP/1.1 200 OK\r\nX-Huge: " + b"h" * 100_000, 502),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n", 200),
+        b"NOT HTTP\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Huge: " + b"h" * 100_000,
+        # Parsed whole before any of it goes on, the read that brought the head: a 502.
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
     ],
     ids=["no-status-line", "bad-content-length", "endless-head", "broken-chunks"],
 )
 @pytest_twisted.ensureDeferred
-async def test_origin_speaking_broken_http(raw_tagd, origin, connect, logged_failures, answer, status):
-    """An origin that answers with something that is not HTTP gets the visitor a 502, or a
-    cut connection once the head has gone out; tagd logs no error and keeps serving."""
+async def test_origin_speaking_broken_http(raw_tagd, origin, connect, logged_failures, answer):
+    """An origin that answers with something that is not HTTP gets the visitor a 502;
+    tagd logs no error and keeps serving.  (A fault after the head went out cuts the
+    visitor's connection instead: test_hostile_origin.py.)"""
     origin.answer_raw(b"/broken", answer)
     visitor = await connect(raw_tagd.port)
     response = await _answer_or_cut(visitor, b"/broken")
-    if status == 502:
-        _short_error_page(response, 502)
-    else:
-        assert response is None or not response.complete
+    _short_error_page(response, 502)
     await _still_answers(connect, raw_tagd.port)
     await eventually(lambda: origin.raw.open <= 1)
     assert logged_failures == []
