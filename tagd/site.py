@@ -18,12 +18,20 @@ from __future__ import annotations
 
 from io import BytesIO
 
+from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site
 
+from tagd.config import ProxyConfig
+from tagd.deadlines import RequestDeadline, RequestTimedOut
 from tagd.proxy import SMALL_BODY, ProxyResource
+from tagd.throttle import Throttle
 from tagd.writes import send_now
+
+log = Logger()
+
+_TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\nDate: %s\r\n\r\n"
 
 
 class ProxyRequest(Request):
@@ -95,7 +103,8 @@ class ProxyRequest(Request):
 
 class TagdChannel(HTTPChannel):
     """An HTTP/1.1 channel that writes each response head in one piece, with the body's
-    first bytes when they are at hand.
+    first bytes when they are at hand, and holds the visitor to the deadlines of
+    L{tagd.deadlines}.
 
     A held head goes out with the next write, when the request is done (a response
     without a body), or when L{release_head} says that no body bytes are at hand.
@@ -104,6 +113,58 @@ class TagdChannel(HTTPChannel):
     _host = None
     _secure = None
     _held = b""  # the response head, not yet written
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        site = self.site
+        self._deadline = RequestDeadline(site.reactor, site.config, self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._deadline.read(len(data)):
+            super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._deadline.head_done()
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        self._deadline.body_done()
+        super().allContentReceived()
+
+    def loseConnection(self) -> None:
+        self._deadline.closing()
+        super().loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        self._deadline.stop()
+        super().connectionLost(reason)
+
+    def hold_body(self) -> None:
+        """Stop reading the visitor while the origin takes its body slower than it comes;
+        the body's deadline waits meanwhile."""
+        self._deadline.held()
+        self.transport.pauseProducing()
+
+    def release_body(self) -> None:
+        """Read the body again, unless the channel paused reading itself until its own
+        writes drain (it resumes then)."""
+        self._deadline.released()
+        if not self._waitingForTransport:
+            self.transport.resumeProducing()
+
+    def deadline_passed(self, reason: str) -> None:
+        """The request's head or body is late: its exchange ends now (aborting the origin
+        request of a streamed upload), the visitor gets a 408 unless part of an answer is
+        already out, and the connection closes."""
+        requests, self.requests = self.requests, []
+        answered = bool(requests) and requests[-1].startedWriting and not self._held
+        self._held = b""
+        for request in requests:
+            request.connectionLost(Failure(RequestTimedOut(reason)))
+        if not answered:
+            self.transport.write(_TIMED_OUT % datetimeToString())
+        self.site.timed_out(reason, answered)
+        self.loseConnection()
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self.requests:
@@ -138,6 +199,7 @@ class TagdChannel(HTTPChannel):
 
     def requestDone(self, request) -> None:
         self.release_head()
+        self._deadline.request_done()
         super().requestDone(request)
 
     def getHost(self):
@@ -157,6 +219,24 @@ class TagdSite(Site):
     protocol = TagdChannel
     requestFactory = ProxyRequest
     displayTracebacks = False
+
+    def __init__(self, resource: ProxyResource, config: ProxyConfig, *, reactor) -> None:
+        super().__init__(resource, reactor=reactor)
+        self.config = config
+        self._timeouts = Throttle(reactor.seconds)
+
+    def timed_out(self, reason: str, answered: bool) -> None:
+        """Count and (once a minute at most) log a request given up at a deadline."""
+        if not answered:
+            self.resource.count(408)
+        count = self._timeouts()
+        if count:
+            log.info(
+                "visitor connection closed, {reason}: {count} such since the last line "
+                "(said once a minute at most)",
+                reason=reason,
+                count=count,
+            )
 
     def log(self, request) -> None:
         pass

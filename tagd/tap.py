@@ -143,7 +143,8 @@ def build_service(
         response_timeout=proxy.response_timeout,
         on_tracking=hook,
     )
-    listener = strports.service(proxy.listen, TagdSite(resource), reactor=reactor)
+    site = TagdSite(resource, proxy, reactor=reactor)
+    listener = strports.service(proxy.listen, site, reactor=reactor)
     health = Health(
         serving=lambda: listener.running,
         spool=delivery.spool if delivery is not None else None,
