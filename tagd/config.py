@@ -61,6 +61,7 @@ class ProxyConfig:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     body_min_rate: float = 1024.0
+    max_connections: int = 1024
 
 
 @attrs.frozen
@@ -295,6 +296,7 @@ _PROXY_FIELDS: dict[str, _Field] = {
     "header_timeout": ((int, float), "a number of seconds", _positive),
     "body_timeout": ((int, float), "a number of seconds", _positive),
     "body_min_rate": ((int, float), "a number of bytes per second", _positive),
+    "max_connections": ((int,), "a whole number", _positive),
 }
 _SECONDS: _Field = ((int, float), "a number of seconds", _positive)
 _SPOOL_FIELDS: dict[str, _Field] = {

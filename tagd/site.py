@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from io import BytesIO
 
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, datetimeToString
@@ -25,6 +26,7 @@ from twisted.web.server import Request, Site
 
 from tagd.config import ProxyConfig
 from tagd.deadlines import RequestDeadline, RequestTimedOut
+from tagd.metrics import Metrics
 from tagd.proxy import SMALL_BODY, ProxyResource
 from tagd.throttle import Throttle
 from tagd.writes import send_now
@@ -117,6 +119,7 @@ class TagdChannel(HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         site = self.site
+        site.connections += 1
         self._deadline = RequestDeadline(site.reactor, site.config, self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -137,6 +140,7 @@ class TagdChannel(HTTPChannel):
 
     def connectionLost(self, reason) -> None:
         self._deadline.stop()
+        self.site.connections -= 1
         super().connectionLost(reason)
 
     def hold_body(self) -> None:
@@ -213,17 +217,54 @@ class TagdChannel(HTTPChannel):
         return self._secure
 
 
+class _Refused(Protocol):
+    """A connection beyond C{max_connections}: closed as soon as it is accepted.
+
+    Cheaper than a C{503}, and no less clear: an answer written before the request is read
+    would often be lost anyway, to the reset the kernel sends when it closes a socket
+    with unread bytes, and it would cost a channel, a timer and a write for each refused
+    connection during the flood the cap is there for.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.loseConnection()
+
+
 class TagdSite(Site):
-    """The site in front of the proxy resource; access lines are left to the metrics."""
+    """The site in front of the proxy resource; access lines are left to the metrics.
+
+    It counts the visitor connections open and refuses new ones beyond C{max_connections}
+    (see L{_Refused}), so that a flood of connections cannot use up tagd's file
+    descriptors, which the origin, the spool and the platforms need too.
+    """
 
     protocol = TagdChannel
     requestFactory = ProxyRequest
     displayTracebacks = False
 
-    def __init__(self, resource: ProxyResource, config: ProxyConfig, *, reactor) -> None:
+    def __init__(self, resource: ProxyResource, config: ProxyConfig, metrics: Metrics, *, reactor) -> None:
         super().__init__(resource, reactor=reactor)
         self.config = config
+        self.connections = 0
+        self._refused_total = metrics.visitor_connections_refused
+        metrics.visitor_connections.set_function(lambda: self.connections)
+        self._refusals = Throttle(reactor.seconds)
         self._timeouts = Throttle(reactor.seconds)
+
+    def buildProtocol(self, addr):
+        if self.connections < self.config.max_connections:
+            return super().buildProtocol(addr)
+        self._refused_total.inc()
+        count = self._refusals()
+        if count:
+            log.warn(
+                "{open} visitor connections open, as many as max_connections allows: {count} "
+                "new one(s) refused since the last such line (said once a minute at most; "
+                "all counted in tagd_visitor_connections_refused_total)",
+                open=self.connections,
+                count=count,
+            )
+        return _Refused()
 
     def timed_out(self, reason: str, answered: bool) -> None:
         """Count and (once a minute at most) log a request given up at a deadline."""

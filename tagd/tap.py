@@ -143,7 +143,7 @@ def build_service(
         response_timeout=proxy.response_timeout,
         on_tracking=hook,
     )
-    site = TagdSite(resource, proxy, reactor=reactor)
+    site = TagdSite(resource, proxy, metrics, reactor=reactor)
     listener = strports.service(proxy.listen, site, reactor=reactor)
     health = Health(
         serving=lambda: listener.running,

@@ -49,6 +49,7 @@ def test_defaults_from_empty_file(write):
         assert timeout > 0
     assert isinstance(proxy.pool_size, int) and proxy.pool_size > 0
     assert (proxy.header_timeout, proxy.body_timeout, proxy.body_min_rate) == (10, 30, 1024)
+    assert proxy.max_connections == 1024
 
 
 def test_defaults_from_empty_table(write):
@@ -73,6 +74,7 @@ def test_every_key_parsed(write):
         header_timeout = 5
         body_timeout = 12.5
         body_min_rate = 512
+        max_connections = 300
         """
     )
     assert load_config(path) == Config(
@@ -90,6 +92,7 @@ def test_every_key_parsed(write):
             header_timeout=5,
             body_timeout=12.5,
             body_min_rate=512,
+            max_connections=300,
         ),
     )
 
@@ -169,6 +172,8 @@ def test_timeouts_must_be_finite(write, key, value):
         pytest.param("[proxy]\nbody_timeout = -3\n", "proxy.body_timeout", id="body-timeout-negative"),
         pytest.param('[proxy]\nbody_timeout = "30s"\n', "proxy.body_timeout", id="body-timeout-string"),
         pytest.param("[proxy]\nbody_min_rate = 0\n", "proxy.body_min_rate", id="body-min-rate-zero"),
+        pytest.param("[proxy]\nmax_connections = 0\n", "proxy.max_connections", id="max-connections-zero"),
+        pytest.param("[proxy]\nmax_connections = 10.5\n", "proxy.max_connections", id="max-connections-float"),
         pytest.param('[proxy]\ntracking_header = "Worker Tracking"\n', "proxy.tracking_header", id="header-space"),
         pytest.param('[proxy]\nclient_ip_header = ""\n', "proxy.client_ip_header", id="header-empty"),
     ],

@@ -1,5 +1,6 @@
-"""Visitors that send slowly: the request head's and body's deadlines ([proxy]
-header_timeout, body_timeout, body_min_rate).
+"""Visitors that send slowly or connect too often: the request head's and body's deadlines
+([proxy] header_timeout, body_timeout, body_min_rate) and the cap on connections
+(max_connections).
 
 The hostile visitors are raw sockets that send exactly the bytes the test chooses, when
 it chooses; every deadline here is set small, and every wait is bounded.
@@ -15,6 +16,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import Clock, LoopingCall
+from twisted.logger import LogLevel
 
 from certificates import self_signed
 from conftest import WireVisitor, eventually, raw_request, sleep, within
@@ -296,6 +298,60 @@ async def test_stalled_body_after_the_answer_began_is_cut_without_408(reactor, s
     response = await within(answer)
     assert (response.status, bytes(response.body), response.complete) == (200, b"e" * 10, False)
     await eventually(lambda: origin.raw.open == 0)
+
+
+# -- the cap on connections ---------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_beyond_max_connections_are_refused(start_tagd, connect, log_events):
+    """With max_connections open, a new connection is closed as soon as tagd accepts it,
+    unanswered; each is counted, the log says so once (with the count), the open
+    connections go on being served, and once one of them closes a new visitor gets in."""
+    metrics = Metrics()
+    tagd = await start_tagd(max_connections=5, metrics=metrics)
+    visitors = [await connect(tagd.port) for _ in range(5)]
+    for visitor in visitors:
+        assert (await within(visitor.request(b"GET", b"/echo"))).status == 200
+    assert metrics.registry.get_sample_value("tagd_visitor_connections") == 5
+    for _ in range(3):
+        refused = await connect(tagd.port)
+        answer = refused.request(b"GET", b"/echo")
+        with pytest.raises((ConnectionDone, ConnectionLost)):
+            await within(answer, 2)
+    assert metrics.value("visitor_connections_refused") == 3
+    [line] = [e for e in log_events if "refused since the last such line" in e.get("log_format", "")]
+    assert (line["log_level"], line["open"], line["count"]) == (LogLevel.warn, 5, 1)
+    for visitor in visitors:
+        assert (await within(visitor.request(b"GET", b"/echo"))).status == 200
+    visitors[0].transport.loseConnection()
+    await eventually(lambda: metrics.registry.get_sample_value("tagd_visitor_connections") == 4)
+    newcomer = await connect(tagd.port)
+    assert (await within(newcomer.request(b"GET", b"/echo"))).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_beyond_max_connections_over_tls_are_refused(reactor, start_tagd, tmp_path, logged_failures):
+    """Over TLS the connection beyond max_connections is closed before its handshake, and
+    the one open goes on being served, with no error logged."""
+    metrics = Metrics()
+    listen = f"ssl:0:interface=127.0.0.1:{self_signed(tmp_path)}"
+    tagd = await start_tagd(listen=listen, max_connections=1, metrics=metrics)
+    visitor = await connect_tls(reactor, tagd.port)
+    refused = None
+    try:
+        assert (await within(visitor.request(b"GET", b"/echo"))).status == 200
+        refused = await connect_tls(reactor, tagd.port)
+        answer = refused.request(b"GET", b"/echo")
+        with pytest.raises((ConnectionDone, ConnectionLost)):
+            await within(answer, 2)
+        assert metrics.value("visitor_connections_refused") == 1
+        assert (await within(visitor.request(b"GET", b"/echo"))).status == 200
+    finally:
+        hang_up(visitor)
+        if refused is not None:
+            hang_up(refused)
+    assert logged_failures == []
 
 
 # -- the log line -------------------------------------------------------------------------
