@@ -161,13 +161,13 @@ class TagdChannel(HTTPChannel):
         request of a streamed upload), the visitor gets a 408 unless part of an answer is
         already out, and the connection closes."""
         requests, self.requests = self.requests, []
-        answered = bool(requests) and requests[-1].startedWriting and not self._held
+        answer_begun = bool(requests) and requests[-1].startedWriting and not self._held
         self._held = b""
         for request in requests:
             request.connectionLost(Failure(RequestTimedOut(reason)))
-        if not answered:
+        if not answer_begun:
             self.transport.write(_TIMED_OUT % datetimeToString())
-        self.site.timed_out(reason, answered)
+        self.site.timed_out(reason, answer_begun)
         self.loseConnection()
 
     def rawDataReceived(self, data: bytes) -> None:
@@ -266,9 +266,10 @@ class TagdSite(Site):
             )
         return _Refused()
 
-    def timed_out(self, reason: str, answered: bool) -> None:
-        """Count and (once a minute at most) log a request given up at a deadline."""
-        if not answered:
+    def timed_out(self, reason: str, answer_begun: bool) -> None:
+        """Count the 408 (unless an answer had begun instead) of a request given up at a
+        deadline, and log it once a minute at most."""
+        if not answer_begun:
             self.resource.count(408)
         count = self._timeouts()
         if count:
