@@ -59,6 +59,10 @@ class ProxyConfig:
     pool_size: int = 64
     pool_idle_timeout: float = 60.0
     shutdown_timeout: float = 10.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    body_min_rate: float = 1024.0
+    max_connections: int = 1024
 
 
 @attrs.frozen
@@ -292,6 +296,10 @@ _PROXY_FIELDS: dict[str, _Field] = {
     "pool_size": ((int,), "a whole number", _positive),
     "pool_idle_timeout": ((int, float), "a number of seconds", _positive),
     "shutdown_timeout": ((int, float), "a number of seconds", _positive),
+    "header_timeout": ((int, float), "a number of seconds", _positive),
+    "body_timeout": ((int, float), "a number of seconds", _positive),
+    "body_min_rate": ((int, float), "a number of bytes per second", _positive),
+    "max_connections": ((int,), "a whole number", _positive),
 }
 _SECONDS: _Field = ((int, float), "a number of seconds", _positive)
 _SPOOL_FIELDS: dict[str, _Field] = {

@@ -28,6 +28,8 @@ class Metrics:
     delivery_retries: Counter = attrs.field(init=False)
     config_reloads: Counter = attrs.field(init=False)
     credentials_refused: Gauge = attrs.field(init=False)
+    visitor_connections: Gauge = attrs.field(init=False)
+    visitor_connections_refused: Counter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.tracking_dropped = Counter(
@@ -70,6 +72,17 @@ class Metrics:
             "tagd_destination_credentials_refused",
             "1 while the platform refuses the destination's credentials and nothing is sent to it.",
             ["destination"],
+            registry=self.registry,
+        )
+        # Read from the site when scraped (it sets the function): nothing per connection.
+        self.visitor_connections = Gauge(
+            "tagd_visitor_connections",
+            "Visitor connections open now; at [proxy] max_connections new ones are refused.",
+            registry=self.registry,
+        )
+        self.visitor_connections_refused = Counter(
+            "tagd_visitor_connections_refused",
+            "Visitor connections closed as soon as accepted, max_connections being open already.",
             registry=self.registry,
         )
 

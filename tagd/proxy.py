@@ -14,13 +14,14 @@ only after the reactor has written that head to the visitor.
 from __future__ import annotations
 
 from bisect import bisect_left
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -31,6 +32,9 @@ from tagd.origin import OriginClient, OriginConnection, VisitorStalled
 from tagd.paths import remove_dot_segments
 from tagd.ratelimit import RateLimitedLog
 from tagd.tracking import Tracked, TrackingHook, Visit
+
+if TYPE_CHECKING:
+    from tagd.site import TagdChannel
 
 log = Logger()
 
@@ -483,7 +487,7 @@ class _Upload:
     _holding = False
     _stopped = False
 
-    def __init__(self, exchange: _Exchange, channel: HTTPChannel, chunked: bool) -> None:
+    def __init__(self, exchange: _Exchange, channel: TagdChannel, chunked: bool) -> None:
         self.chunked = chunked
         self._exchange = exchange
         self._channel = channel
@@ -563,12 +567,9 @@ class _Upload:
 
     def _hold(self) -> None:
         self._holding = True
-        self._channel.transport.pauseProducing()
+        self._channel.hold_body()
 
     def _release(self) -> None:
-        """Read from the visitor again, unless its channel paused reading itself until its
-        own writes drain (it resumes then)."""
         if self._holding:
             self._holding = False
-            if not self._channel._waitingForTransport:
-                self._channel.transport.resumeProducing()
+            self._channel.release_body()

@@ -25,14 +25,20 @@ class RateLimitedLog:
         self._held: dict[str, int] = {}  # by kind: lines held back since
 
     def warn(self, kind: str, format: str, **fields) -> None:
-        """Log C{format} with C{fields}, unless a line of C{kind} went out less than the
-        interval ago.  C{kind} is one of a few fixed strings, never something a peer sent."""
+        """Log C{format} with C{fields} as a warning, unless a line of C{kind} went out
+        less than the interval ago.  C{kind} is one of a few fixed strings, never
+        something a peer sent."""
+        self._say(self._log.warn, kind, format, fields)
+
+    def info(self, kind: str, format: str, **fields) -> None:
+        """The same, for what is routine enough to be information (a slow visitor cut off)."""
+        self._say(self._log.info, kind, format, fields)
+
+    def _say(self, emit, kind: str, format: str, fields: dict) -> None:
         now = self._clock()
         written = self._written.get(kind)
         if written is not None and now - written < self._interval:
             self._held[kind] = self._held.get(kind, 0) + 1
             return
         self._written[kind] = now
-        self._log.warn(
-            format + " ({held} more since the last such line)", held=self._held.pop(kind, 0), **fields
-        )
+        emit(format + " ({held} more since the last such line)", held=self._held.pop(kind, 0), **fields)

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 from io import BytesIO
 
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site
 
+from tagd.config import ProxyConfig
+from tagd.deadlines import RequestDeadline, RequestTimedOut
 from tagd.headers import asks_to_close, transfer_coding_refusal
+from tagd.metrics import Metrics
 from tagd.proxy import SMALL_BODY, ProxyResource
 from tagd.ratelimit import RateLimitedLog
 from tagd.writes import send_now
@@ -34,6 +38,7 @@ log = Logger()
 # would ask the origin for a tunnel; these are the standard ones.
 FORWARDED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"
 _TRANSFER_ENCODING = b"transfer-encoding:"
+_TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\nDate: %s\r\n\r\n"
 
 
 class ProxyRequest(Request):
@@ -149,7 +154,8 @@ def _clean_head(version: bytes, code: bytes, reason: bytes, headers) -> tuple[by
 
 class TagdChannel(HTTPChannel):
     """An HTTP/1.1 channel that writes each response head in one piece, with the body's
-    first bytes when they are at hand.
+    first bytes when they are at hand, and holds the visitor to the deadlines of
+    L{tagd.deadlines}.
 
     A held head goes out with the next write, when the request is done (a response
     without a body), or when L{release_head} says that no body bytes are at hand.
@@ -188,6 +194,60 @@ class TagdChannel(HTTPChannel):
             request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
             return False
         return True
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        site = self.site
+        site.connections += 1
+        self._deadline = RequestDeadline(site.reactor, site.config, self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._deadline.read(len(data)):
+            super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._deadline.head_done()
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        self._deadline.body_done()
+        super().allContentReceived()
+
+    def loseConnection(self) -> None:
+        self._deadline.closing()
+        super().loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        self._deadline.stop()
+        self.site.connections -= 1
+        super().connectionLost(reason)
+
+    def hold_body(self) -> None:
+        """Stop reading the visitor while the origin takes its body slower than it comes;
+        the body's deadline waits meanwhile."""
+        self._deadline.held()
+        self.transport.pauseProducing()
+
+    def release_body(self) -> None:
+        """Read the body again, unless the channel paused reading itself until its own
+        writes drain (it resumes then)."""
+        self._deadline.released()
+        if not self._waitingForTransport:
+            self.transport.resumeProducing()
+
+    def deadline_passed(self, reason: str) -> None:
+        """The request's head or body is late: its exchange ends now (aborting the origin
+        request of a streamed upload), the visitor gets a 408 unless part of an answer is
+        already out, and the connection closes."""
+        requests, self.requests = self.requests, []
+        answer_begun = bool(requests) and requests[-1].startedWriting and not self._held
+        self._held = b""
+        for request in requests:
+            request.connectionLost(Failure(RequestTimedOut(reason)))
+        if not answer_begun:
+            self.transport.write(_TIMED_OUT % datetimeToString())
+        self.site.timed_out(reason, answer_begun)
+        self.loseConnection()
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self.requests:
@@ -228,6 +288,7 @@ class TagdChannel(HTTPChannel):
 
     def requestDone(self, request) -> None:
         self.release_head()
+        self._deadline.request_done()
         super().requestDone(request)
 
     def getHost(self):
@@ -241,20 +302,60 @@ class TagdChannel(HTTPChannel):
         return self._secure
 
 
+class _Refused(Protocol):
+    """A connection beyond C{max_connections}: closed as soon as it is accepted.
+
+    Cheaper than a C{503}, and no less clear: an answer written before the request is read
+    would often be lost anyway, to the reset the kernel sends when it closes a socket
+    with unread bytes, and it would cost a channel, a timer and a write for each refused
+    connection during the flood the cap is there for.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.loseConnection()
+
+
 class TagdSite(Site):
     """The site in front of the proxy resource; access lines are left to the metrics.
 
     Form bodies are the origin's to parse, or to refuse: Twisted Web would parse every
     small one, and answer 400 to a multipart body it cannot parse.
+
+    It counts the visitor connections open and refuses new ones beyond C{max_connections}
+    (see L{_Refused}), so that a flood of connections cannot use up tagd's file
+    descriptors, which the origin, the spool and the platforms need too.
     """
 
     protocol = TagdChannel
     requestFactory = ProxyRequest
     displayTracebacks = False
 
-    def __init__(self, resource: ProxyResource, reactor=None) -> None:
+    def __init__(self, resource: ProxyResource, config: ProxyConfig, metrics: Metrics, *, reactor) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, reactor=reactor)
-        self.refusals = RateLimitedLog(log, self.reactor.seconds)
+        self.config = config
+        self.connections = 0
+        self._refused_total = metrics.visitor_connections_refused
+        metrics.visitor_connections.set_function(lambda: self.connections)
+        self.refusals = RateLimitedLog(log, reactor.seconds)
+
+    def buildProtocol(self, addr):
+        if self.connections < self.config.max_connections:
+            return super().buildProtocol(addr)
+        self._refused_total.inc()
+        self.refusals.warn(
+            "connections",
+            "{open} visitor connections open, as many as max_connections allows: a new one "
+            "refused (each counted in tagd_visitor_connections_refused_total)",
+            open=self.connections,
+        )
+        return _Refused()
+
+    def timed_out(self, reason: str, answer_begun: bool) -> None:
+        """Count the 408 (unless an answer had begun instead) of a request given up at a
+        deadline, and log it once a minute at most."""
+        if not answer_begun:
+            self.resource.count(408)
+        self.refusals.info("deadline", "visitor connection closed, {reason}", reason=reason)
 
     def log(self, request) -> None:
         pass

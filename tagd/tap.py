@@ -144,7 +144,8 @@ def build_service(
         on_tracking=hook,
         allow_underscores=proxy.allow_underscores_in_headers,
     )
-    listener = strports.service(proxy.listen, TagdSite(resource, reactor=reactor), reactor=reactor)
+    site = TagdSite(resource, proxy, metrics, reactor=reactor)
+    listener = strports.service(proxy.listen, site, reactor=reactor)
     health = Health(
         serving=lambda: listener.running,
         spool=delivery.spool if delivery is not None else None,

@@ -387,7 +387,8 @@ def hook():
 async def start_tagd(reactor, origin, hook):
     """Start tagd in front of the origin: C{await start_tagd(response_timeout=0.5, ...)}.
 
-    Keys are C{[proxy]} keys; the listener is on a free loopback port.  Everything
+    Keys are C{[proxy]} keys; the listener is on a free loopback port.  C{metrics} is a
+    L{tagd.metrics.Metrics} for tagd to count in (a fresh one if not given).  Everything
     started is stopped, and its connections closed, when the test ends.
     """
     # Imported here, so that a broken tagd fails these tests and not every test's collection.
@@ -396,7 +397,7 @@ async def start_tagd(reactor, origin, hook):
 
     started = []
 
-    async def start(**proxy) -> Tagd:
+    async def start(metrics=None, **proxy) -> Tagd:
         values = {
             "listen": "tcp:0:interface=127.0.0.1",
             "origin": f"http://127.0.0.1:{origin.port}",
@@ -405,7 +406,7 @@ async def start_tagd(reactor, origin, hook):
             "response_timeout": 5,
             **proxy,
         }
-        service = build_service(parse_config(proxy_toml(values), "(test)"), reactor)
+        service = build_service(parse_config(proxy_toml(values), "(test)"), reactor, metrics)
         _install_hook(service, hook)
         service.startService()
         started.append(service)

@@ -7,9 +7,10 @@ the unit files as installed (drop-ins included): start C{ExecStart=} in
 C{WorkingDirectory=} with the environment systemd gives a service (C{$NOTIFY_SOCKET} naming a
 real datagram socket, C{$WATCHDOG_USEC}, C{$STATE_DIRECTORY}, C{$CREDENTIALS_DIRECTORY} with
 the C{LoadCredential=} files copied into it, C{$LISTEN_FDS} with a socket unit's listening
-socket as file descriptor 3), count it started at C{READY=1}, stop it with SIGTERM within
-C{TimeoutStopSec=}, reload it with C{ExecReload=}, and keep its output, with systemd's own
-lines about the unit, as the journal.
+socket as file descriptor 3) and the open-file limit of C{LimitNOFILE=}, count it started
+at C{READY=1}, stop it with SIGTERM within C{TimeoutStopSec=}, reload it with
+C{ExecReload=}, and keep its output, with systemd's own lines about the unit, as the
+journal.
 """
 
 from __future__ import annotations
@@ -182,11 +183,14 @@ class UnitError(Exception):
 
 
 # Run between fork and exec, as systemd does it: a listening socket becomes descriptor 3,
-# the variables that name the process's own pid get it, and the process becomes the
-# service's user (no supplementary group) with systemd's default umask.
+# the variables that name the process's own pid get it, the open-file limit is the unit's
+# LimitNOFILE= (soft and hard), and the process becomes the service's user (no
+# supplementary group) with systemd's default umask.
 LAUNCHER = """\
-import os, sys
-fd, uid = int(sys.argv[1]), int(sys.argv[2])
+import os, resource, sys
+fd, uid, files = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+if files >= 0:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
 if fd >= 0:
     if fd != 3:
         os.dup2(fd, 3)
@@ -199,7 +203,7 @@ if uid >= 0:
     os.setgid(uid)
     os.setuid(uid)
 os.umask(0o022)
-os.execv(sys.argv[3], sys.argv[3:])
+os.execv(sys.argv[4], sys.argv[4:])
 """
 
 # systemd's range for DynamicUser= (its uid and gid are the same number).
@@ -561,13 +565,16 @@ class ServiceManager:
         if listening is not None:
             fd = listening.fileno()
             env.update(LISTEN_FDS="1", LISTEN_FDNAMES=unit.name.removesuffix(".service") + ".socket")
+        files = unit.get("Service", "LimitNOFILE", "-1")
+        if not files.lstrip("-").isdigit():
+            raise UnitError(f"this stand-in reads LimitNOFILE= as one number only, not {unit.name}'s {files!r}")
         argv = [self.inside(word) for word in shlex.split(unit.get("Service", "ExecStart"))]
         cwd = self.path(unit.get("Service", "WorkingDirectory", "/"))
         self.log(f"Starting {unit.name} - {unit.description}...")
         self.started_at[unit.name] = time.monotonic()
         with open(self.journal, "ab") as journal:
             process = subprocess.Popen(
-                [sys.executable, "-I", "-c", LAUNCHER, str(fd), str(-1 if uid is None else uid), *argv],
+                [sys.executable, "-I", "-c", LAUNCHER, str(fd), str(-1 if uid is None else uid), files, *argv],
                 cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=journal, stderr=subprocess.STDOUT,
                 pass_fds=() if fd < 0 else (fd,),
             )  # fmt: skip

@@ -49,6 +49,8 @@ def test_defaults_from_empty_file(write):
     for timeout in (proxy.connect_timeout, proxy.response_timeout, proxy.pool_idle_timeout):
         assert timeout > 0
     assert isinstance(proxy.pool_size, int) and proxy.pool_size > 0
+    assert (proxy.header_timeout, proxy.body_timeout, proxy.body_min_rate) == (10, 30, 1024)
+    assert proxy.max_connections == 1024
 
 
 def test_defaults_from_empty_table(write):
@@ -71,6 +73,10 @@ def test_every_key_parsed(write):
         response_timeout = 30.5
         pool_size = 16
         pool_idle_timeout = 120.0
+        header_timeout = 5
+        body_timeout = 12.5
+        body_min_rate = 512
+        max_connections = 300
         """
     )
     assert load_config(path) == Config(
@@ -86,6 +92,10 @@ def test_every_key_parsed(write):
             response_timeout=30.5,
             pool_size=16,
             pool_idle_timeout=120.0,
+            header_timeout=5,
+            body_timeout=12.5,
+            body_min_rate=512,
+            max_connections=300,
         ),
     )
 
@@ -114,7 +124,11 @@ def test_overrides_checked(write):
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
-@pytest.mark.parametrize("key", ["connect_timeout", "response_timeout", "pool_idle_timeout", "shutdown_timeout"])
+@pytest.mark.parametrize(
+    "key",
+    ["connect_timeout", "response_timeout", "pool_idle_timeout", "shutdown_timeout", "header_timeout",
+     "body_timeout", "body_min_rate"],
+)
 def test_timeouts_must_be_finite(write, key, value):
     """NaN or infinite seconds would break timers at run time; they stop start-up instead."""
     assert_config_error(write(f"[proxy]\n{key} = {value}\n"), f"proxy.{key}")
@@ -158,6 +172,12 @@ def test_timeouts_must_be_finite(write, key, value):
         pytest.param("[proxy]\nresponse_timeout = -1.5\n", "proxy.response_timeout", id="timeout-negative"),
         pytest.param("[proxy]\npool_idle_timeout = 0.0\n", "proxy.pool_idle_timeout", id="idle-timeout-zero"),
         pytest.param("[proxy]\npool_size = 0\n", "proxy.pool_size", id="pool-size-zero"),
+        pytest.param("[proxy]\nheader_timeout = 0\n", "proxy.header_timeout", id="header-timeout-zero"),
+        pytest.param("[proxy]\nbody_timeout = -3\n", "proxy.body_timeout", id="body-timeout-negative"),
+        pytest.param('[proxy]\nbody_timeout = "30s"\n', "proxy.body_timeout", id="body-timeout-string"),
+        pytest.param("[proxy]\nbody_min_rate = 0\n", "proxy.body_min_rate", id="body-min-rate-zero"),
+        pytest.param("[proxy]\nmax_connections = 0\n", "proxy.max_connections", id="max-connections-zero"),
+        pytest.param("[proxy]\nmax_connections = 10.5\n", "proxy.max_connections", id="max-connections-float"),
         pytest.param('[proxy]\ntracking_header = "Worker Tracking"\n', "proxy.tracking_header", id="header-space"),
         pytest.param('[proxy]\nclient_ip_header = ""\n', "proxy.client_ip_header", id="header-empty"),
     ],

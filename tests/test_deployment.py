@@ -470,6 +470,10 @@ def test_start(droplet):
     assert writable_by_others(droplet.path("/opt/tagd")) == []
     config = droplet.path("/etc/tagd/tagd.toml").stat()
     assert (config.st_uid, config.st_mode & 0o777) == (0, 0o644)
+    # LimitNOFILE=: room for max_connections visitors and what each may need besides.
+    limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    [files] = [line.split()[3:5] for line in limits if line.startswith("Max open files")]
+    assert files == [manager.unit("tagd").get("Service", "LimitNOFILE")] * 2
 
 
 def test_check_that_it_runs(droplet):

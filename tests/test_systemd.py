@@ -246,8 +246,13 @@ def test_service_unit_runs_tagd_as_documented():
     assert "--logger=tagd.logs.observer" in settings["ExecStart"]
     assert settings["WorkingDirectory"] == "/var/lib/tagd"
     assert settings["StateDirectory"] == "tagd"
+    defaults = parse_config("", "(defaults)").proxy
     # tagd's own deadline (10 s by default) must end well before systemd kills it.
-    assert float(settings["TimeoutStopSec"]) > parse_config("", "(defaults)").proxy.shutdown_timeout
+    assert float(settings["TimeoutStopSec"]) > defaults.shutdown_timeout
+    # Room for max_connections visitors, an origin connection for each, and the rest (the
+    # spool, the platforms, the admin listener), so that tagd's own cap refuses visitors
+    # before the kernel refuses it a file descriptor.
+    assert int(settings["LimitNOFILE"]) >= 2 * defaults.max_connections + 1024
     assert settings["CapabilityBoundingSet"] == ""
     # A configuration error is not restarted: tagd exits with the status the unit names.
     assert settings["Restart"] == "on-failure"
