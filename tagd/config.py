@@ -63,6 +63,7 @@ class ProxyConfig:
     body_timeout: float = 30.0
     body_min_rate: float = 1024.0
     max_connections: int = 1024
+    keepalive_timeout: float = 60.0
 
 
 @attrs.frozen
@@ -300,6 +301,7 @@ _PROXY_FIELDS: dict[str, _Field] = {
     "body_timeout": ((int, float), "a number of seconds", _positive),
     "body_min_rate": ((int, float), "a number of bytes per second", _positive),
     "max_connections": ((int,), "a whole number", _positive),
+    "keepalive_timeout": ((int, float), "a number of seconds", _positive),
 }
 _SECONDS: _Field = ((int, float), "a number of seconds", _positive)
 _SPOOL_FIELDS: dict[str, _Field] = {

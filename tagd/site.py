@@ -164,6 +164,7 @@ class TagdChannel(HTTPChannel):
     _host = None
     _secure = None
     _held = b""  # the response head, not yet written
+    _idle_abort = None  # closes the connection for good if an idle close is not taken
 
     def headerReceived(self, line: bytes) -> bool:
         """Refuse a Transfer-Encoding other than plain chunked before Twisted Web reads it.
@@ -218,9 +219,18 @@ class TagdChannel(HTTPChannel):
         super().loseConnection()
 
     def connectionLost(self, reason) -> None:
+        if self._idle_abort is not None and self._idle_abort.active():
+            self._idle_abort.cancel()
         self._deadline.stop()
         self.site.connections -= 1
         super().connectionLost(reason)
+
+    def timeoutConnection(self) -> None:
+        """Close a connection idle for C{keepalive_timeout}, as Twisted Web does, but
+        without its line: it names the peer's address, personal data, and would come
+        once for every visitor who leaves a connection open."""
+        self.loseConnection()
+        self._idle_abort = self.callLater(self.abortTimeout, self.transport.abortConnection)
 
     def hold_body(self) -> None:
         """Stop reading the visitor while the origin takes its body slower than it comes;
@@ -331,7 +341,9 @@ class TagdSite(Site):
     displayTracebacks = False
 
     def __init__(self, resource: ProxyResource, config: ProxyConfig, metrics: Metrics, *, reactor) -> None:
-        super().__init__(resource, parsePOSTFormSubmission=False, reactor=reactor)
+        super().__init__(
+            resource, timeout=config.keepalive_timeout, parsePOSTFormSubmission=False, reactor=reactor
+        )
         self.config = config
         self.connections = 0
         self._refused_total = metrics.visitor_connections_refused

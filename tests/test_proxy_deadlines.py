@@ -16,7 +16,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import Clock, LoopingCall
-from twisted.logger import LogLevel
+from twisted.logger import LogLevel, formatEvent
 
 from certificates import self_signed
 from conftest import WireVisitor, eventually, raw_request, sleep, within
@@ -136,6 +136,22 @@ async def test_kept_alive_connection_idles_under_the_idle_timeout(reactor, start
     visitor.send(b"GET /echo HT")
     assert 0.4 <= await closing_time(reactor, visitor) < 2
     assert (await within(answer)).status == 408
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_connection_closes_after_keepalive_timeout_and_names_no_one(
+    reactor, start_tagd, connect, log_events
+):
+    """A kept-alive connection idle for keepalive_timeout is closed, and no log line names
+    the visitor's address (Twisted Web's own idle line does, once per connection)."""
+    tagd = await start_tagd(keepalive_timeout=0.5, header_timeout=5)
+    visitor = await connect(tagd.port)
+    port = visitor.transport.getHost().port
+    assert (await within(visitor.request(b"GET", b"/echo"))).status == 200
+    log_events.clear()
+    assert 0.3 <= await closing_time(reactor, visitor) < 2
+    texts = [formatEvent(e) for e in log_events]
+    assert not [t for t in texts if f"127.0.0.1:{port}" in t or str(port) in t or "Timing out" in t], texts
 
 
 async def connect_tls(reactor, port: int) -> WireVisitor:

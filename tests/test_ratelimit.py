@@ -26,3 +26,20 @@ def test_one_line_per_kind_per_interval_with_the_count_held_back():
         "refused: b (0 more since the last such line)",
         "refused: a (3 more since the last such line)",
     ]
+
+
+def test_information_lines_are_limited_the_same_way():
+    """info takes the same interval per kind as warn, at the information level."""
+    from twisted.logger import LogLevel
+
+    events: list[dict] = []
+    clock = Clock()
+    limited = RateLimitedLog(Logger(observer=events.append), clock.seconds, interval=60)
+    limited.info("slow", "closed: {why}", why="late")
+    limited.info("slow", "closed: {why}", why="late")
+    clock.advance(60)
+    limited.info("slow", "closed: {why}", why="late")
+    assert [(e["log_level"], formatEvent(e)) for e in events] == [
+        (LogLevel.info, "closed: late (0 more since the last such line)"),
+        (LogLevel.info, "closed: late (1 more since the last such line)"),
+    ]
