@@ -97,6 +97,10 @@ class Server:
         """
         return _stat_cpu_seconds(f"/proc/{self.proc.pid}/stat")
 
+    def cpu_split(self) -> tuple[float, float] | None:
+        """User and system CPU time so far: Python's own work against the kernel's."""
+        return _stat_cpu_split(f"/proc/{self.proc.pid}/stat")
+
     def main_thread_cpu_seconds(self) -> float | None:
         """The CPU time of the process's first thread alone: for a Twisted server, the
         reactor's, which bounds its requests/s whatever its other threads do."""
@@ -105,10 +109,17 @@ class Server:
 
 def _stat_cpu_seconds(path: str) -> float | None:
     """User+system CPU seconds from a /proc C{stat} file, or None when it cannot be read."""
+    split = _stat_cpu_split(path)
+    return None if split is None else sum(split)
+
+
+def _stat_cpu_split(path: str) -> tuple[float, float] | None:
+    """User and system CPU seconds from a /proc C{stat} file, or None when it cannot be read."""
     try:
         with open(path) as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
     except (OSError, ValueError, IndexError):
         return None
 
@@ -586,9 +597,16 @@ def measure(server: Server, origin: Server, drive, args, expected_body: bytes, o
     watched = [server, origin, *others]
     keys = ["proxy_cpu_pct", "origin_cpu_pct", *(f"{other.name}_cpu_pct" for other in others)]
     cpu_before = [s.cpu_seconds() for s in watched]
+    split_before = server.cpu_split()
     with around_run():
         result = drive(server.port, args.duration, args.connections, args.threads)
     cpu_after = [s.cpu_seconds() for s in watched]
+    split_after = server.cpu_split()
+    # Per request, in µs: what the proxy's own code costs (user) and what the kernel does
+    # for it (system), which tell why tagd/nginx differs between machines.
+    for key, index in (("proxy_user_us", 0), ("proxy_sys_us", 1)):
+        ok = split_before is not None and split_after is not None and result["requests"]
+        result[key] = round(1e6 * (split_after[index] - split_before[index]) / result["requests"], 1) if ok else None
     for key, before, after in zip(keys, cpu_before, cpu_after):
         ok = before is not None and after is not None and result["seconds"] > 0
         result[key] = round(100 * (after - before) / result["seconds"]) if ok else None
@@ -658,6 +676,10 @@ def _ms(value: float) -> str:
     return f"{value:.2f}"
 
 
+def _us(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def cpu_cell(value) -> str:
     """A CPU percentage for a table; "-" where /proc could not tell."""
     return "-" if value is None else f"{value}%"
@@ -678,10 +700,12 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def print_table(results: list[dict], label=lambda r: r["name"]) -> None:
-    columns = ("proxy", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "proxy CPU", "origin CPU")
+    columns = ("proxy", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "proxy CPU", "origin CPU",
+               "user µs/req", "sys µs/req")
     rows = [
         (label(r), f"{r['rps']:,.0f}", _ms(r["p50_ms"]), _ms(r["p90_ms"]), _ms(r["p99_ms"]),
-         str(r["error_total"]), cpu_cell(r["proxy_cpu_pct"]), cpu_cell(r["origin_cpu_pct"]))
+         str(r["error_total"]), cpu_cell(r["proxy_cpu_pct"]), cpu_cell(r["origin_cpu_pct"]),
+         _us(r.get("proxy_user_us")), _us(r.get("proxy_sys_us")))
         for r in results
     ]
     print_columns(columns, rows)
@@ -754,9 +778,10 @@ def find_tools(args) -> dict:
 
 def calibrate(rounds: int = 5) -> dict:
     """How fast this machine runs the two kinds of work a proxy does, best of C{rounds}:
-    pure-Python bytecode (tagd's share) and the kernel's copy of a page over loopback (the
-    larger share of nginx's).  The tagd/nginx ratio follows their quotient from one
-    machine to the next, so it is printed beside the figures."""
+    pure-Python bytecode (most of tagd's CPU) and the kernel's copy of a page over
+    loopback (most of nginx's).  Both proxies spend about the same system time per
+    request; tagd's user time, Python's, is what moves tagd/nginx from one machine (or
+    hour) to the next, so this is printed beside the figures to compare runs by."""
     lines = [b"X-Header-%d: value-%d" % (i, i) for i in range(12)]
 
     def python_work() -> None:
@@ -837,7 +862,7 @@ def run(args, processes: Processes) -> int:
     machine = calibrate()
     print(f"machine: {os.cpu_count()} CPUs; Python splits a 12-line head in {machine['python_us_per_head']} µs, "
           f"the kernel moves a {PAGE_SIZE:,}-byte page over loopback in {machine['kernel_us_per_page']} µs "
-          f"(quotient {machine['python_over_kernel']}: the higher, the lower tagd/nginx)")
+          f"(quotient {machine['python_over_kernel']})")
     origin, origin_text, expected_body, generator = prepare_origin(args, processes, tools)
     print(f"load:   {generator}, {args.connections} keep-alive connections, "
           f"{args.warmup} s warm-up + {args.duration} s per proxy and round, one proxy at a time, "

@@ -243,8 +243,16 @@ class _OriginFactory(ClientFactory):
 
 _IDLE, _HEAD, _BODY, _DONE = "idle", "head", "body", "done"
 
+# Flags of the look at a pooled connection's socket; as a plain int, since combining the
+# socket module's flags builds an enum member each time.
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 # What a reason phrase may hold (RFC 9112 section 4: HTAB, SP, VCHAR, obs-text).
 _BAD_REASON = re.compile(rb"[^\t\x20-\x7e\x80-\xff]")
+
+
+def _head_size(phrase: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    """About the size of a parsed response head on the wire: its lines and their CRLFs."""
+    return 15 + len(phrase) + sum(len(name) + len(value) + 4 for name, value in headers)
 
 
 class _ExtraBytes(Exception):
@@ -294,7 +302,7 @@ class OriginConnection(Protocol):
         self._method = method
         self._reused = reused
         self._state = _HEAD
-        self._head_size = self._head_size_parsed = 0
+        self._head_size = 0
         self._answered = False
         transport = self.transport
         send_now(transport, head if body is None else head + body)
@@ -407,9 +415,6 @@ class OriginConnection(Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._state is not _HEAD:
             return  # A trailer of a chunked body: not forwarded.
-        self._head_size_parsed += len(name) + len(value) + 4
-        if self._head_size_parsed > MAX_HEAD_SIZE:
-            raise OriginProtocolError("response head too large")
         value = value.strip(b" \t")
         lower = name.lower()
         if lower == b"content-length":
@@ -436,6 +441,10 @@ class OriginConnection(Protocol):
         if _BAD_REASON.search(phrase):
             raise OriginProtocolError("invalid character in the reason phrase")
         headers = self._headers
+        if self._head_size > MAX_HEAD_SIZE and _head_size(phrase, headers) > MAX_HEAD_SIZE:
+            # Measured only when the bytes read since the request went out pass the limit:
+            # a head over it implies that, and most responses never get there.
+            raise OriginProtocolError("response head too large")
         head_only = self._method == b"HEAD"
         if self._length is not None:
             headers.append((b"Content-Length", self._length))
@@ -503,7 +512,7 @@ class OriginConnection(Protocol):
         if not isinstance(handle, socket.socket):
             return False
         try:
-            return handle.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) is not None
+            return handle.recv(1, _PEEK) is not None
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:

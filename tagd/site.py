@@ -191,7 +191,8 @@ class TagdChannel(HTTPChannel):
         """
         if version != b"HTTP/1.1":
             return False
-        if asks_to_close(request.requestHeaders.getRawHeaders(b"connection", ())):
+        connection = request.requestHeaders.getRawHeaders(b"connection")
+        if connection is not None and asks_to_close(connection):
             request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
             return False
         return True
