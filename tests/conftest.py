@@ -431,12 +431,13 @@ async def raw_tagd(start_tagd, origin):
 
 @pytest_twisted.async_yield_fixture
 async def connect(reactor):
-    """Open a L{WireVisitor} connection: C{visitor = await connect(tagd.port)}."""
+    """Open a L{WireVisitor} connection: C{visitor = await connect(tagd.port)}; or a
+    connection of another protocol with a C{closed} Deferred: C{connect(port, Visitor())}."""
     visitors = []
 
-    async def open_connection(port: int) -> WireVisitor:
+    async def open_connection(port: int, protocol=None):
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
-        visitor = await within(connectProtocol(endpoint, WireVisitor()))
+        visitor = await within(connectProtocol(endpoint, WireVisitor() if protocol is None else protocol))
         visitors.append(visitor)
         return visitor
 

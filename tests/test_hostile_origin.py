@@ -21,7 +21,6 @@ import pytest_twisted
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, FirstError, gatherResults
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 
@@ -208,22 +207,10 @@ class Visitor(Protocol):
         return [word for word in FOREIGN if word in self.data]
 
 
-@pytest_twisted.async_yield_fixture
-async def visit(reactor):
+@pytest.fixture
+def visit(connect):
     """Open a L{Visitor} connection to a port: C{visitor = await visit(port)}."""
-    opened = []
-
-    async def open_connection(port: int) -> Visitor:
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
-        visitor = await within(connectProtocol(endpoint, Visitor()))
-        opened.append(visitor)
-        return visitor
-
-    yield open_connection
-    for visitor in opened:
-        if not visitor.closed.called:
-            visitor.transport.abortConnection()
-            await within(visitor.closed)
+    return lambda port: connect(port, Visitor())
 
 
 @pytest_twisted.async_fixture

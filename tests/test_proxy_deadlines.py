@@ -15,7 +15,7 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
-from twisted.internet.task import Clock, LoopingCall
+from twisted.internet.task import LoopingCall
 from twisted.logger import LogLevel, formatEvent
 
 from certificates import self_signed

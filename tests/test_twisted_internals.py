@@ -28,7 +28,6 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, T
 from twisted.internet.protocol import Factory
 from twisted.internet.tcp import Connection
 from twisted.web import client as web_client
-from twisted.web import http as web_http
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
