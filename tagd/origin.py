@@ -2,9 +2,9 @@
 
 Why not L{twisted.web.client.Agent}: it parses every URL, builds an endpoint and a pool
 key, and wraps each body in a deferred-driven protocol for every request.  A reverse
-proxy talks to one fixed origin, so that work is done once here, and each response head
-is parsed in one pass into raw header pairs.  Measured on the benchmark in C{bench/},
-this roughly doubled throughput.
+proxy talks to one fixed origin, so that work is done once here.  Measured on the
+benchmark in C{bench/}, this roughly doubled throughput.  Responses are parsed by llhttp
+(through httptools), strictly, a whole read at a time.
 
 An L{OriginClient} keeps a stack of idle persistent connections; an
 L{OriginConnection} carries one exchange at a time and tells a L{ResponseReceiver}
@@ -266,7 +266,7 @@ class OriginConnection(Protocol):
     Responses are parsed by llhttp (through httptools), strict: no bare LF, no obs-fold,
     no invalid header names or characters, no conflicting framing.  The connection goes
     back to the pool only once the read that completed a response held nothing more, and
-    never after a HEAD, whose buggy bodies trail the head.
+    never after a HEAD, 204 or 304, whose buggy bodies trail the head.
     """
 
     idle_since = 0.0
@@ -420,7 +420,7 @@ class OriginConnection(Protocol):
         if lower == b"content-length":
             self._length = value  # llhttp has checked it: digits, given once
         elif lower == b"transfer-encoding":
-            if value.lower() != b"chunked":
+            if value.lower() != b"chunked" or self._chunked:
                 raise OriginProtocolError("unsupported transfer coding")
             self._chunked = True
         else:
@@ -446,10 +446,14 @@ class OriginConnection(Protocol):
             # a head over it implies that, and most responses never get there.
             raise OriginProtocolError("response head too large")
         head_only = self._method == b"HEAD"
-        if self._length is not None:
+        if self._length is not None and code != 204:  # RFC 9110 8.6: a 204 has none
             headers.append((b"Content-Length", self._length))
-        self._close_delimited = not (head_only or self._chunked or self._length is not None or code in NO_BODY_CODES)
-        self._reusable = parser.should_keep_alive() and not (head_only or self._close_delimited)
+        bodiless = head_only or code in NO_BODY_CODES
+        self._close_delimited = not (bodiless or self._chunked or self._length is not None)
+        # Buggy apps send a body on HEAD, 204 and 304 answers, sometimes a little after the
+        # head, where it would be taken for the next request's answer: such a connection
+        # is not reused.
+        self._reusable = parser.should_keep_alive() and not (bodiless or self._close_delimited)
         self._state = _BODY
         self._head = (code, phrase, headers)
         if head_only:

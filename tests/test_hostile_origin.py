@@ -338,6 +338,27 @@ async def test_extra_bytes_arriving_later_are_dropped_with_the_connection(
     assert logged_failures == []
 
 
+@pytest.mark.parametrize("framed", ["head", "204", "304"])
+@pytest_twisted.ensureDeferred
+async def test_a_late_whole_response_after_a_bodiless_answer_reaches_no_one(
+    scripted_origin, proxy, visit, logged_failures, framed
+):
+    """The buggy app's body comes 50 ms after a bodiless answer (HEAD, 204, 304), and it is
+    a whole response with a cookie, while the next visitor asks at once: that visitor
+    gets its own answer on a new connection, never the late one, since a connection that
+    gave a bodiless answer is never reused.  (Were it reused, the late response would be
+    indistinguishable from the answer to the next request.)"""
+    method, answer, status = FRAMED[framed]
+    scripted_origin.script([Await(), Send(answer), Wait(0.05), Send(SMUGGLED)])
+    first = await visit(proxy.port)
+    _first_answer_is_exact(await first.ask(method, b"/first"), method, status)
+    other = await visit(proxy.port)
+    assert_answers(await other.ask(b"GET", b"/second"), b"/second")
+    assert scripted_origin.received[1].connection == 1, "a connection that gave a bodiless answer was reused"
+    assert first.foreign() == other.foreign() == []
+    assert logged_failures == []
+
+
 @pytest.mark.parametrize("framed", FRAMED)
 @pytest_twisted.ensureDeferred
 async def test_stale_bytes_after_the_next_request_are_never_its_answer(

@@ -110,6 +110,19 @@ def test_a_body_on_a_bodiless_status_closes_the_connection(code):
     assert not _pooled(client, connection)
 
 
+@pytest.mark.parametrize("code", [204, 304])
+def test_a_bodiless_status_is_never_pooled_even_when_clean(code):
+    """A body a buggy app sends after a 204 or 304 may come a little later, where it would
+    be read as the next request's answer: such a connection is closed even when nothing
+    followed the head.  A 204's Content-Length is not passed on (RFC 9110 section 8.6),
+    a 304's is."""
+    client, connection, transport, receiver = _exchange()
+    _feed(connection, b"HTTP/1.1 %d X\r\nContent-Length: 8\r\nETag: e\r\n\r\n" % code)
+    assert receiver.ended and not _pooled(client, connection) and transport.disconnecting
+    expected = [(b"ETag", b"e")] + ([(b"Content-Length", b"8")] if code == 304 else [])
+    assert receiver.head[2] == expected
+
+
 @pytest.mark.parametrize("trailing", [b"", b"SMUGGLED"], ids=["no-body", "body"])
 def test_a_head_response_ends_at_its_head_and_is_never_pooled(trailing):
     """A HEAD's answer ends with its head; a buggy body trailing it may come later, so the
@@ -165,6 +178,7 @@ def test_interim_answers_are_skipped_and_trailers_dropped():
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nWorker-Tracking: {}\nX: y\r\n\r\n",
     ],
 )
