@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -94,6 +95,11 @@ class ProxyResource(Resource):
         # Response heads that held a CR, LF or NUL where none belongs, written without it.
         self.forged_heads = 0
         self._warnings = RateLimitedLog(log, reactor.seconds)
+
+    @property
+    def under_prefix(self) -> bool:
+        """Whether the origin URL has a path that every forwarded path goes under."""
+        return bool(self._client.prefix)
 
     def render(self, request: Request):
         _Exchange(self, request).start()
@@ -249,8 +255,10 @@ class _Exchange:
 
     def _connect_failed(self, failure: Failure) -> None:
         self._pending = None
-        if not failure.check(CancelledError):
-            log.warn(
+        # The visitor left while tagd was connecting: nothing is wrong with the origin.
+        if not failure.check(CancelledError, ConnectingCancelledError):
+            self._proxy._warnings.warn(
+                "unreachable",
                 "origin unreachable for {uri}: {reason}",
                 uri=self._path(),
                 reason=failure.getErrorMessage(),
@@ -312,7 +320,9 @@ class _Exchange:
             self._send()
             return
         if reason.check(VisitorStalled):
-            log.info("visitor stopped reading {uri}; connection closed", uri=self._path())
+            self._proxy._warnings.info(
+                "stalled", "visitor stopped reading {uri}; connection closed", uri=self._path()
+            )
             self._end()
             self._request.unregisterProducer()
             self._request.channel.transport.abortConnection()
@@ -324,7 +334,8 @@ class _Exchange:
             self._request.unregisterProducer()
             self._request.channel.transport.abortConnection()
         else:
-            log.warn(
+            self._proxy._warnings.warn(
+                "no valid answer",
                 "origin failed before answering {uri}: {reason}",
                 uri=self._path(),
                 reason=reason.getErrorMessage(),
@@ -362,7 +373,7 @@ class _Exchange:
     # Endings
 
     def _timed_out(self) -> None:
-        log.warn("origin gave no answer in time for {uri}", uri=self._path())
+        self._proxy._warnings.warn("no answer in time", "origin gave no answer in time for {uri}", uri=self._path())
         self._abandon_origin()
         self._error(504, b"Gateway Timeout", b"The shop did not answer in time.")
 

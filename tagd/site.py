@@ -28,6 +28,7 @@ from tagd.config import ProxyConfig
 from tagd.deadlines import RequestDeadline, RequestTimedOut
 from tagd.headers import asks_to_close, transfer_coding_refusal
 from tagd.metrics import Metrics
+from tagd.paths import target_refusal
 from tagd.proxy import SMALL_BODY, ProxyResource
 from tagd.ratelimit import RateLimitedLog
 from tagd.writes import send_now
@@ -69,8 +70,13 @@ class ProxyRequest(Request):
             # RFC 9112 section 3.2: the origin and tagging might each believe another one.
             self.refuse(400, "two Host headers")
             return
-        if self.channel._command == b"CONNECT":
+        channel = self.channel
+        if channel._command == b"CONNECT":
             self.refuse(405, "CONNECT, which tagd does not forward", b"Allow: " + FORWARDED_METHODS)
+            return
+        refusal = target_refusal(channel._path, channel.site.resource.under_prefix)
+        if refusal is not None:
+            self.refuse(400, refusal)
             return
         if length is None:
             self._chunked = True
@@ -90,6 +96,7 @@ class ProxyRequest(Request):
         # Else the channel would follow the answer with a 100 Continue for a visitor who asks.
         self.requestHeaders.removeHeader(b"expect")
         channel = self.channel
+        channel.site.resource.count(code)
         channel.site.refusals.warn(
             reason, "visitor request refused with {code}: {reason}", code=code, reason=reason
         )

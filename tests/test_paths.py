@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tagd.paths import remove_dot_segments
+from tagd.paths import remove_dot_segments, target_refusal
 
 
 @pytest.mark.parametrize(
@@ -68,3 +68,31 @@ def test_no_result_climbs_or_keeps_a_dot_segment(segments, leading_slash):
     parts = resolved.split(b"/")
     assert not [p for p in parts if p.lower().replace(b"%2e", b".") in (b".", b"..")]
     assert posixpath.normpath(resolved.decode()).startswith("/")
+
+
+@pytest.mark.parametrize(
+    "target, under_prefix, refused",
+    [
+        (b"/a/b?q=..%2f", True, False),
+        (b"/../admin", True, False),  # resolved to /admin under the prefix
+        (b"*", False, False),
+        (b"http://shop.example/a", False, False),
+        (b"HTTPS://shop.example/a?b", True, False),
+        (b"/..%2fadmin", True, True),
+        (b"/%2e%2e%2Fadmin", True, True),
+        (b"/..\\admin", True, True),
+        (b"/..;/admin", True, True),
+        (b"/a/..%252f..%252fadmin", True, True),
+        (b"http://shop.example/..%2fadmin", True, True),
+        (b"/..%2fadmin", False, False),  # no prefix: the origin's own namespace
+        (b"\xa0", False, True),
+        (b"/caf\xc3\xa9", False, True),
+        (b"/a\x7fb", False, True),
+        (b"admin", False, True),
+        (b"shop.example:443", False, True),
+    ],
+)
+def test_targets_tagd_refuses(target, under_prefix, refused):
+    """Origin-form, absolute-form and * in printable ASCII are forwarded; anything else is
+    refused, and so, under a prefix, is a path that would climb out of it once decoded."""
+    assert (target_refusal(target, under_prefix) is not None) is refused

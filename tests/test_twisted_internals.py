@@ -192,12 +192,12 @@ class Internal:
 INTERNALS = (
     Internal("HTTPChannel._command", "tagd/site.py, ProxyRequest._forward", _request_line_part("_command", b"POST")),
     Internal(
-        "HTTPChannel._path", "tagd/site.py, ProxyRequest._forward", _request_line_part("_path", b"/upload?part=1")
+        "HTTPChannel._path", "tagd/site.py, ProxyRequest._forward and gotLength", _request_line_part("_path", b"/upload?part=1")
     ),
     Internal(
         "HTTPChannel._version", "tagd/site.py, ProxyRequest._forward", _request_line_part("_version", b"HTTP/1.1")
     ),
-    Internal("HTTPChannel._waitingForTransport", "tagd/proxy.py, the exchange's _release", _waiting_for_transport),
+    Internal("HTTPChannel._waitingForTransport", "tagd/site.py, TagdChannel.release_body", _waiting_for_transport),
     Internal("Connection.dataBuffer", "tagd/writes.py, send_now", _write_buffer),
     Internal("Connection._tempDataBuffer", "tagd/writes.py, send_now", _queued_writes),
     Internal("twisted.web.client._HTTP11ClientFactory", "tagd/delivery.py, _QuietClientFactory", _client_factory),
