@@ -62,6 +62,7 @@ class ProxyConfig:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     body_min_rate: float = 1024.0
+    upload_timeout: float = 600.0
     max_connections: int = 1024
     keepalive_timeout: float = 60.0
 
@@ -300,6 +301,7 @@ _PROXY_FIELDS: dict[str, _Field] = {
     "header_timeout": ((int, float), "a number of seconds", _positive),
     "body_timeout": ((int, float), "a number of seconds", _positive),
     "body_min_rate": ((int, float), "a number of bytes per second", _positive),
+    "upload_timeout": ((int, float), "a number of seconds", _positive),
     "max_connections": ((int,), "a whole number", _positive),
     "keepalive_timeout": ((int, float), "a number of seconds", _positive),
 }

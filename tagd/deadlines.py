@@ -8,13 +8,15 @@ each visitor connection:
  - the request head (request line and headers) must be in within C{header_timeout} of
    the connection's start; on a kept-alive connection, of the end of the previous request
    or of the next request's first byte, whichever is later (before that byte the
-   connection is idle, and Twisted's idle timeout applies);
+   connection is idle, and C{keepalive_timeout} applies);
  - a body must keep coming: no byte of it for C{body_timeout} ends the request, and once
    the body is C{body_timeout} old it must have come at C{body_min_rate} bytes a second on
    average since its start, so that a trickle cannot hold a connection (or, streamed, an
-   origin connection) for longer than its size at that rate.  Time during which tagd
-   itself stops reading it (the origin reads slower) does not count: the origin's own
-   C{response_timeout} covers that.
+   origin connection) for longer than its size at that rate; and however fast it comes,
+   it must be complete within C{upload_timeout} of its start, so that no upload, of any
+   size, holds an origin connection (and the app worker behind it) without bound.  Time
+   during which tagd itself stops reading it (the origin reads slower) does not count:
+   the origin's own C{response_timeout} covers that.
 
 One timer per connection, moved only when it fires (or when a deadline comes earlier than
 it): a request costs a few assignments and clock readings, not a timer of its own.
@@ -60,6 +62,7 @@ class RequestDeadline:
         self._header_timeout = config.header_timeout
         self._body_timeout = config.body_timeout
         self._min_rate = config.body_min_rate
+        self._upload_timeout = config.upload_timeout
         self._visitor = visitor
         self._head_starts(self._seconds())
 
@@ -132,7 +135,7 @@ class RequestDeadline:
     def _body_deadline(self) -> float:
         """When the body's silence, or its average rate, passes what is allowed."""
         slow = self._started + max(self._body_timeout, self._received / self._min_rate)
-        return min(self._last_read + self._body_timeout, slow)
+        return min(self._last_read + self._body_timeout, slow, self._started + self._upload_timeout)
 
     def _due(self, at: float) -> None:
         """Have the timer fire by C{at}; one that fires earlier stays, and looks again."""
@@ -165,6 +168,8 @@ class RequestDeadline:
             reason = "request head not complete within header_timeout"
         elif now >= self._last_read + self._body_timeout:
             reason = "no byte of the request body for body_timeout"
+        elif now >= self._started + self._upload_timeout:
+            reason = "request body not complete within upload_timeout"
         else:
             reason = "request body slower than body_min_rate"
         self._phase = _TIMED_OUT

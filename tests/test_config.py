@@ -51,6 +51,7 @@ def test_defaults_from_empty_file(write):
     assert isinstance(proxy.pool_size, int) and proxy.pool_size > 0
     assert (proxy.header_timeout, proxy.body_timeout, proxy.body_min_rate) == (10, 30, 1024)
     assert proxy.max_connections == 1024
+    assert (proxy.upload_timeout, proxy.keepalive_timeout) == (600, 60)
 
 
 def test_defaults_from_empty_table(write):
@@ -127,7 +128,7 @@ def test_overrides_checked(write):
 @pytest.mark.parametrize(
     "key",
     ["connect_timeout", "response_timeout", "pool_idle_timeout", "shutdown_timeout", "header_timeout",
-     "body_timeout", "body_min_rate"],
+     "body_timeout", "body_min_rate", "upload_timeout", "keepalive_timeout"],
 )
 def test_timeouts_must_be_finite(write, key, value):
     """NaN or infinite seconds would break timers at run time; they stop start-up instead."""

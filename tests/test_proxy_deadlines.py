@@ -258,6 +258,27 @@ async def test_steady_upload_outlasting_body_timeout_goes_through(reactor, start
     assert Echo.parse(bytes(response.body)).body_length == size
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_steady_upload_past_upload_timeout_is_cut(reactor, start_tagd, connect, log_events):
+    """However well it keeps coming, a body not complete within upload_timeout is given
+    up (here a streamed one at 80 KiB/s), so no upload holds an origin connection without
+    bound; the origin request is aborted."""
+    tagd = await start_tagd(body_timeout=0.5, upload_timeout=1.5)
+    visitor = await connect(tagd.port)
+    size = 10 * 1024 * KiB
+    answer = visitor.expect(b"POST")
+    visitor.send(raw_request(b"POST", b"/echo", headers=[(b"Content-Length", b"%d" % size)]))
+    started = reactor.seconds()
+    while not visitor.closed.called and reactor.seconds() - started < 5:
+        visitor.send(b"s" * (8 * KiB))
+        await sleep(0.1)
+    assert visitor.closed.called
+    assert 1.3 <= reactor.seconds() - started < 3
+    assert (await within(answer)).status == 408
+    [line] = timeout_lines(log_events)
+    assert line["reason"] == "request body not complete within upload_timeout"
+
+
 class _Deaf(Protocol):
     """An origin connection that reads nothing and answers nothing."""
 
