@@ -24,21 +24,21 @@ class RateLimitedLog:
         self._written: dict[str, float] = {}  # by kind: when its last line was written
         self._held: dict[str, int] = {}  # by kind: lines held back since
 
-    def warn(self, kind: str, format: str, **fields) -> None:
+    def warn(self, kind: str, format: str, *, times: int = 1, **fields) -> None:
         """Log C{format} with C{fields} as a warning, unless a line of C{kind} went out
-        less than the interval ago.  C{kind} is one of a few fixed strings, never
-        something a peer sent."""
-        self._say(self._log.warn, kind, format, fields)
+        less than the interval ago; C{times} is how many occurrences the call stands for.
+        C{kind} is one of a few fixed strings, never something a peer sent."""
+        self._say(self._log.warn, kind, format, times, fields)
 
-    def info(self, kind: str, format: str, **fields) -> None:
+    def info(self, kind: str, format: str, *, times: int = 1, **fields) -> None:
         """The same, for what is routine enough to be information (a slow visitor cut off)."""
-        self._say(self._log.info, kind, format, fields)
+        self._say(self._log.info, kind, format, times, fields)
 
-    def _say(self, emit, kind: str, format: str, fields: dict) -> None:
+    def _say(self, emit, kind: str, format: str, times: int, fields: dict) -> None:
         now = self._clock()
         written = self._written.get(kind)
         if written is not None and now - written < self._interval:
-            self._held[kind] = self._held.get(kind, 0) + 1
+            self._held[kind] = self._held.get(kind, 0) + times
             return
         self._written[kind] = now
         emit(format + " ({held} more since the last such line)", held=self._held.pop(kind, 0), **fields)

@@ -34,6 +34,7 @@ from tagd.identity import (
     resolve_identity,
 )
 from tagd.metrics import Metrics
+from tagd.ratelimit import RateLimitedLog
 from tagd.tracking import Tracked, Visit
 
 log = Logger()
@@ -42,7 +43,6 @@ log = Logger()
 # from the future: the origin's own event_time must fall inside this window.
 MAX_EVENT_AGE = 7 * 24 * 3600
 MAX_CLOCK_SKEW = 60
-DROP_LOG_INTERVAL = 60.0
 # Distinct tracking header values whose parsed events are kept: a cached page sends the
 # same value to every visitor, and parsing it again would give the same immutable specs.
 PARSED_HEADERS = 256
@@ -112,8 +112,7 @@ class Tracker:
         self._paths = PathFilter(config.include_paths, config.exclude_paths)
         self._statuses = tracked_statuses(config.track_statuses)
         self._bots = BotDetector(config.extra_bots, config.allow_bots)
-        # reason -> (when its last line was logged, drops since then not logged)
-        self._drops_logged: dict[str, tuple[float, int]] = {}
+        self._drops_said = RateLimitedLog(log, clock)
 
     def __call__(self, values: list[bytes], visit: Visit) -> Tracked | None:
         headers = visit.request_headers
@@ -209,20 +208,14 @@ class Tracker:
         """Count C{count} drops under C{reason}, and say why in one line a minute at most per
         reason, whatever varies: a broken origin would log every view."""
         self._metrics.tracking_dropped.labels(reason).inc(count)
-        now = self._clock()
-        logged_at, unlogged = self._drops_logged.get(reason, (float("-inf"), 0))
-        if now - logged_at < DROP_LOG_INTERVAL:
-            self._drops_logged[reason] = (logged_at, unlogged + count)
-            return
-        log.warn(
-            "tracking header on {path}: {why} ({unlogged} more since the last line about them; "
-            'all counted in tagd_tracking_dropped_total{{reason="{reason}"}})',
+        self._drops_said.warn(
+            reason,
+            'tracking header on {path}: {why} (all counted in tagd_tracking_dropped_total{{reason="{reason}"}})',
+            times=count,
             path=visit.uri.partition(b"?")[0].decode("latin-1"),
             why=why,
-            unlogged=unlogged,
             reason=reason,
         )
-        self._drops_logged[reason] = (now, 0)
 
     def _events(
         self,
