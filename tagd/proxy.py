@@ -45,7 +45,7 @@ log = Logger()
 SMALL_BODY = 64 * 1024
 
 _ERROR_PAGE = b"<!doctype html><title>%d %s</title><h1>%d %s</h1><p>%s</p>\n"
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 # Upper bounds, in seconds, of the origin latency buckets (one more bucket takes the rest).
 LATENCY_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

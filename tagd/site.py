@@ -16,6 +16,7 @@ C{epoll_ctl}) for a typical page, whose head and body the origin sends together.
 
 from __future__ import annotations
 
+import re
 from io import BytesIO
 
 from twisted.internet.protocol import Protocol
@@ -35,10 +36,13 @@ from tagd.writes import send_now
 
 log = Logger()
 
-# What a refused CONNECT is told in Allow: every method is forwarded but CONNECT, which
-# would ask the origin for a tunnel; these are the standard ones.
-FORWARDED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"
+# Methods tagd refuses: CONNECT would ask the origin for a tunnel, and TRACE would echo
+# the request back, cookies and all, where a page's script could read them (cross-site
+# tracing).  What a refused one is told in Allow: the standard methods tagd forwards.
+REFUSED_METHODS = frozenset({b"CONNECT", b"TRACE"})
+FORWARDED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 _TRANSFER_ENCODING = b"transfer-encoding:"
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\nDate: %s\r\n\r\n"
 
 
@@ -71,8 +75,8 @@ class ProxyRequest(Request):
             self.refuse(400, "two Host headers")
             return
         channel = self.channel
-        if channel._command == b"CONNECT":
-            self.refuse(405, "CONNECT, which tagd does not forward", b"Allow: " + FORWARDED_METHODS)
+        if channel._command in REFUSED_METHODS:
+            self.refuse(405, "CONNECT or TRACE, which tagd does not forward", b"Allow: " + FORWARDED_METHODS)
             return
         refusal = target_refusal(channel._path, channel.site.resource.under_prefix)
         if refusal is not None:
@@ -180,6 +184,11 @@ class TagdChannel(HTTPChannel):
         request (or a chunked line after it wins), and answers other codings 400 where
         RFC 9112 wants 501.  The lines read so far count with this one, as one list.
         """
+        if _CONTROL.search(line):
+            # RFC 9110 section 5.5: no field holds a control character but HTAB; the
+            # origin, or a framework's CGI layer, might read one as the end of a line.
+            self.requests[-1].refuse(400, "a header line with a control character")
+            return False
         if line[: len(_TRANSFER_ENCODING)].lower() == _TRANSFER_ENCODING:
             request = self.requests[-1]
             earlier = request.requestHeaders.getRawHeaders(b"transfer-encoding", [])

@@ -250,17 +250,40 @@ async def test_without_a_prefix_the_path_goes_as_sent(tagd, origin, connect):
 
 
 @pytest.mark.parametrize("headers", [[], [(b"Content-Length", b"1000000")]], ids=["bare", "large-body"])
+@pytest.mark.parametrize("method, target", [(b"CONNECT", b"shop.example:443"), (b"TRACE", b"/")])
 @pytest_twisted.ensureDeferred
-async def test_connect_is_not_allowed(tagd, origin, connect, headers):
-    """CONNECT would ask the origin for a tunnel: tagd answers 405 with the methods it
-    forwards in C{Allow}, and the origin is not even connected to, a large announced body
+async def test_connect_and_trace_are_not_allowed(tagd, origin, connect, headers, method, target):
+    """CONNECT would ask the origin for a tunnel, TRACE would echo the visitor's cookies
+    where a script could read them: tagd answers 405 with the methods it forwards in
+    C{Allow}, and the origin is not even connected to, a large announced body
     notwithstanding."""
-    request = raw_request(b"CONNECT", b"shop.example:443", headers=headers)
-    response = await refused(connect, tagd, request, method=b"CONNECT")
+    request = raw_request(method, target, headers=headers)
+    response = await refused(connect, tagd, request, method=method)
     assert response.status == 405
     (allow,) = response.header(b"allow")
     methods = [m.strip() for m in allow.split(b",")]
-    assert {b"GET", b"HEAD", b"POST"} <= set(methods) and b"CONNECT" not in methods
+    assert {b"GET", b"HEAD", b"POST"} <= set(methods) and not {b"CONNECT", b"TRACE"} & set(methods)
     assert origin.seen == [] and origin.web.accepted == 0
 
 
+
+
+@pytest.mark.parametrize("value", [b"a\x01b", b"a\x7fb", b"a\x0bb", b"\x1b[31m"])
+@pytest_twisted.ensureDeferred
+async def test_a_header_with_a_control_character_is_refused(tagd, origin, connect, value):
+    """RFC 9110 section 5.5: a field value holds no control character but HTAB; such a
+    request gets 400 and never reaches the origin, where a framework might read one as
+    the end of a line."""
+    request = raw_request(b"GET", b"/echo", headers=[(b"X-Note", value)])
+    response = await refused(connect, tagd, request, method=b"GET")
+    assert response.status == 400
+    assert origin.seen == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tab_in_a_header_value_is_forwarded(tagd, origin, connect):
+    """HTAB is the one control character a field value may hold."""
+    visitor = await connect(tagd.port)
+    response = await within(visitor.request(b"GET", b"/echo", headers=[(b"X-Note", b"a\tb")]))
+    assert response.status == 200
+    assert origin.seen[0].header(b"x-note") == [b"a\tb"]
