@@ -624,6 +624,8 @@ class Plan:
             ending = [Close()]  # a size beyond the bytes sent must not leave it waiting
         elif self.corruption == "late-garbage":
             ending = [Wait(0.005), Send(b"SMUGGLED"), *ending]
+        elif self.corruption == "late-response":
+            ending = [Wait(0.005), Send(SMUGGLED), *ending]  # a whole one, after a bodiless answer
         steps = []
         for size in self.writes:
             if size < len(answer):
@@ -643,7 +645,11 @@ def plans(draw) -> Plan:
     choices = list(_ANY_ANSWER)
     if framing != "close":
         choices += _FRAMED_END
-    if method != b"HEAD" and status not in NO_BODY:
+    if method == b"HEAD" or status in NO_BODY:
+        # A buggy app's late body after a bodiless answer, as a whole response: the one
+        # late arrival a proxy can rule out, by never reusing such a connection.
+        choices.append("late-response")
+    else:
         choices += ["truncate-reset"] + (["truncate-fin"] if framing != "close" else [])
         if framing == "chunked":
             choices.append("chunk-garbage")
@@ -701,7 +707,7 @@ async def test_hostile_answers_never_reach_another_visitor(
     """hypothesis draws, for each of 3-4 visitors asking at once through one tagd (one
     pool, kept from example to example), how the origin answers: valid answers with
     bodies naming the request, or ones with bytes past their end, bodies on HEAD, 204 or
-    304, bare LFs, broken chunk sizes, truncation, smuggled responses.  Each visitor gets
+    304 (at once, or as a whole response 5 ms later), bare LFs, broken chunk sizes, truncation, smuggled responses.  Each visitor gets
     its own answer, a 502, or a closed connection; the valid answers arrive as sent,
     unless bytes came late on a connection the pool may have handed on; and no visitor
     ever gets a byte of a response meant for someone else."""
