@@ -302,7 +302,7 @@ class OriginConnection(Protocol):
         self._method = method
         self._reused = reused
         self._state = _HEAD
-        self._head_size = 0
+        self._head_size = self._framing_size = 0
         self._answered = False
         transport = self.transport
         send_now(transport, head if body is None else head + body)
@@ -388,6 +388,13 @@ class OriginConnection(Protocol):
         if self._state is _HEAD and self._head_size > MAX_HEAD_SIZE:
             self._fail(OriginProtocolError("response head too large"))
             return
+        if self._state is _BODY and self._chunked:
+            # Chunk sizes, extensions and trailers, which the parser holds while they
+            # last, are bounded like a head: reads that bring no body byte add up.
+            self._framing_size = 0 if pieces else self._framing_size + len(data)
+            if self._framing_size > MAX_HEAD_SIZE:
+                self._fail(OriginProtocolError("chunked framing or trailers too large"))
+                return
         if receiver is not None:
             head, self._head = self._head, None
             if head is not None:

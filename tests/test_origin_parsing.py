@@ -222,6 +222,29 @@ def test_a_head_over_the_limit_fails_however_it_arrives(piece):
     assert receiver.head is None and receiver.failure.check(OriginProtocolError)
 
 
+@pytest.mark.parametrize(
+    "start, filler",
+    [
+        (b"5\r\nhello\r\n0\r\nX-Trailer: ", b"a"),  # one endless trailer value
+        (b"5\r\nhello\r\n0\r\n", b"X: y\r\n"),  # endless trailer lines
+        (b"5;ext=", b"e"),  # an endless chunk extension
+    ],
+    ids=["trailer-value", "trailer-lines", "chunk-extension"],
+)
+def test_endless_chunked_framing_fails_once_past_the_head_limit(start, filler):
+    """What a chunked body holds besides its data (sizes, extensions, trailers) is kept by
+    the parser while it lasts: reads that bring no body byte add up to the head's limit,
+    and past it the exchange fails, so an origin cannot grow tagd's memory that way."""
+    client, connection, transport, receiver = _exchange()
+    _feed(connection, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + start)
+    for _ in range(2 * MAX_HEAD_SIZE // 4096 + 2):
+        if receiver.failure is not None:
+            break
+        connection.dataReceived(filler * (4096 // len(filler)))
+    assert receiver.failure is not None and receiver.failure.check(OriginProtocolError)
+    assert transport.disconnecting
+
+
 def test_many_header_lines_over_the_limit_fail():
     """Many small header lines add up to the same limit."""
     client, connection, transport, receiver = _exchange()
