@@ -66,6 +66,11 @@ class RequestDeadline:
         self._visitor = visitor
         self._head_starts(self._seconds())
 
+    @property
+    def reading(self) -> bool:
+        """Whether a request's head or body is being read, with a deadline of its own."""
+        return self._phase is _HEAD or self._phase is _BODY
+
     # From the channel.
 
     def read(self, size: int) -> bool:

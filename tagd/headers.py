@@ -34,7 +34,9 @@ _SET_BY_PROXY = frozenset(
 )
 
 
-_REQUEST_SKIP = HOP_BY_HOP | _SET_BY_PROXY
+# Expect is answered by Twisted Web itself (its 100 Continue to the visitor), and tagd
+# sends the body on at once: an origin told to expect might answer without reading it.
+_REQUEST_SKIP = HOP_BY_HOP | _SET_BY_PROXY | {b"expect"}
 _PROTECTED = _SET_BY_PROXY | {b"host"}
 # RFC 9112 section 7: a transfer-coding is a token (RFC 9110 section 5.6.2) with optional
 # parameters, each a token or a quoted string; this matches one of a comma-separated list,

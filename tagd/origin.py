@@ -273,6 +273,7 @@ class OriginConnection(Protocol):
     usable = True  # false once the connection can no longer carry an exchange
     _reusable = False  # the response in hand allows the connection to be kept
     _close_delimited = False  # the response in hand ends when the origin closes
+    _bodiless = False  # the response in hand has no body: HEAD, 204, 304
     _head = None  # the response head parsed in this read, to be handed on after it
     _stall = None  # the visitor's stall timer, while the visitor is not reading
 
@@ -455,12 +456,16 @@ class OriginConnection(Protocol):
         head_only = self._method == b"HEAD"
         if self._length is not None and code != 204:  # RFC 9110 8.6: a 204 has none
             headers.append((b"Content-Length", self._length))
-        bodiless = head_only or code in NO_BODY_CODES
+        self._bodiless = bodiless = head_only or code in NO_BODY_CODES
         self._close_delimited = not (bodiless or self._chunked or self._length is not None)
-        # Buggy apps send a body on HEAD, 204 and 304 answers, sometimes a little after the
-        # head, where it would be taken for the next request's answer: such a connection
-        # is not reused.
-        self._reusable = parser.should_keep_alive() and not (bodiless or self._close_delimited)
+        # Not reused: a connection whose answer came before the whole request body went
+        # out (the origin may leave the rest unread, to be taken for the start of the next
+        # request), and one with a bodiless answer (HEAD, 204, 304), which buggy apps
+        # follow with a body, sometimes a little later, that would be taken for the next
+        # request's answer.
+        self._reusable = parser.should_keep_alive() and not (
+            bodiless or self._close_delimited or self._upload is not None
+        )
         self._state = _BODY
         self._head = (code, phrase, headers)
         if head_only:
@@ -492,6 +497,11 @@ class OriginConnection(Protocol):
             if self._paused:
                 self.resumeProducing()
             self._client.release(self)
+        elif self._bodiless:
+            # A reset, not a close: whatever late body follows is dropped, and tagd keeps
+            # no TIME_WAIT socket for each such answer (visitors choose how many).
+            self.usable = False
+            self.transport.abortConnection()
         else:
             self.usable = False
             self.transport.loseConnection()

@@ -245,7 +245,14 @@ class TagdChannel(HTTPChannel):
     def timeoutConnection(self) -> None:
         """Close a connection idle for C{keepalive_timeout}, as Twisted Web does, but
         without its line: it names the peer's address, personal data, and would come
-        once for every visitor who leaves a connection open."""
+        once for every visitor who leaves a connection open.
+
+        While a request is being read, its head's and body's deadlines rule instead
+        (Twisted Web's idle timer runs until the whole body is in): the timer starts again.
+        """
+        if self._deadline.reading:
+            self.resetTimeout()
+            return
         self.loseConnection()
         self._idle_abort = self.callLater(self.abortTimeout, self.transport.abortConnection)
 
@@ -271,9 +278,13 @@ class TagdChannel(HTTPChannel):
         self._held = b""
         for request in requests:
             request.connectionLost(Failure(RequestTimedOut(reason)))
-        if not answer_begun:
-            self.transport.write(_TIMED_OUT % datetimeToString())
         self.site.timed_out(reason, answer_begun)
+        if answer_begun:
+            # Part of an answer is out: only a reset keeps it from looking complete (to an
+            # HTTP/1.0 visitor, say, whose answer ends with the connection).
+            self.transport.abortConnection()
+            return
+        self.transport.write(_TIMED_OUT % datetimeToString())
         self.loseConnection()
 
     def rawDataReceived(self, data: bytes) -> None:

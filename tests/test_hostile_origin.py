@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 
-from conftest import eventually, raw_request, within
+from conftest import eventually, raw_request, sleep, within
 from hostile_origin import SMUGGLED, Await, Close, Hold, Received, Reset, Send, Wait, honest, marker, ok
 
 INJECTED = b"injected"
@@ -356,6 +356,35 @@ async def test_a_late_whole_response_after_a_bodiless_answer_reaches_no_one(
     assert_answers(await other.ask(b"GET", b"/second"), b"/second")
     assert scripted_origin.received[1].connection == 1, "a connection that gave a bodiless answer was reused"
     assert first.foreign() == other.foreign() == []
+    assert logged_failures == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_answered_before_the_body_went_out_is_not_reused(
+    scripted_origin, proxy, visit, logged_failures
+):
+    """The origin refuses an upload (413) from its head alone and ends the answer only
+    after tagd has sent the whole body, which it never reads: were the connection kept,
+    the next visitor's request would follow the unread body, and an origin reading it
+    would see the request the body smuggles (here GET /smuggled), with the next
+    visitor's cookies.  tagd does not reuse a connection whose answer began before its
+    request body had gone out.  (An origin that answers after the whole body went out and
+    leaves it unread, keeping the connection, fools any proxy.)"""
+    refusal = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 7\r\n\r\n"
+    scripted_origin.script([Await(), Send(refusal), Wait(0.3), Send(b"refused")])
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: shop\r\nX-Note: "
+    body = smuggled + b"a" * (150_000 - len(smuggled))
+    first = await visit(proxy.port)
+    first.send(raw_request(b"POST", b"/upload", headers=[(b"Content-Length", b"%d" % len(body))]) + body[:70_000])
+    await sleep(0.1)  # the refusal's head is on its way back while the body still goes out
+    first.send(body[70_000:])
+    reply = await first.reply(b"POST")
+    assert reply is not None and reply.status == 413
+    other = await visit(proxy.port)
+    assert_answers(await other.ask(b"GET", b"/second"), b"/second")
+    assert [r.path for r in scripted_origin.received if r.path != b"/smuggled"] == [b"/upload", b"/second"]
+    assert scripted_origin.received[-1].connection == 1, "the connection with an unread body was reused"
+    assert other.foreign() == [] and b"/smuggled" not in other.data
     assert logged_failures == []
 
 

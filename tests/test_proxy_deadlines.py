@@ -154,6 +154,21 @@ async def test_an_idle_connection_closes_after_keepalive_timeout_and_names_no_on
     assert not [t for t in texts if f"127.0.0.1:{port}" in t or str(port) in t or "Timing out" in t], texts
 
 
+@pytest_twisted.ensureDeferred
+async def test_keepalive_timeout_does_not_cut_a_request_being_read(reactor, start_tagd, connect):
+    """keepalive_timeout is for connections idle between requests: a head paused longer
+    than it, but within header_timeout, is read and answered (Twisted Web's idle timer
+    runs until the whole body is in, and would have closed the connection silently)."""
+    tagd = await start_tagd(keepalive_timeout=0.5, header_timeout=5)
+    visitor = await connect(tagd.port)
+    answer = visitor.expect()
+    visitor.send(b"GET /echo HTTP/1.1\r\nHost: shop.example\r\n")
+    await sleep(1.2)
+    assert not visitor.closed.called
+    visitor.send(b"\r\n")
+    assert (await within(answer)).status == 200
+
+
 async def connect_tls(reactor, port: int) -> WireVisitor:
     """A L{WireVisitor} over TLS (the certificate unchecked), connected to C{port}."""
     endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", port, CertificateOptions(verify=False))
