@@ -132,7 +132,8 @@ class OriginClient:
         self._closing: Deferred | None = None
 
     def start(self) -> None:
-        """Begin closing connections that sat idle longer than the idle timeout."""
+        """Begin closing connections that sat idle longer than the idle timeout, and those
+        whose response body stopped coming for the stall timeout."""
         self._sweeper.start(max(self._idle_timeout / 4, 0.5), now=False)
 
     def request(
@@ -207,10 +208,17 @@ class OriginClient:
             closing.callback(None)
 
     def _close_stale(self) -> None:
-        deadline = self._reactor.seconds() - self._idle_timeout
+        now = self._reactor.seconds()
+        deadline = now - self._idle_timeout
         # The stack's bottom holds the connections idle the longest.
         while self._idle and self._idle[0].idle_since < deadline:
             self._idle.pop(0).transport.loseConnection()
+        # A body that stops coming (the origin hangs mid-response) would hold the visitor,
+        # the connection and the app worker for ever: like nginx's proxy_read_timeout,
+        # stall_timeout of silence ends it, as a cut.
+        silent_since = now - self.stall_timeout
+        for connection in [c for c in self._connections if c.silent_since(silent_since)]:
+            connection.read_timed_out(self.stall_timeout)
 
     def close(self) -> Deferred[None]:
         """Close every connection, idle or busy; fires when all are gone."""
@@ -284,6 +292,8 @@ class OriginConnection(Protocol):
         self._paused = False
         self._upload: BodySource | None = None
         self._parser = HttpResponseParser(self)
+        self._seconds = client._reactor.seconds
+        self._last_read = 0.0
 
     def connectionMade(self) -> None:
         self._client.added(self)
@@ -368,6 +378,7 @@ class OriginConnection(Protocol):
             self.discard()
             return
         self._answered = True
+        self._last_read = self._seconds()
         if self._state is _HEAD:
             self._head_size += len(data)
         receiver = self._receiver
@@ -521,6 +532,15 @@ class OriginConnection(Protocol):
         self.usable = False
         self._client.forget(self)
         self.transport.abortConnection()
+
+    def silent_since(self, moment: float) -> bool:
+        """Whether a response body is due and nothing of it came since C{moment}, though
+        tagd is reading (a paused connection waits on its visitor instead)."""
+        return self._state is _BODY and not self._paused and self._last_read < moment
+
+    def read_timed_out(self, seconds: float) -> None:
+        """End an exchange whose body stopped coming: the visitor's connection is cut."""
+        self._fail(OriginProtocolError(f"no byte of the response body for {seconds:g} s"))
 
     def has_unread_bytes(self) -> bool:
         """Whether the origin sent something (or closed) since the last exchange ended,

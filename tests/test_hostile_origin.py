@@ -388,6 +388,23 @@ async def test_a_connection_answered_before_the_body_went_out_is_not_reused(
     assert logged_failures == []
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_body_that_stops_coming_is_cut_after_response_timeout(reactor, scripted_origin, start_tagd, visit):
+    """An origin that hangs mid-body would hold the visitor, the connection and its app
+    worker for ever: after response_timeout without a byte of the body, the visitor's
+    connection is cut (the answer never looks complete) and the origin's is closed."""
+    tagd = await start_tagd(
+        origin=scripted_origin.url, response_timeout=1, pool_idle_timeout=1
+    )
+    scripted_origin.script([Await(), Send(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 100), Hold()])
+    visitor = await visit(tagd.port)
+    started = reactor.seconds()
+    reply = await visitor.ask(b"GET", b"/hang", timeout=5)
+    assert reply is None or not reply.complete
+    assert 0.9 <= reactor.seconds() - started < 3
+    await within(scripted_origin.connections[0].lost, 2)
+
+
 @pytest.mark.parametrize("framed", FRAMED)
 @pytest_twisted.ensureDeferred
 async def test_stale_bytes_after_the_next_request_are_never_its_answer(
