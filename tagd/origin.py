@@ -380,6 +380,10 @@ class OriginConnection(Protocol):
         self._answered = True
         self._last_read = self._seconds()
         if self._state is _HEAD:
+            if not self._head_size and not data.startswith(b"HTTP/"[: len(data)]):
+                # llhttp takes RTSP/ and ICE/ status lines too, with their own versions.
+                self._fail(OriginProtocolError("not an HTTP response"))
+                return
             self._head_size += len(data)
         receiver = self._receiver
         # The whole read is parsed before any of it is handed on, so that a fault anywhere

@@ -44,6 +44,8 @@ log = Logger()
 # lets a small chunked body reach the origin with a Content-Length.
 SMALL_BODY = 64 * 1024
 
+# The other headers that name a visitor's address, which frameworks read when configured to.
+CLIENT_IP_CLAIMS = (b"forwarded", b"true-client-ip", b"x-client-ip", b"x-cluster-client-ip")
 _ERROR_PAGE = b"<!doctype html><title>%d %s</title><h1>%d %s</h1><p>%s</p>\n"
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 # Upper bounds, in seconds, of the origin latency buckets (one more bucket takes the rest).
@@ -72,9 +74,9 @@ class ProxyResource(Resource):
         self._client = client
         self._resolver = resolver
         self._client_ip_header = client_ip_header.encode("ascii")
-        # From a peer that is not a trusted proxy this header is a claim anyone can make:
-        # the origin must not read it either.
-        self._spoofable = frozenset({self._client_ip_header.lower()})
+        # From a peer that is not a trusted proxy these headers are claims anyone can make
+        # about the visitor's address: the origin must not read them either.
+        self._spoofable = frozenset({self._client_ip_header.lower(), *CLIENT_IP_CLAIMS})
         self._allow_underscores = allow_underscores
         self._tracking_header = tracking_header.encode("ascii")
         self._response_timeout = response_timeout

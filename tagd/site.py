@@ -75,7 +75,7 @@ class ProxyRequest(Request):
             self.refuse(400, "two Host headers")
             return
         channel = self.channel
-        if channel._command in REFUSED_METHODS:
+        if channel._command.upper() in REFUSED_METHODS:  # frameworks read methods in any case
             self.refuse(405, "CONNECT or TRACE, which tagd does not forward", b"Allow: " + FORWARDED_METHODS)
             return
         refusal = target_refusal(channel._path, channel.site.resource.under_prefix)

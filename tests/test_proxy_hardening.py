@@ -109,3 +109,15 @@ async def test_stalled_visitor_releases_the_origin(start_tagd, origin, connect):
     visitor.resume()
     response = await within(answer, 10)
     assert not response.complete
+
+
+@pytest_twisted.ensureDeferred
+async def test_other_client_ip_claims_from_an_untrusted_peer_are_not_forwarded(tagd, connect):
+    """Forwarded, True-Client-IP, X-Client-IP and X-Cluster-Client-IP name the visitor's
+    address too, and frameworks read them when told to: from a peer that is not a
+    trusted proxy the origin does not see them."""
+    claims = [(b"Forwarded", b"for=203.0.113.9"), (b"True-Client-IP", b"203.0.113.9"),
+              (b"X-Client-IP", b"203.0.113.9"), (b"X-Cluster-Client-IP", b"203.0.113.9")]  # fmt: skip
+    visitor = await connect(tagd.port)
+    echo = _echoed(await within(visitor.request(b"GET", b"/echo", headers=claims)))
+    assert not [v for n, v in echo.headers if "203.0.113.9" in v]
