@@ -171,6 +171,8 @@ def test_interim_answers_are_skipped_and_trailers_dropped():
         b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
         b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"RTSP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"ICE/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 1,2\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",

@@ -252,7 +252,9 @@ async def test_without_a_prefix_the_path_goes_as_sent(tagd, origin, connect):
 
 
 @pytest.mark.parametrize("headers", [[], [(b"Content-Length", b"1000000")]], ids=["bare", "large-body"])
-@pytest.mark.parametrize("method, target", [(b"CONNECT", b"shop.example:443"), (b"TRACE", b"/")])
+@pytest.mark.parametrize(
+    "method, target", [(b"CONNECT", b"shop.example:443"), (b"TRACE", b"/"), (b"trace", b"/"), (b"Connect", b"a:1")]
+)
 @pytest_twisted.ensureDeferred
 async def test_connect_and_trace_are_not_allowed(tagd, origin, connect, headers, method, target):
     """CONNECT would ask the origin for a tunnel, TRACE would echo the visitor's cookies
