@@ -42,6 +42,9 @@ log = Logger()
 REFUSED_METHODS = frozenset({b"CONNECT", b"TRACE"})
 FORWARDED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 _TRANSFER_ENCODING = b"transfer-encoding:"
+# A Host header's value (RFC 9110 section 7.2): a registered name or IPv4 address, or an
+# IPv6 literal in brackets, and an optional port.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?\Z")
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\nDate: %s\r\n\r\n"
 
@@ -70,9 +73,17 @@ class ProxyRequest(Request):
         self.content = BytesIO()
         if self._refused:
             return
-        if len(self.requestHeaders.getRawHeaders(b"host", ())) > 1:
+        hosts = self.requestHeaders.getRawHeaders(b"host", ())
+        if len(hosts) > 1:
             # RFC 9112 section 3.2: the origin and tagging might each believe another one.
             self.refuse(400, "two Host headers")
+            return
+        if hosts and not _HOST.match(hosts[0]):
+            # The origin, and the URL tagging reports to the platforms, would take it as is.
+            self.refuse(400, "a Host that is no host name or address")
+            return
+        if not hosts and self.channel._version == b"HTTP/1.1":
+            self.refuse(400, "an HTTP/1.1 request without Host")  # RFC 9112 section 3.2
             return
         channel = self.channel
         if channel._command.upper() in REFUSED_METHODS:  # frameworks read methods in any case

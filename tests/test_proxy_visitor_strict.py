@@ -291,3 +291,23 @@ async def test_a_tab_in_a_header_value_is_forwarded(tagd, origin, connect):
     response = await within(visitor.request(b"GET", b"/echo", headers=[(b"X-Note", b"a\tb")]))
     assert response.status == 200
     assert origin.seen[0].header(b"x-note") == [b"a\tb"]
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        raw_request(b"GET", b"/echo", host=None),
+        raw_request(b"GET", b"/echo", host=b"a b/c@d"),
+        raw_request(b"GET", b"/echo", host=b"shop.example/evil"),
+        raw_request(b"GET", b"/echo", host=b"user@shop.example"),
+    ],
+    ids=["missing", "spaces-and-slash", "path", "userinfo"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_missing_or_malformed_host_is_refused(tagd, origin, connect, request_bytes):
+    """RFC 9112 section 3.2: an HTTP/1.1 request without Host, or with one that is no
+    host name or address, gets 400; the origin (and the page URL that tagging reports to
+    the platforms) never sees it."""
+    response = await refused(connect, tagd, request_bytes, method=b"GET")
+    assert response.status == 400
+    assert origin.seen == []
