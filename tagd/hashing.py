@@ -8,7 +8,7 @@ Shared rules, for every platform and field:
   - a value that already is 64 hexadecimal characters is a SHA-256 the origin computed
     itself: it is passed on lower-cased and never hashed a second time, to every
     platform alike (so a pre-hashed C{ph} can match only one platform's rule: Meta's,
-    digits without "+", is the one the README asks for; TikTok's E.164 keeps the "+");
+    digits without "+", is the one docs/configuration.md asks for; TikTok's E.164 keeps the "+");
   - a value that is empty after normalisation says nothing and is dropped;
   - several values for one field stay several values, duplicates removed, order kept.
 

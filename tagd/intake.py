@@ -18,7 +18,7 @@ a second process from opening it meanwhile.
 
 What the journal does not cover: an OS crash or a power loss before the kernel wrote the
 page cache out (the group commit's sync covers committed events), and an event the
-process had not yet accepted (see the README: acceptance follows the response head).
+process had not yet accepted (see docs/delivery.md: acceptance follows the response head).
 
 A segment holds what the spool holds (personal data), so it is created with mode 0600.
 Lines are C{key TAB created TAB destinations TAB body}: the body is the spool's JSON of

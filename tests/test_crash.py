@@ -12,7 +12,7 @@ started again.  Then the platforms come back, one of them refusing one event for
 every event tagd accepted reaches every platform at least once, and the spool ends with
 that one event as its only dead letter.
 
-"Accepted" is honest about the one window the README documents: tagd accepts an event
+"Accepted" is honest about the one window docs/delivery.md documents: tagd accepts an event
 (into the spool's buffer and its intake journal) two reactor turns after the visitor's
 response head is written, so a kill right after a visitor got the answer may come first.
 An event counts as accepted here only when its visitor had the whole answer at least

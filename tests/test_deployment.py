@@ -1,16 +1,16 @@
-"""README.md's "Deployment with systemd", run step by step on a stand-in droplet.
+"""docs/deployment.md's "Deployment with systemd", run step by step on a stand-in droplet.
 
 The section's steps are its numbered headings, and each step's C{sh} blocks are run as
 written, one command at a time, in order, each step once, on one droplet for the whole
 module: a temporary folder stands for the droplet's root, and every path of the droplet's
 own (C{/opt/tagd}, C{/etc/tagd}, C{/var/lib/tagd}, C{/etc/systemd/system},
-C{/usr/local/src}) is moved into it on the command line (files keep what the README
+C{/usr/local/src}) is moved into it on the command line (files keep what the guide
 writes), while the ports 8080, 9100 and 8000 become free ones everywhere.  Runs for real:
 C{python3 -m venv} and C{pip install} of this checkout into the stand-in C{/opt/tagd} (the
 Python the tests run on makes the venv), the installed C{tagd} commands, curl, jq, tar, sed
 and the shell.  The shop is L{helpers.TrackedOrigin}; Meta is tests/fakes.py's, which the
-README's destination reaches through an C{endpoint} the test adds to the file: the only
-change made to what the README writes.
+guide's destination reaches through an C{endpoint} the test adds to the file: the only
+change made to what the guide writes.
 
 What cannot run in a container without systemd as PID 1 runs through the nearest real
 thing:
@@ -27,7 +27,7 @@ thing:
    C{CapabilityBoundingSet=}, C{NoNewPrivileges=} and C{SystemCallArchitectures=}; the
    state directory is a plain folder, not C{/var/lib/private/tagd};
  - C{journalctl -u tagd -o cat}: what the stand-in collected from tagd's stdout and stderr,
-   with systemd's own lines about the unit, piped into the README's jq filters;
+   with systemd's own lines about the unit, piped into the guide's jq filters;
  - C{apt-get}: C{update} is left to this machine's package lists, C{install} is run with
    C{--simulate}, and the programs the later steps use must come from those packages;
    C{python3} is this machine's (L{droplet_python});
@@ -67,7 +67,7 @@ from service_manager import ServiceManager, UnitError, require_tool, seconds, sy
 
 SECTION = "## Deployment with systemd\n"
 DROPLET_PATHS = ("/opt/tagd", "/etc/tagd", "/var/lib/tagd", "/etc/systemd/system", "/usr/local/src")
-README_PORTS = (8080, 9100, 8000)  # the visitors', the admin listener's, the shop's
+GUIDE_PORTS = (8080, 9100, 8000)  # the visitors', the admin listener's, the shop's
 
 # What the reader types at a step: the token, in step 5.
 META_TOKEN = "EAAdeploymentTestToken"
@@ -86,13 +86,13 @@ NEEDED_FILES = ("tagd", "twisted", "setup.cfg", "pyproject.toml", "README.md", "
 
 
 def readme_steps() -> dict[str, list[str]]:
-    """The numbered steps of README.md's deployment section, in order: title -> commands.
+    """The numbered steps of docs/deployment.md, in order: title -> commands.
 
     A command is a line of an C{sh} block, or a line with its here-document.  A block
     outside a numbered step, or a step out of sequence, is an error: every command of the
     section must be in a step that has its test.
     """
-    text = (REPO_ROOT / "README.md").read_text()
+    text = (REPO_ROOT / "docs" / "deployment.md").read_text()
     section = text[text.index(SECTION) + len(SECTION) :]
     section = section[: section.find("\n## ")]
     steps: dict[str, list[str]] = {}
@@ -139,7 +139,7 @@ def droplet_python() -> Path:
 
 
 class Droplet:
-    """A fresh Debian droplet in a folder: the README's steps run in it, its systemd is a
+    """A fresh Debian droplet in a folder: the guide's steps run in it, its systemd is a
     L{ServiceManager}, its shop a L{TrackedOrigin}, and Meta a fake (from step 4 on)."""
 
     def __init__(self, root: Path, origin: TrackedOrigin) -> None:
@@ -147,7 +147,7 @@ class Droplet:
         for folder in ("etc/systemd/system", "usr/local/src", "opt", "var/lib", "root"):
             (root / folder).mkdir(parents=True)
         self.origin = origin
-        self.ports = dict(zip(README_PORTS, (free_port(), free_port(), origin.port)))
+        self.ports = dict(zip(GUIDE_PORTS, (free_port(), free_port(), origin.port)))
         self.manager = ServiceManager(root, DROPLET_PATHS, self.ports)
         self.steps = readme_steps()
         self.done: list[str] = []
@@ -193,7 +193,7 @@ class Droplet:
             self.point_at_fake_meta()
 
     def run(self, command: str, typed: str = "") -> str:
-        """One command as the README writes it, on this droplet; its output."""
+        """One command as the guide writes it, on this droplet; its output."""
         head, newline, document = command.partition("\n")
         command = self.moved_ports(self.manager.inside(head) + newline + document)
         words = shlex.split(command.partition("\n")[0].partition("<<")[0])
@@ -207,7 +207,7 @@ class Droplet:
             raise AssertionError(f"{command}: {e}") from None
 
     def moved_ports(self, text: str) -> str:
-        ports = "|".join(map(str, README_PORTS))
+        ports = "|".join(map(str, GUIDE_PORTS))
         return re.sub(rf"(?<=:)({ports})\b", lambda m: str(self.ports[int(m.group(1))]), text)
 
     def shell(self, command: str, stdin: bytes = b"") -> str:
@@ -277,8 +277,8 @@ class Droplet:
     # The platform.
 
     def point_at_fake_meta(self) -> None:
-        """Meta's fake for the README's pixel and the token the reader types, and the
-        README's destination pointed at it."""
+        """Meta's fake for the guide's pixel and the token the reader types, and the
+        guide's destination pointed at it."""
         from fakes import FakeMeta
         from helpers import ThreadedPlatform
 
@@ -346,7 +346,7 @@ def unit_verifies(droplet: Droplet, *units: str) -> None:
     assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr
 
 
-# -- the steps, in the README's order -----------------------------------------------------
+# -- the steps, in the guide's order -----------------------------------------------------
 
 
 def test_prerequisites(droplet):
@@ -432,7 +432,7 @@ def test_check_config(droplet):
 
 
 def test_unit_and_drop_in(droplet):
-    """The unit with the README's drop-in passes C{systemd-analyze verify} on the droplet,
+    """The unit with the guide's drop-in passes C{systemd-analyze verify} on the droplet,
     and the drop-in adds the credential to what the unit had."""
     droplet.through("Install the unit and its drop-in")
     droplet.manager.daemon_reload()
@@ -477,7 +477,7 @@ def test_start(droplet):
 
 
 def test_check_that_it_runs(droplet):
-    """status, /healthz and /metrics through the admin port; the README's jq filters on a
+    """status, /healthz and /metrics through the admin port; the guide's jq filters on a
     journal with systemd's plain lines in it print tagd's messages (the second one checked
     against the same selection made here in Python)."""
     status, healthz, metrics, messages, problems = droplet.through("Check that it runs")
@@ -653,5 +653,5 @@ STEPS = {
 
 
 def test_every_step_has_its_test():
-    """A step added to the README, renamed or moved, has no test until this list says so."""
+    """A step added to docs/deployment.md, renamed or moved, has no test until this list says so."""
     assert list(readme_steps()) == list(STEPS)

@@ -28,7 +28,7 @@ def parse(value) -> list[EventSpec]:
 
 # -- accepted -------------------------------------------------------------------------
 
-README_EXAMPLE = b"""{"event_name": "Purchase",
+GUIDE_EXAMPLE = b"""{"event_name": "Purchase",
  "event_id": "order-1001",
  "event_time": 1764230400,
  "custom_data": {"currency": "EUR", "value": 42.5, "order_id": "1001"},
@@ -38,9 +38,9 @@ README_EXAMPLE = b"""{"event_name": "Purchase",
 
 
 def test_the_documented_example_is_read_field_by_field():
-    """The README's example becomes one event with every field as written; user data
+    """docs/tracking-header.md's example becomes one event with every field as written; user data
     values become tuples and stay raw (each destination normalises and hashes)."""
-    [spec] = parse_tracking_header(README_EXAMPLE)
+    [spec] = parse_tracking_header(GUIDE_EXAMPLE)
     assert spec.event_name == "Purchase"
     assert spec.event_id == "order-1001"
     assert spec.event_time == 1764230400

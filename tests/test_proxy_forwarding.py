@@ -277,7 +277,7 @@ async def test_client_ip_header_believed_only_from_trusted_peers(
 
 @pytest_twisted.ensureDeferred
 async def test_nginx_in_front_on_the_droplet(start_tagd, origin, connect, hook):
-    """The README's nginx variant: nginx on the same host sets X-Real-IP to the visitor's
+    """The deployment guide's nginx variant: nginx on the same host sets X-Real-IP to the visitor's
     address, tagd trusts only 127.0.0.1 and reads that header.  A CF-Connecting-IP the
     visitor sent through nginx is not believed."""
     tagd = await start_tagd(trusted_proxies=["127.0.0.1/32"], client_ip_header="X-Real-IP")

@@ -31,7 +31,7 @@ from tagd.systemd import SystemdNotifier, notify_address, watchdog_interval
 from tagd.tap import CONFIG_ERROR_EXIT, build_service
 
 UNITS = REPO_ROOT / "contrib" / "systemd"
-INSTALLED_TWISTD = "/opt/tagd/bin/twistd"  # where the unit expects tagd (README.md)
+INSTALLED_TWISTD = "/opt/tagd/bin/twistd"  # where the unit expects tagd (docs/deployment.md)
 
 
 def tagd_config(tmp_path: Path, port: int) -> Path:

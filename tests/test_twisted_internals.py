@@ -3,7 +3,7 @@
 Twisted is pinned to one release series because of them (setup.cfg).  On a new series,
 a test here that fails names the internal that is gone or has changed and the place in
 tagd that uses it, rather than leaving a broken hot path to some distant test.  The
-internals are listed once, in L{INTERNALS}; README's Dependencies paragraph lists the
+internals are listed once, in L{INTERNALS}; docs/dependencies.md's paragraph lists the
 same ones, and a test keeps the two lists alike.
 
 The checks use real objects: a Twisted Web channel and its TCP transport on a loopback
@@ -184,7 +184,7 @@ def _endpoint_field(name: str, expected: dict[str, object]) -> Callable[[Live], 
 class Internal:
     """A private Twisted name, where tagd uses it, and the check of its shape."""
 
-    name: str  # as README's Dependencies paragraph writes it
+    name: str  # as docs/dependencies.md's paragraph writes it
     used_in: str
     check: Callable[[Live], Awaitable[None]]
 
@@ -245,21 +245,21 @@ def test_the_suite_runs_on_the_release_series_setup_cfg_pins():
 
 
 def _readme_internals() -> list[str]:
-    """The names listed under the Twisted item of README's Dependencies section: in its
+    """The names listed under the Twisted item of docs/dependencies.md's section: in its
     sub-items, the code in backquotes that names an attribute (C{Owner.name}), which a
     file path or a setting does not."""
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (REPO_ROOT / "docs" / "dependencies.md").read_text(encoding="utf-8")
     section = readme.split("\n## Dependencies\n", 1)[1].split("\n## ", 1)[0]
     twisted_item = re.search(r"^- Twisted is pinned.*?(?=^- |\Z)", section, re.M | re.S)
-    assert twisted_item, "README's Dependencies section has no item on Twisted's pin"
+    assert twisted_item, "docs/dependencies.md's section has no item on Twisted's pin"
     sub_items = twisted_item[0].split("\n  - ")[1:]
     return [code for item in sub_items for code in re.findall(r"`([^`]+)`", item) if "." in code and "/" not in code]
 
 
 def test_the_readme_lists_the_internals_checked_here():
-    """README's Dependencies paragraph names every internal checked here and no other, so
+    """docs/dependencies.md's paragraph names every internal checked here and no other, so
     that neither list can lose one."""
     listed, checked = _readme_internals(), [internal.name for internal in INTERNALS]
     assert sorted(listed) == sorted(checked), (
-        f"only in README: {sorted(set(listed) - set(checked))}; only here: {sorted(set(checked) - set(listed))}"
+        f"only in docs/dependencies.md: {sorted(set(listed) - set(checked))}; only here: {sorted(set(checked) - set(listed))}"
     )
