@@ -96,7 +96,9 @@ class ProxyResource(Resource):
         self.cut_responses = 0
         # Response heads that held a CR, LF or NUL where none belongs, written without it.
         self.forged_heads = 0
-        self._warnings = RateLimitedLog(log, reactor.seconds)
+        # Every line about what visitors and the origin do wrong, at most one a minute of
+        # each kind (the site's refusals and deadlines too).
+        self.warnings = RateLimitedLog(log, reactor.seconds)
 
     @property
     def under_prefix(self) -> bool:
@@ -123,7 +125,7 @@ class ProxyResource(Resource):
     def cut_off(self, path: str, reason: str) -> None:
         """Count a response that broke off after its head; say so at most once a minute."""
         self.cut_responses += 1
-        self._warnings.warn(
+        self.warnings.warn(
             "cut",
             "origin response for {uri} broke off: {reason}; the visitor's connection was cut "
             "({count} so far, see tagd_responses_cut_total)",
@@ -136,7 +138,7 @@ class ProxyResource(Resource):
         """Count a response head that held line breaks or NULs where none belong, written
         without them (C{dropped} headers left out); say so at most once a minute."""
         self.forged_heads += 1
-        self._warnings.warn(
+        self.warnings.warn(
             "forged head",
             "a response head held CR, LF or NUL in its reason phrase or {dropped} header(s): "
             "written without them ({count} so far)",
@@ -259,7 +261,7 @@ class _Exchange:
         self._pending = None
         # The visitor left while tagd was connecting: nothing is wrong with the origin.
         if not failure.check(CancelledError, ConnectingCancelledError):
-            self._proxy._warnings.warn(
+            self._proxy.warnings.warn(
                 "unreachable",
                 "origin unreachable for {uri}: {reason}",
                 uri=self._path(),
@@ -322,7 +324,7 @@ class _Exchange:
             self._send()
             return
         if reason.check(VisitorStalled):
-            self._proxy._warnings.info(
+            self._proxy.warnings.info(
                 "stalled", "visitor stopped reading {uri}; connection closed", uri=self._path()
             )
             self._end()
@@ -336,7 +338,7 @@ class _Exchange:
             self._request.unregisterProducer()
             self._request.channel.transport.abortConnection()
         else:
-            self._proxy._warnings.warn(
+            self._proxy.warnings.warn(
                 "no valid answer",
                 "origin failed before answering {uri}: {reason}",
                 uri=self._path(),
@@ -375,7 +377,7 @@ class _Exchange:
     # Endings
 
     def _timed_out(self) -> None:
-        self._proxy._warnings.warn("no answer in time", "origin gave no answer in time for {uri}", uri=self._path())
+        self._proxy.warnings.warn("no answer in time", "origin gave no answer in time for {uri}", uri=self._path())
         self._abandon_origin()
         self._error(504, b"Gateway Timeout", b"The shop did not answer in time.")
 

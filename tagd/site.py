@@ -20,7 +20,6 @@ import re
 from io import BytesIO
 
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site
@@ -31,10 +30,7 @@ from tagd.headers import asks_to_close, transfer_coding_refusal
 from tagd.metrics import Metrics
 from tagd.paths import target_refusal
 from tagd.proxy import SMALL_BODY, ProxyResource
-from tagd.ratelimit import RateLimitedLog
 from tagd.writes import send_now
-
-log = Logger()
 
 # Methods tagd refuses: CONNECT would ask the origin for a tunnel, and TRACE would echo
 # the request back, cookies and all, where a page's script could read them (cross-site
@@ -112,7 +108,7 @@ class ProxyRequest(Request):
         self.requestHeaders.removeHeader(b"expect")
         channel = self.channel
         channel.site.resource.count(code)
-        channel.site.refusals.warn(
+        channel.site.resource.warnings.warn(
             reason, "visitor request refused with {code}: {reason}", code=code, reason=reason
         )
         lines = [b"HTTP/1.1 %d %s" % (code, RESPONSES[code]), *headers]
@@ -387,13 +383,12 @@ class TagdSite(Site):
         self.connections = 0
         self._refused_total = metrics.visitor_connections_refused
         metrics.visitor_connections.set_function(lambda: self.connections)
-        self.refusals = RateLimitedLog(log, reactor.seconds)
 
     def buildProtocol(self, addr):
         if self.connections < self.config.max_connections:
             return super().buildProtocol(addr)
         self._refused_total.inc()
-        self.refusals.warn(
+        self.resource.warnings.warn(
             "connections",
             "{open} visitor connections open, as many as max_connections allows: a new one "
             "refused (each counted in tagd_visitor_connections_refused_total)",
@@ -406,7 +401,7 @@ class TagdSite(Site):
         deadline, and log it once a minute at most."""
         if not answer_begun:
             self.resource.count(408)
-        self.refusals.info("deadline", "visitor connection closed, {reason}", reason=reason)
+        self.resource.warnings.info("deadline", "visitor connection closed, {reason}", reason=reason)
 
     def log(self, request) -> None:
         pass
