@@ -297,6 +297,12 @@ class OriginConnection(Protocol):
 
     def connectionMade(self) -> None:
         self._client.added(self)
+        # The socket to look at before a reuse: a plain TCP connection's only, as TLS
+        # records may be pending legitimately (session tickets), and what reaches the
+        # reactor is caught anyway.
+        transport = self.transport
+        handle = transport.getHandle() if ISystemHandle.providedBy(transport) else None
+        self._socket = handle if isinstance(handle, socket.socket) else None
 
     # Sending.
 
@@ -549,15 +555,11 @@ class OriginConnection(Protocol):
     def has_unread_bytes(self) -> bool:
         """Whether the origin sent something (or closed) since the last exchange ended,
         which the reactor has not read yet: such a connection is not reused (nginx checks
-        the same way).  Only a plain TCP socket can be asked; TLS records may be pending
-        legitimately (session tickets), and what reaches the reactor is caught anyway."""
-        if not ISystemHandle.providedBy(self.transport):
-            return False
-        handle = self.transport.getHandle()
-        if not isinstance(handle, socket.socket):
+        the same way)."""
+        if self._socket is None:
             return False
         try:
-            return handle.recv(1, _PEEK) is not None
+            return self._socket.recv(1, _PEEK) is not None
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
