@@ -223,7 +223,7 @@ class _Exchange:
             body_length=body_length,
             drop=frozenset() if trusted else proxy._spoofable,
             allow_underscores=proxy._allow_underscores,
-            # The client IP header, which no underscored name may stand in for either.
+            # The headers naming the visitor's address, which no underscored name may stand in for either.
             guarded=proxy._spoofable,
         )
         proxy.in_flight += 1
