@@ -31,7 +31,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from tagd.feed import Entry, Feed, encode, matches
-from tagd.pipeline import OUTCOMES
+from tagd.outcomes import OUTCOMES
 
 log = Logger()
 

@@ -25,8 +25,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from tagd.destinations import Describing, Destination, Outcome, OutgoingRequest
 from tagd.events import Event
-from tagd.feed import Feed
-from tagd.metrics import Metrics
+from tagd.outcomes import EXPIRED, Outcomes
 
 log = Logger()
 
@@ -46,8 +45,6 @@ PLATFORM_MAX_AGE: Mapping[str, float] = MappingProxyType(
 # An event this close to its platform's limit is expired too: it could cross the limit
 # while the request travels, or by the difference between our clock and the platform's.
 AGE_MARGIN = 60.0
-# The outcome counted for an event past its platform's window: never sent, never retried.
-EXPIRED = "expired"
 
 
 def expired(destination: Destination, event: Event, now: float) -> bool:
@@ -86,13 +83,12 @@ class DirectDelivery:
     events past a platform's age window are counted as expired instead (see L{expired})."""
 
     def __init__(
-        self, *, reactor, routes: Sequence[Route], http: HTTPClient, metrics: Metrics, feed: Feed | None = None
+        self, *, reactor, routes: Sequence[Route], http: HTTPClient, outcomes: Outcomes
     ) -> None:
         self._reactor = reactor
         self._routes = tuple(routes)
         self._http = http
-        self._metrics = metrics
-        self._feed = feed
+        self._outcomes = outcomes
 
     def submit(self, events: Sequence[Event]) -> Deferred:
         """Start delivering C{events}; the Deferred (for tests and shutdown) fires when all answered."""
@@ -103,7 +99,7 @@ class DirectDelivery:
             if isinstance(route.destination, Describing):
                 for line in route.destination.describe(fresh):
                     log.info("{destination} (dry run): {line}", destination=route.destination.name, line=line)
-                self._count(route, fresh, Outcome.SUCCESS.value)
+                self._outcomes.delivered(route.destination.name, Outcome.SUCCESS.value, fresh)
                 continue
             requests = route.destination.encode(fresh)
             self._count_unsendable(route, fresh, requests)
@@ -121,7 +117,7 @@ class DirectDelivery:
         for event in events:
             (stale if expired(route.destination, event, now) else fresh).append(event)
         if stale:
-            self._count(route, stale, EXPIRED)
+            self._outcomes.delivered(route.destination.name, EXPIRED, stale)
             log.info(
                 "{destination}: {count} event(s) expired, older than the platform takes",
                 destination=route.destination.name,
@@ -134,7 +130,7 @@ class DirectDelivery:
         sent = {position for request in requests for position in request.positions}
         unsendable = [event for position, event in enumerate(events) if position not in sent]
         if unsendable:
-            self._count(route, unsendable, Outcome.PERMANENT.value, message="an identifier the platform requires is missing")
+            self._outcomes.delivered(route.destination.name, Outcome.PERMANENT.value, unsendable, message="an identifier the platform requires is missing")
             log.warn(
                 "{destination}: {count} event(s) cannot be sent to this platform (missing ids)",
                 destination=route.destination.name,
@@ -162,10 +158,10 @@ class DirectDelivery:
                 url=request.log_url,
                 error=type(e).__name__,
             )
-            self._count(route, events, Outcome.TRANSIENT.value, message=f"no answer: {type(e).__name__}")
+            self._outcomes.delivered(route.destination.name, Outcome.TRANSIENT.value, events, message=f"no answer: {type(e).__name__}")
             return
         verdict = destination.classify(response.code, body)
-        self._count(route, events, verdict.outcome.value, response.code, verdict.message)
+        self._outcomes.delivered(route.destination.name, verdict.outcome.value, events, response.code, verdict.message)
         if verdict.outcome is Outcome.SUCCESS:
             log.debug(
                 "{destination}: {count} event(s) delivered ({status})",
@@ -181,12 +177,3 @@ class DirectDelivery:
                 outcome=verdict.outcome.value,
                 message=verdict.message,
             )
-
-    def _count(
-        self, route: Route, events: Sequence[Event], outcome: str, status: int | None = None, message: str = ""
-    ) -> None:
-        """Count C{events}' outcome, and tell the dashboard's feed."""
-        name = route.destination.name
-        self._metrics.deliveries.labels(name, outcome).inc(len(events))
-        if self._feed is not None:
-            self._feed.delivered(name, outcome, events, status, message)

@@ -64,11 +64,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from tagd.delivery import EXPIRED, Route, expired
+from tagd.delivery import Route, expired
 from tagd.destinations import Describing, Outcome, OutgoingRequest, Verdict
 from tagd.events import Event
-from tagd.feed import Feed
 from tagd.metrics import Metrics
+from tagd.outcomes import DEAD, EXPIRED, Outcomes
 
 log = Logger()
 
@@ -86,8 +86,6 @@ AUTH_PAUSE = 10.0
 LEASE = 1000
 # 2 ** 64 backoff bases are far beyond any cap; a larger exponent would overflow a float.
 MAX_EXPONENT = 64
-# An outcome that is not a platform's answer but a row's end (like EXPIRED).
-DEAD = "dead"
 
 _DELAY_SECONDS = re.compile(r"[0-9]+")
 
@@ -231,7 +229,7 @@ class Dispatcher(Service):
     @param backoff_cap: seconds; no retry waits longer.
     @param max_retry_after: seconds; the longest pause a platform's C{Retry-After} gets.
     @param rand: the jitter's source; pass a seeded one for reproducible tests.
-    @param feed: told of every outcome, for the dashboard (L{tagd.feed}).
+    @param outcomes: told of every outcome (by default counted in C{metrics} only).
     """
 
     def __init__(
@@ -248,13 +246,13 @@ class Dispatcher(Service):
         backoff_cap: float = 600.0,
         max_retry_after: float = 3600.0,
         rand: random.Random | None = None,
-        feed: Feed | None = None,
+        outcomes: Outcomes | None = None,
     ) -> None:
         self._reactor = reactor
         self._spool = spool
         self._http = http
         self._metrics = metrics
-        self._feed = feed
+        self._outcomes = outcomes if outcomes is not None else Outcomes(metrics)
         self._rand = rand if rand is not None else random.Random()
         self._lanes: dict[str, _Lane] = {}
         self._retiring: set[_Lane] = set()  # retired lanes still settling what they leased
@@ -696,7 +694,4 @@ class Dispatcher(Service):
     def _count(
         self, lane: _Lane, outcome: str, rows: Sequence[Lease], status: int | None = None, message: str = ""
     ) -> None:
-        """Count C{rows}' outcome, and tell the dashboard's feed."""
-        self._metrics.deliveries.labels(lane.name, outcome).inc(len(rows))
-        if self._feed is not None:
-            self._feed.delivered(lane.name, outcome, [row.event for row in rows], status, message)
+        self._outcomes.delivered(lane.name, outcome, [row.event for row in rows], status, message)

@@ -19,12 +19,12 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from tagd.config import Config
-from tagd.delivery import EXPIRED, DirectDelivery, Route, http_client
-from tagd.destinations import Outcome
-from tagd.dispatcher import DEAD, Dispatcher
+from tagd.delivery import DirectDelivery, Route, http_client
+from tagd.dispatcher import Dispatcher
 from tagd.events import Event
 from tagd.feed import Feed
 from tagd.metrics import Metrics
+from tagd.outcomes import DEAD, Outcomes
 from tagd.ratelimit import RateLimitedLog
 from tagd.spool import Spool, SpoolError
 from tagd.tracker import Tracker
@@ -40,16 +40,6 @@ ABANDONED = "destination no longer configured"
 # destinations) holds the next group commit back for some tens of milliseconds, which no
 # visitor waits for.
 RECOUNT_INTERVAL = 60.0
-# Every outcome tagd_events_delivered_total counts a destination's events under.
-OUTCOMES = (*(outcome.value for outcome in Outcome), EXPIRED, DEAD)
-
-
-def _count_accepted(metrics: Metrics, feed: Feed | None, events: Sequence[Event]) -> None:
-    """C{events} were accepted for delivery: counted, and told to the dashboard's feed
-    before anything is told of their delivery."""
-    metrics.events_accepted.inc(len(events))
-    if feed is not None:
-        feed.accepted(events)
 
 
 class _Enqueue:
@@ -61,12 +51,12 @@ class _Enqueue:
     """
 
     def __init__(
-        self, spool: Spool, destinations: Sequence[str], metrics: Metrics, feed: Feed | None, clock=time.time
+        self, spool: Spool, destinations: Sequence[str], metrics: Metrics, outcomes: Outcomes, clock=time.time
     ) -> None:
         self._spool = spool
         self.destinations = tuple(destinations)
         self._metrics = metrics
-        self._feed = feed
+        self._outcomes = outcomes
         self._warnings = RateLimitedLog(log, clock)
 
     def __call__(self, events: Sequence[Event]) -> None:
@@ -79,7 +69,7 @@ class _Enqueue:
         except SpoolError:
             accepted = 0  # Closed: tagd is shutting down.
         if accepted:
-            _count_accepted(self._metrics, self._feed, events[:accepted])
+            self._outcomes.accepted(events[:accepted])
         refused = len(events) - accepted
         if refused:
             self._metrics.tracking_dropped.labels("queue_full").inc(refused)
@@ -109,11 +99,11 @@ class Delivery(Service):
     ) -> None:
         self._reactor = reactor
         self._metrics = metrics
-        self._feed = feed
+        self._outcomes = Outcomes(metrics, feed)
         self._spool = spool
         self._http, self._pool = http_client(reactor)
         self._routes = {d.name: Route(d.destination, d.timeout) for d in config.destinations}
-        self._count_from_zero()
+        self._outcomes.configured(list(self._routes))
         self._dispatcher: Dispatcher | None = None
         self._recounting: LoopingCall | None = None
         if spool is None:
@@ -125,13 +115,13 @@ class Delivery(Service):
             routes=list(self._routes.values()),
             http=self._http,
             metrics=metrics,
-            feed=feed,
+            outcomes=self._outcomes,
             **attrs.asdict(config.delivery),
         )
         spool.on_commit = self._wake
         self._recounting = LoopingCall(self._recount)
         self._recounting.clock = reactor
-        self._enqueue = _Enqueue(spool, self._routes, metrics, feed)
+        self._enqueue = _Enqueue(spool, self._routes, metrics, self._outcomes)
         self._submit = self._enqueue
 
     def startService(self) -> None:
@@ -185,9 +175,7 @@ class Delivery(Service):
             else Route(d.destination, d.timeout)
             for d in config.destinations
         }
-        self._count_from_zero()
-        if self._feed is not None:
-            self._feed.destinations = tuple(self._routes)
+        self._outcomes.configured(list(self._routes))
         if self._dispatcher is None:
             self._submit = self._direct()
             return succeed(None)
@@ -195,27 +183,17 @@ class Delivery(Service):
         retired = self._dispatcher.reroute(list(self._routes.values()), **attrs.asdict(config.delivery))
         return ensureDeferred(self._abandon_after(retired))
 
-    def _count_from_zero(self) -> None:
-        """Every delivery series of each destination configured now, at 0 until counted:
-        a rate alert on retries or dead letters needs a series to match before the first.
-        A series already counting keeps its count, and a removed destination's stays."""
-        for name in self._routes:
-            self._metrics.delivery_retries.labels(name)
-            for outcome in OUTCOMES:
-                self._metrics.deliveries.labels(name, outcome)
-
     def _direct(self) -> Callable[[Sequence[Event]], object]:
         """The submit of a tagd without a spool: every event is accepted, and sent at once."""
         direct = DirectDelivery(
             reactor=self._reactor,
             routes=list(self._routes.values()),
             http=self._http,
-            metrics=self._metrics,
-            feed=self._feed,
+            outcomes=self._outcomes,
         )
 
         def submit(events: Sequence[Event]) -> object:
-            _count_accepted(self._metrics, self._feed, events)
+            self._outcomes.accepted(events)
             return direct.submit(events)
 
         return submit
@@ -241,9 +219,7 @@ class Delivery(Service):
         shown on the dashboard, like the dead letters of a delivery."""
         abandoned = await self._spool.abandon(list(self._routes), ABANDONED)
         for name, count in abandoned.items():
-            self._metrics.deliveries.labels(name, DEAD).inc(count)
-            if self._feed is not None:
-                self._feed.counted(name, DEAD, count, ABANDONED)
+            self._outcomes.counted(name, DEAD, count, ABANDONED)
         if abandoned:
             log.warn(
                 "dead-lettered the pending deliveries to destinations no longer configured "

@@ -202,7 +202,7 @@ async def test_every_drop_reason_and_delivery_outcome_is_listed_at_zero(start_ad
     """Before any traffic /metrics lists every drop reason and, for each destination, every
     delivery outcome and its retries at 0, so that a rate alert has a series from the start."""
     from tagd.metrics import DROP_REASONS
-    from tagd.pipeline import OUTCOMES
+    from tagd.outcomes import OUTCOMES
 
     tagd = await start_admin_tagd(destinations=[meta_destination(fake_meta)])
     parsed = samples((await get(http, tagd.admin_url("/metrics")))[2])

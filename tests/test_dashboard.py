@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from conftest import FAKE_META_TOKEN, eventually, within
 from tagd import access
 from tagd.metrics import DROP_REASONS
-from tagd.pipeline import OUTCOMES
+from tagd.outcomes import OUTCOMES
 from test_admin import FIREFOX, TOKEN, get, meta_destination, samples, start_admin_tagd, value  # noqa: F401
 
 DRY = {"type": "log", "name": "dry"}

@@ -40,6 +40,7 @@ from tagd.destinations import ga4, log, meta, tiktok, webhook
 from tagd.dispatcher import Dispatcher, retry_after
 from tagd.events import Event
 from tagd.metrics import Metrics
+from tagd.outcomes import Outcomes
 
 META_TOKEN = "meta-token"
 
@@ -633,7 +634,7 @@ async def test_direct_delivery_expires_events_as_the_dispatcher_does(serving, re
     times = {"fresh": now - 3600, "ga4-edge": now - 72 * 3600 + 30, "old": now - 8 * DAY}
     batch = [make_event(event_id=event_id, event_time=t) for event_id, t in times.items()]
     routes = [meta_route(meta_served), ga4_route(ga4_served), Route(log.build("dry", {}), 1.0)]
-    delivery = DirectDelivery(reactor=reactor, routes=routes, http=http, metrics=metrics)
+    delivery = DirectDelivery(reactor=reactor, routes=routes, http=http, outcomes=Outcomes(metrics))
 
     await within(delivery.submit(batch))
     assert [e["event_id"] for e in meta_served.fake.events] == ["fresh", "ga4-edge"]
