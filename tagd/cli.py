@@ -19,21 +19,23 @@ import re
 import sys
 import time
 import uuid
+from importlib.metadata import version
 from typing import Any, Mapping, Sequence
 
 import attrs
 import treq
 from twisted.internet.task import react
 
-from tagd.config import Config, ConfigError, DestinationConfig
+from tagd.config import Config, ConfigError, DestinationConfig, SpoolSettings
 from tagd.delivery import http_client
+from tagd.demo.__main__ import add_arguments as demo_arguments, main as demo_main
 from tagd.destinations import Describing, Destination, Outcome, OutgoingRequest
 from tagd.destinations._common import public_url, redact
 from tagd.destinations.registry import destination_module
 from tagd.destinations.webhook import MIN_SECRET, WebhookDestination
 from tagd.events import Event
 from tagd.spool import SpoolError, read_dead_letters, read_depth, read_journal, retry_dead_letters
-from tagd.tap import BUILT_IN, config_from_options
+from tagd.tap import BUILT_IN, config_from_options, spool_settings_from_options
 
 MASK = "***"
 STATUSES = ("pending", "inflight", "dead", "expired")
@@ -50,6 +52,12 @@ class CommandError(Exception):
 def load(path: str | None) -> Config:
     """The configuration at C{path}, or where the daemon would look for it."""
     return config_from_options({"config": path})
+
+
+def load_spool(path: str | None) -> SpoolSettings:
+    """The spool and destination names of that configuration, its secrets left unread: the
+    spool commands need no token, and may run where the service's are not at hand."""
+    return spool_settings_from_options({"config": path})
 
 
 # Tables on a terminal.
@@ -89,24 +97,24 @@ def age(seconds: float) -> str:
 # tagd spool ...
 
 
-def known_destinations(config: Config, depth: Mapping[tuple[str, str], int]) -> list[str]:
+def known_destinations(settings: SpoolSettings, depth: Mapping[tuple[str, str], int]) -> list[str]:
     """The configured destinations, then those the spool still holds rows for that are no
     longer configured."""
-    return list(dict.fromkeys([d.name for d in config.destinations] + sorted({d for d, _ in depth})))
+    return list(dict.fromkeys([*settings.destination_names, *sorted({d for d, _ in depth})]))
 
 
-def check_destination(config: Config, name: str | None) -> None:
+def check_destination(settings: SpoolSettings, name: str | None) -> None:
     """Refuse a C{--destination} that names nothing: neither configured nor in the spool.
 
     A mistyped name would otherwise find no dead letters and look like a healthy answer.
     """
     if name is None:
         return
-    known = known_destinations(config, read_depth(config.spool.path))
+    known = known_destinations(settings, read_depth(settings.spool.path))
     if name not in known:
         names = ", ".join(known) or "none"
         raise CommandError(
-            f"no destination named {name!r} in {config.path} or in the spool {config.spool.path}"
+            f"no destination named {name!r} in {settings.path} or in the spool {settings.spool.path}"
             f" (known: {names})"
         )
 
@@ -114,13 +122,13 @@ def check_destination(config: Config, name: str | None) -> None:
 def spool_status(args: argparse.Namespace) -> None:
     """Deliveries by destination and status: configured destinations first, even when
     empty, then any the spool still holds for destinations no longer configured."""
-    config = load(args.config)
-    depth = read_depth(config.spool.path)
-    names = known_destinations(config, depth)
+    settings = load_spool(args.config)
+    depth = read_depth(settings.spool.path)
+    names = known_destinations(settings, depth)
     rows = [[name, *(depth.get((name, status), 0) for status in STATUSES)] for name in names]
-    print(f"spool {os.path.abspath(config.spool.path)}")
+    print(f"spool {os.path.abspath(settings.spool.path)}")
     print(table(["destination", *STATUSES], rows))
-    journal, unreadable = read_journal(config.spool.path)
+    journal, unreadable = read_journal(settings.spool.path)
     if journal:
         print(
             f"intake journal: {journal} accepted event(s) not in the file yet (a running tagd "
@@ -132,9 +140,9 @@ def spool_status(args: argparse.Namespace) -> None:
 
 def spool_dead(args: argparse.Namespace) -> None:
     """The newest dead letters, with the reason each was given up on."""
-    config = load(args.config)
-    check_destination(config, args.destination)
-    letters = read_dead_letters(config.spool.path, args.destination, args.limit)
+    settings = load_spool(args.config)
+    check_destination(settings, args.destination)
+    letters = read_dead_letters(settings.spool.path, args.destination, args.limit)
     if not letters:
         print("no dead letters")
         return
@@ -148,12 +156,12 @@ def spool_dead(args: argparse.Namespace) -> None:
         print(f"(the newest {args.limit} only; a larger --limit shows any older ones)")
 
 
-def configured(config: Config) -> list[str] | None:
+def configured(settings: SpoolSettings) -> list[str] | None:
     """The names of the destinations configured in the file the command read; None when it
     read none (the built-in defaults): it cannot tell what the daemon beside it runs with."""
-    if config.path == BUILT_IN:
+    if settings.path == BUILT_IN:
         return None
-    return [d.name for d in config.destinations]
+    return list(settings.destination_names)
 
 
 def spool_retry_dead(args: argparse.Namespace) -> None:
@@ -165,19 +173,19 @@ def spool_retry_dead(args: argparse.Namespace) -> None:
     of destinations no longer configured stay as they are, with a line saying how many.
     Without a configuration file the command cannot tell, and moves what it is asked to.
     """
-    config = load(args.config)
-    check_destination(config, args.destination)
-    names = configured(config)
+    settings = load_spool(args.config)
+    check_destination(settings, args.destination)
+    names = configured(settings)
     if names is not None and args.destination is not None and args.destination not in names:
         raise CommandError(
-            f"{args.destination!r} is not configured in {config.path}: tagd would dead-letter its"
+            f"{args.destination!r} is not configured in {settings.path}: tagd would dead-letter its"
             " rows again at its next start or reload; configure it first"
         )
     left = {}
     if names is not None and args.destination is None:
-        depth = read_depth(config.spool.path)
+        depth = read_depth(settings.spool.path)
         left = {name: n for (name, status), n in sorted(depth.items()) if status == "dead" and name not in names}
-    count = retry_dead_letters(config.spool.path, names if args.destination is None else [args.destination])
+    count = retry_dead_letters(settings.spool.path, names if args.destination is None else [args.destination])
     if count:
         print(f"{count} dead letter(s) moved back to pending; tagd sends them at its next poll (or when it starts)")
     else:
@@ -186,7 +194,7 @@ def spool_retry_dead(args: argparse.Namespace) -> None:
     if left:
         counts = ", ".join(f"{name}: {n}" for name, n in left.items())
         print(
-            f"{sum(left.values())} dead letter(s) of destinations not configured in {config.path} left"
+            f"{sum(left.values())} dead letter(s) of destinations not configured in {settings.path} left"
             f" as they are ({counts}): tagd would dead-letter them again; configure them first"
         )
 
@@ -257,10 +265,11 @@ def table_values(
     name: str, table: Any, references: Mapping[str, Mapping[str, str]]
 ) -> dict[str, Any]:
     """Every key of table C{name} with its value; a key marked secret in its field's metadata
-    (C{[admin] token}) is masked when set, and shown empty when not."""
+    (C{[admin] token}) is masked when set, and shown as not set when not (an empty secret
+    is a configuration error)."""
     return {
-        field.name: masked(value, f"{name}.{field.name}", references)
-        if field.metadata.get("secret") and value
+        field.name: (masked(value, f"{name}.{field.name}", references) if value else None)
+        if field.metadata.get("secret")
         else value
         for field in attrs.fields(type(table))
         for value in [getattr(table, field.name)]
@@ -282,8 +291,11 @@ def resolved_toml(config: Config) -> str:
 
 
 def check_config(args: argparse.Namespace) -> None:
-    """Validate a configuration and show what the daemon would run with."""
-    print(resolved_toml(load(args.file)))
+    """Validate a configuration and show what the daemon would run with; the file is named
+    by C{--config} as for every command, or, as it always could be, by C{FILE}."""
+    if args.file is not None and args.config is not None and args.file != args.config:
+        raise CommandError(f"check-config: two files named ({args.config} and {args.file}): name one")
+    print(resolved_toml(load(args.config or args.file)))
 
 
 # tagd send-test-event
@@ -400,20 +412,26 @@ def demo(args: argparse.Namespace) -> None:
     """C{python -m tagd.demo}, under the command people already have."""
     from twisted.internet import reactor
 
-    from tagd.demo.__main__ import main as demo_main
-
-    demo_main(reactor)
+    demo_main(reactor, args)
 
 
 # The command line.
+
+
+def command(commands, name: str, summary: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A (sub)command whose own help opens with the summary its parent lists."""
+    return commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".", **kwargs)
 
 
 def parser() -> argparse.ArgumentParser:
     """C{tagd spool status|dead|retry-dead}, C{tagd check-config}, C{tagd send-test-event}
     and C{tagd demo}; each command's function is its C{run} default."""
     top = argparse.ArgumentParser(
-        prog="tagd", description="Inspect tagd's spool and configuration, try a destination, run the demo."
+        prog="tagd",
+        description="Inspect tagd's spool and configuration, try a destination, run the demo.",
+        epilog="The daemon itself runs under twistd: twistd -n --pidfile= tagd --config FILE",
     )
+    top.add_argument("--version", action="version", version=f"tagd {version('tagd')}", help="print tagd's version and exit")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     config = argparse.ArgumentParser(add_help=False)
     config.add_argument(
@@ -422,35 +440,40 @@ def parser() -> argparse.ArgumentParser:
     destination = argparse.ArgumentParser(add_help=False)
     destination.add_argument("--destination", metavar="NAME", help="only this destination")
 
-    spool = commands.add_parser("spool", help="look into the spool of a running or stopped tagd")
-    spool_commands = spool.add_subparsers(dest="spool_command", required=True, metavar="COMMAND")
-    status = spool_commands.add_parser(
-        "status", parents=[config], help="deliveries by destination and status"
+    spool = command(
+        commands,
+        "spool",
+        "look into the spool of a running or stopped tagd",
+        epilog="They read the file's [spool] table and its destinations' names only: no secret need resolve.",
     )
+    spool_commands = spool.add_subparsers(dest="spool_command", required=True, metavar="COMMAND")
+    status = command(spool_commands, "status", "deliveries by destination and status", parents=[config])
     status.set_defaults(run=spool_status)
-    dead = spool_commands.add_parser(
-        "dead", parents=[config, destination], help="dead letters, newest first, with reasons"
+    dead = command(
+        spool_commands, "dead", "dead letters, newest first, with reasons", parents=[config, destination]
     )
     dead.add_argument("--limit", metavar="N", type=positive, default=100, help="show at most N [default: 100]")
     dead.set_defaults(run=spool_dead)
-    retry = spool_commands.add_parser(
-        "retry-dead", parents=[config, destination], help="move dead letters back to pending"
+    retry = command(
+        spool_commands, "retry-dead", "move dead letters back to pending", parents=[config, destination]
     )
     retry.set_defaults(run=spool_retry_dead)
 
-    check = commands.add_parser("check-config", help="validate a configuration and print it, secrets masked")
-    check.add_argument("file", metavar="FILE", nargs="?", help="[default: $TAGD_CONFIG or ./tagd.toml]")
+    check = command(
+        commands, "check-config", "validate a configuration and print it, secrets masked", parents=[config]
+    )
+    check.add_argument("file", metavar="FILE", nargs="?", help="the same as --config FILE")
     check.set_defaults(run=check_config)
 
-    test = commands.add_parser(
-        "send-test-event", parents=[config], help="send one test event to a destination and show the answer"
+    test = command(
+        commands, "send-test-event", "send one test event to a destination and show the answer", parents=[config]
     )
     test.add_argument("--destination", metavar="NAME", required=True, help="the destination's name")
     test.set_defaults(run=send_test_event)
 
-    commands.add_parser(
-        "demo", help="an example shop on port 8000 with tagd in front of it on 8080"
-    ).set_defaults(run=demo)
+    shop = command(commands, "demo", "an example shop with tagd in front of it, and tagd's dashboard")
+    demo_arguments(shop)
+    shop.set_defaults(run=demo)
     return top
 
 

@@ -18,7 +18,14 @@ from twisted.python import usage
 from tagd.admin import Health, build_admin
 from tagd.clientip import ClientIPResolver
 from tagd.collection import tune_collector
-from tagd.config import Config, ConfigError, load_config, parse_config
+from tagd.config import (
+    Config,
+    ConfigError,
+    SpoolSettings,
+    parse_config,
+    parse_spool_settings,
+    read_config_file,
+)
 from tagd.feed import Feed
 from tagd.origin import OriginClient
 from tagd.proxy import ProxyResource
@@ -59,12 +66,17 @@ def _overrides(options) -> dict[str, dict]:
     return {"proxy": {k: options[k] for k in ("listen", "origin") if options.get(k) is not None}}
 
 
-def _read(path: str, overrides: dict[str, dict], *, required: bool) -> Config:
-    """The file at C{path}; when it is not C{required} and does not exist, the built-in
-    defaults."""
+def _source(path: str, *, required: bool) -> tuple[str, str]:
+    """The text and path of the file at C{path}; when it is not C{required} and does not
+    exist, those of the built-in defaults."""
     if not required and not os.path.exists(path):
-        return parse_config("", BUILT_IN, overrides)
-    return load_config(path, overrides)
+        return "", BUILT_IN
+    return read_config_file(path), path
+
+
+def _read(path: str, overrides: dict[str, dict], *, required: bool) -> Config:
+    """The configuration at C{path} (see L{_source})."""
+    return parse_config(*_source(path, required=required), overrides)
 
 
 def config_from_options(options, environ=os.environ) -> Config:
@@ -75,6 +87,13 @@ def config_from_options(options, environ=os.environ) -> Config:
     """
     named = _named(options, environ)
     return _read(named or DEFAULT_CONFIG, _overrides(options), required=named is not None)
+
+
+def spool_settings_from_options(options, environ=os.environ) -> SpoolSettings:
+    """The spool and destination names of the file L{config_from_options} would load, read
+    without its secrets (see L{SpoolSettings})."""
+    named = _named(options, environ)
+    return parse_spool_settings(*_source(named or DEFAULT_CONFIG, required=named is not None))
 
 
 def config_loader(options, environ=os.environ) -> Callable[[], Config]:
