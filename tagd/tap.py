@@ -15,6 +15,7 @@ from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from tagd import __version__
 from tagd.admin import Health, build_admin
 from tagd.clientip import ClientIPResolver
 from tagd.collection import tune_collector
@@ -185,6 +186,17 @@ def build_service(
     return top
 
 
+def start_up_line(config: Config) -> str:
+    """What start-up logs first, so that the journal says what this tagd runs with: the
+    file, the destinations (name and type, never a secret), the spool and the listeners."""
+    destinations = ", ".join(f"{d.name} ({d.type})" for d in config.destinations) or "none"
+    spool = os.path.abspath(config.spool.path) if config.destinations else "none (no destinations)"
+    return (
+        f"tagd {__version__} starting: configuration {config.path}; destinations {destinations}; spool {spool};"
+        f" visitors on {config.proxy.listen}, admin on {config.admin.listen}"
+    )
+
+
 def makeService(options, reactor=None) -> MultiService:
     """twistd's entry point: a configuration error ends start-up with one line on stderr
     and the exit status L{CONFIG_ERROR_EXIT}."""
@@ -196,6 +208,7 @@ def makeService(options, reactor=None) -> MultiService:
     except ConfigError as e:
         sys.stderr.write(f"{e}\n")
         raise SystemExit(CONFIG_ERROR_EXIT) from None
+    log.info("{line}", line=start_up_line(config))
     service = build_service(config, reactor, load=load)
     tune_collector(reactor)
     return service
