@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,20 @@ def test_every_twistd_command_leaves_no_pidfile():
     commands = [command for page in pages for command in twistd_commands(page)]
     assert len(commands) >= 6, commands  # the README's, operating.md's four, the unit's
     assert [c for c in commands if "--pidfile=" not in c.split() or not {"-n", "--nodaemon"} & set(c.split())] == []
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed (.ci/run installs it)")
+def test_make_test_takes_paths_from_the_checkout():
+    """C{make test PYTEST_ARGS=tests/...}, as the README has it: the recipe runs pytest from
+    the checkout, which finds the test by that path."""
+    venv = Path(sys.executable).parent.parent
+    target = "tests/test_docs.py::test_the_readme_is_a_front_door"
+    planned = subprocess.run(
+        ["make", "-n", "test", f"VENV={venv}", f"PYTEST_ARGS={target}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    recipe = planned.stdout.splitlines()[-1]
+    assert recipe.endswith(f"-m pytest {target}") and not recipe.startswith("cd "), recipe
+    result = subprocess.run(recipe, shell=True, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
