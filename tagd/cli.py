@@ -97,24 +97,24 @@ def age(seconds: float) -> str:
 # tagd spool ...
 
 
-def known_destinations(settings: SpoolSettings, depth: Mapping[tuple[str, str], int]) -> list[str]:
+def known_destinations(config: SpoolSettings, depth: Mapping[tuple[str, str], int]) -> list[str]:
     """The configured destinations, then those the spool still holds rows for that are no
     longer configured."""
-    return list(dict.fromkeys([*settings.destination_names, *sorted({d for d, _ in depth})]))
+    return list(dict.fromkeys([*config.destination_names, *sorted({d for d, _ in depth})]))
 
 
-def check_destination(settings: SpoolSettings, name: str | None) -> None:
+def check_destination(config: SpoolSettings, name: str | None) -> None:
     """Refuse a C{--destination} that names nothing: neither configured nor in the spool.
 
     A mistyped name would otherwise find no dead letters and look like a healthy answer.
     """
     if name is None:
         return
-    known = known_destinations(settings, read_depth(settings.spool.path))
+    known = known_destinations(config, read_depth(config.spool.path))
     if name not in known:
         names = ", ".join(known) or "none"
         raise CommandError(
-            f"no destination named {name!r} in {settings.path} or in the spool {settings.spool.path}"
+            f"no destination named {name!r} in {config.path} or in the spool {config.spool.path}"
             f" (known: {names})"
         )
 
@@ -122,13 +122,13 @@ def check_destination(settings: SpoolSettings, name: str | None) -> None:
 def spool_status(args: argparse.Namespace) -> None:
     """Deliveries by destination and status: configured destinations first, even when
     empty, then any the spool still holds for destinations no longer configured."""
-    settings = load_spool(args.config)
-    depth = read_depth(settings.spool.path)
-    names = known_destinations(settings, depth)
+    config = load_spool(args.config)
+    depth = read_depth(config.spool.path)
+    names = known_destinations(config, depth)
     rows = [[name, *(depth.get((name, status), 0) for status in STATUSES)] for name in names]
-    print(f"spool {os.path.abspath(settings.spool.path)}")
+    print(f"spool {os.path.abspath(config.spool.path)}")
     print(table(["destination", *STATUSES], rows))
-    journal, unreadable = read_journal(settings.spool.path)
+    journal, unreadable = read_journal(config.spool.path)
     if journal:
         print(
             f"intake journal: {journal} accepted event(s) not in the file yet (a running tagd "
@@ -140,9 +140,9 @@ def spool_status(args: argparse.Namespace) -> None:
 
 def spool_dead(args: argparse.Namespace) -> None:
     """The newest dead letters, with the reason each was given up on."""
-    settings = load_spool(args.config)
-    check_destination(settings, args.destination)
-    letters = read_dead_letters(settings.spool.path, args.destination, args.limit)
+    config = load_spool(args.config)
+    check_destination(config, args.destination)
+    letters = read_dead_letters(config.spool.path, args.destination, args.limit)
     if not letters:
         print("no dead letters")
         return
@@ -156,12 +156,12 @@ def spool_dead(args: argparse.Namespace) -> None:
         print(f"(the newest {args.limit} only; a larger --limit shows any older ones)")
 
 
-def configured(settings: SpoolSettings) -> list[str] | None:
+def configured(config: SpoolSettings) -> list[str] | None:
     """The names of the destinations configured in the file the command read; None when it
     read none (the built-in defaults): it cannot tell what the daemon beside it runs with."""
-    if settings.path == BUILT_IN:
+    if config.path == BUILT_IN:
         return None
-    return list(settings.destination_names)
+    return list(config.destination_names)
 
 
 def spool_retry_dead(args: argparse.Namespace) -> None:
@@ -173,19 +173,19 @@ def spool_retry_dead(args: argparse.Namespace) -> None:
     of destinations no longer configured stay as they are, with a line saying how many.
     Without a configuration file the command cannot tell, and moves what it is asked to.
     """
-    settings = load_spool(args.config)
-    check_destination(settings, args.destination)
-    names = configured(settings)
+    config = load_spool(args.config)
+    check_destination(config, args.destination)
+    names = configured(config)
     if names is not None and args.destination is not None and args.destination not in names:
         raise CommandError(
-            f"{args.destination!r} is not configured in {settings.path}: tagd would dead-letter its"
+            f"{args.destination!r} is not configured in {config.path}: tagd would dead-letter its"
             " rows again at its next start or reload; configure it first"
         )
     left = {}
     if names is not None and args.destination is None:
-        depth = read_depth(settings.spool.path)
+        depth = read_depth(config.spool.path)
         left = {name: n for (name, status), n in sorted(depth.items()) if status == "dead" and name not in names}
-    count = retry_dead_letters(settings.spool.path, names if args.destination is None else [args.destination])
+    count = retry_dead_letters(config.spool.path, names if args.destination is None else [args.destination])
     if count:
         print(f"{count} dead letter(s) moved back to pending; tagd sends them at its next poll (or when it starts)")
     else:
@@ -194,7 +194,7 @@ def spool_retry_dead(args: argparse.Namespace) -> None:
     if left:
         counts = ", ".join(f"{name}: {n}" for name, n in left.items())
         print(
-            f"{sum(left.values())} dead letter(s) of destinations not configured in {settings.path} left"
+            f"{sum(left.values())} dead letter(s) of destinations not configured in {config.path} left"
             f" as they are ({counts}): tagd would dead-letter them again; configure them first"
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -64,12 +65,14 @@ def test_make_test_takes_paths_from_the_checkout():
     the checkout, which finds the test by that path."""
     venv = Path(sys.executable).parent.parent
     target = "tests/test_docs.py::test_the_readme_is_a_front_door"
+    # Not the settings of a make this test may run under (make test itself).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     planned = subprocess.run(
-        ["make", "-n", "test", f"VENV={venv}", f"PYTEST_ARGS={target}"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True,
+        ["make", "--no-print-directory", "-n", "test", f"VENV={venv}", f"PYTEST_ARGS={target}"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     recipe = planned.stdout.splitlines()[-1]
     assert recipe.endswith(f"-m pytest {target}") and not recipe.startswith("cd "), recipe
-    result = subprocess.run(recipe, shell=True, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(recipe, shell=True, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
