@@ -3,7 +3,8 @@ beside a running daemon; and the demo.
 
 The spool commands open the daemon's file with a connection of their own (see the end of
 L{tagd.spool}), so they are safe while the daemon runs.  The configuration file is found as
-the daemon finds it, so that they look at the same spool as the daemon they sit beside.
+the daemon finds it, so that they look at the same spool as the daemon they sit beside; of
+it they read only the spool and the destinations' names, so no secret needs to be at hand.
 
 Output goes to stdout; a problem is one line on stderr and exit status 1.  Neither ever
 shows a visitor's event or a secret: the one event shown is C{send-test-event}'s own.
@@ -28,7 +29,7 @@ from twisted.internet.task import react
 
 from tagd.config import Config, ConfigError, DestinationConfig, SpoolSettings
 from tagd.delivery import http_client
-from tagd.demo.__main__ import add_arguments as demo_arguments, main as demo_main
+from tagd.demo.__main__ import SUMMARY as DEMO_SUMMARY, add_arguments as demo_arguments, main as demo_main
 from tagd.destinations import Describing, Destination, Outcome, OutgoingRequest
 from tagd.destinations._common import public_url, redact
 from tagd.destinations.registry import destination_module
@@ -418,9 +419,14 @@ def demo(args: argparse.Namespace) -> None:
 # The command line.
 
 
+def sentence(summary: str) -> str:
+    """A command's summary, as its parent's help lists it, as the sentence its own help opens with."""
+    return summary[0].upper() + summary[1:] + "."
+
+
 def command(commands, name: str, summary: str, **kwargs: Any) -> argparse.ArgumentParser:
     """A (sub)command whose own help opens with the summary its parent lists."""
-    return commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".", **kwargs)
+    return commands.add_parser(name, help=summary, description=sentence(summary), **kwargs)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -471,7 +477,7 @@ def parser() -> argparse.ArgumentParser:
     test.add_argument("--destination", metavar="NAME", required=True, help="the destination's name")
     test.set_defaults(run=send_test_event)
 
-    shop = command(commands, "demo", "an example shop with tagd in front of it, and tagd's dashboard")
+    shop = command(commands, "demo", DEMO_SUMMARY)
     demo_arguments(shop)
     shop.set_defaults(run=demo)
     return top

@@ -23,6 +23,8 @@ from tagd.tap import build_service
 SHOP_PORT = 8000
 PROXY_PORT = 8080
 ADMIN_PORT = 9100
+# What the demo is, as C{tagd --help} lists it.
+SUMMARY = "an example shop with tagd in front of it, and tagd's dashboard"
 
 
 def port(text: str) -> int:
@@ -35,15 +37,12 @@ def port(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's options, the same for C{python -m tagd.demo} and C{tagd demo}: each of its
     three ports, so that it can run beside whatever holds the default ones."""
-    parser.add_argument(
-        "--port", metavar="PORT", type=port, default=PROXY_PORT, help=f"tagd's port, the one to open [default: {PROXY_PORT}]"
-    )
-    parser.add_argument(
-        "--shop-port", metavar="PORT", type=port, default=SHOP_PORT, help=f"the example shop's port [default: {SHOP_PORT}]"
-    )
-    parser.add_argument(
-        "--admin-port", metavar="PORT", type=port, default=ADMIN_PORT, help=f"the dashboard's port [default: {ADMIN_PORT}]"
-    )
+    for option, default, what in (
+        ("--port", PROXY_PORT, "tagd's port, the one to open"),
+        ("--shop-port", SHOP_PORT, "the example shop's port"),
+        ("--admin-port", ADMIN_PORT, "the dashboard's port"),
+    ):
+        parser.add_argument(option, metavar="PORT", type=port, default=default, help=f"{what} [default: {default}]")
 
 
 def demo_config(ports: argparse.Namespace, spool: str) -> str:
@@ -79,7 +78,7 @@ def main(reactor, ports: argparse.Namespace) -> None:
 def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line of C{python -m tagd.demo}."""
     parser = argparse.ArgumentParser(
-        prog="python -m tagd.demo", description="An example shop with tagd in front of it, and tagd's dashboard."
+        prog="python -m tagd.demo", description=SUMMARY[0].upper() + SUMMARY[1:] + "."
     )
     add_arguments(parser)
     return parser.parse_args(argv)
