@@ -20,10 +20,13 @@ install: $(BIN)/pip
 	$(BIN)/python -m pip install --quiet ".[test]"
 
 demo: install
-	$(BIN)/python -m tagd.demo
+	$(BIN)/python -m tagd.demo $(DEMO_ARGS)
 
+# From the checkout, so that PYTEST_ARGS names tests by their paths from here
+# (tests/test_config.py); -P keeps the checkout off sys.path, so the tests import the
+# installed tagd, as twistd does, and not its source beside them.
 test: install
-	cd tests && $(abspath $(BIN))/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -P -m pytest $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/proxy_throughput.py $(BENCH_ARGS)

@@ -1,4 +1,4 @@
-"""Run tagd with C{twistd -ny tagd.tac}; the configuration path comes from $TAGD_CONFIG."""
+"""Run tagd with C{twistd -n --pidfile= -y tagd.tac}; the configuration path comes from $TAGD_CONFIG."""
 
 from twisted.application.service import Application
 

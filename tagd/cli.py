@@ -3,7 +3,8 @@ beside a running daemon; and the demo.
 
 The spool commands open the daemon's file with a connection of their own (see the end of
 L{tagd.spool}), so they are safe while the daemon runs.  The configuration file is found as
-the daemon finds it, so that they look at the same spool as the daemon they sit beside.
+the daemon finds it, so that they look at the same spool as the daemon they sit beside; of
+it they read only the spool and the destinations' names, so no secret needs to be at hand.
 
 Output goes to stdout; a problem is one line on stderr and exit status 1.  Neither ever
 shows a visitor's event or a secret: the one event shown is C{send-test-event}'s own.
@@ -19,21 +20,23 @@ import re
 import sys
 import time
 import uuid
+from importlib.metadata import version
 from typing import Any, Mapping, Sequence
 
 import attrs
 import treq
 from twisted.internet.task import react
 
-from tagd.config import Config, ConfigError, DestinationConfig
+from tagd.config import Config, ConfigError, DestinationConfig, SpoolSettings
 from tagd.delivery import http_client
+from tagd.demo.__main__ import SUMMARY as DEMO_SUMMARY, add_arguments as demo_arguments, main as demo_main
 from tagd.destinations import Describing, Destination, Outcome, OutgoingRequest
 from tagd.destinations._common import public_url, redact
 from tagd.destinations.registry import destination_module
 from tagd.destinations.webhook import MIN_SECRET, WebhookDestination
 from tagd.events import Event
 from tagd.spool import SpoolError, read_dead_letters, read_depth, read_journal, retry_dead_letters
-from tagd.tap import BUILT_IN, config_from_options
+from tagd.tap import BUILT_IN, config_from_options, spool_settings_from_options
 
 MASK = "***"
 STATUSES = ("pending", "inflight", "dead", "expired")
@@ -50,6 +53,12 @@ class CommandError(Exception):
 def load(path: str | None) -> Config:
     """The configuration at C{path}, or where the daemon would look for it."""
     return config_from_options({"config": path})
+
+
+def load_spool(path: str | None) -> SpoolSettings:
+    """The spool and destination names of that configuration, its secrets left unread: the
+    spool commands need no token, and may run where the service's are not at hand."""
+    return spool_settings_from_options({"config": path})
 
 
 # Tables on a terminal.
@@ -89,13 +98,13 @@ def age(seconds: float) -> str:
 # tagd spool ...
 
 
-def known_destinations(config: Config, depth: Mapping[tuple[str, str], int]) -> list[str]:
+def known_destinations(config: SpoolSettings, depth: Mapping[tuple[str, str], int]) -> list[str]:
     """The configured destinations, then those the spool still holds rows for that are no
     longer configured."""
-    return list(dict.fromkeys([d.name for d in config.destinations] + sorted({d for d, _ in depth})))
+    return list(dict.fromkeys([*config.destination_names, *sorted({d for d, _ in depth})]))
 
 
-def check_destination(config: Config, name: str | None) -> None:
+def check_destination(config: SpoolSettings, name: str | None) -> None:
     """Refuse a C{--destination} that names nothing: neither configured nor in the spool.
 
     A mistyped name would otherwise find no dead letters and look like a healthy answer.
@@ -114,7 +123,7 @@ def check_destination(config: Config, name: str | None) -> None:
 def spool_status(args: argparse.Namespace) -> None:
     """Deliveries by destination and status: configured destinations first, even when
     empty, then any the spool still holds for destinations no longer configured."""
-    config = load(args.config)
+    config = load_spool(args.config)
     depth = read_depth(config.spool.path)
     names = known_destinations(config, depth)
     rows = [[name, *(depth.get((name, status), 0) for status in STATUSES)] for name in names]
@@ -132,7 +141,7 @@ def spool_status(args: argparse.Namespace) -> None:
 
 def spool_dead(args: argparse.Namespace) -> None:
     """The newest dead letters, with the reason each was given up on."""
-    config = load(args.config)
+    config = load_spool(args.config)
     check_destination(config, args.destination)
     letters = read_dead_letters(config.spool.path, args.destination, args.limit)
     if not letters:
@@ -148,12 +157,12 @@ def spool_dead(args: argparse.Namespace) -> None:
         print(f"(the newest {args.limit} only; a larger --limit shows any older ones)")
 
 
-def configured(config: Config) -> list[str] | None:
+def configured(config: SpoolSettings) -> list[str] | None:
     """The names of the destinations configured in the file the command read; None when it
     read none (the built-in defaults): it cannot tell what the daemon beside it runs with."""
     if config.path == BUILT_IN:
         return None
-    return [d.name for d in config.destinations]
+    return list(config.destination_names)
 
 
 def spool_retry_dead(args: argparse.Namespace) -> None:
@@ -165,7 +174,7 @@ def spool_retry_dead(args: argparse.Namespace) -> None:
     of destinations no longer configured stay as they are, with a line saying how many.
     Without a configuration file the command cannot tell, and moves what it is asked to.
     """
-    config = load(args.config)
+    config = load_spool(args.config)
     check_destination(config, args.destination)
     names = configured(config)
     if names is not None and args.destination is not None and args.destination not in names:
@@ -257,10 +266,11 @@ def table_values(
     name: str, table: Any, references: Mapping[str, Mapping[str, str]]
 ) -> dict[str, Any]:
     """Every key of table C{name} with its value; a key marked secret in its field's metadata
-    (C{[admin] token}) is masked when set, and shown empty when not."""
+    (C{[admin] token}) is masked when set, and shown as not set when not (an empty secret
+    is a configuration error)."""
     return {
-        field.name: masked(value, f"{name}.{field.name}", references)
-        if field.metadata.get("secret") and value
+        field.name: (masked(value, f"{name}.{field.name}", references) if value else None)
+        if field.metadata.get("secret")
         else value
         for field in attrs.fields(type(table))
         for value in [getattr(table, field.name)]
@@ -282,8 +292,11 @@ def resolved_toml(config: Config) -> str:
 
 
 def check_config(args: argparse.Namespace) -> None:
-    """Validate a configuration and show what the daemon would run with."""
-    print(resolved_toml(load(args.file)))
+    """Validate a configuration and show what the daemon would run with; the file is named
+    by C{--config} as for every command, or, as it always could be, by C{FILE}."""
+    if args.file is not None and args.config is not None and args.file != args.config:
+        raise CommandError(f"check-config: two files named ({args.config} and {args.file}): name one")
+    print(resolved_toml(load(args.config or args.file)))
 
 
 # tagd send-test-event
@@ -400,20 +413,31 @@ def demo(args: argparse.Namespace) -> None:
     """C{python -m tagd.demo}, under the command people already have."""
     from twisted.internet import reactor
 
-    from tagd.demo.__main__ import main as demo_main
-
-    demo_main(reactor)
+    demo_main(reactor, args)
 
 
 # The command line.
+
+
+def sentence(summary: str) -> str:
+    """A command's summary, as its parent's help lists it, as the sentence its own help opens with."""
+    return summary[0].upper() + summary[1:] + "."
+
+
+def command(commands, name: str, summary: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A (sub)command whose own help opens with the summary its parent lists."""
+    return commands.add_parser(name, help=summary, description=sentence(summary), **kwargs)
 
 
 def parser() -> argparse.ArgumentParser:
     """C{tagd spool status|dead|retry-dead}, C{tagd check-config}, C{tagd send-test-event}
     and C{tagd demo}; each command's function is its C{run} default."""
     top = argparse.ArgumentParser(
-        prog="tagd", description="Inspect tagd's spool and configuration, try a destination, run the demo."
+        prog="tagd",
+        description="Inspect tagd's spool and configuration, try a destination, run the demo.",
+        epilog="The daemon itself runs under twistd: twistd -n --pidfile= tagd --config FILE",
     )
+    top.add_argument("--version", action="version", version=f"tagd {version('tagd')}", help="print tagd's version and exit")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     config = argparse.ArgumentParser(add_help=False)
     config.add_argument(
@@ -422,35 +446,40 @@ def parser() -> argparse.ArgumentParser:
     destination = argparse.ArgumentParser(add_help=False)
     destination.add_argument("--destination", metavar="NAME", help="only this destination")
 
-    spool = commands.add_parser("spool", help="look into the spool of a running or stopped tagd")
-    spool_commands = spool.add_subparsers(dest="spool_command", required=True, metavar="COMMAND")
-    status = spool_commands.add_parser(
-        "status", parents=[config], help="deliveries by destination and status"
+    spool = command(
+        commands,
+        "spool",
+        "look into the spool of a running or stopped tagd",
+        epilog="They read the file's [spool] table and its destinations' names only: no secret need resolve.",
     )
+    spool_commands = spool.add_subparsers(dest="spool_command", required=True, metavar="COMMAND")
+    status = command(spool_commands, "status", "deliveries by destination and status", parents=[config])
     status.set_defaults(run=spool_status)
-    dead = spool_commands.add_parser(
-        "dead", parents=[config, destination], help="dead letters, newest first, with reasons"
+    dead = command(
+        spool_commands, "dead", "dead letters, newest first, with reasons", parents=[config, destination]
     )
     dead.add_argument("--limit", metavar="N", type=positive, default=100, help="show at most N [default: 100]")
     dead.set_defaults(run=spool_dead)
-    retry = spool_commands.add_parser(
-        "retry-dead", parents=[config, destination], help="move dead letters back to pending"
+    retry = command(
+        spool_commands, "retry-dead", "move dead letters back to pending", parents=[config, destination]
     )
     retry.set_defaults(run=spool_retry_dead)
 
-    check = commands.add_parser("check-config", help="validate a configuration and print it, secrets masked")
-    check.add_argument("file", metavar="FILE", nargs="?", help="[default: $TAGD_CONFIG or ./tagd.toml]")
+    check = command(
+        commands, "check-config", "validate a configuration and print it, secrets masked", parents=[config]
+    )
+    check.add_argument("file", metavar="FILE", nargs="?", help="the same as --config FILE")
     check.set_defaults(run=check_config)
 
-    test = commands.add_parser(
-        "send-test-event", parents=[config], help="send one test event to a destination and show the answer"
+    test = command(
+        commands, "send-test-event", "send one test event to a destination and show the answer", parents=[config]
     )
     test.add_argument("--destination", metavar="NAME", required=True, help="the destination's name")
     test.set_defaults(run=send_test_event)
 
-    commands.add_parser(
-        "demo", help="an example shop on port 8000 with tagd in front of it on 8080"
-    ).set_defaults(run=demo)
+    shop = command(commands, "demo", DEMO_SUMMARY)
+    demo_arguments(shop)
+    shop.set_defaults(run=demo)
     return top
 
 

@@ -128,6 +128,21 @@ class DestinationConfig:
 
 
 @attrs.frozen
+class SpoolSettings:
+    """What the spool commands read of a configuration: the C{[spool]} table and the names
+    of the destinations, built only by L{parse_spool_settings}.
+
+    Nothing else is checked and no secret resolved, so that a token only the service can
+    read (an admin token from a variable set in the unit) does not stop a look into the
+    spool beside it.
+    """
+
+    path: str
+    spool: SpoolConfig = SpoolConfig()
+    destination_names: tuple[str, ...] = ()
+
+
+@attrs.frozen
 class Config:
     """Everything tagd needs to start; built only by L{load_config} or L{parse_config}."""
 
@@ -408,7 +423,15 @@ def _secret(
     path: str, key: str, value: Any, environ: Mapping[str, str], references: dict[str, Any]
 ) -> Any:
     """C{value} itself, or, for a reference table, the secret it names (recorded in
-    C{references} under C{key}).  Errors name the reference, never the value read."""
+    C{references} under C{key}).  Errors name the reference, never the value read.
+
+    An empty literal is refused: it is a token not pasted yet, which every platform would
+    refuse at every send (and an empty C{[admin] token} would leave the admin port open).
+    """
+    if isinstance(value, str) and not value.strip():
+        raise ConfigError(
+            path, key, 'must not be empty: give the secret, or { credential = "NAME" } or { env = "NAME" }'
+        )
     if not isinstance(value, dict):
         return value
     if len(value) != 1 or next(iter(value)) not in _REFERENCE_KINDS:
@@ -489,10 +512,8 @@ _TYPE_NAMES = {str: "a string", int: "a whole number", float: "a number", bool: 
                dict: "a table", list: "a list"}
 
 
-def _destination(
-    path: str, index: int, raw: Any, environ: Mapping[str, str], references: dict[str, Any]
-) -> DestinationConfig:
-    prefix = f"destinations[{index}]"
+def _destination_type(path: str, prefix: str, raw: Any) -> str:
+    """The C{type} of one C{[[destinations]]} table, which must be a table."""
     if not isinstance(raw, dict):
         raise ConfigError(path, prefix, "must be a table ([[destinations]])")
     kind = raw.get("type")
@@ -500,6 +521,14 @@ def _destination(
         raise ConfigError(
             path, f"{prefix}.type", f"must be one of {', '.join(DESTINATION_TYPES)}, got {kind!r}"
         )
+    return kind
+
+
+def _destination(
+    path: str, index: int, raw: Any, environ: Mapping[str, str], references: dict[str, Any]
+) -> DestinationConfig:
+    prefix = f"destinations[{index}]"
+    kind = _destination_type(path, prefix, raw)
     module = destination_module(kind)
     fields = _destination_fields(module)
     raw = _with_secrets(path, prefix, raw, fields, tuple(module.SECRETS), environ, references)
@@ -529,13 +558,18 @@ def _destination(
     )
 
 
+def _destination_tables(path: str, raw: Any) -> list:
+    if not isinstance(raw, list):
+        raise ConfigError(path, "destinations", "must be an array of tables ([[destinations]])")
+    return raw
+
+
 def _destinations(
     path: str, raw: Any, environ: Mapping[str, str], references: dict[str, Any]
 ) -> tuple[DestinationConfig, ...]:
-    if not isinstance(raw, list):
-        raise ConfigError(path, "destinations", "must be an array of tables ([[destinations]])")
     destinations = tuple(
-        _destination(path, i, item, environ, references) for i, item in enumerate(raw)
+        _destination(path, i, item, environ, references)
+        for i, item in enumerate(_destination_tables(path, raw))
     )
     seen = set()
     for i, destination in enumerate(destinations):
@@ -545,6 +579,19 @@ def _destinations(
             )
         seen.add(destination.name)
     return destinations
+
+
+def _tables(text: str, path: str) -> dict[str, Any]:
+    """The file's TOML, whose tables must all be tagd's."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "(file)", f"not valid TOML: {e}") from None
+    known = [*_TABLES, "destinations"]
+    for name in raw:
+        if name not in known:
+            raise ConfigError(path, name, f"unknown table (known: {', '.join(known)})")
+    return raw
 
 
 def parse_config(
@@ -557,15 +604,8 @@ def parse_config(
 
     C{environ} is where secret references look for C{$CREDENTIALS_DIRECTORY} and variables.
     """
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(path, "(file)", f"not valid TOML: {e}") from None
+    raw = _tables(text, path)
     overrides = overrides or {}
-    known = [*_TABLES, "destinations"]
-    for name in raw:
-        if name not in known:
-            raise ConfigError(path, name, f"unknown table (known: {', '.join(known)})")
     references: dict[str, Any] = {}
     tables = {
         name: _table(path, name, raw.get(name, {}), overrides.get(name, {}), environ, references)
@@ -577,17 +617,42 @@ def parse_config(
     )
 
 
+def _named_destination(path: str, index: int, raw: Any) -> str:
+    """The name one C{[[destinations]]} table gives its destination (by default its type)."""
+    prefix = f"destinations[{index}]"
+    kind = _destination_type(path, prefix, raw)
+    if "name" not in raw:
+        return kind
+    return _checked(path, prefix, {"name": raw["name"]}, _DESTINATION_COMMON)["name"]
+
+
+def parse_spool_settings(text: str, path: str) -> SpoolSettings:
+    """The L{SpoolSettings} of a configuration's TOML text: its C{[spool]} table checked as
+    L{parse_config} checks it, and the destinations' names; no other key is looked at."""
+    raw = _tables(text, path)
+    spool = _table(path, "spool", raw.get("spool", {}), {}, {}, {})
+    names = tuple(
+        _named_destination(path, i, item)
+        for i, item in enumerate(_destination_tables(path, raw.get("destinations", [])))
+    )
+    return SpoolSettings(path=path, spool=spool, destination_names=names)
+
+
+def read_config_file(path: str) -> str:
+    """The text of the configuration file at C{path}."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(path, "(file)", f"cannot be read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "(file)", "is not UTF-8 text") from None
+
+
 def load_config(
     path: str,
     overrides: dict[str, dict[str, Any]] | None = None,
     environ: Mapping[str, str] = os.environ,
 ) -> Config:
     """Read and check the file at C{path}; C{environ} as for L{parse_config}."""
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8")
-    except OSError as e:
-        raise ConfigError(path, "(file)", f"cannot be read: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(path, "(file)", "is not UTF-8 text") from None
-    return parse_config(text, path, overrides, environ)
+    return parse_config(read_config_file(path), path, overrides, environ)

@@ -15,10 +15,18 @@ from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from tagd import __version__
 from tagd.admin import Health, build_admin
 from tagd.clientip import ClientIPResolver
 from tagd.collection import tune_collector
-from tagd.config import Config, ConfigError, load_config, parse_config
+from tagd.config import (
+    Config,
+    ConfigError,
+    SpoolSettings,
+    parse_config,
+    parse_spool_settings,
+    read_config_file,
+)
 from tagd.feed import Feed
 from tagd.origin import OriginClient
 from tagd.proxy import ProxyResource
@@ -59,12 +67,17 @@ def _overrides(options) -> dict[str, dict]:
     return {"proxy": {k: options[k] for k in ("listen", "origin") if options.get(k) is not None}}
 
 
-def _read(path: str, overrides: dict[str, dict], *, required: bool) -> Config:
-    """The file at C{path}; when it is not C{required} and does not exist, the built-in
-    defaults."""
+def _source(path: str, *, required: bool) -> tuple[str, str]:
+    """The text and path of the file at C{path}; when it is not C{required} and does not
+    exist, those of the built-in defaults."""
     if not required and not os.path.exists(path):
-        return parse_config("", BUILT_IN, overrides)
-    return load_config(path, overrides)
+        return "", BUILT_IN
+    return read_config_file(path), path
+
+
+def _read(path: str, overrides: dict[str, dict], *, required: bool) -> Config:
+    """The configuration at C{path} (see L{_source})."""
+    return parse_config(*_source(path, required=required), overrides)
 
 
 def config_from_options(options, environ=os.environ) -> Config:
@@ -75,6 +88,13 @@ def config_from_options(options, environ=os.environ) -> Config:
     """
     named = _named(options, environ)
     return _read(named or DEFAULT_CONFIG, _overrides(options), required=named is not None)
+
+
+def spool_settings_from_options(options, environ=os.environ) -> SpoolSettings:
+    """The spool and destination names of the file L{config_from_options} would load, read
+    without its secrets (see L{SpoolSettings})."""
+    named = _named(options, environ)
+    return parse_spool_settings(*_source(named or DEFAULT_CONFIG, required=named is not None))
 
 
 def config_loader(options, environ=os.environ) -> Callable[[], Config]:
@@ -166,6 +186,17 @@ def build_service(
     return top
 
 
+def start_up_line(config: Config) -> str:
+    """What start-up logs first, so that the journal says what this tagd runs with: the
+    file, the destinations (name and type, never a secret), the spool and the listeners."""
+    destinations = ", ".join(f"{d.name} ({d.type})" for d in config.destinations) or "none"
+    spool = os.path.abspath(config.spool.path) if config.destinations else "none (no destinations)"
+    return (
+        f"tagd {__version__} starting: configuration {config.path}; destinations {destinations}; spool {spool};"
+        f" visitors on {config.proxy.listen}, admin on {config.admin.listen}"
+    )
+
+
 def makeService(options, reactor=None) -> MultiService:
     """twistd's entry point: a configuration error ends start-up with one line on stderr
     and the exit status L{CONFIG_ERROR_EXIT}."""
@@ -177,6 +208,7 @@ def makeService(options, reactor=None) -> MultiService:
     except ConfigError as e:
         sys.stderr.write(f"{e}\n")
         raise SystemExit(CONFIG_ERROR_EXIT) from None
+    log.info("{line}", line=start_up_line(config))
     service = build_service(config, reactor, load=load)
     tune_collector(reactor)
     return service

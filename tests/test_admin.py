@@ -411,7 +411,7 @@ def test_bad_admin_values_name_the_key_and_never_the_token(text, key, reason):
 
 def test_check_config_masks_the_admin_token(tmp_path):
     """C{tagd check-config} shows the [admin] table with the token as ***, and an unset
-    token as empty."""
+    token as a comment saying so (the output stays a valid file: an empty token is not)."""
     tagd = str(Path(sys.executable).with_name("tagd"))
     env = {k: v for k, v in os.environ.items() if k != "TAGD_CONFIG"}
     (tmp_path / "set.toml").write_text(f'[admin]\ntoken = "{TOKEN}"\n', encoding="utf-8")
@@ -424,5 +424,7 @@ def test_check_config_masks_the_admin_token(tmp_path):
         assert (result.returncode, result.stderr) == (0, "")
         assert TOKEN not in result.stdout
         shown[name] = tomllib.loads(result.stdout)["admin"]
+        if name == "unset":
+            assert "# token is not set" in result.stdout.splitlines()
     assert shown["set"] == {"listen": "tcp:9100:interface=127.0.0.1", "token": "***"}
-    assert shown["unset"] == {"listen": "tcp:9100:interface=127.0.0.1", "token": ""}
+    assert shown["unset"] == {"listen": "tcp:9100:interface=127.0.0.1"}

@@ -10,6 +10,7 @@ import sys
 import time
 import tomllib
 from contextlib import closing
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 
+from tagd import __version__
 from tagd.intake import SEGMENT, entry_line
 from tagd.spool import Spool, event_to_json
 
@@ -495,34 +497,93 @@ def test_check_config_defaults_like_the_daemon(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text, key",
+    "text, key, spool_too",
     [
-        pytest.param("[proxy\n", "(file)", id="bad-toml"),
-        pytest.param("[proxy]\nlisen = 1\n", "proxy.lisen", id="unknown-key"),
-        pytest.param('[spool]\npath = ""\n', "spool.path", id="empty-spool-path"),
+        pytest.param("[proxy\n", "(file)", True, id="bad-toml"),
+        pytest.param("[proxie]\n", "proxie", True, id="unknown-table"),
+        pytest.param("[proxy]\nlisen = 1\n", "proxy.lisen", False, id="unknown-key"),
+        pytest.param('[spool]\npath = ""\n', "spool.path", True, id="empty-spool-path"),
+        pytest.param('[spool]\nmax_events = "many"\n', "spool.max_events", True, id="spool-key-type"),
+        pytest.param('[[destinations]]\ntype = "mta"\n', "destinations[0].type", True, id="unknown-type"),
+        pytest.param(
+            '[[destinations]]\ntype = "log"\nname = "a b"\n', "destinations[0].name", True, id="bad-name"
+        ),
         pytest.param(
             f'[[destinations]]\ntype = "meta"\naccess_token = "{META_TOKEN}"\n',
             "destinations[0].pixel_id",
+            False,
             id="missing-pixel-id",
         ),
         pytest.param(
             f'[[destinations]]\ntype = "webhook"\nurl = "https://h.example/"\n'
             f'headers = {{ Authorization = "{WEBHOOK_AUTH}\\n" }}\n',
             "destinations[0].headers",
+            False,
             id="bad-secret-header",
+        ),
+        pytest.param(
+            '[[destinations]]\ntype = "meta"\npixel_id = "1234"\naccess_token = ""\n',
+            "destinations[0].access_token",
+            False,
+            id="empty-token",
         ),
     ],
 )
-def test_bad_config_is_one_line(tmp_path, text, key):
+def test_bad_config_is_one_line(tmp_path, text, key, spool_too):
     """A configuration tagd cannot run with: exit status 1 and one line naming file and key,
-    never a secret; the spool commands stop the same way."""
+    never a secret, from check-config whichever way the file is named.  The spool commands
+    stop the same way for what they read (the file, [spool], the destinations' names) and
+    look past the rest."""
     (tmp_path / "bad.toml").write_text(text, encoding="utf-8")
-    for args in (["check-config", "bad.toml"], ["spool", "status", "--config", "bad.toml"]):
+    for args in (["check-config", "bad.toml"], ["check-config", "--config", "bad.toml"]):
         line = one_line_error(tagd(*args, cwd=tmp_path))
-        assert line.startswith("tagd: configuration error in bad.toml: ")
-        assert f": {key}: " in line
+        assert line.startswith(f"tagd: configuration error in bad.toml: {key}: ")
         for secret in SECRETS:
             assert secret not in line
+    for command in ("status", "dead", "retry-dead"):
+        line = one_line_error(tagd("spool", command, "--config", "bad.toml", cwd=tmp_path))
+        if spool_too:
+            assert line.startswith(f"tagd: configuration error in bad.toml: {key}: ")
+        else:
+            assert line.startswith("tagd: there is no spool at ")
+
+
+SPOOL_ONLY = """
+[proxy]
+listen = "nonsense:1"
+
+[spool]
+path = "spool.db"
+
+[admin]
+token = { env = "TAGD_TEST_UNSET_ADMIN_TOKEN" }
+
+[[destinations]]
+type = "meta"
+access_token = { credential = "meta-token" }
+
+[[destinations]]
+type = "ga4"
+measurement_id = "UA-12345"
+api_secret = { env = "TAGD_TEST_UNSET_GA4_SECRET" }
+"""
+
+
+def test_spool_commands_read_only_the_spool_and_the_names(folder, spool_file):
+    """The spool commands need [spool] and the destinations' names only: an admin token from
+    a variable that is not set, a credential with no $CREDENTIALS_DIRECTORY, keys missing or
+    wrong elsewhere stop check-config but none of them."""
+    (folder / "tagd.toml").write_text(SPOOL_ONLY, encoding="utf-8")
+    env = {"CREDENTIALS_DIRECTORY": ""}
+    line = one_line_error(tagd("check-config", cwd=folder, **env))
+    assert line.startswith("tagd: configuration error in tagd.toml: proxy.listen: ")
+    table = status_table(ok(tagd("spool", "status", cwd=folder, **env)))
+    assert list(table) == ["meta", "ga4"]
+    assert table["meta"] == {"pending": 1, "inflight": 2, "dead": 2, "expired": 1}
+    letters = dead_table(ok(tagd("spool", "dead", "--destination", "ga4", cwd=folder, **env)))
+    assert [(r[0], r[2]) for r in letters] == [("ev-0", "ga4")]
+    output = ok(tagd("spool", "retry-dead", "--config", "tagd.toml", cwd=folder, **env))
+    assert output.startswith("3 dead letter(s) moved back to pending")
 
 
 def test_missing_config_file_is_one_line(tmp_path):
@@ -680,3 +741,76 @@ def test_send_test_event_to_a_dry_run(tmp_path):
     assert [line.split(": ", 1)[0] for line in lines] == ["meta", "ga4", "tiktok"]
     for line, name in zip(lines, ('"PageView"', '"page_view"', '"Pageview"')):
         assert name in line and "https://tagd.test/" in line and "192.0.2.0" in line
+
+
+# The command line itself.
+
+# Every command that reads a configuration, with the arguments it needs besides.
+CONFIG_COMMANDS = [
+    ["spool", "status"],
+    ["spool", "dead"],
+    ["spool", "retry-dead"],
+    ["check-config"],
+    ["send-test-event", "--destination", "meta"],
+]
+
+
+@pytest.mark.parametrize("command", CONFIG_COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_every_command_takes_config(tmp_path, command):
+    """--config FILE names the file for each command that reads one, and a named file that
+    does not exist is one line naming it."""
+    line = one_line_error(tagd(*command, "--config", "absent.toml", cwd=tmp_path))
+    assert line.startswith("tagd: configuration error in absent.toml: (file): cannot be read")
+
+
+def test_check_config_takes_the_file_either_way(folder):
+    """check-config FILE is check-config --config FILE; both at once must name one file."""
+    by_option = ok(tagd("check-config", "--config", "tagd.toml", cwd=folder))
+    assert by_option == ok(tagd("check-config", "tagd.toml", cwd=folder))
+    assert by_option == ok(tagd("check-config", "tagd.toml", "--config", "tagd.toml", cwd=folder))
+    (folder / "other.toml").write_text("", encoding="utf-8")
+    line = one_line_error(tagd("check-config", "other.toml", "--config", "tagd.toml", cwd=folder))
+    assert line == "tagd: check-config: two files named (tagd.toml and other.toml): name one"
+
+
+def test_version_is_the_installed_package_s(tmp_path):
+    """tagd --version prints the version pip installed, which is the package's own."""
+    assert ok(tagd("--version", cwd=tmp_path)) == f"tagd {version('tagd')}\n"
+    assert version("tagd") == __version__
+
+
+# Each command (and group of commands) with the words its help is expected to hold.
+HELPS = {
+    (): ["COMMAND", "--version", "twistd -n --pidfile= tagd --config FILE"],
+    ("spool",): ["status", "dead", "retry-dead", "no secret"],
+    ("spool", "status"): ["--config FILE"],
+    ("spool", "dead"): ["--config FILE", "--destination NAME", "--limit N"],
+    ("spool", "retry-dead"): ["--config FILE", "--destination NAME"],
+    ("check-config",): ["--config FILE", "the same as --config FILE"],
+    ("send-test-event",): ["--config FILE", "--destination NAME"],
+    ("demo",): ["--port PORT", "--shop-port PORT", "--admin-port PORT"],
+}
+
+
+def words(text: str) -> str:
+    """C{text} with its line breaks and runs of spaces as single spaces (argparse wraps)."""
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("command", list(HELPS), ids=lambda c: " ".join(c) or "tagd")
+def test_help_reads_alike_everywhere(tmp_path, command):
+    """Each --help: the usage, a sentence saying what the command does (the words its
+    parent lists it with), then its options; the configuration file is always --config FILE
+    with the same default, as twistd's tagd has it."""
+    output = ok(tagd(*command, "--help", cwd=tmp_path))
+    usage, description, *_ = output.split("\n\n")
+    assert usage.startswith(f"usage: {' '.join(['tagd', *command])} [-h]")
+    assert description[0].isupper() and description.endswith("."), output
+    for expected in HELPS[command]:
+        assert expected in words(output)
+    if "[--config FILE]" in usage:
+        assert "--config FILE TOML configuration file [default: $TAGD_CONFIG or ./tagd.toml]" in words(output)
+    if command:
+        parent = words(ok(tagd(*command[:-1], "--help", cwd=tmp_path)))
+        summary = words(description)[:-1]
+        assert f"{command[-1]} {summary[0].lower()}{summary[1:]}" in parent

@@ -6,7 +6,22 @@ import os
 
 import pytest
 
-from tagd.config import COMMAND_LINE, Config, ConfigError, ProxyConfig, load_config
+from tagd.config import (
+    COMMAND_LINE,
+    Config,
+    ConfigError,
+    ProxyConfig,
+    SpoolConfig,
+    SpoolSettings,
+    load_config,
+    parse_spool_settings,
+    read_config_file,
+)
+
+
+def load_spool_settings(path: str) -> SpoolSettings:
+    """The spool settings of the file at C{path}, as the spool commands read them."""
+    return parse_spool_settings(read_config_file(path), path)
 
 
 @pytest.fixture
@@ -253,3 +268,77 @@ def test_unreadable_file(write):
 def test_not_utf8(write):
     """A file that is not UTF-8 text is reported under (file)."""
     assert_config_error(write(b'[proxy]\nlisten = "tcp:\xff"\n'), "(file)")
+
+
+# Ids that cannot be right: each would fail every send, or (GA4, which answers 2xx to
+# anything) lose every event without a word.
+
+
+@pytest.mark.parametrize(
+    "table, key",
+    [
+        pytest.param('type = "ga4"\nmeasurement_id = "UA-12345"\napi_secret = "s"', "measurement_id", id="ga4-ua"),
+        pytest.param('type = "ga4"\nmeasurement_id = "12345"\napi_secret = "s"', "measurement_id", id="ga4-digits"),
+        pytest.param('type = "ga4"\nmeasurement_id = "G-"\napi_secret = "s"', "measurement_id", id="ga4-prefix-only"),
+        pytest.param('type = "ga4"\nmeasurement_id = ""\napi_secret = "s"', "measurement_id", id="ga4-empty"),
+        pytest.param('type = "ga4"\nmeasurement_id = " G-ABC"\napi_secret = "s"', "measurement_id", id="ga4-space"),
+        pytest.param('type = "meta"\npixel_id = "my-pixel"\naccess_token = "t"', "pixel_id", id="meta-name"),
+        pytest.param('type = "meta"\npixel_id = "12 34"\naccess_token = "t"', "pixel_id", id="meta-space"),
+        pytest.param('type = "meta"\npixel_id = ""\naccess_token = "t"', "pixel_id", id="meta-empty"),
+        pytest.param('type = "tiktok"\npixel_code = "C1/2"\naccess_token = "t"', "pixel_code", id="tiktok-path"),
+    ],
+)
+def test_an_id_of_the_wrong_shape_is_an_error_naming_the_key(write, table, key):
+    """A GA4 measurement id that is not G-..., a Meta pixel id that is not a number, a
+    TikTok pixel code that is not letters and digits: one line naming the key, the value
+    not quoted (a token pasted into the wrong key stays out of the log)."""
+    value = table.split(f'{key} = "')[1].split('"')[0]
+    error = assert_config_error(write(f"[[destinations]]\n{table}\n"), f"destinations[0].{key}")
+    assert repr(value) not in str(error)
+
+
+@pytest.mark.parametrize("measurement_id", ["G-1", "G-ABCDEF1234", "G-abc123"])
+def test_a_ga4_measurement_id_as_ga4_shows_it(write, measurement_id):
+    """G- and letters and digits, as GA4's admin shows a web stream's id."""
+    config = load_config(write(f'[[destinations]]\ntype = "ga4"\nmeasurement_id = "{measurement_id}"\napi_secret = "s"\n'))
+    assert config.destinations[0].destination.measurement_id == measurement_id
+
+
+# What the spool commands read: [spool] and the names, nothing else.
+
+
+def test_spool_settings_read_the_spool_and_the_names_only(write):
+    """The spool table as parse_config reads it, each destination's name (by default its
+    type), and no secret resolved: none of these variables exists."""
+    text = (
+        '[proxy]\nlisten = "nonsense"\n[spool]\npath = "s.db"\nmax_events = 10\n'
+        '[admin]\ntoken = { env = "TAGD_TEST_UNSET" }\n'
+        '[[destinations]]\ntype = "meta"\naccess_token = { env = "TAGD_TEST_UNSET" }\n'
+        '[[destinations]]\ntype = "log"\nname = "dry"\n'
+    )
+    settings = load_spool_settings(write(text))
+    assert settings.spool == SpoolConfig(path="s.db", max_events=10)
+    assert settings.destination_names == ("meta", "dry")
+    assert load_spool_settings(write("")) == SpoolSettings(path=write(""))
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        pytest.param("[spool\n", "(file)", id="bad-toml"),
+        pytest.param("[spol]\n", "spol", id="unknown-table"),
+        pytest.param("[spool]\npath = 1\n", "spool.path", id="spool-type"),
+        pytest.param("[spool]\nflush = 1\n", "spool.flush", id="spool-unknown-key"),
+        pytest.param("destinations = 1\n", "destinations", id="not-an-array"),
+        pytest.param("destinations = [1]\n", "destinations[0]", id="not-a-table"),
+        pytest.param('[[destinations]]\nname = "x"\n', "destinations[0].type", id="no-type"),
+        pytest.param('[[destinations]]\ntype = "log"\nname = ""\n', "destinations[0].name", id="empty-name"),
+    ],
+)
+def test_spool_settings_errors_name_the_key(write, text, key):
+    """What the spool commands do read is checked as the daemon checks it."""
+    path = write(text)
+    with pytest.raises(ConfigError) as info:
+        load_spool_settings(path)
+    assert (info.value.path, info.value.key) == (path, key)
+    assert str(info.value).startswith(f"tagd: configuration error in {path}: {key}: ")

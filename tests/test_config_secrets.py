@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tagd.config import ConfigError, load_config
+from tagd.destinations.registry import DESTINATION_TYPES, destination_module
 
 META_TOKEN = "EAAB-meta-token-from-a-credential"
 GA4_SECRET = "ga4-secret-from-the-environment"
@@ -239,3 +240,47 @@ def test_error_names_the_header(load):
     error = error_of(load, text)
     assert error.key == "destinations[0].headers.Authorization"
     assert error.reason == "environment variable TAGD_HOOK_AUTH is not set"
+
+
+# Empty secrets: a token not pasted yet.
+
+# A table of each destination type that has secrets, valid but for the secret {key} = {value}.
+WITH_SECRET = {
+    "meta": 'type = "meta"\npixel_id = "1234"\n{key} = {value}\n',
+    "ga4": 'type = "ga4"\nmeasurement_id = "G-1"\n{key} = {value}\n',
+    "tiktok": 'type = "tiktok"\npixel_code = "C1"\n{key} = {value}\n',
+    "webhook": 'type = "webhook"\nurl = "https://h.example/"\n{key} = {{ X-Api-Key = {value} }}\n',
+}
+
+
+def secret_keys() -> list[tuple[str, str, str]]:
+    """(type, key as written, key as errors name it) for every secret of every type."""
+    return [
+        (kind, key, f"destinations[0].{key}" + (".X-Api-Key" if kind == "webhook" else ""))
+        for kind in DESTINATION_TYPES
+        for key in destination_module(kind).SECRETS
+    ]
+
+
+def test_every_type_with_secrets_is_covered():
+    """A new destination type with a secret gets its table above, so the test below sees it."""
+    assert sorted({kind for kind, _, _ in secret_keys()}) == sorted(WITH_SECRET)
+
+
+@pytest.mark.parametrize("kind, key, named", secret_keys(), ids=[f"{k}.{s}" for k, s, _ in secret_keys()])
+@pytest.mark.parametrize("blank", ["", " ", "\\t "], ids=["empty", "space", "tab-space"])
+def test_an_empty_secret_is_an_error_naming_the_key(load, kind, key, named, blank):
+    """C{access_token = ""}, or only spaces, in any secret: one line naming the key, saying
+    how to give the secret."""
+    text = "[[destinations]]\n" + WITH_SECRET[kind].format(key=key, value=f'"{blank}"')
+    error = error_of(load, text)
+    assert error.key == named
+    assert error.reason.startswith("must not be empty: give the secret, or { credential")
+
+
+def test_an_empty_admin_token_is_an_error(load):
+    """[admin] token = "" would read as "no token" and leave the admin port open to anyone
+    who reaches it: left out is how one says that."""
+    error = error_of(load, '[admin]\ntoken = ""\n')
+    assert error.key == "admin.token"
+    assert load("[admin]\n").admin.token == ""

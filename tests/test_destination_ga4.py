@@ -9,6 +9,7 @@ import re
 import pytest
 import pytest_twisted
 import treq
+from hypothesis import given, strategies as st
 
 from conftest import within
 from fakes import FakeGA4, make_event, serve
@@ -75,6 +76,22 @@ def test_build_rejects(settings, key):
         destination(**settings)
     assert str(raised.value).startswith(key)
     assert SECRET not in str(raised.value)
+
+
+@given(st.from_regex(r"G-[A-Za-z0-9]{1,16}", fullmatch=True))
+def test_a_measurement_id_as_ga4_shows_it_is_taken(measurement_id):
+    """G- and letters and digits: a web data stream's id, taken as written."""
+    assert destination(measurement_id=measurement_id).measurement_id == measurement_id
+
+
+@given(st.text(max_size=20).filter(lambda text: not re.fullmatch(r"G-[A-Za-z0-9]+", text)))
+def test_any_other_measurement_id_is_refused(measurement_id):
+    """Anything else (UA-12345, a pasted URL, a space too many) would be sent in every
+    request and answered 2xx while GA4 drops it: refused, without quoting it."""
+    with pytest.raises(ValueError) as raised:
+        destination(measurement_id=measurement_id)
+    assert str(raised.value).startswith("measurement_id: must be a GA4 measurement id")
+    assert repr(measurement_id) not in str(raised.value)
 
 
 # -- names ----------------------------------------------------------------------------

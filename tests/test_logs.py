@@ -10,10 +10,12 @@ import re
 import signal
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 from twisted.logger import Logger
 
+from tagd import __version__
 from tagd.logs import observer
 
 from helpers import TWISTD, http_get, wait_until
@@ -108,21 +110,16 @@ def test_terminal_gets_readable_text():
     assert text.count("\n") == 1 and "not shown" not in text
 
 
-def test_twistd_with_the_logger_writes_json_lines_to_a_pipe(tmp_path):
-    """C{twistd --logger=tagd.logs.observer -n tagd --config FILE}, its stdout a pipe (as
-    under systemd): every line it writes, from start-up to shutdown, is one JSON object with
-    the fields, including the admin listener's line and twistd's own."""
-    config = tmp_path / "tagd.toml"
-    config.write_text(
-        '[proxy]\nlisten = "tcp:0:interface=127.0.0.1"\norigin = "http://127.0.0.1:9"\n'
-        '[admin]\nlisten = "tcp:0:interface=127.0.0.1"\n',
-        encoding="utf-8",
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("TAGD_CONFIG", "TAGD_LOG_LEVEL")}
+def journal(config: Path, cwd: Path, **env: str) -> tuple[list[str], tuple[int, bytes]]:
+    """The lines C{twistd --logger=tagd.logs.observer -n --pidfile= tagd --config FILE}
+    writes to its stdout, a pipe (as under systemd), from start-up until it has stopped on
+    SIGTERM, sent once its admin listener has answered C{/healthz} (status and body, the
+    second value); its stderr must stay empty."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("TAGD_CONFIG", "TAGD_LOG_LEVEL")}
     process = subprocess.Popen(
         [TWISTD, "--logger=tagd.logs.observer", "-n", "--pidfile=", "tagd", "--config", str(config)],
-        cwd=tmp_path,
-        env=env,
+        cwd=cwd,
+        env=environ | env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -145,12 +142,27 @@ def test_twistd_with_the_logger_writes_json_lines_to_a_pipe(tmp_path):
             return found and int(found.group(1))
 
         port = wait_until(admin_port, timeout=20, what="listening")
-        assert http_get(port, "/healthz")[::2] == (200, b"ok\n")
+        health = http_get(port, "/healthz")[::2]
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(10)
     reader.join(10)
     assert process.stderr.read() == ""
+    return output, health
+
+
+def test_twistd_with_the_logger_writes_json_lines_to_a_pipe(tmp_path):
+    """C{twistd --logger=tagd.logs.observer -n tagd --config FILE}, its stdout a pipe (as
+    under systemd): every line it writes, from start-up to shutdown, is one JSON object with
+    the fields, including the admin listener's line and twistd's own."""
+    config = tmp_path / "tagd.toml"
+    config.write_text(
+        '[proxy]\nlisten = "tcp:0:interface=127.0.0.1"\norigin = "http://127.0.0.1:9"\n'
+        '[admin]\nlisten = "tcp:0:interface=127.0.0.1"\n',
+        encoding="utf-8",
+    )
+    output, health = journal(config, tmp_path)
+    assert health == (200, b"ok\n")
     records = [json.loads(line) for line in output]
     assert all(line.endswith("\n") for line in output)
     assert all(set(record) == FIELDS for record in records), records
@@ -159,3 +171,58 @@ def test_twistd_with_the_logger_writes_json_lines_to_a_pipe(tmp_path):
     assert any(text.startswith("admin listener on 127.0.0.1:") for text in texts)
     assert any(re.fullmatch(r"TagdSite starting on \d+", text) for text in texts)
     assert texts[-1] == "Server Shut Down."
+
+
+START_UP = """
+[proxy]
+listen = "tcp:0:interface=127.0.0.1"
+origin = "http://127.0.0.1:9"
+
+[admin]
+listen = "tcp:0:interface=127.0.0.1"
+token = { env = "TAGD_TEST_ADMIN_TOKEN" }
+
+[spool]
+path = "spool.db"
+
+[[destinations]]
+type = "meta"
+name = "fb-main"
+pixel_id = "1234"
+access_token = { env = "TAGD_TEST_META_TOKEN" }
+endpoint = "http://127.0.0.1:9"
+
+[[destinations]]
+type = "ga4"
+measurement_id = "G-TEST"
+api_secret = "ga4-literal-secret-7"
+endpoint = "http://127.0.0.1:9"
+
+[[destinations]]
+type = "log"
+"""
+
+
+@pytest.mark.parametrize("with_destinations", [True, False], ids=["destinations", "none"])
+def test_start_up_says_what_tagd_runs_with_in_one_line(tmp_path, with_destinations):
+    """The first line of tagd's own, in the production logger's journal: the file, each
+    destination's name and type, the spool (absolute), the visitor and admin listeners as
+    configured; no secret anywhere in the journal.  Without destinations, none, and no spool."""
+    text = START_UP if with_destinations else START_UP.split("[[destinations]]")[0]
+    config = tmp_path / "tagd.toml"
+    config.write_text(text, encoding="utf-8")
+    secrets = {"TAGD_TEST_ADMIN_TOKEN": "admin-token-from-env-5", "TAGD_TEST_META_TOKEN": "meta-token-from-env-6"}
+    output, (status, _) = journal(config, tmp_path, **secrets)
+    assert status == 401  # the admin token was read: its variable was set
+    records = [json.loads(line) for line in output]
+    ours = [r for r in records if r["namespace"].startswith("tagd.")]
+    destinations = "fb-main (meta), ga4 (ga4), log (log)" if with_destinations else "none"
+    spool = tmp_path / "spool.db" if with_destinations else "none (no destinations)"
+    assert (ours[0]["level"], ours[0]["text"]) == (
+        "info",
+        f"tagd {__version__} starting: configuration {config}; destinations {destinations};"
+        f" spool {spool}; visitors on tcp:0:interface=127.0.0.1, admin on tcp:0:interface=127.0.0.1",
+    )
+    assert [r["text"] for r in records].count(ours[0]["text"]) == 1
+    for secret in [*secrets.values(), "ga4-literal-secret-7"]:
+        assert secret not in "".join(output)

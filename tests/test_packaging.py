@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,7 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ADMIN_TOML, REPO_ROOT, TWISTD, copy_checkout, free_port, read_log, running, wait_for_http
+from helpers import (
+    ADMIN_TOML,
+    REPO_ROOT,
+    TWISTD,
+    copy_checkout,
+    free_port,
+    read_log,
+    running,
+    tagd_up,
+    wait_for_http,
+    wait_until,
+)
 from tagd.tap import CONFIG_ERROR_EXIT
 
 # How long a daemon may take to exit after SIGTERM.
@@ -179,7 +191,7 @@ def assert_serves_and_stops(args: list[str], *, cwd: Path, env: dict[str, str], 
 
 
 def test_twistd_plugin_serves(tmp_path, file_origin):
-    """C{twistd -n tagd} with --listen and --origin proxies a real origin and stops on SIGTERM.
+    """C{twistd -n --pidfile= tagd} with --listen and --origin proxies a real origin and stops on SIGTERM.
 
     The file names another port and a dead origin, so a 200 here also proves that the
     command-line options override the file.
@@ -191,7 +203,7 @@ def test_twistd_plugin_serves(tmp_path, file_origin):
         'trusted_proxies = ["127.0.0.0/8"]\nresponse_timeout = 10\n' + ADMIN_TOML
     )
     args = [
-        TWISTD, "-n", "tagd",
+        TWISTD, "-n", "--pidfile=", "tagd",
         "--config", str(config),
         "--listen", f"tcp:{port}:interface=127.0.0.1",
         "--origin", file_origin,
@@ -200,11 +212,42 @@ def test_twistd_plugin_serves(tmp_path, file_origin):
 
 
 def test_tac_serves(tmp_path, file_origin):
-    """C{twistd -ny tagd.tac} takes its configuration from TAGD_CONFIG and proxies the origin."""
+    """C{twistd -n --pidfile= -y tagd.tac} takes its configuration from TAGD_CONFIG and proxies the origin."""
     port = free_port()
     config = tmp_path / "tac.toml"
     config.write_text(
         f'[proxy]\nlisten = "tcp:{port}:interface=127.0.0.1"\norigin = "{file_origin}"\n' + ADMIN_TOML
     )
-    args = [TWISTD, "-ny", str(REPO_ROOT / "tagd.tac")]
+    args = [TWISTD, "-n", "--pidfile=", "-y", str(REPO_ROOT / "tagd.tac")]
     assert_serves_and_stops(args, cwd=tmp_path, env=clean_env(TAGD_CONFIG=str(config)), port=port)
+
+
+def readme_run_command() -> list[str]:
+    """The README's command that runs tagd, with the installed twistd in the place of
+    C{.venv/bin/twistd}."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    [line] = [line for line in readme.splitlines() if line.strip().startswith(".venv/bin/twistd ")]
+    twistd, *args = shlex.split(line.split("#")[0])
+    return [TWISTD, *args]
+
+
+def test_the_readme_s_command_runs_twice_from_one_folder(tmp_path):
+    """The README's C{twistd} command leaves no C{twistd.pid} behind, so it runs again from
+    the same folder, after a kill (which leaves any pidfile) and beside a run still going
+    (twistd would otherwise refuse: "Another twistd server is running")."""
+    command = readme_run_command()
+    assert command[command.index("--config") + 1] == "tagd.toml"
+    (tmp_path / "tagd.toml").write_text(
+        '[proxy]\nlisten = "tcp:0:interface=127.0.0.1"\norigin = "http://127.0.0.1:9"\n' + ADMIN_TOML,
+        encoding="utf-8",
+    )
+    env = clean_env()
+    with running(command, cwd=tmp_path, env=env, log=tmp_path / "first.log") as first:
+        wait_until(lambda: tagd_up(first, tmp_path / "first.log"), 20, "up")
+        first.send_signal(signal.SIGKILL)
+        first.wait(STOP_TIMEOUT)
+    with running(command, cwd=tmp_path, env=env, log=tmp_path / "second.log") as second:
+        wait_until(lambda: tagd_up(second, tmp_path / "second.log"), 20, "up")
+        with running(command, cwd=tmp_path, env=env, log=tmp_path / "third.log") as third:
+            wait_until(lambda: tagd_up(third, tmp_path / "third.log"), 20, "up")
+    assert sorted(p.name for p in tmp_path.iterdir() if "pid" in p.name) == []

@@ -41,14 +41,22 @@ class _Page(Resource):
         self._tracking = json.dumps(tracking).encode("utf-8") if tracking else None
         self._tracking_header = tracking_header
 
-    def render_GET(self, request):
+    def _head(self, request) -> None:
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Cache-Control", b"public, max-age=60")
         if self._tracking is not None:
             request.setHeader(self._tracking_header, self._tracking)
+
+    def render_GET(self, request):
+        self._head(request)
         return self._body
 
-    render_HEAD = render_GET
+    def render_HEAD(self, request):
+        """The head GET would give, its Content-Length included, and no body: one returned
+        here would make Twisted log a warning and drop it."""
+        self._head(request)
+        request.setHeader(b"Content-Length", b"%d" % len(self._body))
+        return b""
 
 
 def shop_resource(tracking_header: bytes = b"Worker-Tracking", page_size: int = 0) -> Resource:

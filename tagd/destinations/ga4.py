@@ -91,6 +91,9 @@ ENGAGEMENT_TIME_MSEC = 1
 # default session timeout) share a session instead of each starting a new one.
 SESSION_WINDOW = 1800
 
+# A web data stream's id, as GA4's admin shows it: every request's measurement_id, so a
+# mistyped one fails them all, and GA4 answers 2xx regardless.
+MEASUREMENT_ID = re.compile(r"G-[A-Za-z0-9]+")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,39}")
 _CURRENCY = re.compile(r"[A-Za-z]{3}")
 RESERVED_EVENT_NAMES = frozenset(
@@ -379,9 +382,13 @@ def build(name: str, settings: Mapping[str, Any]) -> Ga4Destination:
     Raises C{ValueError} naming the offending key, never quoting the secret.
     """
     values = filled(KEYS, settings)
-    for key in ("measurement_id", "api_secret"):
-        if not values[key]:
-            raise ValueError(f"{key}: is required and must not be empty")
+    if not MEASUREMENT_ID.fullmatch(values["measurement_id"]):
+        raise ValueError(
+            'measurement_id: must be a GA4 measurement id, "G-" then letters and digits (a "UA-" id'
+            " is Universal Analytics, which takes no Measurement Protocol events)"
+        )
+    if not values["api_secret"]:
+        raise ValueError("api_secret: is required and must not be empty")
     return Ga4Destination(
         name=name,
         measurement_id=values["measurement_id"],

@@ -47,7 +47,7 @@ GA4_NOT_SENT = "not sent: the event has no GA4 client id"
 
 # The GA4 encoder that renders request bodies.  Its ids only go into the request's URL,
 # which a dry run never shows: placeholders do.
-_GA4 = ga4.build("dry-run", {"measurement_id": "DRY-RUN", "api_secret": "DRY-RUN"})
+_GA4 = ga4.build("dry-run", {"measurement_id": "G-DRYRUN", "api_secret": "DRY-RUN"})
 
 
 def _json(document: Any) -> str:
