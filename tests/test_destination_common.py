@@ -17,6 +17,10 @@ REQUIRED = {
     "meta": {"pixel_id": "1234", "access_token": "token-0123456789"},
     "ga4": {"measurement_id": "G-TEST", "api_secret": "token-0123456789"},
     "tiktok": {"pixel_code": "C4PIXEL", "access_token": "token-0123456789"},
+    "pinterest": {"ad_account_id": "549755885175", "access_token": "token-0123456789"},
+    "snapchat": {"pixel_id": "b2c1e5a0-pixel", "access_token": "token-0123456789"},
+    "reddit": {"pixel_id": "t2_abc123", "access_token": "token-0123456789"},
+    "microsoft": {"tag_id": "343000123", "access_token": "token-0123456789"},
     "webhook": {"url": "https://warehouse.example/events"},
     "log": {},
 }
@@ -82,6 +86,20 @@ def test_request_timeout_is_transient(kind, answer):
         ("meta", "max_batch", 1001),
         ("ga4", "max_batch", 26),
         ("webhook", "max_batch", 1001),
+        ("pinterest", "max_batch", 1001),
+        ("snapchat", "max_batch", 2001),
+        ("reddit", "max_batch", 1001),
+        ("microsoft", "max_batch", 1001),
+        ("pinterest", "event_names", "{ Purchase = 'purchase' }"),
+        ("snapchat", "event_names", "{ Donate = 'DONATE' }"),
+        ("reddit", "event_names", "{ Donate = '%s' }" % ("x" * 65)),
+        ("microsoft", "event_names", "{ Purchase = '' }"),
+        ("pinterest", "ad_account_id", "'act_123'"),
+        ("snapchat", "pixel_id", "'pixel/../x'"),
+        ("reddit", "pixel_id", "'t2 abc'"),
+        ("microsoft", "tag_id", "'UET-1'"),
+        *[(kind, "access_token", "'two words'") for kind in ("pinterest", "reddit", "microsoft")],
+        ("pinterest", "test", "'yes'"),
         ("meta", "event_names", "{ Purchase = '' }"),
         ("tiktok", "event_names", "{ Purchase = 7 }"),
         ("ga4", "event_names", "{ Purchase = 'bad name' }"),
@@ -106,7 +124,7 @@ def test_bad_setting_reported_under_its_key(kind, key, value):
 
 
 # The key holding each sending destination's URL.
-URL_KEYS = {"meta": "endpoint", "ga4": "endpoint", "tiktok": "endpoint", "webhook": "url"}
+URL_KEYS = {kind: "url" if kind == "webhook" else "endpoint" for kind in SENDING}
 BASE_URL_KINDS = [kind for kind, key in URL_KEYS.items() if key == "endpoint"]
 
 

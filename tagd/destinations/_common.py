@@ -116,12 +116,18 @@ def encode_batches(
     events: Sequence[Event],
     size: int,
     build: Callable[[Sequence[Event]], RequestParts],
+    positions: Sequence[int] | None = None,
 ) -> list[OutgoingRequest]:
     """One JSON L{OutgoingRequest} per batch, from the L{RequestParts} C{build} gives; its
-    headers are those the destination adds to the JSON content type."""
+    headers are those the destination adds to the JSON content type.
+
+    C{positions} are those of the events to send, when not all of them (a platform that
+    cannot take some, see L{tagd.destinations.Selective}).
+    """
+    chosen = range(len(events)) if positions is None else positions
     requests = []
-    for start in range(0, len(events), size):
-        batch = events[start : start + size]
+    for chunk in batches(chosen, size):
+        batch = events[chunk[0] : chunk[-1] + 1] if positions is None else [events[p] for p in chunk]
         url, log_url, headers, document = build(batch)
         requests.append(
             OutgoingRequest(
@@ -129,7 +135,7 @@ def encode_batches(
                 body=json_bytes(document),
                 headers={"Content-Type": "application/json", **headers},
                 log_url=log_url,
-                positions=tuple(range(start, start + len(batch))),
+                positions=tuple(chunk),
             )
         )
     return requests
@@ -144,12 +150,23 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-def verdict(outcome: Outcome, message: str, secrets: Iterable[str] = ()) -> Verdict:
-    """A L{Verdict} whose message is bounded and can never carry one of C{secrets}."""
+def bounded(message: str, secrets: Iterable[str] = ()) -> str:
+    """C{message} without any of C{secrets}, cut to L{MAX_MESSAGE} characters."""
     message = redact(message, secrets)
-    if len(message) > MAX_MESSAGE:
-        message = message[: MAX_MESSAGE - 3] + "..."
-    return Verdict(outcome=outcome, message=message)
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
+
+
+def verdict(
+    outcome: Outcome,
+    message: str,
+    secrets: Iterable[str] = (),
+    refused: Iterable[tuple[int, str]] = (),
+) -> Verdict:
+    """A L{Verdict} whose messages (its own, and those of the C{refused} events) are bounded
+    and can never carry one of C{secrets}."""
+    secrets = tuple(secrets)
+    refused = tuple((index, bounded(reason, secrets)) for index, reason in refused)
+    return Verdict(outcome=outcome, message=bounded(message, secrets), refused=refused)
 
 
 def status_outcome(status: int) -> Outcome | None:
