@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 from typing import Any, ClassVar, Mapping, Sequence
 
 import attrs
@@ -91,18 +92,23 @@ TRANSIENT_CODES = frozenset({4197})
 PARTIAL = 422
 
 
+_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
 def decimal_text(value: Any) -> str | None:
-    """A price or value as Pinterest takes it: a decimal string (a shop's numeric string
-    as it is); C{None} for anything that is no finite number."""
+    """A price or value as Pinterest takes it: a plain decimal string (a shop's decimal
+    string as it is, C{1e16} written out); C{None} for anything that is no finite number."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         return None
+    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        return value.strip()
     try:
         number = float(value)
     except ValueError:
         return None
     if not math.isfinite(number):
         return None
-    return value.strip() if isinstance(value, str) else repr(value)
+    return str(value) if isinstance(value, int) else format(Decimal(repr(number)), "f")
 
 
 def _content(item: Mapping[str, Any]) -> dict[str, Any]:
