@@ -597,7 +597,8 @@ class Dispatcher(Service):
         """Record what the platform's answer means for C{rows} (for the destination:
         L{_heed})."""
         outcome = verdict.outcome
-        self._count(lane, outcome.value, rows, status, verdict.message)
+        if not verdict.refused:  # else counted event by event, by _partly_delivered
+            self._count(lane, outcome.value, rows, status, verdict.message)
         log.debug(
             "{destination}: {count} event(s) to {url}: {outcome} (HTTP {status}) {message}",
             destination=lane.name,
@@ -608,7 +609,7 @@ class Dispatcher(Service):
             message=verdict.message,
         )
         if outcome is Outcome.SUCCESS and verdict.refused:
-            await self._partly_delivered(lane, rows, verdict.refused)
+            await self._partly_delivered(lane, rows, status, verdict)
         elif outcome is Outcome.SUCCESS:
             await lane.acks.ack(_keys(rows))
         elif outcome is Outcome.TRANSIENT:
@@ -684,15 +685,14 @@ class Dispatcher(Service):
     async def _release(self, lane: _Lane, rows: Sequence[Lease]) -> None:
         await self._spool.release(lane.name, _keys(rows))
 
-    async def _partly_delivered(
-        self, lane: _Lane, rows: Sequence[Lease], refused: Sequence[tuple[int, str]]
-    ) -> None:
+    async def _partly_delivered(self, lane: _Lane, rows: Sequence[Lease], status: int | None, verdict: Verdict) -> None:
         """The platform took some of a request's events and refused the others, each with
         its own message: the refused are dead letters at once (sending them again would
         be refused again), the rest delivered; one line says how many."""
-        reasons = {index: reason for index, reason in refused if 0 <= index < len(rows)}
+        reasons = {index: reason for index, reason in verdict.refused if 0 <= index < len(rows)}
         delivered = [row for index, row in enumerate(rows) if index not in reasons]
         if delivered:
+            self._count(lane, Outcome.SUCCESS.value, delivered, status, verdict.message)
             await lane.acks.ack(_keys(delivered))
         by_reason: dict[str, list[Lease]] = {}
         for index, reason in reasons.items():
