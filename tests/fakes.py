@@ -622,6 +622,31 @@ def check_keys(where: str, document: Any, allowed: frozenset[str]) -> Iterator[V
         yield Violation(f"{where}.{key}", "is not a documented key", "EXTRA_KEY")
 
 
+class FakeConversions(FakePlatform):
+    """What the fakes of the four later platforms share: an id in the path, a token, a
+    limit of events per request, and a body whose C{data} list holds the events."""
+
+    body_keys: frozenset[str] = frozenset({"data"})
+
+    def __init__(self, platform_id: str, access_token: str, max_events: int, **kw) -> None:
+        super().__init__(**kw)
+        self.platform_id, self.access_token, self.max_events = platform_id, access_token, max_events
+
+    def check_data(self, recorded: Recorded) -> Iterator[Violation]:
+        body = recorded.body
+        yield from check_keys("body", body, self.body_keys)
+        if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+            yield Violation("data", f"the body must hold a data list {recorded.framing()}")
+            return
+        if not 1 <= len(body["data"]) <= self.max_events:
+            yield Violation("data", f"must hold 1 to {self.max_events} events")
+        for i, event in enumerate(body["data"]):
+            yield from self._check_event(f"data[{i}]", event)
+
+    def _check_event(self, where: str, event: Any) -> Iterator[Violation]:
+        raise NotImplementedError
+
+
 PINTEREST_EVENT_NAMES = frozenset(
     {"add_payment_info", "add_to_cart", "add_to_wishlist", "app_install", "app_open", "checkout",
      "contact", "custom", "customize_product", "find_location", "initiate_checkout", "lead",
@@ -644,7 +669,7 @@ PINTEREST_CONTENT_KEYS = frozenset({"id", "item_price", "quantity", "item_name",
 DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 
 
-class FakePinterest(FakePlatform):
+class FakePinterest(FakeConversions):
     """Pinterest's API for Conversions: C{POST /v5/ad_accounts/{id}/events}, Bearer token.
 
     It answers each event's status (C{processed} or C{failed}); those whose event id is in
@@ -652,26 +677,18 @@ class FakePinterest(FakePlatform):
     """
 
     def __init__(self, ad_account_id="549755885175", access_token="pin-token", max_events=1000, **kw) -> None:
-        super().__init__(**kw)
-        self.ad_account_id, self.access_token, self.max_events = ad_account_id, access_token, max_events
+        super().__init__(ad_account_id, access_token, max_events, **kw)
         self.refuse_ids: set[str] = set()
         self.partial_status = 200
 
     def check(self, recorded: Recorded) -> Iterator[Violation]:
-        path = f"/v5/ad_accounts/{self.ad_account_id}/events"
+        path = f"/v5/ad_accounts/{self.platform_id}/events"
         if recorded.path != path:
             yield Violation("path", f"{recorded.path} is not {path}")
         if recorded.query not in ({}, {"test": ["true"]}):
             yield Violation("query", "may only be ?test=true")
         yield from check_bearer(recorded, self.access_token)
-        body = recorded.body
-        if not isinstance(body, dict) or set(body) != {"data"} or not isinstance(body["data"], list):
-            yield Violation("body", f"must be {{'data': [...]}} and nothing else {recorded.framing()}")
-            return
-        if not 1 <= len(body["data"]) <= self.max_events:
-            yield Violation("data", f"must hold 1 to {self.max_events} events")
-        for i, event in enumerate(body["data"]):
-            yield from self._check_event(f"data[{i}]", event)
+        yield from self.check_data(recorded)
 
     def _check_event(self, where: str, event: Any) -> Iterator[Violation]:
         yield from check_keys(where, event, PINTEREST_EVENT_KEYS)
@@ -745,28 +762,21 @@ SNAPCHAT_HASHED = ("em", "ph", "fn", "ln", "ge", "ct", "st", "zp", "country", "e
 SNAPCHAT_RAW = ("client_ip_address", "client_user_agent", "sc_click_id", "sc_cookie1")
 
 
-class FakeSnapchat(FakePlatform):
+class FakeSnapchat(FakeConversions):
     """Snapchat's Conversions API: C{POST /v3/{pixel_id}/events?access_token=...}."""
 
+    body_keys = frozenset({"data", "test_event_code"})
+
     def __init__(self, pixel_id="snap-pixel-1", access_token="snap-token", max_events=2000, **kw) -> None:
-        super().__init__(**kw)
-        self.pixel_id, self.access_token, self.max_events = pixel_id, access_token, max_events
+        super().__init__(pixel_id, access_token, max_events, **kw)
 
     def check(self, recorded: Recorded) -> Iterator[Violation]:
-        path = f"/v3/{self.pixel_id}/events"
+        path = f"/v3/{self.platform_id}/events"
         if recorded.path != path:
             yield Violation("path", f"{recorded.path} is not {path}")
         if recorded.query.get("access_token") != [self.access_token]:
             yield Violation("access_token", "missing or wrong", "BAD_TOKEN")
-        body = recorded.body
-        yield from check_keys("body", body, frozenset({"data", "test_event_code"}))
-        if not isinstance(body, dict) or not isinstance(body.get("data"), list):
-            yield Violation("data", f"the body must hold a data list {recorded.framing()}")
-            return
-        if not 1 <= len(body["data"]) <= self.max_events:
-            yield Violation("data", f"must hold 1 to {self.max_events} events")
-        for i, event in enumerate(body["data"]):
-            yield from self._check_event(f"data[{i}]", event)
+        yield from self.check_data(recorded)
 
     def _check_event(self, where: str, event: Any) -> Iterator[Violation]:
         if not isinstance(event, dict):
@@ -812,19 +822,18 @@ REDDIT_RAW = ("ip_address", "user_agent", "uuid")
 REDDIT_UUID = re.compile(r"\d{13}\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-class FakeReddit(FakePlatform):
+class FakeReddit(FakeConversions):
     """Reddit's Conversions API v3: C{POST /api/v3/pixels/{pixel_id}/conversion_events}."""
 
     def __init__(self, pixel_id="t2_abc123", access_token="rdt-token", max_events=1000, **kw) -> None:
-        super().__init__(**kw)
-        self.pixel_id, self.access_token, self.max_events = pixel_id, access_token, max_events
+        super().__init__(pixel_id, access_token, max_events, **kw)
 
     def events_of(self, body: Any) -> list[Any]:
         data = body.get("data") if isinstance(body, dict) else None
         return super().events_of({"data": data.get("events")} if isinstance(data, dict) else None)
 
     def check(self, recorded: Recorded) -> Iterator[Violation]:
-        path = f"/api/v3/pixels/{self.pixel_id}/conversion_events"
+        path = f"/api/v3/pixels/{self.platform_id}/conversion_events"
         if recorded.path != path:
             yield Violation("path", f"{recorded.path} is not {path}")
         yield from check_bearer(recorded, self.access_token)
@@ -898,30 +907,22 @@ MICROSOFT_HASHED = ("em", "ph", "externalId")
 MICROSOFT_RAW = ("clientIpAddress", "clientUserAgent", "msclkid", "anonymousId")
 
 
-class FakeMicrosoft(FakePlatform):
+class FakeMicrosoft(FakeConversions):
     """Microsoft's UET Conversions API: C{POST /v1/{tag_id}/events}, Bearer token."""
 
+    body_keys = frozenset({"data", "dataProvider", "continueOnValidationError"})
+
     def __init__(self, tag_id="343000123", access_token="ms-token", max_events=1000, **kw) -> None:
-        super().__init__(**kw)
-        self.tag_id, self.access_token, self.max_events = tag_id, access_token, max_events
+        super().__init__(tag_id, access_token, max_events, **kw)
 
     def check(self, recorded: Recorded) -> Iterator[Violation]:
-        path = f"/v1/{self.tag_id}/events"
+        path = f"/v1/{self.platform_id}/events"
         if recorded.path != path:
             yield Violation("path", f"{recorded.path} is not {path}")
         yield from check_bearer(recorded, self.access_token)
-        body = recorded.body
-        yield from check_keys("body", body, frozenset({"data", "dataProvider", "continueOnValidationError"}))
-        if not isinstance(body, dict) or not isinstance(body.get("data"), list):
-            yield Violation("data", f"the body must hold a data list {recorded.framing()}")
-            return
-        if not 1 <= len(body["data"]) <= self.max_events:
-            yield Violation("data", f"must hold 1 to {self.max_events} events")
-        for i, event in enumerate(body["data"]):
-            yield from self._check_event(i, event)
+        yield from self.check_data(recorded)
 
-    def _check_event(self, index: int, event: Any) -> Iterator[Violation]:
-        where = f"data[{index}]"
+    def _check_event(self, where: str, event: Any) -> Iterator[Violation]:
         if not isinstance(event, dict):
             yield Violation(where, "must be an object")
             return

@@ -185,6 +185,14 @@ def status_outcome(status: int) -> Outcome | None:
     return None
 
 
+def status_judgement(status: int) -> Outcome:
+    """The outcome of an answer by its status alone: 2xx delivered, else L{status_outcome},
+    else permanent (the request itself is wrong)."""
+    if 200 <= status < 300:
+        return Outcome.SUCCESS
+    return status_outcome(status) or Outcome.PERMANENT
+
+
 def status_verdict(status: int, body: bytes, secrets: Iterable[str] = ()) -> Verdict:
     """Judge an answer by its HTTP status alone, for receivers with no codes of their own.
 
@@ -197,7 +205,7 @@ def status_verdict(status: int, body: bytes, secrets: Iterable[str] = ()) -> Ver
         return Verdict(Outcome.SUCCESS, f"HTTP {status}")
     snippet = " ".join(body[: _MESSAGE_BODY * 4].decode("utf-8", "replace").split())
     message = f"HTTP {status}: {redact(snippet, secrets)[:_MESSAGE_BODY]}".rstrip(": ")
-    return verdict(status_outcome(status) or Outcome.PERMANENT, message)
+    return verdict(status_judgement(status), message)
 
 
 # The values without_empty leaves out, built once: written inside the comprehension, the

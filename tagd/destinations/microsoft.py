@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import attrs
 
 from tagd.destinations import KeySpec, Outcome
-from tagd.destinations._common import RequestParts, status_outcome, without_empty
+from tagd.destinations._common import RequestParts, status_judgement, without_empty
 from tagd.destinations._platform import BEARER_TOKEN, ConversionsDestination, conversion_keys, mapped_name, platform_fields
 from tagd.destinations.ga4 import DEFAULT_EVENT_NAMES as GA4_EVENT_NAMES
 from tagd.events import Event
@@ -124,9 +124,7 @@ def _judge(status: int, answer: Mapping[str, Any] | None) -> tuple[Outcome, str]
             )
     elif answer is not None and "eventsReceived" in answer:
         message += f", eventsReceived={answer['eventsReceived']}"
-    if by_status := status_outcome(status):
-        return by_status, message
-    return (Outcome.SUCCESS if 200 <= status < 300 else Outcome.PERMANENT), message
+    return status_judgement(status), message
 
 
 @attrs.frozen(eq=False)

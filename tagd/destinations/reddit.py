@@ -21,7 +21,7 @@ import attrs
 
 from tagd import __version__
 from tagd.destinations import KeySpec, OutgoingRequest, Outcome
-from tagd.destinations._common import RequestParts, encode_batches, status_outcome, without_empty
+from tagd.destinations._common import RequestParts, encode_batches, status_judgement, without_empty
 from tagd.destinations._platform import BEARER_TOKEN, ConversionsDestination, conversion_keys, mapped_name, platform_fields
 from tagd.events import Event
 from tagd.hashing import reddit_user_fields
@@ -141,9 +141,7 @@ def _judge(status: int, answer: Mapping[str, Any] | None) -> tuple[Outcome, str]
             )
     elif answer and isinstance(answer.get("data"), dict) and answer["data"].get("message"):
         message += f": {answer['data']['message']}"
-    if by_status := status_outcome(status):
-        return by_status, message
-    return (Outcome.SUCCESS if 200 <= status < 300 else Outcome.PERMANENT), message
+    return status_judgement(status), message
 
 
 @attrs.frozen(eq=False)
