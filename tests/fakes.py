@@ -12,6 +12,14 @@ and answers the way the real platform does:
   - TikTok answers HTTP 200 even on failure, with C{code} 0 for success, 40105 for a
     missing or wrong token ("Access token is incorrect or has been revoked") and 40002
     for bad parameters.
+  - Pinterest answers each event's status, C{processed} or C{failed} (those in
+    C{refuse_ids}), 401 code 2 for a wrong token and 400 code 4196 for a bad request;
+  - Snapchat answers C{{"status": "VALID"}}, or C{INVALID} with its reasons (HTTP 400,
+    401 for a wrong token);
+  - Reddit answers C{{"data": {"message": ...}}}, or 400 with the fields at fault (none
+    of the batch processed), 401 C{UNAUTHORIZED};
+  - Microsoft answers C{{"eventsReceived": N}}, or 400 C{ValidationError} with details
+    by event index, 401 for a wrong token.
 
 A wrong token is refused whole, before any event is looked at, as the platforms do.
 
