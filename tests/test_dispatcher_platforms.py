@@ -14,7 +14,7 @@ from conftest import eventually
 from fakes import DAY, FakeMicrosoft, FakePinterest, FakeReddit, FakeSnapchat, make_event
 from tagd.delivery import DirectDelivery, Route
 from tagd.destinations import microsoft, pinterest, reddit, snapchat
-from test_dispatcher import delivered, dispatch, dispatcher_log, events, metrics, refused, serving, spool  # noqa: F401
+from test_dispatcher import delivered, dispatch, dispatcher_log, events, metrics, refused, serving, spool  # noqa: F401 (fixtures)
 
 PLATFORMS = {
     "pinterest": (pinterest, FakePinterest, {"ad_account_id": "549755885175", "access_token": "pin-token"}),

@@ -8,6 +8,7 @@ way.  No I/O: the sender owns the network.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -103,6 +104,18 @@ def json_object(body: bytes) -> dict[str, Any] | None:
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     return decoded if isinstance(decoded, dict) else None
+
+
+def finite_number(value: Any) -> float | int | None:
+    """A finite number, or a numeric string as shops often write prices; else None
+    (C{"NaN"} parses as a float but is not JSON)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def json_int(document: Mapping[str, Any], key: str) -> int | None:

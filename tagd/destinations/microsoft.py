@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import attrs
 
 from tagd.destinations import KeySpec, Outcome
-from tagd.destinations._common import RequestParts, status_judgement, without_empty
+from tagd.destinations._common import RequestParts, finite_number, status_judgement, without_empty
 from tagd.destinations._platform import BEARER_TOKEN, ConversionsDestination, conversion_keys, mapped_name, platform_fields
 from tagd.destinations.ga4 import DEFAULT_EVENT_NAMES as GA4_EVENT_NAMES
 from tagd.events import Event
@@ -56,13 +56,11 @@ def custom_data(event: Event, name: str | None) -> dict[str, Any]:
     """Microsoft's C{customData} from the Meta-style custom data and the contents."""
     custom = event.custom_data
     currency = custom.get("currency")
-    value = custom.get("value")
-    value = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     order = custom.get("order_id")
     search = custom.get("search_string")
     return without_empty(
         {
-            "value": value,
+            "value": finite_number(custom.get("value")),
             "currency": currency.upper() if isinstance(currency, str) else None,
             "transactionId": str(order) if isinstance(order, (str, int)) and not isinstance(order, bool) else None,
             "searchTerm": search if isinstance(search, str) else None,

@@ -15,7 +15,6 @@ C{?test=true}: Pinterest answers as usual and records nothing.
 
 from __future__ import annotations
 
-import math
 import re
 from decimal import Decimal
 from typing import Any, ClassVar, Mapping, Sequence
@@ -23,7 +22,15 @@ from typing import Any, ClassVar, Mapping, Sequence
 import attrs
 
 from tagd.destinations import KeySpec, Outcome, Verdict
-from tagd.destinations._common import RequestParts, json_int, json_object, status_outcome, verdict, without_empty
+from tagd.destinations._common import (
+    RequestParts,
+    finite_number,
+    json_int,
+    json_object,
+    status_outcome,
+    verdict,
+    without_empty,
+)
 from tagd.destinations._platform import (
     BEARER_TOKEN,
     SelectiveDestination,
@@ -98,17 +105,12 @@ _DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 def decimal_text(value: Any) -> str | None:
     """A price or value as Pinterest takes it: a plain decimal string (a shop's decimal
     string as it is, C{1e16} written out); C{None} for anything that is no finite number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None
     if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
         return value.strip()
-    try:
-        number = float(value)
-    except ValueError:
+    number = finite_number(value)
+    if number is None:
         return None
-    if not math.isfinite(number):
-        return None
-    return str(value) if isinstance(value, int) else format(Decimal(repr(number)), "f")
+    return str(number) if isinstance(number, int) else format(Decimal(repr(number)), "f")
 
 
 def _content(item: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import attrs
 
 from tagd import __version__
 from tagd.destinations import KeySpec, OutgoingRequest, Outcome
-from tagd.destinations._common import RequestParts, encode_batches, status_judgement, without_empty
+from tagd.destinations._common import RequestParts, encode_batches, finite_number, status_judgement, without_empty
 from tagd.destinations._platform import BEARER_TOKEN, ConversionsDestination, conversion_keys, mapped_name, platform_fields
 from tagd.events import Event
 from tagd.hashing import reddit_user_fields
@@ -80,16 +80,6 @@ def _product(item: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def _number(value: Any) -> float | int | None:
-    """A value Reddit takes as a double: a number, or a shop's numeric string."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None
-    try:
-        return float(value) if isinstance(value, str) else value
-    except ValueError:
-        return None
-
-
 def metadata(event: Event) -> dict[str, Any]:
     """Reddit's C{metadata}: the dedup key, money, and the products."""
     custom = event.custom_data
@@ -98,7 +88,7 @@ def metadata(event: Event) -> dict[str, Any]:
         {
             "conversion_id": event.event_id,
             "currency": currency.upper() if isinstance(currency, str) else None,
-            "value": _number(custom.get("value")),
+            "value": finite_number(custom.get("value")),
             "item_count": sum(item.get("quantity", 1) for item in event.contents) or None,
             "products": [_product(item) for item in event.contents],
         }
