@@ -149,6 +149,10 @@ class ConversionsDestination:
         """The event as this destination sends it (names mapped)."""
         return self.event_payload(event, self.event_names)
 
+    def bearer(self) -> dict[str, str]:
+        """The token as an C{Authorization} header, where the platform takes it so."""
+        return {"Authorization": f"Bearer {self.access_token}"}
+
     def _request(self, batch: Sequence[Event]) -> RequestParts:
         """The platform's request for one batch."""
         raise NotImplementedError

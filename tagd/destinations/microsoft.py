@@ -138,7 +138,7 @@ class MicrosoftDestination(ConversionsDestination):
     def _request(self, batch: Sequence[Event]) -> RequestParts:
         # The token travels only in a header, so the URL is safe to log as it is.
         url = f"{self.endpoint}/v1/{self.tag_id}/events"
-        headers = {"Authorization": f"Bearer {self.access_token}"}
+        headers = self.bearer()
         return url, url, headers, {"data": [self.payload(event) for event in batch]}
 
 

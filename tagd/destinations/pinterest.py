@@ -259,7 +259,7 @@ class PinterestDestination(SelectiveDestination):
     def _request(self, batch: Sequence[Event]) -> RequestParts:
         # The token travels only in a header, so the URL is safe to log as it is.
         url = f"{self.endpoint}/v5/ad_accounts/{self.ad_account_id}/events" + ("?test=true" if self.test else "")
-        headers = {"Authorization": f"Bearer {self.access_token}"}
+        headers = self.bearer()
         return url, url, headers, {"data": [self.payload(event) for event in batch]}
 
     def classify(self, status: int, body: bytes) -> Verdict:

@@ -151,7 +151,7 @@ class RedditDestination(ConversionsDestination):
         data: dict[str, Any] = {"events": [self.payload(event) for event in batch]}
         if self.test_id:
             data["test_id"] = self.test_id
-        headers = {"Authorization": f"Bearer {self.access_token}", "User-Agent": USER_AGENT}
+        headers = self.bearer() | {"User-Agent": USER_AGENT}
         return url, url, headers, {"data": data}
 
     def encode(self, events: Sequence[Event]) -> list[OutgoingRequest]:
