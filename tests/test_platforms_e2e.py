@@ -6,16 +6,22 @@ Visitors come from ads of all four (each click id in the landing URL) while the 
 are down (one not listening, the others failing); tagd keeps the events in its spool, is
 killed with SIGKILL and started again, and once the platforms are back every event
 reaches each of them, with the click ids and the pixels' cookies, and nothing they object
-to.  The visitors get the click-id cookies the pixels read.
+to.  The visitors get the click-id cookies the pixels read.  A tagd in the tests' own
+reactor shows which cookies are set for which configured platforms, and none without
+consent.
 """
 
 from __future__ import annotations
 
 import hashlib
 
-from conftest import destinations_toml, toml_table
+import pytest_twisted
+from twisted.internet.defer import Deferred
+
+from conftest import destinations_toml, eventually, serve_quietly, toml_table, within
 from fakes import FakeMicrosoft, FakePinterest, FakeReddit, FakeSnapchat
 from helpers import ADMIN_TOML, TagdProcess, ThreadedPlatform, TrackedOrigin, browser_get, free_port, spool_rows, wait_until
+from test_tracking_e2e import cookies_set, tracked_visit, trusting_loopback
 
 CLICKS = "epik=dj0yJnU9Pin&ScCid=6f1e2a3b-snap&rdt_cid=3184742045291813272&msclkid=a1b2c3d4e5f6"
 TOKENS = {"pinterest": "pin-token", "snapchat": "snap-token", "reddit": "rdt-token", "microsoft": "ms-token"}
@@ -108,3 +114,45 @@ def assert_click_ids(served: dict[str, ThreadedPlatform]) -> None:
         events = [event for request in platform.fake.requests for event in platform.fake.events_of(request.body)]
         assert events and {fields[kind](event) for event in events} == {expected[kind]}, kind
         assert expected[kind] != hashlib.sha256(expected[kind].encode()).hexdigest()
+
+
+# In-process: the real tracker and dispatcher of a tagd in the tests' reactor, the fakes on
+# loopback, to see which cookies a visitor gets and what each platform receives.
+
+
+@pytest_twisted.ensureDeferred
+async def test_click_id_cookies_only_for_the_configured_platforms_and_only_with_consent(start_tracking_tagd, connect):
+    """With Pinterest and Reddit configured, a visitor from an ad of each of the four gets
+    C{_epik} and C{_rdt_cid}, never C{_scclid} or C{_uetmsclkid}; the two platforms get
+    their click ids and the event id of the C{tagd_event_id} cookie, which their pixels
+    send too.  A visitor who refuses tracking (C{Sec-GPC: 1}) gets no cookie and no event."""
+    fakes = {"pinterest": FakePinterest(access_token="pin-token"), "reddit": FakeReddit(access_token="rdt-token")}
+    served = {kind: serve_quietly(fake) for kind, fake in fakes.items()}
+    try:
+        tables = [
+            {"type": "pinterest", "ad_account_id": "549755885175", "access_token": "pin-token", "endpoint": served["pinterest"].base},
+            {"type": "reddit", "pixel_id": "t2_abc123", "access_token": "rdt-token", "endpoint": served["reddit"].base},
+        ]
+        tagd = await start_tracking_tagd(destinations=tables, proxy=trusting_loopback())
+        visitor = await connect(tagd.port)
+        response = await tracked_visit(visitor, {"event_name": "Purchase", "custom_data": {"currency": "EUR", "value": 9}},
+                                       path=f"/page?{CLICKS}".encode())  # fmt: skip
+        cookies = cookies_set(response)
+        assert {"_epik", "_rdt_cid"} <= set(cookies)
+        assert not {"_scclid", "_uetmsclkid", "_fbp", "_ga"} & set(cookies)
+        await eventually(lambda: all(fake.events for fake in fakes.values()))
+        [pin], [rdt] = fakes["pinterest"].events, fakes["reddit"].events
+        assert pin["user_data"]["click_id"] == cookies["_epik"][0] == "dj0yJnU9Pin"
+        assert rdt["click_id"] == cookies["_rdt_cid"][0]
+        assert pin["event_id"] == rdt["metadata"]["conversion_id"] == cookies["tagd_event_id"][0]
+        assert (pin["event_name"], rdt["type"]) == ("checkout", {"tracking_type": "PURCHASE"})
+        assert fakes["pinterest"].violations == [] and fakes["reddit"].violations == []
+
+        refusing = await connect(tagd.port)
+        refused = await tracked_visit(refusing, {"event_name": "PageView"}, path=f"/page?{CLICKS}".encode(),
+                                      headers=[(b"Sec-GPC", b"1")])  # fmt: skip
+        assert refused.header(b"set-cookie") == []
+        assert tagd.dropped("consent") == 1
+    finally:
+        for one in served.values():
+            await within(Deferred.fromCoroutine(one.stop()))
