@@ -46,6 +46,26 @@ api_secret = "bench-secret"
 type = "tiktok"
 pixel_code = "BENCH"
 access_token = "bench-token"
+
+[[destinations]]
+type = "pinterest"
+ad_account_id = "1234"
+access_token = "bench-token"
+
+[[destinations]]
+type = "snapchat"
+pixel_id = "BENCH"
+access_token = "bench-token"
+
+[[destinations]]
+type = "reddit"
+pixel_id = "t2_bench"
+access_token = "bench-token"
+
+[[destinations]]
+type = "microsoft"
+tag_id = "1234"
+access_token = "bench-token"
 """
 USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36"
 

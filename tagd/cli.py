@@ -333,11 +333,24 @@ def named_destination(config: Config, name: str) -> DestinationConfig:
     raise CommandError(f"no destination named {name!r} in {config.path} (configured: {names})")
 
 
+# The key that keeps a test event out of each platform's reports: Meta, TikTok and Snapchat
+# show an event with a test event code in their test view only; GA4 in debug mode sends to
+# its validation server, Pinterest with ?test=true checks and records nothing, Reddit
+# shows a test_id's events in Event Testing.  Microsoft documents no test mode.
+TEST_MODE_KEYS = {
+    "meta": "test_event_code",
+    "tiktok": "test_event_code",
+    "snapchat": "test_event_code",
+    "ga4": "debug",
+    "pinterest": "test",
+    "reddit": "test_id",
+}
+
+
 def in_test_mode(destination: Destination) -> bool:
-    """Whether the platform keeps the event out of its reports: Meta and TikTok show an
-    event with a C{test_event_code} in their Test Events tab only; GA4 in C{debug} mode
-    sends to its validation server, which records nothing."""
-    return bool(getattr(destination, "test_event_code", None) or getattr(destination, "debug", False))
+    """Whether the platform keeps the event out of its reports (L{TEST_MODE_KEYS})."""
+    key = TEST_MODE_KEYS.get(destination.type)
+    return bool(key and getattr(destination, key, None))
 
 
 def secret_values(destination: DestinationConfig) -> list[str]:
@@ -397,9 +410,10 @@ def send_test_event(args: argparse.Namespace) -> None:
         print("\n".join(destination.destination.describe([event])))
         return
     if not in_test_mode(destination.destination):
+        key = TEST_MODE_KEYS.get(destination.type)
+        missing = f"has no {key}" if key else "is of a platform without a test mode"
         print(
-            f"tagd: warning: {destination.name} has no test_event_code (for GA4: debug = true), "
-            f"so the platform counts this {event.event_name} as real",
+            f"tagd: warning: {destination.name} {missing}, so the platform counts this {event.event_name} as real",
             file=sys.stderr,
         )
     [request] = destination.destination.encode([event])

@@ -14,7 +14,7 @@ the tracker hands over (see L{tagd.pipeline}).
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import attrs
 import treq
@@ -23,7 +23,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
-from tagd.destinations import Describing, Destination, Outcome, OutgoingRequest
+from tagd.destinations import Describing, Destination, Outcome, OutgoingRequest, Selective
 from tagd.events import Event
 from tagd.outcomes import EXPIRED, Outcomes
 
@@ -40,6 +40,10 @@ PLATFORM_MAX_AGE: Mapping[str, float] = MappingProxyType(
         "meta": 7 * DAY,
         "ga4": 72 * 3600.0,
         "tiktok": 7 * DAY,  # unconfirmed: TikTok's documentation gives no figure
+        "pinterest": 7 * DAY,  # unconfirmed: Pinterest documents no figure; Meta's
+        "snapchat": 37 * DAY,
+        "reddit": 7 * DAY,
+        "microsoft": 7 * DAY,  # unconfirmed: from third-party notes on Microsoft's documentation
     }
 )
 # An event this close to its platform's limit is expired too: it could cross the limit
@@ -52,6 +56,23 @@ def expired(destination: Destination, event: Event, now: float) -> bool:
     (epoch seconds), allowing for L{AGE_MARGIN}."""
     window = PLATFORM_MAX_AGE.get(destination.type)
     return window is not None and event.event_time < now - window + AGE_MARGIN
+
+
+T = TypeVar("T")
+
+
+def by_unsendable_reason(
+    destination: Destination, items: Sequence[T], event_of: Callable[[T], Event]
+) -> dict[str, list[T]]:
+    """C{items} (events, or spool rows) that no request of C{destination} carries, grouped
+    by why: the reason a L{Selective} destination gives, else a missing identifier (GA4
+    sends no event without its client id)."""
+    groups: dict[str, list[T]] = {}
+    for item in items:
+        reason = destination.refusal(event_of(item)) if isinstance(destination, Selective) else None
+        reason = reason or f"{destination.type} cannot send this event: an identifier it requires is missing"
+        groups.setdefault(reason, []).append(item)
+    return groups
 
 
 @attrs.frozen
@@ -129,12 +150,13 @@ class DirectDelivery:
         """Events a destination cannot encode (GA4 without a client id) are counted, not lost silently."""
         sent = {position for request in requests for position in request.positions}
         unsendable = [event for position, event in enumerate(events) if position not in sent]
-        if unsendable:
-            self._outcomes.delivered(route.destination.name, Outcome.PERMANENT.value, unsendable, message="an identifier the platform requires is missing")
+        for reason, group in by_unsendable_reason(route.destination, unsendable, lambda event: event).items():
+            self._outcomes.delivered(route.destination.name, Outcome.PERMANENT.value, group, message=reason)
             log.warn(
-                "{destination}: {count} event(s) cannot be sent to this platform (missing ids)",
+                "{destination}: {count} event(s) cannot be sent to this platform: {reason}",
                 destination=route.destination.name,
-                count=len(unsendable),
+                count=len(group),
+                reason=reason,
             )
 
     async def _send(self, route: Route, request: OutgoingRequest, events: Sequence[Event]) -> None:
@@ -161,6 +183,14 @@ class DirectDelivery:
             self._outcomes.delivered(route.destination.name, Outcome.TRANSIENT.value, events, message=f"no answer: {type(e).__name__}")
             return
         verdict = destination.classify(response.code, body)
+        refused = dict(verdict.refused)
+        if refused:
+            # A partial success (Pinterest): the refused events are the platform's verdict on them.
+            for index, event in enumerate(events):
+                if index in refused:
+                    self._outcomes.delivered(route.destination.name, Outcome.PERMANENT.value, [event], response.code, refused[index])
+            events = [event for index, event in enumerate(events) if index not in refused]
+            count = len(events)
         self._outcomes.delivered(route.destination.name, verdict.outcome.value, events, response.code, verdict.message)
         if verdict.outcome is Outcome.SUCCESS:
             log.debug(

@@ -64,7 +64,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from tagd.delivery import Route, expired
+from tagd.delivery import Route, by_unsendable_reason, expired
 from tagd.destinations import Describing, Outcome, OutgoingRequest, Verdict
 from tagd.events import Event
 from tagd.metrics import Metrics
@@ -487,9 +487,8 @@ class Dispatcher(Service):
             sends.append(ensureDeferred(self._send(lane, request, carried)))
         sent = {position for request in requests for position in request.positions}
         skipped = [row for position, row in enumerate(rows) if position not in sent]
-        if skipped:
-            reason = f"{destination.type} cannot send this event: an identifier it requires is missing"
-            await self._dead(lane, skipped, reason)
+        for reason, group in by_unsendable_reason(destination, skipped, lambda row: row.event).items():
+            await self._dead(lane, group, reason)
         results = await DeferredList(sends, consumeErrors=True)
         unsent = [row for ok, carried in results if ok for row in carried]
         if unsent:
@@ -596,7 +595,8 @@ class Dispatcher(Service):
         """Record what the platform's answer means for C{rows} (for the destination:
         L{_heed})."""
         outcome = verdict.outcome
-        self._count(lane, outcome.value, rows, status, verdict.message)
+        if not verdict.refused:  # else counted event by event, by _partly_delivered
+            self._count(lane, outcome.value, rows, status, verdict.message)
         log.debug(
             "{destination}: {count} event(s) to {url}: {outcome} (HTTP {status}) {message}",
             destination=lane.name,
@@ -606,7 +606,9 @@ class Dispatcher(Service):
             status=status if status is not None else "-",
             message=verdict.message,
         )
-        if outcome is Outcome.SUCCESS:
+        if outcome is Outcome.SUCCESS and verdict.refused:
+            await self._partly_delivered(lane, rows, status, verdict)
+        elif outcome is Outcome.SUCCESS:
             await lane.acks.ack(_keys(rows))
         elif outcome is Outcome.TRANSIENT:
             await self._retry(lane, rows, verdict.message)
@@ -680,6 +682,31 @@ class Dispatcher(Service):
 
     async def _release(self, lane: _Lane, rows: Sequence[Lease]) -> None:
         await self._spool.release(lane.name, _keys(rows))
+
+    async def _partly_delivered(self, lane: _Lane, rows: Sequence[Lease], status: int | None, verdict: Verdict) -> None:
+        """The platform took some of a request's events and refused the others, each with
+        its own message: the refused are dead letters at once (sending them again would
+        be refused again), the rest delivered; one line says how many."""
+        reasons = {index: reason for index, reason in verdict.refused if 0 <= index < len(rows)}
+        delivered = [row for index, row in enumerate(rows) if index not in reasons]
+        if delivered:
+            self._count(lane, Outcome.SUCCESS.value, delivered, status, verdict.message)
+            await lane.acks.ack(_keys(delivered))
+        by_reason: dict[str, list[Lease]] = {}
+        for index, reason in reasons.items():
+            by_reason.setdefault(reason, []).append(rows[index])
+        for reason, group in by_reason.items():
+            await self._spool.dead(lane.name, _keys(group), reason)
+            self._count(lane, DEAD, group, message=reason)
+        if reasons:
+            log.warn(
+                "{destination}: the platform took {delivered} event(s) of a request and refused"
+                " {count}, now dead letters; the first refusal: {reason}",
+                destination=lane.name,
+                delivered=len(delivered),
+                count=len(reasons),
+                reason=next(iter(by_reason)),
+            )
 
     async def _dead(self, lane: _Lane, rows: Sequence[Lease], reason: str) -> None:
         await self._spool.dead(lane.name, _keys(rows), reason)

@@ -156,17 +156,51 @@ _META: dict[str, Normaliser] = {
 }
 
 
-def _tiktok_phone(value: str) -> str | None:
-    """E.164, as TikTok documents it: "+", country code and number, digits only."""
+def _e164_phone(value: str) -> str | None:
+    """E.164, as TikTok, Reddit and Microsoft document it: "+", country code and number,
+    digits only."""
     digits = phone_digits(value)
     return "+" + digits if digits else None
 
 
-# TikTok's name for a field, the Meta key it is read from, and its normalisation.
-_TIKTOK: dict[str, tuple[str, Normaliser]] = {
+def _dotless_email(value: str) -> str | None:
+    """Reddit's and Microsoft's rule: the address lower-cased, and in its local part every
+    dot and any "+tag" removed, whatever the domain (so "Al.ice+shop@example.com" and
+    "alice@example.com" hash alike)."""
+    text = _email(value)
+    if text is None:
+        return None
+    local, _, domain = text.rpartition("@")
+    local = local.partition("+")[0].replace(".", "")
+    return f"{local}@{domain}" if local and domain else None
+
+
+def _pinterest_gender(value: str) -> str | None:
+    # Pinterest documents "n" (non-binary) besides "f" and "m".
+    letters = _letters(value)
+    return letters[0] if letters[:1] in ("f", "m", "n") else None
+
+
+# Pinterest's and Snapchat's fields are Meta's, by the same names, with these differences.
+_PINTEREST: dict[str, Normaliser] = {**_META, "ge": _pinterest_gender}
+_SNAPCHAT: dict[str, Normaliser] = {key: rule for key, rule in _META.items() if key != "db"}
+
+# A platform's name for a field, the Meta key it is read from, and its normalisation.
+Renamed = Mapping[str, tuple[str, Normaliser]]
+_TIKTOK: Renamed = {
     "email": ("em", _email),
-    "phone": ("ph", _tiktok_phone),
+    "phone": ("ph", _e164_phone),
     "external_id": ("external_id", _text),
+}
+_REDDIT: Renamed = {
+    "email": ("em", _dotless_email),
+    "phone_number": ("ph", _e164_phone),
+    "external_id": ("external_id", _text),
+}
+_MICROSOFT: Renamed = {
+    "em": ("em", _dotless_email),
+    "ph": ("ph", _e164_phone),
+    "externalId": ("external_id", _text),
 }
 
 
@@ -182,6 +216,22 @@ def _hashed_values(values: Iterable[str], normalise: Normaliser) -> list[str]:
     return list(result)
 
 
+def _hashed_fields(user_data: Mapping[str, Iterable[str]], fields: Renamed) -> dict[str, list[str]]:
+    """The platform's hashed fields of C{fields} from Meta-named user data: key to list of
+    SHA-256 hex, empty fields left out."""
+    if not user_data:
+        return {}  # Most events carry none: no field to normalise.
+    hashed = {name: _hashed_values(user_data.get(source, ()), rule) for name, (source, rule) in fields.items()}
+    return {name: hashes for name, hashes in hashed.items() if hashes}
+
+
+def _same_names(normalisers: Mapping[str, Normaliser]) -> Renamed:
+    return {key: (key, rule) for key, rule in normalisers.items()}
+
+
+_META_FIELDS, _PINTEREST_FIELDS, _SNAPCHAT_FIELDS = map(_same_names, (_META, _PINTEREST, _SNAPCHAT))
+
+
 def meta_user_data(user_data: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
     """Meta's hashed C{user_data} fields: key to list of SHA-256 hex, empty fields left out.
 
@@ -191,19 +241,34 @@ def meta_user_data(user_data: Mapping[str, Iterable[str]]) -> dict[str, list[str
     Keys Meta does not hash (IP, user agent, fbp, fbc) are not read from here at all;
     unknown keys are ignored rather than sent raw.
     """
-    if not user_data:
-        return {}  # Most events carry none: no field to normalise.
-    fields = {key: _hashed_values(user_data.get(key, ()), _META[key]) for key in _META}
-    return {key: hashes for key, hashes in fields.items() if hashes}
+    return _hashed_fields(user_data, _META_FIELDS)
 
 
 def tiktok_user_fields(user_data: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
     """TikTok's hashed C{user} fields (C{email}, C{phone}, C{external_id}) from Meta-named
     user data: key to list of SHA-256 hex, empty fields left out."""
-    if not user_data:
-        return {}
-    fields = {
-        name: _hashed_values(user_data.get(source, ()), normalise)
-        for name, (source, normalise) in _TIKTOK.items()
-    }
-    return {name: hashes for name, hashes in fields.items() if hashes}
+    return _hashed_fields(user_data, _TIKTOK)
+
+
+def pinterest_user_data(user_data: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
+    """Pinterest's hashed C{user_data} fields, Meta's keys and rules but for the gender
+    (C{n} too), each a list as Pinterest requires."""
+    return _hashed_fields(user_data, _PINTEREST_FIELDS)
+
+
+def snapchat_user_data(user_data: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
+    """Snapchat's hashed C{user_data} fields: Meta's keys and rules, without the date of
+    birth, which Snapchat does not take."""
+    return _hashed_fields(user_data, _SNAPCHAT_FIELDS)
+
+
+def reddit_user_fields(user_data: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
+    """Reddit's hashed C{user} fields (C{email} without dots or "+tag" in its local part,
+    C{phone_number} in E.164, C{external_id})."""
+    return _hashed_fields(user_data, _REDDIT)
+
+
+def microsoft_user_fields(user_data: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
+    """Microsoft's hashed C{userData} fields (C{em} as for Reddit, C{ph} in E.164,
+    C{externalId}); Microsoft takes one value of each, the caller picks it."""
+    return _hashed_fields(user_data, _MICROSOFT)

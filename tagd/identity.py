@@ -2,6 +2,9 @@
 
 Meta matches on C{_fbp} (a browser id) and C{_fbc} (the ad click, from C{fbclid}); TikTok on
 C{ttclid} and C{_ttp}; GA4 needs the C{client_id} of the C{_ga} cookie and a session id.
+Pinterest, Snapchat, Reddit and Microsoft match on the click id of their ads (L{CLICK_IDS}),
+and the last three also on their pixel's browser id (C{_scid}, C{_rdt_uuid}, C{_uetvid}),
+which tagd reads but never creates.
 tagd reads what the browser already has and, where something is missing, sets the same
 cookies the browser pixels would set, from the shop's own domain, so that the server event
 and the browser pixel share ids and the platform deduplicates.  It creates an id only where
@@ -27,6 +30,10 @@ DAY = 24 * 3600
 FBP_MAX_AGE = 90 * DAY  # Meta's first-party cookies live 90 days.
 FBC_MAX_AGE = 90 * DAY
 TTCLID_MAX_AGE = 30 * DAY  # TikTok keeps the click id 30 days.
+EPIK_MAX_AGE = 365 * DAY  # The lifetimes the platforms' own server-side tags give these.
+SCCLID_MAX_AGE = 365 * DAY
+RDT_CID_MAX_AGE = 30 * DAY
+MSCLKID_MAX_AGE = 90 * DAY
 GA_MAX_AGE = 400 * DAY  # gtag's two years, capped by browsers at 400 days.
 SESSION_MAX_AGE = 1800  # GA4's default session timeout: 30 minutes of inactivity.
 EVENT_ID_MAX_AGE = 60  # Long enough for the page's pixel to read it, short enough not to linger.
@@ -34,7 +41,8 @@ SESSION_COOKIE = "_tagd_sid"
 
 # The platforms whose ids tagd can create and keep in first-party cookies.
 META, TIKTOK, GA4 = "meta", "tiktok", "ga4"
-PLATFORMS = frozenset({META, TIKTOK, GA4})
+PINTEREST, SNAPCHAT, REDDIT, MICROSOFT = "pinterest", "snapchat", "reddit", "microsoft"
+PLATFORMS = frozenset({META, TIKTOK, GA4, PINTEREST, SNAPCHAT, REDDIT, MICROSOFT})
 
 # Meta: fb.{subdomain_index}.{creation_ms}.{random or fbclid}[.{appendix}], where the optional
 # appendix is a short base64url token that Meta's own libraries add.
@@ -42,8 +50,13 @@ _APPENDIX = r"(?:\.[A-Za-z0-9_-]{2,16})?"
 _FBCLID = re.compile(r"[A-Za-z0-9_-]{1,500}")
 _FBP = re.compile(r"fb\.\d{1,2}\.\d{1,13}\.\d{1,20}" + _APPENDIX)
 _FBC = re.compile(r"fb\.\d{1,2}\.\d{1,13}\.([A-Za-z0-9_-]{1,500})" + _APPENDIX)
-# TikTok's ids are opaque tokens; these are the characters they use, all cookie-safe.
+# TikTok's ids, and the other platforms' click ids, are opaque tokens; these are the
+# characters they use, all cookie-safe.
 _TIKTOK_ID = re.compile(r"[A-Za-z0-9._~+/=-]{1,500}")
+# The pixels' browser ids: Snapchat's and Microsoft's are UUIDs (Microsoft's without its
+# dashes), Reddit's "{creation_ms}.{uuid}".
+_BROWSER_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
+_RDT_UUID = re.compile(r"\d{1,13}\.[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # GA: GA1.{domain depth}.{random}.{first-visit seconds}; client_id is the last two fields.
 _GA = re.compile(r"GA1\.\d{1,2}\.(\d{1,20}\.\d{1,20})")
 _GS1 = re.compile(r"GS1\.\d{1,2}\.(\d{1,20})\..*")
@@ -80,6 +93,13 @@ class VisitorIds:
     ttp: str | None = attrs.field(default=None, repr=False)
     ga_client_id: str | None = attrs.field(default=None, repr=False)
     ga_session_id: str | None = attrs.field(default=None, repr=False)
+    epik: str | None = attrs.field(default=None, repr=False)
+    scclid: str | None = attrs.field(default=None, repr=False)
+    scid: str | None = attrs.field(default=None, repr=False)
+    rdt_cid: str | None = attrs.field(default=None, repr=False)
+    rdt_uuid: str | None = attrs.field(default=None, repr=False)
+    msclkid: str | None = attrs.field(default=None, repr=False)
+    uetvid: str | None = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen(kw_only=True)
@@ -211,16 +231,50 @@ def _fbc(cookies: Mapping[bytes, bytes], fbclid: str | None, now: float) -> tupl
     return (existing if match else None), False
 
 
-# --- TikTok ---------------------------------------------------------------------------------
+# --- click ids ------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ClickId:
+    """Where one platform's ad click id comes from: the URL parameters an ad click carries
+    it in (the first one present wins), and the first-party cookie its pixel keeps it in,
+    the value written after C{prefix}."""
+
+    platform: str
+    params: tuple[str, ...]
+    cookie: str
+    max_age: int
+    prefix: str = ""
+
+
+TTCLID = ClickId(TIKTOK, ("ttclid",), "ttclid", TTCLID_MAX_AGE)
+# The click ids of the platforms added after TikTok, by their field of L{VisitorIds}.  Snap's
+# documented parameter is "ScCid"; its own server-side tag reads it lower-cased.  Microsoft's
+# UET tag keeps the msclkid as "_uet" followed by the id.
+CLICK_IDS: Mapping[str, ClickId] = {
+    "epik": ClickId(PINTEREST, ("epik",), "_epik", EPIK_MAX_AGE),
+    "scclid": ClickId(SNAPCHAT, ("ScCid", "sccid"), "_scclid", SCCLID_MAX_AGE),
+    "rdt_cid": ClickId(REDDIT, ("rdt_cid",), "_rdt_cid", RDT_CID_MAX_AGE),
+    "msclkid": ClickId(MICROSOFT, ("msclkid",), "_uetmsclkid", MSCLKID_MAX_AGE, prefix="_uet"),
+}
+
+
+def _click_id(cookies: Mapping[bytes, bytes], click: ClickId, params: Mapping[str, str]) -> tuple[str | None, bool]:
+    """A platform's click id, from the URL first, else from its cookie; and whether the
+    cookie must be set (the URL carries a click the cookie does not hold)."""
+    stored = cookie_text(cookies, click.cookie.encode("ascii"))
+    if stored is not None and click.prefix:
+        stored = stored[len(click.prefix) :] if stored.startswith(click.prefix) else None
+    cookie = _valid(stored, _TIKTOK_ID)
+    url = next((_valid(params[name], _TIKTOK_ID) for name in click.params if name in params), None)
+    if url is not None:
+        return url, url != cookie
+    return cookie, False
 
 
 def _ttclid(cookies: Mapping[bytes, bytes], from_url: str | None) -> tuple[str | None, bool]:
     """The TikTok click id, from the URL first, else from tagd's C{ttclid} cookie."""
-    cookie = _valid(cookie_text(cookies, b"ttclid"), _TIKTOK_ID)
-    url = _valid(from_url, _TIKTOK_ID)
-    if url is not None:
-        return url, url != cookie
-    return cookie, False
+    return _click_id(cookies, TTCLID, {} if from_url is None else {"ttclid": from_url})
 
 
 # --- GA4 ------------------------------------------------------------------------------------
@@ -280,7 +334,7 @@ def _own_session(cookies: Mapping[bytes, bytes], now: float) -> int:
 
 # --- all together ---------------------------------------------------------------------------
 
-_WANTED_PARAMS = frozenset({"fbclid", "ttclid"})
+_WANTED_PARAMS = frozenset({"fbclid", "ttclid", *(name for click in CLICK_IDS.values() for name in click.params)})
 
 
 def resolve_identity(
@@ -322,6 +376,11 @@ def resolve_identity(
     if session is None and GA4 in create_for:
         session = _own_session(cookies, now)
         to_set.append(set_cookie(session_cookie, str(session), SESSION_MAX_AGE, secure=secure, now=now))
+    clicks = {field: _click_id(cookies, click, params) for field, click in CLICK_IDS.items()}
+    for field, (value, new) in clicks.items():
+        click = CLICK_IDS[field]
+        if new and value is not None and click.platform in create_for:
+            to_set.append(set_cookie(click.cookie, click.prefix + value, click.max_age, secure=secure, now=now))
     return Identity(
         fbp=fbp,
         fbc=fbc,
@@ -329,6 +388,10 @@ def resolve_identity(
         ttp=_valid(cookie_text(cookies, b"_ttp"), _TIKTOK_ID),
         ga_client_id=client_id,
         ga_session_id=None if session is None else str(session),
+        **{field: value for field, (value, _) in clicks.items()},
+        scid=_valid(cookie_text(cookies, b"_scid"), _BROWSER_ID),
+        rdt_uuid=_valid(cookie_text(cookies, b"_rdt_uuid"), _RDT_UUID),
+        uetvid=_valid(cookie_text(cookies, b"_uetvid"), _BROWSER_ID),
         set_cookies=tuple(to_set),
     )
 

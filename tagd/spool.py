@@ -240,6 +240,13 @@ def event_to_json(event: Event) -> str:
         "ttp": event.ttp,
         "ga_client_id": event.ga_client_id,
         "ga_session_id": event.ga_session_id,
+        "epik": event.epik,
+        "scclid": event.scclid,
+        "scid": event.scid,
+        "rdt_cid": event.rdt_cid,
+        "rdt_uuid": event.rdt_uuid,
+        "msclkid": event.msclkid,
+        "uetvid": event.uetvid,
     }
     return _ENCODER.encode(fields)
 

@@ -25,7 +25,11 @@ from tagd.filters import BotDetector, PathFilter, consent_refused, is_speculativ
 from tagd.identity import (
     GA4,
     META,
+    MICROSOFT,
+    PINTEREST,
     PLATFORMS,
+    REDDIT,
+    SNAPCHAT,
     TIKTOK,
     Identity,
     event_id_cookie,
@@ -56,6 +60,10 @@ COOKIE_PLATFORMS: dict[str, frozenset[str]] = {
     "meta": frozenset({META}),
     "tiktok": frozenset({TIKTOK}),
     "ga4": frozenset({GA4}),
+    "pinterest": frozenset({PINTEREST}),
+    "snapchat": frozenset({SNAPCHAT}),
+    "reddit": frozenset({REDDIT}),
+    "microsoft": frozenset({MICROSOFT}),
     "log": PLATFORMS,
     "webhook": frozenset(),
 }
@@ -252,6 +260,13 @@ class Tracker:
                     ttp=identity.ttp,
                     ga_client_id=identity.ga_client_id,
                     ga_session_id=identity.ga_session_id,
+                    epik=identity.epik,
+                    scclid=identity.scclid,
+                    scid=identity.scid,
+                    rdt_cid=identity.rdt_cid,
+                    rdt_uuid=identity.rdt_uuid,
+                    msclkid=identity.msclkid,
+                    uetvid=identity.uetvid,
                 )
             )
         return events

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from typing import Any, Callable, Iterable, Sequence
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 from fakes import make_event
 from tagd.destinations import OutgoingRequest
@@ -63,3 +63,20 @@ def assert_secret_hidden(
         assert spelling not in request.body.decode()
         for status, answer in answers:
             assert spelling not in destination.classify(status, answer).message
+
+
+def fake_violations(fake: Any, request: OutgoingRequest) -> list[str]:
+    """What the fake platform C{fake} (of L{fakes}) finds wrong with C{request}, checked
+    as if it had come over the network."""
+    from fakes import Recorded
+
+    parts = urlsplit(request.url)
+    recorded = Recorded(
+        method=request.method,
+        path=parts.path,
+        query=parse_qs(parts.query),
+        headers={name.lower(): value for name, value in request.headers.items()},
+        raw=request.body,
+        body=json.loads(request.body),
+    )
+    return [str(violation) for violation in fake.check(recorded)]

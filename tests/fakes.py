@@ -1,4 +1,5 @@
-"""Fake Meta, GA4 and TikTok servers that check payloads as each platform documents them.
+"""Fake Meta, GA4, TikTok, Pinterest, Snapchat, Reddit and Microsoft servers that check
+payloads as each platform documents them.
 
 Each fake is a Twisted C{Resource} for a C{Site} on loopback (L{serve}).  It records
 every request (L{Recorded}: path, query, headers, parsed body and the violations found)
@@ -11,6 +12,14 @@ and answers the way the real platform does:
   - TikTok answers HTTP 200 even on failure, with C{code} 0 for success, 40105 for a
     missing or wrong token ("Access token is incorrect or has been revoked") and 40002
     for bad parameters.
+  - Pinterest answers each event's status, C{processed} or C{failed} (those in
+    C{refuse_ids}), 401 code 2 for a wrong token and 400 code 4196 for a bad request;
+  - Snapchat answers C{{"status": "VALID"}}, or C{INVALID} with its reasons (HTTP 400,
+    401 for a wrong token);
+  - Reddit answers C{{"data": {"message": ...}}}, or 400 with the fields at fault (none
+    of the batch processed), 401 C{UNAUTHORIZED};
+  - Microsoft answers C{{"eventsReceived": N}}, or 400 C{ValidationError} with details
+    by event index, 401 for a wrong token.
 
 A wrong token is refused whole, before any event is looked at, as the platforms do.
 
@@ -583,6 +592,383 @@ class FakeTikTok(FakePlatform):
         return Answer(status, {"code": code, "message": message, "request_id": request_id, "data": {}})
 
 
+# -- Pinterest, Snapchat, Reddit, Microsoft ----------------------------------------
+
+
+def check_bearer(recorded: Recorded, token: str) -> Iterator[Violation]:
+    if recorded.headers.get("authorization") != f"Bearer {token}":
+        yield Violation("Authorization", "missing or not Bearer and the token", "BAD_TOKEN")
+
+
+def check_hashed_strings(where: str, fields: dict, keys: tuple[str, ...], *, lists: bool | None) -> Iterator[Violation]:
+    """Hashed fields: lists of digests (C{lists}), single digests (not C{lists}), or either."""
+    for key in keys:
+        if key not in fields:
+            continue
+        value = fields[key]
+        if lists is True and not isinstance(value, list):
+            yield Violation(f"{where}.{key}", "must be a list of SHA-256 digests")
+        elif lists is False and not isinstance(value, str):
+            yield Violation(f"{where}.{key}", "must be one SHA-256 digest, not a list")
+        else:
+            yield from check_hashed(f"{where}.{key}", value)
+
+
+def check_raw(where: str, fields: dict, keys: tuple[str, ...], ip_key: str) -> Iterator[Violation]:
+    for key in keys:
+        if key in fields:
+            yield from check_not_hashed(f"{where}.{key}", fields[key])
+    if ip_key in fields:
+        yield from check_ip(f"{where}.{ip_key}", fields[ip_key])
+
+
+def check_keys(where: str, document: Any, allowed: frozenset[str]) -> Iterator[Violation]:
+    if not isinstance(document, dict):
+        yield Violation(where, "must be an object")
+        return
+    for key in sorted(set(document) - allowed):
+        yield Violation(f"{where}.{key}", "is not a documented key", "EXTRA_KEY")
+
+
+class FakeConversions(FakePlatform):
+    """What the fakes of the four later platforms share: an id in the path, a token, a
+    limit of events per request, and a body whose C{data} list holds the events."""
+
+    body_keys: frozenset[str] = frozenset({"data"})
+
+    def __init__(self, platform_id: str, access_token: str, max_events: int, **kw) -> None:
+        super().__init__(**kw)
+        self.platform_id, self.access_token, self.max_events = platform_id, access_token, max_events
+
+    def check_data(self, recorded: Recorded) -> Iterator[Violation]:
+        body = recorded.body
+        yield from check_keys("body", body, self.body_keys)
+        if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+            yield Violation("data", f"the body must hold a data list {recorded.framing()}")
+            return
+        if not 1 <= len(body["data"]) <= self.max_events:
+            yield Violation("data", f"must hold 1 to {self.max_events} events")
+        for i, event in enumerate(body["data"]):
+            yield from self._check_event(f"data[{i}]", event)
+
+    def _check_event(self, where: str, event: Any) -> Iterator[Violation]:
+        raise NotImplementedError
+
+
+PINTEREST_EVENT_NAMES = frozenset(
+    {"add_payment_info", "add_to_cart", "add_to_wishlist", "app_install", "app_open", "checkout",
+     "contact", "custom", "customize_product", "find_location", "initiate_checkout", "lead",
+     "page_visit", "schedule", "search", "signup", "start_trial", "submit_application",
+     "subscribe", "view_category", "view_content", "watch_video"}
+)  # fmt: skip
+PINTEREST_EVENT_KEYS = frozenset(
+    {"event_name", "action_source", "event_time", "event_id", "event_source_url", "opt_out",
+     "partner_name", "user_data", "custom_data", "app_id", "app_name", "app_version",
+     "device_brand", "device_carrier", "device_model", "device_type", "os_version", "wifi",
+     "language", "app_info", "device_info"}
+)  # fmt: skip
+PINTEREST_HASHED = ("em", "ph", "ge", "db", "ln", "fn", "ct", "st", "zp", "country", "external_id", "hashed_maids")
+PINTEREST_RAW = ("client_ip_address", "client_user_agent", "click_id", "partner_id")
+PINTEREST_CUSTOM_KEYS = frozenset(
+    {"currency", "value", "content_ids", "content_name", "content_category", "content_brand",
+     "contents", "num_items", "order_id", "search_string", "opt_out_type", "np", "predicted_ltv"}
+)  # fmt: skip
+PINTEREST_CONTENT_KEYS = frozenset({"id", "item_price", "quantity", "item_name", "item_category", "item_brand"})
+DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
+class FakePinterest(FakeConversions):
+    """Pinterest's API for Conversions: C{POST /v5/ad_accounts/{id}/events}, Bearer token.
+
+    It answers each event's status (C{processed} or C{failed}); those whose event id is in
+    C{refuse_ids} fail, answered with C{partial_status} (200 as documented, or a 422).
+    """
+
+    def __init__(self, ad_account_id="549755885175", access_token="pin-token", max_events=1000, **kw) -> None:
+        super().__init__(ad_account_id, access_token, max_events, **kw)
+        self.refuse_ids: set[str] = set()
+        self.partial_status = 200
+
+    def check(self, recorded: Recorded) -> Iterator[Violation]:
+        path = f"/v5/ad_accounts/{self.platform_id}/events"
+        if recorded.path != path:
+            yield Violation("path", f"{recorded.path} is not {path}")
+        if recorded.query not in ({}, {"test": ["true"]}):
+            yield Violation("query", "may only be ?test=true")
+        yield from check_bearer(recorded, self.access_token)
+        yield from self.check_data(recorded)
+
+    def _check_event(self, where: str, event: Any) -> Iterator[Violation]:
+        yield from check_keys(where, event, PINTEREST_EVENT_KEYS)
+        if not isinstance(event, dict):
+            return
+        for key in ("event_name", "action_source", "event_time", "user_data", "event_id"):
+            if key not in event:
+                yield Violation(f"{where}.{key}", "is required")
+        if event.get("event_name") not in PINTEREST_EVENT_NAMES:
+            yield Violation(f"{where}.event_name", f"{event.get('event_name')!r} is not a Pinterest event name")
+        if event.get("action_source") not in ("web", "app_android", "app_ios", "offline"):
+            yield Violation(f"{where}.action_source", "must be web, app_android, app_ios or offline")
+        if not isinstance(event.get("event_id"), str):
+            yield Violation(f"{where}.event_id", "must be a string")
+        yield from self._check_event_time(f"{where}.event_time", event.get("event_time"), 7 * DAY)
+        user = event.get("user_data", {})
+        if isinstance(user, dict):
+            yield from check_hashed_strings(f"{where}.user_data", user, PINTEREST_HASHED, lists=True)
+            yield from check_raw(f"{where}.user_data", user, PINTEREST_RAW, "client_ip_address")
+            if "em" not in user and not {"client_ip_address", "client_user_agent"} <= set(user):
+                yield Violation(f"{where}.user_data", "needs em, or client_ip_address and client_user_agent")
+        yield from self._check_custom(f"{where}.custom_data", event.get("custom_data", {}))
+
+    def _check_custom(self, where: str, custom: Any) -> Iterator[Violation]:
+        yield from check_keys(where, custom, PINTEREST_CUSTOM_KEYS)
+        if not isinstance(custom, dict):
+            return
+        for key in ("value", "predicted_ltv"):
+            if key in custom and not (isinstance(custom[key], str) and DECIMAL.fullmatch(custom[key])):
+                yield Violation(f"{where}.{key}", "must be a decimal string")
+        if "content_ids" in custom and not all(isinstance(i, str) for i in _values(custom["content_ids"])):
+            yield Violation(f"{where}.content_ids", "must be a list of strings")
+        for i, content in enumerate(custom.get("contents", [])):
+            yield from check_keys(f"{where}.contents[{i}]", content, PINTEREST_CONTENT_KEYS)
+            if isinstance(content, dict) and not isinstance(content.get("item_price", ""), str):
+                yield Violation(f"{where}.contents[{i}].item_price", "must be a string")
+            if isinstance(content, dict) and not isinstance(content.get("quantity", 0), int):
+                yield Violation(f"{where}.contents[{i}].quantity", "must be a whole number")
+
+    def answer(self, recorded: Recorded) -> Answer:
+        codes = {v.code for v in recorded.violations}
+        if "BAD_TOKEN" in codes:
+            return Answer(401, {"code": 2, "message": "Authentication failed."})
+        if recorded.violations:
+            return Answer(400, {"code": 4196, "message": "; ".join(map(str, recorded.violations))})
+        data = recorded.body["data"]
+        statuses = [
+            {"status": "failed", "error_message": "Event refused by the fake", "warning_message": None}
+            if event["event_id"] in self.refuse_ids
+            else {"status": "processed", "error_message": None, "warning_message": None}
+            for event in data
+        ]
+        processed = sum(s["status"] == "processed" for s in statuses)
+        document = {"num_events_received": len(data), "num_events_processed": processed, "events": statuses}
+        return Answer(self.partial_status if processed < len(data) else 200, document)
+
+    def injected_answer(self, injection: Injection) -> Answer:
+        status = injection.status or 503
+        code = injection.code if injection.code is not None else {429: 8, 401: 2, 403: 29}.get(status, 4197)
+        return Answer(status, {"code": code, "message": "Injected failure"})
+
+
+SNAPCHAT_EVENT_NAMES = frozenset(
+    {"PAGE_VIEW", "VIEW_CONTENT", "LIST_VIEW", "ADD_CART", "ADD_TO_WISHLIST", "START_CHECKOUT",
+     "ADD_BILLING", "PURCHASE", "SIGN_UP", "LOGIN", "SEARCH", "SUBSCRIBE", "START_TRIAL", "SAVE",
+     "SHARE", "INVITE", "RESERVE", "RATE", "AD_CLICK", "AD_VIEW", "COMPLETE_TUTORIAL",
+     "LEVEL_COMPLETE", "ACHIEVEMENT_UNLOCKED", "SPENT_CREDITS", "APP_INSTALL", "APP_OPEN",
+     "CUSTOM_EVENT_1", "CUSTOM_EVENT_2", "CUSTOM_EVENT_3", "CUSTOM_EVENT_4", "CUSTOM_EVENT_5"}
+)  # fmt: skip
+SNAPCHAT_HASHED = ("em", "ph", "fn", "ln", "ge", "ct", "st", "zp", "country", "external_id")
+SNAPCHAT_RAW = ("client_ip_address", "client_user_agent", "sc_click_id", "sc_cookie1")
+
+
+class FakeSnapchat(FakeConversions):
+    """Snapchat's Conversions API: C{POST /v3/{pixel_id}/events?access_token=...}."""
+
+    body_keys = frozenset({"data", "test_event_code"})
+
+    def __init__(self, pixel_id="snap-pixel-1", access_token="snap-token", max_events=2000, **kw) -> None:
+        super().__init__(pixel_id, access_token, max_events, **kw)
+
+    def check(self, recorded: Recorded) -> Iterator[Violation]:
+        path = f"/v3/{self.platform_id}/events"
+        if recorded.path != path:
+            yield Violation("path", f"{recorded.path} is not {path}")
+        if recorded.query.get("access_token") != [self.access_token]:
+            yield Violation("access_token", "missing or wrong", "BAD_TOKEN")
+        yield from self.check_data(recorded)
+
+    def _check_event(self, where: str, event: Any) -> Iterator[Violation]:
+        if not isinstance(event, dict):
+            yield Violation(where, "must be an object")
+            return
+        name = event.get("event_name")
+        if name not in SNAPCHAT_EVENT_NAMES:
+            yield Violation(f"{where}.event_name", f"{name!r} is not a Snapchat event name")
+        yield from self._check_event_time(f"{where}.event_time", event.get("event_time"), 37 * DAY)
+        if event.get("action_source") != "WEB":
+            yield Violation(f"{where}.action_source", "must be WEB for a website's event")
+        if not str(event.get("event_source_url", "")).startswith(("http://", "https://")):
+            yield Violation(f"{where}.event_source_url", "is required for WEB events")
+        user = event.get("user_data")
+        if not isinstance(user, dict):
+            yield Violation(f"{where}.user_data", "is required")
+            user = {}
+        yield from check_hashed_strings(f"{where}.user_data", user, SNAPCHAT_HASHED, lists=None)
+        yield from check_raw(f"{where}.user_data", user, SNAPCHAT_RAW, "client_ip_address")
+        if not ({"em", "ph"} & set(user) or {"client_ip_address", "client_user_agent"} <= set(user)):
+            yield Violation(f"{where}.user_data", "needs em, ph, or client_ip_address and client_user_agent")
+        custom = event.get("custom_data", {})
+        if name == "PURCHASE" and not (isinstance(custom, dict) and {"currency", "value"} <= set(custom)):
+            yield Violation(f"{where}.custom_data", "a PURCHASE needs currency and value")
+
+    def answer(self, recorded: Recorded) -> Answer:
+        if "BAD_TOKEN" in {v.code for v in recorded.violations}:
+            return Answer(401, {"status": "INVALID", "reason": "Invalid access token"})
+        if recorded.violations:
+            messages = [str(v) for v in recorded.violations]
+            return Answer(400, {"status": "INVALID", "reason": "Invalid events", "errors": {"error_msgs": messages}})
+        return Answer(200, {"status": "VALID", "reason": f"{len(recorded.body['data'])} events received"})
+
+    def injected_answer(self, injection: Injection) -> Answer:
+        return Answer(injection.status or 500, {"status": "INVALID", "reason": "Injected failure"})
+
+
+REDDIT_TRACKING_TYPES = frozenset(
+    {"PAGE_VISIT", "VIEW_CONTENT", "SEARCH", "ADD_TO_CART", "ADD_TO_WISHLIST", "PURCHASE", "LEAD", "SIGN_UP"}
+)
+REDDIT_HASHED = ("email", "phone_number", "external_id")
+REDDIT_RAW = ("ip_address", "user_agent", "uuid")
+REDDIT_UUID = re.compile(r"\d{13}\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+class FakeReddit(FakeConversions):
+    """Reddit's Conversions API v3: C{POST /api/v3/pixels/{pixel_id}/conversion_events}."""
+
+    def __init__(self, pixel_id="t2_abc123", access_token="rdt-token", max_events=1000, **kw) -> None:
+        super().__init__(pixel_id, access_token, max_events, **kw)
+
+    def events_of(self, body: Any) -> list[Any]:
+        data = body.get("data") if isinstance(body, dict) else None
+        return super().events_of({"data": data.get("events")} if isinstance(data, dict) else None)
+
+    def check(self, recorded: Recorded) -> Iterator[Violation]:
+        path = f"/api/v3/pixels/{self.platform_id}/conversion_events"
+        if recorded.path != path:
+            yield Violation("path", f"{recorded.path} is not {path}")
+        yield from check_bearer(recorded, self.access_token)
+        agent = recorded.headers.get("user-agent", "")
+        if not agent or agent.lower().startswith(("python", "twisted", "curl")):
+            yield Violation("User-Agent", "a default user agent is throttled: name the sender")
+        body = recorded.body
+        data = body.get("data") if isinstance(body, dict) else None
+        yield from check_keys("body", body, frozenset({"data"}))
+        yield from check_keys("data", data, frozenset({"events", "test_id", "partner"}))
+        events = data.get("events") if isinstance(data, dict) else None
+        if not isinstance(events, list) or not 1 <= len(events) <= self.max_events:
+            yield Violation("data.events", f"must be a list of 1 to {self.max_events} events", "TOO_MANY")
+            return
+        for i, event in enumerate(events):
+            yield from self._check_event(f"data.events[{i}]", event)
+
+    def _check_event(self, where: str, event: Any) -> Iterator[Violation]:
+        if not isinstance(event, dict):
+            yield Violation(where, "must be an object")
+            return
+        at = event.get("event_at")
+        if isinstance(at, bool) or not isinstance(at, int) or at < 10**11:
+            yield Violation(f"{where}.event_at", "must be Unix time in milliseconds")
+        else:
+            yield from self._check_event_time(f"{where}.event_at", at // 1000, 7 * DAY)
+        if event.get("action_source") not in ("WEBSITE", "APP", "PHYSICAL_STORE", "OTHER"):
+            yield Violation(f"{where}.action_source", "is required: WEBSITE, APP, PHYSICAL_STORE or OTHER")
+        kind = event.get("type")
+        tracking = kind.get("tracking_type") if isinstance(kind, dict) else None
+        if tracking == "CUSTOM":
+            custom_name = kind.get("custom_event_name")
+            if not isinstance(custom_name, str) or not 1 <= len(custom_name) <= 64:
+                yield Violation(f"{where}.type.custom_event_name", "a CUSTOM event needs a name of 1 to 64 characters")
+        elif tracking not in REDDIT_TRACKING_TYPES:
+            yield Violation(f"{where}.type.tracking_type", f"{tracking!r} is not a tracking type")
+        user = event.get("user", {})
+        if isinstance(user, dict):
+            yield from check_hashed_strings(f"{where}.user", user, REDDIT_HASHED, lists=False)
+            yield from check_raw(f"{where}.user", user, REDDIT_RAW, "ip_address")
+            if "uuid" in user and not REDDIT_UUID.fullmatch(str(user["uuid"])):
+                yield Violation(f"{where}.user.uuid", "must be {ms}.{RFC 4122 uuid}")
+        metadata = event.get("metadata", {})
+        if isinstance(metadata, dict):
+            if not isinstance(metadata.get("conversion_id"), str):
+                yield Violation(f"{where}.metadata.conversion_id", "must carry the event id, to deduplicate")
+            value = metadata.get("value", 0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                yield Violation(f"{where}.metadata.value", "must be a number")
+
+    def answer(self, recorded: Recorded) -> Answer:
+        codes = {v.code for v in recorded.violations}
+        if "BAD_TOKEN" in codes:
+            return Answer(401, {"error": {"code": 401, "message": "UNAUTHORIZED"}})
+        if "TOO_MANY" in codes:
+            return Answer(400, {"error": {"code": 400, "message": "Bad Request"}})
+        if recorded.violations:
+            fields = [{"field": v.field, "message": v.message} for v in recorded.violations]
+            count = len({v.field.split("]")[0] for v in recorded.violations})
+            message = f"There were {count} invalid conversion events. None were processed."
+            return Answer(400, {"error": {"code": 400, "message": message, "fields": fields}})
+        count = len(self.events_of(recorded.body))
+        return Answer(200, {"data": {"message": f"Successfully processed {count} conversion events."}})
+
+    def injected_answer(self, injection: Injection) -> Answer:
+        status = injection.status or 500
+        return Answer(status, {"error": {"code": status, "message": "Injected failure"}})
+
+
+MICROSOFT_HASHED = ("em", "ph", "externalId")
+MICROSOFT_RAW = ("clientIpAddress", "clientUserAgent", "msclkid", "anonymousId")
+
+
+class FakeMicrosoft(FakeConversions):
+    """Microsoft's UET Conversions API: C{POST /v1/{tag_id}/events}, Bearer token."""
+
+    body_keys = frozenset({"data", "dataProvider", "continueOnValidationError"})
+
+    def __init__(self, tag_id="343000123", access_token="ms-token", max_events=1000, **kw) -> None:
+        super().__init__(tag_id, access_token, max_events, **kw)
+
+    def check(self, recorded: Recorded) -> Iterator[Violation]:
+        path = f"/v1/{self.platform_id}/events"
+        if recorded.path != path:
+            yield Violation("path", f"{recorded.path} is not {path}")
+        yield from check_bearer(recorded, self.access_token)
+        yield from self.check_data(recorded)
+
+    def _check_event(self, where: str, event: Any) -> Iterator[Violation]:
+        if not isinstance(event, dict):
+            yield Violation(where, "must be an object")
+            return
+        kind = event.get("eventType")
+        if kind not in ("pageLoad", "custom"):
+            yield Violation(f"{where}.eventType", "must be pageLoad or custom")
+        if kind == "custom" and not event.get("eventName"):
+            yield Violation(f"{where}.eventName", "is required for a custom event")
+        if kind == "pageLoad" and not str(event.get("eventSourceUrl", "")).startswith(("http://", "https://")):
+            yield Violation(f"{where}.eventSourceUrl", "is required for a pageLoad")
+        if not isinstance(event.get("eventId"), str):
+            yield Violation(f"{where}.eventId", "must carry the event id, to deduplicate")
+        yield from self._check_event_time(f"{where}.eventTime", event.get("eventTime"), 7 * DAY)
+        user = event.get("userData")
+        if not isinstance(user, dict):
+            yield Violation(f"{where}.userData", "is required")
+            return
+        yield from check_hashed_strings(f"{where}.userData", user, MICROSOFT_HASHED, lists=False)
+        yield from check_raw(f"{where}.userData", user, MICROSOFT_RAW, "clientIpAddress")
+        if str(user.get("msclkid", "")).startswith("_uet"):
+            yield Violation(f"{where}.userData.msclkid", "must be the click id, not the _uetmsclkid cookie's value")
+
+    def answer(self, recorded: Recorded) -> Answer:
+        if "BAD_TOKEN" in {v.code for v in recorded.violations}:
+            return Answer(401, {"error": {"code": "Unauthorized", "message": "Invalid token"}})
+        if recorded.violations:
+            details = [
+                {"index": int(re.match(r"data\[(\d+)\]", v.field)[1]) if v.field.startswith("data[") else None,
+                 "propertyName": v.field, "errorMessage": v.message, "errorCode": v.code, "isWarning": False}
+                for v in recorded.violations
+            ]  # fmt: skip
+            return Answer(400, {"error": {"code": "ValidationError", "message": "Invalid events", "details": details}})
+        return Answer(200, {"eventsReceived": len(recorded.body["data"])})
+
+    def injected_answer(self, injection: Injection) -> Answer:
+        return Answer(injection.status or 500, {"error": {"code": "InternalError", "message": "Injected failure"}})
+
+
 # -- serving ------------------------------------------------------------------------
 
 
@@ -635,6 +1021,13 @@ def make_event(**fields: Any) -> Event:
         "ttp": "2Hk4x7bFq9",
         "ga_client_id": "1234567890.1706540400",
         "ga_session_id": "1706540400",
+        "epik": "dj0yJnU9ZXBpay0x",
+        "scclid": "6f1e2a3b-4c5d-4e6f-8a9b-0c1d2e3f4a5b",
+        "scid": "9a8b7c6d-5e4f-4a3b-2c1d-0e9f8a7b6c5d",
+        "rdt_cid": "3184742045291813272",
+        "rdt_uuid": "1677712978045.b8f7eb7d-b357-437b-8bd3-e1c8166c7132",
+        "msclkid": "a1b2c3d4e5f60718293a4b5c6d7e8f90",
+        "uetvid": "0d3c2b1a9f8e7d6c5b4a39281706f5e4",
     }
     values.update(fields)
     return Event(**values)

@@ -261,14 +261,20 @@ class _TrackedOriginHandler(BaseHTTPRequestHandler):
 
 
 def event_ids_in(platform: str, body) -> list[str]:
-    """The event ids a platform request carries (GA4's in the C{probe} parameter)."""
+    """The event ids a platform request carries (GA4's in the C{probe} parameter, Reddit's
+    as its conversion id, Microsoft's as C{eventId})."""
     if not isinstance(body, dict):
         return []
     if platform == "ga4":
         events = body.get("events")
         return [e.get("params", {}).get("probe") for e in events] if isinstance(events, list) else []
+    if platform == "reddit":
+        data = body.get("data")
+        events = data.get("events") if isinstance(data, dict) else None
+        return [e.get("metadata", {}).get("conversion_id") for e in events] if isinstance(events, list) else []
+    key = "eventId" if platform == "microsoft" else "event_id"
     events = body.get("data")
-    return [e.get("event_id") for e in events] if isinstance(events, list) else []
+    return [e.get(key) for e in events] if isinstance(events, list) else []
 
 
 class ThreadedPlatform:

@@ -250,6 +250,10 @@ WITH_SECRET = {
     "ga4": 'type = "ga4"\nmeasurement_id = "G-1"\n{key} = {value}\n',
     "tiktok": 'type = "tiktok"\npixel_code = "C1"\n{key} = {value}\n',
     "webhook": 'type = "webhook"\nurl = "https://h.example/"\n{key} = {{ X-Api-Key = {value} }}\n',
+    "pinterest": 'type = "pinterest"\nad_account_id = "1"\n{key} = {value}\n',
+    "snapchat": 'type = "snapchat"\npixel_id = "p1"\n{key} = {value}\n',
+    "reddit": 'type = "reddit"\npixel_id = "t2_1"\n{key} = {value}\n',
+    "microsoft": 'type = "microsoft"\ntag_id = "1"\n{key} = {value}\n',
 }
 
 

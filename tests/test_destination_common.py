@@ -4,12 +4,16 @@ sending.  Each platform's own tests cover what only that platform does."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fakes import make_event
 from tagd.config import ConfigError, parse_config
 from tagd.destinations import Describing, Outcome
-from tagd.destinations._common import public_url
+from tagd.destinations._common import MAX_MESSAGE, public_url
 from tagd.destinations.registry import DESTINATION_TYPES, destination_module
 
 # The required keys of each type, with usable values.
@@ -17,6 +21,10 @@ REQUIRED = {
     "meta": {"pixel_id": "1234", "access_token": "token-0123456789"},
     "ga4": {"measurement_id": "G-TEST", "api_secret": "token-0123456789"},
     "tiktok": {"pixel_code": "C4PIXEL", "access_token": "token-0123456789"},
+    "pinterest": {"ad_account_id": "549755885175", "access_token": "token-0123456789"},
+    "snapchat": {"pixel_id": "b2c1e5a0-pixel", "access_token": "token-0123456789"},
+    "reddit": {"pixel_id": "t2_abc123", "access_token": "token-0123456789"},
+    "microsoft": {"tag_id": "343000123", "access_token": "token-0123456789"},
     "webhook": {"url": "https://warehouse.example/events"},
     "log": {},
 }
@@ -82,6 +90,20 @@ def test_request_timeout_is_transient(kind, answer):
         ("meta", "max_batch", 1001),
         ("ga4", "max_batch", 26),
         ("webhook", "max_batch", 1001),
+        ("pinterest", "max_batch", 1001),
+        ("snapchat", "max_batch", 2001),
+        ("reddit", "max_batch", 1001),
+        ("microsoft", "max_batch", 1001),
+        ("pinterest", "event_names", "{ Purchase = 'purchase' }"),
+        ("snapchat", "event_names", "{ Donate = 'DONATE' }"),
+        ("reddit", "event_names", "{ Donate = '%s' }" % ("x" * 65)),
+        ("microsoft", "event_names", "{ Purchase = '' }"),
+        ("pinterest", "ad_account_id", "'act_123'"),
+        ("snapchat", "pixel_id", "'pixel/../x'"),
+        ("reddit", "pixel_id", "'t2 abc'"),
+        ("microsoft", "tag_id", "'UET-1'"),
+        *[(kind, "access_token", "'two words'") for kind in ("pinterest", "reddit", "microsoft")],
+        ("pinterest", "test", "'yes'"),
         ("meta", "event_names", "{ Purchase = '' }"),
         ("tiktok", "event_names", "{ Purchase = 7 }"),
         ("ga4", "event_names", "{ Purchase = 'bad name' }"),
@@ -106,7 +128,7 @@ def test_bad_setting_reported_under_its_key(kind, key, value):
 
 
 # The key holding each sending destination's URL.
-URL_KEYS = {"meta": "endpoint", "ga4": "endpoint", "tiktok": "endpoint", "webhook": "url"}
+URL_KEYS = {kind: "url" if kind == "webhook" else "endpoint" for kind in SENDING}
 BASE_URL_KINDS = [kind for kind, key in URL_KEYS.items() if key == "endpoint"]
 
 
@@ -193,3 +215,27 @@ def test_only_the_log_describes(kind):
     if isinstance(dest, Describing):
         assert dest.encode([make_event()]) == []
         assert len(dest.describe([make_event()])) == 3
+
+
+# What a platform, a proxy before it or a broken network may answer: JSON of any shape
+# (the platforms' keys among others), HTML, or bytes.
+_KEYS = st.sampled_from(["code", "message", "error", "status", "events", "details", "data", "reason", "x"])
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_KEYS, inner, max_size=4),
+    max_leaves=12,
+)
+_ANSWERS = st.one_of(_JSON.map(lambda value: json.dumps(value).encode()), st.binary(max_size=200))
+
+
+@settings(max_examples=600, deadline=None)
+@given(kind=st.sampled_from([kind for kind in SENDING if kind != "webhook"]), status=st.integers(100, 599), answer=_ANSWERS)
+def test_any_answer_is_judged_without_a_crash_or_the_token(kind, status, answer):
+    """Whatever comes back, the destination gives a verdict, whose messages (its own and
+    those of events refused one by one) are bounded and never hold the token."""
+    token = REQUIRED[kind].get("access_token") or REQUIRED[kind].get("api_secret")
+    echoed = answer.replace(b"x", token.encode())
+    verdict = destination(kind).classify(status, echoed)
+    for message in (verdict.message, *(reason for _, reason in verdict.refused)):
+        assert token not in message and len(message) <= MAX_MESSAGE
+    assert all(isinstance(index, int) for index, _ in verdict.refused)

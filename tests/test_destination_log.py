@@ -121,3 +121,24 @@ def test_build_rejects(settings):
     key = next(iter(settings))
     with pytest.raises(ValueError, match=f"^{key}: "):
         log.build("dry", settings)
+
+
+def test_the_later_platforms_on_request_with_their_reasons():
+    """Pinterest, Snapchat, Reddit and Microsoft are shown when named: each line is what
+    that destination sends for the event (IP masked), or why it would not send it."""
+    from tagd.destinations import microsoft, pinterest, reddit, snapchat
+
+    dry_run = log.build("dry", {"platforms": ["pinterest", "snapchat", "reddit", "microsoft"]})
+    event = make_event()
+    lines = dict(logged(dry_run.describe([event])))
+    masked = make_event(client_ip=MASKED_IP)
+    tokens = {"access_token": "token-0123456789"}
+    assert json.loads(lines["pinterest"]) == pinterest.build("p", {"ad_account_id": "1", **tokens}).payload(masked)
+    assert json.loads(lines["snapchat"]) == snapchat.build("s", {"pixel_id": "1", **tokens}).payload(masked)
+    assert json.loads(lines["reddit"]) == reddit.build("r", {"pixel_id": "t2_1", **tokens}).payload(masked)
+    assert json.loads(lines["microsoft"]) == microsoft.build("m", {"tag_id": "1", **tokens}).payload(masked)
+    custom = dict(logged(dry_run.describe([make_event(event_name="Newsletter_Signup")])))
+    assert custom["snapchat"].startswith("not sent: snapchat has no name for 'Newsletter_Signup'")
+    assert json.loads(custom["pinterest"])["event_name"] == "custom"
+    with pytest.raises(ValueError, match="^platforms: must list some of meta, ga4, tiktok, pinterest"):
+        log.build("dry", {"platforms": ["bing"]})

@@ -54,7 +54,9 @@ def test_body_lists_the_event_before_the_visitor_ids():
     (request,) = destination().encode([make_event()])
     (record,) = json.loads(request.body)["events"]
     assert list(record)[:3] == ["event_name", "event_id", "event_time"]
-    assert list(record)[-6:] == ["fbp", "fbc", "ttclid", "ttp", "ga_client_id", "ga_session_id"]
+    visitor_ids = ["fbp", "fbc", "ttclid", "ttp", "ga_client_id", "ga_session_id"]
+    visitor_ids += ["epik", "scclid", "scid", "rdt_cid", "rdt_uuid", "msclkid", "uetvid"]
+    assert list(record)[-len(visitor_ids) :] == visitor_ids
 
 
 def test_user_data_hashed():

@@ -51,6 +51,7 @@ from test_tracking_e2e import FIREFOX, tracked_visit
 from tagd.admin import AdminService
 from tagd.config import parse_config
 from tagd.configdiff import Changes, diff
+from tagd.destinations.registry import DESTINATION_TYPES
 from tagd.metrics import Metrics
 from tagd.pipeline import ABANDONED
 from tagd.reload import ReloadOnHangup, Reloader
@@ -638,7 +639,7 @@ def test_sighup_reloads_without_dropping_a_kept_connection(shop):
     assert len(errors) == 1, log
     assert (
         f"tagd: configuration error in {shop.tagd.config}: destinations[0].type: must be one of "
-        "meta, ga4, tiktok, webhook, log, got 'nonsense'"
+        f"{', '.join(DESTINATION_TYPES)}, got 'nonsense'"
     ) in errors[0]
     assert FAKE_META_TOKEN not in log and "tt-token" not in log
     assert "Traceback" not in log

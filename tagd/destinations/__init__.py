@@ -35,6 +35,10 @@ class Verdict:
     outcome: Outcome
     message: str = ""
     retry_after: float | None = None
+    # A success for some of the request's events only (Pinterest's partial answers): the
+    # indexes, in the request's order, of the events the platform refused, each with its
+    # message.  Those are dead letters; the others are delivered.
+    refused: tuple[tuple[int, str], ...] = ()
 
 
 @attrs.frozen
@@ -82,6 +86,16 @@ class Describing(Protocol):
 
     def describe(self, events: Sequence[Event]) -> list[str]:
         """The lines for the log, in the order of C{events}: one or more per event."""
+
+
+@runtime_checkable
+class Selective(Protocol):
+    """A destination whose platform cannot take every event (a name it has no word for, a
+    required value missing): C{encode} leaves such events out, and the sender dead-letters
+    them with the reason this gives, rather than sending them wrong."""
+
+    def refusal(self, event: Event) -> str | None:
+        """Why the platform cannot take C{event}, or C{None} when it can."""
 
 
 # One config key: (accepted types, required, default). Tables are checked by tagd.config.

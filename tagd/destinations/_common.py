@@ -8,6 +8,7 @@ way.  No I/O: the sender owns the network.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -105,6 +106,18 @@ def json_object(body: bytes) -> dict[str, Any] | None:
     return decoded if isinstance(decoded, dict) else None
 
 
+def finite_number(value: Any) -> float | int | None:
+    """A finite number, or a numeric string as shops often write prices; else None
+    (C{"NaN"} parses as a float but is not JSON)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def json_int(document: Mapping[str, Any], key: str) -> int | None:
     """The whole number at C{key} of a platform's answer, else C{None}: JSON's C{true} is
     an C{int} to Python, but never an error code or a count."""
@@ -116,12 +129,18 @@ def encode_batches(
     events: Sequence[Event],
     size: int,
     build: Callable[[Sequence[Event]], RequestParts],
+    positions: Sequence[int] | None = None,
 ) -> list[OutgoingRequest]:
     """One JSON L{OutgoingRequest} per batch, from the L{RequestParts} C{build} gives; its
-    headers are those the destination adds to the JSON content type."""
+    headers are those the destination adds to the JSON content type.
+
+    C{positions} are those of the events to send, when not all of them (a platform that
+    cannot take some, see L{tagd.destinations.Selective}).
+    """
+    chosen = range(len(events)) if positions is None else positions
     requests = []
-    for start in range(0, len(events), size):
-        batch = events[start : start + size]
+    for chunk in batches(chosen, size):
+        batch = events[chunk[0] : chunk[-1] + 1] if positions is None else [events[p] for p in chunk]
         url, log_url, headers, document = build(batch)
         requests.append(
             OutgoingRequest(
@@ -129,7 +148,7 @@ def encode_batches(
                 body=json_bytes(document),
                 headers={"Content-Type": "application/json", **headers},
                 log_url=log_url,
-                positions=tuple(range(start, start + len(batch))),
+                positions=tuple(chunk),
             )
         )
     return requests
@@ -144,12 +163,23 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-def verdict(outcome: Outcome, message: str, secrets: Iterable[str] = ()) -> Verdict:
-    """A L{Verdict} whose message is bounded and can never carry one of C{secrets}."""
+def bounded(message: str, secrets: Iterable[str] = ()) -> str:
+    """C{message} without any of C{secrets}, cut to L{MAX_MESSAGE} characters."""
     message = redact(message, secrets)
-    if len(message) > MAX_MESSAGE:
-        message = message[: MAX_MESSAGE - 3] + "..."
-    return Verdict(outcome=outcome, message=message)
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
+
+
+def verdict(
+    outcome: Outcome,
+    message: str,
+    secrets: Iterable[str] = (),
+    refused: Iterable[tuple[int, str]] = (),
+) -> Verdict:
+    """A L{Verdict} whose messages (its own, and those of the C{refused} events) are bounded
+    and can never carry one of C{secrets}."""
+    secrets = tuple(secrets)
+    refused = tuple((index, bounded(reason, secrets)) for index, reason in refused)
+    return Verdict(outcome=outcome, message=bounded(message, secrets), refused=refused)
 
 
 def status_outcome(status: int) -> Outcome | None:
@@ -168,6 +198,14 @@ def status_outcome(status: int) -> Outcome | None:
     return None
 
 
+def status_judgement(status: int) -> Outcome:
+    """The outcome of an answer by its status alone: 2xx delivered, else L{status_outcome},
+    else permanent (the request itself is wrong)."""
+    if 200 <= status < 300:
+        return Outcome.SUCCESS
+    return status_outcome(status) or Outcome.PERMANENT
+
+
 def status_verdict(status: int, body: bytes, secrets: Iterable[str] = ()) -> Verdict:
     """Judge an answer by its HTTP status alone, for receivers with no codes of their own.
 
@@ -180,7 +218,7 @@ def status_verdict(status: int, body: bytes, secrets: Iterable[str] = ()) -> Ver
         return Verdict(Outcome.SUCCESS, f"HTTP {status}")
     snippet = " ".join(body[: _MESSAGE_BODY * 4].decode("utf-8", "replace").split())
     message = f"HTTP {status}: {redact(snippet, secrets)[:_MESSAGE_BODY]}".rstrip(": ")
-    return verdict(status_outcome(status) or Outcome.PERMANENT, message)
+    return verdict(status_judgement(status), message)
 
 
 # The values without_empty leaves out, built once: written inside the comprehension, the

@@ -1,17 +1,18 @@
-"""What the ad-platform destinations (Meta, TikTok) share: the keys of a pixel and its
+"""What the ad-platform destinations share: the keys of a pixel (or account) and its
 token, the destination object, and its requests and verdicts.
 
-Both platforms take a batch of events in a C{data} array, with an optional test event
-code, a Limited Data Use flag and tagd's (Meta-named) events renamed by the destination's
-C{event_names}.  A platform module says only what differs: its payload, its URL and where
-the token travels, and how to read its answers.
+Every platform takes a batch of events with tagd's (Meta-named) events renamed by the
+destination's C{event_names}; Meta and TikTok also share an optional test event code and a
+Limited Data Use flag (L{PlatformDestination}).  Platforms that cannot take every event
+(L{SelectiveDestination}) leave those out of their requests.  A platform module says only
+what differs: its payload, its URL and where the token travels, and how to read its answers.
 """
 
 from __future__ import annotations
 
 import re
 from types import MappingProxyType
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Collection, Mapping, Sequence
 
 import attrs
 
@@ -36,21 +37,50 @@ Format = tuple[re.Pattern[str], str]
 Judge = Callable[[int, dict[str, Any] | None], tuple[Outcome, str]]
 
 
-def platform_keys(
-    id_key: str, endpoint: str, max_batch: int, own: Mapping[str, KeySpec] = {}
+def conversion_keys(
+    id_key: str,
+    endpoint: str,
+    max_batch: int,
+    own: Mapping[str, KeySpec] = {},
+    late: Mapping[str, KeySpec] = {},
 ) -> dict[str, KeySpec]:
-    """A platform's C{KEYS}: its pixel's id, the token, C{own} keys, then those every
-    L{PlatformDestination} reads (in this order, the order configuration errors list)."""
+    """A platform's C{KEYS}: its pixel's (or account's) id, the token, C{own} keys, those
+    every L{ConversionsDestination} reads, C{late} keys before C{max_batch} (in this
+    order, the order configuration errors and C{tagd check-config} list)."""
     return {
         id_key: ((str,), True, None),
         "access_token": ((str,), True, None),
         **own,
-        "test_event_code": ((str,), False, None),
         "endpoint": ((str,), False, endpoint),
         "event_names": ((dict,), False, MappingProxyType({})),
-        "limited_data_use": ((bool,), False, False),
+        **late,
         "max_batch": ((int,), False, max_batch),
     }
+
+
+TEST_EVENT_CODE: Mapping[str, KeySpec] = {"test_event_code": ((str,), False, None)}
+
+
+def platform_keys(
+    id_key: str, endpoint: str, max_batch: int, own: Mapping[str, KeySpec] = {}
+) -> dict[str, KeySpec]:
+    """The C{KEYS} of a L{PlatformDestination}: L{conversion_keys} with a test event code
+    and the Limited Data Use flag."""
+    ldu = {"limited_data_use": ((bool,), False, False)}
+    return conversion_keys(id_key, endpoint, max_batch, {**own, **TEST_EVENT_CODE}, ldu)
+
+
+# A token that travels in an C{Authorization} header: one word of printable ASCII.
+BEARER_TOKEN: Format = (re.compile(r"[\x21-\x7e]+"), "printable ASCII without spaces (it goes in a header)")
+
+
+def names_among(overrides: Mapping[str, str], vocabulary: Collection[str], platform: str) -> Mapping[str, str]:
+    """C{overrides} if each maps to a name of the platform's closed C{vocabulary}: any other
+    name would be refused with every event, or never reach a report."""
+    for source, target in overrides.items():
+        if target not in vocabulary:
+            raise ValueError(f"event_names: {source!r} maps to {target!r}, which is not a {platform} event name")
+    return overrides
 
 
 def event_name_overrides(value: Mapping[str, Any]) -> dict[str, str]:
@@ -96,36 +126,32 @@ def mapped_name(name: str, overrides: Mapping[str, str], defaults: Mapping[str, 
 
 
 @attrs.frozen(eq=False)
-class PlatformDestination:
+class ConversionsDestination:
     """What every ad-platform destination holds and does; a platform adds its ids, its
-    per-event C{event_payload}, its C{judge} of answers and its C{_request}.
+    C{judge} of answers and its C{_request}.
 
     Compared and hashed by identity: two tables naming the same pixel are two destinations.
     """
 
     type: ClassVar[str]
-    # Platform functions, stored with staticmethod(): (event, event_names, limited_data_use)
-    # -> the event's JSON object, and the platform's L{Judge}.
-    event_payload: ClassVar[Callable[[Event, Mapping[str, str], bool], dict[str, Any]]]
+    # The platform's functions, stored with staticmethod(): (event, event_names) -> the
+    # event's JSON object, and the platform's L{Judge}.
+    event_payload: ClassVar[Callable[..., dict[str, Any]]]
     judge: ClassVar[Judge]
 
     name: str
     access_token: str = attrs.field(repr=False)
     endpoint: str
-    test_event_code: str | None
     event_names: Mapping[str, str]
-    limited_data_use: bool
     max_batch: int
 
     def payload(self, event: Event) -> dict[str, Any]:
-        """The event as this destination sends it (names mapped, LDU applied)."""
-        return self.event_payload(event, self.event_names, self.limited_data_use)
+        """The event as this destination sends it (names mapped)."""
+        return self.event_payload(event, self.event_names)
 
-    def document(self, batch: Sequence[Event], **head: Any) -> dict[str, Any]:
-        """The request body: C{head}, the test code when set, then the events."""
-        if self.test_event_code:
-            head["test_event_code"] = self.test_event_code
-        return head | {"data": [self.payload(event) for event in batch]}
+    def bearer(self) -> dict[str, str]:
+        """The token as an C{Authorization} header, where the platform takes it so."""
+        return {"Authorization": f"Bearer {self.access_token}"}
 
     def _request(self, batch: Sequence[Event]) -> RequestParts:
         """The platform's request for one batch."""
@@ -139,3 +165,39 @@ class PlatformDestination:
         """Judge the platform's answer; the message never carries this destination's token."""
         outcome, message = self.judge(status, json_object(body))
         return verdict(outcome, message, (self.access_token,))
+
+
+@attrs.frozen(eq=False)
+class PlatformDestination(ConversionsDestination):
+    """Meta's and TikTok's destinations: a test event code, Limited Data Use (the third
+    argument of their C{event_payload}), and the events in a C{data} array."""
+
+    test_event_code: str | None
+    limited_data_use: bool
+
+    def payload(self, event: Event) -> dict[str, Any]:
+        """The event as this destination sends it (names mapped, LDU applied)."""
+        return self.event_payload(event, self.event_names, self.limited_data_use)
+
+    def document(self, batch: Sequence[Event], **head: Any) -> dict[str, Any]:
+        """The request body: C{head}, the test code when set, then the events."""
+        if self.test_event_code:
+            head["test_event_code"] = self.test_event_code
+        return head | {"data": [self.payload(event) for event in batch]}
+
+
+@attrs.frozen(eq=False)
+class SelectiveDestination(ConversionsDestination):
+    """A platform that cannot take every event (a L{tagd.destinations.Selective}): the
+    events its C{refusal} names a reason for are in no request, and the sender
+    dead-letters them with that reason."""
+
+    def refusal(self, event: Event) -> str | None:
+        """Why the platform cannot take C{event}, or C{None}."""
+        raise NotImplementedError
+
+    def encode(self, events: Sequence[Event]) -> list[OutgoingRequest]:
+        """One request per C{max_batch} of the events the platform can take."""
+        sendable = [position for position, event in enumerate(events) if self.refusal(event) is None]
+        chosen = None if len(sendable) == len(events) else sendable
+        return encode_batches(events, self.max_batch, self._request, chosen)

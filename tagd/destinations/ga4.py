@@ -27,7 +27,6 @@ as C{browser} and C{operating_system}), so the user agent is not sent.
 
 from __future__ import annotations
 
-import math
 import re
 from types import MappingProxyType
 from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
@@ -41,6 +40,7 @@ from tagd.destinations._common import (
     check_batch_size,
     check_endpoint,
     filled,
+    finite_number,
     json_bytes,
     json_object,
     status_verdict,
@@ -138,18 +138,6 @@ def ga4_event_name(name: str) -> str:
     return snake
 
 
-def _number(value: Any) -> float | int | None:
-    """A finite number, or a numeric string as shops often write prices; else None
-    (C{"NaN"} parses as a float but is not JSON)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None
-    try:
-        number = float(value) if isinstance(value, str) else value
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _text(name: str, value: Any) -> str:
     """A string parameter value, cut to the length GA4 keeps for C{name}."""
     return str(value)[: LONG_VALUES.get(name, MAX_VALUE)]
@@ -159,7 +147,7 @@ def _param_value(name: str, value: Any) -> str | int | float | None:
     """A scalar GA4 accepts as a parameter value: a number, or a string cut to size."""
     if isinstance(value, str):
         return _text(name, value) if value else None
-    return _number(value)
+    return finite_number(value)
 
 
 def _identifier(value: Any) -> str | None:
@@ -211,7 +199,7 @@ def _standard_params(event: Event) -> Iterator[tuple[str, Any]]:
     currency = data.get("currency")
     if isinstance(currency, str) and _CURRENCY.fullmatch(currency):
         yield "currency", currency.upper()
-    yield "value", _number(data.get("value"))
+    yield "value", finite_number(data.get("value"))
     yield "transaction_id", _identifier(data.get("order_id"))
     yield "search_term", _identifier(data.get("search_string"))
 

@@ -1,17 +1,19 @@
 """A dry run: what each ad platform would get, written to the log instead of sent.
 
 A shop owner trying tagd, or checking what their origin's header turns into, wants to
-see what Meta, GA4 and TikTok would receive without any of them receiving it.  This
+see what Meta, GA4 and TikTok (and Pinterest, Snapchat, Reddit and Microsoft, when
+C{platforms} names them) would receive without any of them receiving it.  This
 destination therefore sends nothing: L{LogDestination.encode} returns no request, and
 L{LogDestination.describe} renders each event as one line per platform of C{platforms}
-(by default all three), which the sender logs in place of sending (the destination is
-L{tagd.destinations.Describing}).
+(by default Meta, GA4 and TikTok), which the sender logs in place of sending (the
+destination is L{tagd.destinations.Describing}).
 
 Each line is made by the platform module's own functions, so it cannot drift from what
 that platform's destination sends: Meta's and TikTok's event payload (the object in
 their C{data} array; the request around it only adds the pixel and a test code), and
 GA4's whole request body for the event (its C{client_id}, C{ip_override} and timestamp
-belong to the request, not to the event).  The platforms' default event names apply,
+belong to the request, not to the event), and the later four's event object, or "not
+sent" and the reason for an event the platform cannot take.  The platforms' default event names apply,
 without Limited Data Use; user data is normalised and hashed per platform, as sent.
 
 The one deliberate difference from the exact payload is the visitor's IP address: the
@@ -33,7 +35,20 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import attrs
 
-from tagd.destinations import KeySpec, Outcome, OutgoingRequest, Verdict, ga4, meta, tiktok
+from tagd.destinations import (
+    KeySpec,
+    Outcome,
+    OutgoingRequest,
+    Selective,
+    Verdict,
+    ga4,
+    meta,
+    microsoft,
+    pinterest,
+    reddit,
+    snapchat,
+    tiktok,
+)
 from tagd.destinations._common import check_batch_size, filled
 from tagd.events import Event
 
@@ -62,13 +77,39 @@ def _ga4_body(event: Event) -> str:
     return _json(json.loads(requests[0].body)) if requests else GA4_NOT_SENT
 
 
+# The platforms added after the first three, built with placeholder ids (which go only
+# into their requests' URLs and headers): each renders the event as it sends it, or says
+# why it would not send it.
+_PLACEHOLDER = "0"
+_LATER = {
+    module.TYPE: module.build("dry-run", {key: spec[2] for key, spec in module.KEYS.items()} | ids)
+    for module, ids in (
+        (pinterest, {"ad_account_id": _PLACEHOLDER, "access_token": "DRY-RUN"}),
+        (snapchat, {"pixel_id": _PLACEHOLDER, "access_token": "DRY-RUN"}),
+        (reddit, {"pixel_id": _PLACEHOLDER, "access_token": "DRY-RUN"}),
+        (microsoft, {"tag_id": _PLACEHOLDER, "access_token": "DRY-RUN"}),
+    )
+}
+
+
+def _rendered(destination: Any) -> Callable[[Event], str]:
+    def render(event: Event) -> str:
+        reason = destination.refusal(event) if isinstance(destination, Selective) else None
+        return f"not sent: {reason}" if reason else _json(destination.payload(event))
+
+    return render
+
+
 # Each platform's part of a line, from one event.
 _RENDERERS: Mapping[str, Callable[[Event], str]] = {
     "meta": lambda event: _json(meta.payload(event)),
     "ga4": _ga4_body,
     "tiktok": lambda event: _json(tiktok.payload(event)),
+    **{kind: _rendered(destination) for kind, destination in _LATER.items()},
 }
-PLATFORMS = tuple(_RENDERERS)
+# The platforms a dry run shows unless told otherwise: the first three; the others on request.
+PLATFORMS = ("meta", "ga4", "tiktok")
+KNOWN_PLATFORMS = tuple(_RENDERERS)
 
 KEYS: dict[str, KeySpec] = {
     "platforms": ((list,), False, PLATFORMS),
@@ -92,7 +133,7 @@ def _platforms(value: Sequence[Any]) -> tuple[str, ...]:
     names = tuple(value)
     known = all(isinstance(name, str) and name in _RENDERERS for name in names)
     if not names or not known or len(set(names)) != len(names):
-        raise ValueError(f"platforms: must list some of {', '.join(PLATFORMS)}, each once")
+        raise ValueError(f"platforms: must list some of {', '.join(KNOWN_PLATFORMS)}, each once")
     return names
 
 

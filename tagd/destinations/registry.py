@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-DESTINATION_TYPES = ("meta", "ga4", "tiktok", "webhook", "log")
+DESTINATION_TYPES = ("meta", "ga4", "tiktok", "pinterest", "snapchat", "reddit", "microsoft", "webhook", "log")
 
 
 def destination_module(kind: str) -> ModuleType:
