@@ -16,6 +16,7 @@ from twisted.web.server import Site
 
 from tagd.config import parse_config
 from tagd.demo.shop import shop_resource
+from tagd.startup import describe
 from tagd.tap import build_service
 
 SHOP_PORT = 8000
@@ -48,4 +49,7 @@ def main(reactor) -> None:
 if __name__ == "__main__":
     from twisted.internet import reactor
 
-    main(reactor)
+    try:
+        main(reactor)
+    except Exception as e:  # before the reactor runs: a port taken, most often
+        raise SystemExit(f"tagd demo cannot start: {describe(e)}") from None
