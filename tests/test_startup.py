@@ -18,7 +18,7 @@ import sys
 import pytest
 from twisted.application.service import Service
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import Logger
 
 import tagd.startup
 from helpers import ADMIN_TOML, TWISTD, free_port
