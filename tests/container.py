@@ -263,17 +263,6 @@ class Container:
         output = self.run(f"systemctl show {unit} " + " ".join(f"-p {p}" for p in properties)).stdout
         return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
 
-    def wait(self, predicate, timeout: float, what: str, interval: float = 0.1):
-        """Poll C{predicate()} until it is true and return its value; fail saying C{what}."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"still not {what} after {timeout} s")
-            time.sleep(interval)
-
 
 def remove_empty(folder: Path) -> None:
     """Remove C{folder} and every folder below it that is empty, deepest first: a cgroup

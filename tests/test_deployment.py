@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 
 from certificates import authority_and_localhost
-from helpers import BROWSER_UA, REPO_ROOT, copy_checkout, spool_rows
+from helpers import BROWSER_UA, REPO_ROOT, copy_checkout, spool_rows, wait_until
 
 SECTION = "## Deployment with systemd\n"
 
@@ -209,7 +209,7 @@ class Droplet:
         python = f"/opt/tagd/bin/python {TESTS}/droplet_servers.py"
         self.container.run(f"systemd-run --unit=droplet-shop {python} shop {SHOP_PORT}")
         self.container.run(f"systemd-run --unit=droplet-meta {python} meta {META_PORT} {META} 1234567890")
-        self.container.wait(lambda: (meta / "state.json").exists(), 20, "Meta's fake serving")
+        wait_until(lambda: (meta / "state.json").exists(), 20, "Meta's fake serving")
         self.container.run(f"curl -sf -o /dev/null http://127.0.0.1:{SHOP_PORT}/e/ready")
 
     def point_at_fake_meta(self) -> None:
@@ -244,10 +244,10 @@ class Droplet:
         assert status == "200"
 
     def wait_asked(self, event_id: str) -> None:
-        self.container.wait(lambda: any(event_id in ids for ids in self.meta()["received"]), WAIT, f"Meta asked for {event_id}")
+        wait_until(lambda: any(event_id in ids for ids in self.meta()["received"]), WAIT, f"Meta asked for {event_id}")
 
     def wait_delivered(self, event_id: str) -> None:
-        self.container.wait(lambda: event_id in self.meta()["delivered"], WAIT, f"{event_id} delivered to Meta")
+        wait_until(lambda: event_id in self.meta()["delivered"], WAIT, f"{event_id} delivered to Meta")
 
     # systemd.
 
@@ -266,7 +266,7 @@ class Droplet:
             again = int(state["NRestarts"]) > restarts and (state["ActiveState"], state["SubState"]) == ("active", "running")
             return again and int(state["MainPID"])
 
-        return self.container.wait(running_again, WAIT, f"{unit} restarted")
+        return wait_until(running_again, WAIT, f"{unit} restarted", interval=0.1)
 
     def journal(self, unit: str = "tagd") -> list[dict]:
         """The journal's entries for C{unit}, systemd's own and the service's."""
@@ -434,7 +434,7 @@ def test_start(droplet):
     state_dir = droplet.path("/var/lib/private/tagd")
     assert (state_dir.stat().st_uid, state_dir.stat().st_mode & 0o777) == (int(uid), 0o700)
     assert os.readlink(f"/proc/{pid}/cwd") == "/var/lib/private/tagd"
-    spool = droplet.container.wait(lambda: next(state_dir.glob("*.sqlite3"), None), 5, "the spool created")
+    spool = wait_until(lambda: next(state_dir.glob("*.sqlite3"), None), 5, "the spool created")
     assert (spool.stat().st_uid, spool.stat().st_mode & 0o777) == (int(uid), 0o600)
 
     # LoadCredential=: a copy of the token that only tagd's user can read; not in the file.
@@ -634,7 +634,7 @@ def test_a_taken_port_is_one_line_a_try(droplet):
     failed = droplet.container.run("systemctl start tagd-second", check=False)
     assert failed.returncode != 0
     gave_up = "tagd-second.service: Start request repeated too quickly."
-    droplet.container.wait(lambda: gave_up in droplet.systemd_lines("tagd-second"), WAIT, "the start limit hit")
+    wait_until(lambda: gave_up in droplet.systemd_lines("tagd-second"), WAIT, "the start limit hit", interval=0.1)
     said = droplet.systemd_lines("tagd-second")
     tries = [line for line in said if line == "tagd-second.service: Main process exited, code=exited, status=1/FAILURE"]
     assert len(tries) == 5, said
