@@ -24,6 +24,8 @@ from typing import Callable, Mapping, TextIO
 from twisted.logger import ILogObserver, LogLevel, formatEvent, formatEventAsClassicLogText
 from zope.interface import implementer
 
+from tagd.startup import CONFIG_ERROR_EXIT, critical_event
+
 LEVEL_VARIABLE = "TAGD_LOG_LEVEL"
 DEFAULT_LEVEL = "info"
 
@@ -36,16 +38,18 @@ def observer(stream: TextIO | None = None, environ: Mapping[str, str] | None = N
     is a terminal, at the level C{TAGD_LOG_LEVEL} names.
 
     The stream is taken now, before twistd points C{sys.stdout} at the log itself.  A level
-    tagd does not know stops start-up with one line, as a bad configuration file does.
+    tagd does not know stops start-up as a bad configuration file does: one line, in the
+    form the others would have had, and the exit status of a configuration error, which
+    systemd does not restart.
     """
     stream = sys.stdout if stream is None else stream
     environ = os.environ if environ is None else environ
     name = environ.get(LEVEL_VARIABLE, "").strip().lower() or DEFAULT_LEVEL
-    if name not in _NAMES:
-        raise SystemExit(
-            f"tagd: {LEVEL_VARIABLE}={name!r}: must be one of debug, info, warn, error, critical"
-        )
     render = formatEventAsClassicLogText if stream.isatty() else json_line
+    if name not in _NAMES:
+        message = f"tagd: {LEVEL_VARIABLE}={name!r}: must be one of debug, info, warn, error, critical"
+        LevelObserver(stream, render, LogLevel.critical)(critical_event(message, __name__))
+        raise SystemExit(CONFIG_ERROR_EXIT)
     return LevelObserver(stream, render, _NAMES[name])
 
 

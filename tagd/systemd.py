@@ -7,7 +7,8 @@ looks "active" for a moment.  With C{WatchdogSec=} systemd restarts a tagd whose
 stops turning (a blocking call, a deadlock) even though the process is still there, which
 C{Restart=on-failure} alone never notices.  C{STOPPING=1} shows C{deactivating} while the
 visitors in flight drain and the spool flushes, instead of a running unit that does not
-answer.
+answer; C{STATUS=stopped} once they have, since systemd shows a unit's last status even
+after it stopped.
 
 The protocol is one datagram per message, C{KEY=VALUE} lines, sent to the AF_UNIX socket
 named in C{$NOTIFY_SOCKET}: a path, or an abstract name written with a leading C{@}.  It is
@@ -123,6 +124,8 @@ class SystemdNotifier(Service):
             self._watchdog.stop()
         self._watchdog = None
         if self._socket is not None:
+            # systemd keeps a unit's last status after it stops: it must not say draining.
+            self.send("STATUS=stopped")
             self._socket.close()
             self._socket = None
 

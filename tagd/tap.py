@@ -6,7 +6,6 @@ C{twistd -n tagd --config PATH} and C{twistd -ny tagd.tac} both end in L{makeSer
 from __future__ import annotations
 
 import os
-import sys
 from functools import partial
 from typing import Callable
 
@@ -31,6 +30,7 @@ from tagd.feed import Feed
 from tagd.origin import OriginClient
 from tagd.proxy import ProxyResource
 from tagd.site import TagdSite
+from tagd.startup import CONFIG_ERROR_EXIT, START_FAILED_EXIT, ExitOnFailedStart, describe, exit_before_logging
 from tagd.lifecycle import Draining, OrderedServices, visitor_budget
 from tagd.metrics import Metrics
 from tagd.pipeline import build_tagging
@@ -40,9 +40,6 @@ from tagd.systemd import SystemdNotifier
 DEFAULT_CONFIG = "tagd.toml"
 # The path of the configuration tagd runs on when no file is named and there is no ./tagd.toml.
 BUILT_IN = "(built-in defaults)"
-# sysexits.h's EX_CONFIG.  A status of its own, so that systemd can tell a configuration
-# error, which a restart would only repeat, from a crash (RestartPreventExitStatus=).
-CONFIG_ERROR_EXIT = 78
 
 log = Logger()
 
@@ -198,17 +195,20 @@ def start_up_line(config: Config) -> str:
 
 
 def makeService(options, reactor=None) -> MultiService:
-    """twistd's entry point: a configuration error ends start-up with one line on stderr
-    and the exit status L{CONFIG_ERROR_EXIT}."""
+    """twistd's entry point: a configuration error ends start-up with one line, in the
+    log's form, and the exit status L{CONFIG_ERROR_EXIT}; a tree that then fails to start
+    (a port taken) ends it with one line too (L{ExitOnFailedStart})."""
     if reactor is None:
         from twisted.internet import reactor
     load = config_loader(options)
     try:
         config = load()
     except ConfigError as e:
-        sys.stderr.write(f"{e}\n")
-        raise SystemExit(CONFIG_ERROR_EXIT) from None
+        exit_before_logging(options, str(e), CONFIG_ERROR_EXIT)
     log.info("{line}", line=start_up_line(config))
-    service = build_service(config, reactor, load=load)
+    try:
+        service = build_service(config, reactor, load=load)
+    except Exception as e:
+        exit_before_logging(options, f"tagd cannot start: {describe(e)}", START_FAILED_EXIT)
     tune_collector(reactor)
-    return service
+    return ExitOnFailedStart(service)

@@ -804,3 +804,18 @@ async def twistd_tagd(origin_url: str, tmp_path):
     with running([TWISTD, "-n", "tagd", "--config", str(config)], cwd=tmp_path, log=log) as process:
         port, _ = await eventually(lambda: tagd_up(process, log), timeout=20, interval=0.1)
         yield process.pid, port
+
+
+# -- a real systemd --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def systemd_container():
+    """Debian bookworm booted with a real systemd as its PID 1 (L{container.Container}),
+    one for the whole session; without one the test skips, or fails where
+    C{$TAGD_REQUIRE_SYSTEMD} is set, with one line naming why."""
+    from container import booted
+
+    container = booted()
+    yield container
+    container.close()

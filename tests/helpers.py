@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import threading
@@ -212,8 +213,8 @@ class TrackedOrigin(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _TrackedOriginHandler)
+    def __init__(self, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), _TrackedOriginHandler)
         self.port = self.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.waiting = 0
@@ -290,10 +291,10 @@ class ThreadedPlatform:
     in flight, or cancelled one.
     """
 
-    def __init__(self, platform: str, fake) -> None:
+    def __init__(self, platform: str, fake, port: int | None = None) -> None:
         self.platform = platform
         self.fake = fake
-        self.port = free_port()
+        self.port = free_port() if port is None else port
         self.base = f"http://127.0.0.1:{self.port}"
         self.failing: int | None = None
         self.delay = 0.0
@@ -308,14 +309,16 @@ class ThreadedPlatform:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
-    def up(self) -> None:
-        """Listen (on the port tagd was configured with) and answer."""
+    def up(self, tls: ssl.SSLContext | None = None) -> None:
+        """Listen (on the port tagd was configured with) and answer, over TLS with C{tls}."""
         server = ThreadingHTTPServer(("127.0.0.1", self.port), _PlatformHandler, bind_and_activate=False)
         server.allow_reuse_address = True
         server.daemon_threads = True
         server.request_queue_size = 128
         server.server_bind()
         server.server_activate()
+        if tls is not None:
+            server.socket = tls.wrap_socket(server.socket, server_side=True)
         server.platform = self
         server.handle_error = lambda request, address: None
         self._server = server

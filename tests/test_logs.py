@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from tagd import __version__
 from tagd.logs import observer
+from tagd.startup import CONFIG_ERROR_EXIT
 
 from helpers import TWISTD, http_get, wait_until
 
@@ -93,10 +94,24 @@ def test_level_from_the_environment(setting, written):
 
 
 def test_unknown_level_stops_start_up_with_one_line():
-    """A level tagd does not know is an error, as a bad configuration file is."""
+    """A level tagd does not know is an error, as a bad configuration file is: one line in
+    the form the log would have had (JSON for the journal), and the exit status of a
+    configuration error, which systemd does not restart."""
+    out = io.StringIO()
     with pytest.raises(SystemExit) as caught:
-        observer(io.StringIO(), {"TAGD_LOG_LEVEL": "loud"})
-    assert str(caught.value) == "tagd: TAGD_LOG_LEVEL='loud': must be one of debug, info, warn, error, critical"
+        observer(out, {"TAGD_LOG_LEVEL": "loud"})
+    assert caught.value.code == CONFIG_ERROR_EXIT
+    [line] = lines(out)
+    assert line["level"] == "critical"
+    assert line["text"] == "tagd: TAGD_LOG_LEVEL='loud': must be one of debug, info, warn, error, critical"
+
+
+def test_unknown_level_on_a_terminal_is_text():
+    out = Terminal()
+    with pytest.raises(SystemExit):
+        observer(out, {"TAGD_LOG_LEVEL": "loud"})
+    assert out.getvalue().endswith(" [tagd.logs#critical] tagd: TAGD_LOG_LEVEL='loud': must be one of debug, info, warn, error, critical\n")
+    assert out.getvalue().count("\n") == 1
 
 
 def test_terminal_gets_readable_text():

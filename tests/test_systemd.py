@@ -1,20 +1,20 @@
-"""systemd: the notify protocol against a real datagram socket, and the shipped units.
+"""systemd: the notify protocol on its own, and the shipped units' text.
 
-tagd runs as the unit runs it (C{twistd -n --pidfile= tagd --config FILE}) with
-C{$NOTIFY_SOCKET} naming a socket this test binds, as systemd does for C{Type=notify}; what
-arrives there is what systemd would hear.  The units in contrib/systemd are checked by
-C{systemd-analyze verify} (Debian's C{systemd} package; see L{service_manager.require_tool}).
+What systemd does with tagd (READY=1 and the status, the watchdog fed and a hung tagd
+killed, a port taken, the stop, the units as systemd-analyze verify reads them, and
+MemoryDenyWriteExecute= breaking HTTPS) is tested on a real systemd by
+tests/test_deployment.py.  What is left here is what a real systemd cannot show: the
+notifier's own choices (an abstract socket, which systemd 252's is not; a watchdog meant
+for another process; systemd unreachable), with a datagram socket of the test's own
+standing in for systemd's, which tells what arrived from whom.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import shutil
-import signal
 import socket
+import struct
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -25,13 +25,69 @@ from twisted.logger import Logger
 
 import tagd.systemd
 from helpers import ADMIN_TOML, REPO_ROOT, TWISTD, free_port, http_get, read_log, running
-from service_manager import NotifySocket, short_socket_path, systemd_analyze_verify
 from tagd.config import parse_config
 from tagd.systemd import SystemdNotifier, notify_address, watchdog_interval
 from tagd.tap import CONFIG_ERROR_EXIT, build_service
 
 UNITS = REPO_ROOT / "contrib" / "systemd"
 INSTALLED_TWISTD = "/opt/tagd/bin/twistd"  # where the unit expects tagd (docs/deployment.md)
+
+# struct ucred, which the kernel attaches to a datagram for a socket with SO_PASSCRED.
+CREDENTIALS = struct.Struct("iII")  # pid, uid, gid
+
+
+class NotifySocket:
+    """The service manager's end: a bound AF_UNIX datagram socket, as systemd makes, which
+    learns each sender's pid from the kernel (C{SO_PASSCRED}), as systemd does to tell the
+    main process's notifications from others' (C{NotifyAccess=main})."""
+
+    def __init__(self, address) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(address)
+        self.messages: list[tuple[float, dict[str, str]]] = []  # (arrival, fields)
+
+    def receive(self, timeout: float) -> dict[str, str] | None:
+        """The next notification, as its fields; None when none comes within C{timeout}."""
+        received = self.receive_from(timeout)
+        return None if received is None else received[1]
+
+    def receive_from(self, timeout: float) -> tuple[int, dict[str, str]] | None:
+        """The next notification: its sender's pid and its fields; None when none comes
+        within C{timeout}."""
+        self.sock.settimeout(timeout)
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(CREDENTIALS.size))
+        except TimeoutError:
+            return None
+        [pid] = [CREDENTIALS.unpack(d)[0] for level, kind, d in ancillary if kind == socket.SCM_CREDENTIALS]
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
+        self.messages.append((time.monotonic(), fields))
+        return pid, fields
+
+    def wait_for(self, key: str, timeout: float, process: subprocess.Popen, log: Path) -> dict[str, str]:
+        """Read notifications until one carries C{key}; fail with tagd's log otherwise."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            fields = self.receive(min(0.2, max(deadline - time.monotonic(), 0.01)))
+            if fields is not None and key in fields:
+                return fields
+            if fields is None and process.poll() is not None:
+                break
+        raise AssertionError(
+            f"no {key} within {timeout} s (got {[m for _, m in self.messages]}):\n{read_log(log)}"
+        )
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def short_socket_path(directory: Path, name: str = "notify") -> Path:
+    """A socket path in C{directory}; AF_UNIX paths hold at most 107 bytes."""
+    path = directory / name
+    if len(str(path).encode()) > 100:
+        pytest.skip("the temporary directory's path is too long for an AF_UNIX socket")
+    return path
 
 
 def tagd_config(tmp_path: Path, port: int) -> Path:
@@ -54,46 +110,6 @@ def tagd_env(notify: str, **extra: str) -> dict[str, str]:
 # -- against a real tagd ------------------------------------------------------------------
 
 
-def test_ready_watchdog_stopping(tmp_path):
-    """READY=1 comes only when the port answers HTTP; WATCHDOG=1 every WATCHDOG_USEC/2;
-    STOPPING=1 as soon as SIGTERM starts the shutdown, and tagd then exits cleanly."""
-    manager = NotifySocket(str(short_socket_path(tmp_path)))
-    port = free_port()
-    config = tagd_config(tmp_path, port)
-    log = tmp_path / "tagd.log"
-    env = tagd_env(str(tmp_path / "notify"), WATCHDOG_USEC="200000")
-    args = [TWISTD, "-n", "--pidfile=", "tagd", "--config", str(config)]
-    try:
-        with running(args, cwd=tmp_path, log=log, env=env) as process:
-            ready = manager.wait_for("READY", 20, process, log)
-            assert ready["READY"] == "1"
-            # Ready means serving: the first request, made without any retry, is answered.
-            status, _, _ = http_get(port)
-            assert status == 502  # the origin is down; tagd itself answers
-
-            # 0.1 s apart: about ten in a second.  Count them over a window.
-            start = time.monotonic()
-            while time.monotonic() - start < 1.0:
-                manager.receive(0.3)
-            ticks = [t for t, m in manager.messages if m.get("WATCHDOG") == "1" and t >= start]
-            assert len(ticks) >= 5, manager.messages
-            gaps = [b - a for a, b in zip(ticks, ticks[1:])]
-            # Typically half of WATCHDOG_USEC apart (a busy test machine may delay one).
-            assert sorted(gaps)[len(gaps) // 2] < 0.15, gaps
-
-            process.send_signal(signal.SIGTERM)
-            stopping = manager.wait_for("STOPPING", 10, process, log)
-            assert stopping["STOPPING"] == "1"
-            process.wait(15)
-        text = read_log(log)
-        assert "Server Shut Down." in text
-        assert "Traceback" not in text and "cannot notify systemd" not in text
-        ready_at = next(i for i, (_, m) in enumerate(manager.messages) if "READY" in m)
-        assert not any("WATCHDOG" in m for _, m in manager.messages[:ready_at])
-    finally:
-        manager.close()
-
-
 def test_abstract_notify_socket(tmp_path):
     """C{$NOTIFY_SOCKET} may name an abstract socket (C{@name}), as systemd's own does."""
     name = f"tagd-test-{uuid.uuid4().hex}"
@@ -108,27 +124,6 @@ def test_abstract_notify_socket(tmp_path):
             # No WATCHDOG_USEC: no watchdog.
             assert manager.receive(0.5) is None
     finally:
-        manager.close()
-
-
-def test_no_ready_when_the_port_is_taken(tmp_path):
-    """A tagd that cannot bind its port never says READY=1: systemd sees a failed start."""
-    manager = NotifySocket(str(short_socket_path(tmp_path)))
-    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    taken.bind(("127.0.0.1", 0))
-    taken.listen(1)
-    log = tmp_path / "tagd.log"
-    config = tagd_config(tmp_path, taken.getsockname()[1])
-    args = [TWISTD, "-n", "--pidfile=", "tagd", "--config", str(config)]
-    try:
-        with running(args, cwd=tmp_path, log=log, env=tagd_env(str(tmp_path / "notify"))) as process:
-            process.wait(20)
-            assert process.returncode != 0, read_log(log)
-        while manager.receive(0.2) is not None:
-            pass
-        assert not any("READY" in m for _, m in manager.messages), manager.messages
-    finally:
-        taken.close()
         manager.close()
 
 
@@ -196,6 +191,26 @@ def test_watchdog_for_another_process_is_not_ours(tmp_path):
         manager.close()
 
 
+def test_the_last_status_says_stopped(tmp_path):
+    """systemd keeps a unit's last status after it stops: once the reactor has shut down
+    (the visitors drained, the spool flushed) it is C{stopped}, not the draining one."""
+    manager = NotifySocket(str(short_socket_path(tmp_path)))
+    try:
+        reactor = MemoryReactorClock()
+        notifier = SystemdNotifier(reactor, environ={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        notifier.startService()
+        for hook in reactor.whenRunningHooks:
+            hook[0](*hook[1], **hook[2])
+        assert manager.receive(1) == {"READY": "1", "STATUS": "serving"}
+        notifier.stopService()
+        assert manager.receive(1)["STATUS"].startswith("shutting down")
+        [(close, _, _)] = reactor.triggers["after"]["shutdown"]
+        close()
+        assert manager.receive(1) == {"STATUS": "stopped"}
+    finally:
+        manager.close()
+
+
 @pytest.mark.parametrize(
     "environ, pid, seconds",
     [
@@ -257,53 +272,3 @@ def test_service_unit_runs_tagd_as_documented():
     # A configuration error is not restarted: tagd exits with the status the unit names.
     assert settings["Restart"] == "on-failure"
     assert settings["RestartPreventExitStatus"] == str(CONFIG_ERROR_EXIT)
-
-
-def verify(tmp_path: Path, service_text: str) -> subprocess.CompletedProcess:
-    """C{systemd-analyze verify} on the units copied to C{tmp_path}, with ExecStart
-    pointing at the twistd under test (verify insists that the program exists)."""
-    assert INSTALLED_TWISTD in service_text
-    (tmp_path / "tagd.service").write_text(service_text.replace(INSTALLED_TWISTD, TWISTD))
-    shutil.copy(UNITS / "tagd.socket", tmp_path / "tagd.socket")
-    return systemd_analyze_verify(["tagd.service", "tagd.socket"], cwd=tmp_path)
-
-
-def test_units_verify(tmp_path):
-    """Every line of both units is one systemd knows (verify only warns of unknown keys,
-    so any output at all fails)."""
-    result = verify(tmp_path, unit_text("tagd.service"))
-    assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr
-
-
-def test_units_verify_with_socket_activation(tmp_path):
-    """The socket-activated variant the comments describe: Requires=/After= uncommented."""
-    text = unit_text("tagd.service")
-    enabled = re.sub(r"^#((Requires|After)=tagd\.socket)$", r"\1", text, flags=re.M)
-    assert "\nRequires=tagd.socket\nAfter=tagd.socket\n" in enabled
-    result = verify(tmp_path, enabled)
-    assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr
-
-
-MDWE_PROBE = """
-import ctypes, sys
-libc = ctypes.CDLL(None, use_errno=True)
-if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN (Linux 6.3)
-    sys.exit(77)
-from twisted.internet import ssl
-try:
-    ssl.optionsForClientTLS("graph.facebook.com").clientConnectionForTLS(None)
-except MemoryError:
-    sys.exit(1)
-"""
-
-
-def test_memory_deny_write_execute_only_if_https_survives_it():
-    """MemoryDenyWriteExecute= refuses writable+executable memory; the kernel's PR_SET_MDWE
-    refuses the same.  Under it, Twisted's HTTPS client (pyOpenSSL callbacks through cffi)
-    cannot be built with the installed libraries, so the unit must not set it."""
-    result = subprocess.run([sys.executable, "-c", MDWE_PROBE], capture_output=True, timeout=60)
-    if result.returncode == 77:
-        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+) to try it with")
-    settings = unit_text("tagd.service").splitlines()
-    if result.returncode != 0:
-        assert "MemoryDenyWriteExecute=yes" not in settings

@@ -18,6 +18,7 @@ from twisted.web.server import Site
 
 from tagd.config import parse_config
 from tagd.demo.shop import shop_resource
+from tagd.startup import describe
 from tagd.tap import build_service
 
 SHOP_PORT = 8000
@@ -61,10 +62,13 @@ def main(reactor, ports: argparse.Namespace) -> None:
     in a temporary folder, removed once the reactor has stopped and the spool is closed."""
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     with tempfile.TemporaryDirectory(prefix="tagd-demo-") as folder:
-        reactor.listenTCP(ports.shop_port, Site(shop_resource()), interface="127.0.0.1")
-        config = parse_config(demo_config(ports, f"{folder}/spool.sqlite3"), "(demo)")
-        service = build_service(config, reactor)
-        service.startService()
+        try:
+            reactor.listenTCP(ports.shop_port, Site(shop_resource()), interface="127.0.0.1")
+            config = parse_config(demo_config(ports, f"{folder}/spool.sqlite3"), "(demo)")
+            service = build_service(config, reactor)
+            service.startService()
+        except Exception as e:  # before the reactor runs: a port taken, most often
+            raise SystemExit(f"tagd demo cannot start: {describe(e)}") from None
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
         print(
             f"demo shop on http://127.0.0.1:{ports.shop_port}/, tagd in front of it on "
