@@ -218,7 +218,7 @@ async def test_webhook_only_passes_the_ids_the_visitor_has(
     [event] = fake_webhook.fake.events
     assert event["event_id"] == "hook-1"
     assert (event["fbp"], event["ga_client_id"], event["ttclid"]) == (fbp, "55.1706540400", "E.C.P.Tt-42")
-    assert re.fullmatch(r"fb\.1\.\d{13}\.IwAR3Click", event["fbc"])
+    assert re.fullmatch(r"fb\.1\.\d{13}\.IwAR3Click\.AQICAAEA", event["fbc"])
     assert event["ga_session_id"] is None and event["ttp"] is None
 
     response = await tracked_visit(visitor, {"event_name": "ViewContent", "event_id": "hook-2"})
