@@ -23,9 +23,10 @@ nothing.  Each reader is pure and cheap; it runs for every tracked response.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Callable, Mapping, Sequence
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import unquote
 
 from twisted.web.http_headers import Headers
 
@@ -60,11 +61,19 @@ COOKIEBOT_COOKIE = b"CookieConsent"
 COOKIEBOT_CATEGORIES: Mapping[str, str] = {MARKETING: "marketing", ANALYTICS: "statistics"}
 # Cookiebot writes "-1" for a visitor in a region where it asks no consent.
 COOKIEBOT_NOT_REQUIRED = "-1"
-_COOKIEBOT_FIELD = re.compile(r"(?:^|[{,])\s*([a-z]+)\s*:\s*(true|false)\b")
+# Read on the cookie as sent, percent-encoded or not: decoding the whole value first (its
+# stamp and other fields) would cost more than reading the two fields that matter.
+_COOKIEBOT_START = re.compile(r"\{|%7B", re.IGNORECASE)
+_COOKIEBOT_FIELD = re.compile(r"(?:\{|,|%7B|%2C)\s*(marketing|statistics)\s*(?::|%3A)\s*(true|false)\b", re.IGNORECASE)
 ONETRUST_COOKIE = b"OptanonConsent"
 ONETRUST_GROUPS: Mapping[str, str] = {MARKETING: "C0004", ANALYTICS: "C0002"}
+_ONETRUST_GROUPS_FIELD = re.compile(r"(?:^|&)groups=([^&]*)")
+_ONETRUST_GROUP = re.compile(r"(?:^|,)(C\d{4}):([01])(?=,|$)")
 
 SOURCES = ("", "tcf", "cookiebot", "onetrust")
+# Distinct consent records whose reading is remembered, per source: values are at most
+# 1024 bytes (longer ones are not read), so a few MB at most.
+CACHED_RECORDS = 4096
 
 
 def gpc(headers: Headers) -> bool:
@@ -77,33 +86,58 @@ def allows(granted: Granted, purpose: str) -> bool:
     return purpose == NONE or granted is UNKNOWN or purpose in granted
 
 
-def from_tcf(cookies: Mapping[bytes, bytes]) -> frozenset[str]:
+def _by_value(name: bytes):
+    """A reader of cookie C{name}'s purposes from one that reads the value's text, cached
+    by the value: a returning visitor sends the same record with every page view."""
+
+    def decorate(read: Callable[[str], frozenset[str]]) -> Callable[[Mapping[bytes, bytes]], frozenset[str]]:
+        @functools.lru_cache(maxsize=CACHED_RECORDS)
+        def cached(raw: bytes) -> frozenset[str]:
+            value = cookie_text({name: raw}, name)
+            return NOTHING if value is None else read(value)
+
+        def granted(cookies: Mapping[bytes, bytes]) -> frozenset[str]:
+            raw = cookies.get(name)
+            return NOTHING if raw is None else cached(raw)
+
+        granted.__doc__ = read.__doc__
+        granted.cache_clear = cached.cache_clear  # for the benchmark of a first reading
+        return granted
+
+    return decorate
+
+
+@_by_value(TCF_COOKIE)
+def from_tcf(value: str) -> frozenset[str]:
     """The purposes an C{euconsent-v2} TC string grants."""
-    consented = consented_purposes(cookie_text(cookies, TCF_COOKIE))
+    consented = consented_purposes(value)
     return frozenset(p for p, needed in TCF_PURPOSES.items() if needed <= consented)
 
 
-def from_cookiebot(cookies: Mapping[bytes, bytes]) -> frozenset[str]:
+@_by_value(COOKIEBOT_COOKIE)
+def from_cookiebot(value: str) -> frozenset[str]:
     """The purposes Cookiebot's C{CookieConsent} grants: C{{stamp:'...',necessary:true,
     preferences:false,statistics:true,marketing:false,...}}, percent-encoded."""
-    value = cookie_text(cookies, COOKIEBOT_COOKIE)
-    if value is None:
-        return NOTHING
-    text = unquote(value)
-    if text == COOKIEBOT_NOT_REQUIRED:
+    if value == COOKIEBOT_NOT_REQUIRED:
         return ALL
-    fields = dict(_COOKIEBOT_FIELD.findall(text)) if text.startswith("{") else {}
+    if not _COOKIEBOT_START.match(value):
+        return NOTHING
+    # The first of each field counts, as a JavaScript object literal's last would not
+    # matter: Cookiebot writes each once.
+    fields: dict[str, str] = {}
+    for name, state in _COOKIEBOT_FIELD.findall(value):
+        fields.setdefault(name.lower(), state.lower())
     return frozenset(p for p, name in COOKIEBOT_CATEGORIES.items() if fields.get(name) == "true")
 
 
-def from_onetrust(cookies: Mapping[bytes, bytes]) -> frozenset[str]:
+@_by_value(ONETRUST_COOKIE)
+def from_onetrust(value: str) -> frozenset[str]:
     """The purposes OneTrust's C{OptanonConsent} grants: its C{groups} field, as
     C{C0001:1,C0002:0,...} in a query-string-like value."""
-    value = cookie_text(cookies, ONETRUST_COOKIE)
-    if value is None:
+    field = _ONETRUST_GROUPS_FIELD.search(value)
+    if field is None:
         return NOTHING
-    fields = dict(parse_qsl(value, keep_blank_values=True))
-    groups = dict(item.partition(":")[::2] for item in fields.get("groups", "").split(","))
+    groups = dict(_ONETRUST_GROUP.findall(unquote(field[1].replace("+", " "))))
     return frozenset(p for p, group in ONETRUST_GROUPS.items() if groups.get(group) == "1")
 
 

@@ -25,6 +25,9 @@ PURPOSES = 24
 # characters; tagd's cookie reader stops at 1024 anyway).
 MAX_LENGTH = 4096
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+# The bytes up to the end of the purposes, and the base64 characters that hold them.
+_NEEDED = (PURPOSES_OFFSET + PURPOSES + 7) // 8
+_PREFIX = (_NEEDED + 2) // 3 * 4
 
 
 def consented_purposes(tc_string: str | None) -> frozenset[int]:
@@ -35,9 +38,9 @@ def consented_purposes(tc_string: str | None) -> frozenset[int]:
     core = tc_string.split(".", 1)[0]
     if not _BASE64URL.fullmatch(core) or len(core) % 4 == 1:
         return frozenset()
-    data = urlsafe_b64decode(core + "=" * (-len(core) % 4))
-    needed = (PURPOSES_OFFSET + PURPOSES + 7) // 8
-    if len(data) < needed or data[0] >> 2 != CORE_VERSION:
+    # Only the characters that hold the bits up to the purposes are decoded.
+    data = urlsafe_b64decode(core[:_PREFIX] + "=" * (-len(core[:_PREFIX]) % 4))
+    if len(data) < _NEEDED or data[0] >> 2 != CORE_VERSION:
         return frozenset()
-    bits = int.from_bytes(data[:needed], "big") >> (needed * 8 - PURPOSES_OFFSET - PURPOSES)
+    bits = int.from_bytes(data[:_NEEDED], "big") >> (_NEEDED * 8 - PURPOSES_OFFSET - PURPOSES)
     return frozenset(p for p in range(1, PURPOSES + 1) if bits >> (PURPOSES - p) & 1)

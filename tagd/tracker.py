@@ -117,6 +117,8 @@ class Tracker:
         # By granted purposes (a handful of distinct values): the destinations allowed, and
         # the platforms whose ids tagd may create.
         self._decisions: dict[Granted, tuple[tuple[str, ...], frozenset[str]]] = {}
+        # By destinations allowed: those counted for match keys, and the withheld counters.
+        self._counting: dict[tuple[str, ...], tuple[list[tuple[str, str]], list]] = {}
         self._consent = ConsentReader(
             honor_gpc=config.honor_gpc,
             source=config.consent_source,
@@ -188,13 +190,17 @@ class Tracker:
             decision = self._decisions[granted] = (allowed, create_for)
         return decision
 
-    def _count(self, events: Sequence[Event], allowed: Sequence[str]) -> None:
+    def _count(self, events: Sequence[Event], allowed: tuple[str, ...]) -> None:
         """Each destination's match keys for the events it is handed, and those withheld."""
-        for name, kind, _purpose in self._destinations:
-            if name in allowed:
-                self._metrics.match_keys.count(name, kind, events)
-            else:
-                self._withheld[name].inc(len(events))
+        counting = self._counting.get(allowed)
+        if counting is None:
+            handed = [(name, kind) for name, kind, _purpose in self._destinations if name in allowed]
+            withheld = [self._withheld[name] for name, _kind, _purpose in self._destinations if name not in allowed]
+            counting = self._counting[allowed] = (handed, withheld)
+        handed, withheld = counting
+        self._metrics.match_keys.count(handed, events)
+        for counter in withheld:
+            counter.inc(len(events))
 
     def _event_id_cookies(
         self,
