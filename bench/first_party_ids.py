@@ -26,6 +26,8 @@ import sys
 import time
 from urllib.parse import parse_qs
 
+from encode import CONFIG as ENCODE_CONFIG
+from encode import USER_AGENT
 from twisted.web.http_headers import Headers
 
 import tagd
@@ -48,28 +50,9 @@ COOKIES = {
 }
 
 
-# One destination of each platform, nothing sent; the shop's banner is OneTrust's.
-CONFIG = """
-[tracking]
-consent_source = "onetrust"
-
-[[destinations]]
-type = "meta"
-pixel_id = "1234"
-access_token = "bench-token"
-
-[[destinations]]
-type = "ga4"
-measurement_id = "G-BENCH"
-api_secret = "bench-secret"
-
-[[destinations]]
-type = "tiktok"
-pixel_code = "BENCH"
-access_token = "bench-token"
-"""
+# The encoding benchmark's destinations (nothing is sent), with the shop's banner OneTrust's.
+CONFIG = '[tracking]\nconsent_source = "onetrust"\n' + ENCODE_CONFIG
 HEADER = b'{"event_name":"ViewContent","custom_data":{"currency":"EUR","value":3.5},"contents":[{"id":"123","quantity":1}]}'
-USER_AGENT = b"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36"
 
 
 def tracked_page_view():
@@ -87,7 +70,7 @@ def tracked_page_view():
         [b"_fbp=fb.2.1706540400000.1234567890.AQIAAAEA", b"_ga=GA1.1.1234567890.1706540400",
          b"OptanonConsent=" + COOKIES[b"OptanonConsent"]]
     )  # fmt: skip
-    headers = Headers({b"user-agent": [USER_AGENT], b"cookie": [cookie]})
+    headers = Headers({b"user-agent": [USER_AGENT.encode("ascii")], b"cookie": [cookie]})
     visit = Visit("203.0.113.7", "https", b"GET", b"/product/123", HOST, headers, 200)
     return lambda: tracker([HEADER], visit).deliver()
 
@@ -159,7 +142,7 @@ def measurements(calls: int, repeat: int) -> dict[str, float]:
     return results
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--repeat", type=int, default=5)
@@ -172,11 +155,10 @@ def main(argv: list[str]) -> int:
     for name, micros in results.items():
         ratio = f"  ({micros / baseline:.2f}x Meta's library)" if baseline and name == "tagd: _fbp/_fbc only" else ""
         print(f"{micros:8.2f} µs  {name}{ratio}")
-    return 0
 
 
 if __name__ == "__main__":
     try:
-        sys.exit(main(sys.argv[1:]))
+        main(sys.argv[1:])
     except KeyboardInterrupt:
         sys.exit(130)

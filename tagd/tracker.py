@@ -21,7 +21,7 @@ from typing import Callable, Collection, Sequence
 from twisted.logger import Logger
 
 from tagd.config import DestinationConfig, TrackingConfig
-from tagd.consent import DEFAULT_PURPOSES, ConsentReader, Granted, allows
+from tagd.consent import DEFAULT_PURPOSES, NOTHING, ConsentReader, Granted, allows
 from tagd.cookiedomain import CookieScoper
 from tagd.events import Event, EventSpec, TrackingHeaderError, parse_tracking_header
 from tagd.filters import BotDetector, PathFilter, is_speculative, tracked_statuses
@@ -80,14 +80,14 @@ def _header_parser(max_header_bytes: int) -> Callable[[bytes], tuple[EventSpec, 
     return parsed
 
 
-def _cookie_purposes(destination: DestinationConfig) -> list[tuple[str, str]]:
-    """The platforms whose cookies a destination calls for, each with the purpose that must
-    be granted for tagd to create them: the destination's own, but for the dry run, which
-    shows every platform and creates each one's ids only as that platform would be allowed."""
-    return [
-        (platform, DEFAULT_PURPOSES[platform] if destination.type == "log" else destination.consent_purpose)
-        for platform in COOKIE_PLATFORMS[destination.type]
-    ]
+def _cookie_platforms(destinations: Collection[DestinationConfig]) -> list[tuple[str, str]]:
+    """The platforms whose cookies the destinations call for, each with the purpose the
+    visitor must grant for tagd to create them: the platform's own, whatever purpose a
+    destination's events need, since a cookie is stored on the visitor's device for that
+    platform (a Meta table that needs no consent still creates no C{_fbp} for a visitor
+    who refused marketing)."""
+    platforms = {platform for d in destinations for platform in COOKIE_PLATFORMS[d.type]}
+    return [(platform, DEFAULT_PURPOSES[platform]) for platform in sorted(platforms)]
 
 
 class Tracker:
@@ -111,9 +111,7 @@ class Tracker:
         self._config = config
         self._destinations = tuple((d.name, d.type, d.consent_purpose) for d in destinations)
         # With first_party_cookies off tagd may set no cookie, so it creates no id either.
-        self._cookie_purposes = (
-            [pair for d in destinations for pair in _cookie_purposes(d)] if config.first_party_cookies else []
-        )
+        self._cookie_purposes = _cookie_platforms(destinations) if config.first_party_cookies else []
         # By granted purposes (a handful of distinct values): the destinations allowed, and
         # the platforms whose ids tagd may create.
         self._decisions: dict[Granted, tuple[tuple[str, ...], frozenset[str]]] = {}
@@ -170,7 +168,9 @@ class Tracker:
         )
         event_ids = [spec.event_id or new_event_id(self._rand) for spec in specs]
         set_cookies = list(identity.set_cookies)
-        if self._config.event_id_cookie:
+        # The event-id cookies are for the page's pixels, which a visitor who granted no
+        # purpose does not run: only destinations needing no consent have the events then.
+        if self._config.event_id_cookie and granted != NOTHING:
             set_cookies += self._event_id_cookies(specs, event_ids, secure, now, scope.domain)
 
         def deliver() -> None:
