@@ -122,12 +122,11 @@ def from_cookiebot(value: str) -> frozenset[str]:
         return ALL
     if not _COOKIEBOT_START.match(value):
         return NOTHING
-    # The first of each field counts, as a JavaScript object literal's last would not
-    # matter: Cookiebot writes each once.
-    fields: dict[str, str] = {}
+    # Cookiebot writes each field once; one written twice grants only if both say true.
+    fields: dict[str, bool] = {}
     for name, state in _COOKIEBOT_FIELD.findall(value):
-        fields.setdefault(name.lower(), state.lower())
-    return frozenset(p for p, name in COOKIEBOT_CATEGORIES.items() if fields.get(name) == "true")
+        fields[name.lower()] = fields.get(name.lower(), True) and state.lower() == "true"
+    return frozenset(p for p, name in COOKIEBOT_CATEGORIES.items() if fields.get(name, False))
 
 
 @_by_value(ONETRUST_COOKIE)

@@ -145,6 +145,7 @@ def test_cookiebot_unquoted_and_not_required() -> None:
     assert from_cookiebot({b"CookieConsent": b"-1"}) == ALL
     assert from_cookiebot({b"CookieConsent": b"marketing:true"}) == NOTHING
     assert from_cookiebot({b"CookieConsent": b"{marketingx:true}"}) == NOTHING
+    assert from_cookiebot({b"CookieConsent": b"{marketing:true,marketing:false,statistics:true}"}) == {ANALYTICS}
     assert from_cookiebot({}) == NOTHING
 
 
