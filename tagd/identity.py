@@ -3,8 +3,9 @@
 Meta matches on C{_fbp} (a browser id) and C{_fbc} (the ad click, from C{fbclid}); TikTok on
 C{ttclid} and C{_ttp}; GA4 needs the C{client_id} of the C{_ga} cookie and a session id.
 tagd reads what the browser already has and, where something is missing, sets the same
-cookies the browser pixels would set, from the shop's own domain, so that the server event
-and the browser pixel share ids and the platform deduplicates.  It creates an id only where
+cookies the browser pixels would set, on the shop's registrable domain (L{tagd.cookiedomain}),
+and Meta's in the form its server-side Parameter Builder writes them, so that the server
+event and the browser pixel share ids and the platform deduplicates.  It creates an id only where
 it may also keep it in a cookie: an id kept nowhere would be a new visitor on every page.
 
 Everything here is pure: the current time and the source of randomness are arguments, so

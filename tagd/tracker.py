@@ -3,8 +3,9 @@
 For a response that carries the tracking header, L{Tracker} decides (path, status,
 speculative load, bot, in that order: cheapest first), reads the visitor's consent and
 decides from it which destinations may have the events (each by its consent purpose; none
-at all drops the response), parses the header, and resolves the visitor's first-party ids.  That part is quick and runs before the response
-head goes out, because the cookies it sets travel in that head.  Building the events and
+at all drops the response), parses the header, and resolves the visitor's first-party
+ids.  That part is quick and runs before the response head goes out, because the cookies
+it sets travel in that head.  Building the events and
 handing them to delivery is left for after the head is on its way.  Every drop is counted
 by reason; a malformed header, an event out of its time window and the events past a
 response's cap are logged with their reason, never with the header's content.
