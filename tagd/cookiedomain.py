@@ -16,7 +16,6 @@ host name at all gets a host-only cookie, which the browser ties to the host it 
 from __future__ import annotations
 
 import functools
-import ipaddress
 import re
 
 import attrs
@@ -28,6 +27,9 @@ REGISTRABLE, HOST_ONLY = "", "host"
 # 253 at most in all (punycode's "xn--" labels are such labels).
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+# A host whose last label is a number is an IPv4 address to a browser (the URL Standard's
+# "ends in a number": 1.2.3 is 1.2.0.3, 0x7f.1 is 127.0.0.1), whatever ipaddress says.
+_ENDS_IN_A_NUMBER = re.compile(r"(?:.*\.)?(?:[0-9]+|0x[0-9a-f]*)")
 # Distinct hosts whose cookie scope is remembered: a shop answers for a handful.
 CACHED_HOSTS = 256
 
@@ -65,13 +67,9 @@ def host_name(host: bytes | None) -> str | None:
     if port and not port.isdigit():
         return None
     name = name.removesuffix(".")
-    if len(name) > 253 or not _HOST_NAME.fullmatch(name):
+    if len(name) > 253 or not _HOST_NAME.fullmatch(name) or _ENDS_IN_A_NUMBER.fullmatch(name):
         return None
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return name
-    return None
+    return name
 
 
 def _dots(name: str) -> int:

@@ -45,6 +45,9 @@ def test_registrable_domain_from_the_public_suffix_list(host, expected) -> None:
         (b"localhost:8080", 0),
         (b"127.0.0.1", 0),
         (b"203.0.113.7:80", 0),
+        (b"1.2.3", 0),  # an IPv4 address to a browser (1.2.0.3)
+        (b"0x7f.1", 0),
+        (b"shop.example.123", 0),
         (b"[::1]", 0),
         (b"[2001:db8::1]:8443", 0),
         ("bücher.de".encode("utf-8"), 0),
