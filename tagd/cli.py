@@ -251,7 +251,12 @@ def destination_values(
     (a trimmed endpoint, say) show as they take effect.
     """
     keys = destination_module(destination.type).KEYS
-    values = {"type": destination.type, "name": destination.name, "timeout": destination.timeout}
+    values = {
+        "type": destination.type,
+        "name": destination.name,
+        "timeout": destination.timeout,
+        "consent_purpose": destination.consent_purpose,
+    }
     for key in keys:
         value = getattr(destination.destination, key)
         if key in destination.secrets and value is not None:

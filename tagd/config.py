@@ -26,6 +26,8 @@ import attrs
 from twisted.internet.endpoints import serverFromString
 
 from tagd.clientip import CLOUDFLARE_WORD
+from tagd.consent import CONSENT_PURPOSES, DEFAULT_PURPOSES, NONE, SOURCES
+from tagd.cookiedomain import check_cookie_domain
 from tagd.destinations.registry import DESTINATION_TYPES, destination_module
 from tagd.filters import tracked_statuses
 
@@ -76,11 +78,13 @@ class TrackingConfig:
     extra_bots: tuple[str, ...] = ()
     allow_bots: tuple[str, ...] = ()
     honor_gpc: bool = True
+    consent_source: str = ""
     consent_cookie: str = ""
     consent_values: tuple[str, ...] = ("1", "true", "yes", "granted", "all")
     track_statuses: tuple[int | str, ...] = ("2xx",)
     event_id_cookie: str = "tagd_event_id"
     first_party_cookies: bool = True
+    cookie_domain: str = ""
     max_header_bytes: int = 8192
     max_events_per_response: int = 20
 
@@ -125,6 +129,7 @@ class DestinationConfig:
     timeout: float
     destination: Any = attrs.field(repr=False)
     secrets: tuple[str, ...] = ()
+    consent_purpose: str = NONE
 
 
 @attrs.frozen
@@ -286,6 +291,15 @@ def _cookie_name(value: str) -> str:
     return value
 
 
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+        return value
+
+    return check
+
+
 def _bearer_token(value: str) -> str:
     # What an Authorization header can carry as one word.  The message never quotes the
     # value: it is a secret.
@@ -343,11 +357,13 @@ _TRACKING_FIELDS: dict[str, _Field] = {
     "extra_bots": ((list,), "a list of regular expressions", _patterns),
     "allow_bots": ((list,), "a list of regular expressions", _patterns),
     "honor_gpc": ((bool,), "true or false", _identity),
+    "consent_source": ((str,), "a string", _one_of(SOURCES)),
     "consent_cookie": ((str,), "a string", _cookie_name),
     "consent_values": _STRINGS,
     "track_statuses": ((list,), "a list of status codes, classes or ranges", _statuses),
     "event_id_cookie": ((str,), "a string", _cookie_name),
     "first_party_cookies": ((bool,), "true or false", _identity),
+    "cookie_domain": ((str,), "a string", check_cookie_domain),
     "max_header_bytes": ((int,), "a whole number", _positive),
     "max_events_per_response": ((int,), "a whole number", _positive),
 }
@@ -362,6 +378,7 @@ _DESTINATION_COMMON: dict[str, _Field] = {
     "type": ((str,), "a string", _identity),
     "name": ((str,), "a string", _destination_name),
     "timeout": ((int, float), "a number of seconds", _positive),
+    "consent_purpose": ((str,), "a string", _one_of(CONSENT_PURPOSES)),
 }
 
 
@@ -555,6 +572,7 @@ def _destination(
         timeout=float(values.get("timeout", module.DEFAULT_TIMEOUT)),
         destination=destination,
         secrets=tuple(module.SECRETS),
+        consent_purpose=values.get("consent_purpose", DEFAULT_PURPOSES[kind]),
     )
 
 
@@ -612,6 +630,13 @@ def parse_config(
         for name in _TABLES
     }
     destinations = _destinations(path, raw.get("destinations", []), environ, references)
+    tracking = tables["tracking"]
+    if tracking.consent_source and tracking.consent_cookie:
+        raise ConfigError(
+            path, "tracking.consent_cookie",
+            f"is read only with consent_source = \"\"; with {tracking.consent_source!r} the "
+            "consent banner's own cookie decides (remove one of the two)",
+        )
     return Config(
         path=path, destinations=destinations, references=MappingProxyType(references), **tables
     )

@@ -55,7 +55,13 @@ def _settings(destination: DestinationConfig) -> tuple[Any, ...]:
     """What a destination does, as values: platform destinations compare by identity
     (two tables naming one pixel are two destinations), so their fields are compared."""
     built = destination.destination
-    return (destination.type, destination.timeout, type(built), attrs.astuple(built, recurse=False))
+    return (
+        destination.type,
+        destination.timeout,
+        destination.consent_purpose,
+        type(built),
+        attrs.astuple(built, recurse=False),
+    )
 
 
 def restart_keys(old: Config, new: Config) -> tuple[str, ...]:

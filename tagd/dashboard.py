@@ -31,6 +31,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from tagd.feed import Entry, Feed, encode, matches
+from tagd.matchkeys import coverage
 from tagd.outcomes import OUTCOMES
 
 log = Logger()
@@ -86,9 +87,9 @@ class Page(Resource):
 def stats(registry: CollectorRegistry, destinations) -> dict:
     """The counters the dashboard shows, from C{registry}'s samples: visitors' answers by
     status, requests in flight, events accepted, delivery outcomes by destination (C{dead}
-    counts dead letters since start), drops by reason, and the spool's depth (None
-    without a spool); with the destinations and every outcome, which the page's filters
-    and table offer."""
+    counts dead letters since start), drops by reason, the spool's depth (None
+    without a spool) and the match keys' coverage (L{tagd.matchkeys.coverage}); with the
+    destinations and every outcome, which the page's filters and table offer."""
     counts: dict = {
         "destinations": list(destinations),
         "outcomes": list(OUTCOMES),
@@ -99,6 +100,8 @@ def stats(registry: CollectorRegistry, destinations) -> dict:
         "dropped": {},
         "spool": None,
     }
+    key_events: dict = {}
+    keys: dict = {}
     for family in registry.collect():
         for sample in family.samples:
             name, labels, value = sample.name, sample.labels, int(sample.value)
@@ -115,6 +118,11 @@ def stats(registry: CollectorRegistry, destinations) -> dict:
             elif name.startswith("tagd_spool_"):
                 key = name.removeprefix("tagd_spool_").removesuffix("_events")
                 counts["spool"] = {**(counts["spool"] or {}), key: value}
+            elif name == "tagd_match_key_events_total":
+                key_events[labels["destination"], labels["event"]] = value
+            elif name == "tagd_match_keys_total":
+                keys[labels["destination"], labels["event"], labels["key"]] = value
+    counts["match_keys"] = coverage(key_events, keys)
     return counts
 
 

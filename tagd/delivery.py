@@ -14,7 +14,7 @@ the tracker hands over (see L{tagd.pipeline}).
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Callable, Mapping, Sequence, TypeVar
+from typing import Callable, Collection, Mapping, Sequence, TypeVar
 
 import attrs
 import treq
@@ -111,11 +111,14 @@ class DirectDelivery:
         self._http = http
         self._outcomes = outcomes
 
-    def submit(self, events: Sequence[Event]) -> Deferred:
-        """Start delivering C{events}; the Deferred (for tests and shutdown) fires when all answered."""
+    def submit(self, events: Sequence[Event], allowed: Collection[str] | None = None) -> Deferred:
+        """Start delivering C{events} to the destinations named in C{allowed} (every one
+        when C{None}); the Deferred (for tests and shutdown) fires when all answered."""
         attempts = []
         now = self._reactor.seconds()
         for route in self._routes:
+            if allowed is not None and route.destination.name not in allowed:
+                continue
             fresh = self._fresh(route, events, now)
             if isinstance(route.destination, Describing):
                 for line in route.destination.describe(fresh):

@@ -82,7 +82,8 @@ class Event(VisitorIds):
 
     C{user_data} values are as the origin gave them (raw or already SHA-256 hex);
     each destination normalises and hashes them its own way.  The visitor's ids are the
-    fields of L{VisitorIds}, given by keyword.
+    fields of L{VisitorIds}, given by keyword.  An event reaches only the destinations
+    whose consent purpose C{consent} grants (see L{tagd.consent}).
     """
 
     event_name: str
@@ -95,6 +96,9 @@ class Event(VisitorIds):
     custom_data: Mapping[str, Any] = attrs.field(factory=dict)
     contents: tuple[Mapping[str, Any], ...] = ()
     user_data: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict, repr=False)
+    # The purposes the visitor granted (tagd.consent), or None when no consent record was
+    # read: destinations tell the platforms what they may do with the event from it.
+    consent: frozenset[str] | None = None
 
 
 def _string(value: Any, where: str, limit: int = MAX_STRING) -> str:

@@ -1,9 +1,10 @@
-"""Decisions that keep a response out of tracking: bots, speculative loads, paths, status, consent.
+"""Decisions that keep a response out of tracking: bots, speculative loads, paths, status.
 
 Each function here runs on the proxy's hot path for every response that carries the
 tracking header, so each is pure, allocates little and does its expensive preparation
 (regex compilation) once, when it is constructed.  None of them ever touches the response:
-they only answer "track this or not", and the caller counts the answer.
+they only answer "track this or not", and the caller counts the answer.  Consent, which
+is decided per destination, is L{tagd.consent}'s.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ import functools
 import re
 import re._constants as _sre
 import re._parser as _sre_parse
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 from urllib.parse import unquote_to_bytes
 
 from twisted.web.http_headers import Headers
 
-from tagd.identity import cookie_text
 
 # --- bots -----------------------------------------------------------------------------------
 
@@ -299,32 +299,3 @@ def tracked_statuses(spec: Iterable[int | str]) -> frozenset[int]:
     Expanded to a set once, so that the per-response check is one set lookup.
     """
     return frozenset(code for item in spec for code in _status_codes(item))
-
-
-# --- consent --------------------------------------------------------------------------------
-
-
-def _gpc(headers: Headers) -> bool:
-    """Whether the browser sends Global Privacy Control's opt-out signal, C{Sec-GPC: 1}."""
-    return any(v.strip() == b"1" for v in headers.getRawHeaders(b"sec-gpc", ()))
-
-
-def consent_refused(
-    headers: Headers,
-    cookies: Mapping[bytes, bytes],
-    *,
-    honor_gpc: bool,
-    consent_cookie: str | None,
-    consent_values: Sequence[str],
-) -> bool:
-    """Whether the visitor has not agreed to tracking, so no event and no tracking cookie.
-
-    C{Sec-GPC: 1} refuses when C{honor_gpc}.  With a consent cookie configured, silence is
-    refusal: tracking needs the cookie present with a value exactly equal to one of
-    C{consent_values} (so an empty C{consent_values} never consents).
-    """
-    if honor_gpc and _gpc(headers):
-        return True
-    if consent_cookie is None:
-        return False
-    return cookie_text(cookies, consent_cookie.encode("utf-8")) not in consent_values

@@ -244,6 +244,47 @@ def meta_user_data(user_data: Mapping[str, Iterable[str]]) -> dict[str, list[str
     return _hashed_fields(user_data, _META_FIELDS)
 
 
+def _google_email(value: str) -> str | None:
+    """Google's rule: trimmed and lower-cased, and for gmail.com and googlemail.com
+    addresses without the dots before the "@"."""
+    text = _email(value)
+    if text is None:
+        return None
+    local, _, domain = text.rpartition("@")
+    return f"{local.replace('.', '')}@{domain}" if domain in ("gmail.com", "googlemail.com") else text
+
+
+def _google_name(value: str) -> str:
+    """Trimmed, lower-cased, runs of spaces inside made one."""
+    return " ".join(_text(value).split())
+
+
+def ga4_user_data(user_data: Mapping[str, Iterable[str]]) -> dict[str, object]:
+    """GA4's hashed C{user_data}: C{sha256_email_address} and C{sha256_phone_number}
+    lists, and one C{address} with C{sha256_first_name}/C{sha256_last_name}, as Google's
+    Measurement Protocol normalises them (the phone in E.164, with its "+").
+
+    A phone already hashed is left out: the hash the shop was asked for is Meta's, without
+    the "+", which never matches Google's.  The address's plain fields (city, region,
+    postal code, country) are not sent: GA4 takes them unhashed.
+    """
+    if not user_data:
+        return {}
+    fields: dict[str, object] = {}
+    if emails := _hashed_values(user_data.get("em", ()), _google_email):
+        fields["sha256_email_address"] = emails
+    phones = [v for v in user_data.get("ph", ()) if not is_sha256_hex(v)]
+    if phones := _hashed_values(phones, _tiktok_phone):
+        fields["sha256_phone_number"] = phones
+    address = {}
+    for key, name in (("fn", "sha256_first_name"), ("ln", "sha256_last_name")):
+        if hashes := _hashed_values(user_data.get(key, ()), _google_name):
+            address[name] = hashes[0]
+    if address:
+        fields["address"] = [address]
+    return fields
+
+
 def tiktok_user_fields(user_data: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
     """TikTok's hashed C{user} fields (C{email}, C{phone}, C{external_id}) from Meta-named
     user data: key to list of SHA-256 hex, empty fields left out."""

@@ -6,8 +6,9 @@ Pinterest, Snapchat, Reddit and Microsoft match on the click id of their ads (L{
 and the last three also on their pixel's browser id (C{_scid}, C{_rdt_uuid}, C{_uetvid}),
 which tagd reads but never creates.
 tagd reads what the browser already has and, where something is missing, sets the same
-cookies the browser pixels would set, from the shop's own domain, so that the server event
-and the browser pixel share ids and the platform deduplicates.  It creates an id only where
+cookies the browser pixels would set, on the shop's registrable domain (L{tagd.cookiedomain}),
+and Meta's in the form its server-side Parameter Builder writes them, so that the server
+event and the browser pixel share ids and the platform deduplicates.  It creates an id only where
 it may also keep it in a cookie: an id kept nowhere would be a new visitor on every page.
 
 Everything here is pure: the current time and the source of randomness are arguments, so
@@ -22,9 +23,13 @@ import re
 from email.utils import formatdate
 from functools import lru_cache
 from typing import Collection, Iterable, Mapping, Protocol
+from base64 import urlsafe_b64encode
 from urllib.parse import quote, unquote_to_bytes
 
 import attrs
+
+from tagd import __version__
+from tagd.cookiedomain import HOST_ONLY_SCOPE, CookieScope
 
 DAY = 24 * 3600
 FBP_MAX_AGE = 90 * DAY  # Meta's first-party cookies live 90 days.
@@ -44,12 +49,14 @@ META, TIKTOK, GA4 = "meta", "tiktok", "ga4"
 PINTEREST, SNAPCHAT, REDDIT, MICROSOFT = "pinterest", "snapchat", "reddit", "microsoft"
 PLATFORMS = frozenset({META, TIKTOK, GA4, PINTEREST, SNAPCHAT, REDDIT, MICROSOFT})
 
-# Meta: fb.{subdomain_index}.{creation_ms}.{random or fbclid}[.{appendix}], where the optional
-# appendix is a short base64url token that Meta's own libraries add.
-_APPENDIX = r"(?:\.[A-Za-z0-9_-]{2,16})?"
+# Meta: fb.{subdomain_index}.{creation_ms}.{random or fbclid}[.{appendix}].  The appendix
+# names the library that wrote the value: 2 characters (a language token) in its first
+# form, 8 base64url characters (format, language, kind of write, version) in its second;
+# Meta's Parameter Builder takes nothing else for one.
+_APPENDIX = r"(?:\.(?:AQ|Ag|Aw|BA|BQ|Bg|[A-Za-z0-9_-]{8}))?"
 _FBCLID = re.compile(r"[A-Za-z0-9_-]{1,500}")
-_FBP = re.compile(r"fb\.\d{1,2}\.\d{1,13}\.\d{1,20}" + _APPENDIX)
-_FBC = re.compile(r"fb\.\d{1,2}\.\d{1,13}\.([A-Za-z0-9_-]{1,500})" + _APPENDIX)
+_FBP = re.compile(r"fb\.\d{1,2}\.\d{1,13}\.\d{1,20}(" + _APPENDIX + ")")
+_FBC = re.compile(r"fb\.\d{1,2}\.\d{1,13}\.([A-Za-z0-9_-]{1,500})(" + _APPENDIX + ")")
 # TikTok's ids, and the other platforms' click ids, are opaque tokens; these are the
 # characters they use, all cookie-safe.
 _TIKTOK_ID = re.compile(r"[A-Za-z0-9._~+/=-]{1,500}")
@@ -65,6 +72,8 @@ _DIGITS = re.compile(r"\d{1,20}")
 # RFC 6265: a cookie name is an RFC 7230 token; a value is made of cookie-octets.
 _COOKIE_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _COOKIE_VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
+# What a Domain attribute may hold: tagd.cookiedomain hands out lower-case ASCII host names.
+_DOMAIN = re.compile(r"[a-z0-9-]+(?:\.[a-z0-9-]+)+")
 # Characters kept as they are when an event id is put in a cookie: cookie-octets but "%".
 _EVENT_ID_SAFE = "!#$&'()*+-./:<=>?@[]^_`{|}~"
 # A request cookie longer than this is nothing tagd reads.
@@ -175,10 +184,17 @@ def _form_decode(raw: bytes) -> str:
 
 
 def set_cookie(
-    name: str, value: str, max_age: int, *, secure: bool, now: float | None = None
+    name: str,
+    value: str,
+    max_age: int,
+    *,
+    secure: bool,
+    now: float | None = None,
+    domain: str | None = None,
 ) -> bytes:
     """A C{Set-Cookie} value for a first-party cookie that the page's scripts can read.
 
+    C{Domain} when given (see L{tagd.cookiedomain}; a host-only cookie without it),
     C{Path=/} so that every page sees it, C{SameSite=Lax} so that it is sent on the click
     from an ad, C{Secure} on https, never C{HttpOnly}: the browser pixels read these
     cookies.  C{Expires} (from C{now}) as well as C{Max-Age}, for old browsers.  A name or
@@ -186,9 +202,13 @@ def set_cookie(
     """
     if not _COOKIE_NAME.fullmatch(name) or not _COOKIE_VALUE.fullmatch(value):
         raise ValueError(f"refusing to write an unsafe cookie {name!r}")
+    if domain is not None and not _DOMAIN.fullmatch(domain):
+        raise ValueError(f"refusing to write cookie {name!r} for an unsafe domain")
     parts = [f"{name}={value}", f"Max-Age={max_age}"]
     if now is not None:
         parts.append(_expires(int(now + max_age)))
+    if domain is not None:
+        parts.append(f"Domain={domain}")
     parts += ["Path=/", "SameSite=Lax"]
     if secure:
         parts.append("Secure")
@@ -204,31 +224,68 @@ def _expires(second: int) -> str:
 
 # --- Meta -----------------------------------------------------------------------------------
 
+# Meta's kinds of write, the third byte of the appendix.
+APPENDIX_NO_CHANGE, APPENDIX_NET_NEW, APPENDIX_MODIFIED_NEW = 0x00, 0x02, 0x03
+# The appendix's format, and its language: Python, which tagd is written in.
+_APPENDIX_FORMAT, _APPENDIX_LANGUAGE = 0x01, 0x02
 
-def _fbp(cookies: Mapping[bytes, bytes], now: float, rand: RandomSource, create: bool) -> tuple[str | None, bool]:
-    """The visitor's C{_fbp}, and whether tagd must set it (absent or malformed).
 
-    A new one, only when tagd may C{create} it, has the pixel's form: a 10-digit random
-    number below 2**31.
+def appendix(kind: int, version: str = __version__) -> str:
+    """The appendix tagd adds to an C{_fbp} or C{_fbc} it writes: Meta's second form, with
+    tagd's own version (see docs/tracking-header.md on why not Meta's library's)."""
+    major, minor, patch = (int(part) for part in version.split(".")[:3])
+    raw = bytes([_APPENDIX_FORMAT, _APPENDIX_LANGUAGE, kind, major, minor, patch])
+    return urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+_NO_CHANGE, _NET_NEW, _MODIFIED_NEW = (
+    appendix(kind) for kind in (APPENDIX_NO_CHANGE, APPENDIX_NET_NEW, APPENDIX_MODIFIED_NEW)
+)
+
+
+def _fbp(
+    cookies: Mapping[bytes, bytes], now: float, rand: RandomSource, create: bool, index: int
+) -> tuple[str | None, bool]:
+    """The visitor's C{_fbp}, and whether tagd must set it, as Meta's Parameter Builder does.
+
+    A well-formed cookie with an appendix is kept as it is; one without (the pixel's old
+    four segments) gains a "no change" appendix, its time and index kept; an absent or
+    malformed one is replaced, only when tagd may C{create} it, by a new one: the sub-domain
+    C{index} of the cookie's domain, the time in ms, the pixel's 10-digit random number
+    below 2**31 and a "new" appendix.
     """
-    existing = _valid(cookie_text(cookies, b"_fbp"), _FBP)
-    if existing is not None or not create:
-        return existing, False
-    return f"fb.1.{int(now * 1000)}.{rand.randrange(10**9, 2**31)}", True
+    existing = cookie_text(cookies, b"_fbp")
+    match = _FBP.fullmatch(existing) if existing is not None else None
+    if match is not None:
+        if match[1] or not create:
+            return existing, False
+        return f"{existing}.{_NO_CHANGE}", True
+    if not create:
+        return None, False
+    return f"fb.{index}.{int(now * 1000)}.{rand.randrange(10**9, 2**31)}.{_NET_NEW}", True
 
 
-def _fbc(cookies: Mapping[bytes, bytes], fbclid: str | None, now: float) -> tuple[str | None, bool]:
-    """The visitor's C{_fbc}, and whether tagd must set it.
+def _fbc(
+    cookies: Mapping[bytes, bytes], fbclid: str | None, now: float, create: bool, index: int
+) -> tuple[str | None, bool]:
+    """The visitor's C{_fbc}, and whether tagd must set it, as Meta's Parameter Builder does.
 
     A new click (a URL C{fbclid} that the cookie does not hold) makes a new C{_fbc} with
-    the C{fbclid} exactly as sent; otherwise a well-formed cookie is used as it is.
+    the C{fbclid} exactly as sent, at the current time, with a "new" appendix, or a
+    "modified" one when it replaces a well-formed cookie.  Otherwise a well-formed cookie
+    is used, a four-segment one upgraded as for L{_fbp} when tagd may C{create} cookies.
     """
     existing = cookie_text(cookies, b"_fbc")
     match = _FBC.fullmatch(existing) if existing is not None else None
     if fbclid is not None and _FBCLID.fullmatch(fbclid):
         if match is None or match[1] != fbclid:
-            return f"fb.1.{int(now * 1000)}.{fbclid}", True
-    return (existing if match else None), False
+            kind = _NET_NEW if match is None else _MODIFIED_NEW
+            return f"fb.{index}.{int(now * 1000)}.{fbclid}.{kind}", True
+    if match is None:
+        return None, False
+    if match[2] or not create:
+        return existing, False
+    return f"{existing}.{_NO_CHANGE}", True
 
 
 # --- click ids ------------------------------------------------------------------------------
@@ -345,6 +402,7 @@ def resolve_identity(
     secure: bool,
     rand: RandomSource,
     create_for: Collection[str],
+    scope: CookieScope = HOST_ONLY_SCOPE,
     session_cookie: str = SESSION_COOKIE,
 ) -> Identity:
     """The visitor's ids for one tracked response, and the C{Set-Cookie} values to add.
@@ -356,31 +414,37 @@ def resolve_identity(
     id that no cookie keeps would be new on every page view, a new "user" or browser to
     the platform each time.  (An C{_fbc} built from a URL C{fbclid} is no invention: it is
     the click itself, in the form Meta documents for servers.)  Call it only for a response
-    that will be tracked: a refused consent sets no cookie.
+    that will be tracked: a refused consent sets no cookie.  Every cookie is set for
+    C{scope}'s domain, and Meta's new ids carry its sub-domain index.
     """
     params = _query_params(query, _WANTED_PARAMS)
-    fbp, new_fbp = _fbp(cookies, now, rand, META in create_for)
-    fbc, new_fbc = _fbc(cookies, params.get("fbclid"), now)
+    meta = META in create_for
+    fbp, new_fbp = _fbp(cookies, now, rand, meta, scope.dots)
+    fbc, new_fbc = _fbc(cookies, params.get("fbclid"), now, meta, scope.dots)
     ttclid, new_ttclid = _ttclid(cookies, params.get("ttclid"))
     client_id, new_ga = _ga_client_id(cookies, now, rand, GA4 in create_for)
     session = _ga_session(cookies)
     to_set = []
+
+    def keep(name: str, value: str, max_age: int) -> None:
+        to_set.append(set_cookie(name, value, max_age, secure=secure, now=now, domain=scope.domain))
+
     if new_fbp:
-        to_set.append(set_cookie("_fbp", fbp, FBP_MAX_AGE, secure=secure, now=now))
-    if new_fbc and fbc is not None and META in create_for:
-        to_set.append(set_cookie("_fbc", fbc, FBC_MAX_AGE, secure=secure, now=now))
+        keep("_fbp", fbp, FBP_MAX_AGE)
+    if new_fbc and meta:
+        keep("_fbc", fbc, FBC_MAX_AGE)
     if new_ttclid and ttclid is not None and TIKTOK in create_for:
-        to_set.append(set_cookie("ttclid", ttclid, TTCLID_MAX_AGE, secure=secure, now=now))
+        keep("ttclid", ttclid, TTCLID_MAX_AGE)
     if new_ga:
-        to_set.append(set_cookie("_ga", "GA1.1." + client_id, GA_MAX_AGE, secure=secure, now=now))
+        keep("_ga", "GA1.1." + client_id, GA_MAX_AGE)
     if session is None and GA4 in create_for:
         session = _own_session(cookies, now)
-        to_set.append(set_cookie(session_cookie, str(session), SESSION_MAX_AGE, secure=secure, now=now))
+        keep(session_cookie, str(session), SESSION_MAX_AGE)
     clicks = {field: _click_id(cookies, click, params) for field, click in CLICK_IDS.items()}
     for field, (value, new) in clicks.items():
         click = CLICK_IDS[field]
         if new and value is not None and click.platform in create_for:
-            to_set.append(set_cookie(click.cookie, click.prefix + value, click.max_age, secure=secure, now=now))
+            keep(click.cookie, click.prefix + value, click.max_age)
     return Identity(
         fbp=fbp,
         fbc=fbc,
@@ -411,6 +475,7 @@ def event_id_cookie(
     *,
     max_age: int = EVENT_ID_MAX_AGE,
     now: float | None = None,
+    domain: str | None = None,
 ) -> bytes:
     """A short-lived cookie holding C{event_id}, for the page's pixel to send the same id.
 
@@ -418,4 +483,5 @@ def event_id_cookie(
     are percent-encoded, so a page reads it back with C{decodeURIComponent}.  A generated
     id (hex) is written unchanged.
     """
-    return set_cookie(name, quote(event_id, safe=_EVENT_ID_SAFE), max_age, secure=secure, now=now)
+    value = quote(event_id, safe=_EVENT_ID_SAFE)
+    return set_cookie(name, value, max_age, secure=secure, now=now, domain=domain)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from tagd.matchkeys import Coverage
+
 # Every reason tagd_tracking_dropped_total counts (by L{tagd.tracker} and L{tagd.pipeline}).
 DROP_REASONS = (
     "method", "path", "status", "prefetch", "bot", "consent", "malformed", "event_time", "too_many_events",
@@ -30,6 +32,8 @@ class Metrics:
     credentials_refused: Gauge = attrs.field(init=False)
     visitor_connections: Gauge = attrs.field(init=False)
     visitor_connections_refused: Counter = attrs.field(init=False)
+    consent_withheld: Counter = attrs.field(init=False)
+    match_keys: Coverage = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.tracking_dropped = Counter(
@@ -85,6 +89,14 @@ class Metrics:
             "Visitor connections closed as soon as accepted, max_connections being open already.",
             registry=self.registry,
         )
+        self.consent_withheld = Counter(
+            "tagd_consent_withheld",
+            "Events not handed to a destination: the visitor did not grant its consent_purpose.",
+            ["destination"],
+            registry=self.registry,
+        )
+        self.match_keys = Coverage()
+        self.registry.register(self.match_keys)
 
     def value(self, counter: str, **labels: str) -> float:
         """A counter's current value (for the CLI and the tests)."""

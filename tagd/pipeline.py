@@ -59,13 +59,15 @@ class _Enqueue:
         self._outcomes = outcomes
         self._warnings = RateLimitedLog(log, clock)
 
-    def __call__(self, events: Sequence[Event]) -> None:
-        if not self.destinations:
+    def __call__(self, events: Sequence[Event], allowed: Sequence[str]) -> None:
+        """Enqueue C{events} for those of the C{allowed} destinations still configured."""
+        targets = [name for name in allowed if name in self.destinations]
+        if not targets:
             # A reload removed every destination after these responses were tracked.
             self._metrics.tracking_dropped.labels("no_destination").inc(len(events))
             return
         try:
-            accepted = self._spool.enqueue(events, self.destinations)
+            accepted = self._spool.enqueue(events, targets)
         except SpoolError:
             accepted = 0  # Closed: tagd is shutting down.
         if accepted:
@@ -107,7 +109,7 @@ class Delivery(Service):
         self._dispatcher: Dispatcher | None = None
         self._recounting: LoopingCall | None = None
         if spool is None:
-            self._submit: Callable[[Sequence[Event]], object] = self._direct()
+            self._submit: Callable[[Sequence[Event], Sequence[str]], object] = self._direct()
             return
         self._dispatcher = Dispatcher(
             reactor=reactor,
@@ -158,7 +160,7 @@ class Delivery(Service):
             config=config.tracking,
             submit=self._submit,
             metrics=self._metrics,
-            destination_types={d.type for d in config.destinations},
+            destinations=config.destinations,
         )
 
     def retarget(self, config: Config, changed: Collection[str]) -> Deferred:
@@ -183,8 +185,9 @@ class Delivery(Service):
         retired = self._dispatcher.reroute(list(self._routes.values()), **attrs.asdict(config.delivery))
         return ensureDeferred(self._abandon_after(retired))
 
-    def _direct(self) -> Callable[[Sequence[Event]], object]:
-        """The submit of a tagd without a spool: every event is accepted, and sent at once."""
+    def _direct(self) -> Callable[[Sequence[Event], Sequence[str]], object]:
+        """The submit of a tagd without a spool: every event is accepted, and sent at once
+        to the destinations allowed."""
         direct = DirectDelivery(
             reactor=self._reactor,
             routes=list(self._routes.values()),
@@ -192,9 +195,9 @@ class Delivery(Service):
             outcomes=self._outcomes,
         )
 
-        def submit(events: Sequence[Event]) -> object:
+        def submit(events: Sequence[Event], allowed: Sequence[str]) -> object:
             self._outcomes.accepted(events)
-            return direct.submit(events)
+            return direct.submit(events, allowed)
 
         return submit
 

@@ -247,6 +247,7 @@ def event_to_json(event: Event) -> str:
         "rdt_uuid": event.rdt_uuid,
         "msclkid": event.msclkid,
         "uetvid": event.uetvid,
+        "consent": None if event.consent is None else sorted(event.consent),
     }
     return _ENCODER.encode(fields)
 
@@ -256,7 +257,9 @@ def event_from_json(text: str) -> Event:
     fields = json.loads(text)
     fields["contents"] = tuple(fields["contents"])
     fields["user_data"] = {key: tuple(values) for key, values in fields["user_data"].items()}
-    return Event(**fields)
+    # Rows written before events carried consent have none: no record was read for them.
+    consent = fields.pop("consent", None)
+    return Event(**fields, consent=None if consent is None else frozenset(consent))
 
 
 def _reason(error: sqlite3.Error) -> str:

@@ -1,9 +1,11 @@
 """Tagging: the proxy's tracking hook turns tracking header values into events.
 
 For a response that carries the tracking header, L{Tracker} decides (path, status,
-speculative load, bot, consent, in that order: cheapest first), parses the header, and
-resolves the visitor's first-party ids.  That part is quick and runs before the response
-head goes out, because the cookies it sets travel in that head.  Building the events and
+speculative load, bot, in that order: cheapest first), reads the visitor's consent and
+decides from it which destinations may have the events (each by its consent purpose; none
+at all drops the response), parses the header, and resolves the visitor's first-party
+ids.  That part is quick and runs before the response head goes out, because the cookies
+it sets travel in that head.  Building the events and
 handing them to delivery is left for after the head is on its way.  Every drop is counted
 by reason; a malformed header, an event out of its time window and the events past a
 response's cap are logged with their reason, never with the header's content.
@@ -19,9 +21,11 @@ from typing import Callable, Collection, Sequence
 
 from twisted.logger import Logger
 
-from tagd.config import TrackingConfig
+from tagd.config import DestinationConfig, TrackingConfig
+from tagd.consent import DEFAULT_PURPOSES, NOTHING, ConsentReader, Granted, allows
+from tagd.cookiedomain import CookieScoper
 from tagd.events import Event, EventSpec, TrackingHeaderError, parse_tracking_header
-from tagd.filters import BotDetector, PathFilter, consent_refused, is_speculative, tracked_statuses
+from tagd.filters import BotDetector, PathFilter, is_speculative, tracked_statuses
 from tagd.identity import (
     GA4,
     META,
@@ -85,30 +89,51 @@ def _header_parser(max_header_bytes: int) -> Callable[[bytes], tuple[EventSpec, 
     return parsed
 
 
+def _cookie_platforms(destinations: Collection[DestinationConfig]) -> list[tuple[str, str]]:
+    """The platforms whose cookies the destinations call for, each with the purpose the
+    visitor must grant for tagd to create them: the platform's own, whatever purpose a
+    destination's events need, since a cookie is stored on the visitor's device for that
+    platform (a Meta table that needs no consent still creates no C{_fbp} for a visitor
+    who refused marketing)."""
+    platforms = {platform for d in destinations for platform in COOKIE_PLATFORMS[d.type]}
+    return [(platform, DEFAULT_PURPOSES[platform]) for platform in sorted(platforms)]
+
+
 class Tracker:
     """The tracking hook of a proxy with destinations configured.
 
-    C{submit} hands a response's events to delivery, which counts as accepted those it
-    takes (a full spool refuses some, and counts them as dropped).
+    C{submit} hands a response's events to delivery with the names of the destinations
+    the visitor's consent allows; delivery counts as accepted those it takes (a full spool
+    refuses some, and counts them as dropped).
     """
 
     def __init__(
         self,
         *,
         config: TrackingConfig,
-        submit: Callable[[Sequence[Event]], object],
+        submit: Callable[[Sequence[Event], Sequence[str]], object],
         metrics: Metrics,
-        destination_types: Collection[str],
+        destinations: Collection[DestinationConfig],
         clock: Callable[[], float] = time.time,
         rand=None,
     ) -> None:
         self._config = config
+        self._destinations = tuple((d.name, d.type, d.consent_purpose) for d in destinations)
         # With first_party_cookies off tagd may set no cookie, so it creates no id either.
-        self._create_for = (
-            frozenset().union(*(COOKIE_PLATFORMS[kind] for kind in destination_types))
-            if config.first_party_cookies
-            else frozenset()
+        self._cookie_purposes = _cookie_platforms(destinations) if config.first_party_cookies else []
+        # By granted purposes (a handful of distinct values): the destinations allowed, and
+        # the platforms whose ids tagd may create.
+        self._decisions: dict[Granted, tuple[tuple[str, ...], frozenset[str]]] = {}
+        # By destinations allowed: those counted for match keys, and the withheld counters.
+        self._counting: dict[tuple[str, ...], tuple[list[tuple[str, str]], list]] = {}
+        self._consent = ConsentReader(
+            honor_gpc=config.honor_gpc,
+            source=config.consent_source,
+            consent_cookie=config.consent_cookie,
+            consent_values=config.consent_values,
         )
+        self._scopes = CookieScoper(config.cookie_domain)
+        self._withheld = {name: metrics.consent_withheld.labels(name) for name, _, _ in self._destinations}
         self._submit = submit
         self._metrics = metrics
         self._clock = clock
@@ -130,13 +155,9 @@ class Tracker:
             self._metrics.tracking_dropped.labels(reason).inc()
             return None
         cookies = parse_cookie_header(headers.getRawHeaders(b"cookie", ()))
-        if consent_refused(
-            headers,
-            cookies,
-            honor_gpc=self._config.honor_gpc,
-            consent_cookie=self._config.consent_cookie or None,
-            consent_values=self._config.consent_values,
-        ):
+        granted = self._consent.granted(headers, cookies)
+        allowed, create_for = self._decision(granted)
+        if not allowed:
             self._metrics.tracking_dropped.labels("consent").inc()
             return None
         specs = self._parse(values, visit)
@@ -144,28 +165,59 @@ class Tracker:
             return None
         now = self._clock()
         secure = visit.scheme == "https"
+        scope = self._scopes.scope(visit.host)
         identity = resolve_identity(
             cookies=cookies,
             query=visit.uri.partition(b"?")[2],
             now=now,
             secure=secure,
             rand=self._rand,
-            create_for=self._create_for,
+            create_for=create_for,
+            scope=scope,
         )
         event_ids = [spec.event_id or new_event_id(self._rand) for spec in specs]
         set_cookies = list(identity.set_cookies)
-        if self._config.event_id_cookie:
-            set_cookies += self._event_id_cookies(specs, event_ids, secure, now)
+        # The event-id cookies are for the page's pixels, which a visitor who granted no
+        # purpose does not run: only destinations needing no consent have the events then.
+        if self._config.event_id_cookie and granted != NOTHING:
+            set_cookies += self._event_id_cookies(specs, event_ids, secure, now, scope.domain)
 
         def deliver() -> None:
-            events = self._events(specs, event_ids, visit, user_agent, identity, now)
+            events = self._events(specs, event_ids, visit, user_agent, identity, now, granted)
             if events:
-                self._submit(events)
+                self._count(events, allowed)
+                self._submit(events, allowed)
 
         return Tracked(set_cookies=tuple(set_cookies), deliver=deliver)
 
+    def _decision(self, granted: Granted) -> tuple[tuple[str, ...], frozenset[str]]:
+        """The destinations C{granted} allows, and the platforms whose ids tagd may create."""
+        decision = self._decisions.get(granted)
+        if decision is None:
+            allowed = tuple(name for name, _, purpose in self._destinations if allows(granted, purpose))
+            create_for = frozenset(p for p, purpose in self._cookie_purposes if allows(granted, purpose))
+            decision = self._decisions[granted] = (allowed, create_for)
+        return decision
+
+    def _count(self, events: Sequence[Event], allowed: tuple[str, ...]) -> None:
+        """Each destination's match keys for the events it is handed, and those withheld."""
+        counting = self._counting.get(allowed)
+        if counting is None:
+            handed = [(name, kind) for name, kind, _purpose in self._destinations if name in allowed]
+            withheld = [self._withheld[name] for name, _kind, _purpose in self._destinations if name not in allowed]
+            counting = self._counting[allowed] = (handed, withheld)
+        handed, withheld = counting
+        self._metrics.match_keys.count(handed, events)
+        for counter in withheld:
+            counter.inc(len(events))
+
     def _event_id_cookies(
-        self, specs: Sequence[EventSpec], event_ids: Sequence[str], secure: bool, now: float
+        self,
+        specs: Sequence[EventSpec],
+        event_ids: Sequence[str],
+        secure: bool,
+        now: float,
+        domain: str | None,
     ) -> list[bytes]:
         """The cookies that give the page the event ids, so its pixel can send the same ones.
 
@@ -179,7 +231,7 @@ class Tracker:
         values = {name: event_ids[0]}
         for spec, event_id in zip(specs, event_ids):
             values.setdefault(f"{name}_{spec.event_name}", event_id)
-        return [event_id_cookie(value, key, secure, now=now) for key, value in values.items()]
+        return [event_id_cookie(value, key, secure, now=now, domain=domain) for key, value in values.items()]
 
     def _refusal(self, visit: Visit, user_agent: str) -> str | None:
         """Why this response is not tracked at all, or None; cheapest checks first."""
@@ -233,6 +285,7 @@ class Tracker:
         user_agent: str,
         identity: Identity,
         now: float,
+        granted: Granted,
     ) -> list[Event]:
         referrer = visit.request_headers.getRawHeaders(b"referer", (None,))[0]
         source_url = visit.url()
@@ -267,6 +320,7 @@ class Tracker:
                     rdt_uuid=identity.rdt_uuid,
                     msclkid=identity.msclkid,
                     uetvid=identity.uetvid,
+                    consent=granted,
                 )
             )
         return events

@@ -375,9 +375,15 @@ GA4_RESERVED_EVENTS = frozenset(
 GA4_RESERVED_PREFIXES = ("_", "firebase_", "ga_", "google_", "gtag.")
 GA4_BODY_KEYS = frozenset(
     {"client_id", "user_id", "timestamp_micros", "user_properties", "user_data", "consent",
-     "non_personalized_ads", "user_location", "ip_override", "device", "validation_behavior",
-     "events"}
+     "non_personalized_ads", "user_location", "ip_override", "device", "user_agent",
+     "validation_behavior", "events"}
 )  # fmt: skip
+# The Measurement Protocol reference's consent object and user-provided data.
+GA4_CONSENT_KEYS = frozenset({"ad_user_data", "ad_personalization"})
+GA4_CONSENT_STATES = frozenset({"GRANTED", "DENIED"})
+GA4_USER_DATA_LISTS = ("sha256_email_address", "sha256_phone_number")
+GA4_ADDRESS_HASHED = frozenset({"sha256_first_name", "sha256_last_name", "sha256_street"})
+GA4_ADDRESS_PLAIN = frozenset({"city", "region", "postal_code", "country"})
 GA4_LONG_VALUES = {"page_location": 1000, "page_referrer": 420, "page_title": 300}
 GA4_MAX_BODY = 130_000
 GA4_MAX_AGE = 72 * 3600
@@ -416,12 +422,53 @@ class FakeGA4(FakePlatform):
             yield from self._check_micros("timestamp_micros", body["timestamp_micros"])
         if "ip_override" in body:
             yield from check_ip("ip_override", body["ip_override"])
+        if "user_agent" in body and (not isinstance(body["user_agent"], str) or not body["user_agent"]):
+            yield Violation("user_agent", "must be a user agent string")
+        if "consent" in body:
+            yield from self._check_consent(body["consent"])
+        if "user_data" in body:
+            yield from self._check_user_data(body["user_data"])
         events = body.get("events")
         if not isinstance(events, list) or not 1 <= len(events) <= 25:
             yield Violation("events", "must hold 1 to 25 events", "EXCEEDED_MAX_ENTITIES")
             return
         for i, event in enumerate(events):
             yield from self._check_event(f"events[{i}]", event)
+
+    def _check_consent(self, consent: Any) -> Iterator[Violation]:
+        if not isinstance(consent, dict):
+            yield Violation("consent", "must be an object")
+            return
+        for key, value in consent.items():
+            if key not in GA4_CONSENT_KEYS:
+                yield Violation(f"consent.{key}", "is not a consent type", "NAME_INVALID")
+            elif value not in GA4_CONSENT_STATES:
+                yield Violation(f"consent.{key}", "must be GRANTED or DENIED")
+
+    def _check_user_data(self, user_data: Any) -> Iterator[Violation]:
+        if not isinstance(user_data, dict):
+            yield Violation("user_data", "must be an object")
+            return
+        for key in sorted(set(user_data) - {*GA4_USER_DATA_LISTS, "address"}):
+            yield Violation(f"user_data.{key}", "is not a user-provided data field", "NAME_INVALID")
+        for key in GA4_USER_DATA_LISTS:
+            values = user_data.get(key, [])
+            if not isinstance(values, list) or not values and key in user_data:
+                yield Violation(f"user_data.{key}", "must be a non-empty list")
+                continue
+            for value in values:
+                yield from check_hashed(f"user_data.{key}[]", value)
+        addresses = user_data.get("address", [])
+        if not isinstance(addresses, list) or not all(isinstance(a, dict) and a for a in addresses):
+            yield Violation("user_data.address", "must be a list of address objects")
+            return
+        for i, address in enumerate(addresses):
+            for key, value in address.items():
+                where = f"user_data.address[{i}].{key}"
+                if key in GA4_ADDRESS_HASHED:
+                    yield from check_hashed(where, value)
+                elif key not in GA4_ADDRESS_PLAIN:
+                    yield Violation(where, "is not an address field", "NAME_INVALID")
 
     def _check_micros(self, field: str, value: Any) -> Iterator[Violation]:
         if isinstance(value, bool) or not isinstance(value, int) or value < 10**15:
@@ -1028,6 +1075,7 @@ def make_event(**fields: Any) -> Event:
         "rdt_uuid": "1677712978045.b8f7eb7d-b357-437b-8bd3-e1c8166c7132",
         "msclkid": "a1b2c3d4e5f60718293a4b5c6d7e8f90",
         "uetvid": "0d3c2b1a9f8e7d6c5b4a39281706f5e4",
+        "consent": frozenset({"marketing", "analytics"}),
     }
     values.update(fields)
     return Event(**values)

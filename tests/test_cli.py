@@ -441,7 +441,8 @@ def test_check_config_prints_everything_with_secrets_masked(folder):
     assert printed["delivery"]["backoff_cap"] == 600.0
     meta, ga4, tiktok, hook = printed["destinations"]
     assert meta == {
-        "type": "meta", "name": "meta", "timeout": 1.5, "pixel_id": "1234", "access_token": "***",
+        "type": "meta", "name": "meta", "timeout": 1.5, "consent_purpose": "marketing",
+        "pixel_id": "1234", "access_token": "***",
         "api_version": "v24.0", "endpoint": "https://graph.facebook.com", "event_names": {},
         "limited_data_use": False, "max_batch": 1000,
     }  # fmt: skip

@@ -70,6 +70,10 @@ def test_tracking_keys_parsed(load):
         ('[tracking]\ntrack_statuses = ["7xx"]\n', "tracking.track_statuses"),
         ("[tracking]\nhonor_gpc = 1\n", "tracking.honor_gpc"),
         ('[tracking]\nconsent_cookie = "a b"\n', "tracking.consent_cookie"),
+        ('[tracking]\nconsent_source = "didomi"\n', "tracking.consent_source"),
+        ('[tracking]\nconsent_source = "tcf"\nconsent_cookie = "cc"\n', "tracking.consent_cookie"),
+        ('[tracking]\ncookie_domain = "com"\n', "tracking.cookie_domain"),
+        (META + 'consent_purpose = "ads"\n', "destinations[0].consent_purpose"),
         ("[tracking]\nmax_header_bytes = 0\n", "tracking.max_header_bytes"),
         ("[tracking]\nmax_events_per_response = 0\n", "tracking.max_events_per_response"),
         ("[tracking]\nmax_events_per_response = 2.5\n", "tracking.max_events_per_response"),
@@ -89,6 +93,20 @@ def test_errors_name_the_key(load, text, key):
     error = error_of(load, text)
     assert error.key == key
     assert error.path.endswith("tagd.toml")
+
+
+def test_consent_keys(load):
+    """consent_source and cookie_domain are read; each destination's purpose defaults by
+    type and may be set."""
+    webhook = '[[destinations]]\ntype = "webhook"\nurl = "http://127.0.0.1:9/"\n'
+    ga4 = '[[destinations]]\ntype = "ga4"\nmeasurement_id = "G-1"\napi_secret = "s"\n'
+    config = load(
+        '[tracking]\nconsent_source = "onetrust"\ncookie_domain = "host"\n'
+        + META + ga4 + webhook + 'consent_purpose = "analytics"\n' + '[[destinations]]\ntype = "log"\n'
+    )
+    assert (config.tracking.consent_source, config.tracking.cookie_domain) == ("onetrust", "host")
+    assert [d.consent_purpose for d in config.destinations] == ["marketing", "analytics", "analytics", "none"]
+    assert TrackingConfig().consent_source == "" and TrackingConfig().cookie_domain == ""
 
 
 def test_secret_never_in_errors(load):

@@ -285,8 +285,16 @@ async def test_stats_json_holds_the_metrics_counts(start_admin_tagd, http, fake_
         "delivered": {"meta": {outcome: int(outcome == "success") for outcome in OUTCOMES}},
         "dropped": {reason: int(reason == "bot") for reason in DROP_REASONS},
         "spool": {"undelivered": 0, "buffered": 0, "healthy": 1},
+        "match_keys": stats["match_keys"],
     }
     assert stats["requests"]["200"] == 2
+    # The page view Meta got: IP, user agent and the _fbp tagd set, no e-mail or click.
+    [row] = stats["match_keys"]
+    assert (row["destination"], row["event"], row["events"]) == ("meta", "PageView", 1)
+    shares = {key["key"]: key["percent"] for key in row["keys"]}
+    assert shares == {"email": 0, "phone": 0, "external_id": 0, "fbc": 0, "fbp": 100, "client_ip": 100, "user_agent": 100}
+    assert [key["key"] for key in row["keys"]][:4] == ["email", "external_id", "fbc", "phone"]
+    assert row["keys"][0]["carry"] == "an e-mail" and "user_data.em" in row["keys"][0]["advice"]
 
 
 @pytest_twisted.ensureDeferred

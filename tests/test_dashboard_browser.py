@@ -149,6 +149,18 @@ def accepted_counter(driver) -> str:
     return driver.find_element(By.ID, "accepted").text
 
 
+def shows_the_coverage(driver) -> bool:
+    """The panel: Meta's purchase carried no e-mail (with the advice), and a user agent."""
+    from selenium.webdriver.common.by import By
+
+    text = driver.find_element(By.ID, "coverage").text
+    return (
+        "meta · Purchase: 1 event" in text
+        and "0 % of Purchase events carry an e-mail — put the customer's e-mail in user_data.em" in text
+        and "100 % of Purchase events carry a user agent" in text
+    )
+
+
 @pytest_twisted.ensureDeferred
 async def test_the_dashboard_shows_an_event_sent_through_the_proxy(start_admin_tagd, http, fake_meta, browser):
     """In Chromium: the dashboard asks for the token, then streams live; a purchase sent
@@ -163,6 +175,7 @@ async def test_the_dashboard_shows_an_event_sent_through_the_proxy(start_admin_t
     await visit(http, tagd, "order-9", "Purchase")
     await within(deferToThread(until, browser, shows_the_event, "the event and Meta's answer"), 2 * WAIT)
     await within(deferToThread(until, browser, lambda d: accepted_counter(d) == "1", "the counter"), 2 * WAIT)
+    await within(deferToThread(until, browser, shows_the_coverage, "the match keys' panel"), 2 * WAIT)
 
     await within(deferToThread(filter_to_dry, browser), 2 * WAIT)
     await within(deferToThread(until, browser, shows_dry_only, "the dry run's rows only"), 2 * WAIT)

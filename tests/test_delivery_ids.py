@@ -17,8 +17,8 @@ from origin import PAGE
 FIREFOX = b"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 SHARED_ID = "sku-42"  # the product id the shop uses as the event id, for every visitor
 VISITORS = {  # GA client id → the visitor's cookies
-    "111.1706540400": "_ga=GA1.1.111.1706540400; _fbp=fb.1.1706540400000.111",
-    "222.1706540400": "_ga=GA1.1.222.1706540400; _fbp=fb.1.1706540400000.222",
+    "111.1706540400": "_ga=GA1.1.111.1706540400; _fbp=fb.1.1706540400000.111.Bg",
+    "222.1706540400": "_ga=GA1.1.222.1706540400; _fbp=fb.1.1706540400000.222.Bg",
 }
 
 

@@ -173,11 +173,62 @@ def test_payload_shape():
     assert request.headers["Content-Type"] == "application/json"
 
 
-def test_no_personal_data_sent():
-    """GA4 gets neither user_data nor the user agent: it has no field for either."""
+def test_no_unhashed_personal_data_sent():
+    """The e-mail and phone go only hashed, in user_data; the user agent as it is, in the
+    reference's top-level user_agent field."""
     body = destination().encode([make_event()])[0].body.decode()
-    assert "Joe@Example" not in body and "example.com" not in body.lower()
-    assert "Firefox" not in body
+    assert "Joe@Example" not in body and "joe@example" not in body.lower()
+    assert "30 1234567" not in body and "49301234567" not in body
+    assert json.loads(body)["user_agent"] == make_event().user_agent
+
+
+def test_user_data_normalised_as_google_asks():
+    """E-mail trimmed and lower-cased, gmail's dots before the "@" removed; phone in E.164
+    with its "+"; names in one address; a phone pre-hashed the Meta way is left out."""
+    from tagd.hashing import sha256_hex
+
+    event = make_event(
+        user_data={
+            "em": (" Jo.E.Doe@GMail.com ", "x@example.org"),
+            "ph": ("+49 (0)30 1234567", "a" * 64),
+            "fn": ("  Mary  Ann ",),
+            "ln": ("Doe",),
+            "ct": ("Berlin",),
+        }
+    )
+    (body,) = payloads(destination().encode([event]))
+    assert body["user_data"] == {
+        "sha256_email_address": [sha256_hex("joedoe@gmail.com"), sha256_hex("x@example.org")],
+        "sha256_phone_number": [sha256_hex("+49301234567")],
+        "address": [{"sha256_first_name": sha256_hex("mary ann"), "sha256_last_name": sha256_hex("doe")}],
+    }
+    assert "Berlin" not in json.dumps(body)
+
+
+def test_consent_object_follows_marketing_consent():
+    """GRANTED for both ad signals only with marketing consent; no object when no consent
+    record was read; no user_data when ad_user_data is denied."""
+    granted = payloads(destination().encode([make_event(consent=frozenset({"marketing", "analytics"}))]))[0]
+    assert granted["consent"] == {"ad_user_data": "GRANTED", "ad_personalization": "GRANTED"}
+    assert "user_data" in granted
+    denied = payloads(destination().encode([make_event(consent=frozenset({"analytics"}))]))[0]
+    assert denied["consent"] == {"ad_user_data": "DENIED", "ad_personalization": "DENIED"}
+    assert "user_data" not in denied
+    unknown = payloads(destination().encode([make_event(consent=None)]))[0]
+    assert "consent" not in unknown and "user_data" in unknown
+
+
+def test_one_request_per_visitor_fields():
+    """The user agent, consent and user data are one value per request: events of one
+    client that differ in them go in separate requests, alike ones together."""
+    events = [
+        make_event(event_id="a"),
+        make_event(event_id="b"),
+        make_event(event_id="c", user_agent="Other/1.0"),
+        make_event(event_id="d", consent=frozenset({"analytics"})),
+    ]
+    requests = destination().encode(events)
+    assert [r.positions for r in requests] == [(0, 1), (2,), (3,)]
 
 
 def test_search_and_content_ids():

@@ -255,6 +255,16 @@ def test_no_contents_no_product_fields():
     assert only_value["custom_data"] == {"value": 0}
 
 
+def test_a_visitor_who_refused_marketing_is_limited_data_use():
+    """An event of a visitor without marketing consent (it reaches a destination needing
+    no such consent) carries LDU; with marketing granted, or no record read, it does not."""
+    refused = destination().payload(event(consent=frozenset({"analytics"})))
+    assert refused["data_processing_options"] == ["LDU"]
+    assert destination().payload(event(consent=frozenset()))["data_processing_options"] == ["LDU"]
+    assert destination().payload(event(consent=None))["data_processing_options"] == []
+    assert destination().payload(event())["data_processing_options"] == []
+
+
 def test_limited_data_use():
     """LDU on: the flag with country and state 0 (Meta geolocates); off: an empty list."""
     on = destination(limited_data_use=True).payload(event())

@@ -187,6 +187,12 @@ def test_limited_data_use_on_every_event():
     assert destination().payload(event())["limited_data_use"] is False
 
 
+def test_a_visitor_who_refused_marketing_is_limited_data_use():
+    """TikTok's flag for an event of a visitor without marketing consent."""
+    assert destination().payload(event(consent=frozenset({"analytics"})))["limited_data_use"] is True
+    assert destination().payload(event(consent=None))["limited_data_use"] is False
+
+
 def test_module_payload_is_the_destination_payload():
     """The per-event function (for the log destination) gives what the destination sends."""
     dest = destination(event_names={"Lead": "Contact"}, limited_data_use=True)

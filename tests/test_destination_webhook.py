@@ -188,3 +188,10 @@ def test_classify_quotes_start_of_body():
     verdict = destination().classify(422, b"field\n  'events' " + b"x" * 1000)
     assert verdict.message.startswith("HTTP 422: field 'events' xxx")
     assert len(verdict.message) <= len("HTTP 422: ") + 200
+
+
+def test_the_record_says_the_visitor_s_consent():
+    """The purposes granted, sorted, or null when no consent record was read."""
+    (request,) = destination().encode([make_event(), make_event(consent=None), make_event(consent=frozenset())])
+    records = json.loads(request.body)["events"]
+    assert [r["consent"] for r in records] == [["analytics", "marketing"], None, []]

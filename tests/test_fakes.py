@@ -207,11 +207,19 @@ GA4_QUERY = "?measurement_id=G-TEST&api_secret=ga-secret"
 
 
 def ga4_example() -> dict:
-    """GA4's documented purchase, with session and engagement as its reports need."""
+    """GA4's documented purchase, with session and engagement as its reports need, and the
+    reference's visitor fields: user agent, consent and user-provided data."""
     return {
         "client_id": "123456.7654321",
         "timestamp_micros": (int(time.time()) - 60) * 10**6,
         "ip_override": "203.0.113.7",
+        "user_agent": "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+        "consent": {"ad_user_data": "GRANTED", "ad_personalization": "DENIED"},
+        "user_data": {
+            "sha256_email_address": ["a" * 64],
+            "sha256_phone_number": ["b" * 64],
+            "address": [{"sha256_first_name": "c" * 64, "sha256_last_name": "d" * 64, "city": "berlin"}],
+        },
         "events": [
             {
                 "name": "purchase",
@@ -278,7 +286,14 @@ GA4_BAD = {
     "no client_id": (_set("client_id", _DELETE), "client_id"),
     "seconds timestamp": (_set("timestamp_micros", NOW), "timestamp_micros"),
     "73 hours old": (_set("timestamp_micros", (NOW - 73 * 3600) * 10**6), "timestamp_micros"),
-    "unknown field": (_set("user_agent", "Mozilla/5.0"), "user_agent"),
+    "unknown field": (_set("user_agent_override", "Mozilla/5.0"), "user_agent_override"),
+    "empty user_agent": (_set("user_agent", ""), "user_agent"),
+    "unknown consent type": (_set("consent", {"ad_storage": "GRANTED"}), "consent.ad_storage"),
+    "bad consent state": (_set("consent", {"ad_user_data": "granted"}), "consent.ad_user_data"),
+    "unhashed e-mail": (_set("user_data", {"sha256_email_address": ["joe@example.com"]}), "sha256_email_address"),
+    "unknown user_data field": (_set("user_data", {"email": ["a" * 64]}), "user_data.email"),
+    "unhashed name": (_set("user_data", {"address": [{"sha256_first_name": "Joe"}]}), "sha256_first_name"),
+    "unknown address field": (_set("user_data", {"address": [{"street": "x"}]}), "address[0].street"),
     "bad ip_override": (_set("ip_override", "localhost"), "ip_override"),
     "oversized body": (_set("user_properties", {"blob": {"value": "x" * 130_000}}), "body"),
 }

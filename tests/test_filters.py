@@ -1,5 +1,5 @@
-"""Unit tests for the tracking filters in L{tagd.filters}: bots, speculative loads, paths,
-status codes and consent."""
+"""Unit tests for the tracking filters in L{tagd.filters}: bots, speculative loads, paths
+and status codes (consent: test_consent.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from tagd.filters import (
     MAX_CACHED_USER_AGENT,
     BotDetector,
     PathFilter,
-    consent_refused,
     is_speculative,
     tracked_statuses,
 )
@@ -297,59 +296,3 @@ def test_bad_status_items_are_named(item) -> None:
     """An item that names no valid status code is refused with the item in the message."""
     with pytest.raises(ValueError, match="is not a status code"):
         tracked_statuses([item])
-
-
-# --- consent --------------------------------------------------------------------------------
-
-
-def refused(pairs=(), cookies=None, **settings_) -> bool:
-    """L{consent_refused} with GPC honoured and no consent cookie unless C{settings_} say so."""
-    options = {"honor_gpc": True, "consent_cookie": None, "consent_values": ()}
-    options.update(settings_)
-    return consent_refused(headers(*pairs), cookies or {}, **options)
-
-
-def test_no_rule_means_consent() -> None:
-    """Without GPC and without a consent cookie rule, tracking goes ahead."""
-    assert refused() is False
-
-
-def test_gpc_refuses_when_honoured() -> None:
-    """C{Sec-GPC: 1} is a refusal when honoured, and ignored when not."""
-    assert refused([(b"Sec-GPC", b"1")]) is True
-    assert refused([(b"Sec-GPC", b" 1 ")]) is True
-    assert refused([(b"Sec-GPC", b"1")], honor_gpc=False) is False
-    assert refused([(b"Sec-GPC", b"0")]) is False
-
-
-def test_consent_cookie_rule() -> None:
-    """With a consent cookie configured, only a listed value of it is consent."""
-    rule = {"consent_cookie": "cookie_consent", "consent_values": ["all", "marketing"]}
-    assert refused(**rule) is True
-    assert refused(cookies={b"cookie_consent": b"all"}, **rule) is False
-    assert refused(cookies={b"cookie_consent": b'"marketing"'}, **rule) is False
-    assert refused(cookies={b"cookie_consent": b"necessary"}, **rule) is True
-    assert refused(cookies={b"cookie_consent": b"ALL"}, **rule) is True
-    assert refused(cookies={b"cookie_consent": b"all,marketing"}, **rule) is True
-    assert refused(cookies={b"other": b"all"}, **rule) is True
-
-
-def test_consent_cookie_that_is_not_ascii_or_too_long_is_refusal() -> None:
-    """A consent cookie value that is not ASCII, or longer than any cookie tagd reads, is
-    no listed value, even when its decoded text would look like one."""
-    rule = {"consent_cookie": "c", "consent_values": ["all", "ä", "x" * 2000]}
-    assert refused(cookies={b"c": "ä".encode("utf-8")}, **rule) is True
-    assert refused(cookies={b"c": "ä".encode("latin-1")}, **rule) is True
-    assert refused(cookies={b"c": b"x" * 2000}, **rule) is True
-    assert refused(cookies={b"c": b"all"}, **rule) is False
-
-
-def test_gpc_wins_over_a_consent_cookie() -> None:
-    """An explicit GPC opt-out refuses even when the consent cookie says yes."""
-    rule = {"consent_cookie": "cookie_consent", "consent_values": ["all"]}
-    assert refused([(b"Sec-GPC", b"1")], cookies={b"cookie_consent": b"all"}, **rule) is True
-
-
-def test_empty_consent_values_never_consent() -> None:
-    """A consent cookie rule with no accepted value refuses everyone."""
-    assert refused(cookies={b"c": b""}, consent_cookie="c", consent_values=()) is True

@@ -11,13 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tagd.config import TrackingConfig
+from tagd.cookiedomain import CookieScope
 from tagd.identity import (
+    APPENDIX_MODIFIED_NEW,
+    APPENDIX_NET_NEW,
+    APPENDIX_NO_CHANGE,
     GA4,
     META,
     PLATFORMS,
     SESSION_COOKIE,
     TIKTOK,
     Identity,
+    appendix,
     event_id_cookie,
     new_event_id,
     parse_cookie_header,
@@ -27,11 +32,14 @@ from tagd.identity import (
 
 NOW = 1_706_540_400.25  # 2024-01-29T15:00:00.25Z
 NOW_MS = 1_706_540_400_250
-FBP = re.compile(r"fb\.1\.(\d{13})\.(\d{10})")
+FBP = re.compile(r"fb\.1\.(\d{13})\.(\d{10})\.AQICAAEA")
+NEW, MODIFIED, NO_CHANGE = (appendix(kind) for kind in (APPENDIX_NET_NEW, APPENDIX_MODIFIED_NEW, APPENDIX_NO_CHANGE))
+# Host-only cookies of a host with one dot (example.com): Meta's sub-domain index 1.
+SCOPE = CookieScope(None, 1)
 FBCLID = "IwAR2F4-dbP0l7Mn1IawQQGCINEz7PYXQvwjNwB_qa2ofrHyiLjcbCRxTDMgk"
 TTCLID = "E.C.P.CscBAbCdEf-GhIj_KlMn+Op/Qr=="
 COOKIE_OCTETS = re.compile(rb"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
-ATTRIBUTE = re.compile(rb"Max-Age=\d+|Expires=[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT|Path=/|SameSite=Lax|Secure")
+ATTRIBUTE = re.compile(rb"Max-Age=\d+|Domain=[a-z0-9.-]+|Expires=[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT|Path=/|SameSite=Lax|Secure")
 
 
 def resolve(
@@ -42,6 +50,7 @@ def resolve(
     seed: int = 1,
     now: float = NOW,
     create_for=PLATFORMS,
+    scope: CookieScope = SCOPE,
 ) -> Identity:
     """L{resolve_identity} with a seeded random source and a fixed clock; by default tagd
     may create the ids of every platform."""
@@ -52,6 +61,7 @@ def resolve(
         secure=secure,
         rand=random.Random(seed),
         create_for=create_for,
+        scope=scope,
     )
 
 
@@ -112,7 +122,7 @@ def test_lifetimes_are_the_platforms() -> None:
 @pytest.mark.parametrize("secure", [True, False])
 def test_cookie_attributes(secure: bool) -> None:
     """Every cookie: Path=/, SameSite=Lax, Secure exactly on https, never HttpOnly, and no
-    Domain (a host-only cookie of the shop's own host)."""
+    Domain for a host-only scope."""
     identity = resolve(query=b"fbclid=abc&ttclid=def", secure=secure)
     assert len(identity.set_cookies) == 5
     for header in identity.set_cookies:
@@ -137,22 +147,57 @@ def test_seeded_randomness_is_deterministic() -> None:
 @pytest.mark.parametrize(
     "fbp",
     [
-        "fb.1.1706540000000.1234567890",
-        "fb.2.1706540000000.42",
+        "fb.2.1706540000000.42.AQ",
         "fb.1.1706540000000.1234567890.Bg",
         "fb.1.1706540000000.1234567890.AQIBAAEA",
     ],
 )
 def test_valid_fbp_is_kept(fbp: str) -> None:
-    """A well-formed C{_fbp}, with or without Meta's fifth segment, is used as it is."""
+    """A well-formed C{_fbp} with Meta's fifth segment is used as it is."""
     identity = resolve({b"_fbp": fbp.encode()})
     assert identity.fbp == fbp
     assert b"_fbp" not in cookies_set(identity)
 
 
+@pytest.mark.parametrize("fbp", ["fb.1.1706540000000.1234567890", "fb.2.1706540000000.42"])
+def test_four_segment_fbp_is_upgraded(fbp: str) -> None:
+    """The pixel's old four segments gain a "no change" appendix, time and index kept,
+    and are set again, as Meta's Parameter Builder does."""
+    identity = resolve({b"_fbp": fbp.encode()})
+    assert identity.fbp == f"{fbp}.{NO_CHANGE}"
+    assert cookies_set(identity)[b"_fbp"][0] == identity.fbp.encode()
+
+
+def test_four_segment_fbp_is_used_unchanged_when_no_cookie_may_be_set() -> None:
+    identity = resolve({b"_fbp": b"fb.1.1706540000000.42"}, create_for=frozenset())
+    assert identity.fbp == "fb.1.1706540000000.42"
+    assert identity.set_cookies == ()
+
+
+def test_the_appendix_names_tagd_s_version() -> None:
+    """Meta's second form: format 1, language 2 (Python), the kind of write, then tagd's
+    version, not any release of Meta's library."""
+    from base64 import urlsafe_b64decode
+
+    from tagd import __version__
+
+    raw = urlsafe_b64decode(appendix(APPENDIX_NET_NEW) + "==")
+    assert list(raw) == [1, 2, 2, *(int(part) for part in __version__.split("."))]
+    assert len({NEW, MODIFIED, NO_CHANGE}) == 3 and all(len(a) == 8 for a in (NEW, MODIFIED, NO_CHANGE))
+
+
+def test_new_ids_carry_the_sub_domain_index_and_domain() -> None:
+    """The index is the cookie domain's number of dots; every cookie names the domain."""
+    scope = CookieScope("example.co.uk", 2)
+    identity = resolve(query=b"fbclid=Click&ttclid=T1", scope=scope)
+    assert identity.fbp.startswith("fb.2.") and identity.fbc == f"fb.2.{NOW_MS}.Click.{NEW}"
+    for header in identity.set_cookies:
+        assert parse_set_cookie(header)[2][b"Domain"] == b"example.co.uk"
+
+
 @pytest.mark.parametrize(
     "fbp",
-    [b"", b"fb.1.abc.123", b"fb.1.1706540000000", b"fb.1.1706540000000.12.Bg.x", b"xx.1.1706540000000.1", b"fb.1.17.1;x=y", b"\xff"],
+    [b"", b"fb.1.abc.123", b"fb.1.1706540000000", b"fb.1.1706540000000.12.Bg.x", b"fb.1.1706540000000.12.Zz", b"fb.1.1706540000000.12.AQIBAAE", b"xx.1.1706540000000.1", b"fb.1.17.1;x=y", b"\xff"],
 )
 def test_malformed_fbp_is_replaced(fbp: bytes) -> None:
     """A malformed C{_fbp} is ignored and replaced by a new one."""
@@ -162,20 +207,20 @@ def test_malformed_fbp_is_replaced(fbp: bytes) -> None:
 
 
 def test_fbclid_builds_fbc_case_kept() -> None:
-    """A URL C{fbclid} makes C{_fbc} = fb.1.{creation ms}.{fbclid}, the click id unchanged
-    in case and content."""
+    """A URL C{fbclid} makes C{_fbc} = fb.1.{creation ms}.{fbclid}.{appendix}, the click
+    id unchanged in case and content, the appendix saying "new"."""
     identity = resolve(query=b"utm_source=fb&fbclid=" + FBCLID.encode())
-    assert identity.fbc == f"fb.1.{NOW_MS}.{FBCLID}"
+    assert identity.fbc == f"fb.1.{NOW_MS}.{FBCLID}.{NEW}"
     assert cookies_set(identity)[b"_fbc"][0] == identity.fbc.encode()
 
 
 def test_fbclid_is_percent_decoded_as_a_browser_does() -> None:
     """Escapes in the query are decoded before the click id is used; the first C{fbclid}
     parameter counts; an escaped parameter name counts too."""
-    assert resolve(query=b"fbclid=Iw%41R_x-Y").fbc == f"fb.1.{NOW_MS}.IwAR_x-Y"
-    assert resolve(query=b"fbclid=First&fbclid=Second").fbc == f"fb.1.{NOW_MS}.First"
-    assert resolve(query=b"fb%63lid=Named").fbc == f"fb.1.{NOW_MS}.Named"
-    assert resolve(query=b"?fbclid=Lead").fbc == f"fb.1.{NOW_MS}.Lead"
+    assert resolve(query=b"fbclid=Iw%41R_x-Y").fbc == f"fb.1.{NOW_MS}.IwAR_x-Y.{NEW}"
+    assert resolve(query=b"fbclid=First&fbclid=Second").fbc == f"fb.1.{NOW_MS}.First.{NEW}"
+    assert resolve(query=b"fb%63lid=Named").fbc == f"fb.1.{NOW_MS}.Named.{NEW}"
+    assert resolve(query=b"?fbclid=Lead").fbc == f"fb.1.{NOW_MS}.Lead.{NEW}"
 
 
 def test_existing_fbc_is_kept_for_the_same_click() -> None:
@@ -188,17 +233,27 @@ def test_existing_fbc_is_kept_for_the_same_click() -> None:
 
 
 def test_different_fbclid_rebuilds_fbc() -> None:
-    """A new click, an C{fbclid} other than the cookie's, makes a new C{_fbc}."""
+    """A new click, an C{fbclid} other than the cookie's, makes a new C{_fbc}, its
+    appendix saying "modified"."""
     identity = resolve({b"_fbc": f"fb.1.1706000000000.{FBCLID}".encode()}, b"fbclid=" + FBCLID.lower().encode())
-    assert identity.fbc == f"fb.1.{NOW_MS}.{FBCLID.lower()}"
+    assert identity.fbc == f"fb.1.{NOW_MS}.{FBCLID.lower()}.{MODIFIED}"
     assert cookies_set(identity)[b"_fbc"][0] == identity.fbc.encode()
+
+
+def test_four_segment_fbc_is_upgraded_for_the_same_click() -> None:
+    """An old four-segment C{_fbc} of the same click gains a "no change" appendix."""
+    fbc = f"fb.1.1706000000000.{FBCLID}"
+    for query in (b"", b"fbclid=" + FBCLID.encode()):
+        identity = resolve({b"_fbc": fbc.encode()}, query)
+        assert identity.fbc == f"{fbc}.{NO_CHANGE}"
+        assert cookies_set(identity)[b"_fbc"][0] == identity.fbc.encode()
 
 
 def test_malformed_fbc_is_ignored_or_replaced() -> None:
     """A malformed C{_fbc} is not used; a URL click id replaces it."""
     assert resolve({b"_fbc": b"fb.1.x.abc"}).fbc is None
     assert b"_fbc" not in cookies_set(resolve({b"_fbc": b"fb.1.x.abc"}))
-    assert resolve({b"_fbc": b"fb.1.x.abc"}, b"fbclid=New").fbc == f"fb.1.{NOW_MS}.New"
+    assert resolve({b"_fbc": b"fb.1.x.abc"}, b"fbclid=New").fbc == f"fb.1.{NOW_MS}.New.{NEW}"
 
 
 @pytest.mark.parametrize("query", [b"fbclid=", b"fbclid=a%3Bb", b"fbclid=a+b", b"fbclid=a.b", b"fbclid=%FF", b"fbclid=" + b"a" * 501])
@@ -319,7 +374,7 @@ def test_nothing_is_invented_when_no_cookie_may_be_set() -> None:
 def test_existing_ids_are_used_when_no_cookie_may_be_set() -> None:
     """The ids the visitor already has, in cookies or in the URL, are still used, and no
     cookie is written for them; the GA session comes from GA's own cookie only."""
-    fbp, fbc = "fb.1.1706540000000.1234567890", "fb.1.1706540000000.OldClick"
+    fbp, fbc = "fb.1.1706540000000.1234567890", "fb.1.1706540000000.OldClick.Bg"
     cookies = {
         b"_fbp": fbp.encode(),
         b"_fbc": fbc.encode(),
@@ -346,7 +401,7 @@ def test_a_new_click_is_used_but_not_kept_when_no_cookie_may_be_set() -> None:
     """A URL C{fbclid} still makes the event's C{fbc} (it is the click itself, not an
     invented id) and a URL C{ttclid} is used, but neither is written to a cookie."""
     identity = resolve(query=b"fbclid=Click1&ttclid=E.C.P.xyz", create_for=frozenset())
-    assert identity.fbc == f"fb.1.{NOW_MS}.Click1"
+    assert identity.fbc == f"fb.1.{NOW_MS}.Click1.{NEW}"
     assert identity.ttclid == "E.C.P.xyz"
     assert identity.set_cookies == ()
 

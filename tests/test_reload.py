@@ -134,6 +134,14 @@ def test_a_timeout_or_type_change_is_a_change():
     assert diff(old, new).changed == ("meta", "tiktok")
 
 
+def test_a_consent_purpose_change_is_a_change():
+    """A destination whose consent_purpose changes is changed: the new tracker routes by it."""
+    meta, ga4, _ = platform_destinations(*ENDPOINTS)
+    old = parse_config(config([meta, ga4]), "a.toml")
+    new = parse_config(config([{**meta, "consent_purpose": "analytics"}, ga4]), "a.toml")
+    assert diff(old, new).changed == ("meta",)
+
+
 # -- in-process reloads ----------------------------------------------------------------------
 
 

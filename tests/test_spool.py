@@ -3,6 +3,8 @@ with real processes, and files that cannot be opened or written."""
 
 from __future__ import annotations
 
+import json
+
 import errno
 import glob
 import math
@@ -129,6 +131,16 @@ def test_sample_event_sets_every_field():
     sample = event(1)
     unset = [f.name for f in attrs.fields(Event) if getattr(sample, f.name) == _default(f)]
     assert unset == []
+
+
+def test_rows_from_before_consent_read_as_no_record():
+    """A row written before events carried their consent has none: as no record read."""
+    text = event_to_json(event(1))
+    old = json.loads(text)
+    del old["consent"]
+    assert event_from_json(json.dumps(old)).consent is None
+    assert event_from_json(text).consent == frozenset({"marketing", "analytics"})
+    assert event_from_json(event_to_json(event(2, consent=frozenset()))).consent == frozenset()
 
 
 def test_event_json_round_trip_every_field():

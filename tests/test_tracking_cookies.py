@@ -218,7 +218,7 @@ async def test_webhook_only_passes_the_ids_the_visitor_has(
     [event] = fake_webhook.fake.events
     assert event["event_id"] == "hook-1"
     assert (event["fbp"], event["ga_client_id"], event["ttclid"]) == (fbp, "55.1706540400", "E.C.P.Tt-42")
-    assert re.fullmatch(r"fb\.1\.\d{13}\.IwAR3Click", event["fbc"])
+    assert re.fullmatch(r"fb\.1\.\d{13}\.IwAR3Click\.AQICAAEA", event["fbc"])
     assert event["ga_session_id"] is None and event["ttp"] is None
 
     response = await tracked_visit(visitor, {"event_name": "ViewContent", "event_id": "hook-2"})
@@ -237,3 +237,25 @@ def test_every_destination_type_says_which_cookies_it_calls_for() -> None:
     from tagd.tracker import COOKIE_PLATFORMS
 
     assert set(COOKIE_PLATFORMS) == set(DESTINATION_TYPES)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_destination_needing_no_consent_gets_a_gpc_visitor_s_event_and_no_cookie_is_set(
+    start_tracking_tagd, connect, fake_meta, fake_ga4, fake_tiktok, fake_webhook
+):
+    """Sec-GPC: 1 refuses every purpose: Meta gets nothing, the shop's own webhook (purpose
+    none) gets the event with its consent empty, and the response sets no cookie at all,
+    not even the pixel's event-id cookies; a Meta table asking for no consent would get
+    it with Limited Data Use."""
+    fakes = (fake_meta, fake_ga4, fake_tiktok, fake_webhook)
+    meta = {**destination("meta", *fakes), "consent_purpose": "none"}
+    tagd = await start_tracking_tagd(destinations=[destination("webhook", *fakes), meta])
+    visitor = await connect(tagd.port)
+    response = await tracked_visit(visitor, {"event_name": "ViewContent", "event_id": "gpc-1"}, path=CLICK, headers=[(b"Sec-GPC", b"1")])
+    assert cookies_set(response) == {}
+    await eventually(lambda: fake_webhook.fake.events and fake_meta.fake.events)
+    [record] = fake_webhook.fake.events
+    assert (record["event_id"], record["consent"]) == ("gpc-1", [])
+    [event] = fake_meta.fake.events
+    assert event["data_processing_options"] == ["LDU"]
+    assert fake_meta.fake.violations == []

@@ -98,7 +98,7 @@ async def test_view_content_reaches_every_platform_with_every_field(
     platform gets one request with the event and every documented field, the visitor's
     own cookies are used as they are and not set again, and delivery is counted."""
     tagd = await start_tracking_tagd(proxy=trusting_loopback())
-    fbp, fbc = "fb.1.1706540400000.1234567890", "fb.1.1706540400000.IwAR2xYz"
+    fbp, fbc = "fb.1.1706540400000.1234567890.Bg", "fb.1.1706540400000.IwAR2xYz.Bg"
     cookies = (
         f"_fbp={fbp}; _fbc={fbc}; _ga=GA1.1.1234567890.1706540400; _ttp=2Hk4x7bFq9; "
         "_ga_TEST123=GS2.1.s1706540400$o3$g1$t1706540500$j0$l0$h0"
@@ -221,10 +221,10 @@ async def test_new_visitor_gets_first_party_cookies_that_match_the_events(
         assert "httponly" not in attributes, name
 
     fbp = cookies["_fbp"][0]
-    match = re.fullmatch(r"fb\.1\.(\d{13})\.(\d{10})", fbp)
+    match = re.fullmatch(r"fb\.1\.(\d{13})\.(\d{10})\.AQICAAEA", fbp)
     assert match and before_ms <= int(match[1]) <= after_ms
     fbc = cookies["_fbc"][0]
-    match = re.fullmatch(r"fb\.1\.(\d{13})\.IwAR3Case_Sens-itive", fbc)
+    match = re.fullmatch(r"fb\.1\.(\d{13})\.IwAR3Case_Sens-itive\.AQICAAEA", fbc)
     assert match and before_ms <= int(match[1]) <= after_ms
     assert cookies["ttclid"][0] == "E.C.P.Tt-42"
     ga_match = re.fullmatch(r"GA1\.1\.(\d+\.\d+)", cookies["_ga"][0])
@@ -260,7 +260,7 @@ async def test_a_new_fbclid_replaces_the_fbc_cookie(
     C{fbclid} makes a new C{_fbc} (the old C{_fbp} and C{_ga} are kept, not set again),
     and Meta gets the new one."""
     visitor = await connect(tracking_tagd.port)
-    fbp, old_fbc = "fb.1.1706540400000.1234567890", "fb.1.1706540400000.OldClick"
+    fbp, old_fbc = "fb.1.1706540400000.1234567890.Bg", "fb.1.1706540400000.OldClick.Bg"
     response = await tracked_visit(
         visitor,
         {"event_name": "ViewContent"},
@@ -271,7 +271,7 @@ async def test_a_new_fbclid_replaces_the_fbc_cookie(
     cookies = cookies_set(response)
     assert "_fbp" not in cookies and "_ga" not in cookies
     new_fbc = cookies["_fbc"][0]
-    assert re.fullmatch(r"fb\.1\.\d{13}\.NewClick", new_fbc)
+    assert re.fullmatch(r"fb\.1\.\d{13}\.NewClick\.AQIDAAEA", new_fbc)
     assert meta["user_data"]["fbp"] == fbp
     assert meta["user_data"]["fbc"] == new_fbc
     assert fake_ga4.fake.requests[0].body["client_id"] == "55.1706540400"
@@ -284,7 +284,8 @@ async def test_user_data_is_hashed_per_platform_and_identifiers_are_not(
     """A logged-in visitor's raw e-mail, phone and first name reach Meta and TikTok only
     as SHA-256 of the normalised values; an already hashed last name passes unchanged
     (never hashed twice); IP, user agent, C{fbp}, C{fbc} and C{ttclid} are never hashed;
-    GA4 gets no personal data at all."""
+    GA4 gets the same, hashed by Google's rules, in the reference's user_data fields, and
+    nothing unhashed."""
     hashed_last_name = sha("smith")
     spec = {
         "event_name": "Purchase",
@@ -299,7 +300,7 @@ async def test_user_data_is_hashed_per_platform_and_identifiers_are_not(
         },
     }
     visitor = await connect(tracking_tagd.port)
-    fbp, fbc = "fb.1.1706540400000.1234567890", "fb.1.1706540400000.IwAR2xYz"
+    fbp, fbc = "fb.1.1706540400000.1234567890.Bg", "fb.1.1706540400000.IwAR2xYz.Bg"
     await tracked_visit(
         visitor,
         spec,
@@ -329,8 +330,14 @@ async def test_user_data_is_hashed_per_platform_and_identifiers_are_not(
     assert tiktok["properties"]["order_id"] == "A-1001"
 
     ga4_raw = fake_ga4.fake.requests[0].raw.decode("ascii").lower()
-    for personal in ("joe", "493012345678", sha(email), sha("+" + phone), hashed_last_name):
+    for personal in ("joe", "493012345678", "customer-77"):
         assert personal not in ga4_raw
+    assert fake_ga4.fake.requests[0].body["user_data"] == {
+        "sha256_email_address": [sha(email)],
+        "sha256_phone_number": [sha("+" + phone)],
+        "address": [{"sha256_first_name": sha(unicodedata.normalize("NFC", "zoë-ann")), "sha256_last_name": hashed_last_name}],
+    }
+    assert fake_ga4.fake.violations == []
     assert ga4["name"] == "purchase"
     assert ga4["params"]["transaction_id"] == "A-1001"
 

@@ -140,9 +140,10 @@ def serving(server):
 # -- the visitor ----------------------------------------------------------------------
 
 
-def fetch(port: int, path: bytes = b"/fuzz") -> bytes:
-    """GET C{path} from tagd on a new connection; the exact bytes of the response."""
-    request = b"GET %s HTTP/1.1\r\nHost: shop.example\r\nUser-Agent: %s\r\n\r\n" % (path, FIREFOX)
+def fetch(port: int, path: bytes = b"/fuzz", host: bytes = b"shop.example", extra: bytes = b"") -> bytes:
+    """GET C{path} from tagd on a new connection, with C{Host: host} and C{extra} header
+    lines (each ending in CRLF); the exact bytes of the response."""
+    request = b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\n%s\r\n" % (path, host, FIREFOX, extra)
     deadline = time.monotonic() + TIMEOUT
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as connection:
         connection.sendall(request)
@@ -393,3 +394,58 @@ def test_no_number_in_the_header_keeps_the_other_values_events_from_coming_out(t
                 assert has_cookie == parses(probe), probe[:300]
 
         one_response()
+
+
+# Host headers a visitor may send: names under one-, two- and three-label public suffixes,
+# with ports, upper case and a final dot; IPs; a public suffix itself; non-ASCII; junk.
+_HOST_LABEL = st.from_regex(r"[a-zA-Z0-9][a-zA-Z0-9-]{0,10}", fullmatch=True)
+host_headers = st.one_of(
+    st.builds(
+        lambda labels, suffix, dot, port: ".".join([*labels, suffix]).encode() + dot + port,
+        st.lists(_HOST_LABEL, min_size=1, max_size=3),
+        st.sampled_from(["com", "co.uk", "com.au", "github.io", "foo.kawasaki.jp", "CO.UK", "xn--p1ai"]),
+        st.sampled_from([b"", b"."]),
+        st.sampled_from([b"", b":8080", b":0", b":99999", b":x"]),
+    ),
+    st.sampled_from([b"co.uk", b"github.io", b"localhost", b"127.0.0.1", b"[::1]", b"[2001:db8::1]:443",
+                     b"203.0.113.7:80", b"1.2.3", b"..", b"-a-.com", b"a..b.com", b"example.com;Domain=evil.com"]),
+    st.text(min_size=1, max_size=20).map(lambda t: t.encode("utf-8")),
+    st.lists(st.sampled_from([b for b in _FIELD_BYTES if b not in _CONTROLS]), min_size=1, max_size=40).map(bytes),
+)  # fmt: skip
+consent_cookies = st.sampled_from(
+    [b"", b"_fbp=fb.1.1706540400000.1234567890; ", b"_fbc=fb.1.1706540400000.Click; ",
+     b"_fbp=fb.1.1706540400000.1.Bg; _fbc=fb.9.1.x.toolongappendix; ", b"_ga=GA1.2.3.4; _fbp=%ff; "]
+)  # fmt: skip
+
+
+def test_hostile_hosts_never_make_a_bad_set_cookie(tmp_path):
+    """hypothesis chooses the visitor's Host (and old or broken Meta cookies): whatever
+    tagd answers, each Set-Cookie is one line holding one cookie with at most one Domain,
+    and a Domain is a lower-case ASCII domain with a dot that the host, without port or
+    final dot, is or is under; an IP, a public suffix or anything that is no ASCII host
+    name gets host-only cookies; tagd stays up without a traceback."""
+    with fuzzed_tagd(tmp_path) as tagd:
+        tagd.origin.answer = origin_answer(b'{"event_name": "PageView"}')
+        answered = {"tracked": 0}
+
+        @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(host_headers, consent_cookies)
+        def one_response(host: bytes, cookies: bytes) -> None:
+            response = fetch(tagd.port, b"/fuzz?fbclid=IwAR-fuzz", host, b"Cookie: " + cookies + b"x=1\r\n")
+            head = response.partition(b"\r\n\r\n")[0].split(b"\r\n")
+            set_cookies = [line[12:] for line in head if line.startswith(b"Set-Cookie: ")]
+            name = host.lower().rpartition(b":")[0] if re.fullmatch(rb"[^:\[\]]*:\d*", host) else host.lower()
+            name = name.removesuffix(b".")
+            for line in set_cookies:
+                domains = re.findall(rb"; Domain=([^;]*)", line)
+                assert len(domains) <= 1 and line.count(b";") >= 3, line
+                if domains:
+                    domain = domains[0]
+                    assert re.fullmatch(rb"[a-z0-9-]+(\.[a-z0-9-]+)+", domain), line
+                    assert name == domain or name.endswith(b"." + domain), (host, line)
+                    assert not re.fullmatch(rb"[0-9.]+|\[.*", name), (host, line)
+                    assert domain not in (b"co.uk", b"github.io", b"com.au"), (host, line)
+            answered["tracked"] += bool(set_cookies)
+
+        one_response()
+    assert answered["tracked"] > 0

@@ -26,6 +26,7 @@ from tagd.destinations._common import (
     json_object,
     verdict,
 )
+from tagd.consent import MARKETING
 from tagd.events import Event
 
 # A platform's rule for one of its own keys: the pattern the whole value must match, and
@@ -176,8 +177,14 @@ class PlatformDestination(ConversionsDestination):
     limited_data_use: bool
 
     def payload(self, event: Event) -> dict[str, Any]:
-        """The event as this destination sends it (names mapped, LDU applied)."""
-        return self.event_payload(event, self.event_names, self.limited_data_use)
+        """The event as this destination sends it (names mapped, LDU applied).
+
+        Limited Data Use also for a visitor who refused marketing, whose events reach a
+        destination only when its C{consent_purpose} needs no marketing consent: the
+        platform's own flag for "process this event in a limited way".
+        """
+        limited = self.limited_data_use or (event.consent is not None and MARKETING not in event.consent)
+        return self.event_payload(event, self.event_names, limited)
 
     def document(self, batch: Sequence[Event], **head: Any) -> dict[str, Any]:
         """The request body: C{head}, the test code when set, then the events."""

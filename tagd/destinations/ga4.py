@@ -19,10 +19,14 @@ keeps GA4's documented limits itself rather than relying on an error answer:
   - C{session_id} and C{engagement_time_msec} in every event, without which GA4 keeps the
     event out of its session-based reports.
 
-C{ip_override} (a documented top-level field) carries the visitor's address so that GA4
-derives the location from the visitor rather than from tagd's server.  The Measurement
-Protocol has no field for a raw user agent (its C{device} object wants parsed fields such
-as C{browser} and C{operating_system}), so the user agent is not sent.
+The request's documented top-level fields carry the visitor: C{ip_override} the address,
+so that GA4 derives the location from the visitor rather than from tagd's server;
+C{user_agent} the browser's user agent, from which GA4 derives the device; C{consent}
+(Consent Mode v2's C{ad_user_data} and C{ad_personalization}, C{GRANTED} only with the
+visitor's marketing consent, and left out when no consent record was read), so that GA4
+models what it may not use; and C{user_data}, the hashed e-mail, phone and name
+(L{tagd.hashing.ga4_user_data}), only when C{ad_user_data} is not denied.  Since each is
+one value per request, a request carries the events of one client sharing all four.
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ from tagd.destinations._common import (
     status_verdict,
     verdict,
 )
+from tagd.consent import MARKETING
 from tagd.events import Event
+from tagd.hashing import ga4_user_data
 
 TYPE = "ga4"
 SECRETS = ("api_secret",)
@@ -228,16 +234,41 @@ def event_params(event: Event) -> dict[str, Any]:
     return params
 
 
-def _grouped(events: Iterable[Event]) -> dict[tuple[str, str], list[int]]:
-    """The events' positions by (client id, visitor IP), in order; events with no client
-    id are left out.
+def consent_mode(event: Event) -> dict[str, str] | None:
+    """The Measurement Protocol's C{consent} for the event's visitor: both ad signals
+    C{GRANTED} with marketing consent, else C{DENIED}; C{None} when no record was read."""
+    if event.consent is None:
+        return None
+    state = "GRANTED" if MARKETING in event.consent else "DENIED"
+    return {"ad_user_data": state, "ad_personalization": state}
 
-    The IP is part of the key because C{ip_override} is one value per request.
+
+def visitor_fields(event: Event) -> dict[str, Any]:
+    """The request's top-level fields that describe the visitor (see the module docstring)."""
+    consent = consent_mode(event)
+    fields: dict[str, Any] = {"ip_override": event.client_ip}
+    if event.user_agent:
+        fields["user_agent"] = event.user_agent
+    if consent is not None:
+        fields["consent"] = consent
+    if consent is None or consent["ad_user_data"] == "GRANTED":
+        if user_data := ga4_user_data(event.user_data):
+            fields["user_data"] = user_data
+    return fields
+
+
+def _grouped(events: Iterable[Event]) -> dict[tuple[str, str], tuple[dict[str, Any], list[int]]]:
+    """The events' positions by client id and visitor fields, in order, with those fields;
+    events with no client id are left out.
+
+    The visitor fields are part of the key because each is one value per request.
     """
-    groups: dict[tuple[str, str], list[int]] = {}
+    groups: dict[tuple[str, str], tuple[dict[str, Any], list[int]]] = {}
     for position, event in enumerate(events):
         if event.ga_client_id:
-            groups.setdefault((event.ga_client_id, event.client_ip), []).append(position)
+            fields = visitor_fields(event)
+            key = (event.ga_client_id, json_bytes(fields).decode("ascii"))
+            groups.setdefault(key, (fields, []))[1].append(position)
     return groups
 
 
@@ -282,11 +313,13 @@ class Ga4Destination:
             "timestamp_micros": event.event_time * 1_000_000,
         }
 
-    def _body(self, client_id: str, ip: str, events: Sequence[Event], max_items: int | None) -> bytes:
+    def _body(
+        self, client_id: str, visitor: Mapping[str, Any], events: Sequence[Event], max_items: int | None
+    ) -> bytes:
         payload = {
             "client_id": client_id,
             "timestamp_micros": events[0].event_time * 1_000_000,
-            "ip_override": ip,
+            **visitor,
             "events": [self._event(e, max_items) for e in events],
         }
         return json_bytes(payload)
@@ -302,7 +335,7 @@ class Ga4Destination:
     def _requests(
         self,
         client_id: str,
-        ip: str,
+        visitor: Mapping[str, Any],
         events: Sequence[Event],
         positions: Sequence[int],
         max_items: int | None = None,
@@ -314,16 +347,16 @@ class Ga4Destination:
         long list of contents) keeps its first items, as many as fit.
         """
         carried = [events[position] for position in positions]
-        body = self._body(client_id, ip, carried, max_items)
+        body = self._body(client_id, visitor, carried, max_items)
         if len(body) >= MAX_BODY and len(positions) > 1:
             half = len(positions) // 2
             return [
-                *self._requests(client_id, ip, events, positions[:half]),
-                *self._requests(client_id, ip, events, positions[half:]),
+                *self._requests(client_id, visitor, events, positions[:half]),
+                *self._requests(client_id, visitor, events, positions[half:]),
             ]
         if len(body) >= MAX_BODY and max_items != 0:
             fewer = (len(_items(carried[0])) if max_items is None else max_items) // 2
-            return self._requests(client_id, ip, events, positions, fewer)
+            return self._requests(client_id, visitor, events, positions, fewer)
         url, log_url = self.urls()
         return [
             OutgoingRequest(
@@ -342,9 +375,9 @@ class Ga4Destination:
         positions appear in no request.
         """
         requests = []
-        for (client_id, ip), positions in _grouped(events).items():
+        for (client_id, _), (visitor, positions) in _grouped(events).items():
             for chunk in batches(positions, self.max_batch):
-                requests.extend(self._requests(client_id, ip, events, chunk))
+                requests.extend(self._requests(client_id, visitor, events, chunk))
         return requests
 
     def classify(self, status: int, body: bytes) -> Verdict:

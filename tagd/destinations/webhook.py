@@ -73,6 +73,7 @@ def event_record(event: Event) -> dict[str, Any]:
     record["custom_data"] = dict(event.custom_data)
     record["contents"] = [dict(content) for content in event.contents]
     record["user_data"] = meta_user_data(event.user_data)
+    record["consent"] = None if event.consent is None else sorted(event.consent)
     return record
 
 

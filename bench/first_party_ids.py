@@ -1,0 +1,164 @@
+"""What a tracked page view's first-party ids and consent cost, next to Meta's own library.
+
+For every tracked response the tracker reads the visitor's consent, picks the cookies'
+domain and resolves the ids (L{tagd.identity.resolve_identity}), before the response head
+goes out.  This times each step per call in one process, and, as the baseline measured in
+the same run, what Meta's Parameter Builder (C{capi-param-builder-python}, a test
+dependency) costs for the same request: one builder per request, since a builder keeps
+the first host it sees.  The ratio says what tagd's own writing of C{_fbp}/C{_fbc} costs
+against calling Meta's library on the tracked path.
+
+The request is a first visit from a Meta ad (an C{fbclid}, no cookie) to
+C{shop.example.co.uk}, with each consent source's record granting both purposes; the
+first line, for scale, is the tracker's whole work for a returning visitor's page view.
+
+Run with the Python of the virtual environment tagd is installed in (with the test
+extras): C{.venv/bin/python bench/first_party_ids.py [--calls 20000] [--repeat 5]}.  It
+prints the best of C{--repeat} rounds, in microseconds per call.  The exit status is 0, 2
+for bad arguments, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from urllib.parse import parse_qs
+
+from encode import CONFIG as ENCODE_CONFIG
+from encode import USER_AGENT
+from twisted.web.http_headers import Headers
+
+import tagd
+from tagd.config import parse_config
+from tagd.consent import ConsentReader, from_cookiebot, from_onetrust, from_tcf
+from tagd.cookiedomain import CookieScoper, registrable_domain
+from tagd.identity import GA4, META, resolve_identity
+from tagd.metrics import Metrics
+from tagd.tracker import Tracker
+from tagd.tracking import Visit
+
+HOST = b"shop.example.co.uk"
+QUERY = b"utm_source=facebook&fbclid=IwAR2F4-dbP0l7Mn1IawQQGCINEz7PYXQvwjNwB_qa2ofrHyiLjcbCRxTDMgk"
+COOKIES = {
+    b"euconsent-v2": b"CQd924AQd924AASACCENCNFsAP_gAEIAACiQL6QBAAGAAOANmAcAF9IAIADgAA.YIAAAAAAAAAA",
+    b"CookieConsent": b"%7Bstamp%3A%27x%27%2Cnecessary%3Atrue%2Cpreferences%3Atrue%2Cstatistics%3Atrue"
+    b"%2Cmarketing%3Atrue%2Cmethod%3A%27explicit%27%2Cver%3A1%2Cutc%3A1740000000000%2Cregion%3A%27de%27%7D",
+    b"OptanonConsent": b"isGpcEnabled=0&datestamp=Mon+Dec+07+2026&version=202409.1.0&interactionCount=1"
+    b"&groups=C0001%3A1%2CC0002%3A1%2CC0003%3A1%2CC0004%3A1&AwaitingReconsent=false",
+}
+
+
+# The encoding benchmark's destinations (nothing is sent), with the shop's banner OneTrust's.
+CONFIG = '[tracking]\nconsent_source = "onetrust"\n' + ENCODE_CONFIG
+HEADER = b'{"event_name":"ViewContent","custom_data":{"currency":"EUR","value":3.5},"contents":[{"id":"123","quantity":1}]}'
+
+
+def tracked_page_view():
+    """The tracker's whole work for one page view of a returning visitor who consented to
+    both purposes: the decision and cookies before the head, the events after it."""
+    config = parse_config(CONFIG, "bench.toml")
+    tracker = Tracker(
+        config=config.tracking,
+        submit=lambda events, allowed: None,
+        metrics=Metrics(),
+        destinations=config.destinations,
+        rand=random.Random(1),
+    )
+    cookie = b"; ".join(
+        [b"_fbp=fb.2.1706540400000.1234567890.AQIAAAEA", b"_ga=GA1.1.1234567890.1706540400",
+         b"OptanonConsent=" + COOKIES[b"OptanonConsent"]]
+    )  # fmt: skip
+    headers = Headers({b"user-agent": [USER_AGENT.encode("ascii")], b"cookie": [cookie]})
+    visit = Visit("203.0.113.7", "https", b"GET", b"/product/123", HOST, headers, 200)
+    return lambda: tracker([HEADER], visit).deliver()
+
+
+def per_call(function, calls: int, repeat: int) -> float:
+    """The best of C{repeat} rounds of C{calls} calls, in microseconds per call."""
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        for _ in range(calls):
+            function()
+        best = min(best, time.perf_counter() - started)
+    return best / calls * 1e6
+
+
+def measurements(calls: int, repeat: int) -> dict[str, float]:
+    rand = random.Random(1)
+    scoper = CookieScoper("")
+    scope = scoper.scope(HOST)
+    headers = Headers({b"user-agent": [b"Mozilla/5.0"]})
+    readers = {source: ConsentReader(source=source) for source in ("tcf", "cookiebot", "onetrust")}
+
+    def ids() -> None:
+        resolve_identity(
+            cookies={}, query=QUERY, now=time.time(), secure=True, rand=rand,
+            create_for=frozenset({META, GA4}), scope=scoper.scope(HOST),
+        )  # fmt: skip
+
+    def meta_ids() -> None:
+        resolve_identity(
+            cookies={}, query=QUERY, now=time.time(), secure=True, rand=rand,
+            create_for=frozenset({META}), scope=scope,
+        )  # fmt: skip
+
+    results = {
+        "tagd: a tracked page view in the tracker, 3 destinations": per_call(tracked_page_view(), calls, repeat),
+        "tagd: ids and cookies, Meta and GA4 (domain cached)": per_call(ids, calls, repeat),
+        "tagd: _fbp/_fbc only": per_call(meta_ids, calls, repeat),
+        "tagd: cookie domain, cached host": per_call(lambda: scoper.scope(HOST), calls, repeat),
+        "tagd: cookie domain, Public Suffix List lookup": per_call(
+            lambda: registrable_domain(HOST.decode()), calls, repeat
+        ),
+    }
+    first_readings = {"tcf": from_tcf, "cookiebot": from_cookiebot, "onetrust": from_onetrust}
+    for source, reader in readers.items():
+        results[f"tagd: consent from {source}, a record seen before"] = per_call(
+            lambda: reader.granted(headers, COOKIES), calls, repeat
+        )
+        clear = first_readings[source].cache_clear
+        results[f"tagd: consent from {source}, a new record"] = per_call(
+            lambda: (clear(), reader.granted(headers, COOKIES)), calls, repeat
+        )
+    try:
+        from capi_param_builder import EtldPlusOneResolver, ParamBuilder
+    except ImportError:
+        return results
+
+    class Resolver(EtldPlusOneResolver):
+        def resolve(self, host_name: str) -> str:
+            return registrable_domain(host_name) or host_name
+
+    resolver = Resolver()
+    queries = parse_qs(QUERY.decode())
+
+    def meta_library() -> None:
+        ParamBuilder(resolver).process_request(HOST.decode(), queries, {})
+
+    results["baseline: Meta's Parameter Builder, _fbp/_fbc"] = per_call(meta_library, calls, repeat)
+    return results
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=20000)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args(argv)
+    if args.calls < 1 or args.repeat < 1:
+        parser.error("--calls and --repeat must be at least 1")
+    print(f"tagd {tagd.__version__} from {tagd.__file__}, Python {sys.version.split()[0]}")
+    results = measurements(args.calls, args.repeat)
+    baseline = results.get("baseline: Meta's Parameter Builder, _fbp/_fbc")
+    for name, micros in results.items():
+        ratio = f"  ({micros / baseline:.2f}x Meta's library)" if baseline and name == "tagd: _fbp/_fbc only" else ""
+        print(f"{micros:8.2f} µs  {name}{ratio}")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:
+        sys.exit(130)
