@@ -274,7 +274,7 @@ def ga4_user_data(user_data: Mapping[str, Iterable[str]]) -> dict[str, object]:
     if emails := _hashed_values(user_data.get("em", ()), _google_email):
         fields["sha256_email_address"] = emails
     phones = [v for v in user_data.get("ph", ()) if not is_sha256_hex(v)]
-    if phones := _hashed_values(phones, _tiktok_phone):
+    if phones := _hashed_values(phones, _e164_phone):
         fields["sha256_phone_number"] = phones
     address = {}
     for key, name in (("fn", "sha256_first_name"), ("ln", "sha256_last_name")):
