@@ -27,7 +27,7 @@ from twisted.internet.task import react
 
 from tagd.config import Config, ConfigError, DestinationConfig
 from tagd.delivery import http_client
-from tagd.destinations import Describing, Destination, Outcome, OutgoingRequest
+from tagd.destinations import Describing, Destination, Outcome, OutgoingRequest, meta
 from tagd.destinations._common import public_url, redact
 from tagd.destinations.registry import destination_module
 from tagd.destinations.webhook import MIN_SECRET, WebhookDestination
@@ -242,7 +242,12 @@ def destination_values(
     (a trimmed endpoint, say) show as they take effect.
     """
     keys = destination_module(destination.type).KEYS
-    values = {"type": destination.type, "name": destination.name, "timeout": destination.timeout}
+    values = {
+        "type": destination.type,
+        "name": destination.name,
+        "timeout": destination.timeout,
+        "concurrency": destination.concurrency,
+    }
     for key in keys:
         value = getattr(destination.destination, key)
         if key in destination.secrets and value is not None:
@@ -282,8 +287,13 @@ def resolved_toml(config: Config) -> str:
 
 
 def check_config(args: argparse.Namespace) -> None:
-    """Validate a configuration and show what the daemon would run with."""
-    print(resolved_toml(load(args.file)))
+    """Validate a configuration and show what the daemon would run with; warn (on stderr,
+    the output staying a configuration) about what works today but will not for long."""
+    config = load(args.file)
+    print(resolved_toml(config))
+    for destination in config.destinations:
+        if destination.type == meta.TYPE and (why := meta.outdated(destination.destination.api_version)):
+            print(f"tagd: warning: {destination.name}: {why}", file=sys.stderr)
 
 
 # tagd send-test-event

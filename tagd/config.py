@@ -99,10 +99,14 @@ class DeliveryConfig:
     """The C{[delivery]} table: how the dispatcher drains the spool."""
 
     poll_interval: float = 1.0
-    concurrency: int = 2
+    # Requests in flight per destination; None: each destination type's own default.
+    concurrency: int | None = None
     backoff_base: float = 1.0
     backoff_cap: float = 600.0
     max_retry_after: float = 3600.0
+    outage_backoff_cap: float = 5.0
+    outage_reminder: float = 300.0
+    max_attempts: int = 10
 
 
 @attrs.frozen
@@ -123,6 +127,7 @@ class DestinationConfig:
     type: str
     name: str
     timeout: float
+    concurrency: int
     destination: Any = attrs.field(repr=False)
     secrets: tuple[str, ...] = ()
 
@@ -317,6 +322,9 @@ _DELIVERY_FIELDS: dict[str, _Field] = {
     "backoff_base": _SECONDS,
     "backoff_cap": _SECONDS,
     "max_retry_after": _SECONDS,
+    "outage_backoff_cap": _SECONDS,
+    "outage_reminder": _SECONDS,
+    "max_attempts": ((int,), "a whole number", _positive),
 }
 _ADMIN_FIELDS: dict[str, _Field] = {
     "listen": ((str,), "a string", _endpoint_string),
@@ -347,6 +355,7 @@ _DESTINATION_COMMON: dict[str, _Field] = {
     "type": ((str,), "a string", _identity),
     "name": ((str,), "a string", _destination_name),
     "timeout": ((int, float), "a number of seconds", _positive),
+    "concurrency": ((int,), "a whole number", _positive),
 }
 
 
@@ -490,8 +499,15 @@ _TYPE_NAMES = {str: "a string", int: "a whole number", float: "a number", bool: 
 
 
 def _destination(
-    path: str, index: int, raw: Any, environ: Mapping[str, str], references: dict[str, Any]
+    path: str,
+    index: int,
+    raw: Any,
+    environ: Mapping[str, str],
+    references: dict[str, Any],
+    concurrency: int | None,
 ) -> DestinationConfig:
+    """One C{[[destinations]]} table; C{concurrency} is C{[delivery] concurrency}, which a
+    table's own C{concurrency} overrides, and which overrides the type's default."""
     prefix = f"destinations[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(path, prefix, "must be a table ([[destinations]])")
@@ -524,18 +540,19 @@ def _destination(
         type=kind,
         name=name,
         timeout=float(values.get("timeout", module.DEFAULT_TIMEOUT)),
+        concurrency=values.get("concurrency", concurrency or module.DEFAULT_CONCURRENCY),
         destination=destination,
         secrets=tuple(module.SECRETS),
     )
 
 
 def _destinations(
-    path: str, raw: Any, environ: Mapping[str, str], references: dict[str, Any]
+    path: str, raw: Any, environ: Mapping[str, str], references: dict[str, Any], concurrency: int | None
 ) -> tuple[DestinationConfig, ...]:
     if not isinstance(raw, list):
         raise ConfigError(path, "destinations", "must be an array of tables ([[destinations]])")
     destinations = tuple(
-        _destination(path, i, item, environ, references) for i, item in enumerate(raw)
+        _destination(path, i, item, environ, references, concurrency) for i, item in enumerate(raw)
     )
     seen = set()
     for i, destination in enumerate(destinations):
@@ -571,7 +588,9 @@ def parse_config(
         name: _table(path, name, raw.get(name, {}), overrides.get(name, {}), environ, references)
         for name in _TABLES
     }
-    destinations = _destinations(path, raw.get("destinations", []), environ, references)
+    destinations = _destinations(
+        path, raw.get("destinations", []), environ, references, tables["delivery"].concurrency
+    )
     return Config(
         path=path, destinations=destinations, references=MappingProxyType(references), **tables
     )

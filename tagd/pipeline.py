@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from tagd.config import Config
 from tagd.delivery import EXPIRED, DirectDelivery, Route, http_client
 from tagd.destinations import Outcome
-from tagd.dispatcher import DEAD, Dispatcher
+from tagd.dispatcher import DEAD, BacklogCollector, Dispatcher
 from tagd.events import Event
 from tagd.feed import Feed
 from tagd.metrics import Metrics
@@ -112,7 +112,7 @@ class Delivery(Service):
         self._feed = feed
         self._spool = spool
         self._http, self._pool = http_client(reactor)
-        self._routes = {d.name: Route(d.destination, d.timeout) for d in config.destinations}
+        self._routes = {d.name: Route(d.destination, d.timeout, d.concurrency) for d in config.destinations}
         self._count_from_zero()
         self._dispatcher: Dispatcher | None = None
         self._recounting: LoopingCall | None = None
@@ -128,6 +128,7 @@ class Delivery(Service):
             feed=feed,
             **attrs.asdict(config.delivery),
         )
+        metrics.registry.register(BacklogCollector(self._dispatcher, reactor))
         spool.on_commit = self._wake
         self._recounting = LoopingCall(self._recount)
         self._recounting.clock = reactor
@@ -180,9 +181,9 @@ class Delivery(Service):
         it leased.  Fires when that is done.
         """
         self._routes = {
-            d.name: self._routes[d.name]
+            d.name: attrs.evolve(self._routes[d.name], concurrency=d.concurrency)
             if d.name in self._routes and d.name not in changed
-            else Route(d.destination, d.timeout)
+            else Route(d.destination, d.timeout, d.concurrency)
             for d in config.destinations
         }
         self._count_from_zero()
