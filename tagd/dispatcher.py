@@ -234,6 +234,7 @@ class _Lane:
     loop: Deferred | None = None  # the running _run, once started
     retired: bool = False  # replaced or removed by a reroute: leases nothing more
     advised: set[str] = attrs.field(factory=set)  # the platform's advice, said once each
+    waiting: set[Deferred] = attrs.field(factory=set)  # requests waiting for a slot
 
     @property
     def name(self) -> str:
@@ -355,6 +356,7 @@ class Dispatcher(Service):
         lanes = [*self._lanes.values(), *self._retiring]
         for lane in lanes:
             self._rouse(lane)
+            self._hold(lane)
             for exchange in list(lane.inflight):
                 exchange.cancel()
         return gatherResults([self._settled(lane) for lane in lanes]).addCallback(lambda _: None)
@@ -410,6 +412,7 @@ class Dispatcher(Service):
             lane.retired = True
             self._retiring.add(lane)
             self._rouse(lane)
+            self._hold(lane)
             if lane.name not in wanted:
                 self._metrics.credentials_refused.remove(lane.name)
                 self._metrics.destination_up.remove(lane.name)
@@ -641,8 +644,22 @@ class Dispatcher(Service):
 
     async def _send(self, lane: _Lane, request: OutgoingRequest, rows: Sequence[Lease]) -> Sequence[Lease]:
         """Send C{request} in one of the lane's slots, then settle its rows outside it;
-        returns the rows left unsettled because the request was not sent or was cancelled."""
-        await lane.slots.acquire()
+        returns the rows left unsettled because the request was not sent or was cancelled.
+
+        A request waiting for a slot when the lane stops sending (a pause, shutdown) is
+        let go by L{_hold}, never through the slot: a slot released to a waiter runs it
+        at once, inside the release, and a thousand waiters that each give the slot back
+        unsent would nest a thousand deep."""
+        if not self._may_send(lane):
+            return rows
+        acquiring = lane.slots.acquire()
+        lane.waiting.add(acquiring)
+        try:
+            await acquiring
+        except CancelledError:
+            return rows
+        finally:
+            lane.waiting.discard(acquiring)
         try:
             sent_at = self._reactor.seconds()
             answer = await self._attempt(lane, request) if self._may_send(lane) else None
@@ -658,6 +675,11 @@ class Dispatcher(Service):
     def _may_send(self, lane: _Lane) -> bool:
         """Not once stopping or retired, nor while the platform asked us to pause."""
         return self._live(lane) and lane.paused_until <= self._reactor.seconds()
+
+    def _hold(self, lane: _Lane) -> None:
+        """Let go of the requests waiting for a slot: the lane sends nothing for now."""
+        for acquiring in list(lane.waiting):
+            acquiring.cancel()
 
     async def _attempt(self, lane: _Lane, request: OutgoingRequest) -> tuple[int | None, Verdict] | None:
         """The HTTP status and the verdict; C{None} when shutdown cancelled the request."""
@@ -722,6 +744,7 @@ class Dispatcher(Service):
             theirs, delay = lane.outage.failed(now, sent_at, verdict.message)
             if delay is not None:
                 lane.paused_until = max(lane.paused_until, now + delay)
+                self._hold(lane)
             self._show_up(lane)
             return not theirs
         return True
@@ -788,6 +811,7 @@ class Dispatcher(Service):
         delay = min(max(delay, MIN_PAUSE), self._max_retry_after)
         lane.throttles += 1
         lane.paused_until = max(lane.paused_until, self._reactor.seconds() + delay)
+        self._hold(lane)
         self._said.info(
             f"throttle {lane.name}", "{destination}: throttled, pausing for {delay:.1f} s",
             destination=lane.name, delay=delay,
@@ -806,6 +830,7 @@ class Dispatcher(Service):
         delay = doubled(AUTH_PAUSE, lane.refusals, self._backoff_cap)
         lane.refusals += 1
         lane.paused_until = max(lane.paused_until, now + delay)
+        self._hold(lane)
         self._metrics.credentials_refused.labels(lane.name).set(1)
         self._show_up(lane)
         if lane.refusals == 1:

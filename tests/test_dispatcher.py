@@ -1009,3 +1009,20 @@ async def test_drains_the_sqlite_spool(serving, reactor, http, metrics, tmp_path
     (letter,) = letters
     assert (letter.event_id, letter.attempts) == ("poison", 1)
     assert letter.last_error.startswith("HTTP 400, Meta error 100: Invalid parameter")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pause_lets_go_of_a_thousand_waiting_requests(serving, dispatch, spool):
+    """GA4's lease of 1000 visitors is 1000 requests waiting for two slots; the first
+    answers start an outage, and every waiting request goes back unsent, its row pending
+    again, none left in flight (a slot handed from waiter to waiter would nest them all
+    in one call, past Python's recursion limit)."""
+    served = serving(FakeGA4())
+    served.fake.inject(10, status=503)
+    spool.add("ga4", ga4_clients(1000))
+    dispatch(ga4_route(served), concurrency=2, backoff_base=60.0)
+
+    await eventually(lambda: len(served.fake.requests) >= 2 and spool.releases)
+    await eventually(lambda: {row.state for row in spool.rows.values()} == {"pending"})
+    assert len(served.fake.requests) == 2
+    assert sum(spool.releases) == 998 and all(row.attempts == 0 for row in spool.rows.values())
