@@ -101,7 +101,7 @@ class DeliveryConfig:
     poll_interval: float = 1.0
     # Requests in flight per destination; None: each destination type's own default.
     concurrency: int | None = None
-    backoff_base: float = 1.0
+    backoff_base: float = 0.25
     backoff_cap: float = 600.0
     max_retry_after: float = 3600.0
     outage_backoff_cap: float = 5.0

@@ -71,7 +71,7 @@ from twisted.internet.defer import (
     gatherResults,
     succeed,
 )
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -99,6 +99,9 @@ AUTH_PAUSE = 10.0
 # with many visitors, one lease per request or two.  A large lease keeps every request
 # slot busy; each of its requests is still settled by itself.
 LEASE = 1000
+# Seconds a request waits for a throttle's end in its slot, at most; after a longer pause
+# its rows go back to the spool, to be leased again.
+THROTTLE_WAIT = 10.0
 # Requests in flight per destination when neither its route nor the dispatcher says.
 CONCURRENCY = 2
 # Seconds between looks at the spool's backlog (for the gauges, the dashboard and the
@@ -235,6 +238,7 @@ class _Lane:
     retired: bool = False  # replaced or removed by a reroute: leases nothing more
     advised: set[str] = attrs.field(factory=set)  # the platform's advice, said once each
     waiting: set[Deferred] = attrs.field(factory=set)  # requests waiting for a slot
+    sleeping: set[Deferred] = attrs.field(factory=set)  # requests waiting for a throttle's end
 
     @property
     def name(self) -> str:
@@ -300,7 +304,7 @@ class Dispatcher(Service):
         metrics: Metrics,
         poll_interval: float = 1.0,
         concurrency: int | None = None,
-        backoff_base: float = 1.0,
+        backoff_base: float = 0.25,
         backoff_cap: float = 600.0,
         max_retry_after: float = 3600.0,
         outage_backoff_cap: float = 5.0,
@@ -661,6 +665,7 @@ class Dispatcher(Service):
         finally:
             lane.waiting.discard(acquiring)
         try:
+            await self._throttled(lane)
             sent_at = self._reactor.seconds()
             answer = await self._attempt(lane, request) if self._may_send(lane) else None
             if answer is not None:
@@ -677,9 +682,28 @@ class Dispatcher(Service):
         return self._live(lane) and lane.paused_until <= self._reactor.seconds()
 
     def _hold(self, lane: _Lane) -> None:
-        """Let go of the requests waiting for a slot: the lane sends nothing for now."""
-        for acquiring in list(lane.waiting):
-            acquiring.cancel()
+        """Let go of the requests waiting for a slot, or for a throttle's end in one: the
+        lane sends nothing for now."""
+        for waiting in [*lane.waiting, *lane.sleeping]:
+            waiting.cancel()
+
+    async def _throttled(self, lane: _Lane) -> None:
+        """Wait out a throttle's pause in the slot, and send then: a pause of a second or
+        two, as a platform's C{Retry-After} asks, costs no new lease and encoding of what
+        waits.  A longer pause (over L{THROTTLE_WAIT}), an outage, refused credentials,
+        shutdown or a reroute lets go (L{_hold}), and the rows go back to the spool."""
+        while self._live(lane) and not (lane.outage.out or lane.refusals):
+            wait = lane.paused_until - self._reactor.seconds()
+            if not 0 < wait <= THROTTLE_WAIT:
+                return
+            pause = deferLater(self._reactor, wait)
+            lane.sleeping.add(pause)
+            try:
+                await pause
+            except CancelledError:
+                return
+            finally:
+                lane.sleeping.discard(pause)
 
     async def _attempt(self, lane: _Lane, request: OutgoingRequest) -> tuple[int | None, Verdict] | None:
         """The HTTP status and the verdict; C{None} when shutdown cancelled the request."""
@@ -811,7 +835,6 @@ class Dispatcher(Service):
         delay = min(max(delay, MIN_PAUSE), self._max_retry_after)
         lane.throttles += 1
         lane.paused_until = max(lane.paused_until, self._reactor.seconds() + delay)
-        self._hold(lane)
         self._said.info(
             f"throttle {lane.name}", "{destination}: throttled, pausing for {delay:.1f} s",
             destination=lane.name, delay=delay,

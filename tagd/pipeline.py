@@ -42,6 +42,14 @@ ABANDONED = "destination no longer configured"
 RECOUNT_INTERVAL = 60.0
 # Every outcome tagd_events_delivered_total counts a destination's events under.
 OUTCOMES = (*(outcome.value for outcome in Outcome), EXPIRED, DEAD)
+# Connections kept open to each platform, at least.
+POOL_SIZE = 10
+
+
+def _pool_size(config: Config) -> int:
+    """Connections kept open to each platform: as many as its requests in flight, so that
+    none is opened afresh (a TLS handshake) for every request of a GA4 backlog."""
+    return max([POOL_SIZE, *(d.concurrency for d in config.destinations)])
 
 
 def _count_accepted(metrics: Metrics, feed: Feed | None, events: Sequence[Event]) -> None:
@@ -111,7 +119,7 @@ class Delivery(Service):
         self._metrics = metrics
         self._feed = feed
         self._spool = spool
-        self._http, self._pool = http_client(reactor)
+        self._http, self._pool = http_client(reactor, _pool_size(config))
         self._routes = {d.name: Route(d.destination, d.timeout, d.concurrency) for d in config.destinations}
         self._count_from_zero()
         self._dispatcher: Dispatcher | None = None
@@ -187,6 +195,7 @@ class Delivery(Service):
             for d in config.destinations
         }
         self._count_from_zero()
+        self._pool.maxPersistentPerHost = _pool_size(config)
         if self._feed is not None:
             self._feed.destinations = tuple(self._routes)
         if self._dispatcher is None:
