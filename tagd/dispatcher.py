@@ -7,16 +7,17 @@ visitor per request), POSTs them with treq, at most C{concurrency} at once, and 
 the rows of every request by the platform's verdict on it:
 
   - success: acknowledged, done;
-  - transient (5xx, timeout, reset, the platform's transient codes): when no request to
-    the destination succeeded since this one was sent, the destination is out
-    (L{tagd.outage}): it backs off as a whole, one probe request at a time, and the rows
-    go back to pending with no attempt counted, until the first success ends the outage
-    and the backlog drains at full speed.  While other requests succeed, the failure is
-    the rows' own: retried later, with exponential backoff and full jitter so that many
-    rows failing together do not come back together, and dead-lettered with the
-    platform's last message after C{max_attempts};
+  - transient (5xx, timeout, reset, the platform's transient codes): when every request
+    is meeting it (L{tagd.outage} says when), the destination is out: it backs off as a
+    whole, one probe request at a time, and the rows go back to pending with no attempt
+    counted, until the first success ends the outage and the backlog drains at full
+    speed.  While other requests succeed, the failure is the rows' own: retried later,
+    with exponential backoff and full jitter so that many rows failing together do not
+    come back together, and dead-lettered with the platform's last message after
+    C{max_attempts};
   - throttle (429, throttle codes): the whole destination pauses, for C{Retry-After} when
-    the platform says, and the rows go back to pending untouched;
+    the platform says, and the rows go back to pending untouched; requests waiting for
+    a slot wait out a short pause (L{THROTTLE_WAIT}) and go then;
   - permanent: a batch is split in halves and each half sent again, so that one poison
     event cannot sink the others; a single event is dead-lettered with the platform's
     message;

@@ -214,13 +214,14 @@ class MetaDestination(PlatformDestination):
         retired = isinstance(error, dict) and json_int(error, "code") == DEPRECATED_VERSION
         if not (warning or retired):
             return None
-        said = warning[0].decode("latin-1")[:200] if warning else "error 2635, a deprecated version"
+        # Meta's own words, which could echo the request: never with its token.
+        said = redact(warning[0].decode("latin-1"), (self.access_token,))[:200] if warning else "error 2635"
         fix = (
             f'set api_version = "{NEWEST_API_VERSION}" in this [[destinations]] table, then reload'
             if version_tuple(self.api_version) < version_tuple(NEWEST_API_VERSION)
             else "a newer tagd knows a newer version; meanwhile set api_version to the one Meta's versions page lists"
         )
-        return redact(f"Meta says API version {self.api_version} is retired or retiring ({said}): {fix}", (self.access_token,))
+        return f"Meta says API version {self.api_version} is retired or retiring ({said}): {fix}"
 
     def _request(self, batch: Sequence[Event]) -> RequestParts:
         # The token travels only in the query string of url, never in log_url.
