@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qs, urlsplit
 
+from prometheus_client.parser import text_string_to_metric_families
+
 # The checkout: the folder that holds setup.cfg, tagd.tac and this tests folder.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -475,6 +477,16 @@ class TagdProcess:
     def logs(self) -> str:
         """What every run logged, in order."""
         return "".join(read_log(log) for _, log in self.runs)
+
+
+def events_accepted(admin_port: int) -> float:
+    """tagd_events_accepted_total, read from the admin listener's C{/metrics}."""
+    status, _, body = http_get(admin_port, "/metrics")
+    assert status == 200
+    for family in text_string_to_metric_families(body.decode()):
+        if family.name == "tagd_events_accepted":
+            return sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
+    raise AssertionError("no tagd_events_accepted_total in /metrics")
 
 
 def spool_rows(path: Path) -> list[tuple[str, str, str, int, str | None]]:

@@ -31,6 +31,7 @@ from helpers import (
     TagdProcess,
     TrackedOrigin,
     browser_get,
+    events_accepted,
     free_port,
     http_get,
     read_log,
@@ -79,20 +80,12 @@ def visit(port: int, admin: int, prefix: str) -> set[str]:
     """C{VISITS} tracked page views, each by a new visitor; returns their event ids once
     tagd has accepted them all."""
     ids = {f"{prefix}-{n:03d}" for n in range(VISITS)}
-    before = accepted(admin)
+    before = events_accepted(admin)
     for event_id in sorted(ids):
         status, _, body = browser_get(port, f"/e/{event_id}")
         assert (status, body) == (200, TRACKED_PAGE)
-    wait_until(lambda: accepted(admin) >= before + VISITS, 10, "every visit's event accepted")
+    wait_until(lambda: events_accepted(admin) >= before + VISITS, 10, "every visit's event accepted")
     return ids
-
-
-def accepted(admin: int) -> float:
-    status, _, body = http_get(admin, "/metrics")
-    for family in text_string_to_metric_families(body.decode()):
-        if family.name == "tagd_events_accepted":
-            return sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
-    raise AssertionError("no tagd_events_accepted_total in /metrics")
 
 
 @pytest.mark.parametrize("comeback", ["healthy", "flaky"])
