@@ -10,9 +10,10 @@ because absolute requests/s depend on the machine:
      lies: a "spool full" tagd that tracks every response but stores and sends nothing
      (L{SPOOL_FULL}), and CPU time per request, the reactor thread's under load and all
      of tagd's until the last event arrived.
-  2. Isolation: the same tracked load with the platforms answering after 5 s, and never
-     (the connection accepted and held).  A visitor must not notice: requests/s and p99
-     within 10 % of the run with healthy platforms.
+  2. Isolation: the same tracked load with the platforms answering after 5 s, never
+     (the connection accepted and held), and 503 at once (an outage: tagd backs each
+     destination off, one probe at a time).  A visitor must not notice: requests/s and
+     p99 within 10 % of the run with healthy platforms.
   3. Drain rate: a spool filled beforehand (through tagd's own Spool, as if the platforms
      had been down) drained by tagd into instant fakes; events/s until it is empty, and
      requests per event, which shows the batching (Meta and TikTok take up to 1000 events
@@ -23,7 +24,7 @@ browser sends: a browser User-Agent, since bots are not tracked, and the C{_fbp}
 C{_ga} cookies, so that the visitor's ids are read rather than invented.  Configurations
 run one after the other, never together, each tagd and each set of fakes in a process
 of its own, in rounds (three by default): untracked, healthy, spool full, slow, never,
-then again.
+down, then again.
 One run's p99 on a small machine varies by half or more (a garbage collection or a large
 encode in the wrong second), so the targets are judged on each configuration's medians
 (L{medians}); every round is printed too.
@@ -83,8 +84,9 @@ COOKIES = "_fbp=fb.1.1700000000000.1234567890; _ga=GA1.1.1234567890.1700000000"
 LOAD_HEADERS = (f"User-Agent: {USER_AGENT}", f"Cookie: {COOKIES}")
 OVERHEAD_TARGET = 0.8  # tracked req/s over untracked req/s, at least
 ISOLATION_TOLERANCE = 0.10  # req/s and p99 with sick platforms, within this of healthy
-# Sick platforms: (row label, fake mode).  "slow" answers after --delay seconds.
-SICK = (("slow", "slow"), ("never", "hang"))
+# Sick platforms: (row label, fake mode).  "slow" answers after --delay seconds; "down"
+# answers 503 at once, an outage, which puts tagd's destinations in backoff.
+SICK = (("slow", "slow"), ("never", "hang"), ("down", "down"))
 # The visitor's path alone: a spool of one event with platforms that never answer, so that
 # tagd decides, sets the cookies and builds every event as usual, and then refuses all but
 # the first as queue full.  Its requests/s over untracked's is about the most the overhead

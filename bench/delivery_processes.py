@@ -10,9 +10,13 @@ MODE says how they answer a POST:
   - C{ok}: at once, as the platform answers a success (Meta C{{"events_received": N}},
     GA4 204, TikTok C{{"code": 0}});
   - C{slow}: the same answer, DELAY seconds late;
-  - C{hang}: never; the request is read and the connection held until tagd drops it.
+  - C{hang}: never; the request is read and the connection held until tagd drops it;
+  - C{down}: 503 with an empty body at once, as a platform's load balancer in an outage;
+  - C{flaky}: DELAY seconds late, 30 % of requests 503, 10 % 429 with C{Retry-After: 1}
+    (seeded, so that runs compare), the others the success answer.
 
-C{GET /_stats} on any port answers that platform's counters as JSON, whatever the mode.
+C{GET /_stats} on any port answers that platform's counters as JSON, whatever the mode;
+C{GET /_mode/MODE} switches all three platforms to MODE (the end of an outage).
 
 C{fill PATH EVENTS VISITORS DESTINATION...}: write EVENTS page views into a new spool
 file through L{tagd.spool.Spool} itself, owed to each DESTINATION, as if tagd had accepted
@@ -24,11 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import sys
 import time
 
 HOST = "127.0.0.1"
 PLATFORMS = ("meta", "ga4", "tiktok")
+MODES = ("ok", "slow", "hang", "down", "flaky")
 # Where each platform's request body holds its list of events.
 EVENTS_KEY = {"meta": "data", "ga4": "events", "tiktok": "data"}
 # A browser's User-Agent (bots are not tracked): delivery.py's load sends it too.
@@ -47,6 +53,8 @@ class Counters:
         self.bytes = 0
         self.answered = 0
         self.answered_events = 0
+        self.refused = 0  # requests answered with a 503 or a 429
+        self.answered_last_at: float | None = None  # time.monotonic() of the last success
         self.unreadable = 0  # bodies that were not the JSON expected: tagd or fake is wrong
         self.event_ids: set[str] = set()  # Meta and TikTok only: GA4 events carry no id
         self.first_at: float | None = None  # time.monotonic() of the first POST's arrival
@@ -81,6 +89,8 @@ class Counters:
                 "bytes": self.bytes,
                 "answered": self.answered,
                 "answered_events": self.answered_events,
+                "refused": self.refused,
+                "answered_last_at": self.answered_last_at,
                 "unreadable": self.unreadable,
                 "first_at": self.first_at,
                 "first_events": self.first_events,
@@ -106,7 +116,32 @@ def _response(status: str, body: bytes) -> bytes:
     return (head + kind + "\r\n").encode() + body
 
 
-async def _serve_connection(reader, writer, platform: str, counters: Counters, mode: str, delay: float) -> None:
+class Mode:
+    """How the three platforms answer now, shared by them, switched by C{GET /_mode/MODE}."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.rand = random.Random(12)
+
+    def failure(self) -> str | None:
+        """The status line of a refusal, or None to answer as usual."""
+        if self.name == "down":
+            return "503 Service Unavailable"
+        if self.name == "flaky":
+            draw = self.rand.random()
+            if draw < 0.3:
+                return "503 Service Unavailable"
+            if draw < 0.4:
+                return "429 Too Many Requests"
+        return None
+
+
+def _refusal(status: str) -> bytes:
+    retry = "Retry-After: 1\r\n" if status.startswith("429") else ""
+    return f"HTTP/1.1 {status}\r\nContent-Length: 0\r\n{retry}\r\n".encode()
+
+
+async def _serve_connection(reader, writer, platform: str, counters: Counters, mode: Mode, delay: float) -> None:
     """HTTP/1.1 keep-alive with Content-Length bodies: all tagd's client sends."""
     try:
         while True:
@@ -122,23 +157,33 @@ async def _serve_connection(reader, writer, platform: str, counters: Counters, m
             if method == "GET" and target.startswith("/_stats"):
                 writer.write(_response("200 OK", counters.as_json()))
                 continue
+            if method == "GET" and target.startswith("/_mode/") and target[7:] in MODES:
+                mode.name = target[7:]
+                writer.write(_response("200 OK", b"{}"))
+                continue
             events = counters.record(platform, body)
-            if mode == "hang":
+            if mode.name == "hang":
                 await reader.read()  # until tagd gives up and closes the connection
                 return
-            if mode == "slow":
+            if mode.name in ("slow", "flaky"):
                 await asyncio.sleep(delay)
+            refusal = mode.failure()
+            if refusal is not None:
+                writer.write(_refusal(refusal))
+                counters.refused += 1
+                continue
             writer.write(_response(*_answer(platform, events)))
             counters.answered += 1
             counters.answered_events += events
+            counters.answered_last_at = time.monotonic()
     except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError, ValueError):
         pass
     finally:
         writer.close()
 
 
-async def serve_platforms(mode: str, delay: float, ports: list[int]) -> None:
-    servers = []
+async def serve_platforms(name: str, delay: float, ports: list[int]) -> None:
+    servers, mode = [], Mode(name)
     for platform, port in zip(PLATFORMS, ports):
         counters = Counters()
 
@@ -200,7 +245,7 @@ def fill(path: str, count: int, visitors: int, destinations: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if argv[:1] == ["platforms"] and len(argv) == 6 and argv[1] in ("ok", "slow", "hang"):
+    if argv[:1] == ["platforms"] and len(argv) == 6 and argv[1] in MODES:
         asyncio.run(serve_platforms(argv[1], float(argv[2]), [int(p) for p in argv[3:6]]))
     elif argv[:1] == ["fill"] and len(argv) >= 5:
         fill(argv[1], int(argv[2]), int(argv[3]), argv[4:])

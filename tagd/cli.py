@@ -30,7 +30,7 @@ from twisted.internet.task import react
 from tagd.config import Config, ConfigError, DestinationConfig, SpoolSettings
 from tagd.delivery import http_client
 from tagd.demo.__main__ import SUMMARY as DEMO_SUMMARY, add_arguments as demo_arguments, main as demo_main
-from tagd.destinations import Describing, Destination, Outcome, OutgoingRequest
+from tagd.destinations import Describing, Destination, Outcome, OutgoingRequest, meta
 from tagd.destinations._common import public_url, redact
 from tagd.destinations.registry import destination_module
 from tagd.destinations.webhook import MIN_SECRET, WebhookDestination
@@ -256,6 +256,7 @@ def destination_values(
         "name": destination.name,
         "timeout": destination.timeout,
         "consent_purpose": destination.consent_purpose,
+        "concurrency": destination.concurrency,
     }
     for key in keys:
         value = getattr(destination.destination, key)
@@ -298,10 +299,15 @@ def resolved_toml(config: Config) -> str:
 
 def check_config(args: argparse.Namespace) -> None:
     """Validate a configuration and show what the daemon would run with; the file is named
-    by C{--config} as for every command, or, as it always could be, by C{FILE}."""
+    by C{--config} as for every command, or, as it always could be, by C{FILE}.  Warn (on
+    stderr, the output staying a configuration) about what works today but will not for long."""
     if args.file is not None and args.config is not None and args.file != args.config:
         raise CommandError(f"check-config: two files named ({args.config} and {args.file}): name one")
-    print(resolved_toml(load(args.config or args.file)))
+    config = load(args.config or args.file)
+    print(resolved_toml(config))
+    for destination in config.destinations:
+        if destination.type == meta.TYPE and (why := meta.outdated(destination.destination.api_version)):
+            print(f"tagd: warning: {destination.name}: {why}", file=sys.stderr)
 
 
 # tagd send-test-event

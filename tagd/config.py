@@ -103,10 +103,14 @@ class DeliveryConfig:
     """The C{[delivery]} table: how the dispatcher drains the spool."""
 
     poll_interval: float = 1.0
-    concurrency: int = 2
-    backoff_base: float = 1.0
+    # Requests in flight per destination; None: each destination type's own default.
+    concurrency: int | None = None
+    backoff_base: float = 0.25
     backoff_cap: float = 600.0
     max_retry_after: float = 3600.0
+    outage_backoff_cap: float = 5.0
+    outage_reminder: float = 300.0
+    max_attempts: int = 10
 
 
 @attrs.frozen
@@ -127,6 +131,7 @@ class DestinationConfig:
     type: str
     name: str
     timeout: float
+    concurrency: int
     destination: Any = attrs.field(repr=False)
     secrets: tuple[str, ...] = ()
     consent_purpose: str = NONE
@@ -346,6 +351,9 @@ _DELIVERY_FIELDS: dict[str, _Field] = {
     "backoff_base": _SECONDS,
     "backoff_cap": _SECONDS,
     "max_retry_after": _SECONDS,
+    "outage_backoff_cap": _SECONDS,
+    "outage_reminder": _SECONDS,
+    "max_attempts": ((int,), "a whole number", _positive),
 }
 _ADMIN_FIELDS: dict[str, _Field] = {
     "listen": ((str,), "a string", _endpoint_string),
@@ -379,6 +387,7 @@ _DESTINATION_COMMON: dict[str, _Field] = {
     "name": ((str,), "a string", _destination_name),
     "timeout": ((int, float), "a number of seconds", _positive),
     "consent_purpose": ((str,), "a string", _one_of(CONSENT_PURPOSES)),
+    "concurrency": ((int,), "a whole number", _positive),
 }
 
 
@@ -542,8 +551,15 @@ def _destination_type(path: str, prefix: str, raw: Any) -> str:
 
 
 def _destination(
-    path: str, index: int, raw: Any, environ: Mapping[str, str], references: dict[str, Any]
+    path: str,
+    index: int,
+    raw: Any,
+    environ: Mapping[str, str],
+    references: dict[str, Any],
+    concurrency: int | None,
 ) -> DestinationConfig:
+    """One C{[[destinations]]} table; C{concurrency} is C{[delivery] concurrency}, which a
+    table's own C{concurrency} overrides, and which overrides the type's default."""
     prefix = f"destinations[{index}]"
     kind = _destination_type(path, prefix, raw)
     module = destination_module(kind)
@@ -570,6 +586,7 @@ def _destination(
         type=kind,
         name=name,
         timeout=float(values.get("timeout", module.DEFAULT_TIMEOUT)),
+        concurrency=values.get("concurrency", concurrency or module.DEFAULT_CONCURRENCY),
         destination=destination,
         secrets=tuple(module.SECRETS),
         consent_purpose=values.get("consent_purpose", DEFAULT_PURPOSES[kind]),
@@ -583,10 +600,10 @@ def _destination_tables(path: str, raw: Any) -> list:
 
 
 def _destinations(
-    path: str, raw: Any, environ: Mapping[str, str], references: dict[str, Any]
+    path: str, raw: Any, environ: Mapping[str, str], references: dict[str, Any], concurrency: int | None
 ) -> tuple[DestinationConfig, ...]:
     destinations = tuple(
-        _destination(path, i, item, environ, references)
+        _destination(path, i, item, environ, references, concurrency)
         for i, item in enumerate(_destination_tables(path, raw))
     )
     seen = set()
@@ -629,7 +646,9 @@ def parse_config(
         name: _table(path, name, raw.get(name, {}), overrides.get(name, {}), environ, references)
         for name in _TABLES
     }
-    destinations = _destinations(path, raw.get("destinations", []), environ, references)
+    destinations = _destinations(
+        path, raw.get("destinations", []), environ, references, tables["delivery"].concurrency
+    )
     tracking = tables["tracking"]
     if tracking.consent_source and tracking.consent_cookie:
         raise ConfigError(

@@ -44,6 +44,12 @@ MAX_BEHIND = 1024 * 1024
 RECONNECT_MS = 3000
 
 _JSON = b"application/json"
+# The per-destination gauges of L{stats}' C{state}, by the key each goes under.
+_STATE = {
+    "tagd_destination_up": "up",
+    "tagd_spool_backlog_events": "backlog",
+    "tagd_spool_oldest_pending_seconds": "oldest_seconds",
+}
 
 
 def _page() -> tuple[bytes, bytes]:
@@ -87,8 +93,10 @@ class Page(Resource):
 def stats(registry: CollectorRegistry, destinations) -> dict:
     """The counters the dashboard shows, from C{registry}'s samples: visitors' answers by
     status, requests in flight, events accepted, delivery outcomes by destination (C{dead}
-    counts dead letters since start), drops by reason, the spool's depth (None
-    without a spool) and the match keys' coverage (L{tagd.matchkeys.coverage}); with the
+    counts dead letters since start), each destination's state (C{up}: 1, or 0 while it
+    is out or refuses the credentials) and backlog (events owed, the oldest's age in
+    seconds), drops by reason, the spool's depth (None without a spool) and the match
+    keys' coverage (L{tagd.matchkeys.coverage}); with the
     destinations and every outcome, which the page's filters and table offer."""
     counts: dict = {
         "destinations": list(destinations),
@@ -97,6 +105,7 @@ def stats(registry: CollectorRegistry, destinations) -> dict:
         "in_flight": 0,
         "accepted": 0,
         "delivered": {name: {} for name in destinations},
+        "state": {name: {} for name in destinations},
         "dropped": {},
         "spool": None,
     }
@@ -113,6 +122,8 @@ def stats(registry: CollectorRegistry, destinations) -> dict:
                 counts["accepted"] = value
             elif name == "tagd_events_delivered_total":
                 counts["delivered"].setdefault(labels["destination"], {})[labels["outcome"]] = value
+            elif name in _STATE:
+                counts["state"].setdefault(labels["destination"], {})[_STATE[name]] = value
             elif name == "tagd_tracking_dropped_total":
                 counts["dropped"][labels["reason"]] = value
             elif name.startswith("tagd_spool_"):

@@ -77,10 +77,12 @@ def by_unsendable_reason(
 
 @attrs.frozen
 class Route:
-    """A destination and how long one request to it may take."""
+    """A destination, how long one request to it may take, and how many may be in flight
+    at once (None: as many as the dispatcher allows every destination that does not say)."""
 
     destination: Destination
     timeout: float
+    concurrency: int | None = None
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):

@@ -7,11 +7,17 @@ visitor per request), POSTs them with treq, at most C{concurrency} at once, and 
 the rows of every request by the platform's verdict on it:
 
   - success: acknowledged, done;
-  - transient (5xx, timeout, reset, the platform's transient codes): retried later, with
-    exponential backoff and full jitter so that many rows failing together do not come
-    back together;
+  - transient (5xx, timeout, reset, the platform's transient codes): when every request
+    is meeting it (L{tagd.outage} says when), the destination is out: it backs off as a
+    whole, one probe request at a time, and the rows go back to pending with no attempt
+    counted, until the first success ends the outage and the backlog drains at full
+    speed.  While other requests succeed, the failure is the rows' own: retried later,
+    with exponential backoff and full jitter so that many rows failing together do not
+    come back together, and dead-lettered with the platform's last message after
+    C{max_attempts};
   - throttle (429, throttle codes): the whole destination pauses, for C{Retry-After} when
-    the platform says, and the rows go back to pending untouched;
+    the platform says, and the rows go back to pending untouched; requests waiting for
+    a slot wait out a short pause (L{THROTTLE_WAIT}) and go then;
   - permanent: a batch is split in halves and each half sent again, so that one poison
     event cannot sink the others; a single event is dead-lettered with the platform's
     message;
@@ -23,9 +29,14 @@ the rows of every request by the platform's verdict on it:
     the platform accepts a request again; once the token is fixed (a reload gives the
     destination a new lane, unpaused) delivery resumes with nothing lost.
 
-Throttled and refused rows go back with their attempt count unchanged: the platform
-refused the destination's rate or credentials, not those events, and counting it would
-lengthen their own backoff for a fault that is not theirs.  Pauses live in memory; after
+Throttled, refused and outage-struck rows go back with their attempt count unchanged: the
+platform refused the destination's rate, credentials or service, not those events, and
+counting it would lengthen their own backoff for a fault that is not theirs.
+
+Every few seconds (L{BACKLOG_EVERY}) the dispatcher reads each destination's backlog
+from the spool, for C{tagd_spool_oldest_pending_seconds}, the dashboard and the outage's
+lines; C{tagd_destination_up} is 0 while a destination is out or its credentials are
+refused.  Pauses live in memory; after
 a restart the first request asks again, and a platform still refusing restores them.
 
 Counted outcomes: C{transient}, C{throttle}, C{auth} and C{permanent} count the events of
@@ -49,6 +60,7 @@ from typing import Any, Protocol, Sequence
 
 import attrs
 import treq
+from prometheus_client.core import GaugeMetricFamily
 from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import (
@@ -60,15 +72,19 @@ from twisted.internet.defer import (
     gatherResults,
     succeed,
 )
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from tagd.delivery import Route, by_unsendable_reason, expired
-from tagd.destinations import Describing, Outcome, OutgoingRequest, Verdict
+from tagd.destinations import Advising, Describing, Outcome, OutgoingRequest, Verdict
 from tagd.events import Event
 from tagd.metrics import Metrics
+from tagd.outage import Outage, doubled
 from tagd.outcomes import DEAD, EXPIRED, Outcomes
+from tagd.ratelimit import RateLimitedLog
+from tagd.spool import Backlog
 
 log = Logger()
 
@@ -84,8 +100,14 @@ AUTH_PAUSE = 10.0
 # with many visitors, one lease per request or two.  A large lease keeps every request
 # slot busy; each of its requests is still settled by itself.
 LEASE = 1000
-# 2 ** 64 backoff bases are far beyond any cap; a larger exponent would overflow a float.
-MAX_EXPONENT = 64
+# Seconds a request waits for a throttle's end in its slot, at most; after a longer pause
+# its rows go back to the spool, to be leased again.
+THROTTLE_WAIT = 10.0
+# Requests in flight per destination when neither its route nor the dispatcher says.
+CONCURRENCY = 2
+# Seconds between looks at the spool's backlog (for the gauges, the dashboard and the
+# outage lines), at most; a shorter outage reminder shortens it.
+BACKLOG_EVERY = 5.0
 
 _DELAY_SECONDS = re.compile(r"[0-9]+")
 
@@ -108,7 +130,9 @@ class Spool(Protocol):
     def lease(self, destination: str, limit: int, now: float) -> Deferred: ...
     def ack(self, destination: str, keys: Sequence[Hashable]) -> Deferred: ...
     def retry(self, destination: str, keys: Sequence[Hashable], next_at: float, error: str) -> Deferred: ...
+    def postpone(self, destination: str, keys: Sequence[Hashable], next_at: float, error: str) -> Deferred: ...
     def release(self, destination: str, keys: Sequence[Hashable]) -> Deferred: ...
+    def backlog(self) -> Deferred: ...
     def dead(self, destination: str, keys: Sequence[Hashable], error: str) -> Deferred: ...
     def expire(self, destination: str, keys: Sequence[Hashable]) -> Deferred: ...
 
@@ -201,6 +225,7 @@ class _Lane:
     route: Route
     slots: DeferredSemaphore
     acks: _Acks
+    outage: Outage
     paused_until: float = 0.0
     throttles: int = 0  # throttled answers since the last success
     refusals: int = 0  # pauses for refused credentials since the last success
@@ -210,10 +235,41 @@ class _Lane:
     inflight: set[Deferred] = attrs.field(factory=set)
     loop: Deferred | None = None  # the running _run, once started
     retired: bool = False  # replaced or removed by a reroute: leases nothing more
+    advised: set[str] = attrs.field(factory=set)  # the platform's advice, said once each
+    waiting: set[Deferred] = attrs.field(factory=set)  # requests waiting for a slot
+    sleeping: set[Deferred] = attrs.field(factory=set)  # requests waiting for a throttle's end
 
     @property
     def name(self) -> str:
         return self.route.destination.name
+
+
+class BacklogCollector:
+    """Each destination's backlog as the dispatcher last read it (every L{BACKLOG_EVERY}
+    seconds), as Prometheus metrics when scraped: a scrape never waits on SQLite."""
+
+    def __init__(self, dispatcher: Dispatcher, reactor) -> None:
+        self._dispatcher = dispatcher
+        self._reactor = reactor
+
+    def collect(self):
+        owed = GaugeMetricFamily(
+            "tagd_spool_backlog_events",
+            "Events owed to the destination (pending or in flight), as read from the spool every few seconds.",
+            labels=["destination"],
+        )
+        oldest = GaugeMetricFamily(
+            "tagd_spool_oldest_pending_seconds",
+            "Seconds since the oldest event owed to the destination was accepted; 0 when none is owed.",
+            labels=["destination"],
+        )
+        now = self._reactor.seconds()
+        for name in self._dispatcher.destinations:
+            backlog = self._dispatcher.backlog.get(name)
+            owed.add_metric([name], backlog.owed if backlog else 0)
+            oldest.add_metric([name], max(0.0, now - backlog.oldest) if backlog else 0.0)
+        yield owed
+        yield oldest
 
 
 class Dispatcher(Service):
@@ -223,11 +279,16 @@ class Dispatcher(Service):
     @param routes: the destinations, each with its request timeout.
     @param http: the treq client for the platforms (L{tagd.delivery.http_client}).
     @param poll_interval: seconds between looks at the spool when nobody calls L{wake}.
-    @param concurrency: requests in flight per destination, at most; also the number of
-        leases a destination holds at once, so that a backlog stays in the spool.
+    @param concurrency: requests in flight per destination whose route does not say
+        (L{Route.concurrency}), at most; also the number of leases a destination holds
+        at once, so that a backlog stays in the spool.
     @param backoff_base: seconds; the n-th retry waits up to C{backoff_base * 2**n}.
     @param backoff_cap: seconds; no retry waits longer.
     @param max_retry_after: seconds; the longest pause a platform's C{Retry-After} gets.
+    @param outage_backoff_cap: seconds; the longest a destination that is out waits
+        between probes.
+    @param outage_reminder: seconds between the reminders that a destination is still out.
+    @param max_attempts: a row's own failed attempts before it is a dead letter.
     @param rand: the jitter's source; pass a seeded one for reproducible tests.
     @param outcomes: told of every outcome (by default counted in C{metrics} only).
     """
@@ -241,10 +302,13 @@ class Dispatcher(Service):
         http: HTTPClient,
         metrics: Metrics,
         poll_interval: float = 1.0,
-        concurrency: int = 2,
-        backoff_base: float = 1.0,
+        concurrency: int | None = None,
+        backoff_base: float = 0.25,
         backoff_cap: float = 600.0,
         max_retry_after: float = 3600.0,
+        outage_backoff_cap: float = 5.0,
+        outage_reminder: float = 300.0,
+        max_attempts: int = 10,
         rand: random.Random | None = None,
         outcomes: Outcomes | None = None,
     ) -> None:
@@ -254,6 +318,10 @@ class Dispatcher(Service):
         self._metrics = metrics
         self._outcomes = outcomes if outcomes is not None else Outcomes(metrics)
         self._rand = rand if rand is not None else random.Random()
+        self._said = RateLimitedLog(log, reactor.seconds)
+        self.backlog: dict[str, Backlog] = {}  # by destination, as last read (BACKLOG_EVERY)
+        self._looking = LoopingCall(self._look)
+        self._looking.clock = reactor
         self._lanes: dict[str, _Lane] = {}
         self._retiring: set[_Lane] = set()  # retired lanes still settling what they leased
         self.reroute(
@@ -263,6 +331,9 @@ class Dispatcher(Service):
             backoff_base=backoff_base,
             backoff_cap=backoff_cap,
             max_retry_after=max_retry_after,
+            outage_backoff_cap=outage_backoff_cap,
+            outage_reminder=outage_reminder,
+            max_attempts=max_attempts,
         )
 
     # -- the service ------------------------------------------------------------------
@@ -272,6 +343,9 @@ class Dispatcher(Service):
         super().startService()
         for lane in self._lanes.values():
             self._start(lane)
+        self._looking.start(min(BACKLOG_EVERY, self._outage_reminder)).addErrback(
+            lambda failure: log.failure("the look at the spool's backlog stopped", failure)
+        )
 
     def stopService(self) -> Deferred:
         """Stop leasing and cancel the requests in flight; their rows go back to pending.
@@ -280,9 +354,12 @@ class Dispatcher(Service):
         may be closed after it, and nothing that was leased is left in flight.
         """
         super().stopService()
+        if self._looking.running:
+            self._looking.stop()
         lanes = [*self._lanes.values(), *self._retiring]
         for lane in lanes:
             self._rouse(lane)
+            self._hold(lane)
             for exchange in list(lane.inflight):
                 exchange.cancel()
         return gatherResults([self._settled(lane) for lane in lanes]).addCallback(lambda _: None)
@@ -292,10 +369,13 @@ class Dispatcher(Service):
         routes: Sequence[Route],
         *,
         poll_interval: float,
-        concurrency: int,
+        concurrency: int | None,
         backoff_base: float,
         backoff_cap: float,
         max_retry_after: float,
+        outage_backoff_cap: float,
+        outage_reminder: float,
+        max_attempts: int,
     ) -> Deferred:
         """Deliver to C{routes}, with these settings, from now on (see the constructor;
         a configuration reload calls this while the dispatcher runs).
@@ -305,26 +385,29 @@ class Dispatcher(Service):
         flight finish and are settled as usual, and its batches not yet sent release their
         rows, which the new lane of that name (if any) then leases with the new route.  A
         lane is never changed under a batch: a batch is sent, classified and split by the
-        route it was leased for.  A new concurrency retires every lane, since it sizes
-        their request slots; a lane retired for that alone hands its pause (a throttle's,
-        refused credentials') to its successor, as the platform would still answer the
-        same route the same way.
+        route it was leased for.  A new concurrency retires the lanes it applies to, since
+        it sizes their request slots; a lane retired for that alone hands its pause (a
+        throttle's, refused credentials', an outage's) to its successor, as the platform
+        would still answer the same route the same way.
 
         Fires once every retired lane has settled or released all it leased: from then on
         no row of a removed destination is in flight.
         """
-        if concurrency < 1:
+        if concurrency is not None and concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self._poll_interval = poll_interval
         self._concurrency = concurrency
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
         self._max_retry_after = max_retry_after
+        self._outage_backoff_cap = outage_backoff_cap
+        self._outage_reminder = outage_reminder
+        self._max_attempts = max_attempts
         wanted = {route.destination.name: route for route in routes}
         retired = [
             lane
             for name, lane in self._lanes.items()
-            if wanted.get(name) != lane.route or lane.slots.limit != concurrency
+            if wanted.get(name) != lane.route or lane.slots.limit != self._slots(lane.route)
         ]
         replaced = {lane.name: lane for lane in retired}
         for lane in retired:
@@ -332,26 +415,67 @@ class Dispatcher(Service):
             lane.retired = True
             self._retiring.add(lane)
             self._rouse(lane)
+            self._hold(lane)
             if lane.name not in wanted:
                 self._metrics.credentials_refused.remove(lane.name)
+                self._metrics.destination_up.remove(lane.name)
+                self.backlog.pop(lane.name, None)
         for name, route in wanted.items():
             if name not in self._lanes:
-                lane = self._lanes[name] = _Lane(route, DeferredSemaphore(concurrency), _Acks(self._spool, name))
+                lane = self._lanes[name] = _Lane(
+                    route, DeferredSemaphore(self._slots(route)), _Acks(self._spool, name), self._outage(name)
+                )
                 previous = replaced.get(name)
-                if previous is not None and previous.route == route:
+                if previous is not None and attrs.evolve(previous.route, concurrency=route.concurrency) == route:
                     lane.paused_until = previous.paused_until
                     lane.throttles = previous.throttles
                     lane.refusals = previous.refusals
+                    lane.outage = attrs.evolve(previous.outage, cap=self._outage_backoff_cap, reminder=self._outage_reminder)
                 else:
                     # A new route (a new token, say) has not been refused yet.
                     self._metrics.credentials_refused.labels(name).set(0)
+                self._show_up(lane)
                 if self.running:
                     self._start(lane)
         return gatherResults([self._settled(lane) for lane in retired]).addCallback(lambda _: None)
 
+    @property
+    def destinations(self) -> list[str]:
+        """The names of the destinations delivered to now."""
+        return list(self._lanes)
+
     def wake(self, destination: str) -> None:
         """Look at C{destination}'s rows now: the spool has new ones."""
         self._rouse(self._lanes[destination])
+
+    def _slots(self, route: Route) -> int:
+        """The requests a route may have in flight: its own number, else the dispatcher's."""
+        return route.concurrency or self._concurrency or CONCURRENCY
+
+    def _outage(self, name: str) -> Outage:
+        return Outage(
+            name,
+            base=self._backoff_base,
+            cap=self._outage_backoff_cap,
+            reminder=self._outage_reminder,
+            rand=self._rand,
+        )
+
+    def _show_up(self, lane: _Lane) -> None:
+        """C{tagd_destination_up}: 0 while the destination is out or refuses the credentials."""
+        up = not (lane.outage.out or lane.refusals)
+        self._metrics.destination_up.labels(lane.name).set(int(up))
+
+    async def _look(self) -> None:
+        """Read every destination's backlog, and let each outage say what changed."""
+        try:
+            self.backlog = await self._spool.backlog()
+        except Exception:
+            self._said.warn("backlog", "cannot read the spool's backlog; trying again in a few seconds")
+            return
+        now = self._reactor.seconds()
+        for lane in self._lanes.values():
+            lane.outage.report(now, self.backlog.get(lane.name))
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -387,13 +511,14 @@ class Dispatcher(Service):
         now = self._reactor.seconds()
         if lane.paused_until > now:
             await self._nap(lane, lane.paused_until - now)
-        elif len(lane.batches) >= self._concurrency:
+        elif len(lane.batches) >= lane.slots.limit or (lane.outage.out and lane.batches):
             await self._nap(lane, None)  # until a batch ends
         else:
             await self._lease(lane, now)
 
     async def _lease(self, lane: _Lane, now: float) -> None:
-        limit = max(LEASE, lane.route.destination.max_batch)
+        """Lease a batch, or while the destination is out one row: the next probe."""
+        limit = 1 if lane.outage.out else max(LEASE, lane.route.destination.max_batch)
         rows = await self._spool.lease(lane.name, limit, now)
         if not rows:
             await self._nap(lane, self._poll_interval)
@@ -521,22 +646,62 @@ class Dispatcher(Service):
 
     async def _send(self, lane: _Lane, request: OutgoingRequest, rows: Sequence[Lease]) -> Sequence[Lease]:
         """Send C{request} in one of the lane's slots, then settle its rows outside it;
-        returns the rows left unsettled because the request was not sent or was cancelled."""
-        await lane.slots.acquire()
+        returns the rows left unsettled because the request was not sent or was cancelled.
+
+        A request waiting for a slot when the lane stops sending (a pause, shutdown) is
+        let go by L{_hold}, never through the slot: a slot released to a waiter runs it
+        at once, inside the release, and a thousand waiters that each give the slot back
+        unsent would nest a thousand deep."""
+        if not self._may_send(lane):
+            return rows
+        acquiring = lane.slots.acquire()
+        lane.waiting.add(acquiring)
         try:
+            await acquiring
+        except CancelledError:
+            return rows
+        finally:
+            lane.waiting.discard(acquiring)
+        try:
+            await self._throttled(lane)
+            sent_at = self._reactor.seconds()
             answer = await self._attempt(lane, request) if self._may_send(lane) else None
             if answer is not None:
-                self._heed(lane, answer[1])
+                mine = self._heed(lane, answer[1], sent_at, len(rows))
         finally:
             lane.slots.release()
         if answer is None:
             return rows
-        await self._settle(lane, request, rows, *answer)
+        await self._settle(lane, request, rows, *answer, mine)
         return ()
 
     def _may_send(self, lane: _Lane) -> bool:
         """Not once stopping or retired, nor while the platform asked us to pause."""
         return self._live(lane) and lane.paused_until <= self._reactor.seconds()
+
+    def _hold(self, lane: _Lane) -> None:
+        """Let go of the requests waiting for a slot, or for a throttle's end in one: the
+        lane sends nothing for now."""
+        for waiting in [*lane.waiting, *lane.sleeping]:
+            waiting.cancel()
+
+    async def _throttled(self, lane: _Lane) -> None:
+        """Wait out a throttle's pause in the slot, and send then: a pause of a second or
+        two, as a platform's C{Retry-After} asks, costs no new lease and encoding of what
+        waits.  A longer pause (over L{THROTTLE_WAIT}), an outage, refused credentials,
+        shutdown or a reroute lets go (L{_hold}), and the rows go back to the spool."""
+        while self._live(lane) and not (lane.outage.out or lane.refusals):
+            wait = lane.paused_until - self._reactor.seconds()
+            if not 0 < wait <= THROTTLE_WAIT:
+                return
+            pause = deferLater(self._reactor, wait)
+            lane.sleeping.add(pause)
+            try:
+                await pause
+            except CancelledError:
+                return
+            finally:
+                lane.sleeping.discard(pause)
 
     async def _attempt(self, lane: _Lane, request: OutgoingRequest) -> tuple[int | None, Verdict] | None:
         """The HTTP status and the verdict; C{None} when shutdown cancelled the request."""
@@ -553,11 +718,20 @@ class Dispatcher(Service):
             return None, Verdict(Outcome.TRANSIENT, f"no answer: {type(e).__name__}")
         finally:
             lane.inflight.discard(exchange)
-        verdict = lane.route.destination.classify(response.code, body)
+        destination = lane.route.destination
+        verdict = destination.classify(response.code, body)
         if verdict.retry_after is None:
             asked = retry_after(response.headers, self._reactor.seconds())
             verdict = attrs.evolve(verdict, retry_after=asked)
+        if isinstance(destination, Advising):
+            self._advise(lane, destination.advice(response.code, response.headers, body))
         return response.code, verdict
+
+    def _advise(self, lane: _Lane, advice: str | None) -> None:
+        """What the platform's answer asks of the operator, logged once per destination."""
+        if advice and advice not in lane.advised:
+            lane.advised.add(advice)
+            log.warn("{destination}: {advice}", destination=lane.name, advice=advice)
 
     async def _exchange(self, request: OutgoingRequest) -> tuple[Any, bytes]:
         """POST and read the whole answer; one timeout covers both (see L{_attempt})."""
@@ -566,23 +740,36 @@ class Dispatcher(Service):
         )
         return response, await treq.content(response)
 
-    def _heed(self, lane: _Lane, verdict: Verdict) -> None:
+    def _heed(self, lane: _Lane, verdict: Verdict, sent_at: float, count: int) -> bool:
         """What an answer means for the whole destination (a pause, or the end of one),
         decided before its slot passes to the next request: releasing the slot starts
         that request at once, which must not go out after a pause began.
 
-        A retired lane's answers say nothing of the destination any more: its requests
-        left with the old route (an old token, say), and the lane that replaced it, or the
-        destination's removal, decides its pause and its gauge."""
+        Returns whether a transient failure is the rows' own (see L{tagd.outage}); a
+        retired lane's always are.  A retired lane's answers say nothing of the
+        destination any more: its requests left with the old route (an old token, say),
+        and the lane that replaced it, or the destination's removal, decides its pause
+        and its gauges."""
         if lane.retired:
-            return
+            return True
+        now = self._reactor.seconds()
         if verdict.outcome is Outcome.SUCCESS:
             lane.throttles = 0
+            if lane.outage.succeeded(now, count):
+                self._rouse(lane)  # the backlog drains now, not at the next poll
             self._accepted(lane)
         elif verdict.outcome is Outcome.THROTTLE:
             self._pause(lane, verdict.retry_after)
         elif verdict.outcome is Outcome.AUTH:
             self._refused(lane, verdict.message)
+        elif verdict.outcome is Outcome.TRANSIENT:
+            theirs, delay = lane.outage.failed(now, sent_at, verdict.message)
+            if delay is not None:
+                lane.paused_until = max(lane.paused_until, now + delay)
+                self._hold(lane)
+            self._show_up(lane)
+            return not theirs
+        return True
 
     async def _settle(
         self,
@@ -591,9 +778,10 @@ class Dispatcher(Service):
         rows: Sequence[Lease],
         status: int | None,
         verdict: Verdict,
+        mine: bool,
     ) -> None:
         """Record what the platform's answer means for C{rows} (for the destination:
-        L{_heed})."""
+        L{_heed}, which told whether a transient failure is C{mine}, the rows' own)."""
         outcome = verdict.outcome
         if not verdict.refused:  # else counted event by event, by _partly_delivered
             self._count(lane, outcome.value, rows, status, verdict.message)
@@ -610,8 +798,14 @@ class Dispatcher(Service):
             await self._partly_delivered(lane, rows, status, verdict)
         elif outcome is Outcome.SUCCESS:
             await lane.acks.ack(_keys(rows))
-        elif outcome is Outcome.TRANSIENT:
+        elif outcome is Outcome.TRANSIENT and mine:
             await self._retry(lane, rows, verdict.message)
+        elif outcome is Outcome.TRANSIENT:
+            # Due when the pause ends, behind the rows not tried yet: the next probe carries
+            # another event, so one that the platform fails for itself cannot hold the
+            # destination out for good.
+            next_at = max(lane.paused_until, self._reactor.seconds())
+            await self._spool.postpone(lane.name, _keys(rows), next_at, verdict.message)
         elif outcome in (Outcome.THROTTLE, Outcome.AUTH):
             await self._release(lane, rows)
         else:
@@ -622,15 +816,16 @@ class Dispatcher(Service):
     def _backoff(self, attempts: int) -> float:
         """Seconds to wait after C{attempts} earlier failures: full jitter, uniformly
         between 0 and C{min(cap, base * 2**attempts)}."""
-        return self._rand.uniform(0, self._doubled(self._backoff_base, attempts))
-
-    def _doubled(self, base: float, times: int) -> float:
-        """C{base} doubled C{times} times, capped at C{backoff_cap}."""
-        return min(self._backoff_cap, base * 2 ** min(times, MAX_EXPONENT))
+        return self._rand.uniform(0, doubled(self._backoff_base, attempts, self._backoff_cap))
 
     async def _retry(self, lane: _Lane, rows: Sequence[Lease], error: str) -> None:
+        """The rows' own failure: another attempt later, or, after C{max_attempts}, a dead
+        letter with the platform's last message."""
         now = self._reactor.seconds()
         for attempts, group in _by_attempts(rows).items():
+            if attempts + 1 >= self._max_attempts:
+                await self._dead(lane, group, f"{attempts + 1} attempts failed; the last: {error}")
+                continue
             await self._spool.retry(lane.name, _keys(group), now + self._backoff(attempts), error)
             self._metrics.delivery_retries.labels(lane.name).inc(len(group))
 
@@ -641,7 +836,10 @@ class Dispatcher(Service):
         delay = min(max(delay, MIN_PAUSE), self._max_retry_after)
         lane.throttles += 1
         lane.paused_until = max(lane.paused_until, self._reactor.seconds() + delay)
-        log.info("{destination}: throttled, pausing for {delay:.1f} s", destination=lane.name, delay=delay)
+        self._said.info(
+            f"throttle {lane.name}", "{destination}: throttled, pausing for {delay:.1f} s",
+            destination=lane.name, delay=delay,
+        )
 
     def _refused(self, lane: _Lane, message: str) -> None:
         """The platform refused the destination's credentials: pause it (L{AUTH_PAUSE},
@@ -653,10 +851,12 @@ class Dispatcher(Service):
         now = self._reactor.seconds()
         if lane.refusals and lane.paused_until > now:
             return
-        delay = self._doubled(AUTH_PAUSE, lane.refusals)
+        delay = doubled(AUTH_PAUSE, lane.refusals, self._backoff_cap)
         lane.refusals += 1
         lane.paused_until = max(lane.paused_until, now + delay)
+        self._hold(lane)
         self._metrics.credentials_refused.labels(lane.name).set(1)
+        self._show_up(lane)
         if lane.refusals == 1:
             log.error(
                 "{destination}: the platform refuses this destination's credentials, so nothing"
@@ -674,11 +874,12 @@ class Dispatcher(Service):
             )
 
     def _accepted(self, lane: _Lane) -> None:
-        """A request went through: whatever refusal there was is over."""
+        """A request went through: whatever refusal or outage there was is over."""
         if lane.refusals:
             lane.refusals = 0
             self._metrics.credentials_refused.labels(lane.name).set(0)
             log.info("{destination}: credentials accepted again, delivering", destination=lane.name)
+        self._show_up(lane)
 
     async def _release(self, lane: _Lane, rows: Sequence[Lease]) -> None:
         await self._spool.release(lane.name, _keys(rows))

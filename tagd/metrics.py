@@ -30,6 +30,7 @@ class Metrics:
     delivery_retries: Counter = attrs.field(init=False)
     config_reloads: Counter = attrs.field(init=False)
     credentials_refused: Gauge = attrs.field(init=False)
+    destination_up: Gauge = attrs.field(init=False)
     visitor_connections: Gauge = attrs.field(init=False)
     visitor_connections_refused: Counter = attrs.field(init=False)
     consent_withheld: Counter = attrs.field(init=False)
@@ -75,6 +76,12 @@ class Metrics:
         self.credentials_refused = Gauge(
             "tagd_destination_credentials_refused",
             "1 while the platform refuses the destination's credentials and nothing is sent to it.",
+            ["destination"],
+            registry=self.registry,
+        )
+        self.destination_up = Gauge(
+            "tagd_destination_up",
+            "1 while the destination accepts requests; 0 while it is out (every request fails) or refuses the credentials.",
             ["destination"],
             registry=self.registry,
         )

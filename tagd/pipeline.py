@@ -20,7 +20,7 @@ from twisted.logger import Logger
 
 from tagd.config import Config
 from tagd.delivery import DirectDelivery, Route, http_client
-from tagd.dispatcher import Dispatcher
+from tagd.dispatcher import BacklogCollector, Dispatcher
 from tagd.events import Event
 from tagd.feed import Feed
 from tagd.metrics import Metrics
@@ -40,6 +40,14 @@ ABANDONED = "destination no longer configured"
 # destinations) holds the next group commit back for some tens of milliseconds, which no
 # visitor waits for.
 RECOUNT_INTERVAL = 60.0
+# Connections kept open to each platform, at least.
+POOL_SIZE = 10
+
+
+def _pool_size(config: Config) -> int:
+    """Connections kept open to each platform: as many as its requests in flight, so that
+    none is opened afresh (a TLS handshake) for every request of a GA4 backlog."""
+    return max([POOL_SIZE, *(d.concurrency for d in config.destinations)])
 
 
 class _Enqueue:
@@ -103,8 +111,8 @@ class Delivery(Service):
         self._metrics = metrics
         self._outcomes = Outcomes(metrics, feed)
         self._spool = spool
-        self._http, self._pool = http_client(reactor)
-        self._routes = {d.name: Route(d.destination, d.timeout) for d in config.destinations}
+        self._http, self._pool = http_client(reactor, _pool_size(config))
+        self._routes = {d.name: Route(d.destination, d.timeout, d.concurrency) for d in config.destinations}
         self._outcomes.configured(list(self._routes))
         self._dispatcher: Dispatcher | None = None
         self._recounting: LoopingCall | None = None
@@ -120,6 +128,7 @@ class Delivery(Service):
             outcomes=self._outcomes,
             **attrs.asdict(config.delivery),
         )
+        metrics.registry.register(BacklogCollector(self._dispatcher, reactor))
         spool.on_commit = self._wake
         self._recounting = LoopingCall(self._recount)
         self._recounting.clock = reactor
@@ -172,12 +181,13 @@ class Delivery(Service):
         it leased.  Fires when that is done.
         """
         self._routes = {
-            d.name: self._routes[d.name]
+            d.name: attrs.evolve(self._routes[d.name], concurrency=d.concurrency)
             if d.name in self._routes and d.name not in changed
-            else Route(d.destination, d.timeout)
+            else Route(d.destination, d.timeout, d.concurrency)
             for d in config.destinations
         }
         self._outcomes.configured(list(self._routes))
+        self._pool.maxPersistentPerHost = _pool_size(config)
         if self._dispatcher is None:
             self._submit = self._direct()
             return succeed(None)

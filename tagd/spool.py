@@ -114,6 +114,12 @@ _RETRY = (
     "UPDATE deliveries SET status = 'pending', attempts = attempts + 1, next_at = ?, last_error = ?"
     f" WHERE destination = ? AND {_OWED} AND {_KEYS}"
 )
+# A failure of the destination, not of the row: pending again from C{next_at}, the error
+# kept, no attempt counted.
+_POSTPONE = (
+    "UPDATE deliveries SET status = 'pending', next_at = ?, last_error = ?"
+    f" WHERE destination = ? AND {_OWED} AND {_KEYS}"
+)
 _DEAD = (
     "UPDATE deliveries SET status = 'dead', attempts = attempts + 1, last_error = ?"
     f" WHERE destination = ? AND {_OWED} AND {_KEYS}"
@@ -148,6 +154,14 @@ _DUE = (
     " ORDER BY d.next_at, d.event LIMIT ?"
 )
 _DEPTH = "SELECT destination, status, COUNT(*) FROM deliveries GROUP BY destination, status"
+# Keys grow with time (AUTOINCREMENT), so the smallest owed key of a destination is its
+# oldest owed event.
+_BACKLOG = (
+    "SELECT b.destination, b.owed, e.created FROM"
+    " (SELECT destination, COUNT(*) AS owed, MIN(event) AS oldest FROM deliveries"
+    "  WHERE status IN ('pending', 'inflight') GROUP BY destination) AS b"
+    " JOIN events e ON e.id = b.oldest"
+)
 _DEAD_LETTERS = (
     "SELECT e.event_id, CASE WHEN json_valid(e.body) THEN json_extract(e.body, '$.event_name') END,"
     " d.destination, d.attempts, d.last_error, e.created"
@@ -180,6 +194,15 @@ class Lease:
     key: int
     event: Event
     attempts: int
+
+
+@attrs.frozen
+class Backlog:
+    """What the file owes one destination: deliveries pending or in flight, and when the
+    oldest of their events was accepted (epoch seconds)."""
+
+    owed: int
+    oldest: float
 
 
 @attrs.frozen
@@ -527,6 +550,10 @@ def _next_due(db: sqlite3.Connection, destination: str) -> float | None:
 def _depth(db: sqlite3.Connection) -> dict[tuple[str, str], int]:
     rows = db.execute(_DEPTH)
     return {(destination, status): count for destination, status, count in rows}
+
+
+def _backlog(db: sqlite3.Connection) -> dict[str, Backlog]:
+    return {destination: Backlog(owed, created) for destination, owed, created in db.execute(_BACKLOG)}
 
 
 def _dead_letters(db: sqlite3.Connection, destination: str | None, limit: int) -> list[DeadLetter]:
@@ -881,6 +908,11 @@ class Spool:
         """
         return self._counted(_change, _keep, destination, keys, _RETRY, next_at, _clip(error))
 
+    def postpone(self, destination: str, keys: Sequence[int], next_at: float, error: str) -> Deferred:
+        """The destination failed, not these rows: pending again from C{next_at}, with
+        C{error} kept (as for L{retry}) and no attempt counted."""
+        return self._counted(_change, _keep, destination, keys, _POSTPONE, next_at, _clip(error))
+
     def release(self, destination: str, keys: Sequence[int]) -> Deferred:
         """Not attempted after all (cancelled, throttled): pending again, as it was."""
         return self._counted(_change, _keep, destination, keys, _RELEASE)
@@ -915,6 +947,14 @@ class Spool:
     def depth(self) -> Deferred:
         """Deliveries in the file by (destination, status); buffered events are in L{buffered}."""
         return self._run(_depth)
+
+    def backlog(self) -> Deferred:
+        """A L{Backlog} for every destination the file owes something, by name.
+
+        One pass over the owed rows: a few milliseconds for a backlog of 100 000, meant
+        for a look every few seconds, never per request.
+        """
+        return self._run(_backlog)
 
     def dead_letters(self, destination: str | None = None, limit: int = 100) -> Deferred:
         """The newest C{limit} dead deliveries as L{DeadLetter}s, with their reasons."""

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qs, urlsplit
 
+from prometheus_client.parser import text_string_to_metric_families
+
 # The checkout: the folder that holds setup.cfg, tagd.tac and this tests folder.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -282,9 +284,11 @@ class ThreadedPlatform:
     """A fake platform of tests/fakes.py served from a thread on a fixed loopback port.
 
     Down (not listening) until L{up}; while up it can fail every request with an HTTP
-    status (C{failing}), answer late (C{delay}, seconds), and refuse for good any request
-    carrying an event id in C{refuse} (with the fake's answer to C{refusal}).  Otherwise
-    it answers as the fake does.  C{delivered} holds the ids of the events it accepted, and
+    status (C{failing}), answer late (C{delay}, seconds), refuse for good any request
+    carrying an event id in C{refuse} (with the fake's answer to C{refusal}), and be
+    flaky (C{flaky}, a seeded C{random.Random}): 30 % of requests get a 503, 10 % a 429
+    with C{Retry-After: 1}.  Otherwise it answers as the fake does.  C{failed} counts
+    the events of the requests answered with a 5xx.  C{delivered} holds the ids of the events it accepted, and
     the fake's C{requests} every request, as the fake records those it serves itself.
     C{cut} counts the requests it never handled because their connection closed or was
     reset before their whole body came: expected only when tagd stopped with a request
@@ -300,6 +304,8 @@ class ThreadedPlatform:
         self.delay = 0.0
         self.refuse: set[str] = set()
         self.refusal = None  # a fakes.Injection
+        self.flaky = None  # a random.Random, once flaky
+        self.failed = 0
         self.delivered: list[str] = []
         self.received: list[list[str]] = []  # the event ids of every request, in order
         self.violations: list[str] = []
@@ -334,8 +340,8 @@ class ThreadedPlatform:
             self._thread.join(SERVER_TIMEOUT)
             self._server = None
 
-    def answer(self, recorded) -> tuple[int, bytes]:
-        """Record C{recorded} and choose the answer (status, body) as configured."""
+    def answer(self, recorded) -> tuple[int, bytes, dict[str, str]]:
+        """Record C{recorded} and choose the answer (status, body, extra headers) as configured."""
         from fakes import Injection  # the fakes import the reactor; only tests that serve them pay
 
         ids = event_ids_in(self.platform, recorded.body)
@@ -345,8 +351,18 @@ class ThreadedPlatform:
             self.violations.extend(str(v) for v in recorded.violations)
         if self.delay:
             self.released.wait(self.delay)
-        if self.failing is not None:
-            answer = self.fake.injected_answer(Injection(status=self.failing))
+        headers = {}
+        with self.lock:
+            draw = self.flaky.random() if self.flaky is not None else 1.0
+        failing = self.failing if draw >= 0.4 else 503 if draw < 0.3 else 429
+        if failing == 429:
+            headers["Retry-After"] = "1"
+        if failing is not None:
+            # Meta judges by its code: 4 is its throttle (the application's rate limit).
+            answer = self.fake.injected_answer(Injection(status=failing, code=4 if failing == 429 else None))
+            if failing >= 500:
+                with self.lock:
+                    self.failed += len(ids)
         elif self.refuse & set(ids):
             answer = self.fake.injected_answer(self.refusal)
         else:
@@ -355,7 +371,7 @@ class ThreadedPlatform:
                 with self.lock:
                     self.delivered.extend(ids)
         body = b"" if answer.body is None else json.dumps(answer.body).encode()
-        return answer.status, body
+        return answer.status, body, headers
 
     def delivered_ids(self) -> set[str]:
         """The ids of the events this platform accepted so far."""
@@ -412,8 +428,10 @@ class _PlatformHandler(BaseHTTPRequestHandler):
                 platform.cut += 1
             return
         recorded.violations.extend(platform.fake.check(recorded))
-        status, content = platform.answer(recorded)
+        status, content, headers = platform.answer(recorded)
         self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(content)))
         self.end_headers()
@@ -422,11 +440,14 @@ class _PlatformHandler(BaseHTTPRequestHandler):
 
 class TagdProcess:
     """tagd as users run it, C{twistd -n --pidfile= tagd --config FILE}, which a test may
-    kill and start again; each run logs to a file of its own (C{tagd-N.log})."""
+    kill and start again; each run logs to a file of its own (C{tagd-N.log}).  With
+    C{production_logger}, twistd logs through C{--logger=tagd.logs.observer}, as the
+    systemd unit runs it: JSON lines at info and above."""
 
-    def __init__(self, config: Path, cwd: Path) -> None:
+    def __init__(self, config: Path, cwd: Path, production_logger: bool = False) -> None:
         self.config = config
         self.cwd = cwd
+        self.logger = ["--logger=tagd.logs.observer"] if production_logger else []
         self.runs: list[tuple[subprocess.Popen, Path]] = []
         self._files = []
 
@@ -441,7 +462,7 @@ class TagdProcess:
         out = open(log, "wb")
         self._files.append(out)
         process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "tagd", "--config", str(self.config)],
+            [TWISTD, *self.logger, "-n", "--pidfile=", "tagd", "--config", str(self.config)],
             cwd=self.cwd,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -465,6 +486,16 @@ class TagdProcess:
     def logs(self) -> str:
         """What every run logged, in order."""
         return "".join(read_log(log) for _, log in self.runs)
+
+
+def events_accepted(admin_port: int) -> float:
+    """tagd_events_accepted_total, read from the admin listener's C{/metrics}."""
+    status, _, body = http_get(admin_port, "/metrics")
+    assert status == 200
+    for family in text_string_to_metric_families(body.decode()):
+        if family.name == "tagd_events_accepted":
+            return sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
+    raise AssertionError("no tagd_events_accepted_total in /metrics")
 
 
 def spool_rows(path: Path) -> list[tuple[str, str, str, int, str | None]]:

@@ -441,9 +441,9 @@ def test_check_config_prints_everything_with_secrets_masked(folder):
     assert printed["delivery"]["backoff_cap"] == 600.0
     meta, ga4, tiktok, hook = printed["destinations"]
     assert meta == {
-        "type": "meta", "name": "meta", "timeout": 1.5, "consent_purpose": "marketing",
+        "type": "meta", "name": "meta", "timeout": 1.5, "consent_purpose": "marketing", "concurrency": 2,
         "pixel_id": "1234", "access_token": "***",
-        "api_version": "v24.0", "endpoint": "https://graph.facebook.com", "event_names": {},
+        "api_version": "v26.0", "endpoint": "https://graph.facebook.com", "event_names": {},
         "limited_data_use": False, "max_batch": 1000,
     }  # fmt: skip
     assert "# test_event_code is not set" in output
@@ -671,7 +671,7 @@ async def test_send_test_event_with_a_test_code(tmp_path, fake_meta):
     )
     output = ok(result)
     assert "meta-token" not in output
-    assert f"POST {fake_meta.base}/v24.0/1234/events" in output.splitlines()
+    assert f"POST {fake_meta.base}/v26.0/1234/events" in output.splitlines()
     assert "status: 200" in output.splitlines()
     assert "outcome: success (events_received=1 fbtrace_id=FakeTrace1)" in output.splitlines()
     assert '"events_received": 1' in output

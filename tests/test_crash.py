@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import attrs
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import FAKE_GA4_SECRET, FAKE_META_TOKEN, FAKE_TIKTOK_TOKEN, process_config, threaded_platforms
 from fakes import Injection
@@ -40,8 +39,8 @@ from helpers import (
     TagdProcess,
     TrackedOrigin,
     browser_get,
+    events_accepted,
     free_port,
-    http_get,
     spool_rows,
     tagd_up,
     wait_until,
@@ -270,16 +269,6 @@ def test_kill_9_mid_flight_loses_no_accepted_event(tmp_path):
         assert secret not in logs
     assert len(tagd.runs) == KILLS + 1
     assert time.monotonic() - began < 60
-
-
-def events_accepted(admin_port: int) -> float:
-    """tagd_events_accepted_total, read from the admin listener's C{/metrics}."""
-    status, _, body = http_get(admin_port, "/metrics")
-    assert status == 200
-    for family in text_string_to_metric_families(body.decode()):
-        if family.name == "tagd_events_accepted":
-            return sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
-    raise AssertionError("no tagd_events_accepted_total in /metrics")
 
 
 def test_kill_9_before_the_group_commit_loses_no_accepted_event(tmp_path):

@@ -283,6 +283,7 @@ async def test_stats_json_holds_the_metrics_counts(start_admin_tagd, http, fake_
         "in_flight": 0,
         "accepted": 1,
         "delivered": {"meta": {outcome: int(outcome == "success") for outcome in OUTCOMES}},
+        "state": {"meta": {"up": 1, "backlog": 0, "oldest_seconds": 0}},
         "dropped": {reason: int(reason == "bot") for reason in DROP_REASONS},
         "spool": {"undelivered": 0, "buffered": 0, "healthy": 1},
         "match_keys": stats["match_keys"],

@@ -116,9 +116,9 @@ def test_request_url_headers_and_body():
     without it; the body is C{{"data": [...]}} and the event ids are listed."""
     [request] = destination().encode([event(1), event(2)])
     url = urlsplit(request.url)
-    assert (url.scheme, url.netloc, url.path) == ("https", "graph.facebook.com", "/v24.0/1234/events")
+    assert (url.scheme, url.netloc, url.path) == ("https", "graph.facebook.com", "/v26.0/1234/events")
     assert parse_qs(url.query) == {"access_token": [TOKEN]}
-    assert request.log_url == "https://graph.facebook.com/v24.0/1234/events"
+    assert request.log_url == "https://graph.facebook.com/v26.0/1234/events"
     assert request.method == "POST"
     assert request.headers == {"Content-Type": "application/json"}
     assert request.positions == (0, 1)
@@ -287,7 +287,7 @@ def test_build_defaults_and_contract():
     """Module constants are the configuration contract tagd.config reads."""
     dest = destination()
     assert (meta.TYPE, dest.type, dest.name) == ("meta", "meta", "fb-main")
-    assert (dest.api_version, dest.endpoint, dest.max_batch) == ("v24.0", "https://graph.facebook.com", 1000)
+    assert (dest.api_version, dest.endpoint, dest.max_batch) == ("v26.0", "https://graph.facebook.com", 1000)
     assert (dest.test_event_code, dest.event_names, dest.limited_data_use) == (None, {}, False)
     assert meta.SECRETS == ("access_token",)
     assert meta.DEFAULT_TIMEOUT == 1.5

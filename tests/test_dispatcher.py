@@ -26,21 +26,23 @@ from treq.testing import StubTreq
 from twisted.internet import reactor as _global_reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, LoopingCall
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
 from conftest import eventually, sleep, within
-from fakes import DAY, FakeGA4, FakeMeta, FakeTikTok, make_event, serve
+from fakes import DAY, FakeGA4, FakeMeta, FakeTikTok, Injection, make_event, serve
 from helpers import free_port
 from tagd.delivery import DirectDelivery, Route, http_client
 from tagd.destinations import ga4, log, meta, tiktok, webhook
+from tagd.destinations.meta import NEWEST_API_VERSION
 from tagd.dispatcher import Dispatcher, retry_after
 from tagd.events import Event
 from tagd.metrics import Metrics
 from tagd.outcomes import Outcomes
+from tagd.spool import Backlog
 
 META_TOKEN = "meta-token"
 
@@ -75,7 +77,8 @@ class MemorySpool:
 
     Only an in-flight row may be settled: a dispatcher that settles a row twice, or one
     it never leased, fails the test with an C{AssertionError}.  C{retries} records every
-    retry as (event id, time of the call, next_at, error) for the backoff assertions;
+    retry as (event id, time of the call, next_at, error) for the backoff assertions,
+    C{postponed} every row the destination's failure sent back (event id, time, error);
     C{leased} the size of every lease that found rows, C{releases} of every release.
     """
 
@@ -86,6 +89,7 @@ class MemorySpool:
         self.retries: list[tuple[str, float, float, str]] = []
         self.leased: list[int] = []
         self.releases: list[int] = []
+        self.postponed: list[tuple[str, float, str]] = []
 
     def add(self, destination: str, events) -> None:
         for event in events:
@@ -130,6 +134,20 @@ class MemorySpool:
             row.next_at = next_at
             self.retries.append((row.event.event_id, self._clock(), next_at, error))
         return succeed(None)
+
+    def postpone(self, destination: str, keys, next_at: float, error: str) -> Deferred:
+        for row in self._settle(destination, keys, "pending", error):
+            row.next_at = next_at
+            self.postponed.append((row.event.event_id, self._clock(), error))
+        return succeed(None)
+
+    def backlog(self) -> Deferred:
+        backlog: dict[str, Backlog] = {}
+        for row in self.rows.values():
+            if row.state in ("pending", "inflight"):
+                seen = backlog.get(row.destination)
+                backlog[row.destination] = Backlog((seen.owed if seen else 0) + 1, seen.oldest if seen else row.key)
+        return succeed(backlog)
 
     def release(self, destination: str, keys) -> Deferred:
         self.releases.append(len(keys))
@@ -306,29 +324,80 @@ async def test_success_acknowledges_rows(serving, dispatch, spool, metrics, disp
     assert len(served.fake.requests) == 1
     assert sorted(e["event_id"] for e in served.fake.events) == ["ok-0", "ok-1", "ok-2"]
     assert delivered(metrics, "meta", "success") == 3
-    assert any("/v24.0/1234/events: success (HTTP 200)" in line for line in dispatcher_log)
+    assert any(f"/{NEWEST_API_VERSION}/1234/events: success (HTTP 200)" in line for line in dispatcher_log)
     assert not [line for line in dispatcher_log if META_TOKEN in line]
 
 
 @pytest_twisted.ensureDeferred
-async def test_server_errors_retried_with_full_jitter_until_delivered(serving, dispatch, spool, metrics):
-    """Two 503s: each retry is scheduled between now and base * 2**attempts, and the
-    events are delivered once the platform recovers."""
+async def test_an_outage_backs_the_destination_off_not_its_rows(serving, dispatch, spool, metrics):
+    """Two 503s while nothing else is delivered are the destination's: its rows go back
+    with no attempt counted, the next request is a probe of one event, within the
+    destination's backoff (up to base, then twice that), and the first success sends
+    the rest at once."""
     served = serving(ObservedMeta())
     served.fake.inject(2, status=503)
-    spool.add("meta", events("flaky", 2))
-    dispatch(meta_route(served), backoff_base=0.2)
+    spool.add("meta", events("down", 3))
+    dispatch(meta_route(served), backoff_base=0.2, outage_backoff_cap=5.0)
 
     await eventually(lambda: set(spool.states("meta").values()) == {"done"})
-    assert len(served.fake.requests) == 3
-    assert [r.attempts for r in spool.rows.values()] == [2, 2]
-    assert len(spool.retries) == 4
-    for (event_id, at, next_at, error), attempts in zip(spool.retries, [0, 0, 1, 1]):
-        assert 0 <= next_at - at <= 0.2 * 2**attempts, (event_id, attempts)
-        assert error.startswith("HTTP 503, Meta error 1")
+    sizes = [len(request.body["data"]) for request in served.fake.requests]
+    assert sizes == [3, 1, 1, 2]
+    first, second, third, fourth = served.fake.times
+    assert second - first <= 0.2 + 0.1 and third - second <= 0.4 + 0.1
+    assert fourth - third < 0.1  # the outage ended: no pause, no poll
+    assert [r.attempts for r in spool.rows.values()] == [0, 0, 0]
+    assert spool.retries == []
+    assert len(spool.postponed) == 4
+    assert all(error.startswith("HTTP 503, Meta error 1: Injected failure") for _, _, error in spool.postponed)
     assert delivered(metrics, "meta", "transient") == 4
-    assert metrics.value("delivery_retries", destination="meta") == 4
-    assert delivered(metrics, "meta", "success") == 2
+    assert metrics.value("delivery_retries", destination="meta") == 0
+    assert delivered(metrics, "meta", "success") == 3
+    assert metrics.registry.get_sample_value("tagd_destination_up", {"destination": "meta"}) == 1
+
+
+class FailingVisitor(FakeGA4):
+    """GA4 answering 503 to every request of one visitor, and as usual to the others."""
+
+    def __init__(self, client_id: str) -> None:
+        super().__init__()
+        self.client_id = client_id
+
+    def answer(self, recorded):
+        if isinstance(recorded.body, dict) and recorded.body.get("client_id") == self.client_id:
+            return self.injected_answer(Injection(status=503))
+        return super().answer(recorded)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_row_failing_while_others_are_delivered_backs_off_and_ends_dead(reactor, dispatch, spool, metrics):
+    """GA4 fails visitor A's request every time (503) while other visitors' go through:
+    that row's own failures count, each retry within base * 2**attempts, and after
+    max_attempts it is a dead letter with the platform's last message."""
+    served = serve(FailingVisitor(VISITOR_A))
+    spool.add("ga4", [make_event(event_id="a", ga_client_id=VISITOR_A)])
+    dispatcher = dispatch(ga4_route(served), concurrency=4, backoff_base=0.05, max_attempts=3)
+    others = itertools.count()
+
+    def visit() -> None:
+        spool.add("ga4", [make_event(event_id=f"b-{next(others)}", ga_client_id=VISITOR_B)])
+        dispatcher.wake("ga4")
+
+    traffic = LoopingCall(visit)
+    traffic.start(0.01)
+    try:
+        await eventually(lambda: spool.row("ga4", "a").state == "dead")
+    finally:
+        traffic.stop()
+        await served.stop()
+    row = spool.row("ga4", "a")
+    assert row.error.startswith("3 attempts failed; the last: HTTP 503")
+    retried = [(at, next_at) for event_id, at, next_at, _ in spool.retries if event_id == "a"]
+    assert len(retried) == 2
+    for (at, next_at), attempts in zip(retried, [0, 1]):
+        assert 0 <= next_at - at <= 0.05 * 2**attempts
+    assert metrics.value("delivery_retries", destination="ga4") == 2
+    assert delivered(metrics, "ga4", "dead") == 1
+    assert served.fake.violations == []
 
 
 @pytest_twisted.ensureDeferred
@@ -366,11 +435,10 @@ async def test_timeout_is_transient(serving, dispatch, spool, metrics):
     dispatch(meta_route(served, timeout=0.2))
 
     await eventually(lambda: spool.states("meta") == {"slow-0": "done"})
-    ((_, _, _, error),) = spool.retries
+    ((_, _, error),) = spool.postponed
     assert error == "no answer: TimeoutError"
     assert len(served.fake.requests) == 2
     assert delivered(metrics, "meta", "transient") == 1
-    assert metrics.value("delivery_retries", destination="meta") == 1
 
 
 @pytest.mark.parametrize(
@@ -379,7 +447,8 @@ async def test_timeout_is_transient(serving, dispatch, spool, metrics):
 )
 @pytest_twisted.ensureDeferred
 async def test_connection_failure_is_transient(reactor, dispatch, spool, metrics, failure, error):
-    """A connection reset mid-request, or refused outright, is retried later, never dead."""
+    """A connection reset mid-request, or refused outright, is an outage: the row waits
+    with no attempt counted, and the destination is down, never the row dead."""
     if failure == "reset":
         port = reactor.listenTCP(0, Factory.forProtocol(Aborting), interface="127.0.0.1")
         url = f"http://127.0.0.1:{port.getHost().port}/events"
@@ -388,17 +457,18 @@ async def test_connection_failure_is_transient(reactor, dispatch, spool, metrics
     spool.add("hook", events("lost", 1))
     try:
         dispatch(hook_route(url), backoff_base=60.0)
-        await eventually(lambda: spool.retries)
+        await eventually(lambda: spool.postponed)
     finally:
         if port is not None:
             await within(port.stopListening())
-    ((_, at, next_at, reason),) = spool.retries
+    ((_, _, reason),) = spool.postponed
     assert reason == error
-    assert spool.row("hook", "lost-0").state == "pending"
-    assert 0 <= next_at - at <= 60.0
+    row = spool.row("hook", "lost-0")
+    assert (row.state, row.attempts) == ("pending", 0)
     assert delivered(metrics, "hook", "transient") == 1
-    assert metrics.value("delivery_retries", destination="hook") == 1
+    assert metrics.value("delivery_retries", destination="hook") == 0
     assert delivered(metrics, "hook", "dead") == 0
+    assert metrics.registry.get_sample_value("tagd_destination_up", {"destination": "hook"}) == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -534,9 +604,10 @@ async def test_visitors_sharing_an_event_id_are_each_delivered(serving, dispatch
 @pytest_twisted.ensureDeferred
 async def test_a_request_settles_exactly_the_rows_it_carries(serving, dispatch, spool, metrics):
     """Rows 1 and 3 are visitor A's, row 2 visitor B's, rows 2 and 3 share an id: when
-    A's request fails and B's succeeds, rows 1 and 3 are retried and row 2 is done,
+    A's request succeeds and B's then fails, row 2 is retried and rows 1 and 3 are done,
     though B's row comes first with the shared id."""
     served = serving(FakeGA4())
+    served.fake.inject(1)
     served.fake.inject(1, status=503)
     spool.add("ga4", [
         make_event(event_id="view", ga_client_id=VISITOR_A),
@@ -546,14 +617,14 @@ async def test_a_request_settles_exactly_the_rows_it_carries(serving, dispatch, 
     # One request at a time, A's first; retries far beyond the test.
     dispatch(ga4_route(served), concurrency=1, backoff_base=60.0, rand=Ceilings())
 
-    await eventually(lambda: [row.state for row in spool.rows.values()] == ["pending", "done", "pending"])
-    assert [row.attempts for row in spool.rows.values()] == [1, 0, 1]
+    await eventually(lambda: [row.state for row in spool.rows.values()] == ["done", "pending", "done"])
+    assert [row.attempts for row in spool.rows.values()] == [0, 1, 0]
     assert [(r.body["client_id"], len(r.body["events"])) for r in served.fake.requests] == [
         (VISITOR_A, 2),
         (VISITOR_B, 1),
     ]
-    assert delivered(metrics, "ga4", "transient") == 2
-    assert delivered(metrics, "ga4", "success") == 1
+    assert delivered(metrics, "ga4", "transient") == 1
+    assert delivered(metrics, "ga4", "success") == 2
 
 
 def ga4_clients(count: int) -> list[Event]:
@@ -730,25 +801,25 @@ def clock() -> Clock:
     return clock
 
 
-def test_backoff_ceilings_double_up_to_the_cap(clock):
-    """Each retry waits uniform(0, min(cap, base * 2**attempts)): 2, 4, 8, then 10."""
+def test_outage_probes_back_off_doubling_up_to_the_cap(clock):
+    """While the destination is out, each probe waits uniform(0, min(cap, base * 2**n)):
+    2, 4, 8, then 10; the row gains no attempt."""
     receiver, spool = Scripted(clock), MemorySpool(clock.seconds)
     receiver.answers.extend([(500, {})] * 5)
     spool.add("hook", events("b", 1))
     rand = Ceilings()
-    dispatcher = clocked(clock, receiver, spool, backoff_base=2.0, backoff_cap=10.0, rand=rand)
+    dispatcher = clocked(clock, receiver, spool, backoff_base=2.0, outage_backoff_cap=10.0, rand=rand)
 
-    for ceiling in (2, 4, 8, 10, 10):
-        (_, at, next_at, _) = spool.retries[-1]
-        assert next_at == at + ceiling
+    for count, ceiling in enumerate((2, 4, 8, 10, 10), start=1):
         clock.advance(ceiling - 0.5)
         dispatcher.wake("hook")
-        assert spool.row("hook", "b-0").state == "pending"  # not due yet
+        assert len(receiver.received) == count  # still pausing
         clock.advance(0.5)
-        dispatcher.wake("hook")
     assert spool.states("hook") == {"b-0": "done"}
+    assert spool.row("hook", "b-0").attempts == 0 and spool.retries == []
+    times = [at for at, _ in receiver.received]
+    assert [later - earlier for earlier, later in zip(times, times[1:])] == [2, 4, 8, 10, 10]
     assert rand.ranges == [(0, 2), (0, 4), (0, 8), (0, 10), (0, 10)]
-    assert len(receiver.received) == 6
     assert dispatcher.stopService().called  # nothing in flight: at once
 
 
@@ -931,10 +1002,28 @@ async def test_drains_the_sqlite_spool(serving, reactor, http, metrics, tmp_path
         await within(spool.close())
 
     assert depth == {("meta", "dead"): 1, ("meta", "expired"): 1}
-    assert len(served.fake.requests) == 1 + 1 + 2 + 2  # 503; 400; halves; the poison half's halves
+    # 503 (the destination's); a probe of one; 400; halves; the poison half's halves
+    assert len(served.fake.requests) == 1 + 1 + 1 + 2 + 2
     assert "old" not in {e["event_id"] for e in served.fake.events}
     assert delivered(metrics, "meta", "success") == 3
     assert delivered(metrics, "meta", "transient") == 4
     (letter,) = letters
-    assert (letter.event_id, letter.attempts) == ("poison", 2)
+    assert (letter.event_id, letter.attempts) == ("poison", 1)
     assert letter.last_error.startswith("HTTP 400, Meta error 100: Invalid parameter")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pause_lets_go_of_a_thousand_waiting_requests(serving, dispatch, spool):
+    """GA4's lease of 1000 visitors is 1000 requests waiting for two slots; the first
+    answers start an outage, and every waiting request goes back unsent, its row pending
+    again, none left in flight (a slot handed from waiter to waiter would nest them all
+    in one call, past Python's recursion limit)."""
+    served = serving(FakeGA4())
+    served.fake.inject(10, status=503)
+    spool.add("ga4", ga4_clients(1000))
+    dispatch(ga4_route(served), concurrency=2, backoff_base=60.0)
+
+    await eventually(lambda: len(served.fake.requests) >= 2 and spool.releases)
+    await eventually(lambda: {row.state for row in spool.rows.values()} == {"pending"})
+    assert len(served.fake.requests) == 2
+    assert sum(spool.releases) == 998 and all(row.attempts == 0 for row in spool.rows.values())

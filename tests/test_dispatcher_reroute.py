@@ -24,7 +24,10 @@ from test_dispatcher import (  # noqa: F401 (fixtures)
     spool,
 )
 
-SETTINGS = {"poll_interval": 0.05, "concurrency": 1, "backoff_base": 0.05, "backoff_cap": 1.0, "max_retry_after": 60.0}
+SETTINGS = {
+    "poll_interval": 0.05, "concurrency": 1, "backoff_base": 0.05, "backoff_cap": 1.0, "max_retry_after": 60.0,
+    "outage_backoff_cap": 1.0, "outage_reminder": 300.0, "max_attempts": 10,
+}  # fmt: skip
 
 
 def ids(served) -> list[str]:

@@ -11,6 +11,7 @@ import enum
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import attrs
+from twisted.web.http_headers import Headers
 
 from tagd.events import Event
 
@@ -96,6 +97,16 @@ class Selective(Protocol):
 
     def refusal(self, event: Event) -> str | None:
         """Why the platform cannot take C{event}, or C{None} when it can."""
+
+
+@runtime_checkable
+class Advising(Protocol):
+    """A destination that reads more of an answer than its verdict: what the platform
+    asks the operator to change (a retiring API version, say).  The sender logs each
+    piece of advice once per destination."""
+
+    def advice(self, status: int, headers: Headers, body: bytes) -> str | None:
+        """What to change, with the fix, or None when the answer asks nothing."""
 
 
 # One config key: (accepted types, required, default). Tables are checked by tagd.config.

@@ -57,6 +57,11 @@ from tagd.hashing import ga4_user_data
 TYPE = "ga4"
 SECRETS = ("api_secret",)
 DEFAULT_TIMEOUT = 5.0
+# GA4 takes the events of one client id per request, so a backlog is one request per
+# visitor: many in flight drain it.  Against a platform answering in 50 ms, 64 send 1000
+# visitors' events in about a second, and still about 30 a second when one request in
+# ten asks for a pause of a second (a 429 with Retry-After: 1).
+DEFAULT_CONCURRENCY = 64
 DEFAULT_ENDPOINT = "https://www.google-analytics.com"
 
 # Meta's standard names, as tagd's events use them, to GA4's recommended events.

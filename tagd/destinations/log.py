@@ -54,7 +54,9 @@ from tagd.events import Event
 
 TYPE = "log"
 SECRETS: tuple[str, ...] = ()
-DEFAULT_TIMEOUT = 5.0  # nothing is ever sent; present so every destination type has one
+# Nothing is ever sent; present so every destination type has them.
+DEFAULT_TIMEOUT = 5.0
+DEFAULT_CONCURRENCY = 1
 
 NOT_AN_IP = "(not an IP address)"
 # GA4 sends no event without a client id (see tagd.destinations.ga4).

@@ -12,9 +12,17 @@ from typing import Any, ClassVar, Mapping, Sequence
 from urllib.parse import urlencode
 
 import attrs
+from twisted.web.http_headers import Headers
 
 from tagd.destinations import KeySpec, Outcome
-from tagd.destinations._common import RequestParts, json_int, status_outcome, without_empty
+from tagd.destinations._common import (
+    RequestParts,
+    json_int,
+    json_object,
+    redact,
+    status_outcome,
+    without_empty,
+)
 from tagd.destinations._platform import (
     PlatformDestination,
     mapped_name,
@@ -25,13 +33,17 @@ from tagd.events import Event
 from tagd.hashing import meta_user_data
 
 TYPE = "meta"
+# The newest Graph API version tagd knows (Meta's versions page: v26.0, released 29 July
+# 2026), and the default.  Meta retires each version about two years after the next one
+# comes out; C{tagd check-config} warns about an older one.
+NEWEST_API_VERSION = "v26.0"
 # Meta refuses a request carrying more events than this, whole.
 MAX_EVENTS = 1000
 KEYS: dict[str, KeySpec] = platform_keys(
     "pixel_id",
     endpoint="https://graph.facebook.com",
     max_batch=MAX_EVENTS,
-    own={"api_version": ((str,), False, "v24.0")},
+    own={"api_version": ((str,), False, NEWEST_API_VERSION)},
 )
 SECRETS = ("access_token",)
 # The pixel (dataset) id and the API version are path segments of the request's URL.
@@ -41,10 +53,18 @@ FORMATS = {
 }
 # Meta's advice: most answers come within 600 ms, give up after 1500 ms.
 DEFAULT_TIMEOUT = 1.5
+# A request carries up to 1000 events: two in flight drain any backlog.
+DEFAULT_CONCURRENCY = 2
 
 # Meta's error codes (error.code) and what they ask of a sender.
 THROTTLE_CODES = frozenset({4, 17, 613, 80003, 80004})
-TRANSIENT_CODES = frozenset({1, 2, 341, 368, 5000})
+# 2635: "You are calling a deprecated version of the Ads API": no event is at fault, and
+# every request meets it, so the destination is out (its events wait) until the
+# configuration names a current version (see MetaDestination.advice).
+DEPRECATED_VERSION = 2635
+TRANSIENT_CODES = frozenset({1, 2, 341, 368, 5000, DEPRECATED_VERSION})
+# The header Meta adds to the answer of a call it upgraded from a retired version.
+VERSION_WARNING = b"x-ad-api-version-warning"
 PERMANENT_CODES = frozenset({100})
 # The token or its permissions, not the events: 190 a bad or expired token, 102 an
 # expired session, 10 and 200-299 no permission for the pixel (the Graph API's codes).
@@ -111,6 +131,22 @@ def payload(
     return without_empty(document) | processing_options(limited_data_use)
 
 
+def version_tuple(version: str) -> tuple[int, ...]:
+    """C{"v24.0"} as C{(24, 0)}, for comparing versions."""
+    return tuple(int(part) for part in version.removeprefix("v").split("."))
+
+
+def outdated(api_version: str) -> str | None:
+    """Why C{api_version} should be changed, with the fix; None for the newest tagd knows."""
+    if version_tuple(api_version) >= version_tuple(NEWEST_API_VERSION):
+        return None
+    return (
+        f"api_version {api_version} is older than {NEWEST_API_VERSION}, the newest this tagd knows:"
+        f' Meta retires old versions on a schedule; set api_version = "{NEWEST_API_VERSION}"'
+        " (or leave it out for the default) in this [[destinations]] table"
+    )
+
+
 def _error_outcome(status: int, error: Mapping[str, Any]) -> Outcome:
     """Meta's code says more than the HTTP status; the status decides for unknown codes."""
     code = json_int(error, "code")
@@ -169,6 +205,23 @@ class MetaDestination(PlatformDestination):
 
     pixel_id: str
     api_version: str
+
+    def advice(self, status: int, headers: Headers, body: bytes) -> str | None:
+        """The fix, when Meta says that C{api_version} is retired: error 2635, or the
+        warning header of a call it upgraded."""
+        warning = headers.getRawHeaders(VERSION_WARNING)
+        error = (json_object(body) or {}).get("error") if status >= 400 else None
+        retired = isinstance(error, dict) and json_int(error, "code") == DEPRECATED_VERSION
+        if not (warning or retired):
+            return None
+        # Meta's own words, which could echo the request: never with its token.
+        said = redact(warning[0].decode("latin-1"), (self.access_token,))[:200] if warning else "error 2635"
+        fix = (
+            f'set api_version = "{NEWEST_API_VERSION}" in this [[destinations]] table, then reload'
+            if version_tuple(self.api_version) < version_tuple(NEWEST_API_VERSION)
+            else "a newer tagd knows a newer version; meanwhile set api_version to the one Meta's versions page lists"
+        )
+        return f"Meta says API version {self.api_version} is retired or retiring ({said}): {fix}"
 
     def _request(self, batch: Sequence[Event]) -> RequestParts:
         # The token travels only in the query string of url, never in log_url.

@@ -35,6 +35,8 @@ FORMATS = {
     "access_token": BEARER_TOKEN,
 }
 DEFAULT_TIMEOUT = 3.0
+# A request carries up to its platform's batch of events: two in flight drain any backlog.
+DEFAULT_CONCURRENCY = 2
 
 PAGE_LOAD = "pageLoad"
 # UET's page types for the events that have one.

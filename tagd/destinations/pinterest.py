@@ -57,6 +57,8 @@ FORMATS = {
 }
 # Pinterest gives no advice; its API is as far away as TikTok's.
 DEFAULT_TIMEOUT = 3.0
+# A request carries up to its platform's batch of events: two in flight drain any backlog.
+DEFAULT_CONCURRENCY = 2
 
 # Pinterest's event names (the OpenAPI description's list).
 EVENT_NAMES = frozenset(

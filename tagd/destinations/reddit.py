@@ -40,6 +40,8 @@ FORMATS = {
     "access_token": BEARER_TOKEN,
 }
 DEFAULT_TIMEOUT = 3.0
+# A request carries up to its platform's batch of events: two in flight drain any backlog.
+DEFAULT_CONCURRENCY = 2
 USER_AGENT = f"tagd/{__version__} (server-side conversions)"
 
 TRACKING_TYPES = frozenset(

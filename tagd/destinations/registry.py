@@ -9,7 +9,8 @@ DESTINATION_TYPES = ("meta", "ga4", "tiktok", "pinterest", "snapchat", "reddit",
 
 
 def destination_module(kind: str) -> ModuleType:
-    """The module of destination type C{kind}: its C{KEYS}, C{SECRETS}, C{DEFAULT_TIMEOUT}, C{build}."""
+    """The module of destination type C{kind}: its C{KEYS}, C{SECRETS}, C{DEFAULT_TIMEOUT},
+    C{DEFAULT_CONCURRENCY}, C{build}."""
     if kind not in DESTINATION_TYPES:
         raise KeyError(kind)
     return importlib.import_module(f"tagd.destinations.{kind}")

@@ -42,6 +42,8 @@ KEYS: dict[str, KeySpec] = conversion_keys(
 SECRETS = ("access_token",)
 FORMATS = {"pixel_id": (re.compile(r"[A-Za-z0-9-]+"), "the pixel's id, letters, digits and dashes")}
 DEFAULT_TIMEOUT = 3.0
+# A request carries up to its platform's batch of events: two in flight drain any backlog.
+DEFAULT_CONCURRENCY = 2
 
 # Snapchat's web event names; custom events are numbered.
 EVENT_NAMES = frozenset(

@@ -33,6 +33,8 @@ SECRETS = ("access_token",)
 FORMATS = {"pixel_code": (re.compile(r"[A-Za-z0-9]+"), "the pixel code, letters and digits only")}
 # TikTok gives no advice; its API is often further away than Meta's, hence more than 1.5 s.
 DEFAULT_TIMEOUT = 3.0
+# A request carries up to 1000 events: two in flight drain any backlog.
+DEFAULT_CONCURRENCY = 2
 PATH = "/open_api/v1.3/event/track/"
 
 # Meta's standard names that TikTok spells otherwise; any other name passes unchanged.

@@ -44,6 +44,8 @@ from tagd.identity import VisitorIds
 TYPE = "webhook"
 SECRETS = ("headers",)
 DEFAULT_TIMEOUT = 5.0
+# Requests in flight at once by default: a receiver of unknown capacity.
+DEFAULT_CONCURRENCY = 2
 
 KEYS: dict[str, KeySpec] = {
     "url": ((str,), True, None),
