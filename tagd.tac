@@ -2,7 +2,7 @@
 
 from twisted.application.service import Application
 
-from tagd.tap import Options, makeService
+from tagd.daemon.tap import Options, makeService
 
 application = Application("tagd")
 makeService(Options()).setServiceParent(application)

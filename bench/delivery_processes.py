@@ -19,7 +19,7 @@ C{GET /_stats} on any port answers that platform's counters as JSON, whatever th
 C{GET /_mode/MODE} switches all three platforms to MODE (the end of an outage).
 
 C{fill PATH EVENTS VISITORS DESTINATION...}: write EVENTS page views into a new spool
-file through L{tagd.spool.Spool} itself, owed to each DESTINATION, as if tagd had accepted
+file through L{tagd.delivery.spool.Spool} itself, owed to each DESTINATION, as if tagd had accepted
 them while the platforms were down.  C{VISITORS} distinct visitors take turns, which
 decides how well GA4 can batch (it takes the events of one client per request).
 """
@@ -211,8 +211,8 @@ def fill(path: str, count: int, visitors: int, destinations: list[str]) -> None:
     from twisted.internet import task
     from twisted.internet.defer import ensureDeferred
 
-    from tagd.events import Event
-    from tagd.spool import Spool
+    from tagd.tagging.events import Event
+    from tagd.delivery.spool import Spool
 
     async def run(reactor) -> None:
         spool = Spool.open(path, reactor=reactor, max_events=count + 1)

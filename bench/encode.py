@@ -1,7 +1,7 @@
 """What encoding one event for each platform costs, next to storing it in the spool.
 
 Every tracked event is turned into JSON twice on tagd's reactor thread: once for the spool
-(L{tagd.spool.event_to_json}, when it is accepted) and once per destination, when the
+(L{tagd.delivery.spool.event_to_json}, when it is accepted) and once per destination, when the
 dispatcher encodes a batch for the platform.  This times both on the same events, in one
 process, and prints each platform's cost per event and its ratio to the spool's JSON, the
 baseline measured in the same run: a ratio says how much a platform's shaping adds (names
@@ -26,9 +26,9 @@ import sys
 import time
 
 import tagd
-from tagd.config import parse_config
-from tagd.events import Event
-from tagd.spool import event_to_json
+from tagd.daemon.config import parse_config
+from tagd.tagging.events import Event
+from tagd.delivery.spool import event_to_json
 
 # One destination of each platform with a token, on its default endpoint: nothing is sent.
 CONFIG = """

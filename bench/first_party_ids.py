@@ -1,7 +1,7 @@
 """What a tracked page view's first-party ids and consent cost, next to Meta's own library.
 
 For every tracked response the tracker reads the visitor's consent, picks the cookies'
-domain and resolves the ids (L{tagd.identity.resolve_identity}), before the response head
+domain and resolves the ids (L{tagd.tagging.identity.resolve_identity}), before the response head
 goes out.  This times each step per call in one process, and, as the baseline measured in
 the same run, what Meta's Parameter Builder (C{capi-param-builder-python}, a test
 dependency) costs for the same request: one builder per request, since a builder keeps
@@ -31,13 +31,13 @@ from encode import USER_AGENT
 from twisted.web.http_headers import Headers
 
 import tagd
-from tagd.config import parse_config
-from tagd.consent import ConsentReader, from_cookiebot, from_onetrust, from_tcf
-from tagd.cookiedomain import CookieScoper, registrable_domain
-from tagd.identity import GA4, META, resolve_identity
-from tagd.metrics import Metrics
-from tagd.tracker import Tracker
-from tagd.tracking import Visit
+from tagd.daemon.config import parse_config
+from tagd.tagging.consent import ConsentReader, from_cookiebot, from_onetrust, from_tcf
+from tagd.tagging.cookiedomain import CookieScoper, registrable_domain
+from tagd.tagging.identity import GA4, META, resolve_identity
+from tagd.admin.metrics import Metrics
+from tagd.tagging.tracker import Tracker
+from tagd.tagging.hook import Visit
 
 HOST = b"shop.example.co.uk"
 QUERY = b"utm_source=facebook&fbclid=IwAR2F4-dbP0l7Mn1IawQQGCINEz7PYXQvwjNwB_qa2ofrHyiLjcbCRxTDMgk"

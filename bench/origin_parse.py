@@ -1,7 +1,7 @@
 """What parsing one origin response costs tagd's reactor, outside any load.
 
 A 38 KB page's response, with the headers nginx sends and the tracking header, is fed to
-one L{tagd.origin.OriginConnection} over an in-memory transport, in two reads (head and
+one L{tagd.proxy.origin.OriginConnection} over an in-memory transport, in two reads (head and
 the first 16,000 body bytes, then the rest), as often as asked; the best of the rounds
 is printed in µs per response.  Run with the Python of tagd's virtual environment:
 C{.venv/bin/python bench/origin_parse.py [--responses 20000] [--rounds 5]}.
@@ -15,7 +15,7 @@ import time
 
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from tagd.origin import OriginClient, OriginConnection
+from tagd.proxy.origin import OriginClient, OriginConnection
 
 HEAD = (
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 07 Dec 2026 23:00:00 GMT\r\n"

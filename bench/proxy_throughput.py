@@ -234,7 +234,7 @@ def _traceback_ends(lines) -> list[str]:
 
 
 def _unfolded(lines: Sequence[str]) -> list[str]:
-    """C{lines} with the traceback of each of tagd's JSON lines (see tagd.logs) written out
+    """C{lines} with the traceback of each of tagd's JSON lines (see tagd.daemon.logs) written out
     below it, indented as twistd's text log indents one, for L{_traceback_ends}."""
     out = []
     for line in lines:
@@ -406,7 +406,7 @@ def start_tagd(processes: Processes, origin_port: int, run_dir: str, name: str =
         f.write(f'[proxy]\nlisten = "tcp:{port}:interface={HOST}"\norigin = "http://{HOST}:{origin_port}"\n')
         f.write(extra_config)
     # cwd is a scratch directory so that a source checkout cannot shadow the installed plugin.
-    argv = [twistd, "-n", "--pidfile=", "--logger=tagd.logs.observer", "tagd", "--config", config]
+    argv = [twistd, "-n", "--pidfile=", "--logger=tagd.daemon.logs.observer", "tagd", "--config", config]
     # The unit's level too, whatever the shell running the benchmark asks of its own tagd.
     return processes.start(name, port, argv, cwd=tagd_dir, env={"TAGD_LOG_LEVEL": "info"})
 

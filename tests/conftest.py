@@ -388,12 +388,12 @@ async def start_tagd(reactor, origin, hook):
     """Start tagd in front of the origin: C{await start_tagd(response_timeout=0.5, ...)}.
 
     Keys are C{[proxy]} keys; the listener is on a free loopback port.  C{metrics} is a
-    L{tagd.metrics.Metrics} for tagd to count in (a fresh one if not given).  Everything
+    L{tagd.admin.metrics.Metrics} for tagd to count in (a fresh one if not given).  Everything
     started is stopped, and its connections closed, when the test ends.
     """
     # Imported here, so that a broken tagd fails these tests and not every test's collection.
-    from tagd.config import parse_config
-    from tagd.tap import build_service
+    from tagd.daemon.config import parse_config
+    from tagd.daemon.tap import build_service
 
     started = []
 
@@ -541,7 +541,7 @@ class TrackingTagd:
     """A running tagd with destinations: its port and the metrics it counts in."""
 
     port: int
-    metrics: object  # tagd.metrics.Metrics
+    metrics: object  # tagd.admin.metrics.Metrics
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -622,9 +622,9 @@ async def start_tracking_tagd(reactor, origin, fake_meta, fake_ga4, fake_tiktok,
     tables, and C{platform} adds keys to them by type (C{{"meta": {"test_event_code": ...}}}).
     No hook recorder is installed: the real tracker runs.
     """
-    from tagd.config import Config, parse_config
-    from tagd.metrics import Metrics
-    from tagd.tap import build_service
+    from tagd.daemon.config import Config, parse_config
+    from tagd.admin.metrics import Metrics
+    from tagd.daemon.tap import build_service
 
     started = []
 

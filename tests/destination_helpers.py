@@ -9,8 +9,8 @@ from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import parse_qs, quote, urlsplit
 
 from fakes import make_event
-from tagd.destinations import OutgoingRequest
-from tagd.events import Event
+from tagd.delivery.destinations import OutgoingRequest
+from tagd.tagging.events import Event
 
 
 def h(text: str) -> str:

@@ -44,7 +44,7 @@ from twisted.internet import reactor as _global_reactor
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from tagd.events import Event
+from tagd.tagging.events import Event
 
 DAY = 86400
 HEX64 = re.compile(r"[0-9a-f]{64}")

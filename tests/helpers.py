@@ -441,13 +441,13 @@ class _PlatformHandler(BaseHTTPRequestHandler):
 class TagdProcess:
     """tagd as users run it, C{twistd -n --pidfile= tagd --config FILE}, which a test may
     kill and start again; each run logs to a file of its own (C{tagd-N.log}).  With
-    C{production_logger}, twistd logs through C{--logger=tagd.logs.observer}, as the
+    C{production_logger}, twistd logs through C{--logger=tagd.daemon.logs.observer}, as the
     systemd unit runs it: JSON lines at info and above."""
 
     def __init__(self, config: Path, cwd: Path, production_logger: bool = False) -> None:
         self.config = config
         self.cwd = cwd
-        self.logger = ["--logger=tagd.logs.observer"] if production_logger else []
+        self.logger = ["--logger=tagd.daemon.logs.observer"] if production_logger else []
         self.runs: list[tuple[subprocess.Popen, Path]] = []
         self._files = []
 

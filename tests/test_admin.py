@@ -40,8 +40,8 @@ class AdminTagd:
 
     service: object
     port: int
-    admin: object  # tagd.admin.AdminService
-    metrics: object  # tagd.metrics.Metrics
+    admin: object  # tagd.admin.listener.AdminService
+    metrics: object  # tagd.admin.metrics.Metrics
 
     @property
     def admin_port(self) -> int:
@@ -61,10 +61,10 @@ async def start_admin_tagd(reactor, origin, tmp_path):
     C{await start_admin_tagd(admin={...}, destinations=[...], proxy={...}, delivery={...},
     spool={...})}: keys of those tables; the spool is in the test's folder unless given.
     """
-    from tagd.admin import AdminService
-    from tagd.config import parse_config
-    from tagd.metrics import Metrics
-    from tagd.tap import build_service
+    from tagd.admin.listener import AdminService
+    from tagd.daemon.config import parse_config
+    from tagd.admin.metrics import Metrics
+    from tagd.daemon.tap import build_service
 
     started = []
 
@@ -201,8 +201,8 @@ async def test_metrics_count_requests_latency_deliveries_spool_and_drops(start_a
 async def test_every_drop_reason_and_delivery_outcome_is_listed_at_zero(start_admin_tagd, http, fake_meta):
     """Before any traffic /metrics lists every drop reason and, for each destination, every
     delivery outcome and its retries at 0, so that a rate alert has a series from the start."""
-    from tagd.metrics import DROP_REASONS
-    from tagd.outcomes import OUTCOMES
+    from tagd.admin.metrics import DROP_REASONS
+    from tagd.delivery.outcomes import OUTCOMES
 
     tagd = await start_admin_tagd(destinations=[meta_destination(fake_meta)])
     parsed = samples((await get(http, tagd.admin_url("/metrics")))[2])
@@ -229,8 +229,8 @@ async def test_tagds_own_502_is_counted_without_latency(start_admin_tagd, http):
 def test_latency_buckets_are_exported_cumulatively():
     """Each bucket of the histogram counts the answers at or below its bound, as Prometheus
     defines it, from the proxy's per-bucket counts."""
-    from tagd.admin import ProxyCollector
-    from tagd.proxy import ProxyResource
+    from tagd.admin.listener import ProxyCollector
+    from tagd.proxy.resource import ProxyResource
 
     proxy = ProxyResource(
         reactor=Clock(), client=None, resolver=None, client_ip_header="CF-Connecting-IP",
@@ -363,7 +363,7 @@ async def test_a_taken_admin_port_is_logged_and_visitors_are_still_served(start_
         tagd = await start_admin_tagd(admin={"listen": f"tcp:{port}:interface=127.0.0.1"})
         assert (await get(http, tagd.url("/page")))[0] == 200
         assert tagd.admin.port is None
-        errors = [e for e in log_events if e.get("log_namespace") == "tagd.admin" and e["log_level"].name == "error"]
+        errors = [e for e in log_events if e.get("log_namespace") == "tagd.admin.listener" and e["log_level"].name == "error"]
         assert len(errors) == 1
         assert f"tcp:{port}:interface=127.0.0.1" in errors[0]["listen"]
         assert "Address already in use" in errors[0]["reason"]
@@ -377,7 +377,7 @@ async def test_a_taken_admin_port_is_logged_and_visitors_are_still_served(start_
 def test_admin_table_defaults_and_values():
     """Without an [admin] table the listener is on loopback port 9100 with no token; the
     keys set in the table are taken as given."""
-    from tagd.config import parse_config
+    from tagd.daemon.config import parse_config
 
     default = parse_config("", "(test)").admin
     assert (default.listen, default.token) == ("tcp:9100:interface=127.0.0.1", "")
@@ -400,7 +400,7 @@ def test_admin_table_defaults_and_values():
 def test_bad_admin_values_name_the_key_and_never_the_token(text, key, reason):
     """A bad [admin] value stops start-up with an error naming the key; the token's value is
     never quoted."""
-    from tagd.config import ConfigError, parse_config
+    from tagd.daemon.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError) as caught:
         parse_config(text, "tagd.toml")

@@ -20,8 +20,8 @@ from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 
 from tagd import __version__
-from tagd.intake import SEGMENT, entry_line
-from tagd.spool import Spool, event_to_json
+from tagd.delivery.intake import SEGMENT, entry_line
+from tagd.delivery.spool import Spool, event_to_json
 
 from conftest import serve_quietly, within
 from fakes import make_event

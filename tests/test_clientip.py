@@ -1,10 +1,10 @@
-"""Tests for L{tagd.clientip}: whose word about the visitor's address is believed."""
+"""Tests for L{tagd.proxy.clientip}: whose word about the visitor's address is believed."""
 
 from __future__ import annotations
 
 import pytest
 
-from tagd.clientip import ClientIPResolver
+from tagd.proxy.clientip import ClientIPResolver
 
 # Real Cloudflare edge addresses (cloudflare.com's own A and AAAA records).
 CLOUDFLARE_EDGE_V4 = "104.16.132.229"

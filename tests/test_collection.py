@@ -1,4 +1,4 @@
-"""The garbage-collector settings of the daemon (see tagd.collection)."""
+"""The garbage-collector settings of the daemon (see tagd.daemon.collection)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import gc
 import pytest
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 
-from tagd import tap
-from tagd.collection import YOUNG_THRESHOLD, tune_collector
+from tagd.daemon import tap
+from tagd.daemon.collection import YOUNG_THRESHOLD, tune_collector
 
 
 @pytest.fixture

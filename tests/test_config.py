@@ -1,4 +1,4 @@
-"""Tests for L{tagd.config}: the TOML file, its defaults and every way it can be wrong."""
+"""Tests for L{tagd.daemon.config}: the TOML file, its defaults and every way it can be wrong."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tagd.config import (
+from tagd.daemon.config import (
     COMMAND_LINE,
     Config,
     ConfigError,

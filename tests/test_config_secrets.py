@@ -1,4 +1,4 @@
-"""Secrets given by reference in L{tagd.config}: C{{ credential = "NAME" }} reads a file of
+"""Secrets given by reference in L{tagd.daemon.config}: C{{ credential = "NAME" }} reads a file of
 systemd's C{$CREDENTIALS_DIRECTORY}, C{{ env = "NAME" }} an environment variable.
 
 Every test loads a real file from C{tmp_path}, with a credentials directory of its own and
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tagd.config import ConfigError, load_config
-from tagd.destinations.registry import DESTINATION_TYPES, destination_module
+from tagd.daemon.config import ConfigError, load_config
+from tagd.delivery.destinations.registry import DESTINATION_TYPES, destination_module
 
 META_TOKEN = "EAAB-meta-token-from-a-credential"
 GA4_SECRET = "ga4-secret-from-the-environment"

@@ -1,10 +1,10 @@
-"""Tests for the C{[tracking]} and C{[[destinations]]} parts of L{tagd.config}."""
+"""Tests for the C{[tracking]} and C{[[destinations]]} parts of L{tagd.daemon.config}."""
 
 from __future__ import annotations
 
 import pytest
 
-from tagd.config import ConfigError, TrackingConfig, load_config
+from tagd.daemon.config import ConfigError, TrackingConfig, load_config
 
 META = '[[destinations]]\ntype = "meta"\npixel_id = "1234"\naccess_token = "EAAB-secret-token"\n'
 

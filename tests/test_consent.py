@@ -1,4 +1,4 @@
-"""Consent per purpose (L{tagd.consent}, L{tagd.tcf}): GPC, the one consent cookie, IAB TCF
+"""Consent per purpose (L{tagd.tagging.consent}, L{tagd.tagging.tcf}): GPC, the one consent cookie, IAB TCF
 v2.2 strings, Cookiebot's and OneTrust's cookies, and the decision per destination.
 
 TC strings come from the IAB's own TCF library (its tests' published strings) and are
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from iab_tcf import decode_v2
 from twisted.web.http_headers import Headers
 
-from tagd.consent import (
+from tagd.tagging.consent import (
     ALL,
     ANALYTICS,
     MARKETING,
@@ -30,7 +30,7 @@ from tagd.consent import (
     from_onetrust,
     from_tcf,
 )
-from tagd.tcf import consented_purposes
+from tagd.tagging.tcf import consented_purposes
 
 # From the IAB's TCF library (InteractiveAdvertisingBureau/iabtcf-es, its tests and README):
 # the string, its policy version, and the purposes it consents to, as iab-tcf decodes them.

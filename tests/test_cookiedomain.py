@@ -1,4 +1,4 @@
-"""The domain of the cookies tagd sets (L{tagd.cookiedomain}): the Public Suffix List's
+"""The domain of the cookies tagd sets (L{tagd.tagging.cookiedomain}): the Public Suffix List's
 registrable domain of the Host, the C{cookie_domain} setting, and hostile Host headers."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tagd.config import ConfigError, parse_config
-from tagd.cookiedomain import CookieScope, CookieScoper, check_cookie_domain, host_name
-from tagd.identity import set_cookie
+from tagd.daemon.config import ConfigError, parse_config
+from tagd.tagging.cookiedomain import CookieScope, CookieScoper, check_cookie_domain, host_name
+from tagd.tagging.identity import set_cookie
 
 
 def scope(host: bytes | None, setting: str = "") -> CookieScope:

@@ -15,9 +15,9 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 
 from conftest import FAKE_META_TOKEN, eventually, within
-from tagd import access
-from tagd.metrics import DROP_REASONS
-from tagd.outcomes import OUTCOMES
+from tagd.admin import access
+from tagd.admin.metrics import DROP_REASONS
+from tagd.delivery.outcomes import OUTCOMES
 from test_admin import FIREFOX, TOKEN, get, meta_destination, samples, start_admin_tagd, value  # noqa: F401
 
 DRY = {"type": "log", "name": "dry"}
@@ -210,9 +210,9 @@ async def test_a_new_stream_starts_with_the_recent_entries_filtered(start_admin_
 async def test_an_idle_stream_gets_heartbeats(start_admin_tagd, monkeypatch):
     """With nothing to tell, a comment line goes out every heartbeat interval, so that a
     proxy in between does not close the stream as idle."""
-    import tagd.dashboard
+    import tagd.admin.dashboard
 
-    monkeypatch.setattr(tagd.dashboard, "HEARTBEAT", 0.05)
+    monkeypatch.setattr(tagd.admin.dashboard, "HEARTBEAT", 0.05)
     admin = await start_admin_tagd()
     stream = await open_stream(admin.admin_port)
     await eventually(lambda: stream.body.count(b": keep-alive\n\n") >= 2)
@@ -237,7 +237,7 @@ async def test_a_reader_that_stops_reading_is_cut_off(start_admin_tagd):
     L{MAX_BEHIND} bytes wait for it beyond the socket's buffers, instead of tagd keeping
     every entry for it; a reader that keeps up on the same feed stays."""
     from fakes import make_event
-    from tagd.dashboard import MAX_BEHIND
+    from tagd.admin.dashboard import MAX_BEHIND
 
     tagd = await start_admin_tagd()
     slow = await open_stream(tagd.admin_port)
@@ -438,9 +438,9 @@ class ClockedAdmin:
 @pytest_twisted.async_yield_fixture
 async def clocked_admin(reactor):
     """The admin listener on a real loopback port, its sessions on a fake clock."""
-    from tagd.admin import AdminRoot, AdminService, Health
-    from tagd.feed import Feed
-    from tagd.metrics import Metrics
+    from tagd.admin.listener import AdminRoot, AdminService, Health
+    from tagd.admin.feed import Feed
+    from tagd.admin.metrics import Metrics
 
     clock = Clock()
     health = Health(serving=lambda: True, spool=None, spool_wanted=False)

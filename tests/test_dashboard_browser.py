@@ -17,7 +17,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from tagd.outcomes import OUTCOMES
+from tagd.delivery.outcomes import OUTCOMES
 
 from conftest import eventually, within
 from test_admin import TOKEN, meta_destination, start_admin_tagd  # noqa: F401

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fakes import make_event
-from tagd.config import ConfigError, parse_config
-from tagd.destinations import Describing, Outcome
-from tagd.destinations._common import MAX_MESSAGE, public_url
-from tagd.destinations.registry import DESTINATION_TYPES, destination_module
+from tagd.daemon.config import ConfigError, parse_config
+from tagd.delivery.destinations import Describing, Outcome
+from tagd.delivery.destinations._common import MAX_MESSAGE, public_url
+from tagd.delivery.destinations.registry import DESTINATION_TYPES, destination_module
 
 # The required keys of each type, with usable values.
 REQUIRED = {

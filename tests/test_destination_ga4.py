@@ -1,4 +1,4 @@
-"""Tests for L{tagd.destinations.ga4}: the Measurement Protocol payload, its limits, and
+"""Tests for L{tagd.delivery.destinations.ga4}: the Measurement Protocol payload, its limits, and
 how GA4's answers are judged."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from hypothesis import given, strategies as st
 
 from conftest import within
 from fakes import FakeGA4, make_event, serve
-from tagd.destinations import Outcome
-from tagd.destinations import ga4
-from tagd.events import Event
+from tagd.delivery.destinations import Outcome
+from tagd.delivery.destinations import ga4
+from tagd.tagging.events import Event
 
 SECRET = "s3cr3t-ga4-api-secret"
 GA4_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,39}")
@@ -185,7 +185,7 @@ def test_no_unhashed_personal_data_sent():
 def test_user_data_normalised_as_google_asks():
     """E-mail trimmed and lower-cased, gmail's dots before the "@" removed; phone in E.164
     with its "+"; names in one address; a phone pre-hashed the Meta way is left out."""
-    from tagd.hashing import sha256_hex
+    from tagd.tagging.hashing import sha256_hex
 
     event = make_event(
         user_data={

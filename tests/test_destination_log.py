@@ -1,4 +1,4 @@
-"""Tests for L{tagd.destinations.log}: the dry run that shows what each platform would get."""
+"""Tests for L{tagd.delivery.destinations.log}: the dry run that shows what each platform would get."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from destination_helpers import body
 from fakes import make_event
-from tagd.destinations import Outcome, ga4, log, meta, tiktok
+from tagd.delivery.destinations import Outcome, ga4, log, meta, tiktok
 
 MASKED_IP = "203.0.113.0"  # make_event's visitor is 203.0.113.7
 
@@ -126,7 +126,7 @@ def test_build_rejects(settings):
 def test_the_later_platforms_on_request_with_their_reasons():
     """Pinterest, Snapchat, Reddit and Microsoft are shown when named: each line is what
     that destination sends for the event (IP masked), or why it would not send it."""
-    from tagd.destinations import microsoft, pinterest, reddit, snapchat
+    from tagd.delivery.destinations import microsoft, pinterest, reddit, snapchat
 
     dry_run = log.build("dry", {"platforms": ["pinterest", "snapchat", "reddit", "microsoft"]})
     event = make_event()

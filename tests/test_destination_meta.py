@@ -8,8 +8,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from destination_helpers import ALREADY_HASHED, assert_batches, assert_secret_hidden, body, h, numbered_events
-from tagd.destinations import Outcome
-from tagd.destinations import meta
+from tagd.delivery.destinations import Outcome
+from tagd.delivery.destinations import meta
 
 TOKEN = "EAAB-secret/token+value=="
 FBP = "fb.1.1700000000000.1234567890"
@@ -17,7 +17,7 @@ FBC = "fb.1.1700000000000.IwAR2xYz-CaseSensitive.extra"
 
 
 def destination(**settings):
-    """A Meta destination built as tagd.config would: only the required keys given."""
+    """A Meta destination built as tagd.daemon.config would: only the required keys given."""
     return meta.build("fb-main", {"pixel_id": "1234", "access_token": TOKEN, **settings})
 
 
@@ -284,7 +284,7 @@ def test_module_payload_is_the_destination_payload():
 
 
 def test_build_defaults_and_contract():
-    """Module constants are the configuration contract tagd.config reads."""
+    """Module constants are the configuration contract tagd.daemon.config reads."""
     dest = destination()
     assert (meta.TYPE, dest.type, dest.name) == ("meta", "meta", "fb-main")
     assert (dest.api_version, dest.endpoint, dest.max_batch) == ("v26.0", "https://graph.facebook.com", 1000)

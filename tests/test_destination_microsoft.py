@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from destination_helpers import assert_secret_hidden, body, fake_violations, h, numbered_events
 from fakes import FakeMicrosoft, make_event
-from tagd.destinations import Outcome
-from tagd.destinations import microsoft
+from tagd.delivery.destinations import Outcome
+from tagd.delivery.destinations import microsoft
 
 TOKEN = "ms-secret-token-0123456789abcdef"
 TAG = "343000123"

@@ -12,15 +12,15 @@ from hypothesis import strategies as st
 
 from destination_helpers import ALREADY_HASHED, assert_batches, assert_secret_hidden, body, fake_violations, h, numbered_events
 from fakes import FakePinterest, make_event
-from tagd.destinations import Outcome, Selective
-from tagd.destinations import pinterest
+from tagd.delivery.destinations import Outcome, Selective
+from tagd.delivery.destinations import pinterest
 
 TOKEN = "pina_secret-token-0123456789abcdef"
 ACCOUNT = "549755885175"
 
 
 def destination(**settings):
-    """A Pinterest destination built as tagd.config would: only the required keys given."""
+    """A Pinterest destination built as tagd.daemon.config would: only the required keys given."""
     return pinterest.build("pin", {"ad_account_id": ACCOUNT, "access_token": TOKEN, **settings})
 
 

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from destination_helpers import assert_secret_hidden, body, fake_violations, h, numbered_events
 from fakes import FakeReddit, make_event
-from tagd.destinations import Outcome
-from tagd.destinations import reddit
-from tagd.hashing import reddit_user_fields
+from tagd.delivery.destinations import Outcome
+from tagd.delivery.destinations import reddit
+from tagd.tagging.hashing import reddit_user_fields
 
 TOKEN = "rdt-secret-token-0123456789abcdef"
 PIXEL = "t2_abc123"

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from destination_helpers import assert_batches, assert_secret_hidden, body, fake_violations, h, numbered_events
 from fakes import FakeSnapchat, make_event
-from tagd.destinations import Outcome
-from tagd.destinations import snapchat
+from tagd.delivery.destinations import Outcome
+from tagd.delivery.destinations import snapchat
 
 TOKEN = "snap-secret-token/0123456789+abc"
 PIXEL = "b2c1e5a0-1f2e-4d3c-9b8a-7f6e5d4c3b2a"

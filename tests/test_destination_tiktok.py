@@ -7,8 +7,8 @@ import json
 import pytest
 
 from destination_helpers import ALREADY_HASHED, assert_batches, assert_secret_hidden, body, h, numbered_events
-from tagd.destinations import Outcome
-from tagd.destinations import tiktok
+from tagd.delivery.destinations import Outcome
+from tagd.delivery.destinations import tiktok
 
 TOKEN = "tt-secret-token-0123456789abcdef"
 TTCLID = "E.C.P.CvQBAbCdEf-CaseSensitive"
@@ -16,7 +16,7 @@ TTP = "2aBcDeFgHiJkLmNoPqRsTuVwXyZ"
 
 
 def destination(**settings):
-    """A TikTok destination built as tagd.config would: only the required keys given."""
+    """A TikTok destination built as tagd.daemon.config would: only the required keys given."""
     return tiktok.build("tt-main", {"pixel_code": "C4PIXEL", "access_token": TOKEN, **settings})
 
 
@@ -212,7 +212,7 @@ def test_pixel_code_is_letters_and_digits(code):
 
 
 def test_build_defaults_and_contract():
-    """Module constants are the configuration contract tagd.config reads."""
+    """Module constants are the configuration contract tagd.daemon.config reads."""
     dest = destination()
     assert (tiktok.TYPE, dest.type, dest.name) == ("tiktok", "tiktok", "tt-main")
     assert (dest.endpoint, dest.max_batch, dest.test_event_code) == ("https://business-api.tiktok.com", 1000, None)

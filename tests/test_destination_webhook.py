@@ -1,4 +1,4 @@
-"""Tests for L{tagd.destinations.webhook}: normalised events as JSON to the shop's own URL."""
+"""Tests for L{tagd.delivery.destinations.webhook}: normalised events as JSON to the shop's own URL."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 
 from destination_helpers import assert_batches, h
 from fakes import make_event
-from tagd.destinations import Outcome
-from tagd.destinations import meta, webhook
-from tagd.events import Event
+from tagd.delivery.destinations import Outcome
+from tagd.delivery.destinations import meta, webhook
+from tagd.tagging.events import Event
 
 TOKEN = "Bearer wh-secret-token-0123456789"
 URL = "https://warehouse.example:8443/ingest/events?key=query-secret-42#frag"

@@ -35,14 +35,14 @@ from twisted.web.resource import Resource
 from conftest import eventually, sleep, within
 from fakes import DAY, FakeGA4, FakeMeta, FakeTikTok, Injection, make_event, serve
 from helpers import free_port
-from tagd.delivery import DirectDelivery, Route, http_client
-from tagd.destinations import ga4, log, meta, tiktok, webhook
-from tagd.destinations.meta import NEWEST_API_VERSION
-from tagd.dispatcher import Dispatcher, retry_after
-from tagd.events import Event
-from tagd.metrics import Metrics
-from tagd.outcomes import Outcomes
-from tagd.spool import Backlog
+from tagd.delivery.direct import DirectDelivery, Route, http_client
+from tagd.delivery.destinations import ga4, log, meta, tiktok, webhook
+from tagd.delivery.destinations.meta import NEWEST_API_VERSION
+from tagd.delivery.dispatcher import Dispatcher, retry_after
+from tagd.tagging.events import Event
+from tagd.admin.metrics import Metrics
+from tagd.delivery.outcomes import Outcomes
+from tagd.delivery.spool import Backlog
 
 META_TOKEN = "meta-token"
 
@@ -301,7 +301,7 @@ def dispatcher_log():
     lines = []
 
     def observe(event):
-        if event.get("log_namespace") == "tagd.dispatcher":
+        if event.get("log_namespace") == "tagd.delivery.dispatcher":
             lines.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observe)
@@ -977,7 +977,7 @@ async def drained(spool) -> dict[tuple[str, str], int]:
 async def test_drains_the_sqlite_spool(serving, reactor, http, metrics, tmp_path):
     """Against the real SQLite spool: a 503 is retried, the too-old event expires, the
     poison event is dead-lettered with Meta's message and the others are delivered."""
-    from tagd.spool import Spool
+    from tagd.delivery.spool import Spool
 
     served = serving(ObservedMeta())
     served.fake.inject(1, status=503)

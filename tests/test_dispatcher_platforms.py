@@ -12,9 +12,9 @@ import pytest_twisted
 
 from conftest import eventually
 from fakes import DAY, FakeMicrosoft, FakePinterest, FakeReddit, FakeSnapchat, make_event
-from tagd.delivery import DirectDelivery, Route
-from tagd.destinations import microsoft, pinterest, reddit, snapchat
-from tagd.outcomes import Outcomes
+from tagd.delivery.direct import DirectDelivery, Route
+from tagd.delivery.destinations import microsoft, pinterest, reddit, snapchat
+from tagd.delivery.outcomes import Outcomes
 from test_dispatcher import delivered, dispatch, dispatcher_log, events, metrics, refused, serving, spool  # noqa: F401 (fixtures)
 
 PLATFORMS = {

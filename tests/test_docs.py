@@ -35,6 +35,23 @@ def test_every_doc_is_on_the_readmes_map():
     assert [p.name for p in PAGES[1:] if f"(docs/{p.name})" not in readme] == []
 
 
+def test_every_module_is_in_the_architecture_map():
+    """docs/architecture.md's tables name every module of tagd's packages, each under its
+    package, so that the map a newcomer reads is the layout they will find."""
+    text = (REPO_ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    packages = ("proxy", "tagging", "delivery", "admin", "daemon")
+    modules = [
+        path.relative_to(REPO_ROOT / "tagd").as_posix()
+        for package in packages
+        for path in sorted((REPO_ROOT / "tagd" / package).glob("*.py"))
+        if path.name != "__init__.py"
+    ]
+    assert len(modules) > 30
+    assert [module for module in modules if f"| `{module}` |" not in text] == []
+    flat = sorted(p.name for p in (REPO_ROOT / "tagd").glob("*.py") if p.name != "__init__.py")
+    assert flat == ["ratelimit.py"]  # the one module every package uses
+
+
 def twistd_commands(page: Path) -> list[str]:
     """The twistd commands a page tells its reader to run: indented lines, or a unit's
     C{ExecStart=}, that start twistd (after any variables set for it), comments cut off."""

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from header_numbers import numbered_values
-from tagd.events import (
+from tagd.tagging.events import (
     MAX_HEADER_BYTES,
     STANDARD_EVENTS,
     EventSpec,

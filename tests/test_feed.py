@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-import tagd.feed
+import tagd.admin.feed
 from fakes import make_event
-from tagd.feed import MAX_MESSAGE, MAX_NAMED_EVENTS, Feed, matches
+from tagd.admin.feed import MAX_MESSAGE, MAX_NAMED_EVENTS, Feed, matches
 
 
 def feed(**kw) -> Feed:
@@ -95,7 +95,7 @@ def test_nobody_watching_means_no_encoding(monkeypatch):
     def refuse(entry):
         raise AssertionError("encoded with nobody watching")
 
-    monkeypatch.setattr(tagd.feed, "encode", refuse)
+    monkeypatch.setattr(tagd.admin.feed, "encode", refuse)
     ring = feed()
     ring.accepted([make_event()])
     ring.delivered("meta", "success", [make_event()], 200)
@@ -116,7 +116,7 @@ def test_no_entry_holds_what_the_event_knows_of_the_visitor(outcome):
         ring.accepted([event])
     else:
         ring.delivered("meta", outcome, [event], 200, "ok")
-    text = tagd.feed.encode(ring.recent()[0])
+    text = tagd.admin.feed.encode(ring.recent()[0])
     private = [
         event.client_ip, event.user_agent, "Mozilla", event.referrer, event.source_url, "url-secret",
         "jane@example.com", "4930123456", "customer-77", event.fbp, event.fbc, event.ttclid,

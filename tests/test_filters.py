@@ -1,4 +1,4 @@
-"""Unit tests for the tracking filters in L{tagd.filters}: bots, speculative loads, paths
+"""Unit tests for the tracking filters in L{tagd.tagging.filters}: bots, speculative loads, paths
 and status codes (consent: test_consent.py)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.web.http_headers import Headers
 
-from tagd.config import TrackingConfig
-from tagd.filters import (
+from tagd.daemon.config import TrackingConfig
+from tagd.tagging.filters import (
     MAX_CACHED_USER_AGENT,
     BotDetector,
     PathFilter,

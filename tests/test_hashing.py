@@ -12,7 +12,7 @@ import hashlib
 import pytest
 
 from destination_helpers import ALREADY_HASHED, h
-from tagd.hashing import (
+from tagd.tagging.hashing import (
     is_sha256_hex,
     meta_user_data,
     phone_digits,

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from destination_helpers import ALREADY_HASHED, h
-from tagd.hashing import microsoft_user_fields, pinterest_user_data, reddit_user_fields, snapchat_user_data
+from tagd.tagging.hashing import microsoft_user_fields, pinterest_user_data, reddit_user_fields, snapchat_user_data
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 ALL = (pinterest_user_data, snapchat_user_data, reddit_user_fields, microsoft_user_fields)

@@ -1,4 +1,4 @@
-"""Unit tests for the pure header functions in L{tagd.headers}: the rewriting, and the
+"""Unit tests for the pure header functions in L{tagd.proxy.headers}: the rewriting, and the
 verdicts on the headers that decide how a request is read."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.web.http_headers import Headers
 
-from tagd.headers import asks_to_close, request_head, split_response_headers, transfer_coding_refusal
+from tagd.proxy.headers import asks_to_close, request_head, split_response_headers, transfer_coding_refusal
 
 # Written out here rather than imported, so that a name dropped from tagd's list fails.
 HOP_BY_HOP_NAMES = [

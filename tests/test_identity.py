@@ -1,4 +1,4 @@
-"""Unit tests for the first-party identifiers and cookies in L{tagd.identity}."""
+"""Unit tests for the first-party identifiers and cookies in L{tagd.tagging.identity}."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tagd.config import TrackingConfig
-from tagd.cookiedomain import CookieScope
-from tagd.identity import (
+from tagd.daemon.config import TrackingConfig
+from tagd.tagging.cookiedomain import CookieScope
+from tagd.tagging.identity import (
     APPENDIX_MODIFIED_NEW,
     APPENDIX_NET_NEW,
     APPENDIX_NO_CHANGE,

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from test_identity import NOW, cookies_set, parse_set_cookie, resolve
-from tagd.identity import CLICK_IDS, MICROSOFT, PINTEREST, REDDIT, SNAPCHAT, resolve_identity
+from tagd.tagging.identity import CLICK_IDS, MICROSOFT, PINTEREST, REDDIT, SNAPCHAT, resolve_identity
 
 DAY = 86400
 # field, URL parameter, cookie, lifetime, the cookie's value for click id "Click-1"
@@ -109,8 +109,8 @@ def test_hostile_click_ids_never_reach_a_cookie(raw, param):
 def test_every_destination_type_names_the_cookies_it_calls_for():
     """The tracker looks up each configured type's platforms: a type missing there would
     fail every tracked response."""
-    from tagd.destinations.registry import DESTINATION_TYPES
-    from tagd.tracker import COOKIE_PLATFORMS
+    from tagd.delivery.destinations.registry import DESTINATION_TYPES
+    from tagd.tagging.tracker import COOKIE_PLATFORMS
 
     assert set(COOKIE_PLATFORMS) == set(DESTINATION_TYPES)
     assert {COOKIE_PLATFORMS[click.platform] for click in CLICK_IDS.values()} == {frozenset({c.platform}) for c in CLICK_IDS.values()}

@@ -16,8 +16,8 @@ import pytest
 from twisted.logger import Logger
 
 from tagd import __version__
-from tagd.logs import observer
-from tagd.startup import CONFIG_ERROR_EXIT
+from tagd.daemon.logs import observer
+from tagd.daemon.startup import CONFIG_ERROR_EXIT
 
 from helpers import TWISTD, http_get, wait_until
 
@@ -110,7 +110,7 @@ def test_unknown_level_on_a_terminal_is_text():
     out = Terminal()
     with pytest.raises(SystemExit):
         observer(out, {"TAGD_LOG_LEVEL": "loud"})
-    assert out.getvalue().endswith(" [tagd.logs#critical] tagd: TAGD_LOG_LEVEL='loud': must be one of debug, info, warn, error, critical\n")
+    assert out.getvalue().endswith(" [tagd.daemon.logs#critical] tagd: TAGD_LOG_LEVEL='loud': must be one of debug, info, warn, error, critical\n")
     assert out.getvalue().count("\n") == 1
 
 
@@ -126,13 +126,13 @@ def test_terminal_gets_readable_text():
 
 
 def journal(config: Path, cwd: Path, **env: str) -> tuple[list[str], tuple[int, bytes]]:
-    """The lines C{twistd --logger=tagd.logs.observer -n --pidfile= tagd --config FILE}
+    """The lines C{twistd --logger=tagd.daemon.logs.observer -n --pidfile= tagd --config FILE}
     writes to its stdout, a pipe (as under systemd), from start-up until it has stopped on
     SIGTERM, sent once its admin listener has answered C{/healthz} (status and body, the
     second value); its stderr must stay empty."""
     environ = {k: v for k, v in os.environ.items() if k not in ("TAGD_CONFIG", "TAGD_LOG_LEVEL")}
     process = subprocess.Popen(
-        [TWISTD, "--logger=tagd.logs.observer", "-n", "--pidfile=", "tagd", "--config", str(config)],
+        [TWISTD, "--logger=tagd.daemon.logs.observer", "-n", "--pidfile=", "tagd", "--config", str(config)],
         cwd=cwd,
         env=environ | env,
         stdin=subprocess.DEVNULL,
@@ -167,7 +167,7 @@ def journal(config: Path, cwd: Path, **env: str) -> tuple[list[str], tuple[int, 
 
 
 def test_twistd_with_the_logger_writes_json_lines_to_a_pipe(tmp_path):
-    """C{twistd --logger=tagd.logs.observer -n tagd --config FILE}, its stdout a pipe (as
+    """C{twistd --logger=tagd.daemon.logs.observer -n tagd --config FILE}, its stdout a pipe (as
     under systemd): every line it writes, from start-up to shutdown, is one JSON object with
     the fields, including the admin listener's line and twistd's own."""
     config = tmp_path / "tagd.toml"

@@ -1,4 +1,4 @@
-"""Match-key coverage (L{tagd.matchkeys}): which keys each platform counts, the panel's
+"""Match-key coverage (L{tagd.tagging.matchkeys}): which keys each platform counts, the panel's
 shares and advice, and the counters Prometheus reads."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 
 from fakes import make_event
-from tagd.matchkeys import ADVICE, PLATFORM_KEYS, Coverage, carried, coverage, event_label
+from tagd.tagging.matchkeys import ADVICE, PLATFORM_KEYS, Coverage, carried, coverage, event_label
 
 
 def test_each_platform_s_keys() -> None:

@@ -20,8 +20,8 @@ from capi_param_builder import EtldPlusOneResolver, ParamBuilder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tagd.cookiedomain import CookieScoper, registrable_domain
-from tagd.identity import META, resolve_identity
+from tagd.tagging.cookiedomain import CookieScoper, registrable_domain
+from tagd.tagging.identity import META, resolve_identity
 
 SUFFIXES = ["com", "de", "co.uk", "com.au", "github.io", "foo.kawasaki.jp"]
 LABEL = st.from_regex(r"[a-z][a-z0-9]{0,8}", fullmatch=True)

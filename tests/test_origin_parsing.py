@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from tagd.origin import MAX_HEAD_SIZE, OriginClient, OriginConnection, OriginProtocolError
+from tagd.proxy.origin import MAX_HEAD_SIZE, OriginClient, OriginConnection, OriginProtocolError
 
 
 class Receiver:

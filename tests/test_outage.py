@@ -1,6 +1,6 @@
 """A platform outage lived through as an operator does: real processes, the journal's lines.
 
-tagd runs as the systemd unit runs it (C{twistd --logger=tagd.logs.observer -n tagd}), in
+tagd runs as the systemd unit runs it (C{twistd --logger=tagd.daemon.logs.observer -n tagd}), in
 front of an origin whose pages carry the tracking header, its spool in the test's folder.
 The fake Meta, GA4 and TikTok (tests/fakes.py) are served from threads of the test
 process, so that they outlive the tagd the test kills.

@@ -1,4 +1,4 @@
-"""A destination's outage state and its lines (tagd.outage), the spool's backlog and
+"""A destination's outage state and its lines (tagd.delivery.outage), the spool's backlog and
 postponement, per-destination concurrency, and Meta's ageing API versions."""
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from twisted.web.resource import Resource
 
 from conftest import eventually, within
 from fakes import make_event, serve
-from tagd.config import parse_config
-from tagd.delivery import Route
-from tagd.destinations import Outcome, meta
-from tagd.dispatcher import Dispatcher
-from tagd.metrics import Metrics
-from tagd.outage import Outage, duration
-from tagd.spool import Backlog, Spool
+from tagd.daemon.config import parse_config
+from tagd.delivery.direct import Route
+from tagd.delivery.destinations import Outcome, meta
+from tagd.delivery.dispatcher import Dispatcher
+from tagd.admin.metrics import Metrics
+from tagd.delivery.outage import Outage, duration
+from tagd.delivery.spool import Backlog, Spool
 
 
 class Top(random.Random):
@@ -41,7 +41,7 @@ def lines(log_events, level=None) -> list[str]:
     return [
         formatEvent(e)
         for e in log_events
-        if e.get("log_namespace") == "tagd.outage" and (level is None or e["log_level"] is level)
+        if e.get("log_namespace") == "tagd.delivery.outage" and (level is None or e["log_level"] is level)
     ]
 
 
@@ -180,7 +180,7 @@ def test_concurrency_by_type_by_delivery_table_by_destination(delivery, expected
     [("outage_backoff_cap", 0), ("outage_reminder", -1), ("max_attempts", 0), ("max_attempts", 1.5)],
 )
 def test_outage_settings_are_checked(key, value):
-    from tagd.config import ConfigError
+    from tagd.daemon.config import ConfigError
 
     with pytest.raises(ConfigError, match=f"delivery.{key}"):
         parse_config(f"[delivery]\n{key} = {value}\n", "tagd.toml")

@@ -28,7 +28,7 @@ from helpers import (
     wait_for_http,
     wait_until,
 )
-from tagd.tap import CONFIG_ERROR_EXIT
+from tagd.daemon.tap import CONFIG_ERROR_EXIT
 
 # How long a daemon may take to exit after SIGTERM.
 STOP_TIMEOUT = 5.0
@@ -97,7 +97,7 @@ def test_wheel_contains_plugin_and_no_twisted_package(tmp_path):
     assert "twisted/plugins/__init__.py" not in names
     assert {n for n in names if n.startswith("twisted/")} == {"twisted/plugins/tagd_plugin.py"}
     assert "tagd/__init__.py" in names
-    assert "tagd/dashboard.html" in names  # the admin listener's page, read at start-up
+    assert "tagd/admin/dashboard.html" in names  # the admin listener's page, read at start-up
 
 
 @pytest.mark.parametrize(

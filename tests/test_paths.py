@@ -1,4 +1,4 @@
-"""Unit tests for L{tagd.paths}: dot segments resolved before the origin's prefix."""
+"""Unit tests for L{tagd.proxy.paths}: dot segments resolved before the origin's prefix."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tagd.paths import remove_dot_segments, target_refusal
+from tagd.proxy.paths import remove_dot_segments, target_refusal
 
 
 @pytest.mark.parametrize(

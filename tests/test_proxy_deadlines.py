@@ -21,7 +21,7 @@ from twisted.logger import LogLevel, formatEvent
 from certificates import self_signed
 from conftest import WireVisitor, eventually, raw_request, sleep, within
 from origin import Echo
-from tagd.metrics import Metrics
+from tagd.admin.metrics import Metrics
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -13,7 +13,7 @@ from twisted.internet.threads import deferToThread
 
 from conftest import eventually, sleep, within
 from origin import pattern_sha256
-from tagd.origin import OriginClient, OriginConnection
+from tagd.proxy.origin import OriginClient, OriginConnection
 
 MiB = 1 << 20
 

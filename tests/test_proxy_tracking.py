@@ -13,8 +13,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 
-from tagd.proxy import _Deliveries
-from tagd.tracking import Tracked
+from tagd.proxy.resource import _Deliveries
+from tagd.tagging.hook import Tracked
 
 from conftest import eventually, raw_request, within
 from origin import PAGE, TRACKING_HEADER

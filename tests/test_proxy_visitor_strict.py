@@ -9,7 +9,7 @@ from twisted.logger import formatEvent
 
 from conftest import WireResponse, raw_request, within
 from origin import Echo
-from tagd.metrics import Metrics
+from tagd.admin.metrics import Metrics
 
 # A second request hidden where the first one's body would be: forwarded, it would be a
 # request the front proxy never saw.

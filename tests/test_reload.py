@@ -48,16 +48,16 @@ from helpers import (
     wait_until,
 )
 from test_tracking_e2e import FIREFOX, tracked_visit
-from tagd.admin import AdminService
-from tagd.config import parse_config
-from tagd.configdiff import Changes, diff
-from tagd.destinations.registry import DESTINATION_TYPES
-from tagd.metrics import Metrics
-from tagd.pipeline import ABANDONED
-from tagd.reload import ReloadOnHangup, Reloader
-from tagd.spool import Spool, read_dead_letters, retry_dead_letters
-from tagd.tap import build_service, config_loader
-from tagd.tracking import Visit
+from tagd.admin.listener import AdminService
+from tagd.daemon.config import parse_config
+from tagd.daemon.configdiff import Changes, diff
+from tagd.delivery.destinations.registry import DESTINATION_TYPES
+from tagd.admin.metrics import Metrics
+from tagd.delivery.service import ABANDONED
+from tagd.daemon.reload import ReloadOnHangup, Reloader
+from tagd.delivery.spool import Spool, read_dead_letters, retry_dead_letters
+from tagd.daemon.tap import build_service, config_loader
+from tagd.tagging.hook import Visit
 
 PAGE_VIEW = {"event_name": "PageView"}
 NEW_TOKEN = "rotated-meta-token"
@@ -212,7 +212,7 @@ def reload_lines(log_events) -> list[tuple[str, str]]:
     return [
         (event["log_level"].name, formatEvent(event))
         for event in log_events
-        if event.get("log_namespace") in ("tagd.reload", "tagd.pipeline")
+        if event.get("log_namespace") in ("tagd.daemon.reload", "tagd.delivery.service")
     ]
 
 
@@ -263,7 +263,7 @@ async def test_a_tracker_a_reload_replaces_is_freed_though_start_up_was_frozen(
     start_tagd, origin, connect, fake_meta, fake_ga4, fake_tiktok, tmp_path
 ):
     """C{twistd tagd} freezes start-up's objects out of the garbage collector (see
-    tagd.collection), which then never frees one caught in a reference cycle: the tracker
+    tagd.daemon.collection), which then never frees one caught in a reference cycle: the tracker
     a reload replaces, with its caches and bot detector, is freed all the same."""
     meta, _, _ = platform_destinations(fake_meta, fake_ga4, fake_tiktok)
     spool = tmp_path / "spool.sqlite3"

@@ -27,14 +27,14 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
-from tagd import spool as spool_module
-from tagd.config import parse_config
-from tagd.events import Event
-from tagd import intake as intake_module
-from tagd.intake import SEGMENT, UNREADABLE, read_segment
-from tagd.metrics import Metrics
-from tagd.pipeline import RECOUNT_INTERVAL, Delivery
-from tagd.spool import (
+from tagd.delivery import spool as spool_module
+from tagd.daemon.config import parse_config
+from tagd.tagging.events import Event
+from tagd.delivery import intake as intake_module
+from tagd.delivery.intake import SEGMENT, UNREADABLE, read_segment
+from tagd.admin.metrics import Metrics
+from tagd.delivery.service import RECOUNT_INTERVAL, Delivery
+from tagd.delivery.spool import (
     FLUSH_AT,
     Lease,
     Spool,
@@ -98,7 +98,7 @@ def spool_log():
     lines = []
 
     def observe(log_event):
-        if log_event.get("log_namespace") == "tagd.spool":
+        if log_event.get("log_namespace") == "tagd.delivery.spool":
             lines.append(formatEvent(log_event))
 
     globalLogPublisher.addObserver(observe)
@@ -716,9 +716,9 @@ CHILD = r"""
 import sys
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import react
-from tagd import spool as spool_module
-from tagd.events import Event
-from tagd.spool import Spool
+from tagd.delivery import spool as spool_module
+from tagd.tagging.events import Event
+from tagd.delivery.spool import Spool
 
 def events(first, count):
     return [

@@ -21,11 +21,11 @@ from twisted.application.service import Service
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 
-import tagd.startup
+import tagd.daemon.startup
 from helpers import ADMIN_TOML, TWISTD, free_port
-from tagd.logs import observer
-from tagd.startup import CONFIG_ERROR_EXIT, START_FAILED_EXIT, ExitOnFailedStart, describe, exit_before_logging
-from tagd.tap import Options, makeService
+from tagd.daemon.logs import observer
+from tagd.daemon.startup import CONFIG_ERROR_EXIT, START_FAILED_EXIT, ExitOnFailedStart, describe, exit_before_logging
+from tagd.daemon.tap import Options, makeService
 
 TAGD = Path(sys.executable).with_name("tagd")
 
@@ -60,7 +60,7 @@ def proxy_on(port: int) -> str:
 def test_taken_port_is_one_json_line(tmp_path, taken_port):
     """The visitors' port taken: under the production logger every line is JSON, one of
     them (critical) names the port and the cause, no traceback, exit status 1."""
-    result = twistd(tmp_path, proxy_on(taken_port) + ADMIN_TOML, "--logger=tagd.logs.observer")
+    result = twistd(tmp_path, proxy_on(taken_port) + ADMIN_TOML, "--logger=tagd.daemon.logs.observer")
     assert result.returncode == START_FAILED_EXIT, result.stdout
     logged = [json.loads(line) for line in result.stdout.splitlines()]
     problems = [e for e in logged if e["level"] != "info"]
@@ -77,13 +77,13 @@ def test_taken_port_is_one_line_of_text(tmp_path, taken_port):
     assert result.returncode == START_FAILED_EXIT, result.stdout
     assert "Traceback" not in result.stdout
     [line] = [line for line in result.stdout.splitlines() if "#critical]" in line or "#error]" in line]
-    assert line.endswith(f"[tagd.startup#critical] tagd cannot start: Couldn't listen on 127.0.0.1:{taken_port}: [Errno 98] Address already in use.")
+    assert line.endswith(f"[tagd.daemon.startup#critical] tagd cannot start: Couldn't listen on 127.0.0.1:{taken_port}: [Errno 98] Address already in use.")
 
 
 def test_configuration_error_is_json_under_the_production_logger(tmp_path):
     """A configuration error says its one line as tagd's other lines are said (JSON for
     journald), before twistd's logging has begun, and exits with 78."""
-    result = twistd(tmp_path, "[proxy]\nlisten = 5\n", "--logger=tagd.logs.observer")
+    result = twistd(tmp_path, "[proxy]\nlisten = 5\n", "--logger=tagd.daemon.logs.observer")
     assert result.returncode == CONFIG_ERROR_EXIT, result.stdout
     [line] = [json.loads(line) for line in result.stdout.splitlines()]
     assert line["level"] == "critical"
@@ -94,7 +94,7 @@ def test_unknown_log_level_is_json_and_a_configuration_error(tmp_path):
     path = tmp_path / "tagd.toml"
     path.write_text(proxy_on(free_port()) + ADMIN_TOML)
     result = subprocess.run(
-        [TWISTD, "-n", "--pidfile=", "--logger=tagd.logs.observer", "tagd", "--config", str(path)],
+        [TWISTD, "-n", "--pidfile=", "--logger=tagd.daemon.logs.observer", "tagd", "--config", str(path)],
         cwd=tmp_path, env={**environment(), "TAGD_LOG_LEVEL": "loud"}, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == CONFIG_ERROR_EXIT, result.stdout + result.stderr
@@ -139,7 +139,7 @@ class Failing(Service):
 @pytest.mark.parametrize("privileged", [True, False])
 def test_a_failed_start_is_one_critical_line_and_an_exit(monkeypatch, privileged):
     events = []
-    monkeypatch.setattr(tagd.startup, "log", Logger(observer=events.append))
+    monkeypatch.setattr(tagd.daemon.startup, "log", Logger(observer=events.append))
     guarded = ExitOnFailedStart(Failing(KeyError("spool"), privileged))
     with pytest.raises(SystemExit) as caught:
         guarded.privilegedStartService()

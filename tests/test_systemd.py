@@ -23,11 +23,11 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 
-import tagd.systemd
+import tagd.daemon.systemd
 from helpers import ADMIN_TOML, REPO_ROOT, TWISTD, free_port, http_get, read_log, running
-from tagd.config import parse_config
-from tagd.systemd import SystemdNotifier, notify_address, watchdog_interval
-from tagd.tap import CONFIG_ERROR_EXIT, build_service
+from tagd.daemon.config import parse_config
+from tagd.daemon.systemd import SystemdNotifier, notify_address, watchdog_interval
+from tagd.daemon.tap import CONFIG_ERROR_EXIT, build_service
 
 UNITS = REPO_ROOT / "contrib" / "systemd"
 INSTALLED_TWISTD = "/opt/tagd/bin/twistd"  # where the unit expects tagd (docs/deployment.md)
@@ -136,9 +136,9 @@ def test_without_notify_socket_nothing_happens(monkeypatch):
     def no_socket(*args, **kwargs):
         raise AssertionError("a socket was opened without $NOTIFY_SOCKET")
 
-    monkeypatch.setattr(tagd.systemd.socket, "socket", no_socket)
+    monkeypatch.setattr(tagd.daemon.systemd.socket, "socket", no_socket)
     events = []
-    monkeypatch.setattr(tagd.systemd, "log", Logger(observer=events.append))
+    monkeypatch.setattr(tagd.daemon.systemd, "log", Logger(observer=events.append))
     reactor = MemoryReactorClock()
     notifier = SystemdNotifier(reactor, environ={"WATCHDOG_USEC": "200000"})
     notifier.startService()
@@ -153,7 +153,7 @@ def test_without_notify_socket_nothing_happens(monkeypatch):
 def test_unreachable_socket_is_logged_once_and_never_fatal(tmp_path, monkeypatch):
     """systemd gone (no one bound at the path): tagd goes on, and says so once."""
     events = []
-    monkeypatch.setattr(tagd.systemd, "log", Logger(observer=events.append))
+    monkeypatch.setattr(tagd.daemon.systemd, "log", Logger(observer=events.append))
     reactor = MemoryReactorClock()
     environ = {"NOTIFY_SOCKET": str(tmp_path / "nobody"), "WATCHDOG_USEC": "1000000"}
     notifier = SystemdNotifier(reactor, environ=environ)
@@ -258,7 +258,7 @@ def test_service_unit_runs_tagd_as_documented():
     assert settings["NotifyAccess"] == "main"
     assert settings["ExecStart"].startswith(INSTALLED_TWISTD + " ")
     assert "--pidfile= " in settings["ExecStart"]
-    assert "--logger=tagd.logs.observer" in settings["ExecStart"]
+    assert "--logger=tagd.daemon.logs.observer" in settings["ExecStart"]
     assert settings["WorkingDirectory"] == "/var/lib/tagd"
     assert settings["StateDirectory"] == "tagd"
     defaults = parse_config("", "(defaults)").proxy

@@ -233,8 +233,8 @@ async def test_webhook_only_passes_the_ids_the_visitor_has(
 def test_every_destination_type_says_which_cookies_it_calls_for() -> None:
     """Each destination type that the configuration accepts names the platforms whose
     cookies it calls for, so that no configured type can fail the tracker's start."""
-    from tagd.destinations.registry import DESTINATION_TYPES
-    from tagd.tracker import COOKIE_PLATFORMS
+    from tagd.delivery.destinations.registry import DESTINATION_TYPES
+    from tagd.tagging.tracker import COOKIE_PLATFORMS
 
     assert set(COOKIE_PLATFORMS) == set(DESTINATION_TYPES)
 

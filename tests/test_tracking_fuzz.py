@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from fakes import FakeGA4, FakeMeta, FakeTikTok, Recorded
 from header_numbers import numbered_values
 from helpers import ADMIN_TOML, TWISTD, raw_response, read_log, recorded_post, running, tagd_up, wait_until
-from tagd.events import TrackingHeaderError, parse_tracking_header
+from tagd.tagging.events import TrackingHeaderError, parse_tracking_header
 
 FIREFOX = b"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 BODY = b"<!doctype html><title>fuzz</title><p>body bytes \x00\xff kept as they are</p>\n"

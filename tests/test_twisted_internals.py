@@ -170,7 +170,7 @@ async def _pool_factory(live: Live) -> None:
 def _endpoint_field(name: str, expected: dict[str, object]) -> Callable[[Live], Awaitable[None]]:
     async def check(live: Live) -> None:
         for description, value in expected.items():
-            endpoint = serverFromString(None, description)  # as tagd.config parses [proxy] listen
+            endpoint = serverFromString(None, description)  # as tagd.daemon.config parses [proxy] listen
             if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
                 raise Changed(f"{description!r} parses to a {type(endpoint).__name__}")
             found = attribute(endpoint, name, type(value))
@@ -190,26 +190,26 @@ class Internal:
 
 
 INTERNALS = (
-    Internal("HTTPChannel._command", "tagd/site.py, ProxyRequest._forward", _request_line_part("_command", b"POST")),
+    Internal("HTTPChannel._command", "tagd/proxy/site.py, ProxyRequest._forward", _request_line_part("_command", b"POST")),
     Internal(
-        "HTTPChannel._path", "tagd/site.py, ProxyRequest._forward and gotLength", _request_line_part("_path", b"/upload?part=1")
+        "HTTPChannel._path", "tagd/proxy/site.py, ProxyRequest._forward and gotLength", _request_line_part("_path", b"/upload?part=1")
     ),
     Internal(
-        "HTTPChannel._version", "tagd/site.py, ProxyRequest._forward", _request_line_part("_version", b"HTTP/1.1")
+        "HTTPChannel._version", "tagd/proxy/site.py, ProxyRequest._forward", _request_line_part("_version", b"HTTP/1.1")
     ),
-    Internal("HTTPChannel._waitingForTransport", "tagd/site.py, TagdChannel.release_body", _waiting_for_transport),
-    Internal("Connection.dataBuffer", "tagd/writes.py, send_now", _write_buffer),
-    Internal("Connection._tempDataBuffer", "tagd/writes.py, send_now", _queued_writes),
-    Internal("twisted.web.client._HTTP11ClientFactory", "tagd/delivery.py, _QuietClientFactory", _client_factory),
-    Internal("HTTPConnectionPool._factory", "tagd/delivery.py, http_client", _pool_factory),
+    Internal("HTTPChannel._waitingForTransport", "tagd/proxy/site.py, TagdChannel.release_body", _waiting_for_transport),
+    Internal("Connection.dataBuffer", "tagd/proxy/writes.py, send_now", _write_buffer),
+    Internal("Connection._tempDataBuffer", "tagd/proxy/writes.py, send_now", _queued_writes),
+    Internal("twisted.web.client._HTTP11ClientFactory", "tagd/delivery/direct.py, _QuietClientFactory", _client_factory),
+    Internal("HTTPConnectionPool._factory", "tagd/delivery/direct.py, http_client", _pool_factory),
     Internal(
         "TCP4ServerEndpoint._port",
-        "tagd/config.py, _endpoint_string",
+        "tagd/daemon/config.py, _endpoint_string",
         _endpoint_field("_port", {"tcp:8080:interface=127.0.0.1": 8080, r"tcp6:8443:interface=\:\:1": 8443}),
     ),
     Internal(
         "TCP4ServerEndpoint._interface",
-        "tagd/config.py, _endpoint_string",
+        "tagd/daemon/config.py, _endpoint_string",
         _endpoint_field("_interface", {"tcp:8080:interface=127.0.0.1": "127.0.0.1", r"tcp6:8443:interface=\:\:1": "::1"}),
     ),
 )  # fmt: skip

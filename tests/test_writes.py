@@ -1,4 +1,4 @@
-"""L{tagd.writes.send_now} on real loopback connections: straight to the socket of a
+"""L{tagd.proxy.writes.send_now} on real loopback connections: straight to the socket of a
 plain TCP connection, never past the encryption of a TLS one."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from twisted.internet.tcp import Connection
 
 from certificates import self_signed
 from conftest import eventually, within
-from tagd.writes import send_now
+from tagd.proxy.writes import send_now
 
 MESSAGE = b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n" * 100
 

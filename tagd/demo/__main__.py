@@ -16,10 +16,10 @@ from typing import Sequence
 from twisted.logger import globalLogBeginner, textFileLogObserver
 from twisted.web.server import Site
 
-from tagd.config import parse_config
+from tagd.daemon.config import parse_config
 from tagd.demo.shop import shop_resource
-from tagd.startup import describe
-from tagd.tap import build_service
+from tagd.daemon.startup import describe
+from tagd.daemon.tap import build_service
 
 SHOP_PORT = 8000
 PROXY_PORT = 8080

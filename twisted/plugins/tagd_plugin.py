@@ -2,4 +2,4 @@
 
 from twisted.application.service import ServiceMaker
 
-tagd = ServiceMaker("tagd", "tagd.tap", "Server-side tagging reverse proxy.", "tagd")
+tagd = ServiceMaker("tagd", "tagd.daemon.tap", "Server-side tagging reverse proxy.", "tagd")

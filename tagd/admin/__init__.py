@@ -1,0 +1,1 @@
+"""The admin listener: metrics, health and the dashboard, for operators only."""

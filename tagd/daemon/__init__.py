@@ -1,0 +1,1 @@
+"""The daemon around it all: configuration, twistd integration, reload, lifecycle, logs, CLI."""

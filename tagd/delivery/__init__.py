@@ -1,0 +1,1 @@
+"""Delivery: the durable spool, its dispatcher and the platforms' destinations."""

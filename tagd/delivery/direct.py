@@ -1,0 +1,214 @@
+"""Delivery to the platforms: what the dispatcher and the direct fallback share, and the
+direct, best-effort delivery used when the spool cannot be opened.
+
+Both deliver through tagd's own treq client (L{http_client}) and keep events the platform
+would refuse for their age out of every request (L{expired}), so that the fallback sends
+exactly what the dispatcher would, only without retries.
+
+L{DirectDelivery} sends each batch of events to every destination at once; each
+platform's answer is classified by its destination and counted.  Nothing here is awaited
+by a visitor's request: L{DirectDelivery.submit} is the one call made for the events
+the tracker hands over (see L{tagd.delivery.service}).
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Callable, Collection, Mapping, Sequence, TypeVar
+
+import attrs
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+
+from tagd.delivery.destinations import Describing, Destination, Outcome, OutgoingRequest, Selective
+from tagd.tagging.events import Event
+from tagd.delivery.outcomes import EXPIRED, Outcomes
+
+log = Logger()
+
+DAY = 86400.0
+# How old an event a platform still takes, by destination type (PLATFORMS.md).  Meta and
+# TikTok refuse a whole request for one event older than this, so such events must never
+# reach a batch.  A platform fact, the same for every destination of a type, hence one
+# table here; a type that is absent (webhook, log) takes events of any age.  Not to be
+# confused with the tracker's own limit on the event times it accepts from the origin.
+PLATFORM_MAX_AGE: Mapping[str, float] = MappingProxyType(
+    {
+        "meta": 7 * DAY,
+        "ga4": 72 * 3600.0,
+        "tiktok": 7 * DAY,  # unconfirmed: TikTok's documentation gives no figure
+        "pinterest": 7 * DAY,  # unconfirmed: Pinterest documents no figure; Meta's
+        "snapchat": 37 * DAY,
+        "reddit": 7 * DAY,
+        "microsoft": 7 * DAY,  # unconfirmed: from third-party notes on Microsoft's documentation
+    }
+)
+# An event this close to its platform's limit is expired too: it could cross the limit
+# while the request travels, or by the difference between our clock and the platform's.
+AGE_MARGIN = 60.0
+
+
+def expired(destination: Destination, event: Event, now: float) -> bool:
+    """Whether C{destination}'s platform would refuse C{event} for its age at C{now}
+    (epoch seconds), allowing for L{AGE_MARGIN}."""
+    window = PLATFORM_MAX_AGE.get(destination.type)
+    return window is not None and event.event_time < now - window + AGE_MARGIN
+
+
+T = TypeVar("T")
+
+
+def by_unsendable_reason(
+    destination: Destination, items: Sequence[T], event_of: Callable[[T], Event]
+) -> dict[str, list[T]]:
+    """C{items} (events, or spool rows) that no request of C{destination} carries, grouped
+    by why: the reason a L{Selective} destination gives, else a missing identifier (GA4
+    sends no event without its client id)."""
+    groups: dict[str, list[T]] = {}
+    for item in items:
+        reason = destination.refusal(event_of(item)) if isinstance(destination, Selective) else None
+        reason = reason or f"{destination.type} cannot send this event: an identifier it requires is missing"
+        groups.setdefault(reason, []).append(item)
+    return groups
+
+
+@attrs.frozen
+class Route:
+    """A destination, how long one request to it may take, and how many may be in flight
+    at once (None: as many as the dispatcher allows every destination that does not say)."""
+
+    destination: Destination
+    timeout: float
+    concurrency: int | None = None
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """The pool's factory for connections to the platforms, without Twisted's "Starting
+    factory" and "Stopping factory" lines, which it would log at info for every
+    connection opened and closed: noise at the rate of the traffic, saying nothing."""
+
+    noisy = False
+
+
+def http_client(reactor, pool_size: int = 10) -> tuple[HTTPClient, HTTPConnectionPool]:
+    """tagd's own treq client for the platforms, on a persistent pool of its own."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = pool_size
+    pool._factory = _QuietClientFactory  # the pool's documented hook for its factory
+    return HTTPClient(Agent(reactor, pool=pool)), pool
+
+
+class DirectDelivery:
+    """Send every submitted batch to every destination, once, and count the outcome;
+    events past a platform's age window are counted as expired instead (see L{expired})."""
+
+    def __init__(
+        self, *, reactor, routes: Sequence[Route], http: HTTPClient, outcomes: Outcomes
+    ) -> None:
+        self._reactor = reactor
+        self._routes = tuple(routes)
+        self._http = http
+        self._outcomes = outcomes
+
+    def submit(self, events: Sequence[Event], allowed: Collection[str] | None = None) -> Deferred:
+        """Start delivering C{events} to the destinations named in C{allowed} (every one
+        when C{None}); the Deferred (for tests and shutdown) fires when all answered."""
+        attempts = []
+        now = self._reactor.seconds()
+        for route in self._routes:
+            if allowed is not None and route.destination.name not in allowed:
+                continue
+            fresh = self._fresh(route, events, now)
+            if isinstance(route.destination, Describing):
+                for line in route.destination.describe(fresh):
+                    log.info("{destination} (dry run): {line}", destination=route.destination.name, line=line)
+                self._outcomes.delivered(route.destination.name, Outcome.SUCCESS.value, fresh)
+                continue
+            requests = route.destination.encode(fresh)
+            self._count_unsendable(route, fresh, requests)
+            for request in requests:
+                carried = [fresh[position] for position in request.positions]
+                attempts.append(ensureDeferred(self._send(route, request, carried)))
+        return DeferredList(attempts, consumeErrors=True)
+
+    def _fresh(self, route: Route, events: Sequence[Event], now: float) -> list[Event]:
+        """The events the route's platform still takes; the others are counted as expired,
+        as the dispatcher counts them, and never sent: Meta and TikTok would refuse the
+        whole request for one of them."""
+        fresh: list[Event] = []
+        stale: list[Event] = []
+        for event in events:
+            (stale if expired(route.destination, event, now) else fresh).append(event)
+        if stale:
+            self._outcomes.delivered(route.destination.name, EXPIRED, stale)
+            log.info(
+                "{destination}: {count} event(s) expired, older than the platform takes",
+                destination=route.destination.name,
+                count=len(stale),
+            )
+        return fresh
+
+    def _count_unsendable(self, route: Route, events: Sequence[Event], requests) -> None:
+        """Events a destination cannot encode (GA4 without a client id) are counted, not lost silently."""
+        sent = {position for request in requests for position in request.positions}
+        unsendable = [event for position, event in enumerate(events) if position not in sent]
+        for reason, group in by_unsendable_reason(route.destination, unsendable, lambda event: event).items():
+            self._outcomes.delivered(route.destination.name, Outcome.PERMANENT.value, group, message=reason)
+            log.warn(
+                "{destination}: {count} event(s) cannot be sent to this platform: {reason}",
+                destination=route.destination.name,
+                count=len(group),
+                reason=reason,
+            )
+
+    async def _send(self, route: Route, request: OutgoingRequest, events: Sequence[Event]) -> None:
+        destination = route.destination
+        count = len(events)
+        try:
+            response = await self._http.request(
+                request.method,
+                request.url,
+                data=request.body,
+                headers=dict(request.headers),
+                timeout=route.timeout,
+                reactor=self._reactor,
+            )
+            body = await treq.content(response)
+        except Exception as e:
+            # The exception text may quote the URL, and with it a token: name the type only.
+            log.warn(
+                "{destination}: no answer from {url}: {error}",
+                destination=destination.name,
+                url=request.log_url,
+                error=type(e).__name__,
+            )
+            self._outcomes.delivered(route.destination.name, Outcome.TRANSIENT.value, events, message=f"no answer: {type(e).__name__}")
+            return
+        verdict = destination.classify(response.code, body)
+        refused = dict(verdict.refused)
+        if refused:
+            # A partial success (Pinterest): the refused events are the platform's verdict on them.
+            for index, event in enumerate(events):
+                if index in refused:
+                    self._outcomes.delivered(route.destination.name, Outcome.PERMANENT.value, [event], response.code, refused[index])
+            events = [event for index, event in enumerate(events) if index not in refused]
+            count = len(events)
+        self._outcomes.delivered(route.destination.name, verdict.outcome.value, events, response.code, verdict.message)
+        if verdict.outcome is Outcome.SUCCESS:
+            log.debug(
+                "{destination}: {count} event(s) delivered ({status})",
+                destination=destination.name,
+                count=count,
+                status=response.code,
+            )
+        else:
+            log.warn(
+                "{destination}: {count} event(s) not delivered, {outcome}: {message}",
+                destination=destination.name,
+                count=count,
+                outcome=verdict.outcome.value,
+                message=verdict.message,
+            )
