@@ -93,13 +93,14 @@ def test_check_config_shows_every_key_with_the_token_masked(tmp_path):
     assert pin == {
         "type": "pinterest", "name": "pinterest", "timeout": 3.0, "ad_account_id": "549755885175",
         "access_token": "***", "test": False, "endpoint": "https://proxy.example", "event_names": {},
-        "max_batch": 1000, "consent_purpose": "marketing",
+        "max_batch": 1000, "consent_purpose": "marketing", "concurrency": 2,
     }  # fmt: skip
     assert (snap["pixel_id"], snap["max_batch"], snap["access_token"]) == ("snap-pixel-1", 1000, "***")
     assert (rdt["pixel_id"], rdt["max_batch"]) == ("t2_abc123", 1000)
     assert (ms["tag_id"], set(ms)) == (
         "343000123",
-        {"type", "name", "timeout", "tag_id", "access_token", "endpoint", "event_names", "max_batch", "consent_purpose"},
+        {"type", "name", "timeout", "tag_id", "access_token", "endpoint", "event_names", "max_batch", "consent_purpose",
+         "concurrency"},
     )
     assert "# test_event_code is not set" in output and "# test_id is not set" in output
     (tmp_path / "printed.toml").write_text(output)
