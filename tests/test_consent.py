@@ -24,6 +24,7 @@ from tagd.tagging.consent import (
     NONE,
     NOTHING,
     UNKNOWN,
+    MAX_RECORD,
     ConsentReader,
     allows,
     from_cookiebot,
@@ -259,3 +260,16 @@ def test_allows_per_purpose() -> None:
     assert allows(NOTHING, NONE) and allows(UNKNOWN, MARKETING) and allows(UNKNOWN, ANALYTICS)
     assert allows(frozenset({ANALYTICS}), ANALYTICS) and not allows(frozenset({ANALYTICS}), MARKETING)
     assert not allows(NOTHING, ANALYTICS)
+
+
+@pytest.mark.parametrize(
+    ("reader", "name"),
+    [(from_tcf, b"euconsent-v2"), (from_cookiebot, b"CookieConsent"), (from_onetrust, b"OptanonConsent")],
+)
+def test_a_record_too_long_grants_nothing_and_is_not_kept(reader, name):
+    """Anyone can send records of any length, each one new: one longer than any banner
+    writes grants nothing and is never cached, so such a flood cannot pin memory."""
+    reader.cache_clear()
+    for n in range(50):
+        assert reader({name: b"%d" % n + b"x" * MAX_RECORD}) == NOTHING
+    assert reader.cache_info().currsize == 0

@@ -11,8 +11,9 @@ import pytest
 import pytest_twisted
 
 from conftest import eventually
-from fakes import DAY, FakeMicrosoft, FakePinterest, FakeReddit, FakeSnapchat, make_event
-from tagd.delivery.direct import DirectDelivery, Route
+from fakes import DAY, Answer, FakeMeta, FakeMicrosoft, FakePinterest, FakeReddit, FakeSnapchat, make_event
+from tagd.delivery.direct import MAX_ANSWER, DirectDelivery, Route
+from tagd.delivery.destinations import meta
 from tagd.delivery.destinations import microsoft, pinterest, reddit, snapchat
 from tagd.delivery.outcomes import Outcomes
 from test_dispatcher import delivered, dispatch, dispatcher_log, events, metrics, refused, serving, spool  # noqa: F401 (fixtures)
@@ -106,3 +107,69 @@ async def test_the_direct_fallback_counts_a_partial_success_event_by_event(servi
     await delivery.submit(events("ev", 3))
     assert delivered(metrics, "pinterest", "success") == 2
     assert delivered(metrics, "pinterest", "permanent") == 1
+
+
+class CannedPinterest(FakePinterest):
+    """Pinterest answering every request with one answer, whatever it carried."""
+
+    def __init__(self, canned: Answer) -> None:
+        super().__init__()
+        self.canned = canned
+
+    def answer(self, recorded) -> Answer:
+        return self.canned
+
+
+@pytest.mark.parametrize(
+    "canned",
+    [
+        Answer(200, {"events": []}),
+        Answer(200, {"events": [{"status": "processed", "error_message": None}]}),
+        Answer(422, {"code": 4196, "message": "Invalid", "details": {"events": []}}),
+    ],
+    ids=["empty-list", "short-list", "422-empty-list"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_pinterest_answer_that_speaks_for_fewer_events_delivers_none(serving, dispatch, spool, metrics, canned):
+    """An answer whose list of each event's status is empty or shorter than the request is
+    no answer for the events it leaves out: nothing counts as delivered, the rows wait for
+    another try."""
+    served = serving(CannedPinterest(canned))
+    spool.add("pinterest", events("ev", 3))
+    dispatch(route("pinterest", served))
+    await eventually(lambda: delivered(metrics, "pinterest", "transient") >= 3)
+    assert delivered(metrics, "pinterest", "success") == 0
+    assert "done" not in spool.states("pinterest").values()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pinterest_answer_refusing_the_token_is_a_refusal_whatever_list_it_carries(serving, dispatch, spool, metrics):
+    """Pinterest's code 2 (authentication failed) with an empty per-event list: the
+    credentials are refused (the destination pauses, the metric says so), nothing acked."""
+    answer = Answer(422, {"code": 2, "message": "Authentication failed", "details": {"events": []}})
+    served = serving(CannedPinterest(answer))
+    spool.add("pinterest", events("ev", 2))
+    dispatch(route("pinterest", served))
+    await eventually(lambda: refused(metrics, "pinterest") == 1)
+    assert delivered(metrics, "pinterest", "success") == 0
+    assert "done" not in spool.states("pinterest").values()
+
+
+class EndlessMeta(FakeMeta):
+    """A Meta endpoint answering 200 with a body past what tagd reads of an answer."""
+
+    def answer(self, recorded) -> Answer:
+        return Answer(200, "x" * (MAX_ANSWER + 1))
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_past_the_limit_is_no_answer(serving, dispatch, spool, metrics):
+    """A platform (broken, or not the platform) answering without end: tagd reads at most
+    MAX_ANSWER bytes, closes the connection, and takes it as no answer, so the events
+    wait for another try and tagd's memory stays bounded."""
+    served = serving(EndlessMeta())
+    spool.add("meta", events("ev", 2))
+    dispatch(Route(meta.build("meta", {"pixel_id": "1234", "access_token": "meta-token", "endpoint": served.base}), 5.0))
+    await eventually(lambda: delivered(metrics, "meta", "transient") >= 2)
+    assert delivered(metrics, "meta", "success") == 0
+    assert "done" not in spool.states("meta").values()

@@ -24,11 +24,10 @@ from importlib.metadata import version
 from typing import Any, Mapping, Sequence
 
 import attrs
-import treq
 from twisted.internet.task import react
 
 from tagd.daemon.config import Config, ConfigError, DestinationConfig, SpoolSettings
-from tagd.delivery.direct import http_client
+from tagd.delivery.direct import http_client, read_answer
 from tagd.demo.__main__ import SUMMARY as DEMO_SUMMARY, add_arguments as demo_arguments, main as demo_main
 from tagd.delivery.destinations import Describing, Destination, Outcome, OutgoingRequest, meta
 from tagd.delivery.destinations._common import public_url, redact
@@ -390,7 +389,7 @@ async def post_test_event(reactor, destination: DestinationConfig, request: Outg
             timeout=destination.timeout,
             reactor=reactor,
         )
-        body = await treq.content(response)
+        body = await read_answer(response)
     except Exception as e:
         # The exception text may quote the URL, and with it a token: name the type only.
         print(f"tagd: no answer from {request.log_url}: {type(e).__name__}", file=sys.stderr)

@@ -23,7 +23,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
-from tagd.delivery.destinations import Describing, Destination, Outcome, OutgoingRequest, Selective
+from tagd.delivery.destinations import Describing, Destination, Outcome, OutgoingRequest, Selective, Verdict
 from tagd.tagging.events import Event
 from tagd.delivery.outcomes import EXPIRED, Outcomes
 
@@ -59,6 +59,44 @@ def expired(destination: Destination, event: Event, now: float) -> bool:
 
 
 T = TypeVar("T")
+# The most of a platform's answer tagd reads: their answers are a few hundred bytes, an
+# error page a few kilobytes; a body without end (a broken or hostile endpoint) must not
+# fill the droplet's memory.
+MAX_ANSWER = 1024 * 1024
+
+
+class AnswerTooLarge(Exception):
+    """A platform's answer went past L{MAX_ANSWER}; its connection is closed."""
+
+
+async def read_answer(response, limit: int = MAX_ANSWER) -> bytes:
+    """A platform's answer body, at most C{limit} bytes; past it, the connection is
+    closed and L{AnswerTooLarge} raised, which the senders take as no answer."""
+    parts: list[bytes] = []
+    size = 0
+
+    def collect(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > limit:
+            raise AnswerTooLarge()
+        parts.append(data)
+
+    await treq.collect(response, collect)
+    return b"".join(parts)
+
+
+def judged(destination: Destination, request: OutgoingRequest, status: int, body: bytes) -> Verdict:
+    """The destination's verdict on an answer to C{request}.  An answer that speaks event
+    by event but not for each of the request's events (a list too short, or empty) is no
+    answer for the rest: transient, so that no event counts as delivered unseen."""
+    verdict = destination.classify(status, body)
+    if verdict.answered is not None and verdict.answered != len(request.positions):
+        return Verdict(
+            Outcome.TRANSIENT,
+            f"{verdict.message}; the answer speaks for {verdict.answered} of {len(request.positions)} event(s)",
+        )
+    return verdict
 
 
 def by_unsendable_reason(
@@ -176,7 +214,7 @@ class DirectDelivery:
                 timeout=route.timeout,
                 reactor=self._reactor,
             )
-            body = await treq.content(response)
+            body = await read_answer(response)
         except Exception as e:
             # The exception text may quote the URL, and with it a token: name the type only.
             log.warn(
@@ -187,7 +225,7 @@ class DirectDelivery:
             )
             self._outcomes.delivered(route.destination.name, Outcome.TRANSIENT.value, events, message=f"no answer: {type(e).__name__}")
             return
-        verdict = destination.classify(response.code, body)
+        verdict = judged(destination, request, response.code, body)
         refused = dict(verdict.refused)
         if refused:
             # A partial success (Pinterest): the refused events are the platform's verdict on them.

@@ -59,7 +59,6 @@ from email.utils import mktime_tz, parsedate_tz
 from typing import Any, Protocol, Sequence
 
 import attrs
-import treq
 from prometheus_client.core import GaugeMetricFamily
 from treq.client import HTTPClient
 from twisted.application.service import Service
@@ -77,7 +76,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from tagd.delivery.direct import Route, by_unsendable_reason, expired
+from tagd.delivery.direct import Route, by_unsendable_reason, expired, judged, read_answer
 from tagd.delivery.destinations import Advising, Describing, Outcome, OutgoingRequest, Verdict
 from tagd.tagging.events import Event
 from tagd.admin.metrics import Metrics
@@ -719,7 +718,7 @@ class Dispatcher(Service):
         finally:
             lane.inflight.discard(exchange)
         destination = lane.route.destination
-        verdict = destination.classify(response.code, body)
+        verdict = judged(destination, request, response.code, body)
         if verdict.retry_after is None:
             asked = retry_after(response.headers, self._reactor.seconds())
             verdict = attrs.evolve(verdict, retry_after=asked)
@@ -738,7 +737,7 @@ class Dispatcher(Service):
         response = await self._http.request(
             request.method, request.url, data=request.body, headers=dict(request.headers)
         )
-        return response, await treq.content(response)
+        return response, await read_answer(response)
 
     def _heed(self, lane: _Lane, verdict: Verdict, sent_at: float, count: int) -> bool:
         """What an answer means for the whole destination (a pause, or the end of one),

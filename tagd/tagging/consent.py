@@ -75,9 +75,11 @@ _ONETRUST_GROUPS_FIELD = re.compile(r"(?:^|&)groups=([^&]*)")
 _ONETRUST_GROUP = re.compile(r"(?:^|,)(C\d{4}):([01])(?=,|$)")
 
 SOURCES = ("", "tcf", "cookiebot", "onetrust")
-# Distinct consent records whose reading is remembered, per source: values are at most
-# 1024 bytes (longer ones are not read), so a few MB at most.
+# Distinct consent records whose reading is remembered, per source: only values of at
+# most MAX_RECORD bytes are read and cached, so a few MB at most.
 CACHED_RECORDS = 4096
+# A longer record is no record a consent banner writes, and grants nothing, uncached.
+MAX_RECORD = 1024
 
 
 def gpc(headers: Headers) -> bool:
@@ -102,10 +104,11 @@ def _by_value(name: bytes):
 
         def granted(cookies: Mapping[bytes, bytes]) -> frozenset[str]:
             raw = cookies.get(name)
-            return NOTHING if raw is None else cached(raw)
+            return NOTHING if raw is None or len(raw) > MAX_RECORD else cached(raw)
 
         granted.__doc__ = read.__doc__
         granted.cache_clear = cached.cache_clear  # for the benchmark of a first reading
+        granted.cache_info = cached.cache_info  # for the test of what is kept
         return granted
 
     return decorate

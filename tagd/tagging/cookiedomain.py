@@ -55,8 +55,10 @@ def _public_suffixes():
 
 
 def host_name(host: bytes | None) -> str | None:
-    """The request's host name, lower-cased, without port or a final dot; C{None} unless it
-    is an ASCII host name (an IP address, bracketed IPv6 or anything else is C{None})."""
+    """The request's host name, lower-cased, without port; C{None} unless it is an ASCII
+    host name (an IP address, bracketed IPv6 or anything else is C{None}).  A name with a
+    final dot is C{None} too: a browser at C{shop.example.co.uk.} refuses a cookie for
+    C{example.co.uk} (RFC 6265 compares the names as they are), so it gets host-only ones."""
     if not host or host[:1] == b"[":
         return None
     try:
@@ -66,7 +68,6 @@ def host_name(host: bytes | None) -> str | None:
     name, _, port = text.partition(":")
     if port and not port.isdigit():
         return None
-    name = name.removesuffix(".")
     if len(name) > 253 or not _HOST_NAME.fullmatch(name) or _ENDS_IN_A_NUMBER.fullmatch(name):
         return None
     return name

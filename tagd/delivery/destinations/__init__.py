@@ -40,6 +40,9 @@ class Verdict:
     # indexes, in the request's order, of the events the platform refused, each with its
     # message.  Those are dead letters; the others are delivered.
     refused: tuple[tuple[int, str], ...] = ()
+    # How many events an answer that speaks event by event speaks for (None: it speaks for
+    # the whole request).  The sender trusts it only when it is the request's count.
+    answered: int | None = None
 
 
 @attrs.frozen

@@ -174,12 +174,13 @@ def verdict(
     message: str,
     secrets: Iterable[str] = (),
     refused: Iterable[tuple[int, str]] = (),
+    answered: int | None = None,
 ) -> Verdict:
     """A L{Verdict} whose messages (its own, and those of the C{refused} events) are bounded
     and can never carry one of C{secrets}."""
     secrets = tuple(secrets)
     refused = tuple((index, bounded(reason, secrets)) for index, reason in refused)
-    return Verdict(outcome=outcome, message=bounded(message, secrets), refused=refused)
+    return Verdict(outcome=outcome, message=bounded(message, secrets), refused=refused, answered=answered)
 
 
 def status_outcome(status: int) -> Outcome | None:

@@ -210,8 +210,12 @@ def _per_event(answer: Mapping[str, Any]) -> list[Any] | None:
     return None
 
 
-def _partial(status: int, answer: Mapping[str, Any]) -> tuple[Outcome, str, list[tuple[int, str]]] | None:
-    """A success with the events Pinterest refused, when its answer says each one's status."""
+def _partial(status: int, answer: Mapping[str, Any]) -> tuple[Outcome, str, list[tuple[int, str]], int] | None:
+    """A success with the events Pinterest refused, and how many events the answer speaks
+    for, when it says each one's status.  An answer whose code refuses the credentials,
+    throttles or fails for the moment is that, whatever list it carries."""
+    if json_int(answer, "code") in AUTH_CODES | THROTTLE_CODES | TRANSIENT_CODES:
+        return None
     events = _per_event(answer)
     if events is None:
         return None
@@ -221,7 +225,7 @@ def _partial(status: int, answer: Mapping[str, Any]) -> tuple[Outcome, str, list
         if e.get("status") != "processed"
     ]
     processed = len(events) - len(refused)
-    return Outcome.SUCCESS, f"HTTP {status}, {processed} of {len(events)} event(s) processed", refused
+    return Outcome.SUCCESS, f"HTTP {status}, {processed} of {len(events)} event(s) processed", refused, len(events)
 
 
 def _judge(status: int, answer: Mapping[str, Any] | None) -> tuple[Outcome, str]:
@@ -270,8 +274,8 @@ class PinterestDestination(SelectiveDestination):
         answer = json_object(body)
         partial = _partial(status, answer) if answer and (200 <= status < 300 or status == PARTIAL) else None
         if partial is not None:
-            outcome, message, refused = partial
-            return verdict(outcome, message, (self.access_token,), refused)
+            outcome, message, refused, answered = partial
+            return verdict(outcome, message, (self.access_token,), refused, answered)
         return super().classify(status, body)
 
 

@@ -22,6 +22,7 @@ import attrs
 from tagd.delivery.destinations import KeySpec, Outcome
 from tagd.delivery.destinations._common import RequestParts, status_outcome, without_empty
 from tagd.delivery.destinations._platform import (
+    BEARER_TOKEN,
     TEST_EVENT_CODE,
     SelectiveDestination,
     conversion_keys,
@@ -40,7 +41,12 @@ KEYS: dict[str, KeySpec] = conversion_keys(
     "pixel_id", endpoint="https://tr.snapchat.com", max_batch=1000, own=TEST_EVENT_CODE
 )
 SECRETS = ("access_token",)
-FORMATS = {"pixel_id": (re.compile(r"[A-Za-z0-9-]+"), "the pixel's id, letters, digits and dashes")}
+FORMATS = {
+    "pixel_id": (re.compile(r"[A-Za-z0-9-]+"), "the pixel's id, letters, digits and dashes"),
+    # The token travels in the query string: no space or control character, whose encoded
+    # forms a redaction of the token's own could miss.
+    "access_token": (BEARER_TOKEN[0], "printable ASCII without spaces (it goes in the URL)"),
+}
 DEFAULT_TIMEOUT = 3.0
 # A request carries up to its platform's batch of events: two in flight drain any backlog.
 DEFAULT_CONCURRENCY = 2
