@@ -528,6 +528,22 @@ def test_writes_only_its_state_directory(droplet):
     assert files and all(path.startswith("/var/lib/private/tagd/") for path in files), files
 
 
+def test_memory_and_tasks_are_bounded_far_above_what_tagd_uses(droplet):
+    """C{MemoryMax=} and C{TasksMax=} hold, and tagd, having delivered (the guide's test
+    event and a visit), uses less than a quarter of either: a bound a leak meets, not a
+    busy hour."""
+    droplet.before("Upgrade")
+    droplet.visit("deploy-bounded")
+    droplet.wait_delivered("deploy-bounded")
+    state = droplet.show("tagd", "MemoryMax", "TasksMax")
+    assert state == {"MemoryMax": str(512 * 2**20), "TasksMax": "64"}, state
+    # From the process itself: the droplet's cgroups need not account for memory or tasks.
+    status = droplet.container.run(f"cat /proc/{droplet.main_pid()}/status").stdout
+    threads = int(re.search(r"^Threads:\s+(\d+)$", status, re.M)[1])
+    resident = int(re.search(r"^VmRSS:\s+(\d+) kB$", status, re.M)[1]) * 1024
+    assert threads * 4 <= 64 and resident * 4 <= 512 * 2**20, status
+
+
 def test_security_exposure_is_the_documented_one(droplet):
     """C{systemd-analyze security tagd} rates the unit as docs/deployment.md says it does."""
     droplet.before("Upgrade")
