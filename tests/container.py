@@ -118,7 +118,8 @@ def cached_rootfs() -> Path:
 
 
 class ContainerError(Exception):
-    """The container could not be made, booted or reached."""
+    """The container could not be made, booted or reached, or a command in it did not end
+    in time (a boot that hangs, on a developer's machine, is a skip, not an error)."""
 
 
 class Container:
@@ -236,13 +237,14 @@ class Container:
     def run(self, command: str, *, input: bytes | str = b"", check: bool = True, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """C{command} (bash) inside the container as root, as a login shell would run it:
         its output as text; failing unless it exits 0 when C{check}."""
-        process = self.popen(command, env=env, stdin=subprocess.PIPE)
+        process = self.popen(command, env=env, stdin=subprocess.PIPE, start_new_session=True)
         try:
             out, err = process.communicate(input.encode() if isinstance(input, str) else input, timeout=timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
+            # The whole group: nsenter's child, which runs the command, would hold the pipes.
+            os.killpg(process.pid, signal.SIGKILL)
             out, err = process.communicate()
-            raise AssertionError(f"{command}: still running after {timeout} s:\n{out.decode(errors='replace')}{err.decode(errors='replace')}") from None
+            raise ContainerError(f"{command}: still running after {timeout} s:\n{out.decode(errors='replace')}{err.decode(errors='replace')}") from None
         result = subprocess.CompletedProcess(command, process.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
         if check and result.returncode != 0:
             raise AssertionError(f"{command}\nexit status {result.returncode}:\n{result.stdout}{result.stderr}")
@@ -286,12 +288,14 @@ def booted() -> Container:
     reason = unavailable()
     if reason is not None:
         skip_or_fail(reason)
-    container = None
+    container, up = None, False
     try:
         container = Container.create()
         container.boot()
+        up = True
     except (ContainerError, OSError, subprocess.SubprocessError) as e:
-        if container is not None:
-            container.close()
         skip_or_fail(f"no container with systemd could be booted: {e}")
+    finally:
+        if container is not None and not up:  # half-booted, whatever stopped it
+            container.close()
     return container

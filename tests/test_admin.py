@@ -279,6 +279,38 @@ async def test_no_token_means_open(start_admin_tagd, http):
     assert code == 200 and "<title>tagd</title>" in body
 
 
+def _head_and_body(response: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """A response's status line, its headers by lower-cased name, and what followed the head."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = dict(line.lower().split(b": ", 1) for line in lines)
+    return status, headers, body
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_answers_get_s_head_on_every_path_with_no_body_and_no_warning(start_admin_tagd, log_events):
+    """An uptime check's C{HEAD /healthz}, and HEAD on every other admin path (the login
+    page, a refusal, C{/login} that only takes a POST, a path that is none), gets the head
+    GET gets, its Content-Length included, then no body; and nothing is logged about it."""
+    tagd = await start_admin_tagd(admin={"token": TOKEN}, destinations=[{"type": "log", "name": "dry"}])
+    bearer = [(b"Authorization", b"Bearer " + TOKEN.encode()), (b"Connection", b"close")]
+    anonymous = [(b"Connection", b"close")]
+    asked = [(path, bearer) for path in (b"/", b"/healthz", b"/metrics", b"/stats.json", b"/nothing")]
+    asked += [(path, anonymous) for path in (b"/", b"/healthz", b"/login", b"/logout")]
+    for path, headers in asked:
+        got_status, got, page = _head_and_body(await exchange(tagd.admin_port, raw_request(b"GET", path, headers)))
+        status, heads, body = _head_and_body(await exchange(tagd.admin_port, raw_request(b"HEAD", path, headers)))
+        assert (status, body) == (got_status, b""), path
+        assert heads[b"content-type"] == got[b"content-type"], path
+        assert b"transfer-encoding" not in heads, path
+        if path in (b"/metrics", b"/stats.json"):  # their figures may move between the two
+            assert int(heads[b"content-length"]) > 0, path
+        elif b"content-length" in got:  # Twisted's 404 page is streamed, without a length
+            assert heads[b"content-length"] == got[b"content-length"] == b"%d" % len(page), path
+    said = [e for e in log_events if "HEAD" in str(e.get("log_format", ""))]
+    assert said == []
+
+
 # -- /healthz ------------------------------------------------------------------------------
 
 

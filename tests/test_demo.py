@@ -60,7 +60,15 @@ def test_the_demo_on_ports_of_one_s_choice(tmp_path, launcher, stop):
             status, heads, body = head(port, "/product/123")
             assert (status, body) == (200, b"")
             assert heads["Content-Length"] == str(len(page))
-        assert browser_get(ports["--admin-port"], "/")[0] == 200
+        for path in ("/", "/healthz", "/metrics", "/stats.json", "/nowhere"):
+            got, gets, page = browser_get(ports["--admin-port"], path)
+            status, heads, body = head(ports["--admin-port"], path)
+            assert (status, body) == (got, b""), path
+            assert heads["Content-Type"] == dict(gets)["Content-Type"], path
+            if path in ("/metrics", "/stats.json"):  # their figures may move between the two
+                assert int(heads["Content-Length"]) > 0, path
+            elif path != "/nowhere":  # Twisted's 404 page is streamed, without a length
+                assert heads["Content-Length"] == str(len(page)), path
 
         demo.send_signal(stop)
         assert demo.wait(10) == 0, read_log(log)

@@ -90,8 +90,26 @@ def test_any_other_measurement_id_is_refused(measurement_id):
     request and answered 2xx while GA4 drops it: refused, without quoting it."""
     with pytest.raises(ValueError) as raised:
         destination(measurement_id=measurement_id)
-    assert str(raised.value).startswith("measurement_id: must be a GA4 measurement id")
+    assert str(raised.value).startswith('measurement_id: must be a GA4 measurement id, "G-" then letters and digits')
     assert repr(measurement_id) not in str(raised.value)
+    assert ("Universal Analytics" in str(raised.value)) == measurement_id.startswith("UA-")
+
+
+@pytest.mark.parametrize(
+    ("measurement_id", "said"),
+    [
+        ("UA-12345", '"G-" then letters and digits (a UA- id is Universal Analytics, which takes no Measurement Protocol events)'),
+        ("UA-12345-1", '"G-" then letters and digits (a UA- id is Universal Analytics, which takes no Measurement Protocol events)'),
+        ("G-", '"G-" then letters and digits'),
+        ("g-abc123", '"G-" then letters and digits'),
+        ("G-ABC 123", '"G-" then letters and digits'),
+    ],
+)
+def test_only_a_ua_id_is_told_about_universal_analytics(measurement_id, said):
+    """The mistake named is the one made: an old UA- property's id, or a GA4 id mistyped."""
+    with pytest.raises(ValueError) as raised:
+        destination(measurement_id=measurement_id)
+    assert str(raised.value) == "measurement_id: must be a GA4 measurement id, " + said
 
 
 # -- names ----------------------------------------------------------------------------

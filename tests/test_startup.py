@@ -22,7 +22,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 
 import tagd.daemon.startup
-from helpers import ADMIN_TOML, TWISTD, free_port
+from helpers import ADMIN_TOML, TWISTD, browser_get, free_port, read_log, running, tagd_up, wait_until
 from tagd.daemon.logs import observer
 from tagd.daemon.startup import CONFIG_ERROR_EXIT, START_FAILED_EXIT, ExitOnFailedStart, describe, exit_before_logging
 from tagd.daemon.tap import Options, makeService
@@ -101,6 +101,54 @@ def test_unknown_log_level_is_json_and_a_configuration_error(tmp_path):
     [line] = [json.loads(line) for line in result.stdout.splitlines()]
     assert line["level"] == "critical" and "TAGD_LOG_LEVEL='loud'" in line["text"]
     assert result.stderr == ""
+
+
+def shared_folder_config(port: int) -> str:
+    """A quick start's configuration: the visitors' port C{port}, the spool in the folder
+    tagd runs from, a dry-run destination."""
+    return proxy_on(port) + ADMIN_TOML + '[spool]\npath = "spool.sqlite3"\n[[destinations]]\ntype = "log"\n'
+
+
+def test_a_second_tagd_from_the_same_folder_says_only_that_the_port_is_taken(tmp_path):
+    """A second tagd started beside a running one, same spool and same port: its one
+    problem line is the port's, with exit status 1; the spool it could not have is not
+    mentioned, since it never ran without it.  The first one keeps serving."""
+    port = free_port()
+    (tmp_path / "tagd.toml").write_text(shared_folder_config(port))
+    first_log = tmp_path / "first.log"
+    first_args = [TWISTD, "-n", "--pidfile=", "--logger=tagd.daemon.logs.observer", "tagd", "--config", "tagd.toml"]
+    with running(first_args, cwd=tmp_path, env=environment(), log=first_log) as first:
+        wait_until(lambda: tagd_up(first, first_log), 20, "the first tagd up")
+        result = twistd(tmp_path, shared_folder_config(port), "--logger=tagd.daemon.logs.observer")
+        assert result.returncode == START_FAILED_EXIT, result.stdout
+        problems = [e for e in map(json.loads, result.stdout.splitlines()) if e["level"] != "info"]
+        assert [(e["level"], e["text"]) for e in problems] == [
+            ("critical", f"tagd cannot start: Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use.")
+        ]
+        assert browser_get(port, "/")[0] == 502  # no origin runs, but the first tagd answers
+        assert first.poll() is None
+
+
+def test_a_second_tagd_on_a_port_of_its_own_says_once_that_it_runs_without_the_spool(tmp_path):
+    """The same second tagd with a free port starts, and says once, as an error, that the
+    spool is another process's and its events go straight to the platforms."""
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    (tmp_path / "first.toml").write_text(shared_folder_config(free_port()))
+    (tmp_path / "second.toml").write_text(shared_folder_config(free_port()))
+    logger = "--logger=tagd.daemon.logs.observer"
+    with running([TWISTD, "-n", "--pidfile=", logger, "tagd", "--config", "first.toml"],
+                 cwd=tmp_path, env=environment(), log=first_log) as first:  # fmt: skip
+        wait_until(lambda: tagd_up(first, first_log), 20, "the first tagd up")
+        with running([TWISTD, "-n", "--pidfile=", logger, "tagd", "--config", "second.toml"],
+                     cwd=tmp_path, env=environment(), log=second_log) as second:  # fmt: skip
+            wait_until(lambda: tagd_up(second, second_log), 20, "the second tagd up")
+            logged = [json.loads(line) for line in read_log(second_log).splitlines()]
+    [error] = [e for e in logged if e["level"] == "error"]
+    assert "another process has it open" in error["text"]
+    assert error["text"].endswith(
+        "events are sent straight to the platforms, best effort, until the spool is fixed and tagd restarted"
+    )
+    assert not [e for e in logged if e["level"] == "critical"]
 
 
 @pytest.mark.parametrize("taken_option", ["--port", "--shop-port"])

@@ -197,9 +197,32 @@ class AdminRoot(Resource):
         return notFound()
 
 
+class AdminRequest(Request):
+    """A request to the admin listener, which answers HEAD on every path with GET's head,
+    Content-Length included, and no body.
+
+    The resource renders a GET; the method turns back to HEAD as the head is written, so
+    that Twisted sends no body.  Left to Twisted, a HEAD whose resource returns a body is
+    answered the same but logs a warning each time: a line per probe of an uptime check.
+    """
+
+    _rendering_head = False
+
+    def render(self, resrc) -> None:
+        if self.method == b"HEAD":
+            self.method, self._rendering_head = b"GET", True
+        super().render(resrc)
+
+    def write(self, data: bytes) -> None:
+        if self._rendering_head:
+            self.method, self._rendering_head = b"HEAD", False
+        super().write(data)
+
+
 class AdminSite(Site):
     """The admin site: no access lines, since a scrape every few seconds would drown the log."""
 
+    requestFactory = AdminRequest
     noisy = False
     displayTracebacks = False
 

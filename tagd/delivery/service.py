@@ -97,7 +97,9 @@ class Delivery(Service):
 
     It also holds the destinations, which L{retarget} changes while tagd runs (a
     configuration reload), and makes the trackers that hand events to them.  Without a
-    spool (it could not be opened) events go straight to the platforms instead.
+    spool (it could not be opened, for the reason C{unopened}) events go straight to the
+    platforms instead, which its start says: only then, so that a start failing later (a
+    port taken) ends with the one line that says why, not with a fallback that never was.
 
     While it runs, the spool recounts its undelivered events every L{RECOUNT_INTERVAL}
     seconds, so that the C{tagd spool} commands, which change the file from another
@@ -105,9 +107,17 @@ class Delivery(Service):
     """
 
     def __init__(
-        self, *, reactor, config: Config, metrics: Metrics, spool: Spool | None, feed: Feed | None = None
+        self,
+        *,
+        reactor,
+        config: Config,
+        metrics: Metrics,
+        spool: Spool | None,
+        feed: Feed | None = None,
+        unopened: str | None = None,
     ) -> None:
         self._reactor = reactor
+        self._unopened = unopened
         self._metrics = metrics
         self._outcomes = Outcomes(metrics, feed)
         self._spool = spool
@@ -137,6 +147,12 @@ class Delivery(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self._unopened is not None:
+            log.error(
+                "{reason}; events are sent straight to the platforms, best effort, until the "
+                "spool is fixed and tagd restarted",
+                reason=self._unopened,
+            )
         if self._dispatcher is not None:
             self._dispatcher.startService()
             ensureDeferred(self._abandon_unconfigured()).addErrback(
@@ -252,6 +268,7 @@ def build_tagging(
     if not config.destinations:
         log.info("no [[destinations]] configured: tracking headers are removed, no events sent")
         return None, None
+    spool, unopened = None, None
     try:
         spool = Spool.open(
             config.spool.path,
@@ -260,11 +277,6 @@ def build_tagging(
             flush_interval=config.spool.flush_interval,
         )
     except SpoolError as e:
-        log.error(
-            "{reason}; events are sent straight to the platforms, best effort, until the "
-            "spool is fixed and tagd restarted",
-            reason=str(e),
-        )
-        spool = None
-    delivery = Delivery(reactor=reactor, config=config, metrics=metrics, spool=spool, feed=feed)
+        unopened = str(e)
+    delivery = Delivery(reactor=reactor, config=config, metrics=metrics, spool=spool, feed=feed, unopened=unopened)
     return delivery.tracker(config), delivery

@@ -409,9 +409,10 @@ def build(name: str, settings: Mapping[str, Any]) -> Ga4Destination:
     """
     values = filled(KEYS, settings)
     if not MEASUREMENT_ID.fullmatch(values["measurement_id"]):
+        universal = values["measurement_id"].startswith("UA-")
         raise ValueError(
-            'measurement_id: must be a GA4 measurement id, "G-" then letters and digits (a "UA-" id'
-            " is Universal Analytics, which takes no Measurement Protocol events)"
+            'measurement_id: must be a GA4 measurement id, "G-" then letters and digits'
+            + (" (a UA- id is Universal Analytics, which takes no Measurement Protocol events)" if universal else "")
         )
     if not values["api_secret"]:
         raise ValueError("api_secret: is required and must not be empty")
