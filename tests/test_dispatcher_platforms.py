@@ -124,15 +124,16 @@ class CannedPinterest(FakePinterest):
     "canned",
     [
         Answer(200, {"events": []}),
-        Answer(200, {"events": [{"status": "processed", "error_message": None}]}),
+        Answer(200, {"events": [{"status": "processed", "error_message": None}] * 2}),
         Answer(422, {"code": 4196, "message": "Invalid", "details": {"events": []}}),
     ],
-    ids=["empty-list", "short-list", "422-empty-list"],
+    ids=["empty-list", "wrong-length-list", "422-empty-list"],
 )
 @pytest_twisted.ensureDeferred
 async def test_a_pinterest_answer_that_speaks_for_fewer_events_delivers_none(serving, dispatch, spool, metrics, canned):
-    """An answer whose list of each event's status is empty or shorter than the request is
-    no answer for the events it leaves out: nothing counts as delivered, the rows wait for
+    """An answer whose list of each event's status is empty, or not as long as the request
+    (two statuses for the three events, and for the one-event probes of the outage that
+    follows), is no answer for them: nothing counts as delivered, the rows wait for
     another try."""
     served = serving(CannedPinterest(canned))
     spool.add("pinterest", events("ev", 3))
