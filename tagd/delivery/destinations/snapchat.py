@@ -72,6 +72,8 @@ DEFAULT_EVENT_NAMES: Mapping[str, str] = {
     "Subscribe": "SUBSCRIBE",
     "Schedule": "RESERVE",
 }
+# Snapchat's Limited Data Use, as Meta's: the events of a visitor who refused marketing.
+LIMITED_DATA_USE = ["LDU"]
 # Snapchat's custom_data keys that tagd can fill from Meta-style data.
 CUSTOM_DATA_KEYS = frozenset(
     {"currency", "value", "content_ids", "contents", "num_items", "order_id", "search_string", "content_category"}
@@ -107,9 +109,9 @@ def user_data(event: Event) -> dict[str, Any]:
     return without_empty(raw) | snapchat_user_data(event.user_data)
 
 
-def payload(event: Event, event_names: Mapping[str, str] = {}) -> dict[str, Any]:
+def payload(event: Event, event_names: Mapping[str, str] = {}, limited: bool = False) -> dict[str, Any]:
     """One event exactly as it goes into Snapchat's C{data} array (for an event that
-    L{refusal} lets through)."""
+    L{refusal} lets through); a C{limited} one carries Limited Data Use."""
     document = {
         "event_name": snapchat_name(event, event_names),
         "event_time": event.event_time,
@@ -118,6 +120,7 @@ def payload(event: Event, event_names: Mapping[str, str] = {}) -> dict[str, Any]
         "event_source_url": event.source_url,
         "user_data": user_data(event),
         "custom_data": custom_data(event),
+        "data_processing_options": LIMITED_DATA_USE if limited else None,
     }
     return without_empty(document)
 
