@@ -31,7 +31,6 @@ from tagd.tagging.identity import (
     META,
     MICROSOFT,
     PINTEREST,
-    PLATFORMS,
     REDDIT,
     SNAPCHAT,
     TIKTOK,
@@ -58,9 +57,10 @@ PARSED_HEADERS = 256
 UNTRACKED_METHODS = frozenset({b"HEAD", b"OPTIONS"})
 # The platforms whose first-party cookies each destination type calls for.  A platform that
 # is not configured gains nothing from its cookies, so tagd sets none for it.  "log" is a
-# dry run of every platform and gets their cookies, so that it shows what they would get;
-# "webhook" passes on the ids the visitor has but calls for none.
-COOKIE_PLATFORMS: dict[str, frozenset[str]] = {
+# dry run of the platforms its own C{platforms} setting names and calls for their cookies
+# (L{called_for}), so that it shows what they would get; "webhook" passes on the ids the
+# visitor has but calls for none.
+COOKIE_PLATFORMS: dict[str, frozenset[str] | None] = {
     "meta": frozenset({META}),
     "tiktok": frozenset({TIKTOK}),
     "ga4": frozenset({GA4}),
@@ -68,9 +68,16 @@ COOKIE_PLATFORMS: dict[str, frozenset[str]] = {
     "snapchat": frozenset({SNAPCHAT}),
     "reddit": frozenset({REDDIT}),
     "microsoft": frozenset({MICROSOFT}),
-    "log": PLATFORMS,
+    "log": None,
     "webhook": frozenset(),
 }
+
+
+def called_for(destination: DestinationConfig) -> frozenset[str]:
+    """The platforms whose cookies C{destination} calls for: its type's, or for a dry
+    run those its C{platforms} setting names (by the names of L{tagd.tagging.identity.PLATFORMS})."""
+    platforms = COOKIE_PLATFORMS[destination.type]
+    return frozenset(destination.destination.platforms) if platforms is None else platforms
 
 
 def _header_parser(max_header_bytes: int) -> Callable[[bytes], tuple[EventSpec, ...]]:
@@ -95,7 +102,7 @@ def _cookie_platforms(destinations: Collection[DestinationConfig]) -> list[tuple
     destination's events need, since a cookie is stored on the visitor's device for that
     platform (a Meta table that needs no consent still creates no C{_fbp} for a visitor
     who refused marketing)."""
-    platforms = {platform for d in destinations for platform in COOKIE_PLATFORMS[d.type]}
+    platforms = {platform for d in destinations for platform in called_for(d)}
     return [(platform, DEFAULT_PURPOSES[platform]) for platform in sorted(platforms)]
 
 
