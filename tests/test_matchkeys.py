@@ -49,3 +49,13 @@ def test_prometheus_reads_every_key_from_the_first_event() -> None:
     assert 'tagd_match_key_events_total{destination="meta",event="AddToCart"} 1.0' in text
     assert 'tagd_match_keys_total{destination="meta",event="AddToCart",key="email"} 0.0' in text
     assert 'tagd_match_keys_total{destination="meta",event="AddToCart",key="fbp"} 1.0' in text
+
+
+def test_snapchat_counts_the_customer_id_it_sends() -> None:
+    """Snapchat's payload carries the hashed external id, so its row counts it."""
+    from tagd.delivery.destinations import snapchat
+
+    event = make_event(user_data={"em": ("a@b.c",), "external_id": ("cust-7",)})
+    sent = snapchat.build("snap", {"pixel_id": "p-1", "access_token": "t"}).payload(event)
+    assert "external_id" in sent["user_data"]
+    assert "external_id" in carried("snapchat", event)

@@ -63,7 +63,7 @@ PLATFORM_KEYS: Mapping[str, tuple[str, ...]] = {
     "tiktok": ("email", "phone", "external_id", "ttclid", "ttp", "client_ip", "user_agent"),
     "ga4": ("client_id", "session_id", "email", "phone", "client_ip", "user_agent"),
     "pinterest": ("email", "phone", "external_id", "epik", "client_ip", "user_agent"),
-    "snapchat": ("email", "phone", "scclid", "scid", "client_ip", "user_agent"),
+    "snapchat": ("email", "phone", "external_id", "scclid", "scid", "client_ip", "user_agent"),
     "reddit": ("email", "phone", "external_id", "rdt_cid", "rdt_uuid", "client_ip", "user_agent"),
     "microsoft": ("email", "phone", "external_id", "msclkid", "uetvid", "client_ip", "user_agent"),
 }
