@@ -59,3 +59,22 @@ def test_snapchat_counts_the_customer_id_it_sends() -> None:
     sent = snapchat.build("snap", {"pixel_id": "p-1", "access_token": "t"}).payload(event)
     assert "external_id" in sent["user_data"]
     assert "external_id" in carried("snapchat", event)
+
+
+def test_only_a_success_counts_and_only_at_a_destination_with_keys() -> None:
+    """Outcomes counts coverage of the events a platform took: no other outcome, no
+    webhook; a destination a reload removed still counts what its lane settles."""
+    from types import SimpleNamespace
+
+    from tagd.admin.metrics import Metrics
+    from tagd.delivery.outcomes import OUTCOMES, Outcomes
+
+    metrics = Metrics()
+    outcomes = Outcomes(metrics)
+    outcomes.configured([SimpleNamespace(name="meta", type="meta"), SimpleNamespace(name="hook", type="webhook")])
+    for outcome in OUTCOMES:
+        outcomes.delivered("meta", outcome, [make_event()])
+        outcomes.delivered("hook", outcome, [make_event()])
+    outcomes.configured([SimpleNamespace(name="hook", type="webhook")])
+    outcomes.delivered("meta", "success", [make_event(event_name="AddToCart")])
+    assert metrics.match_keys.totals()[0] == {("meta", "Purchase"): 1, ("meta", "AddToCart"): 1}
