@@ -77,21 +77,28 @@ def metrics(admin_port: int) -> dict[tuple, float]:
     }
 
 
+def write_config(directory, port: int, origin: TrackedOrigin, consent_source: str, tables: list[dict]):
+    """tagd's configuration file in C{directory}: the proxy in front of C{origin}, a spool,
+    the consent source and the destinations C{tables}."""
+    config = directory / "tagd.toml"
+    config.write_text(
+        toml_table("[proxy]", {"listen": f"tcp:{port}:interface=127.0.0.1", "origin": origin.url})
+        + ADMIN_TOML
+        + toml_table("[spool]", {"path": str(directory / "spool.sqlite3")})
+        + toml_table("[delivery]", {"poll_interval": 0.1})
+        + toml_table("[tracking]", {"consent_source": consent_source})
+        + destinations_toml(tables)
+    )
+    return config
+
+
 def test_each_destination_gets_what_its_purpose_allows(tmp_path):
     origin = TrackedOrigin()
     platforms = threaded_platforms()
     meta, ga4, tiktok = platforms
     port = free_port()
-    config = tmp_path / "tagd.toml"
-    config.write_text(
-        toml_table("[proxy]", {"listen": f"tcp:{port}:interface=127.0.0.1", "origin": origin.url})
-        + ADMIN_TOML
-        + toml_table("[spool]", {"path": str(tmp_path / "spool.sqlite3")})
-        + toml_table("[delivery]", {"poll_interval": 0.1})
-        + toml_table("[tracking]", {"consent_source": "onetrust"})
-        + destinations_toml(platform_destinations(meta, ga4, tiktok, extra={"ga4": {"debug": True}}))
-    )
-    tagd = TagdProcess(config, tmp_path)
+    tables = platform_destinations(meta, ga4, tiktok, extra={"ga4": {"debug": True}})
+    tagd = TagdProcess(write_config(tmp_path, port, origin, "onetrust", tables), tmp_path)
     try:
         for platform in platforms:
             platform.up()
@@ -204,16 +211,7 @@ def test_the_later_platforms_under_cookiebot_by_purpose_with_their_limited_use_f
         for (kind, purpose), platform in served.items()
     ]  # fmt: skip
     port = free_port()
-    config = tmp_path / "tagd.toml"
-    config.write_text(
-        toml_table("[proxy]", {"listen": f"tcp:{port}:interface=127.0.0.1", "origin": origin.url})
-        + ADMIN_TOML
-        + toml_table("[spool]", {"path": str(tmp_path / "spool.sqlite3")})
-        + toml_table("[delivery]", {"poll_interval": 0.1})
-        + toml_table("[tracking]", {"consent_source": "cookiebot"})
-        + destinations_toml(tables)
-    )
-    tagd = TagdProcess(config, tmp_path)
+    tagd = TagdProcess(write_config(tmp_path, port, origin, "cookiebot", tables), tmp_path)
     try:
         for platform in served.values():
             platform.up()
