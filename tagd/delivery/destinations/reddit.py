@@ -49,9 +49,6 @@ TRACKING_TYPES = frozenset(
 )
 CUSTOM = "CUSTOM"
 MAX_CUSTOM_NAME = 64
-# Reddit's Limited Data Use (v3's successor of v2's user.opt_out): the events of a
-# visitor who refused marketing.
-LIMITED_DATA_USE = {"modes": ["LDU"]}
 # Meta's standard names as Reddit's tracking types; any other is CUSTOM with its name.
 DEFAULT_EVENT_NAMES: Mapping[str, str] = {
     "PageView": "PAGE_VISIT",
@@ -107,7 +104,8 @@ def user(event: Event, limited: bool = False) -> dict[str, Any]:
         "ip_address": event.client_ip,
         "user_agent": event.user_agent,
         "uuid": event.rdt_uuid,
-        "data_processing_options": LIMITED_DATA_USE if limited else None,
+        # Limited Data Use, v3's successor of v2's user.opt_out.
+        "data_processing_options": {"modes": ["LDU"]} if limited else None,
     }
     hashed = reddit_user_fields(event.user_data)
     # Reddit takes one value per field: the first the origin gave.

@@ -72,8 +72,6 @@ DEFAULT_EVENT_NAMES: Mapping[str, str] = {
     "Subscribe": "SUBSCRIBE",
     "Schedule": "RESERVE",
 }
-# Snapchat's Limited Data Use, as Meta's: the events of a visitor who refused marketing.
-LIMITED_DATA_USE = ["LDU"]
 # Snapchat's custom_data keys that tagd can fill from Meta-style data.
 CUSTOM_DATA_KEYS = frozenset(
     {"currency", "value", "content_ids", "contents", "num_items", "order_id", "search_string", "content_category"}
@@ -120,7 +118,8 @@ def payload(event: Event, event_names: Mapping[str, str] = {}, limited: bool = F
         "event_source_url": event.source_url,
         "user_data": user_data(event),
         "custom_data": custom_data(event),
-        "data_processing_options": LIMITED_DATA_USE if limited else None,
+        # Limited Data Use, named as Meta names it.
+        "data_processing_options": ["LDU"] if limited else None,
     }
     return without_empty(document)
 
