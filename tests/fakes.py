@@ -759,6 +759,8 @@ class FakePinterest(FakeConversions):
         if not isinstance(event.get("event_id"), str):
             yield Violation(f"{where}.event_id", "must be a string")
         yield from self._check_event_time(f"{where}.event_time", event.get("event_time"), 7 * DAY)
+        if not isinstance(event.get("opt_out", False), bool):
+            yield Violation(f"{where}.opt_out", "must be a boolean")
         user = event.get("user_data", {})
         if isinstance(user, dict):
             yield from check_hashed_strings(f"{where}.user_data", user, PINTEREST_HASHED, lists=True)
@@ -853,6 +855,8 @@ class FakeSnapchat(FakeConversions):
         yield from check_raw(f"{where}.user_data", user, SNAPCHAT_RAW, "client_ip_address")
         if not ({"em", "ph"} & set(user) or {"client_ip_address", "client_user_agent"} <= set(user)):
             yield Violation(f"{where}.user_data", "needs em, ph, or client_ip_address and client_user_agent")
+        if event.get("data_processing_options", ["LDU"]) != ["LDU"]:
+            yield Violation(f"{where}.data_processing_options", 'must be ["LDU"] when present')
         custom = event.get("custom_data", {})
         if name == "PURCHASE" and not (isinstance(custom, dict) and {"currency", "value"} <= set(custom)):
             yield Violation(f"{where}.custom_data", "a PURCHASE needs currency and value")
@@ -874,6 +878,7 @@ REDDIT_TRACKING_TYPES = frozenset(
 )
 REDDIT_HASHED = ("email", "phone_number", "external_id")
 REDDIT_RAW = ("ip_address", "user_agent", "uuid")
+REDDIT_LIMITED_DATA_USE = {"modes": ["LDU"]}
 REDDIT_UUID = re.compile(r"\d{13}\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -931,6 +936,9 @@ class FakeReddit(FakeConversions):
             yield from check_raw(f"{where}.user", user, REDDIT_RAW, "ip_address")
             if "uuid" in user and not REDDIT_UUID.fullmatch(str(user["uuid"])):
                 yield Violation(f"{where}.user.uuid", "must be {ms}.{RFC 4122 uuid}")
+            options = user.get("data_processing_options", REDDIT_LIMITED_DATA_USE)
+            if not isinstance(options, dict) or options.get("modes") != ["LDU"] or set(options) - {"modes", "country", "region"}:
+                yield Violation(f"{where}.user.data_processing_options", 'must be {"modes": ["LDU"]}, with country and region')
         metadata = event.get("metadata", {})
         if isinstance(metadata, dict):
             if not isinstance(metadata.get("conversion_id"), str):
@@ -991,6 +999,8 @@ class FakeMicrosoft(FakeConversions):
         if not isinstance(event.get("eventId"), str):
             yield Violation(f"{where}.eventId", "must carry the event id, to deduplicate")
         yield from self._check_event_time(f"{where}.eventTime", event.get("eventTime"), 7 * DAY)
+        if event.get("adStorageConsent", "G") not in ("G", "D"):
+            yield Violation(f"{where}.adStorageConsent", "must be G (granted) or D (denied)")
         user = event.get("userData")
         if not isinstance(user, dict):
             yield Violation(f"{where}.userData", "is required")

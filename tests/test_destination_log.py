@@ -51,10 +51,12 @@ def test_sends_nothing():
     assert dest.classify(200, b"").outcome is Outcome.SUCCESS
 
 
-def test_each_platform_payload_as_its_destination_sends_it():
+@pytest.mark.parametrize("consent", [frozenset({"marketing"}), frozenset({"analytics"}), None])
+def test_each_platform_payload_as_its_destination_sends_it(consent):
     """Per event, one line per platform: Meta's and TikTok's event object and GA4's
-    request body, equal to what each platform's destination sends, but for the IP."""
-    event = make_event(user_data={"em": (" Joe@Example.COM",), "ph": ("+49 170 1234567",)})
+    request body, equal to what each platform's destination sends, but for the IP; for
+    a visitor who refused marketing, with the limited-use flags as sent."""
+    event = make_event(user_data={"em": (" Joe@Example.COM",), "ph": ("+49 170 1234567",)}, consent=consent)
     lines = logged(log.build("dry", {}).describe([event]))
     assert [platform for platform, _ in lines] == ["meta", "ga4", "tiktok"]
     assert {platform: json.loads(text) for platform, text in lines} == sent(event)

@@ -46,6 +46,7 @@ def test_payload_shape():
         "eventTime": 1_700_000_001,
         "eventSourceUrl": "https://shop.example/thanks?msclkid=a1b2c3",
         "referrerUrl": "https://www.bing.com/",
+        "adStorageConsent": "G",
         "userData": {
             "clientIpAddress": "203.0.113.9",
             "clientUserAgent": "Mozilla/5.0 (Windows NT 10.0)",
@@ -123,4 +124,16 @@ def test_answers(status, document, outcome, quoted):
 def test_any_event_is_one_microsoft_takes(emails, custom, name):
     sample = make_event(event_name=name, custom_data=custom, user_data={"em": tuple(emails)}, event_time=int(time.time()))
     [request] = destination().encode([sample])
+    assert fake_violations(FakeMicrosoft(tag_id=TAG, access_token=TOKEN), request) == []
+
+
+@pytest.mark.parametrize(
+    ("consent", "ad_storage"),
+    [(frozenset({"marketing", "analytics"}), "G"), (frozenset({"analytics"}), "D"), (frozenset(), "D"), (None, None)],
+)
+def test_ad_storage_consent_says_the_marketing_choice_whenever_a_record_was_read(consent, ad_storage):
+    """G with marketing consent, D without (such an event reaches a destination whose
+    purpose needs none), nothing when no consent record was read; the fake takes each."""
+    [request] = destination().encode([event(consent=consent, event_time=int(time.time()))])
+    assert body(request)["data"][0].get("adStorageConsent") == ad_storage
     assert fake_violations(FakeMicrosoft(tag_id=TAG, access_token=TOKEN), request) == []

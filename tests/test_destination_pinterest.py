@@ -196,3 +196,16 @@ def test_any_event_is_one_pinterest_takes(custom, emails, name):
     sample = make_event(event_name=name, custom_data=custom, user_data={"em": tuple(emails)}, event_time=int(time.time()))
     [request] = destination().encode([sample])
     assert fake_violations(FakePinterest(ad_account_id=ACCOUNT, access_token=TOKEN), request) == []
+
+
+@pytest.mark.parametrize(
+    ("consent", "opt_out"),
+    [(frozenset({"analytics"}), True), (frozenset(), True), (frozenset({"marketing"}), None), (None, None)],
+)
+def test_a_visitor_who_refused_marketing_is_opted_out(consent, opt_out):
+    """An event of a visitor without marketing consent (it reaches a destination whose
+    purpose needs none) says opt_out: true; with marketing granted, or no record read,
+    nothing; the fake takes each."""
+    [request] = destination().encode([event(consent=consent, event_time=int(time.time()))])
+    assert body(request)["data"][0].get("opt_out") is opt_out
+    assert fake_violations(FakePinterest(ad_account_id=ACCOUNT, access_token=TOKEN), request) == []

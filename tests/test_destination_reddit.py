@@ -157,3 +157,16 @@ def test_any_event_is_one_reddit_takes(emails, value, name):
     sample = make_event(event_name=name, custom_data={"value": value}, user_data={"em": tuple(emails)}, event_time=int(time.time()))
     [request] = destination().encode([sample])
     assert fake_violations(FakeReddit(pixel_id=PIXEL, access_token=TOKEN), request) == []
+
+
+@pytest.mark.parametrize(
+    ("consent", "options"),
+    [(frozenset({"analytics"}), {"modes": ["LDU"]}), (frozenset(), {"modes": ["LDU"]}),
+     (frozenset({"marketing"}), None), (None, None)],
+)  # fmt: skip
+def test_a_visitor_who_refused_marketing_is_limited_data_use(consent, options):
+    """An event of a visitor without marketing consent carries Reddit's Limited Data Use
+    in its user; with marketing granted, or no record read, nothing; the fake takes each."""
+    [request] = destination().encode([event(consent=consent, event_time=int(time.time()))])
+    assert body(request)["data"]["events"][0]["user"].get("data_processing_options") == options
+    assert fake_violations(FakeReddit(pixel_id=PIXEL, access_token=TOKEN), request) == []

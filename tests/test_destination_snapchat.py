@@ -154,3 +154,15 @@ def test_what_is_sent_is_what_snapchat_takes(custom, phones, name):
     assert bool(requests) is (dest.refusal(sample) is None)
     for request in requests:
         assert fake_violations(FakeSnapchat(pixel_id=PIXEL, access_token=TOKEN), request) == []
+
+
+@pytest.mark.parametrize(
+    ("consent", "options"),
+    [(frozenset({"analytics"}), ["LDU"]), (frozenset(), ["LDU"]), (frozenset({"marketing"}), None), (None, None)],
+)
+def test_a_visitor_who_refused_marketing_is_limited_data_use(consent, options):
+    """An event of a visitor without marketing consent carries Snapchat's Limited Data
+    Use; with marketing granted, or no record read, nothing; the fake takes each."""
+    [request] = destination().encode([event(consent=consent, event_time=int(time.time()))])
+    assert body(request)["data"][0].get("data_processing_options") == options
+    assert fake_violations(FakeSnapchat(pixel_id=PIXEL, access_token=TOKEN), request) == []

@@ -11,12 +11,15 @@ import socket
 import struct
 import time
 
+import attrs
 import pytest
 import pytest_twisted
 import treq
 
 from conftest import within
-from fakes import FakeGA4, FakeMeta, FakeTikTok, serve
+from destination_helpers import fake_violations
+from fakes import FakeGA4, FakeMeta, FakeMicrosoft, FakePinterest, FakeReddit, FakeSnapchat, FakeTikTok, make_event, serve
+from tagd.delivery.destinations import microsoft, pinterest, reddit, snapchat
 from helpers import ThreadedPlatform, wait_until
 
 
@@ -498,3 +501,47 @@ def test_a_threaded_platform_ignores_a_request_cut_short():
         platform.close()
     assert len(platform.received) == 1 and platform.cut == 2
     assert all("data list" not in violation for violation in platform.violations)
+
+
+def _flagged(platform: str, flag):
+    """A request of C{platform}'s destination for a visitor who refused marketing, with
+    its limited-use flag replaced by C{flag}, and the fake that checks it."""
+    kinds = {
+        "pinterest": (pinterest, FakePinterest(), {"ad_account_id": "549755885175", "access_token": "pin-token"}),
+        "snapchat": (snapchat, FakeSnapchat(), {"pixel_id": "snap-pixel-1", "access_token": "snap-token"}),
+        "reddit": (reddit, FakeReddit(), {"pixel_id": "t2_abc123", "access_token": "rdt-token"}),
+        "microsoft": (microsoft, FakeMicrosoft(), {"tag_id": "343000123", "access_token": "ms-token"}),
+    }
+    module, fake, settings = kinds[platform]
+    [request] = module.build(platform, settings).encode([make_event(consent=frozenset({"analytics"}))])
+    document = json.loads(request.body)
+    events = document["data"]["events"] if platform == "reddit" else document["data"]
+    holder = events[0]["user"] if platform == "reddit" else events[0]
+    key = {"pinterest": "opt_out", "microsoft": "adStorageConsent"}.get(platform, "data_processing_options")
+    holder[key] = flag
+    return fake_violations(fake, attrs.evolve(request, body=json.dumps(document).encode()))
+
+
+@pytest.mark.parametrize(
+    "platform, flag",
+    [("pinterest", True), ("snapchat", ["LDU"]), ("reddit", {"modes": ["LDU"], "country": "US"}), ("microsoft", "D")],
+)
+def test_the_later_platforms_fakes_take_their_limited_use_flags(platform, flag):
+    assert _flagged(platform, flag) == []
+
+
+LIMITED_USE_BAD = {
+    "pinterest opt_out not a boolean": ("pinterest", "true", "opt_out"),
+    "snapchat options not LDU": ("snapchat", ["RESTRICTED"], "data_processing_options"),
+    "reddit options without modes": ("reddit", ["LDU"], "data_processing_options"),
+    "reddit options of an unknown key": ("reddit", {"modes": ["LDU"], "state": 1}, "data_processing_options"),
+    "microsoft consent not G or D": ("microsoft", "denied", "adStorageConsent"),
+}
+
+
+@pytest.mark.parametrize("platform, flag, field", LIMITED_USE_BAD.values(), ids=list(LIMITED_USE_BAD))
+def test_the_later_platforms_fakes_check_their_limited_use_flags(platform, flag, field):
+    """Each fake takes its platform's flag as sent (the destinations' tests show it) and
+    flags anything else in its place."""
+    violations = _flagged(platform, flag)
+    assert violations and all(field in violation for violation in violations), violations

@@ -49,3 +49,32 @@ def test_prometheus_reads_every_key_from_the_first_event() -> None:
     assert 'tagd_match_key_events_total{destination="meta",event="AddToCart"} 1.0' in text
     assert 'tagd_match_keys_total{destination="meta",event="AddToCart",key="email"} 0.0' in text
     assert 'tagd_match_keys_total{destination="meta",event="AddToCart",key="fbp"} 1.0' in text
+
+
+def test_snapchat_counts_the_customer_id_it_sends() -> None:
+    """Snapchat's payload carries the hashed external id, so its row counts it."""
+    from tagd.delivery.destinations import snapchat
+
+    event = make_event(user_data={"em": ("a@b.c",), "external_id": ("cust-7",)})
+    sent = snapchat.build("snap", {"pixel_id": "p-1", "access_token": "t"}).payload(event)
+    assert "external_id" in sent["user_data"]
+    assert "external_id" in carried("snapchat", event)
+
+
+def test_only_a_success_counts_and_only_at_a_destination_with_keys() -> None:
+    """Outcomes counts coverage of the events a platform took: no other outcome, no
+    webhook; a destination a reload removed still counts what its lane settles."""
+    from types import SimpleNamespace
+
+    from tagd.admin.metrics import Metrics
+    from tagd.delivery.outcomes import OUTCOMES, Outcomes
+
+    metrics = Metrics()
+    outcomes = Outcomes(metrics)
+    outcomes.configured([SimpleNamespace(name="meta", type="meta"), SimpleNamespace(name="hook", type="webhook")])
+    for outcome in OUTCOMES:
+        outcomes.delivered("meta", outcome, [make_event()])
+        outcomes.delivered("hook", outcome, [make_event()])
+    outcomes.configured([SimpleNamespace(name="hook", type="webhook")])
+    outcomes.delivered("meta", "success", [make_event(event_name="AddToCart")])
+    assert metrics.match_keys.totals()[0] == {("meta", "Purchase"): 1, ("meta", "AddToCart"): 1}

@@ -24,8 +24,9 @@ from origin import PAGE
 FIREFOX = b"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 HEX32 = re.compile(r"[0-9a-f]{32}")
 AD_COOKIES = {"_fbp", "_fbc", "ttclid", "_ga", "_tagd_sid"}
-# A first visit from an ad click on both networks: every ad cookie tagd can set is called for.
-CLICK = b"/page?fbclid=IwAR3Click&ttclid=E.C.P.Tt-42"
+# A first visit from an ad click on three networks: every ad cookie of Meta's, TikTok's and
+# GA4's that tagd can set is called for, and Pinterest's when it is configured.
+CLICK = b"/page?fbclid=IwAR3Click&ttclid=E.C.P.Tt-42&epik=dj0yJnU9Q2xpY2s"
 
 
 class FakeWebhook(FakePlatform):
@@ -80,6 +81,7 @@ def destination(kind: str, meta, ga4, tiktok, webhook) -> dict:
                    "endpoint": tiktok.base},
         "webhook": {"type": "webhook", "name": "hook", "url": webhook.base + "/events"},
         "log": {"type": "log", "name": "dry-run"},
+        "log of tiktok and pinterest": {"type": "log", "name": "dry-run", "platforms": ["tiktok", "pinterest"]},
     }  # fmt: skip
     return tables[kind]
 
@@ -170,16 +172,18 @@ async def test_without_first_party_cookies_no_id_is_invented(
         (["ga4"], {"_ga", "_tagd_sid"}),
         (["meta", "webhook"], {"_fbp", "_fbc"}),
         (["log"], AD_COOKIES),
+        (["log of tiktok and pinterest"], {"ttclid", "_epik"}),
     ],
-    ids=["webhook", "meta", "tiktok", "ga4", "meta+webhook", "log"],
+    ids=["webhook", "meta", "tiktok", "ga4", "meta+webhook", "log", "log of some platforms"],
 )
 @pytest_twisted.ensureDeferred
 async def test_ad_cookies_only_for_configured_platforms(
     start_tracking_tagd, connect, fake_meta, fake_ga4, fake_tiktok, fake_webhook, kinds, expected
 ):
-    """A first visit from a click on both ad networks gets the cookies of the configured
-    platforms only (the log destination, a dry run of all of them, gets them all); the
-    event-id cookies are set whatever the destinations."""
+    """A first visit from a click on the ad networks gets the cookies of the configured
+    platforms only (the log destination those of the platforms its C{platforms} names,
+    by default Meta, GA4 and TikTok); the event-id cookies are set whatever the
+    destinations."""
     fakes = (fake_meta, fake_ga4, fake_tiktok, fake_webhook)
     tagd = await start_tracking_tagd(destinations=[destination(kind, *fakes) for kind in kinds])
     visitor = await connect(tagd.port)

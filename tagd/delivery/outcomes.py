@@ -2,15 +2,18 @@
 shows it.
 
 Delivery says every outcome through one L{Outcomes}, so the dashboard's figures and
-C{/metrics} cannot drift apart: there is no second place to forget.
+C{/metrics} cannot drift apart: there is no second place to forget.  Match-key coverage is
+counted here too, of the events a platform took: an event dead-lettered or expired was
+never sent, so it carried no key to anyone.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from tagd.delivery.destinations import Outcome
+from tagd.delivery.destinations import Destination, Outcome
 from tagd.tagging.events import Event
+from tagd.tagging.matchkeys import PLATFORM_KEYS
 from tagd.admin.feed import Feed
 from tagd.admin.metrics import Metrics
 
@@ -20,6 +23,7 @@ EXPIRED = "expired"
 DEAD = "dead"
 # Every outcome tagd_events_delivered_total counts a destination's events under.
 OUTCOMES = (*(outcome.value for outcome in Outcome), EXPIRED, DEAD)
+SUCCESS = Outcome.SUCCESS.value
 
 
 class Outcomes:
@@ -29,17 +33,24 @@ class Outcomes:
     def __init__(self, metrics: Metrics, feed: Feed | None = None) -> None:
         self._metrics = metrics
         self._feed = feed
+        # By name, each destination as Coverage.count takes it, or [] for a type without
+        # match keys (webhook, log).
+        self._keyed: dict[str, list[tuple[str, str]]] = {}
 
-    def configured(self, destinations: Sequence[str]) -> None:
+    def configured(self, destinations: Sequence[Destination]) -> None:
         """C{destinations} are the ones delivered to now.  Each of their delivery series
         starts at 0 until counted (a rate alert needs a series to match before the first
         event); a series already counting keeps its count, and a removed destination's stays."""
-        for name in destinations:
+        names = [destination.name for destination in destinations]
+        for name in names:
             self._metrics.delivery_retries.labels(name)
             for outcome in OUTCOMES:
                 self._metrics.deliveries.labels(name, outcome)
+        # A removed destination's lane may still settle what it had leased: it stays.
+        for d in destinations:
+            self._keyed[d.name] = [(d.name, d.type)] if d.type in PLATFORM_KEYS else []
         if self._feed is not None:
-            self._feed.destinations = tuple(destinations)
+            self._feed.destinations = tuple(names)
 
     def accepted(self, events: Sequence[Event]) -> None:
         """C{events} were accepted for delivery; told before anything of their delivery."""
@@ -51,8 +62,12 @@ class Outcomes:
         self, destination: str, outcome: str, events: Sequence[Event], status: int | None = None, message: str = ""
     ) -> None:
         """C{events} came to C{outcome} at C{destination}; C{status} is the platform's HTTP
-        status (None when it was not asked or did not answer), C{message} its answer."""
+        status (None when it was not asked or did not answer), C{message} its answer.
+        Delivered events count for the match keys they carried."""
         self._metrics.deliveries.labels(destination, outcome).inc(len(events))
+        keyed = self._keyed.get(destination) if outcome == SUCCESS else None
+        if keyed:
+            self._metrics.match_keys.count(keyed, events)
         if self._feed is not None:
             self._feed.delivered(destination, outcome, events, status, message)
 

@@ -123,7 +123,7 @@ class Delivery(Service):
         self._spool = spool
         self._http, self._pool = http_client(reactor, _pool_size(config))
         self._routes = {d.name: Route(d.destination, d.timeout, d.concurrency) for d in config.destinations}
-        self._outcomes.configured(list(self._routes))
+        self._outcomes.configured([route.destination for route in self._routes.values()])
         self._dispatcher: Dispatcher | None = None
         self._recounting: LoopingCall | None = None
         if spool is None:
@@ -202,7 +202,7 @@ class Delivery(Service):
             else Route(d.destination, d.timeout, d.concurrency)
             for d in config.destinations
         }
-        self._outcomes.configured(list(self._routes))
+        self._outcomes.configured([route.destination for route in self._routes.values()])
         self._pool.maxPersistentPerHost = _pool_size(config)
         if self._dispatcher is None:
             self._submit = self._direct()

@@ -1,14 +1,15 @@
-"""Match-key coverage: which of the keys a platform matches on each event handed to it carried.
+"""Match-key coverage: which of the keys a platform matches on each event delivered to it carried.
 
 Meta scores events by how many of its keys they carry (Event Match Quality), and TikTok and
 GA4 match or attribute by their own; a shop owner raises the score by adding what is
 missing, usually in the tracking header of checkout pages.  So tagd counts, per
-destination and event name, the events handed to it and, per key, those carrying it, and
-says in one line for each key what raises it.
+destination and event name, the events the platform took (a success: an event
+dead-lettered or expired was never sent) and, per key, those carrying it, and says in one
+line for each key what raises it.
 
-Counting runs for every tracked event and destination, on the reactor, so it does the
-least it can there: which keys an event carries is read once for all destinations, and
-each destination counts one entry, the set of its platform's keys the event carried.
+Counting runs for every delivered batch, on the reactor (about 2 µs an event), so it does
+the least it can there: each event counts one entry, the set of its platform's keys it
+carried, and those sets are cached by the keys found.
 Prometheus (L{Coverage.collect}) and the dashboard add those up only when they ask.
 """
 
@@ -63,7 +64,7 @@ PLATFORM_KEYS: Mapping[str, tuple[str, ...]] = {
     "tiktok": ("email", "phone", "external_id", "ttclid", "ttp", "client_ip", "user_agent"),
     "ga4": ("client_id", "session_id", "email", "phone", "client_ip", "user_agent"),
     "pinterest": ("email", "phone", "external_id", "epik", "client_ip", "user_agent"),
-    "snapchat": ("email", "phone", "scclid", "scid", "client_ip", "user_agent"),
+    "snapchat": ("email", "phone", "external_id", "scclid", "scid", "client_ip", "user_agent"),
     "reddit": ("email", "phone", "external_id", "rdt_cid", "rdt_uuid", "client_ip", "user_agent"),
     "microsoft": ("email", "phone", "external_id", "msclkid", "uetvid", "client_ip", "user_agent"),
 }
@@ -111,7 +112,7 @@ def carried(platform: str, event: Event) -> frozenset[str]:
 
 def coverage(events: Mapping[tuple[str, str], int], keys: Mapping[tuple[str, str, str], int]) -> list[dict]:
     """The dashboard's panel from the counters' values: per destination and event, the
-    events handed over and, per key, the share carrying it and the advice that raises it,
+    events delivered and, per key, the share carrying it and the advice that raises it,
     the least carried first."""
     rows = {
         (destination, event): {"destination": destination, "event": event, "events": total, "keys": []}
@@ -138,8 +139,8 @@ class Coverage:
         self._own_keys: dict[tuple[str, frozenset[str]], frozenset[str]] = {}
 
     def count(self, destinations: Sequence[tuple[str, str]], events: Iterable[Event]) -> None:
-        """C{events} were handed to each of C{destinations}, (name, type) pairs; those of
-        a type without match keys (webhook, log) are not counted."""
+        """C{events} were delivered to each of C{destinations}, (name, type) pairs; those
+        of a type without match keys (webhook, log) are not counted."""
         counted = [(name, kind) for name, kind in destinations if kind in PLATFORM_KEYS]
         if not counted:
             return
@@ -173,7 +174,7 @@ class Coverage:
         totals, keys = self.totals()
         events = CounterMetricFamily(
             "tagd_match_key_events",
-            "Events handed to a destination with match keys, by event name.",
+            "Events delivered to a destination with match keys, by event name.",
             labels=["destination", "event"],
         )
         for (destination, event), count in totals.items():

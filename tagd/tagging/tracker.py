@@ -31,7 +31,6 @@ from tagd.tagging.identity import (
     META,
     MICROSOFT,
     PINTEREST,
-    PLATFORMS,
     REDDIT,
     SNAPCHAT,
     TIKTOK,
@@ -58,9 +57,10 @@ PARSED_HEADERS = 256
 UNTRACKED_METHODS = frozenset({b"HEAD", b"OPTIONS"})
 # The platforms whose first-party cookies each destination type calls for.  A platform that
 # is not configured gains nothing from its cookies, so tagd sets none for it.  "log" is a
-# dry run of every platform and gets their cookies, so that it shows what they would get;
-# "webhook" passes on the ids the visitor has but calls for none.
-COOKIE_PLATFORMS: dict[str, frozenset[str]] = {
+# dry run of the platforms its own C{platforms} setting names and calls for their cookies
+# (L{called_for}), so that it shows what they would get; "webhook" passes on the ids the
+# visitor has but calls for none.
+COOKIE_PLATFORMS: dict[str, frozenset[str] | None] = {
     "meta": frozenset({META}),
     "tiktok": frozenset({TIKTOK}),
     "ga4": frozenset({GA4}),
@@ -68,9 +68,16 @@ COOKIE_PLATFORMS: dict[str, frozenset[str]] = {
     "snapchat": frozenset({SNAPCHAT}),
     "reddit": frozenset({REDDIT}),
     "microsoft": frozenset({MICROSOFT}),
-    "log": PLATFORMS,
+    "log": None,
     "webhook": frozenset(),
 }
+
+
+def called_for(destination: DestinationConfig) -> frozenset[str]:
+    """The platforms whose cookies C{destination} calls for: its type's, or for a dry
+    run those its C{platforms} setting names (by the names of L{tagd.tagging.identity.PLATFORMS})."""
+    platforms = COOKIE_PLATFORMS[destination.type]
+    return frozenset(destination.destination.platforms) if platforms is None else platforms
 
 
 def _header_parser(max_header_bytes: int) -> Callable[[bytes], tuple[EventSpec, ...]]:
@@ -95,7 +102,7 @@ def _cookie_platforms(destinations: Collection[DestinationConfig]) -> list[tuple
     destination's events need, since a cookie is stored on the visitor's device for that
     platform (a Meta table that needs no consent still creates no C{_fbp} for a visitor
     who refused marketing)."""
-    platforms = {platform for d in destinations for platform in COOKIE_PLATFORMS[d.type]}
+    platforms = {platform for d in destinations for platform in called_for(d)}
     return [(platform, DEFAULT_PURPOSES[platform]) for platform in sorted(platforms)]
 
 
@@ -118,14 +125,14 @@ class Tracker:
         rand=None,
     ) -> None:
         self._config = config
-        self._destinations = tuple((d.name, d.type, d.consent_purpose) for d in destinations)
+        self._destinations = tuple((d.name, d.consent_purpose) for d in destinations)
         # With first_party_cookies off tagd may set no cookie, so it creates no id either.
         self._cookie_purposes = _cookie_platforms(destinations) if config.first_party_cookies else []
         # By granted purposes (a handful of distinct values): the destinations allowed, and
         # the platforms whose ids tagd may create.
         self._decisions: dict[Granted, tuple[tuple[str, ...], frozenset[str]]] = {}
-        # By destinations allowed: those counted for match keys, and the withheld counters.
-        self._counting: dict[tuple[str, ...], tuple[list[tuple[str, str]], list]] = {}
+        # By destinations allowed: the withheld counters of the others.
+        self._withholding: dict[tuple[str, ...], list] = {}
         self._consent = ConsentReader(
             honor_gpc=config.honor_gpc,
             source=config.consent_source,
@@ -133,7 +140,7 @@ class Tracker:
             consent_values=config.consent_values,
         )
         self._scopes = CookieScoper(config.cookie_domain)
-        self._withheld = {name: metrics.consent_withheld.labels(name) for name, _, _ in self._destinations}
+        self._withheld = {name: metrics.consent_withheld.labels(name) for name, _ in self._destinations}
         self._submit = submit
         self._metrics = metrics
         self._clock = clock
@@ -185,7 +192,7 @@ class Tracker:
         def deliver() -> None:
             events = self._events(specs, event_ids, visit, user_agent, identity, now, granted)
             if events:
-                self._count(events, allowed)
+                self._count_withheld(events, allowed)
                 self._submit(events, allowed)
 
         return Tracked(set_cookies=tuple(set_cookies), deliver=deliver)
@@ -194,20 +201,19 @@ class Tracker:
         """The destinations C{granted} allows, and the platforms whose ids tagd may create."""
         decision = self._decisions.get(granted)
         if decision is None:
-            allowed = tuple(name for name, _, purpose in self._destinations if allows(granted, purpose))
+            allowed = tuple(name for name, purpose in self._destinations if allows(granted, purpose))
             create_for = frozenset(p for p, purpose in self._cookie_purposes if allows(granted, purpose))
             decision = self._decisions[granted] = (allowed, create_for)
         return decision
 
-    def _count(self, events: Sequence[Event], allowed: tuple[str, ...]) -> None:
-        """Each destination's match keys for the events it is handed, and those withheld."""
-        counting = self._counting.get(allowed)
-        if counting is None:
-            handed = [(name, kind) for name, kind, _purpose in self._destinations if name in allowed]
-            withheld = [self._withheld[name] for name, _kind, _purpose in self._destinations if name not in allowed]
-            counting = self._counting[allowed] = (handed, withheld)
-        handed, withheld = counting
-        self._metrics.match_keys.count(handed, events)
+    def _count_withheld(self, events: Sequence[Event], allowed: tuple[str, ...]) -> None:
+        """The events withheld from each destination the visitor's consent does not allow
+        (match keys are counted on delivery, L{tagd.delivery.outcomes.Outcomes.delivered})."""
+        withheld = self._withholding.get(allowed)
+        if withheld is None:
+            withheld = self._withholding[allowed] = [
+                self._withheld[name] for name, _purpose in self._destinations if name not in allowed
+            ]
         for counter in withheld:
             counter.inc(len(events))
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from tagd.delivery.destinations import OutgoingRequest, Outcome, Verdict
+from tagd.tagging.consent import MARKETING
 from tagd.tagging.events import Event
 
 # A platform's message goes into logs and the dead-letter table: keep it readable.
@@ -24,6 +25,13 @@ T = TypeVar("T")
 
 # What a destination says of one batch's request: (url, log_url, headers, JSON document).
 RequestParts = tuple[str, str, Mapping[str, str], Any]
+
+
+def refused_marketing(event: Event) -> bool:
+    """Whether the visitor's consent record was read and grants no marketing: such an
+    event reaches a destination only when it needs no marketing consent, and each
+    platform is told, by its own limited-use flag, to process it in a limited way."""
+    return event.consent is not None and MARKETING not in event.consent
 
 
 def batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

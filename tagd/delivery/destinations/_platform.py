@@ -2,8 +2,9 @@
 token, the destination object, and its requests and verdicts.
 
 Every platform takes a batch of events with tagd's (Meta-named) events renamed by the
-destination's C{event_names}; Meta and TikTok also share an optional test event code and a
-Limited Data Use flag (L{PlatformDestination}).  Platforms that cannot take every event
+destination's C{event_names}, each marked for limited use by the platform's own flag when
+the visitor refused marketing (L{ConversionsDestination.limited}); Meta and TikTok also
+share an optional test event code and a Limited Data Use setting (L{PlatformDestination}).  Platforms that cannot take every event
 (L{SelectiveDestination}) leave those out of their requests.  A platform module says only
 what differs: its payload, its URL and where the token travels, and how to read its answers.
 """
@@ -24,9 +25,9 @@ from tagd.delivery.destinations._common import (
     encode_batches,
     filled,
     json_object,
+    refused_marketing,
     verdict,
 )
-from tagd.tagging.consent import MARKETING
 from tagd.tagging.events import Event
 
 # A platform's rule for one of its own keys: the pattern the whole value must match, and
@@ -135,8 +136,8 @@ class ConversionsDestination:
     """
 
     type: ClassVar[str]
-    # The platform's functions, stored with staticmethod(): (event, event_names) -> the
-    # event's JSON object, and the platform's L{Judge}.
+    # The platform's functions, stored with staticmethod(): (event, event_names, limited)
+    # -> the event's JSON object, and the platform's L{Judge}.
     event_payload: ClassVar[Callable[..., dict[str, Any]]]
     judge: ClassVar[Judge]
 
@@ -146,9 +147,15 @@ class ConversionsDestination:
     event_names: Mapping[str, str]
     max_batch: int
 
+    def limited(self, event: Event) -> bool:
+        """Whether the platform is to process C{event} in a limited way: its visitor
+        refused marketing, and the event reaches this destination only because its
+        C{consent_purpose} needs none."""
+        return refused_marketing(event)
+
     def payload(self, event: Event) -> dict[str, Any]:
-        """The event as this destination sends it (names mapped)."""
-        return self.event_payload(event, self.event_names)
+        """The event as this destination sends it (names mapped, limited use flagged)."""
+        return self.event_payload(event, self.event_names, self.limited(event))
 
     def bearer(self) -> dict[str, str]:
         """The token as an C{Authorization} header, where the platform takes it so."""
@@ -170,21 +177,16 @@ class ConversionsDestination:
 
 @attrs.frozen(eq=False)
 class PlatformDestination(ConversionsDestination):
-    """Meta's and TikTok's destinations: a test event code, Limited Data Use (the third
-    argument of their C{event_payload}), and the events in a C{data} array."""
+    """Meta's and TikTok's destinations: a test event code, Limited Data Use for every
+    event when set, and the events in a C{data} array."""
 
     test_event_code: str | None
     limited_data_use: bool
 
-    def payload(self, event: Event) -> dict[str, Any]:
-        """The event as this destination sends it (names mapped, LDU applied).
-
-        Limited Data Use also for a visitor who refused marketing, whose events reach a
-        destination only when its C{consent_purpose} needs no marketing consent: the
-        platform's own flag for "process this event in a limited way".
-        """
-        limited = self.limited_data_use or (event.consent is not None and MARKETING not in event.consent)
-        return self.event_payload(event, self.event_names, limited)
+    def limited(self, event: Event) -> bool:
+        """Limited Data Use for every event when the destination sets it, else as for
+        every platform."""
+        return self.limited_data_use or super().limited(event)
 
     def document(self, batch: Sequence[Event], **head: Any) -> dict[str, Any]:
         """The request body: C{head}, the test code when set, then the events."""

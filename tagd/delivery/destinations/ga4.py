@@ -47,10 +47,10 @@ from tagd.delivery.destinations._common import (
     finite_number,
     json_bytes,
     json_object,
+    refused_marketing,
     status_verdict,
     verdict,
 )
-from tagd.tagging.consent import MARKETING
 from tagd.tagging.events import Event
 from tagd.tagging.hashing import ga4_user_data
 
@@ -244,7 +244,7 @@ def consent_mode(event: Event) -> dict[str, str] | None:
     C{GRANTED} with marketing consent, else C{DENIED}; C{None} when no record was read."""
     if event.consent is None:
         return None
-    state = "GRANTED" if MARKETING in event.consent else "DENIED"
+    state = "DENIED" if refused_marketing(event) else "GRANTED"
     return {"ad_user_data": state, "ad_personalization": state}
 
 

@@ -14,7 +14,9 @@ their C{data} array; the request around it only adds the pixel and a test code),
 GA4's whole request body for the event (its C{client_id}, C{ip_override} and timestamp
 belong to the request, not to the event), and the later four's event object, or "not
 sent" and the reason for an event the platform cannot take.  The platforms' default event names apply,
-without Limited Data Use; user data is normalised and hashed per platform, as sent.
+without the Limited Data Use setting, and the event of a visitor who refused marketing
+carries each platform's limited-use flag, as sent; user data is normalised and hashed
+per platform, as sent.
 
 The one deliberate difference from the exact payload is the visitor's IP address: the
 platforms get it unhashed, and a log must not hold unhashed personal data, so it is
@@ -49,7 +51,7 @@ from tagd.delivery.destinations import (
     snapchat,
     tiktok,
 )
-from tagd.delivery.destinations._common import check_batch_size, filled
+from tagd.delivery.destinations._common import check_batch_size, filled, refused_marketing
 from tagd.tagging.events import Event
 
 TYPE = "log"
@@ -104,9 +106,9 @@ def _rendered(destination: Any) -> Callable[[Event], str]:
 
 # Each platform's part of a line, from one event.
 _RENDERERS: Mapping[str, Callable[[Event], str]] = {
-    "meta": lambda event: _json(meta.payload(event)),
+    "meta": lambda event: _json(meta.payload(event, {}, refused_marketing(event))),
     "ga4": _ga4_body,
-    "tiktok": lambda event: _json(tiktok.payload(event)),
+    "tiktok": lambda event: _json(tiktok.payload(event, {}, refused_marketing(event))),
     **{kind: _rendered(destination) for kind, destination in _LATER.items()},
 }
 # The platforms a dry run shows unless told otherwise: the first three; the others on request.

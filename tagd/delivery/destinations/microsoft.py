@@ -6,7 +6,8 @@ names (so Meta's names map to GA4's, L{tagd.delivery.destinations.ga4.DEFAULT_EV
 are camel case, times Unix seconds; C{em} and C{ph} are single hashed strings
 (L{tagd.tagging.hashing.microsoft_user_fields}), the click id (C{msclkid}, kept by UET in
 C{_uetmsclkid} after a C{_uet} prefix), the UET visitor id C{_uetvid} (as C{anonymousId}),
-the IP address and the user agent go raw.  Microsoft documents no test mode.
+the IP address and the user agent go raw.  C{adStorageConsent} says the visitor's
+marketing choice whenever a consent record was read.  Microsoft documents no test mode.
 """
 
 from __future__ import annotations
@@ -93,7 +94,15 @@ def event_name(event: Event, event_names: Mapping[str, str] = {}) -> str | None:
     return mapped_name(event.event_name, event_names, GA4_EVENT_NAMES)
 
 
-def payload(event: Event, event_names: Mapping[str, str] = {}) -> dict[str, Any]:
+def ad_storage_consent(event: Event, limited: bool) -> str | None:
+    """UET's C{adStorageConsent}: C{D} (denied) for a C{limited} event, else C{G}
+    (granted); C{None} when no consent record was read, which says nothing."""
+    if event.consent is None:
+        return None
+    return "D" if limited else "G"
+
+
+def payload(event: Event, event_names: Mapping[str, str] = {}, limited: bool = False) -> dict[str, Any]:
     """One event exactly as it goes into Microsoft's C{data} array."""
     name = event_name(event, event_names)
     document = {
@@ -103,6 +112,7 @@ def payload(event: Event, event_names: Mapping[str, str] = {}) -> dict[str, Any]
         "eventTime": event.event_time,
         "eventSourceUrl": event.source_url,
         "referrerUrl": event.referrer,
+        "adStorageConsent": ad_storage_consent(event, limited),
         "userData": user_data(event),
         "customData": custom_data(event, name),
     }

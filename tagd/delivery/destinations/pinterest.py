@@ -9,7 +9,8 @@ agent together, so one without them is not sent (L{PinterestDestination.refusal}
 
 Pinterest judges each event of a request: its answer lists each one's status, and a 422
 says that only some were processed.  Those it refused are dead letters, with its message;
-the others are delivered (L{tagd.delivery.destinations.Verdict.refused}).  C{test = true} adds
+the others are delivered (L{tagd.delivery.destinations.Verdict.refused}).  The event of a
+visitor who refused marketing says C{opt_out: true}.  C{test = true} adds
 C{?test=true}: Pinterest answers as usual and records nothing.
 """
 
@@ -178,8 +179,9 @@ def pinterest_name(event: Event, event_names: Mapping[str, str] = {}) -> str:
     return name if name in EVENT_NAMES else CUSTOM
 
 
-def payload(event: Event, event_names: Mapping[str, str] = {}) -> dict[str, Any]:
-    """One event exactly as it goes into Pinterest's C{data} array."""
+def payload(event: Event, event_names: Mapping[str, str] = {}, limited: bool = False) -> dict[str, Any]:
+    """One event exactly as it goes into Pinterest's C{data} array; a C{limited} one says
+    C{opt_out: true}, Pinterest's flag for a visitor who opted out of tracking."""
     name = pinterest_name(event, event_names)
     document = {
         "event_name": name,
@@ -189,6 +191,7 @@ def payload(event: Event, event_names: Mapping[str, str] = {}) -> dict[str, Any]
         "event_source_url": event.source_url,
         "user_data": user_data(event),
         "custom_data": custom_data(event, name),
+        "opt_out": limited or None,
     }
     return without_empty(document)
 

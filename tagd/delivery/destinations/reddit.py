@@ -97,15 +97,22 @@ def metadata(event: Event) -> dict[str, Any]:
     )
 
 
-def user(event: Event) -> dict[str, Any]:
-    """Raw identifiers as they are, and the hashed e-mail, phone and external id."""
-    raw = {"ip_address": event.client_ip, "user_agent": event.user_agent, "uuid": event.rdt_uuid}
+def user(event: Event, limited: bool = False) -> dict[str, Any]:
+    """Raw identifiers as they are, the hashed e-mail, phone and external id, and Limited
+    Data Use for a C{limited} event."""
+    raw = {
+        "ip_address": event.client_ip,
+        "user_agent": event.user_agent,
+        "uuid": event.rdt_uuid,
+        # Limited Data Use, v3's successor of v2's user.opt_out.
+        "data_processing_options": {"modes": ["LDU"]} if limited else None,
+    }
     hashed = reddit_user_fields(event.user_data)
     # Reddit takes one value per field: the first the origin gave.
     return without_empty(raw) | {key: values[0] for key, values in hashed.items()}
 
 
-def payload(event: Event, event_names: Mapping[str, str] = {}) -> dict[str, Any]:
+def payload(event: Event, event_names: Mapping[str, str] = {}, limited: bool = False) -> dict[str, Any]:
     """One event exactly as it goes into Reddit's C{events} array."""
     document = {
         "event_at": event.event_time * 1000,
@@ -113,7 +120,7 @@ def payload(event: Event, event_names: Mapping[str, str] = {}) -> dict[str, Any]
         "type": event_type(event, event_names),
         "click_id": event.rdt_cid,
         "event_source_url": event.source_url,
-        "user": user(event),
+        "user": user(event, limited),
         "metadata": metadata(event),
     }
     return without_empty(document)

@@ -113,9 +113,9 @@ def user_data(event: Event) -> dict[str, Any]:
     return without_empty(raw) | snapchat_user_data(event.user_data)
 
 
-def payload(event: Event, event_names: Mapping[str, str] = {}) -> dict[str, Any]:
+def payload(event: Event, event_names: Mapping[str, str] = {}, limited: bool = False) -> dict[str, Any]:
     """One event exactly as it goes into Snapchat's C{data} array (for an event that
-    L{refusal} lets through)."""
+    L{refusal} lets through); a C{limited} one carries Limited Data Use."""
     document = {
         "event_name": snapchat_name(event, event_names),
         "event_time": event.event_time,
@@ -124,6 +124,8 @@ def payload(event: Event, event_names: Mapping[str, str] = {}) -> dict[str, Any]
         "event_source_url": event.source_url,
         "user_data": user_data(event),
         "custom_data": custom_data(event),
+        # Limited Data Use, named as Meta names it.
+        "data_processing_options": ["LDU"] if limited else None,
     }
     return without_empty(document)
 
