@@ -355,6 +355,52 @@ async def test_an_outage_backs_the_destination_off_not_its_rows(serving, dispatc
     assert metrics.registry.get_sample_value("tagd_destination_up", {"destination": "meta"}) == 1
 
 
+class SmallOnlyMeta(ObservedMeta):
+    """Meta recovering from an outage: it takes requests of one event, and fails (503)
+    every larger one, as a platform whose large requests time out would."""
+
+    def answer(self, recorded):
+        if len(recorded.body["data"]) > 1:
+            return self.injected_answer(Injection(status=503))
+        return super().answer(recorded)
+
+
+@pytest_twisted.ensureDeferred
+async def test_batches_failing_after_a_probe_succeeds_are_halved_not_counted(serving, dispatch, spool, metrics):
+    """The probe of one event succeeds, and every larger request fails: those failures are
+    the batches', not their events'.  Halved down to single events, every event is
+    delivered, none gains an attempt, and none becomes a dead letter."""
+    served = serving(SmallOnlyMeta())
+    spool.add("meta", events("big", 8))
+    dispatch(meta_route(served), backoff_base=0.05, outage_backoff_cap=0.2, max_attempts=2)
+
+    await eventually(lambda: set(spool.states("meta").values()) == {"done"})
+    assert [r.attempts for r in spool.rows.values()] == [0] * 8
+    assert spool.retries == []
+    assert delivered(metrics, "meta", "dead") == 0
+    assert delivered(metrics, "meta", "success") == 8
+
+
+class ChangingAdviceMeta(ObservedMeta):
+    """Meta (or something answering as it) with a different version warning each time."""
+
+    def render(self, request):
+        request.setHeader(b"x-ad-api-version-warning", b"version warning %d" % len(self.requests))
+        return super().render(request)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_platforms_advice_is_said_once_however_it_varies(serving, dispatch, spool, dispatcher_log):
+    """A version warning whose text changes with every answer is still one line: the
+    advice is said once a destination, never a line (and a kept text) an answer."""
+    served = serving(ChangingAdviceMeta())
+    dispatch(meta_route(served, max_batch=1))
+    spool.add("meta", events("warned", 5))
+    await eventually(lambda: set(spool.states("meta").values()) == {"done"})
+    assert len(served.fake.requests) == 5
+    assert len([line for line in dispatcher_log if "is retired or retiring" in line]) == 1
+
+
 class FailingVisitor(FakeGA4):
     """GA4 answering 503 to every request of one visitor, and as usual to the others."""
 

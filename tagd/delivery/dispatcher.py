@@ -234,7 +234,7 @@ class _Lane:
     inflight: set[Deferred] = attrs.field(factory=set)
     loop: Deferred | None = None  # the running _run, once started
     retired: bool = False  # replaced or removed by a reroute: leases nothing more
-    advised: set[str] = attrs.field(factory=set)  # the platform's advice, said once each
+    advised: bool = False  # the platform's advice was said (once a lane: its text may vary)
     waiting: set[Deferred] = attrs.field(factory=set)  # requests waiting for a slot
     sleeping: set[Deferred] = attrs.field(factory=set)  # requests waiting for a throttle's end
 
@@ -631,7 +631,8 @@ class Dispatcher(Service):
         self._count(lane, Outcome.SUCCESS.value, rows)
 
     async def _bisect(self, lane: _Lane, rows: Sequence[Lease], reason: str) -> None:
-        """Deliver each half of a refused batch again; a single event is dead."""
+        """Deliver each half of a refused or failed batch again; a single refused event is dead
+        (a failed one never comes here: it is retried on its own)."""
         if len(rows) == 1:
             await self._dead(lane, rows, reason)
             return
@@ -728,8 +729,8 @@ class Dispatcher(Service):
 
     def _advise(self, lane: _Lane, advice: str | None) -> None:
         """What the platform's answer asks of the operator, logged once per destination."""
-        if advice and advice not in lane.advised:
-            lane.advised.add(advice)
+        if advice and not lane.advised:
+            lane.advised = True
             log.warn("{destination}: {advice}", destination=lane.name, advice=advice)
 
     async def _exchange(self, request: OutgoingRequest) -> tuple[Any, bytes]:
@@ -797,6 +798,12 @@ class Dispatcher(Service):
             await self._partly_delivered(lane, rows, status, verdict)
         elif outcome is Outcome.SUCCESS:
             await lane.acks.ack(_keys(rows))
+        elif outcome is Outcome.TRANSIENT and mine and len(rows) > 1:
+            # A batch's failure is no failure of each of its events: a platform recovering
+            # from an outage may fail large requests while it takes the probes, and one
+            # event it fails for fails its whole batch.  The halves go again at once, with
+            # no attempt counted; only a single event's failure is its own.
+            await self._bisect(lane, rows, verdict.message)
         elif outcome is Outcome.TRANSIENT and mine:
             await self._retry(lane, rows, verdict.message)
         elif outcome is Outcome.TRANSIENT:
