@@ -181,13 +181,20 @@ def test_an_outage_survives_kill_9_and_ends_with_everything_delivered_and_said(t
     first, last = journal(tagd, 0), journal(tagd, -1)
     for name in DESTINATIONS:
         # One warning per run that saw the outage begin, with why and what waits.
+        # A flaky platform may fail two requests in a row after its return, which is an
+        # outage again, said as such and ended as such: a line pair each, never a flood.
+        again = 0 if comeback == "healthy" else 2
         for lines in (first, last):
-            (warning,) = said(lines, name, "stopped accepting events")
-            assert warning["level"] == "warn" and "event(s) wait" in warning["text"], warning
+            warnings = said(lines, name, "stopped accepting events")
+            assert 1 <= len(warnings) <= 1 + (again if lines is last else 0), [w["text"] for w in warnings]
+            for warning in warnings:
+                assert warning["level"] == "warn" and "event(s) wait" in warning["text"], warning
         assert "ConnectionRefusedError" in said(first, "meta", "stopped accepting")[0]["text"]
         assert "HTTP 503" in said(first, "ga4", "stopped accepting")[0]["text"]
-        (recovery,) = said(last, name, "delivering again")
-        assert "out (since" in recovery["text"] and "sent since" in recovery["text"], recovery
+        recoveries = said(last, name, "delivering again")
+        assert len(recoveries) == len(said(last, name, "stopped accepting events")), name
+        for recovery in recoveries:
+            assert "out (since" in recovery["text"] and "sent since" in recovery["text"], recovery
     # Never a flood: a few lines per destination and reminder, whatever the retries.
     for lines in (first, last):
         assert len(lines) < 120, [line["text"] for line in lines][-40:]
