@@ -56,10 +56,9 @@ def target_refusal(target: bytes, under_prefix: bool) -> str | None:
     """
     if _BAD_TARGET_BYTE.search(target):
         return "a request target with bytes outside printable ASCII"
-    lower = target[:8].lower()
     if target.startswith(b"/"):
         path = target.partition(b"?")[0]
-    elif lower.startswith((b"http://", b"https://")):
+    elif target[:8].lower().startswith((b"http://", b"https://")):
         path = b"/" + target.partition(b"//")[2].partition(b"/")[2].partition(b"?")[0]
     elif target == b"*":
         return None
@@ -72,6 +71,9 @@ def target_refusal(target: bytes, under_prefix: bool) -> str | None:
 
 def _climbs_once_decoded(path: bytes) -> bool:
     """Whether C{path}, percent-decoded (twice, for double encoding), its backslashes
-    read as slashes and C{;} parameters cut from its segments, has a C{..} segment."""
+    read as slashes and C{;} parameters cut from its segments, has a C{..} segment.
+    Without a dot or a C{%} it has none, whatever it is read as: most paths end here."""
+    if b"." not in path and b"%" not in path:
+        return False
     decoded = unquote_to_bytes(unquote_to_bytes(path)).replace(b"\\", b"/")
     return any(segment.partition(b";")[0] == b".." for segment in decoded.split(b"/"))
