@@ -114,6 +114,13 @@ def json_object(body: bytes) -> dict[str, Any] | None:
     return decoded if isinstance(decoded, dict) else None
 
 
+def text_value(value: Any) -> str | None:
+    """An id or a text a platform wants as a string, even when a shop wrote a number."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    return str(value)
+
+
 def finite_number(value: Any) -> float | int | None:
     """A finite number, or a numeric string as shops often write prices; else None
     (C{"NaN"} parses as a float but is not JSON)."""

@@ -49,6 +49,7 @@ from tagd.delivery.destinations._common import (
     json_object,
     refused_marketing,
     status_verdict,
+    text_value,
     verdict,
 )
 from tagd.tagging.events import Event
@@ -161,13 +162,6 @@ def _param_value(name: str, value: Any) -> str | int | float | None:
     return finite_number(value)
 
 
-def _identifier(value: Any) -> str | None:
-    """An id or a search text as GA4 wants it: a string, even when a shop wrote a number."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        return None
-    return str(value)
-
-
 def _item(content: Mapping[str, Any]) -> dict[str, Any]:
     """One entry of C{items} from one of the event's C{contents}."""
     item = {"item_id": _text("item_id", content["id"])}
@@ -211,8 +205,8 @@ def _standard_params(event: Event) -> Iterator[tuple[str, Any]]:
     if isinstance(currency, str) and _CURRENCY.fullmatch(currency):
         yield "currency", currency.upper()
     yield "value", finite_number(data.get("value"))
-    yield "transaction_id", _identifier(data.get("order_id"))
-    yield "search_term", _identifier(data.get("search_string"))
+    yield "transaction_id", text_value(data.get("order_id"))
+    yield "search_term", text_value(data.get("search_string"))
 
 
 def _custom_params(event: Event) -> Iterator[tuple[str, Any]]:

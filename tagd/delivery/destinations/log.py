@@ -86,7 +86,7 @@ def _ga4_body(event: Event) -> str:
 # why it would not send it.
 _PLACEHOLDER = "0"
 _LATER = {
-    module.TYPE: module.build("dry-run", {key: spec[2] for key, spec in module.KEYS.items()} | ids)
+    module.TYPE: module.build("dry-run", ids)
     for module, ids in (
         (pinterest, {"ad_account_id": _PLACEHOLDER, "access_token": "DRY-RUN"}),
         (snapchat, {"pixel_id": _PLACEHOLDER, "access_token": "DRY-RUN"}),

@@ -29,6 +29,7 @@ from tagd.delivery.destinations._common import (
     json_int,
     json_object,
     status_outcome,
+    text_value,
     verdict,
     without_empty,
 )
@@ -128,19 +129,12 @@ def _content(item: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def _text_value(value: Any) -> str | None:
-    """An id or a text Pinterest wants as a string, even when a shop wrote a number."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        return None
-    return str(value)
-
-
 def _content_ids(event: Event) -> list[str]:
     """The products' ids: the event's contents', else Meta-style C{content_ids}."""
     if event.contents:
         return [item["id"] for item in event.contents]
     ids = event.custom_data.get("content_ids")
-    return [text for i in ids if (text := _text_value(i))] if isinstance(ids, list) else []
+    return [text for i in ids if (text := text_value(i))] if isinstance(ids, list) else []
 
 
 def custom_data(event: Event, pinterest_name: str) -> dict[str, Any]:
@@ -152,10 +146,10 @@ def custom_data(event: Event, pinterest_name: str) -> dict[str, Any]:
         "value": decimal_text(custom.get("value")),
         "content_ids": _content_ids(event),
         "contents": [_content(item) for item in event.contents],
-        "order_id": _text_value(custom.get("order_id")),
-        "search_string": _text_value(custom.get("search_string")),
-        "content_name": _text_value(custom.get("content_name")),
-        "content_category": _text_value(custom.get("content_category")),
+        "order_id": text_value(custom.get("order_id")),
+        "search_string": text_value(custom.get("search_string")),
+        "content_name": text_value(custom.get("content_name")),
+        "content_category": text_value(custom.get("content_category")),
     }
     if pinterest_name in COUNTED_EVENTS and event.contents:
         fields["num_items"] = sum(item.get("quantity", 1) for item in event.contents)
