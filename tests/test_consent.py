@@ -24,13 +24,13 @@ from tagd.tagging.consent import (
     NONE,
     NOTHING,
     UNKNOWN,
-    MAX_RECORD,
     ConsentReader,
     allows,
     from_cookiebot,
     from_onetrust,
     from_tcf,
 )
+from tagd.tagging.identity import MAX_COOKIE
 from tagd.tagging.tcf import consented_purposes
 
 # From the IAB's TCF library (InteractiveAdvertisingBureau/iabtcf-es, its tests and README):
@@ -271,5 +271,5 @@ def test_a_record_too_long_grants_nothing_and_is_not_kept(reader, name):
     writes grants nothing and is never cached, so such a flood cannot pin memory."""
     reader.cache_clear()
     for n in range(50):
-        assert reader({name: b"%d" % n + b"x" * MAX_RECORD}) == NOTHING
+        assert reader({name: b"%d" % n + b"x" * MAX_COOKIE}) == NOTHING
     assert reader.cache_info().currsize == 0

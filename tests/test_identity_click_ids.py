@@ -106,11 +106,8 @@ def test_hostile_click_ids_never_reach_a_cookie(raw, param):
     assert all(v is None or (v and all(c.isascii() and c.isprintable() and c not in ' ;,"\\' for c in v)) for v in values)
 
 
-def test_every_destination_type_names_the_cookies_it_calls_for():
-    """The tracker looks up each configured type's platforms: a type missing there would
-    fail every tracked response."""
+def test_each_click_id_belongs_to_a_destination_type_of_its_own():
+    """A click id's cookie is set for the destination type of its platform's name."""
     from tagd.delivery.destinations.registry import DESTINATION_TYPES
-    from tagd.tagging.tracker import COOKIE_PLATFORMS
 
-    assert set(COOKIE_PLATFORMS) == set(DESTINATION_TYPES)
-    assert {COOKIE_PLATFORMS[click.platform] for click in CLICK_IDS.values()} == {frozenset({c.platform}) for c in CLICK_IDS.values()}
+    assert {click.platform for click in CLICK_IDS.values()} <= set(DESTINATION_TYPES)

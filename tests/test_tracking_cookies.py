@@ -235,12 +235,24 @@ async def test_webhook_only_passes_the_ids_the_visitor_has(
 
 
 def test_every_destination_type_says_which_cookies_it_calls_for() -> None:
-    """Each destination type that the configuration accepts names the platforms whose
-    cookies it calls for, so that no configured type can fail the tracker's start."""
-    from tagd.delivery.destinations.registry import DESTINATION_TYPES
-    from tagd.tagging.tracker import COOKIE_PLATFORMS
+    """An ad platform's destination calls for its own platform's cookies, a webhook for
+    none, the dry run for those its platforms setting names; every type the configuration
+    accepts gets an answer, so that none can fail the tracker's start."""
+    from types import SimpleNamespace
 
-    assert set(COOKIE_PLATFORMS) == set(DESTINATION_TYPES)
+    from tagd.delivery.destinations.registry import DESTINATION_TYPES
+    from tagd.tagging.identity import PLATFORMS
+    from tagd.tagging.tracker import called_for
+
+    def destination(kind: str, platforms=()):
+        return SimpleNamespace(type=kind, destination=SimpleNamespace(platforms=platforms))
+
+    assert {kind: called_for(destination(kind)) for kind in DESTINATION_TYPES if kind != "log"} == {
+        kind: frozenset({kind}) if kind in PLATFORMS else frozenset() for kind in DESTINATION_TYPES if kind != "log"
+    }
+    assert PLATFORMS <= set(DESTINATION_TYPES)
+    assert called_for(destination("webhook")) == frozenset()
+    assert called_for(destination("log", ("tiktok", "pinterest"))) == {"tiktok", "pinterest"}
 
 
 @pytest_twisted.ensureDeferred

@@ -30,7 +30,7 @@ from urllib.parse import unquote
 
 from twisted.web.http_headers import Headers
 
-from tagd.tagging.identity import cookie_text
+from tagd.tagging.identity import MAX_COOKIE, cookie_text
 from tagd.tagging.tcf import consented_purposes
 
 MARKETING, ANALYTICS, NONE = "marketing", "analytics", "none"
@@ -76,10 +76,9 @@ _ONETRUST_GROUP = re.compile(r"(?:^|,)(C\d{4}):([01])(?=,|$)")
 
 SOURCES = ("", "tcf", "cookiebot", "onetrust")
 # Distinct consent records whose reading is remembered, per source: only values of at
-# most MAX_RECORD bytes are read and cached, so a few MB at most.
+# most MAX_COOKIE bytes are read and cached (a longer one, like any cookie tagd reads,
+# grants nothing), so a few MB at most.
 CACHED_RECORDS = 4096
-# A longer record is no record a consent banner writes, and grants nothing, uncached.
-MAX_RECORD = 1024
 
 
 def gpc(headers: Headers) -> bool:
@@ -104,7 +103,7 @@ def _by_value(name: bytes):
 
         def granted(cookies: Mapping[bytes, bytes]) -> frozenset[str]:
             raw = cookies.get(name)
-            return NOTHING if raw is None or len(raw) > MAX_RECORD else cached(raw)
+            return NOTHING if raw is None or len(raw) > MAX_COOKIE else cached(raw)
 
         granted.__doc__ = read.__doc__
         granted.cache_clear = cached.cache_clear  # for the benchmark of a first reading

@@ -77,7 +77,7 @@ _DOMAIN = re.compile(r"[a-z0-9-]+(?:\.[a-z0-9-]+)+")
 # Characters kept as they are when an event id is put in a cookie: cookie-octets but "%".
 _EVENT_ID_SAFE = "!#$&'()*+-./:<=>?@[]^_`{|}~"
 # A request cookie longer than this is nothing tagd reads.
-_MAX_COOKIE = 1024
+MAX_COOKIE = 1024
 
 
 class RandomSource(Protocol):
@@ -144,7 +144,7 @@ def cookie_text(cookies: Mapping[bytes, bytes], name: bytes) -> str | None:
     id or consent value tagd compares against holds anything else.
     """
     raw = cookies.get(name)
-    if raw is None or len(raw) > _MAX_COOKIE:
+    if raw is None or len(raw) > MAX_COOKIE:
         return None
     if len(raw) >= 2 and raw[:1] == raw[-1:] == b'"':
         raw = raw[1:-1]

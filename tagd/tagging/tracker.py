@@ -27,13 +27,7 @@ from tagd.tagging.cookiedomain import CookieScoper
 from tagd.tagging.events import Event, EventSpec, TrackingHeaderError, parse_tracking_header
 from tagd.tagging.filters import BotDetector, PathFilter, is_speculative, tracked_statuses
 from tagd.tagging.identity import (
-    GA4,
-    META,
-    MICROSOFT,
-    PINTEREST,
-    REDDIT,
-    SNAPCHAT,
-    TIKTOK,
+    PLATFORMS,
     Identity,
     event_id_cookie,
     new_event_id,
@@ -55,29 +49,14 @@ MAX_CLOCK_SKEW = 60
 PARSED_HEADERS = 256
 # Not page views: uptime monitors probe with HEAD, browsers preflight with OPTIONS.
 UNTRACKED_METHODS = frozenset({b"HEAD", b"OPTIONS"})
-# The platforms whose first-party cookies each destination type calls for.  A platform that
-# is not configured gains nothing from its cookies, so tagd sets none for it.  "log" is a
-# dry run of the platforms its own C{platforms} setting names and calls for their cookies
-# (L{called_for}), so that it shows what they would get; "webhook" passes on the ids the
-# visitor has but calls for none.
-COOKIE_PLATFORMS: dict[str, frozenset[str] | None] = {
-    "meta": frozenset({META}),
-    "tiktok": frozenset({TIKTOK}),
-    "ga4": frozenset({GA4}),
-    "pinterest": frozenset({PINTEREST}),
-    "snapchat": frozenset({SNAPCHAT}),
-    "reddit": frozenset({REDDIT}),
-    "microsoft": frozenset({MICROSOFT}),
-    "log": None,
-    "webhook": frozenset(),
-}
-
-
 def called_for(destination: DestinationConfig) -> frozenset[str]:
-    """The platforms whose cookies C{destination} calls for: its type's, or for a dry
-    run those its C{platforms} setting names (by the names of L{tagd.tagging.identity.PLATFORMS})."""
-    platforms = COOKIE_PLATFORMS[destination.type]
-    return frozenset(destination.destination.platforms) if platforms is None else platforms
+    """The platforms whose first-party cookies C{destination} calls for: an ad platform's
+    its own (a platform not configured gains nothing from its cookies, so tagd sets none
+    for it); the dry-run log those its C{platforms} setting names, so that it shows what
+    they would get; any other (a webhook) none: it passes on the ids the visitor has."""
+    if destination.type == "log":
+        return frozenset(destination.destination.platforms)
+    return frozenset({destination.type}) & PLATFORMS
 
 
 def _header_parser(max_header_bytes: int) -> Callable[[bytes], tuple[EventSpec, ...]]:
