@@ -304,11 +304,12 @@ class ClickId:
     prefix: str = ""
 
 
-TTCLID = ClickId(TIKTOK, ("ttclid",), "ttclid", TTCLID_MAX_AGE)
-# The click ids of the platforms added after TikTok, by their field of L{VisitorIds}.  Snap's
-# documented parameter is "ScCid"; its own server-side tag reads it lower-cased.  Microsoft's
-# UET tag keeps the msclkid as "_uet" followed by the id.
+# The platforms' ad click ids, by their field of L{VisitorIds} (Meta's C{fbclid} is the
+# C{_fbc} cookie's, see L{_fbc}).  Snap's documented parameter is "ScCid"; its own
+# server-side tag reads it lower-cased.  Microsoft's UET tag keeps the msclkid as "_uet"
+# followed by the id.
 CLICK_IDS: Mapping[str, ClickId] = {
+    "ttclid": ClickId(TIKTOK, ("ttclid",), "ttclid", TTCLID_MAX_AGE),
     "epik": ClickId(PINTEREST, ("epik",), "_epik", EPIK_MAX_AGE),
     "scclid": ClickId(SNAPCHAT, ("ScCid", "sccid"), "_scclid", SCCLID_MAX_AGE),
     "rdt_cid": ClickId(REDDIT, ("rdt_cid",), "_rdt_cid", RDT_CID_MAX_AGE),
@@ -327,11 +328,6 @@ def _click_id(cookies: Mapping[bytes, bytes], click: ClickId, params: Mapping[st
     if url is not None:
         return url, url != cookie
     return cookie, False
-
-
-def _ttclid(cookies: Mapping[bytes, bytes], from_url: str | None) -> tuple[str | None, bool]:
-    """The TikTok click id, from the URL first, else from tagd's C{ttclid} cookie."""
-    return _click_id(cookies, TTCLID, {} if from_url is None else {"ttclid": from_url})
 
 
 # --- GA4 ------------------------------------------------------------------------------------
@@ -391,7 +387,7 @@ def _own_session(cookies: Mapping[bytes, bytes], now: float) -> int:
 
 # --- all together ---------------------------------------------------------------------------
 
-_WANTED_PARAMS = frozenset({"fbclid", "ttclid", *(name for click in CLICK_IDS.values() for name in click.params)})
+_WANTED_PARAMS = frozenset({"fbclid", *(name for click in CLICK_IDS.values() for name in click.params)})
 
 
 def resolve_identity(
@@ -421,7 +417,6 @@ def resolve_identity(
     meta = META in create_for
     fbp, new_fbp = _fbp(cookies, now, rand, meta, scope.dots)
     fbc, new_fbc = _fbc(cookies, params.get("fbclid"), now, meta, scope.dots)
-    ttclid, new_ttclid = _ttclid(cookies, params.get("ttclid"))
     client_id, new_ga = _ga_client_id(cookies, now, rand, GA4 in create_for)
     session = _ga_session(cookies)
     to_set = []
@@ -433,22 +428,18 @@ def resolve_identity(
         keep("_fbp", fbp, FBP_MAX_AGE)
     if new_fbc and meta:
         keep("_fbc", fbc, FBC_MAX_AGE)
-    if new_ttclid and ttclid is not None and TIKTOK in create_for:
-        keep("ttclid", ttclid, TTCLID_MAX_AGE)
     if new_ga:
         keep("_ga", "GA1.1." + client_id, GA_MAX_AGE)
     if session is None and GA4 in create_for:
         session = _own_session(cookies, now)
         keep(session_cookie, str(session), SESSION_MAX_AGE)
     clicks = {field: _click_id(cookies, click, params) for field, click in CLICK_IDS.items()}
-    for field, (value, new) in clicks.items():
-        click = CLICK_IDS[field]
+    for click, (value, new) in zip(CLICK_IDS.values(), clicks.values()):
         if new and value is not None and click.platform in create_for:
             keep(click.cookie, click.prefix + value, click.max_age)
     return Identity(
         fbp=fbp,
         fbc=fbc,
-        ttclid=ttclid,
         ttp=_valid(cookie_text(cookies, b"_ttp"), _TIKTOK_ID),
         ga_client_id=client_id,
         ga_session_id=None if session is None else str(session),
