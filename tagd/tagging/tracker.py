@@ -107,11 +107,9 @@ class Tracker:
         self._destinations = tuple((d.name, d.consent_purpose) for d in destinations)
         # With first_party_cookies off tagd may set no cookie, so it creates no id either.
         self._cookie_purposes = _cookie_platforms(destinations) if config.first_party_cookies else []
-        # By granted purposes (a handful of distinct values): the destinations allowed, and
-        # the platforms whose ids tagd may create.
-        self._decisions: dict[Granted, tuple[tuple[str, ...], frozenset[str]]] = {}
-        # By destinations allowed: the withheld counters of the others.
-        self._withholding: dict[tuple[str, ...], list] = {}
+        # By granted purposes (a handful of distinct values): the destinations allowed, the
+        # platforms whose ids tagd may create, and the withheld counters of the others.
+        self._decisions: dict[Granted, tuple[tuple[str, ...], frozenset[str], tuple]] = {}
         self._consent = ConsentReader(
             honor_gpc=config.honor_gpc,
             source=config.consent_source,
@@ -142,7 +140,7 @@ class Tracker:
             return None
         cookies = parse_cookie_header(headers.getRawHeaders(b"cookie", ()))
         granted = self._consent.granted(headers, cookies)
-        allowed, create_for = self._decision(granted)
+        allowed, create_for, withheld = self._decision(granted)
         if not allowed:
             self._metrics.tracking_dropped.labels("consent").inc()
             return None
@@ -171,30 +169,23 @@ class Tracker:
         def deliver() -> None:
             events = self._events(specs, event_ids, visit, user_agent, identity, now, granted)
             if events:
-                self._count_withheld(events, allowed)
+                # Match keys are counted on delivery (L{tagd.delivery.outcomes.Outcomes.delivered}).
+                for counter in withheld:
+                    counter.inc(len(events))
                 self._submit(events, allowed)
 
         return Tracked(set_cookies=tuple(set_cookies), deliver=deliver)
 
-    def _decision(self, granted: Granted) -> tuple[tuple[str, ...], frozenset[str]]:
-        """The destinations C{granted} allows, and the platforms whose ids tagd may create."""
+    def _decision(self, granted: Granted) -> tuple[tuple[str, ...], frozenset[str], tuple]:
+        """The destinations C{granted} allows, the platforms whose ids tagd may create, and
+        the counters of the events withheld from each destination it does not allow."""
         decision = self._decisions.get(granted)
         if decision is None:
             allowed = tuple(name for name, purpose in self._destinations if allows(granted, purpose))
             create_for = frozenset(p for p, purpose in self._cookie_purposes if allows(granted, purpose))
-            decision = self._decisions[granted] = (allowed, create_for)
+            withheld = tuple(self._withheld[name] for name, _purpose in self._destinations if name not in allowed)
+            decision = self._decisions[granted] = (allowed, create_for, withheld)
         return decision
-
-    def _count_withheld(self, events: Sequence[Event], allowed: tuple[str, ...]) -> None:
-        """The events withheld from each destination the visitor's consent does not allow
-        (match keys are counted on delivery, L{tagd.delivery.outcomes.Outcomes.delivered})."""
-        withheld = self._withholding.get(allowed)
-        if withheld is None:
-            withheld = self._withholding[allowed] = [
-                self._withheld[name] for name, _purpose in self._destinations if name not in allowed
-            ]
-        for counter in withheld:
-            counter.inc(len(events))
 
     def _event_id_cookies(
         self,
