@@ -29,7 +29,8 @@ def test_62_percent_of_purchases_carry_an_e_mail() -> None:
     counted = Coverage()
     with_email = [make_event(user_data={"em": ("a@b.c",)}) for _ in range(5)]
     without = [make_event(user_data={}, fbc=None) for _ in range(3)]
-    counted.count([("meta", "meta"), ("hook", "webhook")], with_email + without)
+    counted.count("meta", "meta", with_email + without)
+    counted.count("hook", "webhook", with_email + without)
     [row] = coverage(*counted.totals())
     assert (row["destination"], row["event"], row["events"]) == ("meta", "Purchase", 8)
     shares = {key["key"]: key["percent"] for key in row["keys"]}
@@ -44,7 +45,7 @@ def test_prometheus_reads_every_key_from_the_first_event() -> None:
     registry = CollectorRegistry()
     counted = Coverage()
     registry.register(counted)
-    counted.count([("meta", "meta")], [make_event(event_name="AddToCart", user_data={})])
+    counted.count("meta", "meta", [make_event(event_name="AddToCart", user_data={})])
     text = generate_latest(registry).decode()
     assert 'tagd_match_key_events_total{destination="meta",event="AddToCart"} 1.0' in text
     assert 'tagd_match_keys_total{destination="meta",event="AddToCart",key="email"} 0.0' in text

@@ -13,7 +13,6 @@ from typing import Sequence
 
 from tagd.delivery.destinations import Destination, Outcome
 from tagd.tagging.events import Event
-from tagd.tagging.matchkeys import PLATFORM_KEYS
 from tagd.admin.feed import Feed
 from tagd.admin.metrics import Metrics
 
@@ -33,9 +32,7 @@ class Outcomes:
     def __init__(self, metrics: Metrics, feed: Feed | None = None) -> None:
         self._metrics = metrics
         self._feed = feed
-        # By name, each destination as Coverage.count takes it, or [] for a type without
-        # match keys (webhook, log).
-        self._keyed: dict[str, list[tuple[str, str]]] = {}
+        self._types: dict[str, str] = {}  # each destination's type, for its match keys
 
     def configured(self, destinations: Sequence[Destination]) -> None:
         """C{destinations} are the ones delivered to now.  Each of their delivery series
@@ -47,8 +44,7 @@ class Outcomes:
             for outcome in OUTCOMES:
                 self._metrics.deliveries.labels(name, outcome)
         # A removed destination's lane may still settle what it had leased: it stays.
-        for d in destinations:
-            self._keyed[d.name] = [(d.name, d.type)] if d.type in PLATFORM_KEYS else []
+        self._types.update((d.name, d.type) for d in destinations)
         if self._feed is not None:
             self._feed.destinations = tuple(names)
 
@@ -65,9 +61,8 @@ class Outcomes:
         status (None when it was not asked or did not answer), C{message} its answer.
         Delivered events count for the match keys they carried."""
         self._metrics.deliveries.labels(destination, outcome).inc(len(events))
-        keyed = self._keyed.get(destination) if outcome == SUCCESS else None
-        if keyed:
-            self._metrics.match_keys.count(keyed, events)
+        if outcome == SUCCESS and destination in self._types:
+            self._metrics.match_keys.count(destination, self._types[destination], events)
         if self._feed is not None:
             self._feed.delivered(destination, outcome, events, status, message)
 

@@ -16,7 +16,7 @@ Prometheus (L{Coverage.collect}) and the dashboard add those up only when they a
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily
 
@@ -138,22 +138,19 @@ class Coverage:
         self._platforms: dict[str, str] = {}
         self._own_keys: dict[tuple[str, frozenset[str]], frozenset[str]] = {}
 
-    def count(self, destinations: Sequence[tuple[str, str]], events: Iterable[Event]) -> None:
-        """C{events} were delivered to each of C{destinations}, (name, type) pairs; those
-        of a type without match keys (webhook, log) are not counted."""
-        counted = [(name, kind) for name, kind in destinations if kind in PLATFORM_KEYS]
-        if not counted:
+    def count(self, name: str, kind: str, events: Iterable[Event]) -> None:
+        """C{events} were delivered to destination C{name} of type C{kind}; a type without
+        match keys (webhook, log) is not counted."""
+        keys = PLATFORM_KEYS.get(kind)
+        if keys is None:
             return
-        for name, kind in counted:
-            self._platforms[name] = kind
+        self._platforms[name] = kind
         for event in events:
-            label = event_label(event.event_name)
             found = present(event)
-            for name, kind in counted:
-                own = self._own_keys.get((kind, found))
-                if own is None:
-                    own = self._own_keys[kind, found] = found & frozenset(PLATFORM_KEYS[kind])
-                self._seen[name, label, own] += 1
+            own = self._own_keys.get((kind, found))
+            if own is None:
+                own = self._own_keys[kind, found] = found & frozenset(keys)
+            self._seen[name, event_label(event.event_name), own] += 1
 
     def totals(self) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str, str], int]]:
         """Events per (destination, event), and per (destination, event, key) those
