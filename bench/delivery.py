@@ -114,22 +114,24 @@ def start_platforms(processes: Processes, label: str, mode: str, args) -> tuple[
     return fakes, ports
 
 
+# Each fake platform's [[destinations]] table, its endpoint filled in.
+DESTINATIONS = {
+    "meta": 'type = "meta"\npixel_id = "1234"\naccess_token = "bench-token"\n',
+    "ga4": 'type = "ga4"\nmeasurement_id = "G-BENCH"\napi_secret = "bench-secret"\n',
+    "tiktok": 'type = "tiktok"\npixel_code = "BENCH"\naccess_token = "bench-token"\n',
+}
+
+
 def tagd_config(ports: dict[str, int] | None, spool: str | None = None, max_events: int = 100_000) -> str:
-    """The TOML after C{[proxy]}: the spool, and one destination per fake platform.
+    """The TOML after C{[proxy]}: the spool, and one destination per fake platform in C{ports}.
 
     Delivery settings stay at their defaults: the figures are those a user gets.
     """
     if ports is None:
         return ""
-    base = {platform: f"http://{HOST}:{port}" for platform, port in ports.items()}
-    return (
-        f"\n[spool]\npath = {json.dumps(spool)}\nmax_events = {max_events}\n"
-        f'\n[[destinations]]\ntype = "meta"\npixel_id = "1234"\naccess_token = "bench-token"\n'
-        f'endpoint = "{base["meta"]}"\n'
-        f'\n[[destinations]]\ntype = "ga4"\nmeasurement_id = "G-BENCH"\napi_secret = "bench-secret"\n'
-        f'endpoint = "{base["ga4"]}"\n'
-        f'\n[[destinations]]\ntype = "tiktok"\npixel_code = "BENCH"\naccess_token = "bench-token"\n'
-        f'endpoint = "{base["tiktok"]}"\n'
+    return f"\n[spool]\npath = {json.dumps(spool)}\nmax_events = {max_events}\n" + "".join(
+        f'\n[[destinations]]\n{DESTINATIONS[platform]}endpoint = "http://{HOST}:{port}"\n'
+        for platform, port in ports.items()
     )
 
 
