@@ -38,7 +38,7 @@ from helpers import free_port
 from tagd.delivery.direct import DirectDelivery, Route, http_client
 from tagd.delivery.destinations import ga4, log, meta, tiktok, webhook
 from tagd.delivery.destinations.meta import NEWEST_API_VERSION
-from tagd.delivery.dispatcher import Dispatcher, retry_after
+from tagd.delivery.dispatcher import LEASE, Dispatcher, retry_after
 from tagd.tagging.events import Event
 from tagd.admin.metrics import Metrics
 from tagd.delivery.outcomes import Outcomes
@@ -692,6 +692,37 @@ async def test_ga4_leases_many_visitors_at_once(serving, dispatch, spool, metric
     assert len(served.fake.requests) == 60 and served.fake.violations == []
     assert served.fake.peak <= 2
     assert delivered(metrics, "ga4", "success") == 60
+
+
+class Counting(MemorySpool):
+    """Records the most rows that were in flight at once."""
+
+    peak = 0
+
+    def lease(self, destination: str, limit: int, now: float) -> Deferred:
+        leased = super().lease(destination, limit, now)
+        self.peak = max(self.peak, sum(r.state == "inflight" for r in self.rows.values()))
+        return leased
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backlog_stays_in_the_spool_not_in_memory(serving, dispatch, reactor, http, metrics):
+    """2,200 visitors owed to a slow GA4 with two request slots: the lane holds one lease
+    of rows at a time (all it can send soon), never a lease per slot, and delivers all."""
+    spool = Counting()
+    served = serving(ObservedGA4())
+    spool.add("ga4", ga4_clients(2200))
+    served.fake.inject(20, delay=0.05)
+    dispatcher = Dispatcher(reactor=reactor, spool=spool, routes=[ga4_route(served)], http=http, metrics=metrics,
+                            concurrency=2, poll_interval=0.05)
+    dispatcher.startService()
+    try:
+        await eventually(lambda: settled(spool, "ga4"), timeout=60)
+    finally:
+        await within(dispatcher.stopService())
+    assert set(spool.states("ga4").values()) == {"done"}
+    assert spool.peak <= LEASE
+    assert spool.leased[:2] == [LEASE, LEASE]
 
 
 @pytest.mark.parametrize("shape", ["batches", "requests"])

@@ -1,7 +1,8 @@
 """The dispatcher: drains the spool through each destination, at least once.
 
 One loop per destination leases due rows from the spool (up to L{LEASE} at once, more when
-a destination's batches are larger), drops the events the platform would refuse for their
+a destination's batches are larger, and never more than its request slots can carry at
+once: L{_Lane.room}), drops the events the platform would refuse for their
 age, encodes the rest into as many requests as the platform's limits ask (GA4 sends one
 visitor per request), POSTs them with treq, at most C{concurrency} at once, and settles
 the rows of every request by the platform's verdict on it:
@@ -237,10 +238,17 @@ class _Lane:
     advised: bool = False  # the platform's advice was said (once a lane: its text may vary)
     waiting: set[Deferred] = attrs.field(factory=set)  # requests waiting for a slot
     sleeping: set[Deferred] = attrs.field(factory=set)  # requests waiting for a throttle's end
+    held: int = 0  # rows leased by batches that have not ended
 
     @property
     def name(self) -> str:
         return self.route.destination.name
+
+    def room(self) -> int:
+        """How many more rows the lane may lease now.  What every slot can carry at once
+        (at least L{LEASE}) keeps the slots busy; more would be a backlog held in memory:
+        64 GA4 batches of 1,000 rows each, with their encoded requests, took 400 MB."""
+        return max(LEASE, self.slots.limit * self.route.destination.max_batch) - self.held
 
 
 class BacklogCollector:
@@ -510,14 +518,14 @@ class Dispatcher(Service):
         now = self._reactor.seconds()
         if lane.paused_until > now:
             await self._nap(lane, lane.paused_until - now)
-        elif len(lane.batches) >= lane.slots.limit or (lane.outage.out and lane.batches):
+        elif lane.room() <= 0 or (lane.outage.out and lane.batches):
             await self._nap(lane, None)  # until a batch ends
         else:
             await self._lease(lane, now)
 
     async def _lease(self, lane: _Lane, now: float) -> None:
         """Lease a batch, or while the destination is out one row: the next probe."""
-        limit = 1 if lane.outage.out else max(LEASE, lane.route.destination.max_batch)
+        limit = 1 if lane.outage.out else min(lane.room(), max(LEASE, lane.route.destination.max_batch))
         rows = await self._spool.lease(lane.name, limit, now)
         if not rows:
             await self._nap(lane, self._poll_interval)
@@ -545,6 +553,7 @@ class Dispatcher(Service):
             lane.woken = True
 
     def _start_batch(self, lane: _Lane, rows: Sequence[Lease]) -> None:
+        lane.held += len(rows)
         batch = ensureDeferred(self._deliver_batch(lane, rows))
         lane.batches.add(batch)
         batch.addErrback(
@@ -554,10 +563,11 @@ class Dispatcher(Service):
                 destination=lane.name,
             )
         )
-        batch.addBoth(lambda _: self._batch_done(lane, batch))
+        batch.addBoth(lambda _: self._batch_done(lane, batch, len(rows)))
 
-    def _batch_done(self, lane: _Lane, batch: Deferred) -> None:
+    def _batch_done(self, lane: _Lane, batch: Deferred, rows: int) -> None:
         lane.batches.discard(batch)
+        lane.held -= rows
         self._rouse(lane)
 
     # -- one batch ----------------------------------------------------------------------
