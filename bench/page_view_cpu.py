@@ -192,11 +192,13 @@ def soak(processes: Processes, origin: Server, drive, args, expected_body: bytes
     finally:
         processes.stop(fakes)
     after_minute = next((kib for t, kib in samples if t >= 60), samples[0][1])
+    arrived = ", ".join(f"{platform} {counts['events']:,}" for platform, counts in stats.items())
     last = samples[-1][1]
     flat = None not in (after_minute, last) and last <= after_minute * (1 + SOAK_FLAT)
     print(f"  {loaded['requests']:,} page views at {loaded['rps']:,.0f} req/s; RSS {after_minute:,} KiB after a minute, "
           f"{last:,} KiB at the end, at most {max(k or 0 for _, k in samples):,} KiB; "
-          f"{'all delivered' if done else 'NOT all delivered'} {waited:.1f} s after the load; "
+          f"{'all delivered' if done else 'NOT all delivered'} {waited:.1f} s after the load "
+          f"(events: {arrived}; refused as queue full: the rest); "
           f"owed after the stop: {sum(owed(spool).values())}", flush=True)
     return {"samples": samples, "rss_after_minute_kib": after_minute, "rss_last_kib": last, "flat": flat,
             "requests": loaded["requests"], "rps": loaded["rps"], "delivered": done, "stop": stop,
