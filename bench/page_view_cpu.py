@@ -60,7 +60,7 @@ from proxy_throughput import (
     versions,
     wait_until_listening,
 )
-from delivery import _loadavg, owed, platform_stats, start_platforms, stop_tagd, summarise_profile, tagd_config, wait_for_events
+from delivery import _loadavg, owed, start_platforms, stop_tagd, summarise_profile, tagd_config, wait_for_events
 from delivery_processes import USER_AGENT
 
 # (label, the platforms it delivers to); the first is the baseline.
