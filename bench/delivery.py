@@ -5,7 +5,8 @@ because absolute requests/s depend on the machine:
 
   1. Tracking overhead: tagd's requests/s with every response tracked to three
      destinations (fake Meta, GA4 and TikTok answering at once) over tagd's with no
-     destinations.  Target: at least 0.8.  The fakes count what arrives afterwards, since
+     destinations: a figure, no longer a target (page_view_cpu.py judges what tracking
+     costs, as CPU per page view with everything delivered).  The fakes count what arrives afterwards, since
      a tagd that silently dropped events would look cheap.  Beside it, where the cost
      lies: a "spool full" tagd that tracks every response but stores and sends nothing
      (L{SPOOL_FULL}), and CPU time per request, the reactor thread's under load and all
@@ -82,7 +83,6 @@ HELPERS = os.path.join(BENCH_DIR, "delivery_processes.py")
 # A returning visitor of a shop with the Meta pixel and gtag: tagd reads both ids.
 COOKIES = "_fbp=fb.1.1700000000000.1234567890; _ga=GA1.1.1234567890.1700000000"
 LOAD_HEADERS = (f"User-Agent: {USER_AGENT}", f"Cookie: {COOKIES}")
-OVERHEAD_TARGET = 0.8  # tracked req/s over untracked req/s, at least
 ISOLATION_TOLERANCE = 0.10  # req/s and p99 with sick platforms, within this of healthy
 # Sick platforms: (row label, fake mode).  "slow" answers after --delay seconds; "down"
 # answers 503 at once, an outage, which puts tagd's destinations in backoff.
@@ -491,8 +491,7 @@ def verdicts(by_label: dict[str, dict]) -> list[dict]:
     healthy, untracked = by_label.get("healthy"), by_label.get("untracked")
     if healthy and untracked and untracked["rps"] > 0:
         ratio = healthy["rps"] / untracked["rps"]
-        found.append({"what": "overhead: tracked/untracked req/s", "value": ratio, "target": f">= {OVERHEAD_TARGET:.2f}",
-                      "pass": ratio >= OVERHEAD_TARGET})
+        found.append({"what": "overhead: tracked/untracked req/s", "value": ratio, "target": "", "pass": None})
         full = by_label.get(SPOOL_FULL)
         if full:
             found.append({"what": "  the most it could be: spool full/untracked req/s", "value": full["rps"] / untracked["rps"],
