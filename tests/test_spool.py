@@ -27,7 +27,6 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
-from tagd.delivery import spool as spool_module
 from tagd.daemon.config import parse_config
 from tagd.tagging.events import Event
 from tagd.delivery import intake as intake_module
@@ -717,7 +716,6 @@ CHILD = r"""
 import sys
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import react
-from tagd.delivery import spool as spool_module
 from tagd.tagging.events import Event
 from tagd.delivery.spool import Spool
 

@@ -4,10 +4,15 @@ The spool is what makes rule 2 hold ("an accepted event is never silently lost")
 breaking rule 1 ("the visitor never waits for tagging"):
 
   - L{Spool.enqueue} runs on the reactor thread for every tracked request and never waits
-    for the disk: it appends to an in-memory buffer, and to the intake journal (one
-    C{write(2)} into the page cache, see L{tagd.delivery.intake}), so that the event outlives the
-    process.  A group commit writes everything buffered in one transaction every
-    C{flush_interval} seconds, or as soon as L{FLUSH_AT} events wait.
+    for the disk: it keeps the event in memory (L{tagd.delivery.held}), and appends it to
+    the intake journal (one C{write(2)} into the page cache, see L{tagd.delivery.intake}),
+    so that the event outlives the process.
+  - Deliver before writing: every C{flush_interval} seconds, or as soon as L{FLUSH_AT}
+    events wait, a tick offers what was accepted since the last one to the dispatcher,
+    which leases it from memory, and writes to the file, in one transaction, what the
+    previous tick offered and is still owed, each delivery in the state it reached (in
+    flight, retried, dead...).  An event delivered within a tick never touches SQLite;
+    its journal segment is removed all the same.
   - All SQLite work runs on one dedicated thread that owns the connection (SQLite's own
     same-thread check enforces it); the reactor only sees Deferreds.
   - Every row is a delivery of one event to one destination, with its status, attempts, next
@@ -21,12 +26,14 @@ process crash or C{kill -9} (NORMAL would give that too), and FULL also makes it
 OS crash or power loss: each commit syncs the WAL.  With NORMAL an OS crash could lose every
 commit since the last checkpoint, possibly minutes of events.  The price, one fsync per
 transaction, is paid on the spool's thread once per group commit (at most 1 / flush_interval
-per second), never by a visitor.  Events not yet committed are in the intake journal,
-which L{Spool.open} replays: they survive a process crash or C{kill -9}, though not an OS
-crash or power loss in the moments before the kernel writes them out (the journal is never
-synced; that would make the reactor wait for the disk).
+per second, and none when nothing is owed), never by a visitor.  Events not yet written
+are in the intake journal, which L{Spool.open} replays, pending to every destination:
+they survive a process crash or C{kill -9} (an event delivered from memory in the two
+ticks before is then delivered again: at least once), though not an OS crash or power
+loss in the moments before the kernel writes them out (the journal is never synced; that
+would make the reactor wait for the disk).
 
-Bound: at most C{max_events} events may be undelivered (buffered, pending or in flight).
+Bound: at most C{max_events} events may be undelivered (in memory, pending or in flight).
 When the spool is full, the policy is "refuse newest": L{Spool.enqueue} accepts what fits
 and refuses the rest, returning how many it accepted, so that the caller counts and logs
 each refused event.  Dead and expired rows stay for inspection and do not count.  The
@@ -1227,7 +1234,8 @@ def read_dead_letters(path: str, destination: str | None = None, limit: int = 10
 def retry_dead_letters(path: str, destinations: Collection[str] | None = None) -> int:
     """L{Spool.retry_dead} on the file at C{path}; returns the number of deliveries revived.
 
-    They are due at once, so a running dispatcher sends them at its next poll.  The running
+    They are due at once: a running spool looks at its file at least every L{LOOK_AGAIN}
+    seconds, so its dispatcher sends them within a couple of seconds.  The running
     daemon's count of undelivered events includes them from its next L{Spool.recount}
     (once a minute), so its bound may be exceeded by up to this many events meanwhile.
     """
