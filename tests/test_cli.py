@@ -315,7 +315,7 @@ def test_retry_dead_leaves_destinations_no_longer_configured(folder, spool_file)
     (folder / "tagd.toml").write_text(CONFIG.replace('type = "ga4"', 'type = "ga4"\nname = "ga4-new"'))
     output = ok(tagd("spool", "retry-dead", cwd=folder))
     assert output == (
-        "2 dead letter(s) moved back to pending; tagd sends them at its next poll (or when it starts)\n"
+        "2 dead letter(s) moved back to pending; tagd sends them within a couple of seconds (or when it starts)\n"
         "1 dead letter(s) of destinations not configured in tagd.toml left as they are (ga4: 1):"
         " tagd would dead-letter them again; configure them first\n"
     )

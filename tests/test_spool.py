@@ -27,7 +27,6 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
-from tagd.delivery import spool as spool_module
 from tagd.daemon.config import parse_config
 from tagd.tagging.events import Event
 from tagd.delivery import intake as intake_module
@@ -36,6 +35,7 @@ from tagd.admin.metrics import Metrics
 from tagd.delivery.service import RECOUNT_INTERVAL, Delivery
 from tagd.delivery.spool import (
     FLUSH_AT,
+    LOOK_AGAIN,
     Lease,
     Spool,
     SpoolError,
@@ -298,14 +298,17 @@ async def test_flush_interval_commits_without_a_flush_call(open_spool, path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_full_buffer_commits_before_the_interval(open_spool, path):
-    """FLUSH_AT buffered events start a commit at once, long before a 60 s interval."""
+async def test_full_buffer_ticks_before_the_interval(open_spool, path, reactor):
+    """FLUSH_AT accepted events make a tick at once, long before a 60 s interval: it offers
+    them, and the next such tick writes those nobody leased meanwhile."""
     spool = open_spool(flush_interval=60)
-    for n in range(2 * FLUSH_AT):
+    for n in range(3 * FLUSH_AT):
         spool.enqueue([event(n)], ["meta"])
     await eventually(lambda: count(path, "events") == 2 * FLUSH_AT)
     assert spool.commits == 2
-    assert spool.buffered == 0
+    assert spool.buffered == FLUSH_AT  # offered, in memory, written at the next tick
+    leases = await within(spool.lease("meta", 10 * FLUSH_AT, reactor.seconds() + 1))
+    assert [lease.event.event_id for lease in leases] == [f"ev-{n}" for n in range(3 * FLUSH_AT)]
 
 
 @pytest_twisted.ensureDeferred
@@ -377,7 +380,8 @@ async def deliver_all(spool: Spool, destination: str, now: float) -> None:
 
 async def revive_from_the_command_line(path: Path) -> int:
     """C{tagd spool retry-dead}: the CLI's helper on the file, beside the open spool, from
-    another thread as another process would."""
+    another thread as another process would.  The spool sees what another process made
+    due from LOOK_AGAIN seconds after it last looked at the file."""
     return await within(deferToThread(retry_dead_letters, str(path)))
 
 
@@ -396,7 +400,7 @@ async def test_recount_counts_dead_letters_revived_by_the_command_line(open_spoo
 
     assert await within(spool.recount()) == 9
     assert spool.undelivered == 9
-    await deliver_all(spool, "meta", now)
+    await deliver_all(spool, "meta", now + LOOK_AGAIN)
     assert spool.undelivered == 2
     await within(spool.flush())
     await deliver_all(spool, "meta", now)
@@ -412,7 +416,7 @@ async def test_recount_repairs_a_count_gone_below_zero(open_spool, path, reactor
     now = reactor.seconds() + 1
     await dead_letter_all(spool, "meta", now)
     await revive_from_the_command_line(path)
-    await deliver_all(spool, "meta", now)
+    await deliver_all(spool, "meta", now + LOOK_AGAIN)
     assert spool.undelivered == -7  # what the bound would go on believing
 
     assert await within(spool.recount()) == 0
@@ -459,15 +463,20 @@ async def test_recount_among_commits_and_changes_is_exact(open_spool, reactor, s
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_recount_starts_the_commit_it_held_up(open_spool, path):
-    """Events that fill the buffer while a recount holds the commit lock are committed once
-    it is done, not only at the next flush interval."""
+async def test_a_recount_holds_up_no_offer(open_spool, path, reactor):
+    """Events accepted while a recount holds the write lock are offered at once all the
+    same (leased from memory), and those still owed are written once it is done."""
     spool = open_spool(flush_interval=60.0)
     recounted = spool.recount()
-    spool.enqueue(events(0, FLUSH_AT), ["meta"])
-    await within(recounted)
+    spool.enqueue(events(0, FLUSH_AT), ["meta", "ga4"])
+    leases = await within(spool.lease("meta", 2 * FLUSH_AT, reactor.seconds() + 1))
+    assert len(leases) == FLUSH_AT
+    await within(spool.ack("meta", [lease.key for lease in leases]))
+    assert await within(recounted) == FLUSH_AT
+    spool.enqueue(events(FLUSH_AT, FLUSH_AT), ["meta"])  # the next tick writes the first
     await eventually(lambda: spool.commits == 1)
     assert count(path, "events") == FLUSH_AT
+    assert query(path, "SELECT DISTINCT destination, status FROM deliveries") == [("ga4", "pending")]
 
 
 @pytest_twisted.ensureDeferred
@@ -478,7 +487,7 @@ async def test_the_delivery_service_recounts_periodically(open_spool, path, reac
     now = reactor.seconds() + 1
     await dead_letter_all(spool, "log", now)
     await revive_from_the_command_line(path)
-    await deliver_all(spool, "log", now)
+    await deliver_all(spool, "log", now + LOOK_AGAIN)
     assert spool.undelivered == -3
     clock = Clock()
     config = parse_config(f'[spool]\npath = "{path}"\n[[destinations]]\ntype = "log"\n', "(test)")
@@ -494,7 +503,7 @@ async def test_the_delivery_service_recounts_periodically(open_spool, path, reac
         await within(spool.flush())
         await dead_letter_all(spool, "log", now + 10)
         await revive_from_the_command_line(path)
-        await deliver_all(spool, "log", now + 10)
+        await deliver_all(spool, "log", now + 10 + LOOK_AGAIN)
         assert spool.undelivered == -1
         clock.advance(RECOUNT_INTERVAL)
         await eventually(lambda: spool.undelivered == 0)
@@ -658,29 +667,20 @@ async def test_unreadable_stored_event_is_dead_lettered(open_spool, path, reacto
 
 @pytest_twisted.ensureDeferred
 async def test_lease_hands_over_the_enqueued_events(open_spool, reactor):
-    """Each destination leases the very events this spool enqueued: none is decoded again."""
+    """Each destination leases the very events this spool enqueued from memory: none is
+    decoded again; one leased from the file is decoded from it, equal."""
     enqueued = events(0, 3)
-    spool = open_spool()
+    spool = open_spool(flush_interval=60)
     spool.enqueue(enqueued, ["meta", "ga4"])
-    await within(spool.flush())
+    spool._tick()
     for destination in ("meta", "ga4"):
         leases = await within(spool.lease(destination, 10, reactor.seconds() + 1))
         assert [lease.event for lease in leases] == enqueued
         assert all(lease.event is original for lease, original in zip(leases, enqueued))
-
-
-@pytest_twisted.ensureDeferred
-async def test_events_kept_in_memory_are_bounded(open_spool, reactor, monkeypatch):
-    """Past KNOWN_EVENTS, the oldest events are forgotten and decoded from the file instead."""
-    monkeypatch.setattr(spool_module, "KNOWN_EVENTS", 2)
-    enqueued = events(0, 4)
-    spool = open_spool()
-    spool.enqueue(enqueued, ["meta"])
+    await within(spool.release("meta", [leases[0].key]))
     await within(spool.flush())
-    leases = await within(spool.lease("meta", 10, reactor.seconds() + 1))
-    assert [lease.event for lease in leases] == enqueued
-    identical = [lease.event is original for lease, original in zip(leases, enqueued)]
-    assert identical == [False, False, True, True]
+    (stored,) = await within(spool.lease("meta", 10, reactor.seconds() + 1))
+    assert stored.event == enqueued[0] and stored.event is not enqueued[0]
 
 
 # -- restart, crash, close ----------------------------------------------------------------
@@ -716,7 +716,6 @@ CHILD = r"""
 import sys
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import react
-from tagd.delivery import spool as spool_module
 from tagd.tagging.events import Event
 from tagd.delivery.spool import Spool
 
@@ -917,16 +916,19 @@ async def test_failed_writes_are_retried_by_themselves(open_spool, path):
 @pytest_twisted.ensureDeferred
 async def test_enqueue_storm_during_a_commit_queues_no_flushes(open_spool, path):
     """Thousands of tracked responses in one reactor turn, while a commit runs, queue no
-    flush per response (a chain of waiters once overflowed the stack and left the lock
-    taken for good): every event reaches the file, and the lock is free afterwards."""
+    write per response (a chain of waiters once overflowed the stack and left the lock
+    taken for good): every event reaches the file (the last tick's at the next one), and
+    the lock is free afterwards."""
     spool = open_spool(flush_interval=60)
     for n in range(4 * FLUSH_AT):
         spool.enqueue([event(n)], ["meta"])
     assert len(spool._lock.waiting) <= 1
-    await eventually(lambda: count(path, "events") == 4 * FLUSH_AT)
+    await eventually(lambda: count(path, "events") == 3 * FLUSH_AT)
     await eventually(lambda: not spool._lock.locked)
-    assert spool.buffered == 0
-    assert spool.commits <= 4
+    assert spool.buffered == FLUSH_AT
+    assert spool.commits <= 3
+    await within(spool.flush())
+    assert count(path, "events") == 4 * FLUSH_AT
 
 
 # The intake journal: what is accepted and not yet committed outlives the process.

@@ -101,12 +101,12 @@ class SpoolCollector:
         spool = self._spool
         yield GaugeMetricFamily(
             "tagd_spool_undelivered_events",
-            "Events accepted and still owed to a destination: buffered, pending or in flight.",
+            "Events accepted and still owed to a destination: in memory, pending or in flight.",
             value=spool.undelivered,
         )
         yield GaugeMetricFamily(
             "tagd_spool_buffered_events",
-            "Events accepted but not yet committed to the spool file.",
+            "Events accepted and still owed that are not written to the spool file yet (in memory and its intake journal).",
             value=spool.buffered,
         )
         yield GaugeMetricFamily(

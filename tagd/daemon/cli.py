@@ -132,7 +132,7 @@ def spool_status(args: argparse.Namespace) -> None:
     if journal:
         print(
             f"intake journal: {journal} accepted event(s) not in the file yet (a running tagd "
-            "writes them at its next group commit, a stopped one when it next starts)"
+            "writes those still owed within two group-commit ticks, a stopped one when it next starts)"
         )
     if unreadable:
         print(f"intake journal: cannot read {', '.join(unreadable)}")
@@ -187,7 +187,7 @@ def spool_retry_dead(args: argparse.Namespace) -> None:
         left = {name: n for (name, status), n in sorted(depth.items()) if status == "dead" and name not in names}
     count = retry_dead_letters(config.spool.path, names if args.destination is None else [args.destination])
     if count:
-        print(f"{count} dead letter(s) moved back to pending; tagd sends them at its next poll (or when it starts)")
+        print(f"{count} dead letter(s) moved back to pending; tagd sends them within a couple of seconds (or when it starts)")
     else:
         of = f" for {args.destination}" if args.destination else " for the configured destinations" if left else ""
         print(f"no dead letters{of}: nothing moved")

@@ -1,23 +1,24 @@
 """The spool's intake journal: an accepted event is in the kernel before enqueueing returns.
 
-The spool keeps accepted events in memory until its next group commit, so that no visitor
-waits for the disk.  A process killed meanwhile (C{kill -9}, the OOM killer, a crash)
+The spool keeps accepted events in memory until a group-commit tick writes what is still
+owed of them (L{tagd.delivery.held}), so that no visitor waits for the disk.  A process killed meanwhile (C{kill -9}, the OOM killer, a crash)
 would lose them, although their visitors had their answers.  So L{Spool.enqueue} also
 appends each event, as one line, to a journal segment beside the spool file: one
 C{write(2)} into the page cache, never a sync, so the reactor does not wait for the disk
-either (opening the next segment after a group commit is the only other call it makes).
+either (opening the next segment after a tick is the only other call it makes).
 What the kernel holds outlives the process.
 
-Each group commit seals the segment being written (the next event opens a new one) and,
-once committed, removes the segments it covers.  At start-up L{Spool.open} replays the
-segments it finds: a line whose key the spool has already handed out was committed before
-the process died and is skipped, any other is inserted.  Keys are handed out in order,
-and only by the one process that writes events, so "committed" and "key at most the
-spool's sequence" are the same thing; a lock beside the spool (L{Journal.lock}) keeps
-a second process from opening it meanwhile.
+Each tick seals the segment being written (the next event opens a new one), and the next
+tick, once it wrote what is still owed of those events (or found nothing owed), removes
+it.  At start-up L{Spool.open} replays the segments it finds: a line whose key the
+spool's sequence covers was dealt with before the process died (written, or delivered
+and skipped: every write moves the sequence past the keys it covers) and is skipped, any
+other is inserted.  Keys are handed out in order, and only by the one process that
+writes events; a lock beside the spool (L{Journal.lock}) keeps a second process from
+opening it meanwhile.
 
 What the journal does not cover: an OS crash or a power loss before the kernel wrote the
-page cache out (the group commit's sync covers committed events), and an event the
+page cache out (the group commit's sync covers written events), and an event the
 process had not yet accepted (see docs/delivery.md: acceptance follows the response head).
 
 A segment holds what the spool holds (personal data), so it is created with mode 0600.

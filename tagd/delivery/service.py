@@ -139,7 +139,7 @@ class Delivery(Service):
             **attrs.asdict(config.delivery),
         )
         metrics.registry.register(BacklogCollector(self._dispatcher, reactor))
-        spool.on_commit = self._wake
+        spool.on_offer = self._wake
         self._recounting = LoopingCall(self._recount)
         self._recounting.clock = reactor
         self._enqueue = _Enqueue(spool, self._routes, metrics, self._outcomes)
@@ -239,7 +239,6 @@ class Delivery(Service):
 
     async def _abandon_after(self, retired: Deferred) -> None:
         await retired
-        await self._spool.flush()  # The buffer may hold rows for a removed destination.
         await self._abandon_unconfigured()
 
     async def _abandon_unconfigured(self) -> None:

@@ -4,10 +4,15 @@ The spool is what makes rule 2 hold ("an accepted event is never silently lost")
 breaking rule 1 ("the visitor never waits for tagging"):
 
   - L{Spool.enqueue} runs on the reactor thread for every tracked request and never waits
-    for the disk: it appends to an in-memory buffer, and to the intake journal (one
-    C{write(2)} into the page cache, see L{tagd.delivery.intake}), so that the event outlives the
-    process.  A group commit writes everything buffered in one transaction every
-    C{flush_interval} seconds, or as soon as L{FLUSH_AT} events wait.
+    for the disk: it keeps the event in memory (L{tagd.delivery.held}), and appends it to
+    the intake journal (one C{write(2)} into the page cache, see L{tagd.delivery.intake}),
+    so that the event outlives the process.
+  - Deliver before writing: every C{flush_interval} seconds, or as soon as L{FLUSH_AT}
+    events wait, a tick offers what was accepted since the last one to the dispatcher,
+    which leases it from memory, and writes to the file, in one transaction, what the
+    previous tick offered and is still owed, each delivery in the state it reached (in
+    flight, retried, dead...).  An event delivered within a tick never touches SQLite;
+    its journal segment is removed all the same.
   - All SQLite work runs on one dedicated thread that owns the connection (SQLite's own
     same-thread check enforces it); the reactor only sees Deferreds.
   - Every row is a delivery of one event to one destination, with its status, attempts, next
@@ -21,12 +26,14 @@ process crash or C{kill -9} (NORMAL would give that too), and FULL also makes it
 OS crash or power loss: each commit syncs the WAL.  With NORMAL an OS crash could lose every
 commit since the last checkpoint, possibly minutes of events.  The price, one fsync per
 transaction, is paid on the spool's thread once per group commit (at most 1 / flush_interval
-per second), never by a visitor.  Events not yet committed are in the intake journal,
-which L{Spool.open} replays: they survive a process crash or C{kill -9}, though not an OS
-crash or power loss in the moments before the kernel writes them out (the journal is never
-synced; that would make the reactor wait for the disk).
+per second, and none when nothing is owed), never by a visitor.  Events not yet written
+are in the intake journal, which L{Spool.open} replays, pending to every destination:
+they survive a process crash or C{kill -9} (an event delivered from memory in the two
+ticks before is then delivered again: at least once), though not an OS crash or power
+loss in the moments before the kernel writes them out (the journal is never synced; that
+would make the reactor wait for the disk).
 
-Bound: at most C{max_events} events may be undelivered (buffered, pending or in flight).
+Bound: at most C{max_events} events may be undelivered (in memory, pending or in flight).
 When the spool is full, the policy is "refuse newest": L{Spool.enqueue} accepts what fits
 and refuses the rest, returning how many it accepted, so that the caller counts and logs
 each refused event.  Dead and expired rows stay for inspection and do not count.  The
@@ -45,6 +52,7 @@ the daemon's writer instead of failing, and never put C{inflight} rows back to C
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import sqlite3
@@ -57,20 +65,42 @@ from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 from urllib.parse import quote
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred, fail
+from twisted.internet.defer import (
+    Deferred,
+    DeferredLock,
+    FirstError,
+    ensureDeferred,
+    fail,
+    gatherResults,
+    succeed,
+)
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from tagd.tagging.events import Event
+from tagd.delivery.held import (
+    PENDING,
+    Held,
+    Lease,
+    Row,
+    Write,
+    acknowledged,
+    expired,
+    given_up,
+    postponed,
+    released,
+    retried,
+)
 from tagd.delivery.intake import UNREADABLE, Journal, discard, entry_line, read_segment
 
 log = Logger()
 
 FLUSH_AT = 500  # buffered events that start a group commit before the interval is up
-# Events of this process kept in memory, decoded, until every destination leased them once:
-# enough for the rows a healthy dispatcher leases within a second or two of their commit.
-KNOWN_EVENTS = 5000
+# Seconds a lease trusts what the spool knows of the file's due rows (see Spool._lease_stored),
+# at most: how soon dead letters that another process revived are leased.
+LOOK_AGAIN = 1.0
 RETRY_WRITE_AFTER = 1.0  # seconds between attempts to write the buffer once a write failed
 LOG_EVERY = 60.0  # while writes fail, at most one log line per this many seconds
 MAX_ERROR = 500  # characters of an error message kept with a delivery
@@ -188,15 +218,6 @@ class SpoolError(Exception):
 
 
 @attrs.frozen
-class Lease:
-    """A delivery the dispatcher now holds: C{key} names it in L{Spool.ack} and friends."""
-
-    key: int
-    event: Event
-    attempts: int
-
-
-@attrs.frozen
 class Backlog:
     """What the file owes one destination: deliveries pending or in flight, and when the
     oldest of their events was accepted (epoch seconds)."""
@@ -215,18 +236,6 @@ class DeadLetter:
     attempts: int
     last_error: str | None
     created: float
-
-
-@attrs.frozen
-class _Buffered:
-    """An accepted event waiting for the next group commit, already serialised; the event
-    itself goes to the spool's map of known events once committed (see L{_insert})."""
-
-    event: Event
-    created: float
-    body: str
-    destinations: tuple[str, ...]
-    key: int  # handed out at enqueue, in order (see tagd.delivery.intake)
 
 
 def _plain(value: Any) -> Any:
@@ -348,36 +357,40 @@ def _owed(db: sqlite3.Connection) -> int:
 
 
 _INSERT_EVENT = "INSERT INTO events (id, event_id, created, body) VALUES (?, ?, ?, ?)"
-_INSERT_DELIVERY = "INSERT INTO deliveries (event, destination, status, next_at) VALUES (?, ?, 'pending', ?)"
+_INSERT_DELIVERY = (
+    "INSERT INTO deliveries (event, destination, status, attempts, next_at, last_error) VALUES (?, ?, ?, ?, ?, ?)"
+)
 # The last event key ever handed out (AUTOINCREMENT keeps it, even once that event is gone).
 _LAST_KEY = "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)"
+# A write also covers the keys it skips (delivered from memory): a journal segment left
+# behind (see discard) replays none of them at the next start.
+_COVER_KEYS = (
+    "UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'events' AND seq < ?1",
+    "INSERT INTO sqlite_sequence (name, seq) SELECT 'events', ?1"
+    " WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'events')",
+)
 
 
-def _store(db: sqlite3.Connection, rows: Sequence[tuple[int, str, float, str, Sequence[str]]]) -> None:
-    """Insert events and their deliveries: (key, event_id, created, body, destinations) each."""
-    db.executemany(_INSERT_EVENT, [(key, event_id, created, body) for key, event_id, created, body, _ in rows])
-    db.executemany(
-        _INSERT_DELIVERY,
-        [(key, destination, created) for key, _, created, _, destinations in rows for destination in destinations],
-    )
+def _store(
+    db: sqlite3.Connection,
+    events: Sequence[tuple[int, str, float, str]],
+    deliveries: Sequence[tuple[int, str, str, int, float, str | None]],
+    last_key: int,
+) -> None:
+    """Insert events, (key, event_id, created, body) each, and their deliveries, each a row
+    of the deliveries table; every key up to C{last_key} counts as written from then on."""
+    db.executemany(_INSERT_EVENT, events)
+    db.executemany(_INSERT_DELIVERY, deliveries)
+    for statement in _COVER_KEYS:
+        db.execute(statement, (last_key,))
 
 
-def _insert(
-    db: sqlite3.Connection, batch: Sequence[_Buffered], known: dict[int, list], segments: Sequence[str]
-) -> list[str]:
-    """The group commit: every buffered event and its deliveries, in one transaction; then
-    the journal C{segments} it covers are removed (returns why any could not be).
-
-    Once committed, each event also goes into C{known} (row key to C{[event, destinations
-    left to lease it]}), so that L{_lease} need not decode what this process just wrote.
-    """
+def _write(db: sqlite3.Connection, write: Write) -> list[str]:
+    """A group commit: what the ripe ticks still owe, in one transaction; then the journal
+    segments it covers are removed (returns why any could not be)."""
     with _transaction(db):
-        _store(db, [(item.key, item.event.event_id, item.created, item.body, item.destinations) for item in batch])
-    known.update((item.key, [item.event, len(item.destinations)]) for item in batch)
-    # Oldest first: those a destination did not lease in time are decoded when it does.
-    while len(known) > KNOWN_EVENTS:
-        del known[next(iter(known))]
-    return discard(segments)
+        _store(db, write.events, write.deliveries, write.until - 1)
+    return discard(write.segments)
 
 
 @attrs.frozen
@@ -411,7 +424,8 @@ def _set_aside(path: str) -> str:
 
 def _recover(db: sqlite3.Connection, segments: Sequence[str]) -> _Recovered:
     """Set the file up, and insert the events of the journal C{segments} that it lacks:
-    those accepted by a process that died before committing them."""
+    those accepted by a process that died before writing them, pending to every
+    destination (a delivery made from memory meanwhile is made again)."""
     _prepare(db)
     last = db.execute(_LAST_KEY).fetchone()[0]
     entries, unreadable, read, aside = [], 0, [], []
@@ -425,12 +439,18 @@ def _recover(db: sqlite3.Connection, segments: Sequence[str]) -> _Recovered:
         unreadable += bad
         read.append(path)
     lacking = [entry for entry in entries if entry.key > last]
+    next_key = max([last, *(entry.key for entry in lacking)]) + 1
     if lacking:
         with _transaction(db):
-            _store(db, [(e.key, e.event_id, e.created, e.body, e.destinations) for e in lacking])
+            _store(
+                db,
+                [(e.key, e.event_id, e.created, e.body) for e in lacking],
+                [(e.key, name, PENDING, 0, e.created, None) for e in lacking for name in e.destinations],
+                next_key - 1,
+            )
     return _Recovered(
         owed=_owed(db),
-        next_key=max([last, *(entry.key for entry in lacking)]) + 1,
+        next_key=next_key,
         replayed=len(lacking),
         unreadable=unreadable,
         set_aside=aside,
@@ -486,36 +506,30 @@ def _change(db: sqlite3.Connection, apply: Callable[..., tuple[int, int]], *args
         return apply(db, *args)
 
 
-def _event(known: dict[int, list], key: int, body: str) -> Event:
-    """The event of row C{key}: from C{known} while a destination has yet to lease it,
-    else decoded from its stored C{body} (rows from before a restart, retried rows)."""
-    entry = known.get(key)
-    if entry is None:
-        return event_from_json(body)
-    entry[1] -= 1
-    if not entry[1]:
-        del known[key]
-    return entry[0]
-
-
-def _lease(
-    db: sqlite3.Connection, destination: str, limit: int, now: float, known: dict[int, list]
-) -> tuple[list[Lease], int]:
-    """Take up to C{limit} due rows, oldest first, and mark them C{inflight}.
+def _lease(db: sqlite3.Connection, destination: str, limit: int, now: float) -> tuple[list[Lease], int, float | None]:
+    """Take up to C{limit} due rows, oldest first, and mark them C{inflight}; returns the
+    leases, the events that stopped being owed, and, when fewer than C{limit} were due,
+    when the file's next pending row of C{destination} is due (infinity: none), else None.
 
     A stored event that no longer decodes is dead-lettered here, so that one bad row can
     never block its destination.
     """
     leases, resolved = [], 0
     with _transaction(db):
-        for key, attempts, body in db.execute(_DUE, (destination, now, limit)).fetchall():
+        due = db.execute(_DUE, (destination, now, limit)).fetchall()
+        for key, attempts, body in due:
             try:
-                leases.append(Lease(key, _event(known, key, body), attempts))
+                leases.append(Lease(key, event_from_json(body), attempts))
             except Exception as e:
                 error = f"the stored event cannot be read ({type(e).__name__})"
                 resolved += _end(db, destination, [key], _DEAD, error)[1]
-        _keep(db, destination, [lease.key for lease in leases], _INFLIGHT)
-    return leases, resolved
+        if leases:
+            _keep(db, destination, [lease.key for lease in leases], _INFLIGHT)
+        later = None
+        if len(due) < limit:
+            later = _next_due(db, destination)
+            later = math.inf if later is None else later
+    return leases, resolved, later
 
 
 def _retry_dead(db: sqlite3.Connection, destinations: Collection[str] | None, now: float) -> tuple[int, int]:
@@ -570,6 +584,11 @@ def _left_behind(problems: Sequence[str]) -> None:
         )
 
 
+def _first_failure(failure: Failure) -> Failure:
+    """The failure of the first of several calls that failed, as that call gave it."""
+    return failure.value.subFailure if failure.check(FirstError) else failure
+
+
 class Spool:
     """A durable queue of deliveries; build it with L{Spool.open}.
 
@@ -582,23 +601,27 @@ class Spool:
         self.healthy = True  # False while group commits fail; see last_error
         self.last_error: str | None = None
         self.commits = 0  # group commits written so far
-        # Called after each group commit, so the dispatcher leases new rows at once
-        # instead of at its next poll.
-        self.on_commit: Callable[[], None] = lambda: None
+        # Called when rows become leasable (a tick offered them, or a write put pending
+        # ones in the file), so the dispatcher leases them at once instead of at its next poll.
+        self.on_offer: Callable[[], None] = lambda: None
         self._reactor = reactor
         self._max_events = max_events
         self._flush_interval = flush_interval
         self._undelivered = 0
-        self._buffer: list[_Buffered] = []
+        self._held = Held(1)  # set by open() from the file
         self._journal = Journal(path)
-        self._sealed: list[str] = []  # journal segments no group commit has covered yet
-        self._next_key = 1  # set by open() from the file
         self._destination_lists: dict[tuple[str, ...], str] = {}  # their JSON, for journal lines
         self._journal_logged_at: float | None = None  # the last error line about it
         self._journal_failing = False  # an error line said so, and no line since that it works
-        self._known: dict[int, list] = {}  # see _insert; touched on the spool's thread only
+        # By destination, a time before which the file holds no due pending row of it
+        # (see _lease_stored); every change that may make one due lowers it.
+        self._stored_due: dict[str, float] = {}
+        self._stored_changes = 0  # changes that may have made rows due in the file, ever
         self._timer = None
-        self._lock = DeferredLock()  # one group commit at a time, in order
+        self._lock = DeferredLock()  # one write (or recount, or change of many rows) at a time, in order
+        self._writer: Deferred | None = None  # the write a tick queued, until it ends
+        self._write_waiters: list[Deferred] = []  # settlements of rows being written
+        self._retry_at = 0.0  # while writes fail, no tick writes before this time
         self._logged_at: float | None = None
         self._closing: Deferred | None = None
         self._closed = False
@@ -628,7 +651,7 @@ class Spool:
             if isinstance(e, SpoolError):
                 raise SpoolError(f"cannot open the spool {path}: {e}") from None
             raise
-        spool._undelivered, spool._next_key = recovered.owed, recovered.next_key
+        spool._undelivered, spool._held = recovered.owed, Held(recovered.next_key)
         if recovered.replayed or recovered.unreadable:
             log.warn(
                 "spool: {count} event(s) accepted before tagd last stopped without closing the "
@@ -645,13 +668,13 @@ class Spool:
 
     @property
     def undelivered(self) -> int:
-        """Events accepted and still owed to some destination: buffered, pending or in flight."""
+        """Events accepted and still owed to some destination: in memory, pending or in flight."""
         return self._undelivered
 
     @property
     def buffered(self) -> int:
-        """Events accepted but not yet written to the file."""
-        return len(self._buffer)
+        """Events accepted and owed that are not in the file yet (in memory and the intake journal)."""
+        return self._held.owed
 
     # On the spool's thread.
 
@@ -695,7 +718,12 @@ class Spool:
         return value
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Deferred:
-        """Run C{fn(connection, *args)} on the spool's thread."""
+        """Run C{fn(connection, *args)} on the spool's thread.
+
+        The thread runs calls in the order they were made, and their results reach the
+        reactor in that order: what the reactor does with a result (the rows it holds, a
+        count) sees every earlier call's result already handled.
+        """
         if self._closed:
             return fail(SpoolError("the spool is closed"))
         return deferToThreadPool(self._reactor, self._pool, self._call, fn, *args)
@@ -713,8 +741,8 @@ class Spool:
     def enqueue(self, events: Sequence[Event], destinations: Sequence[str]) -> int:
         """Accept C{events} for delivery to every destination; return how many were accepted.
 
-        Never waits for the disk: the events wait in memory for the next group commit, and
-        are appended to the intake journal (L{tagd.delivery.intake}), which outlives the process.  When
+        Never waits for the disk: the events wait in memory for the next tick, and are
+        appended to the intake journal (L{tagd.delivery.intake}), which outlives the process.  When
         the spool is full, the newest are refused (the last of C{events}): the caller counts
         C{len(events) - accepted} as dropped, queue full.
         """
@@ -725,28 +753,23 @@ class Spool:
             raise ValueError("an event needs at least one destination")
         room = max(0, self._max_events - self._undelivered)
         now = self._reactor.seconds()
-        rows = [_Buffered(event, now, event_to_json(event), targets, key) for key, event in self._keyed(events[:room])]
+        first = self._held.end
+        rows = [Row(key, event, now, event_to_json(event), targets) for key, event in enumerate(events[:room], first)]
         if rows:
-            self._journal_append(rows)
-            self._buffer.extend(rows)
+            self._journal_append(rows, targets)
+            self._held.accept(rows)
             self._undelivered += len(rows)
-            if len(self._buffer) < FLUSH_AT or not self.healthy:
+            if self._held.waiting >= FLUSH_AT:
+                # At once, but with the dispatcher told later: it would otherwise lease and
+                # send from within this call, inside a visitor's response.
+                self._tick(self._told_later)
+            else:
                 self._schedule(self._flush_interval)
-            elif not self._lock.locked:
-                self.flush()
-            # Else a commit (or a recount) is running and starts the next when it ends: one
-            # waiter at most, never one per tracked response.
         return len(rows)
 
-    def _keyed(self, events: Sequence[Event]) -> Iterator[tuple[int, Event]]:
-        """C{events} with the keys they will have in the file, handed out in order."""
-        first, self._next_key = self._next_key, self._next_key + len(events)
-        return zip(range(first, self._next_key), events)
-
-    def _journal_append(self, rows: Sequence[_Buffered]) -> None:
+    def _journal_append(self, rows: Sequence[Row], targets: tuple[str, ...]) -> None:
         """Put C{rows} in the intake journal; when the kernel refuses, they wait in memory
         only, as the log says (once a minute at most)."""
-        targets = rows[0].destinations
         names = self._destination_lists.get(targets)
         if names is None:
             names = self._destination_lists[targets] = json.dumps(list(targets))
@@ -766,17 +789,120 @@ class Spool:
                     reason=e.strerror or str(e),
                 )
 
-    def flush(self) -> Deferred:
-        """Commit everything buffered now, in one transaction.
+    # The group-commit tick.
 
-        Never fails: when the file cannot be written the events stay buffered, L{healthy}
+    def _told_later(self) -> None:
+        self._reactor.callLater(0, self.on_offer)
+
+    def _tick(self, tell: Callable[[], None] | None = None) -> None:
+        """What was offered at the previous tick and is still owed goes to the file (the
+        write runs on the spool's thread); what was accepted since is offered."""
+        self._cancel_timer()
+        self._held.ripen()
+        offered = self._held.offer(self._journal.seal())
+        if self._writer is None and self._held.ripe and (self.healthy or self._reactor.seconds() >= self._retry_at):
+            self._writer = self._lock.run(lambda: ensureDeferred(self._write()))
+            self._writer.addBoth(self._writer_done)
+        self._next_tick()
+        if offered:
+            (tell or self.on_offer)()
+
+    def _writer_done(self, result: object) -> None:
+        self._writer = None
+        if isinstance(result, Failure):
+            log.failure("spool: a group commit stopped", result)
+        self._next_tick()
+
+    def _next_tick(self) -> None:
+        """Tick again after the flush interval while rows wait for one, or once writes may
+        be retried."""
+        if self._closing is not None:
+            return
+        if self._held.unripe:
+            self._schedule(self._flush_interval)
+        elif self._held.ripe and self._writer is None:
+            self._schedule(max(0.0, self._retry_at - self._reactor.seconds()))
+
+    def _schedule(self, delay: float) -> None:
+        """Tick in C{delay} seconds, or sooner if already due to."""
+        if self._timer is None or not self._timer.active():
+            self._timer = self._reactor.callLater(delay, self._tick)
+        elif self._timer.getTime() > self._reactor.seconds() + delay:
+            self._timer.reset(delay)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    async def _write(self) -> None:
+        """Write every ripe tick's rows still owed, one transaction at a time; when the
+        file cannot be written, they stay in memory and L{healthy} turns false."""
+        held = self._held
+        while held.ripe:
+            write = held.to_write()
+            for destination, at in write.due.items():
+                self._may_be_due(destination, at)
+            try:
+                if write.events:
+                    problems = await self._run(_write, write)
+                else:
+                    problems = discard(write.segments)  # Nothing owed: no transaction at all.
+            except Exception as e:
+                held.unwritten()
+                self._written()
+                self._write_failed(str(e) if isinstance(e, SpoolError) else type(e).__name__, write.owed)
+                return
+            held.written(write)
+            self._written()
+            _left_behind(problems)
+            self.commits += bool(write.events)
+            self._write_succeeded(write.owed)
+            if write.due:
+                self.on_offer()
+
+    def _written(self) -> None:
+        """A write ended: the settlements of its rows go on, now on the file or in memory."""
+        waiters, self._write_waiters = self._write_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def _write_failed(self, reason: str, count: int) -> None:
+        """Keep the rows, try again later, and say so at most once a minute."""
+        self.healthy, self.last_error = False, reason
+        now = self._reactor.seconds()
+        self._retry_at = now + RETRY_WRITE_AFTER
+        if self._logged_at is None or now - self._logged_at >= LOG_EVERY:
+            self._logged_at = now
+            log.error(
+                "spool: cannot write {count} event(s), keeping them in memory and retrying: {reason}",
+                count=count,
+                reason=reason,
+            )
+
+    def _write_succeeded(self, count: int) -> None:
+        if not self.healthy:
+            log.info("spool: writing again, {count} delayed event(s) written", count=count)
+        self.healthy, self.last_error, self._logged_at = True, None, None
+
+    def flush(self) -> Deferred:
+        """Write everything accepted and still owed to the file now, in one transaction.
+
+        Never fails: when the file cannot be written the events stay in memory, L{healthy}
         turns false, and the write is tried again every L{RETRY_WRITE_AFTER} seconds.
         """
         self._cancel_timer()
-        return self._lock.run(lambda: ensureDeferred(self._commit()))
+        self._held.offer(self._journal.seal())
+        self._held.ripen()
+        return self._lock.run(lambda: ensureDeferred(self._write())).addBoth(self._flushed)
+
+    def _flushed(self, result: object) -> object:
+        self._next_tick()
+        return result
 
     def close(self) -> Deferred:
-        """Flush, close the file and stop the spool's thread; later calls fail with L{SpoolError}."""
+        """Write everything owed, close the file and stop the spool's thread; later calls
+        fail with L{SpoolError}."""
         if self._closing is None:
             self._closing = ensureDeferred(self._close())
         return self._closing
@@ -785,11 +911,11 @@ class Spool:
         await self.flush()
         self._cancel_timer()
         self._journal.seal()
-        if self._buffer:
+        if self._held.owed:
             log.error(
                 "spool: {count} event(s) could not be written before closing: {reason}; those "
                 "in its intake journal are written when tagd next opens the spool",
-                count=len(self._buffer),
+                count=self._held.owed,
                 reason=self.last_error,
             )
         try:
@@ -799,63 +925,8 @@ class Spool:
             self._pool.stop()
             self._journal.unlock()
 
-    def _schedule(self, delay: float) -> None:
-        if self._timer is None or not self._timer.active():
-            self._timer = self._reactor.callLater(delay, self.flush)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    async def _commit(self) -> None:
-        batch, self._buffer = self._buffer, []
-        if not batch:
-            return
-        self._sealed += self._journal.seal()
-        covered = list(self._sealed)
-        try:
-            problems = await self._run(_insert, batch, self._known, covered)
-        except Exception as e:
-            self._buffer[:0] = batch
-            self._write_failed(str(e) if isinstance(e, SpoolError) else type(e).__name__)
-            return
-        del self._sealed[: len(covered)]
-        _left_behind(problems)
-        self.commits += 1
-        self._write_succeeded(len(batch))
-        self.on_commit()
-        self._resume()
-
-    def _resume(self) -> None:
-        """Schedule the commit of what piled up while the lock was held: L{enqueue} starts
-        none then, trusting the holder to start the next once it is done."""
-        if len(self._buffer) >= FLUSH_AT and self.healthy:
-            self._reactor.callLater(0, self.flush)
-        elif self._buffer:
-            self._schedule(self._flush_interval)
-
-    def _write_failed(self, reason: str) -> None:
-        """Keep the buffer, try again later, and say so at most once a minute."""
-        self.healthy, self.last_error = False, reason
-        if self._closing is None:
-            self._schedule(RETRY_WRITE_AFTER)
-        now = self._reactor.seconds()
-        if self._logged_at is None or now - self._logged_at >= LOG_EVERY:
-            self._logged_at = now
-            log.error(
-                "spool: cannot write {count} event(s), keeping them in memory and retrying: {reason}",
-                count=len(self._buffer),
-                reason=reason,
-            )
-
-    def _write_succeeded(self, count: int) -> None:
-        if not self.healthy:
-            log.info("spool: writing again, {count} delayed event(s) written", count=count)
-        self.healthy, self.last_error, self._logged_at = True, None, None
-
     def recount(self) -> Deferred:
-        """Count the undelivered events anew, from the file; fires with the count.
+        """Count the undelivered events anew, from the file and memory; fires with the count.
 
         The count is kept in memory, changed by what this process does, and another
         process changes the file behind its back: C{tagd spool retry-dead} makes dead
@@ -863,20 +934,17 @@ class Spool:
         second time.  Left alone, the count would drift below the truth for good, and the
         bound loosen with it.
 
-        The count is exact: it runs under the commit lock, so every accepted event is either
-        in the file or in the buffer, none in a commit on its way between them; and on the
+        The count is exact: it runs under the write lock, so every accepted event is either
+        in the file or in memory, none in a write on its way between them; and on the
         spool's thread, whose results reach the reactor in the order it ran them, so the
         changes it sees have already adjusted the count it replaces, and those it does not
-        see adjust the new one.
+        see adjust the new one.  Memory is counted when the file's count arrives.
         """
         return self._lock.run(lambda: ensureDeferred(self._recount()))
 
     async def _recount(self) -> int:
-        try:
-            owed = await self._run(_owed)
-        finally:
-            self._resume()
-        counted, self._undelivered = self._undelivered, owed + len(self._buffer)
+        owed = await self._run(_owed)
+        counted, self._undelivered = self._undelivered, owed + self._held.owed
         if counted != self._undelivered:
             log.info(
                 "spool: {count} undelivered event(s) recounted from the file where {counted} were "
@@ -891,39 +959,123 @@ class Spool:
     def lease(self, destination: str, limit: int, now: float) -> Deferred:
         """Up to C{limit} due deliveries to C{destination} as L{Lease}s, now C{inflight}.
 
-        Oldest first, in the order they became due: new rows in enqueue order, a retried
-        row from its C{next_at}.  That order is the leasing index's own, so a lease costs
-        the same with a large backlog as with a small one.
+        Oldest first: the file's due rows in the order they became due (new rows in
+        enqueue order, a retried row from its C{next_at}), a cost the same with a large
+        backlog as with a small one; then the rows offered from memory, in enqueue order.
+        The file is not asked at all while the spool knows it holds nothing due for
+        C{destination} (see L{_lease_stored}).
         """
-        return self._counted(_lease, destination, limit, now, self._known)
+        if self._closed:
+            return fail(SpoolError("the spool is closed"))
+        if now < self._stored_due.get(destination, -math.inf):
+            leases: list[Lease] = []
+            self._held.lease(destination, limit, now, leases)
+            return succeed(leases)
+        return self._lease_stored(destination, limit, now)
+
+    def _lease_stored(self, destination: str, limit: int, now: float) -> Deferred:
+        """Lease from the file, then top up from memory.
+
+        When the file had fewer than C{limit} rows due, it says when its next one is, and
+        until then leases skip the file: everything this process does that may make a row
+        due there lowers that time first (L{_may_be_due}), and a lease asked for meanwhile
+        runs after that change on the spool's thread.  Only another process (C{tagd spool
+        retry-dead}) changes the file behind the spool's back, so the file is asked at
+        least every L{LOOK_AGAIN} seconds all the same.
+        """
+        changes = self._stored_changes
+
+        def top_up(result: tuple[list[Lease], int, float | None]) -> list[Lease]:
+            leases, resolved, later = result
+            self._undelivered -= resolved
+            if later is not None and self._stored_changes == changes:
+                self._stored_due[destination] = min(later, now + LOOK_AGAIN)
+            self._held.lease(destination, limit, now, leases)
+            return leases
+
+        return self._run(_lease, destination, limit, now).addCallback(top_up)
+
+    def _may_be_due(self, destination: str | None, at: float = -math.inf) -> None:
+        """Rows of C{destination} (of every one, for None) may be due in the file from C{at} on."""
+        self._stored_changes += 1
+        if destination is None:
+            self._stored_due.clear()
+        elif at < self._stored_due.get(destination, -math.inf):
+            self._stored_due[destination] = at
+
+    def _settle(
+        self,
+        destination: str,
+        keys: Sequence[int],
+        settle: Callable[[Row, object], object],
+        stored: Callable[[list[int]], Deferred],
+    ) -> Deferred:
+        """Settle the deliveries to C{destination} of C{keys}: in memory those held, with
+        C{stored(keys)} those in the file, and those being written once the write ends (in
+        the file or in memory, as it went); fires with the number changed."""
+        if self._closed:
+            return fail(SpoolError("the spool is closed"))
+        in_file, writing, here = self._held.split(keys)
+        changed, resolved = self._held.change(destination, here, settle) if here else (0, 0)
+        self._undelivered -= resolved
+        if not in_file and not writing:
+            return succeed(changed)
+        parts = [succeed(changed)]
+        if in_file:
+            parts.append(stored(in_file))
+        if writing:
+            waiter = Deferred()
+            self._write_waiters.append(waiter)
+            parts.append(waiter.addCallback(lambda _: self._settle(destination, writing, settle, stored)))
+        return gatherResults(parts, consumeErrors=True).addCallbacks(sum, _first_failure)
 
     def ack(self, destination: str, keys: Sequence[int]) -> Deferred:
         """Delivered: forget these deliveries (and each event once nothing else is owed for it)."""
-        return self._counted(_change, _end, destination, keys, _ACK)
+        return self._settle(
+            destination, keys, acknowledged, lambda stored: self._counted(_change, _end, destination, stored, _ACK)
+        )
 
     def retry(self, destination: str, keys: Sequence[int], next_at: float, error: str) -> Deferred:
         """A failed attempt: pending again from C{next_at}, one more attempt counted.
 
         C{error} is kept for people: it must not contain personal data.
         """
-        return self._counted(_change, _keep, destination, keys, _RETRY, next_at, _clip(error))
+        error = _clip(error)
+        return self._settle(destination, keys, retried(next_at, error), self._keeping(destination, next_at, _RETRY, next_at, error))
 
     def postpone(self, destination: str, keys: Sequence[int], next_at: float, error: str) -> Deferred:
         """The destination failed, not these rows: pending again from C{next_at}, with
         C{error} kept (as for L{retry}) and no attempt counted."""
-        return self._counted(_change, _keep, destination, keys, _POSTPONE, next_at, _clip(error))
+        error = _clip(error)
+        return self._settle(
+            destination, keys, postponed(next_at, error), self._keeping(destination, next_at, _POSTPONE, next_at, error)
+        )
 
     def release(self, destination: str, keys: Sequence[int]) -> Deferred:
         """Not attempted after all (cancelled, throttled): pending again, as it was."""
-        return self._counted(_change, _keep, destination, keys, _RELEASE)
+        return self._settle(destination, keys, released, self._keeping(destination, -math.inf, _RELEASE))
+
+    def _keeping(self, destination: str, due: float, sql: str, *params: Any) -> Callable[[list[int]], Deferred]:
+        """A change of stored rows that leaves them owed, pending from C{due} (when known)."""
+
+        def change(stored: list[int]) -> Deferred:
+            self._may_be_due(destination, due)
+            return self._counted(_change, _keep, destination, stored, sql, *params)
+
+        return change
 
     def dead(self, destination: str, keys: Sequence[int], error: str) -> Deferred:
         """Given up on (a permanent failure, the attempt counted); C{error} as for L{retry}."""
-        return self._counted(_change, _end, destination, keys, _DEAD, _clip(error))
+        error = _clip(error)
+        return self._settle(
+            destination, keys, given_up(error), lambda stored: self._counted(_change, _end, destination, stored, _DEAD, error)
+        )
 
     def expire(self, destination: str, keys: Sequence[int]) -> Deferred:
         """Too old for the platform to take: kept as C{expired}, never sent."""
-        return self._counted(_change, _end, destination, keys, _EXPIRE)
+        return self._settle(
+            destination, keys, expired, lambda stored: self._counted(_change, _end, destination, stored, _EXPIRE)
+        )
 
     def abandon(self, keep: Sequence[str], error: str) -> Deferred:
         """Pending deliveries to destinations not in C{keep} become dead letters with
@@ -933,32 +1085,80 @@ class Spool:
         Rows in flight are left to whoever leased them.  L{retry_dead} (C{tagd spool
         retry-dead}) makes them pending again once their destination is back.
         """
-        return self._counted(_abandon, keep, _clip(error))
+        self._held.offer(self._journal.seal())
+        self._held.ripen()
+        return self._lock.run(lambda: ensureDeferred(self._abandon(keep, _clip(error))))
+
+    async def _abandon(self, keep: Sequence[str], error: str) -> dict[str, int]:
+        """Everything held is written first, so that the file shows the dead letters as
+        soon as this fires (C{tagd spool dead}); what could not be written is dead-lettered
+        in memory.  Under the lock: no row is on its way to the file meanwhile."""
+        await self._write()
+        self._next_tick()
+        counts, resolved = self._held.abandon(keep, error)
+        self._undelivered -= resolved
+        stored = await self._counted(_abandon, keep, error)
+        for destination, count in stored.items():
+            counts[destination] = counts.get(destination, 0) + count
+        return counts
 
     def retry_dead(self, destinations: Collection[str] | None = None) -> Deferred:
         """Dead deliveries (of C{destinations}, or of all when None) pending again with no
         attempts; fires with their number."""
-        return self._counted(_retry_dead, destinations, self._reactor.seconds())
+        return self._lock.run(lambda: ensureDeferred(self._retry_dead(destinations)))
+
+    async def _retry_dead(self, destinations: Collection[str] | None) -> int:
+        now = self._reactor.seconds()
+        changed, revived = self._held.retry_dead(destinations, now)
+        self._undelivered += revived
+        self._may_be_due(None)
+        return changed + await self._counted(_retry_dead, destinations, now)
 
     def next_due(self, destination: str) -> Deferred:
         """When the next pending delivery to C{destination} is due (a time), or None."""
-        return self._run(_next_due, destination)
+
+        def earliest(stored: float | None) -> float | None:
+            times = [at for at in (stored, self._held.next_due(destination)) if at is not None]
+            return min(times, default=None)
+
+        return self._run(_next_due, destination).addCallback(earliest)
 
     def depth(self) -> Deferred:
-        """Deliveries in the file by (destination, status); buffered events are in L{buffered}."""
-        return self._run(_depth)
+        """Deliveries by (destination, status), in the file or in memory."""
+
+        def merged(stored: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+            for group, count in self._held.depth().items():
+                stored[group] = stored.get(group, 0) + count
+            return stored
+
+        return self._run(_depth).addCallback(merged)
 
     def backlog(self) -> Deferred:
-        """A L{Backlog} for every destination the file owes something, by name.
+        """A L{Backlog} for every destination the spool owes something, by name.
 
         One pass over the owed rows: a few milliseconds for a backlog of 100 000, meant
         for a look every few seconds, never per request.
         """
-        return self._run(_backlog)
+
+        def merged(stored: dict[str, Backlog]) -> dict[str, Backlog]:
+            for destination, (owed, oldest) in self._held.backlog().items():
+                before = stored.get(destination)
+                stored[destination] = (
+                    Backlog(before.owed + owed, min(before.oldest, oldest)) if before else Backlog(owed, oldest)
+                )
+            return stored
+
+        return self._run(_backlog).addCallback(merged)
 
     def dead_letters(self, destination: str | None = None, limit: int = 100) -> Deferred:
         """The newest C{limit} dead deliveries as L{DeadLetter}s, with their reasons."""
-        return self._run(_dead_letters, destination, limit)
+
+        def merged(stored: list[DeadLetter]) -> list[DeadLetter]:
+            # Every key held is newer than every key in the file.
+            held = [DeadLetter(*letter) for letter in self._held.dead_letters(destination, limit)]
+            return (held + stored)[:limit]
+
+        return self._run(_dead_letters, destination, limit).addCallback(merged)
 
 
 # For other processes (the command line), beside a running daemon.
@@ -1034,7 +1234,8 @@ def read_dead_letters(path: str, destination: str | None = None, limit: int = 10
 def retry_dead_letters(path: str, destinations: Collection[str] | None = None) -> int:
     """L{Spool.retry_dead} on the file at C{path}; returns the number of deliveries revived.
 
-    They are due at once, so a running dispatcher sends them at its next poll.  The running
+    They are due at once: a running spool looks at its file at least every L{LOOK_AGAIN}
+    seconds, so its dispatcher sends them within a couple of seconds.  The running
     daemon's count of undelivered events includes them from its next L{Spool.recount}
     (once a minute), so its bound may be exceeded by up to this many events meanwhile.
     """
