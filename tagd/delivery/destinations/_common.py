@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from tagd.delivery.destinations import OutgoingRequest, Outcome, Verdict
+from tagd.delivery.jsontext import ascii_bytes
 from tagd.tagging.consent import MARKETING
 from tagd.tagging.events import Event
 
@@ -98,7 +99,7 @@ def public_url(url: str, hidden: str = "") -> str:
 
 def json_bytes(document: Any) -> bytes:
     """Compact JSON, ASCII-only so that no transport can mangle a visitor's name."""
-    return json.dumps(document, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return ascii_bytes(document)
 
 
 def json_object(body: bytes) -> dict[str, Any] | None:
