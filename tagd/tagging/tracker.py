@@ -29,7 +29,7 @@ from tagd.tagging.filters import BotDetector, PathFilter, is_speculative, tracke
 from tagd.tagging.identity import (
     PLATFORMS,
     Identity,
-    event_id_cookie,
+    event_id_cookies,
     new_event_id,
     parse_cookie_header,
     resolve_identity,
@@ -207,7 +207,7 @@ class Tracker:
         values = {name: event_ids[0]}
         for spec, event_id in zip(specs, event_ids):
             values.setdefault(f"{name}_{spec.event_name}", event_id)
-        return [event_id_cookie(value, key, secure, now=now, domain=domain) for key, value in values.items()]
+        return event_id_cookies(values, secure, now=now, domain=domain)
 
     def _refusal(self, visit: Visit, user_agent: str) -> str | None:
         """Why this response is not tracked at all, or None; cheapest checks first."""
