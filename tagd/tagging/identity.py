@@ -510,7 +510,12 @@ def event_id_cookies(
     id (hex) is written unchanged.  The cookies share their attributes, written once.
     """
     attributes = _attributes_of(next(iter(event_ids), ""), max_age, now, domain, secure)
-    return [
-        _cookie(name, event_id if _EVENT_ID_UNCHANGED.fullmatch(event_id) else quote(event_id, safe=_EVENT_ID_SAFE), attributes)
-        for name, event_id in event_ids.items()
-    ]
+    values: dict[str, str] = {}  # by id: a response's first id goes in two cookies
+    cookies = []
+    for name, event_id in event_ids.items():
+        value = values.get(event_id)
+        if value is None:
+            unchanged = _EVENT_ID_UNCHANGED.fullmatch(event_id)
+            value = values[event_id] = event_id if unchanged else quote(event_id, safe=_EVENT_ID_SAFE)
+        cookies.append(_cookie(name, value, attributes))
+    return cookies
