@@ -22,8 +22,6 @@ from typing import Any, Callable
 
 import orjson
 
-# What the spool has always written: compact UTF-8, NaN and infinities refused.
-_STORED = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 # A number of 19 digits or more may be an integer beyond 64 bits, which orjson reads as a
 # float; a number starts the text or follows "[", ":" or "," (digits in a string rarely do).
 _LONG_NUMBER = re.compile(r"(?:^|[\[:,])\s*-?\d{19}")
@@ -66,8 +64,6 @@ def stored(document: Any, *, default: Callable[[Any], Any] | None = None, number
         probe = b"null"  # A big integer, a key that is no string, a lone surrogate.
     if b"null" in probe:
         # Perhaps a NaN that orjson wrote as null: the json module decides.
-        if default is None:
-            return _STORED.encode(document)
         return json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=default)
     return text.decode("utf-8")
 
