@@ -49,7 +49,7 @@ _ESCAPES = "tagd-json-escapes"
 codecs.register_error(_ESCAPES, _json_escapes)
 
 
-def stored(document: Any, *, default: Callable[[Any], Any] | None = None, numbers: Any = None) -> str:
+def json_text(document: Any, *, default: Callable[[Any], Any] | None = None, numbers: Any = None) -> str:
     """C{json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":"),
     default=default)}: raises C{ValueError} for a non-finite number as that does.
 
@@ -68,7 +68,7 @@ def stored(document: Any, *, default: Callable[[Any], Any] | None = None, number
     return text.decode("utf-8")
 
 
-def stored_value(text: str) -> Any:
+def json_value(text: str) -> Any:
     """C{json.loads(text)}: integers of any size stay integers."""
     if _LONG_NUMBER.search(text) is None:
         try:
@@ -78,8 +78,9 @@ def stored_value(text: str) -> Any:
     return json.loads(text)
 
 
-def ascii_bytes(document: Any) -> bytes:
-    """C{json.dumps(document, separators=(",", ":"), ensure_ascii=True).encode("ascii")}:
+def json_ascii(document: Any) -> bytes:
+    """C{json.dumps(document, separators=(",", ":"), ensure_ascii=True).encode("ascii")}, the
+    platforms' request bodies (ASCII, so that no transport can mangle a visitor's name):
     non-ASCII text as C{\\uXXXX} escapes, NaN and infinities as the tokens that writes."""
     try:
         data = orjson.dumps(document, option=_OPTIONS)

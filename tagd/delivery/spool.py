@@ -63,7 +63,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from tagd.tagging.events import Event
-from tagd.delivery.jsontext import stored, stored_value
+from tagd.delivery.jsontext import json_text, json_value
 from tagd.delivery.intake import UNREADABLE, Journal, discard, entry_line, read_segment
 
 log = Logger()
@@ -242,7 +242,7 @@ def event_to_json(event: Event) -> str:
 
     Non-finite numbers are refused: the tracking header cannot carry them, and the stored
     text must stay JSON that SQLite's own functions can read.  Only the custom data and the
-    contents may hold floats (see L{tagd.delivery.jsontext.stored}).
+    contents may hold floats (see L{tagd.delivery.jsontext.json_text}).
     """
     # By hand rather than attrs.asdict: this runs for every tracked event, on the reactor.
     fields = {
@@ -271,12 +271,12 @@ def event_to_json(event: Event) -> str:
         "uetvid": event.uetvid,
         "consent": None if event.consent is None else sorted(event.consent),
     }
-    return stored(fields, default=_plain, numbers=(event.custom_data, event.contents))
+    return json_text(fields, default=_plain, numbers=(event.custom_data, event.contents))
 
 
 def event_from_json(text: str) -> Event:
     """The L{Event} that L{event_to_json} wrote, with its tuples restored from JSON lists."""
-    fields = stored_value(text)
+    fields = json_value(text)
     fields["contents"] = tuple(fields["contents"])
     fields["user_data"] = {key: tuple(values) for key, values in fields["user_data"].items()}
     # Rows written before events carried consent have none: no record was read for them.
