@@ -100,16 +100,17 @@ access_token = "bench-token"
 BROWSER = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36"
 
 
-def new_visitor_page_view(submit=None):
-    """The tracker's whole work for a new visitor's page view (no cookie, no consent
-    source), handing its event to C{submit}: to nothing by default."""
-    config = parse_config(NEW_VISITOR_CONFIG, "bench.toml")
-    tracker = Tracker(
-        config=config.tracking,
-        submit=submit or (lambda events, allowed: None),
-        metrics=Metrics(),
-        destinations=config.destinations,
-    )
+def new_visitor_page_view(tracker: Tracker | None = None):
+    """C{tracker}'s whole work for a new visitor's page view (no cookie, no consent
+    source); by default a tracker that hands its events to nothing."""
+    if tracker is None:
+        config = parse_config(NEW_VISITOR_CONFIG, "bench.toml")
+        tracker = Tracker(
+            config=config.tracking,
+            submit=lambda events, allowed: None,
+            metrics=Metrics(),
+            destinations=config.destinations,
+        )
     headers = Headers({b"user-agent": [BROWSER.encode("ascii")], b"host": [b"127.0.0.1:8080"]})
     visit = Visit("127.0.0.1", "http", b"GET", b"/", b"127.0.0.1:8080", headers, 200)
     return lambda turn=1: handed_over([tracker([b'{"event_name": "PageView"}'], visit) for _ in range(turn)])
@@ -125,17 +126,17 @@ def handed_over(responses) -> None:
 
 
 def spooled_page_view(directory: str, turn: int = 1):
-    """L{new_visitor_page_view} with its event handed to a real spool, through the
-    daemon's own submit, C{turn} page views handed over together (as a reactor turn under
-    load hands over those whose heads it wrote).  Every L{FLUSH_AT} page views the reactor turns once, so that the
-    spool's group commits (on its own thread) come back and its buffer stays as short as
-    in the daemon; nothing is leased, so the spool's file grows."""
+    """L{new_visitor_page_view} with its event handed to a real spool by the daemon's own
+    tracker, C{turn} page views handed over together (as a reactor turn under load hands
+    over those whose heads it wrote).  Every L{FLUSH_AT} page views the reactor turns
+    once, so that the spool's writes (on its own thread) come back and what it holds in
+    memory stays as short as in the daemon; nothing is leased."""
     from twisted.internet import reactor
 
     config = parse_config(NEW_VISITOR_CONFIG, "bench.toml")
     spool = Spool.open(os.path.join(directory, "spool.db"), reactor=reactor, max_events=10**9)
     delivery = Delivery(reactor=reactor, config=config, metrics=Metrics(), spool=spool)
-    page_view = new_visitor_page_view(delivery.tracker(config)._submit)
+    page_view = new_visitor_page_view(delivery.tracker(config))
     count = 0
 
     def spooled() -> None:
