@@ -11,6 +11,12 @@ against calling Meta's library on the tracked path.
 The request is a first visit from a Meta ad (an C{fbclid}, no cookie) to
 C{shop.example.co.uk}, with each consent source's record granting both purposes; the
 first line, for scale, is the tracker's whole work for a returning visitor's page view.
+The next two are the page view of C{bench/page_view_cpu.py}: a new visitor (a browser
+User-Agent, no cookie, no consent source) tracked to Meta and TikTok, in the tracker
+alone, then with its event handed to a real spool (in a temporary directory) as the
+daemon does after the head: the enqueue, the spool's JSON and its intake journal.  The
+spool's own thread (its group commits) is not counted: that line is the reactor's
+thread's CPU time.
 
 Run with the Python of the virtual environment tagd is installed in (with the test
 extras): C{.venv/bin/python bench/first_party_ids.py [--calls 20000] [--repeat 5]}.  It
@@ -21,8 +27,10 @@ for bad arguments, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
+import tempfile
 import time
 from urllib.parse import parse_qs
 
@@ -36,6 +44,8 @@ from tagd.tagging.consent import ConsentReader, from_cookiebot, from_onetrust, f
 from tagd.tagging.cookiedomain import CookieScoper, registrable_domain
 from tagd.tagging.identity import GA4, META, resolve_identity
 from tagd.admin.metrics import Metrics
+from tagd.delivery.service import Delivery
+from tagd.delivery.spool import FLUSH_AT, Spool
 from tagd.tagging.tracker import Tracker
 from tagd.tagging.hook import Visit
 
@@ -72,17 +82,81 @@ def tracked_page_view():
     )  # fmt: skip
     headers = Headers({b"user-agent": [USER_AGENT.encode("ascii")], b"cookie": [cookie]})
     visit = Visit("203.0.113.7", "https", b"GET", b"/product/123", HOST, headers, 200)
-    return lambda: tracker([HEADER], visit).deliver()
+    return lambda: handed_over([tracker([HEADER], visit)])
 
 
-def per_call(function, calls: int, repeat: int) -> float:
+# The page view of bench/page_view_cpu.py: Meta and TikTok, and a new visitor's request.
+NEW_VISITOR_CONFIG = """
+[[destinations]]
+type = "meta"
+pixel_id = "1234"
+access_token = "bench-token"
+
+[[destinations]]
+type = "tiktok"
+pixel_code = "BENCH"
+access_token = "bench-token"
+"""
+BROWSER = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36"
+
+
+def new_visitor_page_view(tracker: Tracker | None = None):
+    """C{tracker}'s whole work for a new visitor's page view (no cookie, no consent
+    source); by default a tracker that hands its events to nothing."""
+    if tracker is None:
+        config = parse_config(NEW_VISITOR_CONFIG, "bench.toml")
+        tracker = Tracker(
+            config=config.tracking,
+            submit=lambda events, allowed: None,
+            metrics=Metrics(),
+            destinations=config.destinations,
+        )
+    headers = Headers({b"user-agent": [BROWSER.encode("ascii")], b"host": [b"127.0.0.1:8080"]})
+    visit = Visit("127.0.0.1", "http", b"GET", b"/", b"127.0.0.1:8080", headers, 200)
+    return lambda turn=1: handed_over([tracker([b'{"event_name": "PageView"}'], visit) for _ in range(turn)])
+
+
+def handed_over(responses) -> None:
+    """What the proxy does for the tracked responses of one reactor turn, after their heads."""
+    for tracked in responses:
+        tracked.deliver()
+    hand_over = getattr(responses[0], "hand_over", None)  # None: a version that submits in deliver
+    if hand_over is not None:
+        hand_over()
+
+
+def spooled_page_view(directory: str, turn: int = 1):
+    """L{new_visitor_page_view} with its event handed to a real spool by the daemon's own
+    tracker, C{turn} page views handed over together (as a reactor turn under load hands
+    over those whose heads it wrote).  Every L{FLUSH_AT} page views the reactor turns
+    once, so that the spool's writes (on its own thread) come back and what it holds in
+    memory stays as short as in the daemon; nothing is leased."""
+    from twisted.internet import reactor
+
+    config = parse_config(NEW_VISITOR_CONFIG, "bench.toml")
+    spool = Spool.open(os.path.join(directory, "spool.db"), reactor=reactor, max_events=10**9)
+    delivery = Delivery(reactor=reactor, config=config, metrics=Metrics(), spool=spool)
+    page_view = new_visitor_page_view(delivery.tracker(config))
+    count = 0
+
+    def spooled() -> None:
+        nonlocal count
+        page_view(turn)
+        count += turn
+        if count % FLUSH_AT < turn:
+            reactor.iterate(0)
+
+    return spooled
+
+
+def per_call(function, calls: int, repeat: int, clock=time.perf_counter) -> float:
     """The best of C{repeat} rounds of C{calls} calls, in microseconds per call."""
     best = float("inf")
     for _ in range(repeat):
-        started = time.perf_counter()
+        started = clock()
         for _ in range(calls):
             function()
-        best = min(best, time.perf_counter() - started)
+        best = min(best, clock() - started)
     return best / calls * 1e6
 
 
@@ -105,8 +179,17 @@ def measurements(calls: int, repeat: int) -> dict[str, float]:
             create_for=frozenset({META}), scope=scope,
         )  # fmt: skip
 
+    with tempfile.TemporaryDirectory() as directory:
+        spooled = per_call(spooled_page_view(directory), calls, repeat, time.thread_time)
+    with tempfile.TemporaryDirectory() as directory:
+        turns = per_call(spooled_page_view(directory, 10), calls // 10 or 1, repeat, time.thread_time) / 10
     results = {
         "tagd: a tracked page view in the tracker, 3 destinations": per_call(tracked_page_view(), calls, repeat),
+        "tagd: a new visitor's page view in the tracker, Meta and TikTok": per_call(
+            new_visitor_page_view(), calls, repeat, time.thread_time
+        ),
+        "tagd: the same, its event handed to the spool": spooled,
+        "tagd: the same, ten page views a reactor turn (per page view)": turns,
         "tagd: ids and cookies, Meta and GA4 (domain cached)": per_call(ids, calls, repeat),
         "tagd: _fbp/_fbc only": per_call(meta_ids, calls, repeat),
         "tagd: cookie domain, cached host": per_call(lambda: scoper.scope(HOST), calls, repeat),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 from email.utils import parsedate_to_datetime
+from urllib.parse import quote
 
 import pytest
 from hypothesis import given, settings
@@ -23,13 +24,15 @@ from tagd.tagging.identity import (
     TIKTOK,
     Identity,
     appendix,
-    event_id_cookie,
+    event_id_cookies,
     new_event_id,
     parse_cookie_header,
     resolve_identity,
     set_cookie,
 )
 
+# What an event id keeps unescaped in its cookie: the cookie-octets but "%".
+EVENT_ID_SAFE = "!#$&'()*+-./:<=>?@[]^_`{|}~"
 NOW = 1_706_540_400.25  # 2024-01-29T15:00:00.25Z
 NOW_MS = 1_706_540_400_250
 FBP = re.compile(r"fb\.1\.(\d{13})\.(\d{10})\.AQICAAEA")
@@ -439,26 +442,43 @@ def test_event_ids_are_32_hex_and_deterministic() -> None:
 
 def test_event_id_cookie() -> None:
     """The event id cookie is short-lived, script-readable, Lax, Secure on https."""
-    header = event_id_cookie("0123456789abcdef0123456789abcdef", "_eid", True)
+    (header,) = event_id_cookies({"_eid": "0123456789abcdef0123456789abcdef"}, True)
     name, value, attrs = parse_set_cookie(header)
     assert (name, value) == (b"_eid", b"0123456789abcdef0123456789abcdef")
     assert attrs == {b"Max-Age": b"60", b"Path": b"/", b"SameSite": b"Lax", b"Secure": None}
-    plain = event_id_cookie("abc", TrackingConfig().event_id_cookie, False)
+    (plain,) = event_id_cookies({TrackingConfig().event_id_cookie: "abc"}, False)
     assert plain == b"tagd_event_id=abc; Max-Age=60; Path=/; SameSite=Lax"
 
 
 def test_event_id_cookie_escapes_unsafe_ids() -> None:
     """An origin's id with unsafe characters is percent-encoded, never written raw."""
-    header = event_id_cookie('order 42; "x"\r\nSet-Cookie: evil=1', "_eid", False)
+    (header,) = event_id_cookies({"_eid": 'order 42; "x"\r\nSet-Cookie: evil=1'}, False)
     name, value, _ = parse_set_cookie(header)
     assert value == b"order%2042%3B%20%22x%22%0D%0ASet-Cookie:%20evil=1"
     assert b"\r" not in header and b"\n" not in header
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(st.from_regex(r"[A-Za-z0-9_]{1,20}", fullmatch=True), st.text(min_size=1, max_size=40), min_size=1, max_size=4),
+    st.booleans(),
+    st.one_of(st.none(), st.just("example.co.uk")),
+)
+def test_event_id_cookies_are_each_the_cookie_of_its_id(ids, secure, domain) -> None:
+    """Written together, each event-id cookie is the one C{set_cookie} writes for its id,
+    percent-encoded as C{quote} does (an id it would leave as it is is not passed to it)."""
+    now = 1_700_000_000.5
+    cookies = event_id_cookies(ids, secure, now=now, domain=domain)
+    assert cookies == [
+        set_cookie(name, quote(value, safe=EVENT_ID_SAFE), 60, secure=secure, now=now, domain=domain)
+        for name, value in ids.items()
+    ]
+
+
 def test_unsafe_cookie_names_are_refused() -> None:
     """A configured cookie name that is not a token is a programming error, never written."""
     with pytest.raises(ValueError):
-        event_id_cookie("abc", "bad name", False)
+        event_id_cookies({"bad name": "abc"}, False)
     with pytest.raises(ValueError):
         set_cookie("ok", "bad;value", 60, secure=False)
 

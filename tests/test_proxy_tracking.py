@@ -180,8 +180,8 @@ def _raise(*args):
 
 @pytest.mark.parametrize(
     "behaviour",
-    [_raise, lambda values, visit: Tracked(deliver=_raise)],
-    ids=["hook-raises", "delivery-raises"],
+    [_raise, lambda values, visit: Tracked(deliver=_raise), lambda values, visit: Tracked(hand_over=_raise)],
+    ids=["hook-raises", "delivery-raises", "hand-over-raises"],
 )
 @pytest_twisted.ensureDeferred
 async def test_failing_tagging_does_not_affect_the_response(
@@ -224,19 +224,53 @@ def test_deliveries_run_two_turns_later_one_batch_per_turn(logged_failures):
     the next turn run a turn after them; one that raises is logged and stops no other."""
     clock, ran = Clock(), []
     deliveries = _Deliveries(clock)
-    deliveries.add(lambda: ran.append("a"))
-    deliveries.add(_raise)
-    deliveries.add(lambda: ran.append("b"))
+    deliveries.add(Tracked(deliver=lambda: ran.append("a")))
+    deliveries.add(Tracked(deliver=_raise))
+    deliveries.add(Tracked(deliver=lambda: ran.append("b")))
     assert len(clock.getDelayedCalls()) == 1
     _turn(clock)
     assert ran == []
-    deliveries.add(lambda: ran.append("c"))
+    deliveries.add(Tracked(deliver=lambda: ran.append("c")))
     _turn(clock)
     assert ran == ["a", "b"]
     _turn(clock)
     assert ran == ["a", "b", "c"]
     assert clock.getDelayedCalls() == []
     assert [e["log_failure"].type for e in logged_failures] == [RuntimeError]
+
+
+class _Gatherer:
+    """A hook's delivery side that gathers in deliver and records each hand-over."""
+
+    def __init__(self, ran: list) -> None:
+        self.ran, self.gathered = ran, []
+
+    def tracked(self, name: str) -> Tracked:
+        return Tracked(deliver=lambda: self.gathered.append(name), hand_over=self.hand_over)
+
+    def hand_over(self) -> None:
+        self.gathered, handed = [], self.gathered
+        self.ran.append(tuple(handed))
+
+
+def test_each_hook_hands_over_once_after_a_turn_s_deliveries(logged_failures):
+    """After a turn's deliveries, each distinct hand-over runs once with what they gathered:
+    two hooks (a reload between two responses) each their own; a hand-over that raises is
+    logged and stops no other; a response without one is delivered as before."""
+    clock, ran = Clock(), []
+    old, new = _Gatherer(ran), _Gatherer(ran)
+    deliveries = _Deliveries(clock)
+    for tracked in (old.tracked("a"), old.tracked("b"), Tracked(hand_over=_raise), new.tracked("c")):
+        deliveries.add(tracked)
+    deliveries.add(Tracked(deliver=lambda: ran.append("plain")))
+    _turn(clock)
+    _turn(clock)
+    assert ran == ["plain", ("a", "b"), ("c",)]
+    assert [e["log_failure"].type for e in logged_failures] == [RuntimeError]
+    deliveries.add(new.tracked("d"))
+    _turn(clock)
+    _turn(clock)
+    assert ran[-1] == ("d",)
 
 
 @pytest_twisted.ensureDeferred

@@ -408,6 +408,7 @@ async def test_events_of_a_response_tracked_as_every_destination_goes_are_counte
     tracked = tracker([json.dumps(PAGE_VIEW).encode()], visit)
     await tagd.reload(tagd_toml(origin, spool, []))
     tracked.deliver()
+    tracked.hand_over()
     assert tagd.metrics.value("tracking_dropped", reason="no_destination") == 1
     assert tagd.metrics.value("events_accepted") == 0
 

@@ -332,6 +332,16 @@ async def test_unencodable_event_buffers_nothing(open_spool):
     assert spool.undelivered == 0
 
 
+@pytest_twisted.ensureDeferred
+async def test_event_with_a_lone_surrogate_buffers_nothing(open_spool):
+    """A lone surrogate (which the tracking header refuses) is no UTF-8: refused whole as well."""
+    spool = open_spool()
+    with pytest.raises(ValueError):
+        spool.enqueue([event(1), event(2, custom_data={"v": "\ud800"})], ["meta"])
+    assert spool.buffered == 0
+    assert spool.undelivered == 0
+
+
 # -- the bound ----------------------------------------------------------------------------
 
 

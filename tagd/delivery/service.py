@@ -62,14 +62,29 @@ class _Enqueue:
         self, spool: Spool, destinations: Sequence[str], metrics: Metrics, outcomes: Outcomes, clock=time.time
     ) -> None:
         self._spool = spool
-        self.destinations = tuple(destinations)
+        self.destinations = destinations
         self._metrics = metrics
         self._outcomes = outcomes
         self._warnings = RateLimitedLog(log, clock)
 
+    @property
+    def destinations(self) -> tuple[str, ...]:
+        """The destinations configured now."""
+        return self._destinations
+
+    @destinations.setter
+    def destinations(self, names: Sequence[str]) -> None:
+        self._destinations = tuple(names)
+        # By the destinations a visitor's consent allows (a handful of tuples): those of
+        # them still configured, worked out once rather than for every tracked response.
+        self._targets: dict[tuple[str, ...], tuple[str, ...]] = {}
+
     def __call__(self, events: Sequence[Event], allowed: Sequence[str]) -> None:
         """Enqueue C{events} for those of the C{allowed} destinations still configured."""
-        targets = [name for name in allowed if name in self.destinations]
+        allowed = tuple(allowed)
+        targets = self._targets.get(allowed)
+        if targets is None:
+            targets = self._targets[allowed] = tuple(name for name in allowed if name in self._destinations)
         if not targets:
             # A reload removed every destination after these responses were tracked.
             self._metrics.tracking_dropped.labels("no_destination").inc(len(events))

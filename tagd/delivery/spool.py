@@ -93,6 +93,7 @@ from tagd.delivery.held import (
     released,
     retried,
 )
+from tagd.delivery.jsontext import json_text, json_value
 from tagd.delivery.intake import UNREADABLE, Journal, discard, entry_line, read_segment
 
 log = Logger()
@@ -245,14 +246,12 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} cannot be stored in the spool")
 
 
-_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_plain)
-
-
 def event_to_json(event: Event) -> str:
     """The event as a JSON object of all its fields (L{event_from_json} restores it exactly).
 
     Non-finite numbers are refused: the tracking header cannot carry them, and the stored
-    text must stay JSON that SQLite's own functions can read.
+    text must stay JSON that SQLite's own functions can read.  Only the custom data and the
+    contents may hold floats (see L{tagd.delivery.jsontext.json_text}).
     """
     # By hand rather than attrs.asdict: this runs for every tracked event, on the reactor.
     fields = {
@@ -281,12 +280,12 @@ def event_to_json(event: Event) -> str:
         "uetvid": event.uetvid,
         "consent": None if event.consent is None else sorted(event.consent),
     }
-    return _ENCODER.encode(fields)
+    return json_text(fields, default=_plain, numbers=(event.custom_data, event.contents))
 
 
 def event_from_json(text: str) -> Event:
     """The L{Event} that L{event_to_json} wrote, with its tuples restored from JSON lists."""
-    fields = json.loads(text)
+    fields = json_value(text)
     fields["contents"] = tuple(fields["contents"])
     fields["user_data"] = {key: tuple(values) for key, values in fields["user_data"].items()}
     # Rows written before events carried consent have none: no record was read for them.

@@ -452,24 +452,25 @@ class _Exchange:
         except Exception:
             log.failure("tracking hook failed; the response was not affected")
             return
-        self._proxy._deliveries.add(tracked.deliver)
+        self._proxy._deliveries.add(tracked)
 
 
 class _Deliveries:
     """Runs the tracking hooks' delivery work after the visitors' heads are written: two
-    reactor turns later, all of one turn's together.
+    reactor turns later, all of one turn's together, each hook's hand-over once after them.
 
     A call in the next turn would still run before the reactor writes a head that had to
     be queued (its socket was full); one more turn puts it after that write.  One pair
-    of timed calls per turn, not per tracked response: under load a turn answers several.
+    of timed calls per turn, not per tracked response: under load a turn answers several,
+    and the tracker hands their events to the spool in one call.
     """
 
     def __init__(self, reactor) -> None:
         self._reactor = reactor
-        self._gathering: list = []
+        self._gathering: list[Tracked] = []
 
-    def add(self, deliver) -> None:
-        self._gathering.append(deliver)
+    def add(self, tracked: Tracked) -> None:
+        self._gathering.append(tracked)
         if len(self._gathering) == 1:
             self._reactor.callLater(0, self._next_turn)
 
@@ -477,10 +478,19 @@ class _Deliveries:
         batch, self._gathering = self._gathering, []
         self._reactor.callLater(0, self._run, batch)
 
-    def _run(self, batch: list) -> None:
-        for deliver in batch:
+    def _run(self, batch: list[Tracked]) -> None:
+        # A reload may have replaced the hook between two of these responses: each hook's once.
+        hand_overs: dict = {}
+        for tracked in batch:
             try:
-                deliver()
+                tracked.deliver()
+            except Exception:
+                log.failure("tracking delivery failed; the response was not affected")
+            if tracked.hand_over is not None:
+                hand_overs[tracked.hand_over] = None
+        for hand_over in hand_overs:
+            try:
+                hand_over()
             except Exception:
                 log.failure("tracking delivery failed; the response was not affected")
 

@@ -4,8 +4,8 @@ For a response carrying the tracking header, the proxy calls a L{TrackingHook} w
 header's values and a L{Visit} just before the response head is written.  The hook
 answers quickly with a L{Tracked}: the cookies to add to that head, and the work to do
 once the head is on its way (the proxy runs it after the reactor has written to the
-visitor, so nothing a hook does later can delay a response).  A hook that raises is
-logged and ignored.
+visitor, so nothing a hook does later can delay a response), together with that of the
+other responses whose heads went out meanwhile.  A hook that raises is logged and ignored.
 """
 
 from __future__ import annotations
@@ -36,10 +36,17 @@ class Visit:
 
 @attrs.frozen
 class Tracked:
-    """A hook's answer for a tracked response."""
+    """A hook's answer for a tracked response.
+
+    C{deliver} runs once the head is on its way; C{hand_over}, when given, runs once after
+    the C{deliver} of every response whose delivery work the same reactor turn runs (each
+    distinct C{hand_over} once), so that a hook may gather in C{deliver} what C{hand_over}
+    passes on in one call for all those responses.
+    """
 
     set_cookies: tuple[bytes, ...] = ()
     deliver: Callable[[], None] = lambda: None
+    hand_over: Callable[[], None] | None = None
 
 
 class TrackingHook(Protocol):

@@ -76,6 +76,8 @@ _COOKIE_VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
 _DOMAIN = re.compile(r"[a-z0-9-]+(?:\.[a-z0-9-]+)+")
 # Characters kept as they are when an event id is put in a cookie: cookie-octets but "%".
 _EVENT_ID_SAFE = "!#$&'()*+-./:<=>?@[]^_`{|}~"
+# An id that quote() would give back unchanged (a generated one is hex): no need to call it.
+_EVENT_ID_UNCHANGED = re.compile("[A-Za-z0-9" + re.escape(_EVENT_ID_SAFE) + "]*")
 # A request cookie longer than this is nothing tagd reads.
 MAX_COOKIE = 1024
 
@@ -85,6 +87,8 @@ class RandomSource(Protocol):
     production (ids must be unique, not unpredictable)."""
 
     def randrange(self, start: int, stop: int = ..., /) -> int: ...
+
+    def getrandbits(self, k: int, /) -> int: ...
 
 
 @attrs.frozen(kw_only=True)
@@ -200,26 +204,45 @@ def set_cookie(
     cookies.  C{Expires} (from C{now}) as well as C{Max-Age}, for old browsers.  A name or
     value that is not cookie-safe is a programming error, never written.
     """
-    if not _COOKIE_NAME.fullmatch(name) or not _COOKIE_VALUE.fullmatch(value):
+    return _cookie(name, value, _attributes_of(name, max_age, now, domain, secure))
+
+
+def _cookie(name: str, value: str, attributes: str) -> bytes:
+    """The C{Set-Cookie} value of C{name} and C{value}, refused unless both are cookie-safe."""
+    if not _cookie_name_safe(name) or not _COOKIE_VALUE.fullmatch(value):
         raise ValueError(f"refusing to write an unsafe cookie {name!r}")
+    return (name + "=" + value + attributes).encode("ascii")
+
+
+def _attributes_of(name: str, max_age: int, now: float | None, domain: str | None, secure: bool) -> str:
+    """L{_attributes} for cookie C{name}, whose name a refusal of the domain gives."""
+    try:
+        return _attributes(max_age, None if now is None else int(now + max_age), domain, secure)
+    except ValueError:
+        raise ValueError(f"refusing to write cookie {name!r} for an unsafe domain") from None
+
+
+@lru_cache(maxsize=64)
+def _cookie_name_safe(name: str) -> bool:
+    """Whether C{name} is a cookie token: tagd's own names, and the event-id cookies' few."""
+    return _COOKIE_NAME.fullmatch(name) is not None
+
+
+@lru_cache(maxsize=32)
+def _attributes(max_age: int, expires: int | None, domain: str | None, secure: bool) -> str:
+    """What follows a cookie's value, from C{; Max-Age} to C{Secure}: written once per
+    second and kind of cookie, not for every cookie of every tracked response."""
     if domain is not None and not _DOMAIN.fullmatch(domain):
-        raise ValueError(f"refusing to write cookie {name!r} for an unsafe domain")
-    parts = [f"{name}={value}", f"Max-Age={max_age}"]
-    if now is not None:
-        parts.append(_expires(int(now + max_age)))
+        raise ValueError("unsafe domain")
+    parts = ["", f"Max-Age={max_age}"]
+    if expires is not None:
+        parts.append("Expires=" + formatdate(expires, usegmt=True))
     if domain is not None:
         parts.append(f"Domain={domain}")
     parts += ["Path=/", "SameSite=Lax"]
     if secure:
         parts.append("Secure")
-    return "; ".join(parts).encode("ascii")
-
-
-@lru_cache(maxsize=16)
-def _expires(second: int) -> str:
-    """The C{Expires} attribute for a Unix second: formatted once per second and lifetime,
-    not for every cookie of every tracked response."""
-    return "Expires=" + formatdate(second, usegmt=True)
+    return "; ".join(parts)
 
 
 # --- Meta -----------------------------------------------------------------------------------
@@ -317,10 +340,16 @@ CLICK_IDS: Mapping[str, ClickId] = {
 }
 
 
-def _click_id(cookies: Mapping[bytes, bytes], click: ClickId, params: Mapping[str, str]) -> tuple[str | None, bool]:
-    """A platform's click id, from the URL first, else from its cookie; and whether the
-    cookie must be set (the URL carries a click the cookie does not hold)."""
-    stored = cookie_text(cookies, click.cookie.encode("ascii"))
+# Each click id's field, its source, and its cookie's name as a request spells it.
+_CLICKS = tuple((field, click, click.cookie.encode("ascii")) for field, click in CLICK_IDS.items())
+
+
+def _click_id(
+    cookies: Mapping[bytes, bytes], click: ClickId, cookie_name: bytes, params: Mapping[str, str]
+) -> tuple[str | None, bool]:
+    """A platform's click id, from the URL first, else from its cookie C{cookie_name}; and
+    whether the cookie must be set (the URL carries a click the cookie does not hold)."""
+    stored = cookie_text(cookies, cookie_name)
     if stored is not None and click.prefix:
         stored = stored[len(click.prefix) :] if stored.startswith(click.prefix) else None
     cookie = _valid(stored, _TIKTOK_ID)
@@ -388,6 +417,7 @@ def _own_session(cookies: Mapping[bytes, bytes], now: float) -> int:
 # --- all together ---------------------------------------------------------------------------
 
 _WANTED_PARAMS = frozenset({"fbclid", *(name for click in CLICK_IDS.values() for name in click.params)})
+_NO_CLICK = (None, False)
 
 
 def resolve_identity(
@@ -413,37 +443,42 @@ def resolve_identity(
     that will be tracked: a refused consent sets no cookie.  Every cookie is set for
     C{scope}'s domain, and Meta's new ids carry its sub-domain index.
     """
-    params = _query_params(query, _WANTED_PARAMS)
+    params = _query_params(query, _WANTED_PARAMS) if query else {}
     meta = META in create_for
     fbp, new_fbp = _fbp(cookies, now, rand, meta, scope.dots)
     fbc, new_fbc = _fbc(cookies, params.get("fbclid"), now, meta, scope.dots)
     client_id, new_ga = _ga_client_id(cookies, now, rand, GA4 in create_for)
     session = _ga_session(cookies)
+    domain = scope.domain
     to_set = []
-
-    def keep(name: str, value: str, max_age: int) -> None:
-        to_set.append(set_cookie(name, value, max_age, secure=secure, now=now, domain=scope.domain))
-
     if new_fbp:
-        keep("_fbp", fbp, FBP_MAX_AGE)
+        to_set.append(set_cookie("_fbp", fbp, FBP_MAX_AGE, secure=secure, now=now, domain=domain))
     if new_fbc and meta:
-        keep("_fbc", fbc, FBC_MAX_AGE)
+        to_set.append(set_cookie("_fbc", fbc, FBC_MAX_AGE, secure=secure, now=now, domain=domain))
     if new_ga:
-        keep("_ga", "GA1.1." + client_id, GA_MAX_AGE)
+        to_set.append(set_cookie("_ga", "GA1.1." + client_id, GA_MAX_AGE, secure=secure, now=now, domain=domain))
     if session is None and GA4 in create_for:
         session = _own_session(cookies, now)
-        keep(session_cookie, str(session), SESSION_MAX_AGE)
-    clicks = {field: _click_id(cookies, click, params) for field, click in CLICK_IDS.items()}
-    for click, (value, new) in zip(CLICK_IDS.values(), clicks.values()):
-        if new and value is not None and click.platform in create_for:
-            keep(click.cookie, click.prefix + value, click.max_age)
+        to_set.append(set_cookie(session_cookie, str(session), SESSION_MAX_AGE, secure=secure, now=now, domain=domain))
+    clicks = {}
+    # A visitor with neither cookies nor URL parameters has no click id: nothing to read.
+    if cookies or params:
+        for field, click, cookie_name in _CLICKS:
+            value, new = clicks[field] = _click_id(cookies, click, cookie_name, params)
+            if new and value is not None and click.platform in create_for:
+                cookie = set_cookie(click.cookie, click.prefix + value, click.max_age, secure=secure, now=now, domain=domain)
+                to_set.append(cookie)
     return Identity(
         fbp=fbp,
         fbc=fbc,
         ttp=_valid(cookie_text(cookies, b"_ttp"), _TIKTOK_ID),
         ga_client_id=client_id,
         ga_session_id=None if session is None else str(session),
-        **{field: value for field, (value, _) in clicks.items()},
+        ttclid=clicks.get("ttclid", _NO_CLICK)[0],
+        epik=clicks.get("epik", _NO_CLICK)[0],
+        scclid=clicks.get("scclid", _NO_CLICK)[0],
+        rdt_cid=clicks.get("rdt_cid", _NO_CLICK)[0],
+        msclkid=clicks.get("msclkid", _NO_CLICK)[0],
         scid=_valid(cookie_text(cookies, b"_scid"), _BROWSER_ID),
         rdt_uuid=_valid(cookie_text(cookies, b"_rdt_uuid"), _RDT_UUID),
         uetvid=_valid(cookie_text(cookies, b"_uetvid"), _BROWSER_ID),
@@ -456,23 +491,31 @@ def resolve_identity(
 
 def new_event_id(rand: RandomSource) -> str:
     """A fresh event id: 128 random bits as 32 hex digits, unique well beyond Meta's 48 h dedup window."""
-    return f"{rand.randrange(2**128):032x}"
+    return f"{rand.getrandbits(128):032x}"
 
 
-def event_id_cookie(
-    event_id: str,
-    name: str,
+def event_id_cookies(
+    event_ids: Mapping[str, str],
     secure: bool = False,
     *,
     max_age: int = EVENT_ID_MAX_AGE,
     now: float | None = None,
     domain: str | None = None,
-) -> bytes:
-    """A short-lived cookie holding C{event_id}, for the page's pixel to send the same id.
+) -> list[bytes]:
+    """Short-lived cookies, each holding an event id under its name in C{event_ids}, for the
+    page's pixel to send the same ids.
 
     An id from the origin's header may hold any character: those that are not cookie-safe
     are percent-encoded, so a page reads it back with C{decodeURIComponent}.  A generated
-    id (hex) is written unchanged.
+    id (hex) is written unchanged.  The cookies share their attributes, written once.
     """
-    value = quote(event_id, safe=_EVENT_ID_SAFE)
-    return set_cookie(name, value, max_age, secure=secure, now=now, domain=domain)
+    attributes = _attributes_of(next(iter(event_ids), ""), max_age, now, domain, secure)
+    values: dict[str, str] = {}  # by id: a response's first id goes in two cookies
+    cookies = []
+    for name, event_id in event_ids.items():
+        value = values.get(event_id)
+        if value is None:
+            unchanged = _EVENT_ID_UNCHANGED.fullmatch(event_id)
+            value = values[event_id] = event_id if unchanged else quote(event_id, safe=_EVENT_ID_SAFE)
+        cookies.append(_cookie(name, value, attributes))
+    return cookies

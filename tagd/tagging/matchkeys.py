@@ -16,6 +16,8 @@ Prometheus (L{Coverage.collect}) and the dashboard add those up only when they a
 from __future__ import annotations
 
 from collections import Counter
+from itertools import compress
+from operator import attrgetter
 from typing import Iterable, Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily
@@ -75,34 +77,37 @@ def event_label(name: str) -> str:
     return name if name in STANDARD_EVENTS else CUSTOM_EVENT
 
 
+# The keys an event may carry, and a getter of the event's fields that hold them, in the
+# same order after the three of the user data: one C call reads them all.
+_KEY_NAMES = (
+    "email", "phone", "external_id", "fbp", "fbc", "ttclid", "ttp", "client_id", "session_id", "epik",
+    "scclid", "scid", "rdt_cid", "rdt_uuid", "msclkid", "uetvid", "client_ip", "user_agent",
+)  # fmt: skip
+_KEY_FIELDS = attrgetter(
+    "fbp", "fbc", "ttclid", "ttp", "ga_client_id", "ga_session_id", "epik",
+    "scclid", "scid", "rdt_cid", "rdt_uuid", "msclkid", "uetvid", "client_ip", "user_agent",
+)  # fmt: skip
+
+
+# The keys carried, by which of the values are not empty: events come in a few dozen such
+# shapes, each key set built once (a bound keeps a flood of rare shapes out).
+_SHAPES: dict[tuple[bool, ...], frozenset[str]] = {}
+MAX_SHAPES = 1024
+
+
 def present(event: Event) -> frozenset[str]:
-    """Every key (of any platform) that C{event} carries."""
+    """Every key (of any platform) that C{event} carries: those whose value is not empty.
+
+    This runs for every event delivered to each destination, on the reactor."""
     user = event.user_data
-    found = [
-        name
-        for name, value in (
-            ("email", user.get("em")),
-            ("phone", user.get("ph")),
-            ("external_id", user.get("external_id")),
-            ("fbp", event.fbp),
-            ("fbc", event.fbc),
-            ("ttclid", event.ttclid),
-            ("ttp", event.ttp),
-            ("client_id", event.ga_client_id),
-            ("session_id", event.ga_session_id),
-            ("epik", event.epik),
-            ("scclid", event.scclid),
-            ("scid", event.scid),
-            ("rdt_cid", event.rdt_cid),
-            ("rdt_uuid", event.rdt_uuid),
-            ("msclkid", event.msclkid),
-            ("uetvid", event.uetvid),
-            ("client_ip", event.client_ip),
-            ("user_agent", event.user_agent),
-        )
-        if value
-    ]
-    return frozenset(found)
+    values = (user.get("em"), user.get("ph"), user.get("external_id"), *_KEY_FIELDS(event))
+    shape = tuple(map(bool, values))
+    found = _SHAPES.get(shape)
+    if found is None:
+        found = frozenset(compress(_KEY_NAMES, values))
+        if len(_SHAPES) < MAX_SHAPES:
+            _SHAPES[shape] = found
+    return found
 
 
 def carried(platform: str, event: Event) -> frozenset[str]:

@@ -5,8 +5,9 @@ speculative load, bot, in that order: cheapest first), reads the visitor's conse
 decides from it which destinations may have the events (each by its consent purpose; none
 at all drops the response), parses the header, and resolves the visitor's first-party
 ids.  That part is quick and runs before the response head goes out, because the cookies
-it sets travel in that head.  Building the events and
-handing them to delivery is left for after the head is on its way.  Every drop is counted
+it sets travel in that head.  Building the events is left for after the head is on its
+way, and handing them to delivery for after that, in one call for all the responses of
+that reactor turn.  Every drop is counted
 by reason; a malformed header, an event out of its time window and the events past a
 response's cap are logged with their reason, never with the header's content.
 """
@@ -17,6 +18,7 @@ import os
 import random
 import time
 from functools import lru_cache
+from itertools import chain
 from typing import Callable, Collection, Sequence
 
 from twisted.logger import Logger
@@ -29,7 +31,7 @@ from tagd.tagging.filters import BotDetector, PathFilter, is_speculative, tracke
 from tagd.tagging.identity import (
     PLATFORMS,
     Identity,
-    event_id_cookie,
+    event_id_cookies,
     new_event_id,
     parse_cookie_header,
     resolve_identity,
@@ -119,6 +121,8 @@ class Tracker:
         self._scopes = CookieScoper(config.cookie_domain)
         self._withheld = {name: metrics.consent_withheld.labels(name) for name, _ in self._destinations}
         self._submit = submit
+        # Each delivery's events, by the destinations allowed, until the hand-over.
+        self._gathered: dict[tuple[str, ...], list[list[Event]]] = {}
         self._metrics = metrics
         self._clock = clock
         # Ids need to be unique, not secret (a cookie shows them to the page anyway): a
@@ -172,9 +176,29 @@ class Tracker:
                 # Match keys are counted on delivery (L{tagd.delivery.outcomes.Outcomes.delivered}).
                 for counter in withheld:
                     counter.inc(len(events))
-                self._submit(events, allowed)
+                self._gathered.setdefault(allowed, []).append(events)
 
-        return Tracked(set_cookies=tuple(set_cookies), deliver=deliver)
+        return Tracked(set_cookies=tuple(set_cookies), deliver=deliver, hand_over=self._hand_over)
+
+    def _hand_over(self) -> None:
+        """Submit the events that the deliveries run since the last hand-over gathered: those
+        allowed the same destinations in one call (a spool pays for each call: its
+        journal's write, its timer).  Should that call fail, each response's events are
+        submitted on their own, so that one response that cannot be stored costs no other
+        its events."""
+        gathered, self._gathered = self._gathered, {}
+        for allowed, responses in gathered.items():
+            try:
+                self._submit(responses[0] if len(responses) == 1 else list(chain.from_iterable(responses)), allowed)
+            except Exception:
+                if len(responses) == 1:
+                    log.failure("tracking delivery failed; the response was not affected")
+                    continue
+                for events in responses:
+                    try:
+                        self._submit(events, allowed)
+                    except Exception:
+                        log.failure("tracking delivery failed; the response was not affected")
 
     def _decision(self, granted: Granted) -> tuple[tuple[str, ...], frozenset[str], tuple]:
         """The destinations C{granted} allows, the platforms whose ids tagd may create, and
@@ -207,7 +231,7 @@ class Tracker:
         values = {name: event_ids[0]}
         for spec, event_id in zip(specs, event_ids):
             values.setdefault(f"{name}_{spec.event_name}", event_id)
-        return [event_id_cookie(value, key, secure, now=now, domain=domain) for key, value in values.items()]
+        return event_id_cookies(values, secure, now=now, domain=domain)
 
     def _refusal(self, visit: Visit, user_agent: str) -> str | None:
         """Why this response is not tracked at all, or None; cheapest checks first."""

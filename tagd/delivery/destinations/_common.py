@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from tagd.delivery.destinations import OutgoingRequest, Outcome, Verdict
+# Compact JSON, ASCII-only so that no transport can mangle a visitor's name.
+from tagd.delivery.jsontext import json_ascii as json_bytes
 from tagd.tagging.consent import MARKETING
 from tagd.tagging.events import Event
 
@@ -94,11 +96,6 @@ def public_url(url: str, hidden: str = "") -> str:
     query = hidden if parts.query else ""
     fragment = hidden if parts.fragment else ""
     return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
-
-
-def json_bytes(document: Any) -> bytes:
-    """Compact JSON, ASCII-only so that no transport can mangle a visitor's name."""
-    return json.dumps(document, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
 def json_object(body: bytes) -> dict[str, Any] | None:
