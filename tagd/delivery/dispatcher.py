@@ -613,21 +613,37 @@ class Dispatcher(Service):
             )
             await self._bisect(lane, rows, f"{destination.type} cannot encode this event")
             return
-        # Each request settles the rows at its positions: by event id, two visitors' events
-        # that share one (GA4 sends each visitor apart) would be settled by one request.
-        sends = []
-        for request in requests:
-            carried = [rows[position] for position in request.positions]
-            sends.append(ensureDeferred(self._send(lane, request, carried)))
+        # As many senders as the lane has slots take the requests in turn, each the next
+        # once its slot is free again: a sender per request (a lease of 1,000 GA4
+        # visitors) started them all in one reactor turn, a stall visitors waited out.
+        # Settling runs beside the senders, so a slow acknowledgement holds no slot.
+        queue, unsent, settling, failures = iter(requests), [], [], []
+
+        async def sender() -> None:
+            for request in queue:
+                # A request settles the rows at its positions: by event id, two visitors'
+                # events that share one (GA4 sends each visitor apart) would be settled by one.
+                carried = [rows[position] for position in request.positions]
+                try:
+                    answer = await self._send(lane, request, carried)
+                except Exception:
+                    failures.append(Failure())
+                    continue
+                if answer is None:
+                    unsent.extend(carried)
+                else:
+                    settling.append(ensureDeferred(self._settle(lane, request, carried, *answer)))
+
+        senders = [ensureDeferred(sender()) for _ in range(min(len(requests), lane.slots.limit))]
         sent = {position for request in requests for position in request.positions}
         skipped = [row for position, row in enumerate(rows) if position not in sent]
         for reason, group in by_unsendable_reason(destination, skipped, lambda row: row.event).items():
             await self._dead(lane, group, reason)
-        results = await DeferredList(sends, consumeErrors=True)
-        unsent = [row for ok, carried in results if ok for row in carried]
+        await gatherResults(senders)
+        results = await DeferredList(settling, consumeErrors=True)
         if unsent:
             await self._release(lane, unsent)
-        failures = [failure for ok, failure in results if not ok]
+        failures += [failure for ok, failure in results if not ok]
         for failure in failures[1:]:
             log.failure("{destination}: the spool could not record a request's fate", failure, destination=lane.name)
         if failures:
@@ -654,36 +670,36 @@ class Dispatcher(Service):
 
     # -- one request --------------------------------------------------------------------
 
-    async def _send(self, lane: _Lane, request: OutgoingRequest, rows: Sequence[Lease]) -> Sequence[Lease]:
-        """Send C{request} in one of the lane's slots, then settle its rows outside it;
-        returns the rows left unsettled because the request was not sent or was cancelled.
+    async def _send(
+        self, lane: _Lane, request: OutgoingRequest, rows: Sequence[Lease]
+    ) -> tuple[int | None, Verdict, bool] | None:
+        """Send C{request} in one of the lane's slots; returns the status, the verdict and
+        whether a failure is the rows' own (L{_heed}), for the caller to settle outside the
+        slot, or C{None} when the request was not sent or was cancelled.
 
         A request waiting for a slot when the lane stops sending (a pause, shutdown) is
         let go by L{_hold}, never through the slot: a slot released to a waiter runs it
         at once, inside the release, and a thousand waiters that each give the slot back
         unsent would nest a thousand deep."""
         if not self._may_send(lane):
-            return rows
+            return None
         acquiring = lane.slots.acquire()
         lane.waiting.add(acquiring)
         try:
             await acquiring
         except CancelledError:
-            return rows
+            return None
         finally:
             lane.waiting.discard(acquiring)
         try:
             await self._throttled(lane)
             sent_at = self._reactor.seconds()
             answer = await self._attempt(lane, request) if self._may_send(lane) else None
-            if answer is not None:
-                mine = self._heed(lane, answer[1], sent_at, len(rows))
+            if answer is None:
+                return None
+            return (*answer, self._heed(lane, answer[1], sent_at, len(rows)))
         finally:
             lane.slots.release()
-        if answer is None:
-            return rows
-        await self._settle(lane, request, rows, *answer, mine)
-        return ()
 
     def _may_send(self, lane: _Lane) -> bool:
         """Not once stopping or retired, nor while the platform asked us to pause."""
