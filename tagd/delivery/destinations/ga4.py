@@ -31,6 +31,7 @@ one value per request, a request carries the events of one client sharing all fo
 
 from __future__ import annotations
 
+import functools
 import re
 from types import MappingProxyType
 from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
@@ -326,8 +327,10 @@ class Ga4Destination:
     def _path(self) -> str:
         return "/debug/mp/collect" if self.debug else "/mp/collect"
 
+    @functools.cached_property
     def urls(self) -> tuple[str, str]:
-        """The request URL, and the same without the API secret for logs."""
+        """The request URL, and the same without the API secret for logs: the same for
+        every request, which GA4 makes one per visitor."""
         log_url = f"{self.endpoint}{self._path()}?" + urlencode({"measurement_id": self.measurement_id})
         return f"{log_url}&" + urlencode({"api_secret": self.api_secret}), log_url
 
@@ -356,7 +359,7 @@ class Ga4Destination:
         if len(body) >= MAX_BODY and max_items != 0:
             fewer = (len(_items(carried[0])) if max_items is None else max_items) // 2
             return self._requests(client_id, visitor, events, positions, fewer)
-        url, log_url = self.urls()
+        url, log_url = self.urls
         return [
             OutgoingRequest(
                 url=url,
