@@ -12,7 +12,8 @@ import pytest_twisted
 
 from conftest import eventually
 from fakes import DAY, Answer, FakeMeta, FakeMicrosoft, FakePinterest, FakeReddit, FakeSnapchat, make_event
-from tagd.delivery.direct import MAX_ANSWER, DirectDelivery, Route
+from tagd.delivery.client import MAX_ANSWER
+from tagd.delivery.direct import DirectDelivery, Route
 from tagd.delivery.destinations import meta
 from tagd.delivery.destinations import microsoft, pinterest, reddit, snapchat
 from tagd.delivery.outcomes import Outcomes
@@ -99,11 +100,11 @@ async def test_events_past_the_platforms_window_expire_unsent(serving, dispatch,
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_direct_fallback_counts_a_partial_success_event_by_event(serving, reactor, http, metrics):
+async def test_the_direct_fallback_counts_a_partial_success_event_by_event(serving, reactor, platforms, metrics):
     fake = FakePinterest()
     fake.refuse_ids = {"ev-0"}
     served = serving(fake)
-    delivery = DirectDelivery(reactor=reactor, routes=[route("pinterest", served)], http=http, outcomes=Outcomes(metrics))
+    delivery = DirectDelivery(reactor=reactor, routes=[route("pinterest", served)], http=platforms, outcomes=Outcomes(metrics))
     await delivery.submit(events("ev", 3))
     assert delivered(metrics, "pinterest", "success") == 2
     assert delivered(metrics, "pinterest", "permanent") == 1

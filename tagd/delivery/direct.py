@@ -1,7 +1,7 @@
 """Delivery to the platforms: what the dispatcher and the direct fallback share, and the
 direct, best-effort delivery used when the spool cannot be opened.
 
-Both deliver through tagd's own treq client (L{http_client}) and keep events the platform
+Both deliver through tagd's own platform client (L{tagd.delivery.client}) and keep events the platform
 would refuse for their age out of every request (L{expired}), so that the fallback sends
 exactly what the dispatcher would, only without retries.
 
@@ -17,12 +17,10 @@ from types import MappingProxyType
 from typing import Callable, Collection, Mapping, Sequence, TypeVar
 
 import attrs
-import treq
-from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
+from tagd.delivery.client import PlatformClient
 from tagd.delivery.destinations import Describing, Destination, Outcome, OutgoingRequest, Selective, Verdict
 from tagd.tagging.events import Event
 from tagd.delivery.outcomes import EXPIRED, Outcomes
@@ -59,31 +57,6 @@ def expired(destination: Destination, event: Event, now: float) -> bool:
 
 
 T = TypeVar("T")
-# The most of a platform's answer tagd reads: their answers are a few hundred bytes, an
-# error page a few kilobytes; a body without end (a broken or hostile endpoint) must not
-# fill the droplet's memory.
-MAX_ANSWER = 1024 * 1024
-
-
-class AnswerTooLarge(Exception):
-    """A platform's answer went past L{MAX_ANSWER}; its connection is closed."""
-
-
-async def read_answer(response, limit: int = MAX_ANSWER) -> bytes:
-    """A platform's answer body, at most C{limit} bytes; past it, the connection is
-    closed and L{AnswerTooLarge} raised, which the senders take as no answer."""
-    parts: list[bytes] = []
-    size = 0
-
-    def collect(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > limit:
-            raise AnswerTooLarge()
-        parts.append(data)
-
-    await treq.collect(response, collect)
-    return b"".join(parts)
 
 
 def judged(destination: Destination, request: OutgoingRequest, status: int, body: bytes) -> Verdict:
@@ -123,28 +96,12 @@ class Route:
     concurrency: int | None = None
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """The pool's factory for connections to the platforms, without Twisted's "Starting
-    factory" and "Stopping factory" lines, which it would log at info for every
-    connection opened and closed: noise at the rate of the traffic, saying nothing."""
-
-    noisy = False
-
-
-def http_client(reactor, pool_size: int = 10) -> tuple[HTTPClient, HTTPConnectionPool]:
-    """tagd's own treq client for the platforms, on a persistent pool of its own."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = pool_size
-    pool._factory = _QuietClientFactory  # the pool's documented hook for its factory
-    return HTTPClient(Agent(reactor, pool=pool)), pool
-
-
 class DirectDelivery:
     """Send every submitted batch to every destination, once, and count the outcome;
     events past a platform's age window are counted as expired instead (see L{expired})."""
 
     def __init__(
-        self, *, reactor, routes: Sequence[Route], http: HTTPClient, outcomes: Outcomes
+        self, *, reactor, routes: Sequence[Route], http: PlatformClient, outcomes: Outcomes
     ) -> None:
         self._reactor = reactor
         self._routes = tuple(routes)
@@ -206,15 +163,9 @@ class DirectDelivery:
         destination = route.destination
         count = len(events)
         try:
-            response = await self._http.request(
-                request.method,
-                request.url,
-                data=request.body,
-                headers=dict(request.headers),
-                timeout=route.timeout,
-                reactor=self._reactor,
+            answer = await self._http.request(request.method, request.url, request.body, request.headers).addTimeout(
+                route.timeout, self._reactor
             )
-            body = await read_answer(response)
         except Exception as e:
             # The exception text may quote the URL, and with it a token: name the type only.
             log.warn(
@@ -225,22 +176,22 @@ class DirectDelivery:
             )
             self._outcomes.delivered(route.destination.name, Outcome.TRANSIENT.value, events, message=f"no answer: {type(e).__name__}")
             return
-        verdict = judged(destination, request, response.code, body)
+        verdict = judged(destination, request, answer.code, answer.body)
         refused = dict(verdict.refused)
         if refused:
             # A partial success (Pinterest): the refused events are the platform's verdict on them.
             for index, event in enumerate(events):
                 if index in refused:
-                    self._outcomes.delivered(route.destination.name, Outcome.PERMANENT.value, [event], response.code, refused[index])
+                    self._outcomes.delivered(route.destination.name, Outcome.PERMANENT.value, [event], answer.code, refused[index])
             events = [event for index, event in enumerate(events) if index not in refused]
             count = len(events)
-        self._outcomes.delivered(route.destination.name, verdict.outcome.value, events, response.code, verdict.message)
+        self._outcomes.delivered(route.destination.name, verdict.outcome.value, events, answer.code, verdict.message)
         if verdict.outcome is Outcome.SUCCESS:
             log.debug(
                 "{destination}: {count} event(s) delivered ({status})",
                 destination=destination.name,
                 count=count,
-                status=response.code,
+                status=answer.code,
             )
         else:
             log.warn(

@@ -3,7 +3,7 @@
 One loop per destination leases due rows from the spool (up to L{LEASE} at once, more when
 a destination's batches are larger), drops the events the platform would refuse for their
 age, encodes the rest into as many requests as the platform's limits ask (GA4 sends one
-visitor per request), POSTs them with treq, at most C{concurrency} at once, and settles
+visitor per request), POSTs them (L{tagd.delivery.client}), at most C{concurrency} at once, and settles
 the rows of every request by the platform's verdict on it:
 
   - success: acknowledged, done;
@@ -60,7 +60,6 @@ from typing import Any, Protocol, Sequence
 
 import attrs
 from prometheus_client.core import GaugeMetricFamily
-from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import (
     CancelledError,
@@ -76,7 +75,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from tagd.delivery.direct import Route, by_unsendable_reason, expired, judged, read_answer
+from tagd.delivery.client import PlatformClient
+from tagd.delivery.direct import Route, by_unsendable_reason, expired, judged
 from tagd.delivery.destinations import Advising, Describing, Outcome, OutgoingRequest, Verdict
 from tagd.tagging.events import Event
 from tagd.admin.metrics import Metrics
@@ -276,7 +276,7 @@ class Dispatcher(Service):
 
     @param spool: leases rows and records their fate (see L{Spool}).
     @param routes: the destinations, each with its request timeout.
-    @param http: the treq client for the platforms (L{tagd.delivery.direct.http_client}).
+    @param http: the client for the platforms (L{tagd.delivery.client.PlatformClient}).
     @param poll_interval: seconds between looks at the spool when nobody calls L{wake}.
     @param concurrency: requests in flight per destination whose route does not say
         (L{Route.concurrency}), at most; also the number of leases a destination holds
@@ -298,7 +298,7 @@ class Dispatcher(Service):
         reactor,
         spool: Spool,
         routes: Sequence[Route],
-        http: HTTPClient,
+        http: PlatformClient,
         metrics: Metrics,
         poll_interval: float = 1.0,
         concurrency: int | None = None,
@@ -705,12 +705,12 @@ class Dispatcher(Service):
 
     async def _attempt(self, lane: _Lane, request: OutgoingRequest) -> tuple[int | None, Verdict] | None:
         """The HTTP status and the verdict; C{None} when shutdown cancelled the request."""
-        exchange = ensureDeferred(self._exchange(request)).addTimeout(
+        exchange = self._http.request(request.method, request.url, request.body, request.headers).addTimeout(
             lane.route.timeout, self._reactor, onTimeoutCancel=_timed_out
         )
         lane.inflight.add(exchange)
         try:
-            response, body = await exchange
+            answer = await exchange
         except Exception as e:
             if not self.running:
                 return None
@@ -719,26 +719,20 @@ class Dispatcher(Service):
         finally:
             lane.inflight.discard(exchange)
         destination = lane.route.destination
-        verdict = judged(destination, request, response.code, body)
-        if verdict.retry_after is None:
-            asked = retry_after(response.headers, self._reactor.seconds())
+        verdict = judged(destination, request, answer.code, answer.body)
+        if verdict.outcome is Outcome.THROTTLE and verdict.retry_after is None:
+            # Only a throttle's pause heeds Retry-After (L{_heed}).
+            asked = retry_after(answer.headers, self._reactor.seconds())
             verdict = attrs.evolve(verdict, retry_after=asked)
         if isinstance(destination, Advising):
-            self._advise(lane, destination.advice(response.code, response.headers, body))
-        return response.code, verdict
+            self._advise(lane, destination.advice(answer.code, answer.headers, answer.body))
+        return answer.code, verdict
 
     def _advise(self, lane: _Lane, advice: str | None) -> None:
         """What the platform's answer asks of the operator, logged once per destination."""
         if advice and not lane.advised:
             lane.advised = True
             log.warn("{destination}: {advice}", destination=lane.name, advice=advice)
-
-    async def _exchange(self, request: OutgoingRequest) -> tuple[Any, bytes]:
-        """POST and read the whole answer; one timeout covers both (see L{_attempt})."""
-        response = await self._http.request(
-            request.method, request.url, data=request.body, headers=dict(request.headers)
-        )
-        return response, await read_answer(response)
 
     def _heed(self, lane: _Lane, verdict: Verdict, sent_at: float, count: int) -> bool:
         """What an answer means for the whole destination (a pause, or the end of one),

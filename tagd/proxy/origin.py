@@ -88,7 +88,7 @@ class BodySource(Interface):
         """The connection is gone (its L{ResponseReceiver} hears why)."""
 
 
-def _endpoint(reactor, host: str, port: int, timeout: float):
+def tcp_endpoint(reactor, host: str, port: int, timeout: float):
     """A plain TCP endpoint for an IP address; name resolution (and its happy-eyeballs
     delays between attempts) only for a host name."""
     try:
@@ -116,7 +116,7 @@ class OriginClient:
         self._reactor = reactor
         tls = parts.scheme == "https"
         port = parts.port or (443 if tls else 80)
-        endpoint = _endpoint(reactor, parts.hostname, port, connect_timeout)
+        endpoint = tcp_endpoint(reactor, parts.hostname, port, connect_timeout)
         if tls:
             endpoint = wrapClientTLS(optionsForClientTLS(parts.hostname), endpoint)
         self._endpoint = endpoint
