@@ -13,7 +13,10 @@ a time, against a small asyncio server in a process of its own:
     with no connection at all: the least any lean agent beneath treq could cost
     (C{HTTPClient(agent)}), and C{agent.request + treq.collect}, the least of a lean agent
     called directly with treq reading its body;
-  - C{PlatformClient}: tagd's own client (L{tagd.delivery.client}).
+  - C{PlatformClient}: tagd's own client (L{tagd.delivery.client});
+  - C{Dispatcher + PlatformClient}: the whole of a GA4 delivery in the dispatcher, per
+    event, one visitor each: lease (from a spool in memory, answering at once), the age
+    check, GA4's encoding, the POST, the verdict and the acknowledgement.
 
 Each figure is the best of C{--rounds} rounds of C{--requests} requests, every request
 with the dispatcher's C{addTimeout}.  Run with the Python of the virtual environment tagd
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import time
 
+import attrs
 import treq
 from treq.client import HTTPClient
 from twisted.internet import defer, task
@@ -38,7 +42,13 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
+from tagd.admin.metrics import Metrics
 from tagd.delivery.client import PlatformClient
+from tagd.delivery.destinations import ga4
+from tagd.delivery.direct import Route
+from tagd.delivery.dispatcher import Dispatcher
+from tagd.delivery.spool import Backlog
+from tagd.tagging.events import Event
 
 BODY = b'{"client_id":"1234567890.1700000000","events":[{"name":"page_view","params":{' + b'"x":"' + b"y" * 900 + b'"}}]}'
 HEADERS = {"Content-Type": "application/json", "User-Agent": "tagd/1.0"}
@@ -129,6 +139,65 @@ async def _platform_client(reactor, client: PlatformClient, url: str) -> None:
     await client.request("POST", url, BODY, HEADERS).addTimeout(5, reactor)
 
 
+@attrs.frozen
+class _Row:
+    key: int
+    event: Event
+    attempts: int = 0
+
+
+class _MemorySpool:
+    """The dispatcher's spool, in memory, answering at once: C{done} fires once every
+    row is acknowledged."""
+
+    def __init__(self, events: list[Event]) -> None:
+        self._pending = [_Row(key, event) for key, event in enumerate(events)]
+        self._owed = len(events)
+        self.done = Deferred()
+
+    def lease(self, destination, limit, now):
+        rows, self._pending = self._pending[:limit], self._pending[limit:]
+        return succeed(rows)
+
+    def ack(self, destination, keys):
+        self._owed -= len(keys)
+        if not self._owed:
+            self.done.callback(None)
+        return succeed(None)
+
+    def backlog(self):
+        return succeed({})
+
+    def _unexpected(self, destination, keys, *args):
+        raise AssertionError("every GA4 request should succeed")
+
+    retry = postpone = release = dead = expire = _unexpected
+
+
+async def _dispatched(reactor, url: str, count: int, inflight: int) -> float:
+    """CPU seconds per GA4 event delivered by a dispatcher, one visitor each."""
+    base = url.split("/mp/")[0]
+    destination = ga4.build("ga4", {"measurement_id": "G-BENCH1", "api_secret": "s", "endpoint": base})
+    now = int(reactor.seconds())
+    events = [
+        Event(event_name="PageView", event_id=f"e{n}", event_time=now, source_url="https://shop.example/p",
+              client_ip="203.0.113.7", user_agent="Mozilla/5.0", ga_client_id=f"{n}.1700000000")
+        for n in range(count)
+    ]  # fmt: skip
+    spool = _MemorySpool(events)
+    client = PlatformClient(reactor, inflight)
+    dispatcher = Dispatcher(
+        reactor=reactor, spool=spool, routes=[Route(destination, 5.0, inflight)], http=client, metrics=Metrics()
+    )
+    started = time.process_time()
+    dispatcher.startService()
+    await spool.done
+    used = time.process_time() - started
+    await dispatcher.stopService()
+    await client.close()
+    return used / count
+
+
 async def _round(reactor, send, requests: int, inflight: int) -> float:
     """CPU seconds per request over C{requests} requests, C{inflight} at a time."""
     remaining = requests
@@ -165,6 +234,10 @@ async def main(reactor, args) -> None:
             for name, send in candidates.items():
                 await _round(reactor, send, args.inflight * 20, args.inflight)  # warm the pool
                 best[name] = min(best[name], await _round(reactor, send, args.requests, args.inflight))
+        dispatched = "Dispatcher + PlatformClient (per GA4 event)"
+        best[dispatched] = float("inf")
+        for _ in range(args.rounds):
+            best[dispatched] = min(best[dispatched], await _dispatched(reactor, url, args.requests, args.inflight))
         baseline = best["treq+Agent"]
         print(f"CPU per request ({args.requests} requests, {args.inflight} in flight, best of {args.rounds}):")
         for name, seconds in best.items():

@@ -25,6 +25,7 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from certificates import authority_and_localhost
 from conftest import sleep, within
 from tagd.delivery.client import (
+    CLOSE_GRACE,
     MAX_HEAD,
     AnswerTooLarge,
     Answer,
@@ -295,6 +296,33 @@ async def test_https_verifies_the_certificate(tmp_path: Path, reactor):
     finally:
         await within(trusted.close())
         await within(untrusted.close())
+        await port.stopListening()
+
+
+class Deaf(Scripted):
+    """Answers, then reads nothing more: a TLS close_notify is never answered."""
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        self.transport.pauseProducing()
+
+
+@pytest_twisted.ensureDeferred
+async def test_closing_is_not_held_up_by_a_peer_that_never_answers_the_close(tmp_path: Path, reactor):
+    authority = authority_and_localhost(tmp_path)
+    server = ScriptedServer(NO_CONTENT)
+    server.protocol = Deaf
+    endpoint = serverFromString(reactor, f"ssl:0:interface=127.0.0.1:privateKey={tmp_path / 'key.pem'}:certKey={tmp_path / 'cert.pem'}")
+    port = await within(endpoint.listen(server))
+    client = PlatformClient(reactor, tls=lambda host: optionsForClientTLS(host, trustRoot=Certificate.loadPEM(authority)))
+    try:
+        await post(client, f"https://localhost:{port.getHost().port}/events")
+        started = reactor.seconds()
+        await within(client.close(), 5.0)
+        assert reactor.seconds() - started < CLOSE_GRACE + 1.0
+    finally:
+        for connection in server.connections:
+            connection.transport.abortConnection()
         await port.stopListening()
 
 

@@ -55,6 +55,8 @@ IDLE_TIMEOUT = 50.0
 # Seconds a new connection may take (name resolution, TCP, TLS); a request's own
 # timeout usually ends it earlier.
 CONNECT_TIMEOUT = 30.0
+# Seconds the platforms get to answer a clean close on shutdown, before a reset.
+CLOSE_GRACE = 1.0
 # URLs whose parsed form is kept: a destination's few endpoints, many times over.
 _KEPT_URLS = 256
 # Header names and values tagd sends may hold no line break or other control character.
@@ -87,7 +89,7 @@ class Answer:
         if self._headers is None:
             headers = Headers()
             for name, value in self._raw:
-                headers.addRawHeader(name, value)
+                headers.addRawHeader(name, value.strip(b" \t"))
             self._headers = headers
         return self._headers
 
@@ -254,7 +256,9 @@ class PlatformClient:
 
     def close(self) -> Deferred[None]:
         """Close every connection (idle ones cleanly, busy ones at once); fires when all
-        are gone.  Requests made afterwards still go, each on a connection of its own."""
+        are gone, within L{CLOSE_GRACE} seconds: a TLS peer that never answers the
+        close cannot hold up shutdown.  Requests made afterwards still go, each on a
+        connection of its own."""
         idle = {connection for kept in self._idle.values() for connection in kept}
         self._idle.clear()
         if not self._connections:
@@ -265,7 +269,14 @@ class PlatformClient:
                 connection.transport.loseConnection()
             else:
                 connection.transport.abortConnection()
+        if self._connections:
+            cutting = self._reactor.callLater(CLOSE_GRACE, self._abort_all)
+            closing.addBoth(lambda result: cutting.cancel() if cutting.active() else None)
         return closing
+
+    def _abort_all(self) -> None:
+        for connection in list(self._connections):
+            connection.transport.abortConnection()
 
 
 class _Factory(ClientFactory):
@@ -399,14 +410,14 @@ class _Connection(Protocol):
         headers = self._headers
         if len(headers) >= MAX_HEADERS:
             raise PlatformProtocolError("too many headers")
-        lower = name.lower()
-        if lower == b"content-length":
+        size = len(name)  # compared first: most headers are neither of these two
+        if size == 14 and name.lower() == b"content-length":
             self._length = True  # llhttp has checked it: digits, given once
-        elif lower == b"transfer-encoding":
+        elif size == 17 and name.lower() == b"transfer-encoding":
             if value.strip(b" \t").lower() != b"chunked" or self._chunked:
                 raise PlatformProtocolError("unsupported transfer coding")  # gzip: never asked for
             self._chunked = True
-        headers.append((name, value.strip(b" \t")))
+        headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser

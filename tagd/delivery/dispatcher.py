@@ -237,6 +237,11 @@ class _Lane:
     advised: bool = False  # the platform's advice was said (once a lane: its text may vary)
     waiting: set[Deferred] = attrs.field(factory=set)  # requests waiting for a slot
     sleeping: set[Deferred] = attrs.field(factory=set)  # requests waiting for a throttle's end
+    # Whether the platform's answers carry advice for the operator: asked once, as a check
+    # against a runtime Protocol costs more than the rest of a request's verdict.
+    advising: bool = attrs.field(
+        init=False, default=attrs.Factory(lambda lane: isinstance(lane.route.destination, Advising), takes_self=True)
+    )
 
     @property
     def name(self) -> str:
@@ -724,7 +729,7 @@ class Dispatcher(Service):
             # Only a throttle's pause heeds Retry-After (L{_heed}).
             asked = retry_after(answer.headers, self._reactor.seconds())
             verdict = attrs.evolve(verdict, retry_after=asked)
-        if isinstance(destination, Advising):
+        if lane.advising:
             self._advise(lane, destination.advice(answer.code, answer.headers, answer.body))
         return answer.code, verdict
 
