@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
-from tagd.proxy.origin import tcp_endpoint
+from tagd.proxy.origin import tcp_endpoint, unread_bytes
 from tagd.proxy.writes import send_now
 
 # The most of a platform's answer tagd reads: their answers are a few hundred bytes, an
@@ -61,7 +61,6 @@ CLOSE_GRACE = 1.0
 _KEPT_URLS = 256
 # Header names and values tagd sends may hold no line break or other control character.
 _BAD_FIELD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 class AnswerTooLarge(Exception):
@@ -355,14 +354,7 @@ class _Connection(Protocol):
     def has_unread_bytes(self) -> bool:
         """Whether the platform sent something (or closed) since the last exchange ended,
         which the reactor has not read yet."""
-        if self._socket is None:
-            return False
-        try:
-            return self._socket.recv(1, _PEEK) is not None
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            return True
+        return unread_bytes(self._socket)
 
     # Receiving: llhttp calls the on_* methods while it parses a read.
 

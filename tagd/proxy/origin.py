@@ -258,6 +258,19 @@ _PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 _BAD_REASON = re.compile(rb"[^\t\x20-\x7e\x80-\xff]")
 
 
+def unread_bytes(sock: socket.socket | None) -> bool:
+    """Whether a kept connection's socket holds bytes (or a close) that the reactor has
+    not read yet; never for a connection without a plain socket."""
+    if sock is None:
+        return False
+    try:
+        return sock.recv(1, _PEEK) is not None
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
 def _head_size(phrase: bytes, headers: list[tuple[bytes, bytes]]) -> int:
     """About the size of a parsed response head on the wire: its lines and their CRLFs."""
     return 15 + len(phrase) + sum(len(name) + len(value) + 4 for name, value in headers)
@@ -556,14 +569,7 @@ class OriginConnection(Protocol):
         """Whether the origin sent something (or closed) since the last exchange ended,
         which the reactor has not read yet: such a connection is not reused (nginx checks
         the same way)."""
-        if self._socket is None:
-            return False
-        try:
-            return self._socket.recv(1, _PEEK) is not None
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            return True
+        return unread_bytes(self._socket)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         if self._stall is not None:
