@@ -257,6 +257,8 @@ async def test_keeps_as_many_connections_as_requests_in_flight_and_closes_them(s
     await within(client.close())
     for connection in server.connections:
         await within(connection.lost)
+    await post(client, url)  # after the close: a connection of its own, not kept
+    await within(server.connections[-1].lost)
 
 
 async def _together(client: PlatformClient, url: str, count: int) -> None:
@@ -272,6 +274,8 @@ async def test_a_header_or_url_with_a_line_break_is_refused_unsent(scripted, pla
         await platforms.request("POST", url + "\r\nX: 1", b"{}", {})
     with pytest.raises(ValueError):
         await platforms.request("POST", "ftp://127.0.0.1/x", b"{}", {})
+    with pytest.raises(ValueError):
+        await platforms.request("POST", url, b"{}", {"X-Name": "\u0101"})
     assert server.requests == []
 
 

@@ -168,7 +168,8 @@ class PlatformClient:
         self._endpoints: dict[tuple, object] = {}
         self._idle: dict[tuple, list[_Connection]] = {}
         self._connections: set[_Connection] = set()
-        self._closing: Deferred | None = None
+        self._closing: Deferred | None = None  # fires once every connection is gone
+        self._closed = False
 
     def request(self, method: str, url: str, body: bytes = b"", headers: Mapping[str, str] = {}) -> Deferred[Answer]:
         """Send one request (never C{HEAD}: its answer would be read for a body); the
@@ -180,9 +181,10 @@ class PlatformClient:
             if target is None:
                 target = self._target(url)
             head = target.prefix.format(method) + _fields(headers) + f"Content-Length: {len(body)}\r\n\r\n"
-        except ValueError:
+            data = head.encode("latin-1") + body
+        except ValueError:  # UnicodeEncodeError too
             return fail()
-        request = _Request(head.encode("latin-1") + body)
+        request = _Request(data)
         connection = self._idle_connection(target.key)
         if connection is not None:
             connection.send(request)
@@ -238,7 +240,7 @@ class PlatformClient:
     def release(self, connection: _Connection) -> None:
         """Keep a connection whose exchange ended cleanly, or close it if enough are kept."""
         idle = self._idle.setdefault(connection.key, [])
-        if self._closing is None and len(idle) < self.pool_size:
+        if not self._closed and len(idle) < self.pool_size:
             connection.idle_since = self._reactor.seconds()
             idle.append(connection)
         else:
@@ -258,6 +260,7 @@ class PlatformClient:
         are gone, within L{CLOSE_GRACE} seconds: a TLS peer that never answers the
         close cannot hold up shutdown.  Requests made afterwards still go, each on a
         connection of its own."""
+        self._closed = True
         idle = {connection for kept in self._idle.values() for connection in kept}
         self._idle.clear()
         if not self._connections:
