@@ -26,7 +26,6 @@ is installed in: C{.venv/bin/python bench/platform_client_cpu.py}.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import subprocess
 import sys
 import time
@@ -47,7 +46,6 @@ from tagd.delivery.client import PlatformClient
 from tagd.delivery.destinations import ga4
 from tagd.delivery.direct import Route
 from tagd.delivery.dispatcher import Dispatcher
-from tagd.delivery.spool import Backlog
 from tagd.tagging.events import Event
 
 BODY = b'{"client_id":"1234567890.1700000000","events":[{"name":"page_view","params":{' + b'"x":"' + b"y" * 900 + b'"}}]}'
