@@ -31,7 +31,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from helpers import ADMIN_TOML
 from hostile_origin import ScriptedOrigin
 from origin import Origin
-from tagd.delivery.client import PlatformClient
+from tagd.delivery.client import PlatformAgent
 
 TIMEOUT = 10.0
 
@@ -459,8 +459,8 @@ async def http(reactor):
 
 @pytest_twisted.async_yield_fixture
 async def platforms(reactor):
-    """tagd's client for the platforms, its connections closed after the test."""
-    client = PlatformClient(reactor)
+    """tagd's agent for the platforms, its connections closed after the test."""
+    client = PlatformAgent(reactor)
     yield client
     await within(client.close())
 

@@ -3,7 +3,8 @@ later, expired or dead-lettered, and nothing leased is left in flight.
 
 Most tests run the real reactor against the fake platforms on loopback, with short poll
 and backoff intervals.  The tests of time itself (backoff ceilings, Retry-After pauses)
-use a L{Clock} as the reactor and C{StubTreq} in place of the network (L{StubPlatforms}), because a clock
+use a L{Clock} as the reactor and treq's C{RequestTraversalAgent} in place of the network (the
+dispatcher takes any L{IAgent}), because a clock
 that only moves when told cannot drive real sockets.  What the dispatcher shares with
 the direct fallback (the age windows, the platforms' client) is tested here too.
 """
@@ -22,7 +23,7 @@ import pytest
 import pytest_twisted
 import treq
 from treq.client import HTTPClient
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent
 from twisted.internet import reactor as _global_reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
@@ -35,9 +36,9 @@ from twisted.web.resource import Resource
 from conftest import eventually, sleep, within
 from fakes import DAY, FakeGA4, FakeMeta, FakeTikTok, Injection, make_event, serve
 from helpers import free_port
-from tagd.delivery.client import Answer, PlatformClient
-from tagd.delivery.direct import DirectDelivery, Route
-from tagd.delivery.destinations import ga4, log, meta, tiktok, webhook
+from tagd.delivery.client import PlatformAgent
+from tagd.delivery.direct import DirectDelivery, Route, exchange
+from tagd.delivery.destinations import OutgoingRequest, ga4, log, meta, tiktok, webhook
 from tagd.delivery.destinations.meta import NEWEST_API_VERSION
 from tagd.delivery.dispatcher import Dispatcher, retry_after
 from tagd.tagging.events import Event
@@ -776,10 +777,10 @@ async def test_platform_connections_log_no_factory_lines(serving, reactor, log_e
     "Starting factory" and "Stopping factory" lines; a stock pool beside it logs both,
     which shows that the lines would be seen."""
     quiet_served, stock_served = serving(FakeGA4()), serving(FakeGA4())
-    quiet = PlatformClient(reactor)
+    quiet = PlatformAgent(reactor)
     stock_pool = HTTPConnectionPool(reactor)
     stock = HTTPClient(Agent(reactor, pool=stock_pool))
-    await within(quiet.request("POST", quiet_served.base + "/mp/collect", b"{}"))
+    await within(exchange(quiet, OutgoingRequest(quiet_served.base + "/mp/collect", b"{}")))
     response = await within(stock.post(stock_served.base + "/mp/collect", data=b"{}"))
     await within(treq.content(response))
     await within(quiet.close())
@@ -832,27 +833,11 @@ class Ceilings(random.Random):
         return b
 
 
-class StubPlatforms:
-    """The platform client's interface on C{StubTreq}, which serves a resource in memory
-    and so runs on a L{Clock}."""
-
-    def __init__(self, resource: Resource) -> None:
-        self._treq = StubTreq(resource)
-
-    def request(self, method: str, url: str, body: bytes, headers) -> Deferred:
-        async def exchange() -> Answer:
-            response = await self._treq.request(method, url, data=body, headers=dict(headers))
-            raw = [(name, value) for name, values in response.headers.getAllRawHeaders() for value in values]
-            return Answer(response.code, raw, await treq.content(response))
-
-        return Deferred.fromCoroutine(exchange())
-
-
 def clocked(clock: Clock, receiver: Scripted, spool: MemorySpool, **options) -> Dispatcher:
     """A started dispatcher on C{clock} with one webhook route to C{receiver}."""
     route = hook_route("http://hook.test/events", 5.0, max_batch=options.pop("max_batch", 100))
     options = {"poll_interval": 1.0, "rand": Ceilings(), "metrics": Metrics(), **options}
-    dispatcher = Dispatcher(reactor=clock, spool=spool, routes=[route], http=StubPlatforms(receiver), **options)
+    dispatcher = Dispatcher(reactor=clock, spool=spool, routes=[route], http=RequestTraversalAgent(receiver), **options)
     dispatcher.startService()
     return dispatcher
 

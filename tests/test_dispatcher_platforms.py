@@ -12,8 +12,7 @@ import pytest_twisted
 
 from conftest import eventually
 from fakes import DAY, Answer, FakeMeta, FakeMicrosoft, FakePinterest, FakeReddit, FakeSnapchat, make_event
-from tagd.delivery.client import MAX_ANSWER
-from tagd.delivery.direct import DirectDelivery, Route
+from tagd.delivery.direct import MAX_ANSWER, DirectDelivery, Route
 from tagd.delivery.destinations import meta
 from tagd.delivery.destinations import microsoft, pinterest, reddit, snapchat
 from tagd.delivery.outcomes import Outcomes

@@ -1,17 +1,24 @@
-"""tagd's client for the platforms against scripted servers on loopback: honest answers
+"""tagd's agent for the platforms against scripted servers on loopback: honest answers
 (by length, chunked, until the connection's end; kept connections, TLS with certificate
 verification) and hostile ones (garbage, huge heads, too many headers, wrong lengths,
 bad chunks, early closes, answers nobody asked for, answers without end).  Each hostile
-answer is no answer, and its connection is never used again.
+answer is no answer, and its connection is never used again.  Requests go as the
+dispatcher sends them (L{exchange}: the agent, its answer read by C{treq.collect}), and
+through Twisted's and treq's own interfaces: treq's C{HTTPClient} built over the agent,
+Twisted's C{Agent} given tagd's body producer.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import pytest
 import pytest_twisted
+import treq
 from hypothesis import given, settings, strategies as st
+from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, TimeoutError, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -20,20 +27,28 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from zope.interface.verify import verifyObject
 
 from certificates import authority_and_localhost
 from conftest import sleep, within
 from tagd.delivery.client import (
     CLOSE_GRACE,
     MAX_HEAD,
-    AnswerTooLarge,
-    Answer,
-    PlatformClient,
+    BytesProducer,
+    PlatformAgent,
     PlatformProtocolError,
     _Factory,
     _Request,
+    _Response,
 )
+from tagd.delivery.destinations import OutgoingRequest
+from tagd.delivery.direct import AnswerTooLarge, exchange, read_answer
 
 NO_CONTENT = b"HTTP/1.1 204 No Content\r\nServer: fake\r\n\r\n"
 
@@ -101,19 +116,23 @@ def scripted(reactor):
                 connection.transport.abortConnection()
 
 
-async def post(client: PlatformClient, url: str, body: bytes = b'{"a":1}', headers=None) -> Answer:
-    return await within(client.request("POST", url, body, headers or {"Content-Type": "application/json"}))
+async def post(agent: PlatformAgent, url: str, body: bytes = b'{"a":1}', headers=None) -> tuple[IResponse, bytes]:
+    """A POST as the dispatcher sends it: the answer and its whole body."""
+    request = OutgoingRequest(url, body, headers or {"Content-Type": "application/json"})
+    return await within(exchange(agent, request))
 
 
 @pytest_twisted.ensureDeferred
 async def test_posts_and_keeps_the_connection(scripted, platforms):
     """Two POSTs go on one connection, each with its Host, Content-Length, headers and body."""
     server, url = scripted(ok(b'{"ok":true}'), NO_CONTENT)
-    first = await post(platforms, url, b'{"n":1}', {"Content-Type": "application/json", "User-Agent": "tagd/1"})
-    second = await post(platforms, url, b'{"n":22}')
-    assert (first.code, first.body, second.code, second.body) == (200, b'{"ok":true}', 204, b"")
+    first, first_body = await post(platforms, url, b'{"n":1}', {"Content-Type": "application/json", "User-Agent": "tagd/1"})
+    second, second_body = await post(platforms, url, b'{"n":22}')
+    assert (first.code, first_body, second.code, second_body) == (200, b'{"ok":true}', 204, b"")
+    assert (first.phrase, first.version, first.length, second.phrase, second.length) == (b"OK", (b"HTTP", 1, 1), 11, b"No Content", 0)
     assert first.headers.getRawHeaders(b"content-type") == [b"application/json"]
     assert second.headers.getRawHeaders(b"server") == [b"fake"]
+    assert (first.request.method, first.request.absoluteURI) == (b"POST", url.encode())
     assert [connection for connection, _, _ in server.requests] == [0, 0]
     (_, head, body) = server.requests[0]
     lines = head.split(b"\r\n")
@@ -128,21 +147,21 @@ async def test_a_chunked_answer_and_one_read_until_the_close(scripted, platforms
     chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n"
     until_close = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it"
     server, url = scripted(chunked, NO_CONTENT, until_close)
-    assert (await post(platforms, url)).body == b"hello world"
+    assert (await post(platforms, url))[1] == b"hello world"
     await post(platforms, url)
     assert [connection for connection, _, _ in server.requests] == [0, 0]
     write_and_close = server.connections[0]
     answer = Deferred.fromCoroutine(post(platforms, url))
     await sleep(0.1)
     write_and_close.transport.loseConnection()
-    assert (await answer).body == b"all of it"
+    assert (await answer)[1] == b"all of it"
 
 
 @pytest_twisted.ensureDeferred
 async def test_interim_answers_are_skipped(scripted, platforms):
     _, url = scripted(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + ok(b"x"))
-    answer = await post(platforms, url)
-    assert (answer.code, answer.body, answer.headers.getRawHeaders(b"link")) == (200, b"x", None)
+    answer, body = await post(platforms, url)
+    assert (answer.code, body, answer.headers.getRawHeaders(b"link")) == (200, b"x", None)
 
 
 HOSTILE = {
@@ -183,7 +202,7 @@ async def test_a_hostile_answer_is_no_answer_and_its_connection_is_dropped(scrip
     with pytest.raises(error):
         await attempt
     await within(server.connections[0].lost)
-    assert (await post(platforms, url)).code == 204
+    assert (await post(platforms, url))[0].code == 204
     assert [connection for connection, _, _ in server.requests] == [0, 1]
 
 
@@ -194,30 +213,35 @@ async def test_an_answer_nobody_asked_for_is_never_taken_for_the_next(scripted, 
     answered on a new one."""
     smuggled = ok(b"SMUGGLED")
     server, url = scripted(NO_CONTENT + smuggled, NO_CONTENT, NO_CONTENT)
-    assert (await post(platforms, url)).body == b""
-    assert (await post(platforms, url)).body == b""
+    assert (await post(platforms, url))[1] == b""
+    assert (await post(platforms, url))[1] == b""
     server.connections[1].transport.write(smuggled)  # while idle
     await sleep(0.1)
-    assert (await post(platforms, url)).body == b""
+    assert (await post(platforms, url))[1] == b""
     assert [connection for connection, _, _ in server.requests] == [0, 1, 2]
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_answer_past_the_limit_closes_the_connection(scripted, reactor):
-    client = PlatformClient(reactor, max_answer=1000)
-    try:
-        server, url = scripted(ok(b"x" * 1001), b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"64\r\n" + b"y" * 100 + b"\r\n" * 1)
-        with pytest.raises(AnswerTooLarge):
-            await post(client, url)
-        await within(server.connections[0].lost)
-        endless_chunks = Deferred.fromCoroutine(post(client, url))
-        await sleep(0.05)
-        for _ in range(10):
-            server.connections[1].transport.write(b"64\r\n" + b"y" * 100 + b"\r\n")
-        with pytest.raises(AnswerTooLarge):
-            await endless_chunks
-    finally:
-        await within(client.close())
+async def test_an_answer_past_the_limit_closes_the_connection(scripted, platforms):
+    """The collector given to C{treq.collect} refuses the byte past the limit; treq then
+    loses the body's transport, which closes the connection, whether the answer came
+    whole in one read (its connection kept a moment) or its chunks never end."""
+
+    async def limited(url: str) -> bytes:
+        response = await within(platforms.request(b"POST", url.encode(), None, BytesProducer(b"{}")))
+        return await within(read_answer(response, limit=1000))
+
+    server, url = scripted(ok(b"x" * 1001), b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"64\r\n" + b"y" * 100 + b"\r\n" * 1)
+    with pytest.raises(AnswerTooLarge):
+        await limited(url)
+    await within(server.connections[0].lost)
+    endless_chunks = Deferred.fromCoroutine(limited(url))
+    await sleep(0.05)
+    for _ in range(10):
+        server.connections[1].transport.write(b"64\r\n" + b"y" * 100 + b"\r\n")
+    with pytest.raises(AnswerTooLarge):
+        await endless_chunks
+    await within(server.connections[1].lost)
 
 
 @pytest_twisted.ensureDeferred
@@ -226,10 +250,10 @@ async def test_a_timeout_cancels_and_closes_the_connection(scripted, platforms, 
     and the connection is closed, never kept half-read."""
     server, url = scripted("hold", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab")
     with pytest.raises(TimeoutError):
-        await platforms.request("POST", url, b"{}", {}).addTimeout(0.2, reactor)
+        await exchange(platforms, OutgoingRequest(url, b"{}")).addTimeout(0.2, reactor)
     await within(server.connections[0].lost)
     with pytest.raises(TimeoutError):
-        await platforms.request("POST", url, b"{}", {}).addTimeout(0.2, reactor)
+        await exchange(platforms, OutgoingRequest(url, b"{}")).addTimeout(0.2, reactor)
     await within(server.connections[1].lost)
 
 
@@ -240,13 +264,13 @@ async def test_a_connection_the_platform_closed_is_not_reused(scripted, platform
     connection = server.connections[0]
     connection.transport.loseConnection()
     await within(connection.lost)
-    assert (await post(platforms, url)).code == 204
+    assert (await post(platforms, url))[0].code == 204
     assert [connection for connection, _, _ in server.requests] == [0, 1]
 
 
 @pytest_twisted.ensureDeferred
 async def test_keeps_as_many_connections_as_requests_in_flight_and_closes_them(scripted, reactor):
-    client = PlatformClient(reactor, pool_size=2)
+    client = PlatformAgent(reactor, pool_size=2)
     server, url = scripted()
     await within(Deferred.fromCoroutine(_together(client, url, 4)))
     assert len(server.connections) == 4
@@ -261,21 +285,32 @@ async def test_keeps_as_many_connections_as_requests_in_flight_and_closes_them(s
     await within(server.connections[-1].lost)
 
 
-async def _together(client: PlatformClient, url: str, count: int) -> None:
+async def _together(client: PlatformAgent, url: str, count: int) -> None:
     await gatherResults([Deferred.fromCoroutine(post(client, url)) for _ in range(count)])
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_header_or_url_with_a_line_break_is_refused_unsent(scripted, platforms):
+    """As the dispatcher sends them, and given to the agent itself: no header of the
+    caller's can end a line, hold a control character or frame the body."""
     server, url = scripted()
-    with pytest.raises(ValueError):
-        await platforms.request("POST", url, b"{}", {"X-Evil": "1\r\nX-Injected: 2"})
-    with pytest.raises(ValueError):
-        await platforms.request("POST", url + "\r\nX: 1", b"{}", {})
-    with pytest.raises(ValueError):
-        await platforms.request("POST", "ftp://127.0.0.1/x", b"{}", {})
-    with pytest.raises(ValueError):
-        await platforms.request("POST", url, b"{}", {"X-Name": "\u0101"})
+    for request in (
+        OutgoingRequest(url, b"{}", {"X-Evil": "1\r\nX-Injected: 2"}),
+        OutgoingRequest(url + "\r\nX: 1", b"{}"),
+        OutgoingRequest("ftp://127.0.0.1/x", b"{}"),
+        OutgoingRequest(url, b"{}", {"X-Name": "\u0101"}),
+        OutgoingRequest(url, b"{}", {"X-Name\r\nX-Injected": "2"}),
+        OutgoingRequest(url, b"{}", method="GET /x HTTP/1.1\r\nX:"),
+    ):
+        with pytest.raises(ValueError):
+            await exchange(platforms, request)
+    uri = url.encode()
+    for headers in (Headers({b"X-Nul": [b"a\x00b"]}), Headers({b"Content-Length": [b"0"]}), Headers({b"Transfer-Encoding": [b"chunked"]})):
+        with pytest.raises(ValueError):
+            await platforms.request(b"POST", uri, headers, BytesProducer(b"{}"))
+    for method in (b"HEAD", b"GET /", b""):
+        with pytest.raises(ValueError):
+            await platforms.request(method, uri)
     assert server.requests == []
 
 
@@ -288,11 +323,11 @@ async def test_https_verifies_the_certificate(tmp_path: Path, reactor):
     endpoint = serverFromString(reactor, f"ssl:0:interface=127.0.0.1:privateKey={tmp_path / 'key.pem'}:certKey={tmp_path / 'cert.pem'}")
     port = await within(endpoint.listen(server))
     url = f"https://localhost:{port.getHost().port}/events"
-    trusted = PlatformClient(reactor, tls=lambda host: optionsForClientTLS(host, trustRoot=Certificate.loadPEM(authority)))
-    untrusted = PlatformClient(reactor)
+    trusted = PlatformAgent(reactor, tls=lambda host: optionsForClientTLS(host, trustRoot=Certificate.loadPEM(authority)))
+    untrusted = PlatformAgent(reactor)
     try:
-        assert (await post(trusted, url)).body == b"tls"
-        assert (await post(trusted, url)).code == 204
+        assert (await post(trusted, url))[1] == b"tls"
+        assert (await post(trusted, url))[0].code == 204
         assert len(server.connections) == 1
         with pytest.raises(ResponseNeverReceived):
             await post(untrusted, url)
@@ -318,7 +353,7 @@ async def test_closing_is_not_held_up_by_a_peer_that_never_answers_the_close(tmp
     server.protocol = Deaf
     endpoint = serverFromString(reactor, f"ssl:0:interface=127.0.0.1:privateKey={tmp_path / 'key.pem'}:certKey={tmp_path / 'cert.pem'}")
     port = await within(endpoint.listen(server))
-    client = PlatformClient(reactor, tls=lambda host: optionsForClientTLS(host, trustRoot=Certificate.loadPEM(authority)))
+    client = PlatformAgent(reactor, tls=lambda host: optionsForClientTLS(host, trustRoot=Certificate.loadPEM(authority)))
     try:
         await post(client, f"https://localhost:{port.getHost().port}/events")
         started = reactor.seconds()
@@ -333,24 +368,147 @@ async def test_closing_is_not_held_up_by_a_peer_that_never_answers_the_close(tmp
 # The parser alone, on every answer hypothesis makes up.
 
 
+class Recording(Protocol):
+    """A body protocol that keeps what it is given and how the body ended."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.ends: list[Failure] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.ends.append(reason)
+
+
 @settings(max_examples=300, deadline=None)
-@given(answer=st.one_of(st.binary(max_size=300), st.sampled_from([a for a, _ in HOSTILE.values()])), cut=st.integers(0, 300), clean=st.booleans())
-def test_any_bytes_end_the_request_once_as_an_answer_or_a_known_failure(answer, cut, clean):
+@given(
+    answer=st.one_of(st.binary(max_size=300), st.sampled_from([a for a, _ in HOSTILE.values()])),
+    cut=st.integers(0, 300),
+    clean=st.booleans(),
+    late=st.booleans(),
+)
+def test_any_bytes_end_the_request_once_as_an_answer_or_a_known_failure(answer, cut, clean, late):
     """Whatever arrives, in two reads and then a close: the request ends exactly once,
-    with an answer or one of the client's failures, never with tagd's own error."""
-    client = PlatformClient(Clock())
-    connection = _Factory(client, (False, "x", 80)).buildProtocol(None)
+    with an answer or one of the agent's failures, never with tagd's own error; an
+    answer's body (its protocol given at once or only after the close) ends exactly
+    once too, whole or with one of Agent's reasons."""
+    agent = PlatformAgent(Clock())
+    connection = _Factory(agent, (False, "x", 80)).buildProtocol(None)
     transport = StringTransport()
     connection.makeConnection(transport)
-    request = _Request(b"POST / HTTP/1.1\r\n\r\n")
+    request = _Request(b"POST / HTTP/1.1\r\n\r\n", b"", (b"POST", b"http://x/", None))
     outcomes = []
+    body = Recording()
     request.deferred.addBoth(outcomes.append)
     connection.send(request)
     for piece in (answer[:cut], answer[cut:]):
+        if not late and outcomes and isinstance(outcomes[0], _Response) and not body.connected:
+            outcomes[0].deliverBody(body)
         if piece and not transport.disconnecting:
             connection.dataReceived(piece)
     connection.connectionLost(Failure(ConnectionDone() if clean else ConnectionLost()))
     assert len(outcomes) == 1
     outcome = outcomes[0]
-    if not isinstance(outcome, Answer):
-        assert outcome.check(PlatformProtocolError, AnswerTooLarge, ResponseFailed, ResponseNeverReceived), outcome
+    if isinstance(outcome, _Response):
+        if not body.connected:
+            outcome.deliverBody(body)
+        assert len(body.ends) == 1
+        assert body.ends[0].check(ResponseDone, PotentialDataLoss, ResponseFailed), body.ends[0]
+    else:
+        assert outcome.check(PlatformProtocolError, ResponseFailed, ResponseNeverReceived), outcome
+
+
+# Twisted's and treq's interfaces: the agent under treq's HTTPClient, tagd's body
+# producer under Twisted's Agent, the answer's body given to a protocol late.
+
+
+class Echo(Resource):
+    """Answers every request with JSON of what it got: method, path, headers, body."""
+
+    isLeaf = True
+
+    def render(self, request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        heard = {name.decode(): [value.decode() for value in values] for name, values in request.requestHeaders.getAllRawHeaders()}
+        body = request.content.read().decode()
+        return json.dumps({"method": request.method.decode(), "uri": request.uri.decode(), "headers": heard, "body": body}).encode()
+
+
+@pytest.fixture
+def echo(reactor):
+    port = reactor.listenTCP(0, Site(Echo()), interface="127.0.0.1")
+    yield f"http://127.0.0.1:{port.getHost().port}"
+    port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_treq_s_http_client_works_over_the_agent(echo, platforms):
+    """treq's HTTPClient, unchanged, over the agent: a POST of bytes (treq's
+    FileBodyProducer), with headers and a query, its JSON answer read by
+    C{treq.json_content}; then a GET, on the same kept connection."""
+    verifyObject(IAgent, platforms)
+    client = HTTPClient(platforms)
+    response = await within(client.post(echo + "/collect", data=b'{"n":1}', headers={"Content-Type": "application/json"}, params={"v": "2"}))
+    assert response.code == 200
+    heard = await within(treq.json_content(response))
+    assert (heard["method"], heard["uri"], heard["body"]) == ("POST", "/collect?v=2", '{"n":1}')
+    assert heard["headers"]["Content-Type"] == ["application/json"]
+    assert heard["headers"]["Content-Length"] == ["7"]
+    assert heard["headers"]["Host"] == [echo.removeprefix("http://")]
+    got = await within(client.get(echo + "/again"))
+    assert (await within(treq.json_content(got)))["method"] == "GET"
+    assert len(platforms._connections) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_answer_is_an_iresponse_and_the_body_producer_works_under_twisted_s_agent(echo, platforms, reactor):
+    response = await within(platforms.request(b"PUT", (echo + "/x").encode(), Headers({b"X-A": [b"1"]}), BytesProducer(b"abc")))
+    verifyObject(IResponse, response)
+    assert (response.version, response.code, response.phrase, response.previousResponse) == ((b"HTTP", 1, 1), 200, b"OK", None)
+    assert response.request.headers.getRawHeaders(b"x-a") == [b"1"]
+    assert json.loads(await within(treq.content(response)))["body"] == "abc"
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    stock = Agent(reactor, pool=pool)
+    answer = await within(stock.request(b"POST", (echo + "/y").encode(), None, BytesProducer(b"tagd's")))
+    heard = json.loads(await within(treq.content(answer)))
+    assert (heard["body"], heard["headers"]["Content-Length"]) == ("tagd's", ["6"])
+    await within(pool.closeCachedConnections())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_protocol_given_late_gets_all_of_the_body_in_order(scripted, platforms):
+    """The head comes first, the body in reads after it; a protocol given only then
+    gets every part and the body's end (C{ResponseDone}; C{PotentialDataLoss} for an
+    answer framed by the close, as with Agent); the connection, paused meanwhile,
+    is kept for the next request when the answer allows it."""
+    server, url = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", NO_CONTENT, b"HTTP/1.1 200 OK\r\n\r\nuntil")
+    response = await within(platforms.request(b"POST", url.encode(), None, BytesProducer(b"{}")))
+    assert response.length == 10
+    server.connections[0].transport.write(b"world")
+    await sleep(0.1)
+    body = Recording()
+    response.deliverBody(body)
+    await eventually_ended(body)
+    assert (b"".join(body.data), body.ends[0].type) == (b"helloworld", ResponseDone)
+    assert (await post(platforms, url))[0].code == 204
+    assert [connection for connection, _, _ in server.requests] == [0, 0]
+    until_close = await within(platforms.request(b"POST", url.encode(), None, BytesProducer(b"{}")))
+    server.connections[0].transport.write(b" the end")
+    server.connections[0].transport.loseConnection()
+    await sleep(0.1)
+    body = Recording()
+    until_close.deliverBody(body)
+    await eventually_ended(body)
+    assert (b"".join(body.data), body.ends[0].type) == (b"until the end", PotentialDataLoss)
+    with pytest.raises(RuntimeError):
+        until_close.deliverBody(Recording())
+
+
+async def eventually_ended(body: Recording) -> None:
+    for _ in range(100):
+        if body.ends:
+            return
+        await sleep(0.01)
+    raise AssertionError("the body never ended")

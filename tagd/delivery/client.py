@@ -1,50 +1,54 @@
-"""tagd's HTTP/1.1 client for the platforms' APIs: one call, C{request}, answering with
-the whole L{Answer} (status, headers, body).
+"""tagd's agent for the platforms' APIs: an L{IAgent}, the interface treq is built on, so
+that answers are read with C{treq.collect} and any C{treq.HTTPClient} can be built over it.
 
-Why not treq on L{twisted.web.client.Agent}: a GA4 delivery is one small POST per
-visitor, and treq's and Agent's per-request work (parsing the URL twice, cookie, redirect
-and decoder wrappers, an endpoint and a pool key, a body producer, a line-based parser,
-a chain of Deferreds) cost about four times the CPU of a whole proxied request.  Platform
-APIs need none of the wrappers: they answer neither with redirects nor, unasked, with
-gzip, and set no cookies that matter.  So a URL is parsed once and its head prefix
-kept, connections are kept per (scheme, host, port), and answers are parsed by llhttp
-(through httptools, as the origin client does), strictly, a whole read at a time.
+Why not Twisted's L{twisted.web.client.Agent} beneath: a GA4 delivery is one small POST
+per visitor, and Agent's per-request work (parsing the URL again, an endpoint and a pool
+key, a cooperator running the body producer, a line-based parser, a chain of Deferreds)
+costs more than twice the CPU of a whole proxied request, and treq's C{HTTPClient} on top
+of any agent as much again (its cookie, redirect and decoder wrappers).  Platform APIs
+need none of those: they answer neither with redirects nor, unasked, with gzip, and set no
+cookies that matter.  So a URI is parsed once and its head prefix kept, connections are
+kept per (scheme, host, port), a body of bytes (L{BytesProducer}) is written at once,
+and answers are parsed by llhttp (through httptools, as the origin client does),
+strictly, a whole read at a time.
 
 What it keeps of Agent's: certificate verification (L{optionsForClientTLS}, the
 system's trust store), persistent connections (as many idle per host as requests may be
 in flight), cancellation (closing the connection, so a timeout never leaves one
-half-read), a bounded answer (L{MAX_ANSWER}), answers framed by length, by chunks or by
-the connection's end.  A kept connection the platform has closed (or written to while
-idle) is noticed before reuse and never used; a POST is never sent twice by this client:
-the dispatcher decides about another attempt, and the platforms' deduplication makes
-it harmless.
+half-read), answers framed by length, by chunks or by the connection's end (then
+C{PotentialDataLoss}, as Agent), a body protocol that pauses the connection until it is
+given, and the connection closed when that protocol gives up (C{loseConnection}, which
+C{treq.collect} calls when its collector raises).  A kept connection the platform has
+closed (or written to while idle) is noticed before reuse and never used; a POST is never
+sent twice by this agent: the dispatcher decides about another attempt, and the
+platforms' deduplication makes it harmless.
 """
 
 from __future__ import annotations
 
 import re
 import socket
-from typing import Callable, Mapping
+from typing import Callable
 from urllib.parse import urlsplit
 
+import attrs
 from httptools import HttpParserCallbackError, HttpParserError, HttpResponseParser
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import ISystemHandle
+from twisted.internet.interfaces import IConsumer, IPushProducer, ISystemHandle
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IClientRequest, IResponse
+from zope.interface import implementer
 
 from tagd.proxy.origin import tcp_endpoint, unread_bytes
 from tagd.proxy.writes import send_now
 
-# The most of a platform's answer tagd reads: their answers are a few hundred bytes, an
-# error page a few kilobytes; a body without end (a broken or hostile endpoint) must not
-# fill the droplet's memory.
-MAX_ANSWER = 1024 * 1024
 # An answer's head (status line and headers), at most, and its headers, at most: a
 # platform's are a kilobyte and a dozen or two.
 MAX_HEAD = 64 * 1024
@@ -57,31 +61,121 @@ IDLE_TIMEOUT = 50.0
 CONNECT_TIMEOUT = 30.0
 # Seconds the platforms get to answer a clean close on shutdown, before a reset.
 CLOSE_GRACE = 1.0
-# URLs whose parsed form is kept: a destination's few endpoints, many times over.
-_KEPT_URLS = 256
-# Header names and values tagd sends may hold no line break or other control character.
-_BAD_FIELD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-
-
-class AnswerTooLarge(Exception):
-    """A platform's answer went past L{MAX_ANSWER}; its connection is closed."""
+# URIs whose parsed form is kept: a destination's few endpoints, many times over.
+_KEPT_URIS = 256
+# Header values tagd sends may hold no line break or other control character (Twisted's
+# L{Headers} has turned line breaks into spaces; the others it keeps).
+_BAD_FIELD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# The framing is the agent's own: a caller's would contradict it.
+_FRAMING = (b"content-length", b"transfer-encoding", b"host")
+_VERSIONS = {"1.1": (b"HTTP", 1, 1), "1.0": (b"HTTP", 1, 0)}
 
 
 class PlatformProtocolError(Exception):
     """The platform sent something that is not a valid HTTP/1.1 answer."""
 
 
-class Answer:
-    """A platform's whole answer.  C{headers} is built when first read: only throttles
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory, as the platforms' are: L{PlatformAgent} sends
+    its bytes with the head, running no producer; any other agent gets them written at
+    once by C{startProducing}."""
+
+    __slots__ = ("body", "length")
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IConsumer)
+class _Gathering:
+    """Where another producer's body goes: the agent sends a body whole, with its length
+    (platform requests are kilobytes), so that no request is ever sent chunked."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+
+@implementer(IClientRequest)
+@attrs.frozen
+class _SentRequest:
+    method: bytes
+    absoluteURI: bytes
+    headers: Headers
+
+
+@implementer(IPushProducer)
+class _BodyTransport:
+    """The transport an answer's body protocol is given: stopping it or losing it closes
+    the connection, unless the answer was read whole and its connection kept for another."""
+
+    disconnecting = False
+
+    def __init__(self, response: _Response) -> None:
+        self._response = response
+
+    def pauseProducing(self) -> None:
+        self._response.pause(True)
+
+    def resumeProducing(self) -> None:
+        self._response.pause(False)
+
+    def stopProducing(self) -> None:
+        abandon(self._response)
+
+    loseConnection = stopProducing
+
+
+@implementer(IResponse)
+class _Response:
+    """A platform's answer, given when its head is in; its body is kept until a protocol
+    is given (L{deliverBody}).  C{headers} is built when first read: only throttles
     (C{Retry-After}) and Meta (its version warning) look at them."""
 
-    __slots__ = ("code", "body", "_raw", "_headers")
+    __slots__ = (
+        "code", "phrase", "version", "length", "previousResponse",
+        "_raw", "_headers", "_sent", "_connection", "_parts", "_protocol", "_end", "_paused", "_given_up",
+    )  # fmt: skip
 
-    def __init__(self, code: int, raw: list[tuple[bytes, bytes]], body: bytes) -> None:
+    def __init__(self, connection: _Connection, sent: tuple, version, code: int, phrase: bytes, raw: list, length) -> None:
         self.code = code
-        self.body = body
+        self.phrase = phrase
+        self.version = version
+        self.length = length
+        self.previousResponse = None
         self._raw = raw
         self._headers: Headers | None = None
+        self._sent = sent
+        self._connection: _Connection | None = connection  # until it carries another
+        self._parts: list[bytes] = []
+        self._protocol = None
+        self._end: Failure | None = None  # why the body ended, once it has
+        self._paused = False
+        self._given_up = False  # by its protocol: no more of the body is wanted
 
     @property
     def headers(self) -> Headers:
@@ -92,16 +186,77 @@ class Answer:
             self._headers = headers
         return self._headers
 
+    @property
+    def request(self) -> IClientRequest:
+        return _SentRequest(*self._sent)
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        self.previousResponse = response
+
+    def deliverBody(self, protocol) -> None:
+        if self._protocol is not None or self._parts is None:
+            raise RuntimeError("the body was already delivered")
+        protocol.makeConnection(_BodyTransport(self))
+        parts, self._parts = self._parts, None
+        self._protocol = protocol
+        for data in parts:
+            if self._given_up:
+                break  # the protocol gave up (its transport lost), the body with it
+            protocol.dataReceived(data)
+        if self._end is not None:
+            protocol.connectionLost(self._end)
+        elif self._paused:
+            self._paused = False
+            self.pause(False)
+
+    # The connection's reports.
+
+    def received(self, data: bytes) -> None:
+        if self._parts is not None:
+            self._parts.append(data)
+            if not self._paused:  # no protocol yet: no more reads until there is one
+                self._paused = True
+                self.pause(True)
+        elif not self._given_up:
+            self._protocol.dataReceived(data)
+
+    def ended(self, reason: Failure) -> None:
+        if self._end is None:
+            self._end = reason
+            if self._protocol is not None:
+                self._protocol.connectionLost(reason)
+
+    def pause(self, paused: bool) -> None:
+        connection = self._connection
+        if connection is not None and connection.serving is self:
+            connection.pause_reads(paused)
+
+    def abandon(self) -> None:
+        """Close the connection, unless it carries another exchange by now; the body's
+        protocol hears of it when the connection is gone, as with Agent."""
+        connection, self._connection = self._connection, None
+        self._given_up = True
+        if connection is not None and (connection.serving is self or connection.idle_after is self):
+            connection.discard()
+
+
+def abandon(response: IResponse) -> None:
+    """Close the connection of an answer of L{PlatformAgent}'s that is no longer wanted
+    (a timeout while its body trickles): neither L{IResponse} nor C{treq.collect} has a
+    call for it.  The answer of another agent is left to that agent."""
+    if isinstance(response, _Response):
+        response.abandon()
+
 
 class _Target:
-    """A URL, parsed: where to connect, and the start of every request's head to it."""
+    """A URI, parsed: where to connect, and the start of every request's head to it."""
 
-    __slots__ = ("key", "host", "port", "tls", "prefix")
+    __slots__ = ("key", "host", "port", "tls", "line", "host_line")
 
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
+    def __init__(self, uri: bytes) -> None:
+        parts = urlsplit(uri.decode("ascii"))
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("not an http or https URL")
+            raise ValueError("not an http or https URI")
         self.tls = parts.scheme == "https"
         self.host = parts.hostname
         self.port = parts.port or (443 if self.tls else 80)
@@ -109,27 +264,43 @@ class _Target:
         path = parts.path or "/"
         target = f"{path}?{parts.query}" if parts.query else path
         netloc = parts.netloc.rpartition("@")[2]  # never the user info (a webhook's key)
-        if _BAD_FIELD.search(target) or " " in target:
-            raise ValueError("the URL holds a space or a control character")
-        self.prefix = f"{{}} {target} HTTP/1.1\r\nHost: {netloc}\r\n"
+        if _BAD_FIELD.search(target.encode()) or " " in target:
+            raise ValueError("the URI holds a space or a control character")
+        self.line = f" {target} HTTP/1.1\r\n".encode()
+        self.host_line = f"Host: {netloc}\r\n".encode()
 
 
-def _fields(headers: Mapping[str, str]) -> str:
-    """The header lines of C{headers}; none may break a line (a header of its own)."""
-    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-    if lines.count("\n") != len(headers) or _BAD_FIELD.search(lines.replace("\r\n", "")):
+def _fields(headers: Headers | None, target: _Target) -> bytes:
+    """The header lines of C{headers}, with the host's unless they give it; none may
+    hold a control character, nor frame the message (the agent does)."""
+    if headers is None:
+        return target.host_line
+    lines = []
+    host = target.host_line
+    for name, values in headers.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered in _FRAMING:
+            if lowered != b"host":
+                raise ValueError("the agent frames the body itself")
+            host = b""
+        for value in values:
+            lines.append(b"%s: %s\r\n" % (name, value))
+    joined = b"".join(lines)
+    if _BAD_FIELD.search(joined.replace(b"\r\n", b"")) or joined.count(b"\n") != len(lines):
         raise ValueError("a header holds a line break or a control character")
-    return lines
+    return host + joined
 
 
 class _Request:
-    """One request on its way: its bytes, and what to cancel to give it up."""
+    """One request on its way: what it sends, and what to cancel to give it up."""
 
-    __slots__ = ("data", "deferred", "connection", "connecting")
+    __slots__ = ("head", "body", "sent", "deferred", "connection", "connecting")
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.deferred: Deferred[Answer] = Deferred(self._cancel)
+    def __init__(self, head: bytes, body: bytes, sent: tuple) -> None:
+        self.head = head
+        self.body = body
+        self.sent = sent  # method, URI, headers: the answer's C{request}
+        self.deferred: Deferred[IResponse] = Deferred(self._cancel)
         self.connection: _Connection | None = None
         self.connecting: Deferred | None = None
 
@@ -142,7 +313,8 @@ class _Request:
             self.connecting.cancel()
 
 
-class PlatformClient:
+@implementer(IAgent)
+class PlatformAgent:
     """Persistent HTTP/1.1 connections to the platforms, kept per (scheme, host, port).
 
     @param pool_size: idle connections kept per host, at most: as many as requests to it
@@ -156,35 +328,46 @@ class PlatformClient:
         pool_size: int = 10,
         *,
         tls: Callable[[str], object] = optionsForClientTLS,
-        max_answer: int = MAX_ANSWER,
         idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self._reactor = reactor
         self.pool_size = pool_size
         self._tls = tls
-        self.max_answer = max_answer
         self._idle_timeout = idle_timeout
-        self._targets: dict[str, _Target] = {}
+        self._targets: dict[bytes, _Target] = {}
+        self._methods: set[bytes] = set()
         self._endpoints: dict[tuple, object] = {}
         self._idle: dict[tuple, list[_Connection]] = {}
         self._connections: set[_Connection] = set()
         self._closing: Deferred | None = None  # fires once every connection is gone
         self._closed = False
 
-    def request(self, method: str, url: str, body: bytes = b"", headers: Mapping[str, str] = {}) -> Deferred[Answer]:
+    def request(
+        self, method: bytes, uri: bytes, headers: Headers | None = None, bodyProducer: IBodyProducer | None = None
+    ) -> Deferred[IResponse]:
         """Send one request (never C{HEAD}: its answer would be read for a body); the
-        Deferred fires with the whole answer, or fails (no answer: the connection failed
-        or closed early, the answer was invalid or past L{MAX_ANSWER}).  Cancelling it
+        Deferred fires with the answer once its head is in, or fails (no answer: the
+        connection failed or closed early, the answer was invalid).  Cancelling it
         closes the connection."""
-        target = self._targets.get(url)
+        target = self._targets.get(uri)
         try:
             if target is None:
-                target = self._target(url)
-            head = target.prefix.format(method) + _fields(headers) + f"Content-Length: {len(body)}\r\n\r\n"
-            data = head.encode("latin-1") + body
-        except ValueError:  # UnicodeEncodeError too
+                target = self._target(uri)
+            if method not in self._methods:
+                self._method(method)
+            head = method + target.line + _fields(headers, target)
+        except ValueError:  # UnicodeDecodeError too
             return fail()
-        request = _Request(data)
+        sent = (method, uri, headers)
+        if type(bodyProducer) is BytesProducer:
+            request = _Request(head + b"Content-Length: %d\r\n\r\n" % bodyProducer.length, bodyProducer.body, sent)
+        elif bodyProducer is None:
+            framing = b"Content-Length: 0\r\n\r\n" if method in (b"POST", b"PUT", b"PATCH") else b"\r\n"
+            request = _Request(head + framing, b"", sent)
+        else:
+            return self._produced(bodyProducer).addCallback(
+                lambda body: self.request(method, uri, headers, BytesProducer(body))
+            )
         connection = self._idle_connection(target.key)
         if connection is not None:
             connection.send(request)
@@ -192,12 +375,33 @@ class PlatformClient:
             self._connect(target, request)
         return request.deferred
 
-    def _target(self, url: str) -> _Target:
-        target = _Target(url)
-        if len(self._targets) >= _KEPT_URLS:
+    def _target(self, uri: bytes) -> _Target:
+        target = _Target(uri)
+        if len(self._targets) >= _KEPT_URIS:
             self._targets.clear()
-        self._targets[url] = target
+        self._targets[uri] = target
         return target
+
+    def _method(self, method: bytes) -> None:
+        if not _TOKEN.fullmatch(method) or method == b"HEAD":
+            raise ValueError("not a method this agent sends")
+        if len(self._methods) < 16:
+            self._methods.add(method)
+
+    def _produced(self, producer: IBodyProducer) -> Deferred[bytes]:
+        """The whole body of another producer (C{FileBodyProducer}, as treq uses), of
+        the length it gave, if it gave one."""
+        gathering = _Gathering()
+        producing = Deferred(lambda _: producer.stopProducing())
+        producer.startProducing(gathering).chainDeferred(producing)
+
+        def whole(_) -> bytes:
+            body = b"".join(gathering.parts)
+            if producer.length is not UNKNOWN_LENGTH and producer.length != len(body):
+                raise ValueError("the body is not of the length its producer gave")
+            return body
+
+        return producing.addCallback(whole)
 
     def _idle_connection(self, key: tuple) -> _Connection | None:
         idle = self._idle.get(key)
@@ -206,6 +410,7 @@ class PlatformClient:
         deadline = self._reactor.seconds() - self._idle_timeout
         while idle:
             connection = idle.pop()
+            connection.idle = False
             if connection.idle_since < deadline or connection.has_unread_bytes():
                 connection.discard()
                 continue
@@ -242,15 +447,16 @@ class PlatformClient:
         idle = self._idle.setdefault(connection.key, [])
         if not self._closed and len(idle) < self.pool_size:
             connection.idle_since = self._reactor.seconds()
+            connection.idle = True
             idle.append(connection)
         else:
             connection.transport.loseConnection()
 
     def lost(self, connection: _Connection) -> None:
         self._connections.discard(connection)
-        idle = self._idle.get(connection.key)
-        if idle and connection in idle:
-            idle.remove(connection)
+        if connection.idle:
+            connection.idle = False
+            self._idle[connection.key].remove(connection)
         if self._closing is not None and not self._connections:
             closing, self._closing = self._closing, None
             closing.callback(None)
@@ -262,6 +468,8 @@ class PlatformClient:
         connection of its own."""
         self._closed = True
         idle = {connection for kept in self._idle.values() for connection in kept}
+        for connection in idle:
+            connection.idle = False
         self._idle.clear()
         if not self._connections:
             return succeed(None)
@@ -287,12 +495,12 @@ class _Factory(ClientFactory):
 
     noisy = False
 
-    def __init__(self, client: PlatformClient, key: tuple) -> None:
-        self._client = client
+    def __init__(self, agent: PlatformAgent, key: tuple) -> None:
+        self._agent = agent
         self._key = key
 
     def buildProtocol(self, addr) -> _Connection:
-        return _Connection(self._client, self._key)
+        return _Connection(self._agent, self._key)
 
 
 class _ExtraBytes(Exception):
@@ -313,36 +521,44 @@ class _Connection(Protocol):
     """One persistent connection to a platform, carrying one exchange at a time.
 
     llhttp checks the framing (no bare LF, no obs-fold, no conflicting lengths, valid
-    chunk sizes); this adds the bounds (head, header count, answer size) and refuses
-    anything but an HTTP/1.x answer.  The connection goes back to the pool only when the
-    answer allows it and the read that completed it held nothing more.
+    chunk sizes); this adds the bounds (head, header count) and refuses anything but an
+    HTTP/1.x answer.  The answer is given when a read completes its head, its body as
+    reads bring it; the connection goes back to the pool only when the answer allows it
+    and the read that completed it held nothing more.
     """
 
     idle_since = 0.0
+    idle = False  # in the pool
     _socket = None
+    serving: _Response | None = None  # the answer whose body is on its way
+    _reads_paused = False
+    idle_after: _Response | None = None  # the answer read whole before the pool took it
 
-    def __init__(self, client: PlatformClient, key: tuple) -> None:
-        self._client = client
+    def __init__(self, agent: PlatformAgent, key: tuple) -> None:
+        self._agent = agent
         self.key = key
         self._request: _Request | None = None
         self._parser = HttpResponseParser(self)
-        self._max_answer = client.max_answer
 
     def connectionMade(self) -> None:
-        self._client.added(self)
+        self._agent.added(self)
         self._socket = _socket_of(self.transport)
 
     def send(self, request: _Request) -> None:
         request.connection = self
         self._request = request
+        self.serving = self.idle_after = None
         self._received = 0  # bytes of the answer so far, head and body
-        self._head: tuple[int, list[tuple[bytes, bytes]]] | None = None
-        self._body: list[bytes] = []
+        self._head: tuple | None = None
+        self._body: list[bytes] = []  # of this read
         self._size = 0
         self._done = False
         self._reusable = False
         self._close_delimited = False
-        send_now(self.transport, request.data)
+        if request.body:
+            send_now(self.transport, request.head + request.body)
+        else:
+            send_now(self.transport, request.head)
 
     def abandon(self, request: _Request) -> None:
         """Give up C{request} (cancelled): the connection goes with it."""
@@ -350,8 +566,18 @@ class _Connection(Protocol):
             self._request = None
             self.transport.abortConnection()
 
+    def pause_reads(self, paused: bool) -> None:
+        """Stop reading while an answer's body has nowhere to go (or its protocol asks)."""
+        if paused != self._reads_paused:
+            self._reads_paused = paused
+            if paused:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
     def discard(self) -> None:
-        """Close a kept connection that can no longer be trusted, at once."""
+        """Close a connection that can no longer be trusted, at once."""
+        self._request = None
         self.transport.abortConnection()
 
     def has_unread_bytes(self) -> bool:
@@ -376,7 +602,7 @@ class _Connection(Protocol):
             reason = error.__context__ if isinstance(error, HttpParserCallbackError) else error
             if isinstance(reason, _ExtraBytes):
                 self._reusable = False
-            elif isinstance(reason, (PlatformProtocolError, AnswerTooLarge)):
+            elif isinstance(reason, PlatformProtocolError):
                 self._fail(reason)
                 return
             elif isinstance(reason, HttpParserError):
@@ -385,19 +611,26 @@ class _Connection(Protocol):
             else:
                 raise reason from None  # tagd's own fault, for Twisted to log
         if self._done:
-            self._complete(keep=self._reusable)
-        elif self._head is None and self._received > MAX_HEAD:
-            self._fail(PlatformProtocolError("answer head too large"))
+            self._complete()
+        elif self._head is None:
+            if self._received > MAX_HEAD:
+                self._fail(PlatformProtocolError("answer head too large"))
         elif self._received - self._size > MAX_HEAD + self._size:
             # Chunk sizes, extensions and trailers: no more of them than of the body.
             self._fail(PlatformProtocolError("chunked framing or trailers too large"))
+        else:
+            self._deliver()
 
     def on_message_begin(self) -> None:
         if self._done:
             raise _ExtraBytes()
         self._headers: list[tuple[bytes, bytes]] = []
-        self._length = False
+        self._phrase = b""
+        self._length = UNKNOWN_LENGTH
         self._chunked = False
+
+    def on_status(self, phrase: bytes) -> None:
+        self._phrase = phrase
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._head is not None:
@@ -407,7 +640,7 @@ class _Connection(Protocol):
             raise PlatformProtocolError("too many headers")
         size = len(name)  # compared first: most headers are neither of these two
         if size == 14 and name.lower() == b"content-length":
-            self._length = True  # llhttp has checked it: digits, given once
+            self._length = int(value)  # llhttp has checked it: digits, given once
         elif size == 17 and name.lower() == b"transfer-encoding":
             if value.strip(b" \t").lower() != b"chunked" or self._chunked:
                 raise PlatformProtocolError("unsupported transfer coding")  # gzip: never asked for
@@ -421,56 +654,91 @@ class _Connection(Protocol):
             raise PlatformProtocolError("status code out of range")
         if code < 200:
             return  # an interim answer (100 Continue, 103 Early Hints): the answer follows
-        if parser.get_http_version() not in ("1.1", "1.0"):
+        version = _VERSIONS.get(parser.get_http_version())
+        if version is None:
             raise PlatformProtocolError("unsupported HTTP version")
         headers = self._headers
         if self._received > MAX_HEAD and sum(len(n) + len(v) + 4 for n, v in headers) > MAX_HEAD:
             raise PlatformProtocolError("answer head too large")  # it came in one read
         bodiless = code in (204, 304)
-        self._close_delimited = not (bodiless or self._chunked or self._length)
+        self._close_delimited = not (bodiless or self._chunked or self._length is not UNKNOWN_LENGTH)
         self._reusable = parser.should_keep_alive() and not self._close_delimited
-        self._head = (code, headers)
+        self._head = (version, code, self._phrase, headers, 0 if bodiless else self._length)
         self._done = bodiless
 
     def on_body(self, data: bytes) -> None:
         if self._done:
             raise _ExtraBytes()
         self._size += len(data)
-        if self._size > self._max_answer:
-            raise AnswerTooLarge()
         self._body.append(data)
 
     def on_message_complete(self) -> None:
         if self._head is not None:
             self._done = True
 
-    def _complete(self, keep: bool) -> None:
+    def _deliver(self) -> None:
+        """Give the answer once its head is in, then the body this read brought."""
+        response = self.serving
+        if response is None:
+            version, code, phrase, headers, length = self._head
+            request = self._request
+            self.serving = response = _Response(self, request.sent, version, code, phrase, headers, length)
+            if not request.deferred.called:
+                request.deferred.callback(response)
+        body, self._body = self._body, []
+        for data in body:
+            response.received(data)
+
+    def _complete(self) -> None:
         """The answer is complete, and so is the read that brought its end: the
-        connection goes back to the pool (C{keep}) or is closed, then the answer is told."""
+        connection goes back to the pool (when the answer allows) or is closed, then the
+        answer is told, so that what it sets off finds the connection kept."""
         request, self._request = self._request, None
-        if keep:
-            self._client.release(self)
+        response, self.serving = self.serving, None
+        body = self._body
+        if response is None:  # all of it in this read: given whole
+            version, code, phrase, headers, _ = self._head
+            response = _Response(self, request.sent, version, code, phrase, headers, self._size)
+            response._parts = body
+            response._end = _DONE
+        self.idle_after = response
+        if self._reads_paused:  # the rest came in the read that was under way
+            self.pause_reads(False)
+        if self._reusable:
+            self._agent.release(self)
         else:
             self.transport.loseConnection()
-        code, headers = self._head
-        if not request.deferred.called:
-            request.deferred.callback(Answer(code, headers, b"".join(self._body)))
+        if response._parts is body:
+            if not request.deferred.called:
+                request.deferred.callback(response)
+        else:
+            for data in body:
+                response.received(data)
+            response.ended(_DONE)
 
     def _fail(self, reason: Exception) -> None:
         request, self._request = self._request, None
         self.transport.abortConnection()
-        if request is not None and not request.deferred.called:
-            request.deferred.errback(Failure(reason))
+        failure = Failure(reason)
+        response, self.serving = self.serving, None
+        if response is not None:
+            response.ended(Failure(ResponseFailed([failure])))
+        elif request is not None and not request.deferred.called:
+            request.deferred.errback(failure)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
-        self._client.lost(self)
-        request = self._request
-        if request is None or request.deferred.called:
-            self._request = None
-            return
-        if self._head is not None and self._close_delimited and reason.check(ConnectionDone):
-            self._complete(keep=False)  # an answer framed by the connection's end
-            return
-        self._request = None
-        lost = ResponseFailed if self._received else ResponseNeverReceived
-        request.deferred.errback(Failure(lost([reason])))
+        self._agent.lost(self)
+        request, self._request = self._request, None
+        response, self.serving = self.serving, None
+        if response is not None:
+            if request is not None and self._close_delimited and reason.check(ConnectionDone):
+                response.ended(Failure(PotentialDataLoss()))  # an answer framed by the connection's end
+            else:
+                response.ended(Failure(ResponseFailed([reason])))
+        elif request is not None and not request.deferred.called:
+            lost = ResponseFailed if self._received else ResponseNeverReceived
+            request.deferred.errback(Failure(lost([reason])))
+
+
+# How a body ended whole (the same each time: nothing of the answer's own is in it).
+_DONE = Failure(ResponseDone("Response body fully received"))

@@ -1,9 +1,10 @@
 """Delivery to the platforms: what the dispatcher and the direct fallback share, and the
 direct, best-effort delivery used when the spool cannot be opened.
 
-Both deliver through tagd's own platform client (L{tagd.delivery.client}) and keep events the platform
-would refuse for their age out of every request (L{expired}), so that the fallback sends
-exactly what the dispatcher would, only without retries.
+Both send through an L{IAgent} (tagd's own, L{tagd.delivery.client.PlatformAgent}), read
+the answers with C{treq.collect} (L{exchange}), and keep events the platform would refuse
+for their age out of every request (L{expired}), so that the fallback sends exactly what
+the dispatcher would, only without retries.
 
 L{DirectDelivery} sends each batch of events to every destination at once; each
 platform's answer is classified by its destination and counted.  Nothing here is awaited
@@ -17,10 +18,13 @@ from types import MappingProxyType
 from typing import Callable, Collection, Mapping, Sequence, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+import treq
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, fail
 from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
 
-from tagd.delivery.client import PlatformClient
+from tagd.delivery.client import BytesProducer, abandon
 from tagd.delivery.destinations import Describing, Destination, Outcome, OutgoingRequest, Selective, Verdict
 from tagd.tagging.events import Event
 from tagd.delivery.outcomes import EXPIRED, Outcomes
@@ -57,6 +61,62 @@ def expired(destination: Destination, event: Event, now: float) -> bool:
 
 
 T = TypeVar("T")
+# The most of a platform's answer tagd reads: their answers are a few hundred bytes, an
+# error page a few kilobytes; a body without end (a broken or hostile endpoint) must not
+# fill the droplet's memory.
+MAX_ANSWER = 1024 * 1024
+
+
+class AnswerTooLarge(Exception):
+    """A platform's answer went past L{MAX_ANSWER}; its connection is closed."""
+
+
+def read_answer(response: IResponse, limit: int = MAX_ANSWER) -> Deferred[bytes]:
+    """A platform's answer body, at most C{limit} bytes, read by C{treq.collect}; past
+    the limit L{AnswerTooLarge} is raised, and treq closes the connection.  Cancelling
+    it (a timeout while the body trickles) closes the connection too."""
+    parts: list[bytes] = []
+    size = 0
+
+    def collect(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > limit:
+            raise AnswerTooLarge()
+        parts.append(data)
+
+    collected = treq.collect(response, collect)
+    if collected.called:  # no body, or all of it there
+        return collected.addCallback(lambda _: b"".join(parts))
+    reading: Deferred[bytes] = Deferred(lambda _: abandon(response))
+    collected.addCallbacks(lambda _: reading.callback(b"".join(parts)), reading.errback)
+    return reading
+
+
+def request_headers(fields: Mapping[str, str]) -> Headers:
+    """A request's header fields as Twisted's L{Headers}; a line break is refused
+    (L{Headers} would make it a space, leaving a token or a value garbled, not refused)."""
+    headers = Headers()
+    for name, value in fields.items():
+        if "\n" in value or "\r" in value:
+            raise ValueError("a header holds a line break")
+        headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+    return headers
+
+
+def exchange(agent: IAgent, request: OutgoingRequest) -> Deferred[tuple[IResponse, bytes]]:
+    """Send C{request} and read its whole answer (L{read_answer}): one Deferred for both,
+    so that one timeout covers both, and cancelling it closes the connection."""
+    try:
+        headers = request_headers(request.headers)
+        method, url = request.method.encode("ascii"), request.url.encode("ascii")
+    except ValueError:  # UnicodeEncodeError too
+        return fail()
+    return agent.request(method, url, headers, BytesProducer(request.body)).addCallback(_read)
+
+
+def _read(response: IResponse) -> Deferred[tuple[IResponse, bytes]]:
+    return read_answer(response).addCallback(lambda body: (response, body))
 
 
 def judged(destination: Destination, request: OutgoingRequest, status: int, body: bytes) -> Verdict:
@@ -101,7 +161,7 @@ class DirectDelivery:
     events past a platform's age window are counted as expired instead (see L{expired})."""
 
     def __init__(
-        self, *, reactor, routes: Sequence[Route], http: PlatformClient, outcomes: Outcomes
+        self, *, reactor, routes: Sequence[Route], http: IAgent, outcomes: Outcomes
     ) -> None:
         self._reactor = reactor
         self._routes = tuple(routes)
@@ -163,9 +223,7 @@ class DirectDelivery:
         destination = route.destination
         count = len(events)
         try:
-            answer = await self._http.request(request.method, request.url, request.body, request.headers).addTimeout(
-                route.timeout, self._reactor
-            )
+            response, body = await exchange(self._http, request).addTimeout(route.timeout, self._reactor)
         except Exception as e:
             # The exception text may quote the URL, and with it a token: name the type only.
             log.warn(
@@ -176,22 +234,22 @@ class DirectDelivery:
             )
             self._outcomes.delivered(route.destination.name, Outcome.TRANSIENT.value, events, message=f"no answer: {type(e).__name__}")
             return
-        verdict = judged(destination, request, answer.code, answer.body)
+        verdict = judged(destination, request, response.code, body)
         refused = dict(verdict.refused)
         if refused:
             # A partial success (Pinterest): the refused events are the platform's verdict on them.
             for index, event in enumerate(events):
                 if index in refused:
-                    self._outcomes.delivered(route.destination.name, Outcome.PERMANENT.value, [event], answer.code, refused[index])
+                    self._outcomes.delivered(route.destination.name, Outcome.PERMANENT.value, [event], response.code, refused[index])
             events = [event for index, event in enumerate(events) if index not in refused]
             count = len(events)
-        self._outcomes.delivered(route.destination.name, verdict.outcome.value, events, answer.code, verdict.message)
+        self._outcomes.delivered(route.destination.name, verdict.outcome.value, events, response.code, verdict.message)
         if verdict.outcome is Outcome.SUCCESS:
             log.debug(
                 "{destination}: {count} event(s) delivered ({status})",
                 destination=destination.name,
                 count=count,
-                status=answer.code,
+                status=response.code,
             )
         else:
             log.warn(

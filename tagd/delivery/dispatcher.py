@@ -3,7 +3,7 @@
 One loop per destination leases due rows from the spool (up to L{LEASE} at once, more when
 a destination's batches are larger), drops the events the platform would refuse for their
 age, encodes the rest into as many requests as the platform's limits ask (GA4 sends one
-visitor per request), POSTs them (L{tagd.delivery.client}), at most C{concurrency} at once, and settles
+visitor per request), POSTs them through an L{IAgent} (L{tagd.delivery.client}), at most C{concurrency} at once, and settles
 the rows of every request by the platform's verdict on it:
 
   - success: acknowledged, done;
@@ -74,9 +74,9 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
 
-from tagd.delivery.client import PlatformClient
-from tagd.delivery.direct import Route, by_unsendable_reason, expired, judged
+from tagd.delivery.direct import Route, by_unsendable_reason, exchange, expired, judged
 from tagd.delivery.destinations import Advising, Describing, Outcome, OutgoingRequest, Verdict
 from tagd.tagging.events import Event
 from tagd.admin.metrics import Metrics
@@ -281,7 +281,8 @@ class Dispatcher(Service):
 
     @param spool: leases rows and records their fate (see L{Spool}).
     @param routes: the destinations, each with its request timeout.
-    @param http: the client for the platforms (L{tagd.delivery.client.PlatformClient}).
+    @param http: the agent for the platforms (L{tagd.delivery.client.PlatformAgent}, or
+        any other L{IAgent}).
     @param poll_interval: seconds between looks at the spool when nobody calls L{wake}.
     @param concurrency: requests in flight per destination whose route does not say
         (L{Route.concurrency}), at most; also the number of leases a destination holds
@@ -303,7 +304,7 @@ class Dispatcher(Service):
         reactor,
         spool: Spool,
         routes: Sequence[Route],
-        http: PlatformClient,
+        http: IAgent,
         metrics: Metrics,
         poll_interval: float = 1.0,
         concurrency: int | None = None,
@@ -710,28 +711,26 @@ class Dispatcher(Service):
 
     async def _attempt(self, lane: _Lane, request: OutgoingRequest) -> tuple[int | None, Verdict] | None:
         """The HTTP status and the verdict; C{None} when shutdown cancelled the request."""
-        exchange = self._http.request(request.method, request.url, request.body, request.headers).addTimeout(
-            lane.route.timeout, self._reactor, onTimeoutCancel=_timed_out
-        )
-        lane.inflight.add(exchange)
+        sending = exchange(self._http, request).addTimeout(lane.route.timeout, self._reactor, onTimeoutCancel=_timed_out)
+        lane.inflight.add(sending)
         try:
-            answer = await exchange
+            response, body = await sending
         except Exception as e:
             if not self.running:
                 return None
             # The exception text may quote the URL, and with it a token: name the type only.
             return None, Verdict(Outcome.TRANSIENT, f"no answer: {type(e).__name__}")
         finally:
-            lane.inflight.discard(exchange)
+            lane.inflight.discard(sending)
         destination = lane.route.destination
-        verdict = judged(destination, request, answer.code, answer.body)
+        verdict = judged(destination, request, response.code, body)
         if verdict.outcome is Outcome.THROTTLE and verdict.retry_after is None:
             # Only a throttle's pause heeds Retry-After (L{_heed}).
-            asked = retry_after(answer.headers, self._reactor.seconds())
+            asked = retry_after(response.headers, self._reactor.seconds())
             verdict = attrs.evolve(verdict, retry_after=asked)
         if lane.advising:
-            self._advise(lane, destination.advice(answer.code, answer.headers, answer.body))
-        return answer.code, verdict
+            self._advise(lane, destination.advice(response.code, response.headers, body))
+        return response.code, verdict
 
     def _advise(self, lane: _Lane, advice: str | None) -> None:
         """What the platform's answer asks of the operator, logged once per destination."""

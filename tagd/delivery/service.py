@@ -19,7 +19,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from tagd.daemon.config import Config
-from tagd.delivery.client import PlatformClient
+from tagd.delivery.client import PlatformAgent
 from tagd.delivery.direct import DirectDelivery, Route
 from tagd.delivery.dispatcher import BacklogCollector, Dispatcher
 from tagd.tagging.events import Event
@@ -122,7 +122,7 @@ class Delivery(Service):
         self._metrics = metrics
         self._outcomes = Outcomes(metrics, feed)
         self._spool = spool
-        self._http = PlatformClient(reactor, _pool_size(config))
+        self._http = PlatformAgent(reactor, _pool_size(config))
         self._routes = {d.name: Route(d.destination, d.timeout, d.concurrency) for d in config.destinations}
         self._outcomes.configured([route.destination for route in self._routes.values()])
         self._dispatcher: Dispatcher | None = None
