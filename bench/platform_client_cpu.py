@@ -1,4 +1,4 @@
-"""CPU per platform request of tagd's client, against treq on Twisted's Agent.
+"""CPU per platform request of tagd's agent, against treq on Twisted's Agent.
 
 A GA4 delivery is one POST per visitor, so the client's per-request CPU is much of what a
 tracked page view costs (issue: one GA4 delivery at most the CPU of one proxied request,
@@ -13,8 +13,10 @@ a time, against a small asyncio server in a process of its own:
     with no connection at all: the least any lean agent beneath treq could cost
     (C{HTTPClient(agent)}), and C{agent.request + treq.collect}, the least of a lean agent
     called directly with treq reading its body;
-  - C{PlatformClient}: tagd's own client (L{tagd.delivery.client});
-  - C{Dispatcher + PlatformClient}: the whole of a GA4 delivery in the dispatcher, per
+  - C{PlatformAgent + treq.collect}: what the dispatcher sends and reads
+    (L{tagd.delivery.direct.exchange}: tagd's agent, L{tagd.delivery.client}, the body read
+    by C{treq.collect});
+  - C{Dispatcher + PlatformAgent}: the whole of a GA4 delivery in the dispatcher, per
     event, one visitor each: lease (from a spool in memory, answering at once), the age
     check, GA4's encoding, the POST, the verdict and the acknowledgement.
 
@@ -42,9 +44,9 @@ from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
 from tagd.admin.metrics import Metrics
-from tagd.delivery.client import PlatformClient
-from tagd.delivery.destinations import ga4
-from tagd.delivery.direct import Route
+from tagd.delivery.client import PlatformAgent
+from tagd.delivery.destinations import OutgoingRequest, ga4
+from tagd.delivery.direct import Route, exchange
 from tagd.delivery.dispatcher import Dispatcher
 from tagd.tagging.events import Event
 
@@ -133,8 +135,8 @@ async def _agent_collect(reactor, agent, url: str) -> None:
     await treq.collect(response, lambda data: None)
 
 
-async def _platform_client(reactor, client: PlatformClient, url: str) -> None:
-    await client.request("POST", url, BODY, HEADERS).addTimeout(5, reactor)
+async def _platform_agent(reactor, agent: PlatformAgent, request: OutgoingRequest) -> None:
+    await exchange(agent, request).addTimeout(5, reactor)
 
 
 @attrs.frozen
@@ -183,7 +185,7 @@ async def _dispatched(reactor, url: str, count: int, inflight: int) -> float:
         for n in range(count)
     ]  # fmt: skip
     spool = _MemorySpool(events)
-    client = PlatformClient(reactor, inflight)
+    client = PlatformAgent(reactor, inflight)
     dispatcher = Dispatcher(
         reactor=reactor, spool=spool, routes=[Route(destination, 5.0, inflight)], http=client, metrics=Metrics()
     )
@@ -220,19 +222,20 @@ async def main(reactor, args) -> None:
         stock = HTTPClient(Agent(reactor, pool=pool))
         instant = _InstantAgent()
         layered = HTTPClient(instant)
-        lean = PlatformClient(reactor, args.inflight)
+        lean = PlatformAgent(reactor, args.inflight)
+        request = OutgoingRequest(url, BODY, HEADERS)  # as a destination's encode makes it
         candidates = {
             "treq+Agent": lambda: _treq_agent(reactor, stock, url),
             "treq layers alone: HTTPClient(agent)": lambda: _treq_agent(reactor, layered, url),
             "treq layers alone: agent.request + treq.collect": lambda: _agent_collect(reactor, instant, url),
-            "PlatformClient": lambda: _platform_client(reactor, lean, url),
+            "PlatformAgent + treq.collect": lambda: _platform_agent(reactor, lean, request),
         }
         best = {name: float("inf") for name in candidates}
         for _ in range(args.rounds):
             for name, send in candidates.items():
                 await _round(reactor, send, args.inflight * 20, args.inflight)  # warm the pool
                 best[name] = min(best[name], await _round(reactor, send, args.requests, args.inflight))
-        dispatched = "Dispatcher + PlatformClient (per GA4 event)"
+        dispatched = "Dispatcher + PlatformAgent (per GA4 event)"
         best[dispatched] = float("inf")
         for _ in range(args.rounds):
             best[dispatched] = min(best[dispatched], await _dispatched(reactor, url, args.requests, args.inflight))

@@ -464,8 +464,10 @@ async def test_treq_s_http_client_works_over_the_agent(echo, platforms):
 
 @pytest_twisted.ensureDeferred
 async def test_the_answer_is_an_iresponse_and_the_body_producer_works_under_twisted_s_agent(echo, platforms, reactor):
-    response = await within(platforms.request(b"PUT", (echo + "/x").encode(), Headers({b"X-A": [b"1"]}), BytesProducer(b"abc")))
+    given = Headers({b"X-A": [b"1"]})
+    response = await within(platforms.request(b"PUT", (echo + "/x").encode(), given, BytesProducer(b"abc")))
     verifyObject(IResponse, response)
+    assert list(given.getAllRawHeaders()) == [(b"X-A", [b"1"])]  # the agent adds its own lines, never to the caller's
     assert (response.version, response.code, response.phrase, response.previousResponse) == ((b"HTTP", 1, 1), 200, b"OK", None)
     assert response.request.headers.getRawHeaders(b"x-a") == [b"1"]
     assert json.loads(await within(treq.content(response)))["body"] == "abc"

@@ -63,12 +63,14 @@ CONNECT_TIMEOUT = 30.0
 CLOSE_GRACE = 1.0
 # URIs whose parsed form is kept: a destination's few endpoints, many times over.
 _KEPT_URIS = 256
-# Header values tagd sends may hold no line break or other control character (Twisted's
-# L{Headers} has turned line breaks into spaces; the others it keeps).
+# A URI's target may hold no line break or other control character, nor may a header's
+# value: Twisted's L{Headers} has turned line breaks into spaces, the others it keeps.
 _BAD_FIELD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-# The framing is the agent's own: a caller's would contradict it.
-_FRAMING = (b"content-length", b"transfer-encoding", b"host")
+# The framing is the agent's own: a caller's would contradict it.  (L{Headers} gives
+# names in this case.)
+_FRAMING = (b"Content-Length", b"Transfer-Encoding", b"Host")
 _VERSIONS = {"1.1": (b"HTTP", 1, 1), "1.0": (b"HTTP", 1, 0)}
 
 
@@ -275,18 +277,18 @@ def _fields(headers: Headers | None, target: _Target) -> bytes:
     hold a control character, nor frame the message (the agent does)."""
     if headers is None:
         return target.host_line
-    lines = []
+    parts: list[bytes] = []
     host = target.host_line
     for name, values in headers.getAllRawHeaders():
-        lowered = name.lower()
-        if lowered in _FRAMING:
-            if lowered != b"host":
+        if name in _FRAMING:
+            if name != b"Host":
                 raise ValueError("the agent frames the body itself")
             host = b""
         for value in values:
-            lines.append(b"%s: %s\r\n" % (name, value))
-    joined = b"".join(lines)
-    if _BAD_FIELD.search(joined.replace(b"\r\n", b"")) or joined.count(b"\n") != len(lines):
+            parts += (name, b": ", value, b"\r\n")
+    joined = b"".join(parts)
+    lines = len(parts) // 4
+    if joined.count(b"\n") != lines or joined.count(b"\r") != lines or _CONTROL.search(joined):
         raise ValueError("a header holds a line break or a control character")
     return host + joined
 

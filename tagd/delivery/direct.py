@@ -71,36 +71,54 @@ class AnswerTooLarge(Exception):
     """A platform's answer went past L{MAX_ANSWER}; its connection is closed."""
 
 
+class _Collector:
+    """Where C{treq.collect} puts an answer's body: at most C{limit} bytes of it."""
+
+    __slots__ = ("parts", "size", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.limit = limit
+
+    def __call__(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise AnswerTooLarge()
+        self.parts.append(data)
+
+
 def read_answer(response: IResponse, limit: int = MAX_ANSWER) -> Deferred[bytes]:
     """A platform's answer body, at most C{limit} bytes, read by C{treq.collect}; past
     the limit L{AnswerTooLarge} is raised, and treq closes the connection.  Cancelling
     it (a timeout while the body trickles) closes the connection too."""
-    parts: list[bytes] = []
-    size = 0
-
-    def collect(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > limit:
-            raise AnswerTooLarge()
-        parts.append(data)
-
-    collected = treq.collect(response, collect)
-    if collected.called:  # no body, or all of it there
-        return collected.addCallback(lambda _: b"".join(parts))
+    collector = _Collector(limit)
+    collected = treq.collect(response, collector)
     reading: Deferred[bytes] = Deferred(lambda _: abandon(response))
-    collected.addCallbacks(lambda _: reading.callback(b"".join(parts)), reading.errback)
+    collected.addCallbacks(lambda _: reading.callback(b"".join(collector.parts)), reading.errback)
     return reading
+
+
+# Twisted's Headers of the header fields tagd sends, kept: a destination's are the same
+# for every request, and agents only read them (Agent copies before it adds its own).
+_KEPT_HEADERS = 256
+_headers: dict[tuple[tuple[str, str], ...], Headers] = {}
 
 
 def request_headers(fields: Mapping[str, str]) -> Headers:
     """A request's header fields as Twisted's L{Headers}; a line break is refused
     (L{Headers} would make it a space, leaving a token or a value garbled, not refused)."""
-    headers = Headers()
-    for name, value in fields.items():
-        if "\n" in value or "\r" in value:
-            raise ValueError("a header holds a line break")
-        headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+    key = tuple(fields.items())
+    headers = _headers.get(key)
+    if headers is None:
+        headers = Headers()
+        for name, value in key:
+            if "\n" in value or "\r" in value:
+                raise ValueError("a header holds a line break")
+            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        if len(_headers) >= _KEPT_HEADERS:
+            _headers.clear()
+        _headers[key] = headers
     return headers
 
 
@@ -115,7 +133,9 @@ def exchange(agent: IAgent, request: OutgoingRequest) -> Deferred[tuple[IRespons
     return agent.request(method, url, headers, BytesProducer(request.body)).addCallback(_read)
 
 
-def _read(response: IResponse) -> Deferred[tuple[IResponse, bytes]]:
+def _read(response: IResponse) -> tuple[IResponse, bytes] | Deferred[tuple[IResponse, bytes]]:
+    if response.length == 0:
+        return response, b""  # no body: treq.collect would read none either
     return read_answer(response).addCallback(lambda body: (response, body))
 
 
