@@ -192,7 +192,8 @@ class _Response:
 
     @property
     def request(self) -> IClientRequest:
-        return _SentRequest(*self._sent)
+        method, uri, headers = self._sent
+        return _SentRequest(method, uri, Headers() if headers is None else headers)
 
     def setPreviousResponse(self, response: IResponse) -> None:
         self.previousResponse = response
@@ -732,6 +733,7 @@ class _Connection(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._agent.lost(self)
+        self.idle_after = None
         request, self._request = self._request, None
         response, self.serving = self.serving, None
         if response is not None:
