@@ -31,6 +31,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from helpers import ADMIN_TOML
 from hostile_origin import ScriptedOrigin
 from origin import Origin
+from tagd.delivery.client import PlatformAgent
 
 TIMEOUT = 10.0
 
@@ -454,6 +455,14 @@ async def http(reactor):
     pool = HTTPConnectionPool(reactor, persistent=True)
     yield HTTPClient(Agent(reactor, pool=pool))
     await within(pool.closeCachedConnections())
+
+
+@pytest_twisted.async_yield_fixture
+async def platforms(reactor):
+    """tagd's agent for the platforms, its connections closed after the test."""
+    client = PlatformAgent(reactor)
+    yield client
+    await within(client.close())
 
 
 @pytest.fixture

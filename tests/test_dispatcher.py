@@ -3,7 +3,8 @@ later, expired or dead-lettered, and nothing leased is left in flight.
 
 Most tests run the real reactor against the fake platforms on loopback, with short poll
 and backoff intervals.  The tests of time itself (backoff ceilings, Retry-After pauses)
-use a L{Clock} as the reactor and C{StubTreq} in place of the network, because a clock
+use a L{Clock} as the reactor and treq's C{RequestTraversalAgent} in place of the network (the
+dispatcher takes any L{IAgent}), because a clock
 that only moves when told cannot drive real sockets.  What the dispatcher shares with
 the direct fallback (the age windows, the platforms' client) is tested here too.
 """
@@ -22,7 +23,7 @@ import pytest
 import pytest_twisted
 import treq
 from treq.client import HTTPClient
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent
 from twisted.internet import reactor as _global_reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
@@ -35,8 +36,9 @@ from twisted.web.resource import Resource
 from conftest import eventually, sleep, within
 from fakes import DAY, FakeGA4, FakeMeta, FakeTikTok, Injection, make_event, serve
 from helpers import free_port
-from tagd.delivery.direct import DirectDelivery, Route, http_client
-from tagd.delivery.destinations import ga4, log, meta, tiktok, webhook
+from tagd.delivery.client import PlatformAgent
+from tagd.delivery.direct import DirectDelivery, Route, exchange
+from tagd.delivery.destinations import OutgoingRequest, ga4, log, meta, tiktok, webhook
 from tagd.delivery.destinations.meta import NEWEST_API_VERSION
 from tagd.delivery.dispatcher import LEASE, Dispatcher, retry_after
 from tagd.tagging.events import Event
@@ -276,14 +278,14 @@ async def serving():
 
 
 @pytest_twisted.async_yield_fixture
-async def dispatch(reactor, http, spool, metrics):
+async def dispatch(reactor, platforms, spool, metrics):
     """Start a dispatcher on the real reactor: C{dispatch(route, ..., concurrency=1)}."""
     started = []
 
     def start(*routes, **options) -> Dispatcher:
         options = {"poll_interval": 0.05, "backoff_base": 0.05, **options}
         dispatcher = Dispatcher(
-            reactor=reactor, spool=spool, routes=routes, http=http, metrics=metrics, **options
+            reactor=reactor, spool=spool, routes=routes, http=platforms, metrics=metrics, **options
         )
         dispatcher.startService()
         started.append(dispatcher)
@@ -773,7 +775,7 @@ async def test_stop_cancels_requests_and_releases_rows(serving, dispatch, spool,
 
 
 @pytest_twisted.ensureDeferred
-async def test_direct_delivery_expires_events_as_the_dispatcher_does(serving, reactor, http, metrics):
+async def test_direct_delivery_expires_events_as_the_dispatcher_does(serving, reactor, platforms, metrics):
     """Without the spool, events past a platform's window (less the margin) are counted
     as expired and never sent, by the dispatcher's rule: Meta takes the event 30 s short
     of GA4's 72 hours, GA4 does not, neither takes the one 8 days old, the log takes all."""
@@ -782,7 +784,7 @@ async def test_direct_delivery_expires_events_as_the_dispatcher_does(serving, re
     times = {"fresh": now - 3600, "ga4-edge": now - 72 * 3600 + 30, "old": now - 8 * DAY}
     batch = [make_event(event_id=event_id, event_time=t) for event_id, t in times.items()]
     routes = [meta_route(meta_served), ga4_route(ga4_served), Route(log.build("dry", {}), 1.0)]
-    delivery = DirectDelivery(reactor=reactor, routes=routes, http=http, outcomes=Outcomes(metrics))
+    delivery = DirectDelivery(reactor=reactor, routes=routes, http=platforms, outcomes=Outcomes(metrics))
 
     await within(delivery.submit(batch))
     assert [e["event_id"] for e in meta_served.fake.events] == ["fresh", "ga4-edge"]
@@ -806,13 +808,13 @@ async def test_platform_connections_log_no_factory_lines(serving, reactor, log_e
     "Starting factory" and "Stopping factory" lines; a stock pool beside it logs both,
     which shows that the lines would be seen."""
     quiet_served, stock_served = serving(FakeGA4()), serving(FakeGA4())
-    quiet, quiet_pool = http_client(reactor)
+    quiet = PlatformAgent(reactor)
     stock_pool = HTTPConnectionPool(reactor)
     stock = HTTPClient(Agent(reactor, pool=stock_pool))
-    for client, served in ((quiet, quiet_served), (stock, stock_served)):
-        response = await within(client.post(served.base + "/mp/collect", data=b"{}"))
-        await within(treq.content(response))
-    await within(quiet_pool.closeCachedConnections())
+    await within(exchange(quiet, OutgoingRequest(quiet_served.base + "/mp/collect", b"{}")))
+    response = await within(stock.post(stock_served.base + "/mp/collect", data=b"{}"))
+    await within(treq.content(response))
+    await within(quiet.close())
     await within(stock_pool.closeCachedConnections())
 
     def factory_lines(served) -> list[str]:
@@ -866,7 +868,7 @@ def clocked(clock: Clock, receiver: Scripted, spool: MemorySpool, **options) -> 
     """A started dispatcher on C{clock} with one webhook route to C{receiver}."""
     route = hook_route("http://hook.test/events", 5.0, max_batch=options.pop("max_batch", 100))
     options = {"poll_interval": 1.0, "rand": Ceilings(), "metrics": Metrics(), **options}
-    dispatcher = Dispatcher(reactor=clock, spool=spool, routes=[route], http=StubTreq(receiver), **options)
+    dispatcher = Dispatcher(reactor=clock, spool=spool, routes=[route], http=RequestTraversalAgent(receiver), **options)
     dispatcher.startService()
     return dispatcher
 
@@ -1051,7 +1053,7 @@ async def drained(spool) -> dict[tuple[str, str], int]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_drains_the_sqlite_spool(serving, reactor, http, metrics, tmp_path):
+async def test_drains_the_sqlite_spool(serving, reactor, platforms, metrics, tmp_path):
     """Against the real SQLite spool: a 503 is retried, the too-old event expires, the
     poison event is dead-lettered with Meta's message and the others are delivered."""
     from tagd.delivery.spool import Spool
@@ -1067,7 +1069,7 @@ async def test_drains_the_sqlite_spool(serving, reactor, http, metrics, tmp_path
     assert spool.enqueue(batch, ["meta"]) == 5
     await within(spool.flush())
     dispatcher = Dispatcher(
-        reactor=reactor, spool=spool, routes=[meta_route(served)], http=http, metrics=metrics,
+        reactor=reactor, spool=spool, routes=[meta_route(served)], http=platforms, metrics=metrics,
         poll_interval=0.05, backoff_base=0.05,
     )  # fmt: skip
     dispatcher.startService()

@@ -99,11 +99,11 @@ async def test_events_past_the_platforms_window_expire_unsent(serving, dispatch,
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_direct_fallback_counts_a_partial_success_event_by_event(serving, reactor, http, metrics):
+async def test_the_direct_fallback_counts_a_partial_success_event_by_event(serving, reactor, platforms, metrics):
     fake = FakePinterest()
     fake.refuse_ids = {"ev-0"}
     served = serving(fake)
-    delivery = DirectDelivery(reactor=reactor, routes=[route("pinterest", served)], http=http, outcomes=Outcomes(metrics))
+    delivery = DirectDelivery(reactor=reactor, routes=[route("pinterest", served)], http=platforms, outcomes=Outcomes(metrics))
     await delivery.submit(events("ev", 3))
     assert delivered(metrics, "pinterest", "success") == 2
     assert delivered(metrics, "pinterest", "permanent") == 1

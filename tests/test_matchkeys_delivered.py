@@ -46,7 +46,7 @@ async def test_match_keys_count_only_the_events_a_platform_took(serving, dispatc
 
 @pytest.mark.parametrize("direct", [False, True], ids=["spool", "direct"])
 @pytest_twisted.ensureDeferred
-async def test_match_keys_leave_out_the_events_pinterest_refused(serving, dispatch, spool, reactor, http, metrics, direct):
+async def test_match_keys_leave_out_the_events_pinterest_refused(serving, dispatch, spool, reactor, platforms, metrics, direct):
     """Of a partial success, only the events Pinterest processed count, through the
     dispatcher and the direct fallback alike."""
     fake = FakePinterest()
@@ -56,7 +56,7 @@ async def test_match_keys_leave_out_the_events_pinterest_refused(serving, dispat
     outcomes = Outcomes(metrics)
     outcomes.configured([sent.destination])
     if direct:
-        await DirectDelivery(reactor=reactor, routes=[sent], http=http, outcomes=outcomes).submit(events("ev", 5))
+        await DirectDelivery(reactor=reactor, routes=[sent], http=platforms, outcomes=outcomes).submit(events("ev", 5))
     else:
         spool.add("pinterest", events("ev", 5))
         dispatch(sent, outcomes=outcomes)

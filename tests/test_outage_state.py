@@ -222,12 +222,12 @@ class UpgradingMeta(Resource):
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_dispatcher_logs_the_advice_once(reactor, http, log_events, tmp_path):
+async def test_the_dispatcher_logs_the_advice_once(reactor, platforms, log_events, tmp_path):
     served = serve(UpgradingMeta())
     spool = Spool.open(tmp_path / "spool.sqlite", reactor=reactor)
     destination = meta.build("meta", {"pixel_id": "1", "access_token": "meta-token", "api_version": "v20.0",
                                       "endpoint": served.base, "max_batch": 1})  # fmt: skip
-    dispatcher = Dispatcher(reactor=reactor, spool=spool, routes=[Route(destination, 2.0)], http=http,
+    dispatcher = Dispatcher(reactor=reactor, spool=spool, routes=[Route(destination, 2.0)], http=platforms,
                             metrics=Metrics(), poll_interval=0.05)  # fmt: skip
     spool.enqueue([make_event(event_id=f"e{n}") for n in range(3)], ["meta"])
     dispatcher.startService()

@@ -27,7 +27,8 @@ import attrs
 from twisted.internet.task import react
 
 from tagd.daemon.config import Config, ConfigError, DestinationConfig, SpoolSettings
-from tagd.delivery.direct import http_client, read_answer
+from tagd.delivery.client import PlatformAgent
+from tagd.delivery.direct import exchange
 from tagd.demo.__main__ import SUMMARY as DEMO_SUMMARY, add_arguments as demo_arguments, main as demo_main
 from tagd.delivery.destinations import Describing, Destination, Outcome, OutgoingRequest, meta
 from tagd.delivery.destinations._common import public_url, redact
@@ -378,29 +379,21 @@ def secret_values(destination: DestinationConfig) -> list[str]:
 async def post_test_event(reactor, destination: DestinationConfig, request: OutgoingRequest) -> None:
     """Send one request as the dispatcher would (tagd's client, the destination's timeout)
     and show the platform's answer; exit status 1 unless it is a success."""
-    client, pool = http_client(reactor, pool_size=1)
+    agent = PlatformAgent(reactor, pool_size=1)
     print(f"{request.method} {request.log_url}")  # never request.url: it may carry the token
     try:
-        response = await client.request(
-            request.method,
-            request.url,
-            data=request.body,
-            headers=dict(request.headers),
-            timeout=destination.timeout,
-            reactor=reactor,
-        )
-        body = await read_answer(response)
+        response, body = await exchange(agent, request).addTimeout(destination.timeout, reactor)
     except Exception as e:
         # The exception text may quote the URL, and with it a token: name the type only.
         print(f"tagd: no answer from {request.log_url}: {type(e).__name__}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
-        await pool.closeCachedConnections()
+        await agent.close()
     verdict = destination.destination.classify(response.code, body)
-    answer = redact(body.decode("utf-8", "replace"), secret_values(destination))
+    shown = redact(body.decode("utf-8", "replace"), secret_values(destination))
     print(f"status: {response.code}")
     print(f"outcome: {verdict.outcome.value}" + (f" ({verdict.message})" if verdict.message else ""))
-    print(f"answer: {cell(answer) or '(empty)'}")
+    print(f"answer: {cell(shown) or '(empty)'}")
     if verdict.outcome is not Outcome.SUCCESS:
         raise SystemExit(1)
 

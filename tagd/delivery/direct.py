@@ -1,9 +1,10 @@
 """Delivery to the platforms: what the dispatcher and the direct fallback share, and the
 direct, best-effort delivery used when the spool cannot be opened.
 
-Both deliver through tagd's own treq client (L{http_client}) and keep events the platform
-would refuse for their age out of every request (L{expired}), so that the fallback sends
-exactly what the dispatcher would, only without retries.
+Both send through an L{IAgent} (tagd's own, L{tagd.delivery.client.PlatformAgent}), read
+the answers with C{treq.collect} (L{exchange}), and keep events the platform would refuse
+for their age out of every request (L{expired}), so that the fallback sends exactly what
+the dispatcher would, only without retries.
 
 L{DirectDelivery} sends each batch of events to every destination at once; each
 platform's answer is classified by its destination and counted.  Nothing here is awaited
@@ -18,11 +19,12 @@ from typing import Callable, Collection, Mapping, Sequence, TypeVar
 
 import attrs
 import treq
-from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, fail
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
 
+from tagd.delivery.client import BytesProducer, abandon
 from tagd.delivery.destinations import Describing, Destination, Outcome, OutgoingRequest, Selective, Verdict
 from tagd.tagging.events import Event
 from tagd.delivery.outcomes import EXPIRED, Outcomes
@@ -69,21 +71,72 @@ class AnswerTooLarge(Exception):
     """A platform's answer went past L{MAX_ANSWER}; its connection is closed."""
 
 
-async def read_answer(response, limit: int = MAX_ANSWER) -> bytes:
-    """A platform's answer body, at most C{limit} bytes; past it, the connection is
-    closed and L{AnswerTooLarge} raised, which the senders take as no answer."""
-    parts: list[bytes] = []
-    size = 0
+class _Collector:
+    """Where C{treq.collect} puts an answer's body: at most C{limit} bytes of it."""
 
-    def collect(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > limit:
+    __slots__ = ("parts", "size", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.limit = limit
+
+    def __call__(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
             raise AnswerTooLarge()
-        parts.append(data)
+        self.parts.append(data)
 
-    await treq.collect(response, collect)
-    return b"".join(parts)
+
+def read_answer(response: IResponse, limit: int = MAX_ANSWER) -> Deferred[bytes]:
+    """A platform's answer body, at most C{limit} bytes, read by C{treq.collect}; past
+    the limit L{AnswerTooLarge} is raised, and treq closes the connection.  Cancelling
+    it (a timeout while the body trickles) closes the connection too."""
+    collector = _Collector(limit)
+    collected = treq.collect(response, collector)
+    reading: Deferred[bytes] = Deferred(lambda _: abandon(response))
+    collected.addCallbacks(lambda _: reading.callback(b"".join(collector.parts)), reading.errback)
+    return reading
+
+
+# Twisted's Headers of the header fields tagd sends, kept: a destination's are the same
+# for every request, and agents only read them (Agent copies before it adds its own).
+_KEPT_HEADERS = 256
+_headers: dict[tuple[tuple[str, str], ...], Headers] = {}
+
+
+def request_headers(fields: Mapping[str, str]) -> Headers:
+    """A request's header fields as Twisted's L{Headers}; a line break is refused
+    (L{Headers} would make it a space, leaving a token or a value garbled, not refused)."""
+    key = tuple(fields.items())
+    headers = _headers.get(key)
+    if headers is None:
+        headers = Headers()
+        for name, value in key:
+            if "\n" in value or "\r" in value:
+                raise ValueError("a header holds a line break")
+            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        if len(_headers) >= _KEPT_HEADERS:
+            _headers.clear()
+        _headers[key] = headers
+    return headers
+
+
+def exchange(agent: IAgent, request: OutgoingRequest) -> Deferred[tuple[IResponse, bytes]]:
+    """Send C{request} and read its whole answer (L{read_answer}): one Deferred for both,
+    so that one timeout covers both, and cancelling it closes the connection."""
+    try:
+        headers = request_headers(request.headers)
+        method, url = request.method.encode("ascii"), request.url.encode("ascii")
+    except ValueError:  # UnicodeEncodeError too
+        return fail()
+    return agent.request(method, url, headers, BytesProducer(request.body)).addCallback(_read)
+
+
+def _read(response: IResponse) -> tuple[IResponse, bytes] | Deferred[tuple[IResponse, bytes]]:
+    if response.length == 0:
+        return response, b""  # no body: treq.collect would read none either
+    return read_answer(response).addCallback(lambda body: (response, body))
 
 
 def judged(destination: Destination, request: OutgoingRequest, status: int, body: bytes) -> Verdict:
@@ -123,28 +176,12 @@ class Route:
     concurrency: int | None = None
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """The pool's factory for connections to the platforms, without Twisted's "Starting
-    factory" and "Stopping factory" lines, which it would log at info for every
-    connection opened and closed: noise at the rate of the traffic, saying nothing."""
-
-    noisy = False
-
-
-def http_client(reactor, pool_size: int = 10) -> tuple[HTTPClient, HTTPConnectionPool]:
-    """tagd's own treq client for the platforms, on a persistent pool of its own."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = pool_size
-    pool._factory = _QuietClientFactory  # the pool's documented hook for its factory
-    return HTTPClient(Agent(reactor, pool=pool)), pool
-
-
 class DirectDelivery:
     """Send every submitted batch to every destination, once, and count the outcome;
     events past a platform's age window are counted as expired instead (see L{expired})."""
 
     def __init__(
-        self, *, reactor, routes: Sequence[Route], http: HTTPClient, outcomes: Outcomes
+        self, *, reactor, routes: Sequence[Route], http: IAgent, outcomes: Outcomes
     ) -> None:
         self._reactor = reactor
         self._routes = tuple(routes)
@@ -206,15 +243,7 @@ class DirectDelivery:
         destination = route.destination
         count = len(events)
         try:
-            response = await self._http.request(
-                request.method,
-                request.url,
-                data=request.body,
-                headers=dict(request.headers),
-                timeout=route.timeout,
-                reactor=self._reactor,
-            )
-            body = await read_answer(response)
+            response, body = await exchange(self._http, request).addTimeout(route.timeout, self._reactor)
         except Exception as e:
             # The exception text may quote the URL, and with it a token: name the type only.
             log.warn(

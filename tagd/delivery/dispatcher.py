@@ -4,7 +4,7 @@ One loop per destination leases due rows from the spool (up to L{LEASE} at once,
 a destination's batches are larger, and never more than its request slots can carry at
 once: L{_Lane.room}), drops the events the platform would refuse for their
 age, encodes the rest into as many requests as the platform's limits ask (GA4 sends one
-visitor per request), POSTs them with treq, at most C{concurrency} at once, and settles
+visitor per request), POSTs them through an L{IAgent} (L{tagd.delivery.client}), at most C{concurrency} at once, and settles
 the rows of every request by the platform's verdict on it:
 
   - success: acknowledged, done;
@@ -61,7 +61,6 @@ from typing import Any, Protocol, Sequence
 
 import attrs
 from prometheus_client.core import GaugeMetricFamily
-from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import (
     CancelledError,
@@ -76,8 +75,9 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
 
-from tagd.delivery.direct import Route, by_unsendable_reason, expired, judged, read_answer
+from tagd.delivery.direct import Route, by_unsendable_reason, exchange, expired, judged
 from tagd.delivery.destinations import Advising, Describing, Outcome, OutgoingRequest, Verdict
 from tagd.tagging.events import Event
 from tagd.admin.metrics import Metrics
@@ -239,6 +239,11 @@ class _Lane:
     waiting: set[Deferred] = attrs.field(factory=set)  # requests waiting for a slot
     sleeping: set[Deferred] = attrs.field(factory=set)  # requests waiting for a throttle's end
     held: int = 0  # rows leased by batches that have not ended
+    # Whether the platform's answers carry advice for the operator: asked once, as a check
+    # against a runtime Protocol costs more than the rest of a request's verdict.
+    advising: bool = attrs.field(
+        init=False, default=attrs.Factory(lambda lane: isinstance(lane.route.destination, Advising), takes_self=True)
+    )
 
     @property
     def name(self) -> str:
@@ -284,7 +289,8 @@ class Dispatcher(Service):
 
     @param spool: leases rows and records their fate (see L{Spool}).
     @param routes: the destinations, each with its request timeout.
-    @param http: the treq client for the platforms (L{tagd.delivery.direct.http_client}).
+    @param http: the agent for the platforms (L{tagd.delivery.client.PlatformAgent}, or
+        any other L{IAgent}).
     @param poll_interval: seconds between looks at the spool when nobody calls L{wake}.
     @param concurrency: requests in flight per destination whose route does not say
         (L{Route.concurrency}), at most; also the number of leases a destination holds
@@ -306,7 +312,7 @@ class Dispatcher(Service):
         reactor,
         spool: Spool,
         routes: Sequence[Route],
-        http: HTTPClient,
+        http: IAgent,
         metrics: Metrics,
         poll_interval: float = 1.0,
         concurrency: int | None = None,
@@ -367,8 +373,8 @@ class Dispatcher(Service):
         for lane in lanes:
             self._rouse(lane)
             self._hold(lane)
-            for exchange in list(lane.inflight):
-                exchange.cancel()
+            for sending in list(lane.inflight):
+                sending.cancel()
         return gatherResults([self._settled(lane) for lane in lanes]).addCallback(lambda _: None)
 
     def reroute(
@@ -731,25 +737,24 @@ class Dispatcher(Service):
 
     async def _attempt(self, lane: _Lane, request: OutgoingRequest) -> tuple[int | None, Verdict] | None:
         """The HTTP status and the verdict; C{None} when shutdown cancelled the request."""
-        exchange = ensureDeferred(self._exchange(request)).addTimeout(
-            lane.route.timeout, self._reactor, onTimeoutCancel=_timed_out
-        )
-        lane.inflight.add(exchange)
+        sending = exchange(self._http, request).addTimeout(lane.route.timeout, self._reactor, onTimeoutCancel=_timed_out)
+        lane.inflight.add(sending)
         try:
-            response, body = await exchange
+            response, body = await sending
         except Exception as e:
             if not self.running:
                 return None
             # The exception text may quote the URL, and with it a token: name the type only.
             return None, Verdict(Outcome.TRANSIENT, f"no answer: {type(e).__name__}")
         finally:
-            lane.inflight.discard(exchange)
+            lane.inflight.discard(sending)
         destination = lane.route.destination
         verdict = judged(destination, request, response.code, body)
-        if verdict.retry_after is None:
+        if verdict.outcome is Outcome.THROTTLE and verdict.retry_after is None:
+            # Only a throttle's pause heeds Retry-After (L{_heed}).
             asked = retry_after(response.headers, self._reactor.seconds())
             verdict = attrs.evolve(verdict, retry_after=asked)
-        if isinstance(destination, Advising):
+        if lane.advising:
             self._advise(lane, destination.advice(response.code, response.headers, body))
         return response.code, verdict
 
@@ -758,13 +763,6 @@ class Dispatcher(Service):
         if advice and not lane.advised:
             lane.advised = True
             log.warn("{destination}: {advice}", destination=lane.name, advice=advice)
-
-    async def _exchange(self, request: OutgoingRequest) -> tuple[Any, bytes]:
-        """POST and read the whole answer; one timeout covers both (see L{_attempt})."""
-        response = await self._http.request(
-            request.method, request.url, data=request.body, headers=dict(request.headers)
-        )
-        return response, await read_answer(response)
 
     def _heed(self, lane: _Lane, verdict: Verdict, sent_at: float, count: int) -> bool:
         """What an answer means for the whole destination (a pause, or the end of one),

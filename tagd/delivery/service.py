@@ -19,7 +19,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from tagd.daemon.config import Config
-from tagd.delivery.direct import DirectDelivery, Route, http_client
+from tagd.delivery.client import PlatformAgent
+from tagd.delivery.direct import DirectDelivery, Route
 from tagd.delivery.dispatcher import BacklogCollector, Dispatcher
 from tagd.tagging.events import Event
 from tagd.admin.feed import Feed
@@ -136,7 +137,7 @@ class Delivery(Service):
         self._metrics = metrics
         self._outcomes = Outcomes(metrics, feed)
         self._spool = spool
-        self._http, self._pool = http_client(reactor, _pool_size(config))
+        self._http = PlatformAgent(reactor, _pool_size(config))
         self._routes = {d.name: Route(d.destination, d.timeout, d.concurrency) for d in config.destinations}
         self._outcomes.configured([route.destination for route in self._routes.values()])
         self._dispatcher: Dispatcher | None = None
@@ -186,7 +187,7 @@ class Delivery(Service):
             yield self._dispatcher.stopService()
         if self._spool is not None:
             yield self._spool.close()
-        yield self._pool.closeCachedConnections()
+        yield self._http.close()
 
     @property
     def spool(self) -> Spool | None:
@@ -218,7 +219,7 @@ class Delivery(Service):
             for d in config.destinations
         }
         self._outcomes.configured([route.destination for route in self._routes.values()])
-        self._pool.maxPersistentPerHost = _pool_size(config)
+        self._http.pool_size = _pool_size(config)
         if self._dispatcher is None:
             self._submit = self._direct()
             return succeed(None)

@@ -88,7 +88,7 @@ class BodySource(Interface):
         """The connection is gone (its L{ResponseReceiver} hears why)."""
 
 
-def _endpoint(reactor, host: str, port: int, timeout: float):
+def tcp_endpoint(reactor, host: str, port: int, timeout: float):
     """A plain TCP endpoint for an IP address; name resolution (and its happy-eyeballs
     delays between attempts) only for a host name."""
     try:
@@ -116,7 +116,7 @@ class OriginClient:
         self._reactor = reactor
         tls = parts.scheme == "https"
         port = parts.port or (443 if tls else 80)
-        endpoint = _endpoint(reactor, parts.hostname, port, connect_timeout)
+        endpoint = tcp_endpoint(reactor, parts.hostname, port, connect_timeout)
         if tls:
             endpoint = wrapClientTLS(optionsForClientTLS(parts.hostname), endpoint)
         self._endpoint = endpoint
@@ -256,6 +256,19 @@ _IDLE, _HEAD, _BODY, _DONE = "idle", "head", "body", "done"
 _PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 # What a reason phrase may hold (RFC 9112 section 4: HTAB, SP, VCHAR, obs-text).
 _BAD_REASON = re.compile(rb"[^\t\x20-\x7e\x80-\xff]")
+
+
+def unread_bytes(sock: socket.socket | None) -> bool:
+    """Whether a kept connection's socket holds bytes (or a close) that the reactor has
+    not read yet; never for a connection without a plain socket."""
+    if sock is None:
+        return False
+    try:
+        return sock.recv(1, _PEEK) is not None
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 def _head_size(phrase: bytes, headers: list[tuple[bytes, bytes]]) -> int:
@@ -556,14 +569,7 @@ class OriginConnection(Protocol):
         """Whether the origin sent something (or closed) since the last exchange ended,
         which the reactor has not read yet: such a connection is not reused (nginx checks
         the same way)."""
-        if self._socket is None:
-            return False
-        try:
-            return self._socket.recv(1, _PEEK) is not None
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            return True
+        return unread_bytes(self._socket)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         if self._stall is not None:
