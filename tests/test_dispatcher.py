@@ -708,14 +708,14 @@ class Counting(MemorySpool):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_backlog_stays_in_the_spool_not_in_memory(serving, dispatch, reactor, http, metrics):
+async def test_a_backlog_stays_in_the_spool_not_in_memory(serving, reactor, platforms, metrics):
     """2,200 visitors owed to a slow GA4 with two request slots: the lane holds one lease
     of rows at a time (all it can send soon), never a lease per slot, and delivers all."""
     spool = Counting()
     served = serving(ObservedGA4())
     spool.add("ga4", ga4_clients(2200))
     served.fake.inject(20, delay=0.05)
-    dispatcher = Dispatcher(reactor=reactor, spool=spool, routes=[ga4_route(served)], http=http, metrics=metrics,
+    dispatcher = Dispatcher(reactor=reactor, spool=spool, routes=[ga4_route(served)], http=platforms, metrics=metrics,
                             concurrency=2, poll_interval=0.05)
     dispatcher.startService()
     try:
