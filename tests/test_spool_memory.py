@@ -273,6 +273,37 @@ async def test_rows_that_cannot_be_written_are_still_delivered(open_spool, path)
 
 
 @pytest_twisted.ensureDeferred
+async def test_rows_held_while_the_file_cannot_be_written_stay_within_max_events(open_spool, path):
+    """While the file cannot be written, dead letters held in memory make every retried
+    write fail, and the rows delivered from memory after them stay there with them until
+    one succeeds: they count against max_events meanwhile, or memory grows with every
+    event the platform takes.  Once the file can be written, they are gone and room is back."""
+    spool = open_spool(max_events=100)
+    spool.enqueue([event(0)], ["meta"])
+    await within(spool.flush())
+    pages = await within(spool._run(lambda db: db.execute("PRAGMA page_count").fetchone()[0]))
+    await within(spool._run(lambda db: db.execute(f"PRAGMA max_page_count = {pages}")))  # a full disk
+    spool.enqueue(events(1, 20), ["meta"])
+    await tick(spool)
+    await within(spool.dead("meta", await lease_keys(spool, "meta"), "HTTP 400"))  # ev-0 too: the file keeps them
+    accepted = 0
+    for round in range(10):
+        accepted += spool.enqueue(events(100 + 50 * round, 50), ["meta"])
+        await tick(spool)  # offers them; writing those before fails
+        await within(spool.ack("meta", await lease_keys(spool, "meta")))
+        assert not spool.healthy
+    assert spool.undelivered == 0
+    assert len(spool._held._rows) <= 100
+    assert accepted <= 100
+    await make_room(spool)
+    await within(spool.flush())
+    assert spool.healthy
+    assert count(path, "deliveries") == 21
+    assert query(path, "SELECT DISTINCT status FROM deliveries") == [("dead",)]
+    assert spool.enqueue(events(1000, 100), ["meta"]) == 100
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_lease_skips_the_file_only_while_it_holds_nothing_due(open_spool, path):
     """Once a lease found the file holding nothing due for a destination, the next ones
     run no statement until a row of it may be due there: a retry written to the file is
