@@ -17,10 +17,13 @@ import pytest_twisted
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from tagd.admin.metrics import Metrics
+from tagd.delivery.dispatcher import Dispatcher
 from tagd.delivery.intake import SEGMENT
 from tagd.delivery.spool import Spool
 
-from conftest import eventually, within
+from conftest import eventually, sleep, within
+from test_dispatcher import ObservedMeta, dispatcher_log, meta_route, serving  # noqa: F401 (fixtures)
 from test_spool import (
     count,
     event,
@@ -301,6 +304,30 @@ async def test_rows_held_while_the_file_cannot_be_written_stay_within_max_events
     assert count(path, "deliveries") == 21
     assert query(path, "SELECT DISTINCT status FROM deliveries") == [("dead",)]
     assert spool.enqueue(events(1000, 100), ["meta"]) == 100
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_that_refuses_leases_stops_no_delivery_from_memory_and_floods_no_log(
+    open_spool, serving, dispatcher_log, reactor, http
+):
+    """The file turns read-only under a running dispatcher while visitors keep coming:
+    every tick offers their events and wakes the dispatcher, whose leases ask the file
+    (at least once a second) and fail.  The events offered are delivered from memory all
+    the same, and the failing leases are said in a line, not in one traceback per tick."""
+    served = serving(ObservedMeta())
+    spool = open_spool(flush_interval=0.05)
+    dispatcher = Dispatcher(reactor=reactor, spool=spool, routes=[meta_route(served)], http=http, metrics=Metrics())
+    spool.on_offer = lambda: dispatcher.wake("meta")
+    dispatcher.startService()
+    try:
+        await within(spool._run(lambda db: db.execute("PRAGMA query_only = 1")))  # as a file made read-only
+        for number in range(50):
+            spool.enqueue([event(number)], ["meta"])
+            await sleep(0.05)
+        assert len([line for line in dispatcher_log if "cannot lease" in line]) <= 1
+        await eventually(lambda: len(served.fake.events) == 50)
+    finally:
+        await within(dispatcher.stopService())
 
 
 @pytest_twisted.ensureDeferred
