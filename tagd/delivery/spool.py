@@ -987,6 +987,9 @@ class Spool:
         runs after that change on the spool's thread.  Only another process (C{tagd spool
         retry-dead}) changes the file behind the spool's back, so the file is asked at
         least every L{LOOK_AGAIN} seconds all the same.
+
+        A file that cannot be leased from (read-only, locked, damaged) changed nothing, and
+        stops no delivery from memory: the lease fails only when memory offers nothing.
         """
         changes = self._stored_changes
 
@@ -998,7 +1001,12 @@ class Spool:
             self._held.lease(destination, limit, now, leases)
             return leases
 
-        return self._run(_lease, destination, limit, now).addCallback(top_up)
+        def from_memory(failure: Failure) -> list[Lease] | Failure:
+            leases: list[Lease] = []
+            self._held.lease(destination, limit, now, leases)
+            return leases or failure
+
+        return self._run(_lease, destination, limit, now).addCallbacks(top_up, from_memory)
 
     def _may_be_due(self, destination: str | None, at: float = -math.inf) -> None:
         """Rows of C{destination} (of every one, for None) may be due in the file from C{at} on."""
