@@ -17,10 +17,13 @@ import pytest_twisted
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from tagd.admin.metrics import Metrics
+from tagd.delivery.dispatcher import Dispatcher
 from tagd.delivery.intake import SEGMENT
 from tagd.delivery.spool import Spool
 
-from conftest import eventually, within
+from conftest import eventually, sleep, within
+from test_dispatcher import ObservedMeta, dispatcher_log, meta_route, serving  # noqa: F401 (fixtures)
 from test_spool import (
     count,
     event,
@@ -270,6 +273,61 @@ async def test_rows_that_cannot_be_written_are_still_delivered(open_spool, path)
     await eventually(lambda: spool.healthy)
     assert count(path, "events") == 100
     assert query(path, "SELECT DISTINCT destination, status FROM deliveries") == [("ga4", "pending")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_rows_held_while_the_file_cannot_be_written_stay_within_max_events(open_spool, path):
+    """While the file cannot be written, dead letters held in memory make every retried
+    write fail, and the rows delivered from memory after them stay there with them until
+    one succeeds: they count against max_events meanwhile, or memory grows with every
+    event the platform takes.  Once the file can be written, they are gone and room is back."""
+    spool = open_spool(max_events=100)
+    spool.enqueue([event(0)], ["meta"])
+    await within(spool.flush())
+    pages = await within(spool._run(lambda db: db.execute("PRAGMA page_count").fetchone()[0]))
+    await within(spool._run(lambda db: db.execute(f"PRAGMA max_page_count = {pages}")))  # a full disk
+    spool.enqueue(events(1, 20), ["meta"])
+    await tick(spool)
+    await within(spool.dead("meta", await lease_keys(spool, "meta"), "HTTP 400"))  # ev-0 too: the file keeps them
+    accepted = 0
+    for round in range(10):
+        accepted += spool.enqueue(events(100 + 50 * round, 50), ["meta"])
+        await tick(spool)  # offers them; writing those before fails
+        await within(spool.ack("meta", await lease_keys(spool, "meta")))
+        assert not spool.healthy
+    assert spool.undelivered == 0
+    assert len(spool._held._rows) <= 100
+    assert accepted <= 100
+    await make_room(spool)
+    await within(spool.flush())
+    assert spool.healthy
+    assert count(path, "deliveries") == 21
+    assert query(path, "SELECT DISTINCT status FROM deliveries") == [("dead",)]
+    assert spool.enqueue(events(1000, 100), ["meta"]) == 100
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_that_refuses_leases_stops_no_delivery_from_memory_and_floods_no_log(
+    open_spool, serving, dispatcher_log, reactor, http
+):
+    """The file turns read-only under a running dispatcher while visitors keep coming:
+    every tick offers their events and wakes the dispatcher, whose leases ask the file
+    (at least once a second) and fail.  The events offered are delivered from memory all
+    the same, and the failing leases are said in a line, not in one traceback per tick."""
+    served = serving(ObservedMeta())
+    spool = open_spool(flush_interval=0.05)
+    dispatcher = Dispatcher(reactor=reactor, spool=spool, routes=[meta_route(served)], http=http, metrics=Metrics())
+    spool.on_offer = lambda: dispatcher.wake("meta")
+    dispatcher.startService()
+    try:
+        await within(spool._run(lambda db: db.execute("PRAGMA query_only = 1")))  # as a file made read-only
+        for number in range(50):
+            spool.enqueue([event(number)], ["meta"])
+            await sleep(0.05)
+        assert len([line for line in dispatcher_log if "cannot lease" in line]) <= 1
+        await eventually(lambda: len(served.fake.events) == 50)
+    finally:
+        await within(dispatcher.stopService())
 
 
 @pytest_twisted.ensureDeferred

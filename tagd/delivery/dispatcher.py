@@ -84,7 +84,7 @@ from tagd.admin.metrics import Metrics
 from tagd.delivery.outage import Outage, doubled
 from tagd.delivery.outcomes import DEAD, EXPIRED, Outcomes
 from tagd.ratelimit import RateLimitedLog
-from tagd.delivery.spool import Backlog
+from tagd.delivery.spool import Backlog, SpoolError
 
 log = Logger()
 
@@ -513,6 +513,17 @@ class Dispatcher(Service):
                 await self._step(lane)
             except CancelledError:
                 return  # Stopping: whatever was leased is released by stopService.
+            except SpoolError as e:
+                if not self._live(lane):
+                    return
+                # Every tick that offers rows wakes the lane: a line a minute, not one a tick.
+                self._said.warn(
+                    f"lease {lane.name}",
+                    "{destination}: cannot lease from the spool: {reason}",
+                    destination=lane.name,
+                    reason=str(e),
+                )
+                await self._nap(lane, self._poll_interval)
             except Exception:
                 if not self._live(lane):
                     return

@@ -145,6 +145,12 @@ class Held:
         return self.low + len(self._rows)
 
     @property
+    def settled(self) -> int:
+        """Rows held that no destination is owed any more: they leave at the next write,
+        and stay here for as long as writes fail."""
+        return len(self._rows) - self.owed
+
+    @property
     def waiting(self) -> int:
         """Events accepted since the last tick, not offered yet."""
         return self.end - self.offered_to

@@ -36,7 +36,9 @@ would make the reactor wait for the disk).
 Bound: at most C{max_events} events may be undelivered (in memory, pending or in flight).
 When the spool is full, the policy is "refuse newest": L{Spool.enqueue} accepts what fits
 and refuses the rest, returning how many it accepted, so that the caller counts and logs
-each refused event.  Dead and expired rows stay for inspection and do not count.  The
+each refused event.  Dead and expired rows stay for inspection and do not count, save
+while group commits fail: then every row in memory counts, delivered or not, until it is
+written (or found owed to nobody), so that memory stays bounded too.  The
 count is kept in memory, and recounted from the file now and then (L{Spool.recount}), since
 another process may make dead letters owed again.
 
@@ -751,6 +753,10 @@ class Spool:
         if not targets:
             raise ValueError("an event needs at least one destination")
         room = max(0, self._max_events - self._undelivered)
+        if not self.healthy:
+            # Rows delivered from memory leave it with the next write: while writes fail
+            # they stay, and count, or memory would grow with every event delivered.
+            room = max(0, room - self._held.settled)
         now = self._reactor.seconds()
         first = self._held.end
         rows = [Row(key, event, now, event_to_json(event), targets) for key, event in enumerate(events[:room], first)]
@@ -981,6 +987,9 @@ class Spool:
         runs after that change on the spool's thread.  Only another process (C{tagd spool
         retry-dead}) changes the file behind the spool's back, so the file is asked at
         least every L{LOOK_AGAIN} seconds all the same.
+
+        A file that cannot be leased from (read-only, locked, damaged) changed nothing, and
+        stops no delivery from memory: the lease fails only when memory offers nothing.
         """
         changes = self._stored_changes
 
@@ -992,7 +1001,12 @@ class Spool:
             self._held.lease(destination, limit, now, leases)
             return leases
 
-        return self._run(_lease, destination, limit, now).addCallback(top_up)
+        def from_memory(failure: Failure) -> list[Lease] | Failure:
+            leases: list[Lease] = []
+            self._held.lease(destination, limit, now, leases)
+            return leases or failure
+
+        return self._run(_lease, destination, limit, now).addCallbacks(top_up, from_memory)
 
     def _may_be_due(self, destination: str | None, at: float = -math.inf) -> None:
         """Rows of C{destination} (of every one, for None) may be due in the file from C{at} on."""
