@@ -308,7 +308,7 @@ async def test_rows_held_while_the_file_cannot_be_written_stay_within_max_events
 
 @pytest_twisted.ensureDeferred
 async def test_a_file_that_refuses_leases_stops_no_delivery_from_memory_and_floods_no_log(
-    open_spool, serving, dispatcher_log, reactor, http
+    open_spool, serving, dispatcher_log, reactor, platforms
 ):
     """The file turns read-only under a running dispatcher while visitors keep coming:
     every tick offers their events and wakes the dispatcher, whose leases ask the file
@@ -316,7 +316,7 @@ async def test_a_file_that_refuses_leases_stops_no_delivery_from_memory_and_floo
     the same, and the failing leases are said in a line, not in one traceback per tick."""
     served = serving(ObservedMeta())
     spool = open_spool(flush_interval=0.05)
-    dispatcher = Dispatcher(reactor=reactor, spool=spool, routes=[meta_route(served)], http=http, metrics=Metrics())
+    dispatcher = Dispatcher(reactor=reactor, spool=spool, routes=[meta_route(served)], http=platforms, metrics=Metrics())
     spool.on_offer = lambda: dispatcher.wake("meta")
     dispatcher.startService()
     try:
