@@ -133,7 +133,7 @@ def run_config(label: str, platforms: tuple[str, ...], processes: Processes, ori
             cpu_before, reactor_before = tagd.cpu_seconds(), tagd.main_thread_cpu_seconds()
             with recording(args, tagd, label):
                 result = measure(tagd, origin, drive, args, expected_body, others=[fakes] if fakes else ())
-                # +2: check_answer's requests after the run, each a page view too.
+                # +2: check_answer's request before the load and after it, each a page view too.
                 expected = result["requests"] + result["warmup_requests"] + 2
                 waited, done = None, True
                 if ports:
@@ -198,7 +198,7 @@ def soak(processes: Processes, origin: Server, drive, args, expected_body: bytes
     print(f"  {loaded['requests']:,} page views at {loaded['rps']:,.0f} req/s; RSS {after_minute:,} KiB after a minute, "
           f"{last:,} KiB at the end, at most {max(k or 0 for _, k in samples):,} KiB; "
           f"{'all delivered' if done else 'NOT all delivered'} {waited:.1f} s after the load "
-          f"(events: {arrived}; refused as queue full: the rest); "
+          f"(events received: {arrived}); "
           f"owed after the stop: {sum(owed(spool).values())}", flush=True)
     return {"samples": samples, "rss_after_minute_kib": after_minute, "rss_last_kib": last, "flat": flat,
             "requests": loaded["requests"], "rps": loaded["rps"], "delivered": done, "stop": stop,
