@@ -198,7 +198,7 @@ def soak(processes: Processes, origin: Server, drive, args, expected_body: bytes
     print(f"  {loaded['requests']:,} page views at {loaded['rps']:,.0f} req/s; RSS {after_minute:,} KiB after a minute, "
           f"{last:,} KiB at the end, at most {max(k or 0 for _, k in samples):,} KiB; "
           f"{'all delivered' if done else 'NOT all delivered'} {waited:.1f} s after the load "
-          f"(events received: {arrived}); "
+          f"(events: {arrived}); "
           f"owed after the stop: {sum(owed(spool).values())}", flush=True)
     return {"samples": samples, "rss_after_minute_kib": after_minute, "rss_last_kib": last, "flat": flat,
             "requests": loaded["requests"], "rps": loaded["rps"], "delivered": done, "stop": stop,
