@@ -4,8 +4,8 @@ py-spy's own flame graph shows the whole process, where the visitor's path and t
 reactor's machinery crowd out what one asks about.  This draws only the reactor
 thread's samples whose stack passes through a frame containing one of the C{--root}
 texts, cut to start at the first such frame, e.g. the delivery path: C{--root
-tagd/delivery/ --root twisted/web/_newclient --root treq/} (a platform's answer arrives
-through the HTTP client's C{dataReceived}, not under the dispatcher's loop).  Widths are shares
+tagd/delivery/} (a platform's answer arrives through the platforms' agent's
+C{dataReceived}, in C{tagd/delivery/client.py}, not under the dispatcher's loop).  Widths are shares
 of those samples; each box's title (shown on hover) gives its share of every busy sample
 of the reactor thread, so that the path's cost reads against the whole.
 

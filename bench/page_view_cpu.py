@@ -133,7 +133,7 @@ def run_config(label: str, platforms: tuple[str, ...], processes: Processes, ori
             cpu_before, reactor_before = tagd.cpu_seconds(), tagd.main_thread_cpu_seconds()
             with recording(args, tagd, label):
                 result = measure(tagd, origin, drive, args, expected_body, others=[fakes] if fakes else ())
-                # +2: check_answer's requests after the run, each a page view too.
+                # +2: check_answer's request before the load and after it, each a page view too.
                 expected = result["requests"] + result["warmup_requests"] + 2
                 waited, done = None, True
                 if ports:

@@ -293,8 +293,9 @@ class Dispatcher(Service):
         any other L{IAgent}).
     @param poll_interval: seconds between looks at the spool when nobody calls L{wake}.
     @param concurrency: requests in flight per destination whose route does not say
-        (L{Route.concurrency}), at most; also the number of leases a destination holds
-        at once, so that a backlog stays in the spool.
+        (L{Route.concurrency}), at most; times the destination's C{max_batch} (at least
+        L{LEASE}), also the rows it holds leased at once (L{_Lane.room}), so that a
+        backlog stays in the spool.
     @param backoff_base: seconds; the n-th retry waits up to C{backoff_base * 2**n}.
     @param backoff_cap: seconds; no retry waits longer.
     @param max_retry_after: seconds; the longest pause a platform's C{Retry-After} gets.
