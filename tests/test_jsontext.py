@@ -277,3 +277,17 @@ def test_platform_bodies_are_the_json_module_s(batch, title):
             (request,) = destination.encode(batch)
             *_, document = destination._request(batch)
             assert typed(request.body) == typed(old_ascii(document))
+
+
+def test_the_fields_a_float_can_reach_are_the_ones_checked_for_non_finite_numbers():
+    """event_to_json asks orjson to write an event and checks for NaN and the infinities
+    only in the fields given as C{numbers} (orjson writes them as null): a field added to
+    Event that can hold a float must be added there too, or a NaN would be stored as null."""
+    can_hold_a_float = {
+        field.name for field in attrs.fields(Event) if "Any" in str(field.type) or "float" in str(field.type)
+    }
+    assert can_hold_a_float == {"custom_data", "contents"}
+    for field in can_hold_a_float:
+        value = {"value": math.nan} if field == "custom_data" else ({"id": "1", "item_price": math.inf},)
+        with pytest.raises(ValueError):
+            event_to_json(attrs.evolve(make_event(), **{field: value}))
