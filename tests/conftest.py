@@ -32,6 +32,7 @@ from helpers import ADMIN_TOML
 from hostile_origin import ScriptedOrigin
 from origin import Origin
 from tagd.delivery.client import PlatformAgent
+from tagd.delivery.spool import Spool
 
 TIMEOUT = 10.0
 
@@ -828,3 +829,19 @@ def systemd_container():
     container = booted()
     yield container
     container.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def open_spool(reactor, path):
+    """Open a spool (at the module's C{path} unless told otherwise); every spool opened is
+    closed after the test."""
+    opened = []
+
+    def opener(where: Path = path, **options) -> Spool:
+        spool = Spool.open(str(where), reactor=reactor, **options)
+        opened.append(spool)
+        return spool
+
+    yield opener
+    for spool in opened:
+        await within(spool.close())

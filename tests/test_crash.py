@@ -305,15 +305,8 @@ def test_kill_9_before_the_group_commit_loses_no_accepted_event(tmp_path):
         )
         wait_until(lambda: spool_rows(spool) == [], 10, "the spool drained")
     finally:
-        tagd.close()
-        for platform in platforms:
-            platform.close()
-        origin.close()
-    logs = tagd.logs()
-    assert f"{ACCEPTED} event(s) accepted before tagd last stopped" in logs
-    assert "Traceback" not in logs
-    for platform in platforms:
-        assert platform.violations == [], (platform.platform, platform.violations[:5])
+        stop_all(tagd, platforms, origin)
+    assert_clean_restart(tagd, platforms, ACCEPTED)
 
 
 def test_kill_9_after_delivery_before_the_write_delivers_again(tmp_path):
@@ -358,12 +351,23 @@ def test_kill_9_after_delivery_before_the_write_delivers_again(tmp_path):
         )
         wait_until(lambda: spool_rows(spool) == [], 10, "the spool drained")
     finally:
-        tagd.close()
-        for platform in platforms:
-            platform.close()
-        origin.close()
+        stop_all(tagd, platforms, origin)
+    assert_clean_restart(tagd, platforms, len(ids))
+
+
+def stop_all(tagd, platforms, origin) -> None:
+    """Stop tagd, the fake platforms and the origin, whatever the test did."""
+    tagd.close()
+    for platform in platforms:
+        platform.close()
+    origin.close()
+
+
+def assert_clean_restart(tagd, platforms, accepted: int) -> None:
+    """tagd said, after its restart, how many events it found accepted; it logged no
+    traceback; every platform found every request it got well-formed."""
     logs = tagd.logs()
-    assert f"{len(ids)} event(s) accepted before tagd last stopped" in logs
+    assert f"{accepted} event(s) accepted before tagd last stopped" in logs
     assert "Traceback" not in logs
     for platform in platforms:
         assert platform.violations == [], (platform.platform, platform.violations[:5])

@@ -77,21 +77,6 @@ def path(tmp_path) -> Path:
     return tmp_path / "spool.db"
 
 
-@pytest_twisted.async_yield_fixture
-async def open_spool(reactor, path):
-    """Open a spool (at C{path} unless told otherwise); every spool opened is closed after the test."""
-    opened = []
-
-    def opener(where: Path = path, **options) -> Spool:
-        spool = Spool.open(str(where), reactor=reactor, **options)
-        opened.append(spool)
-        return spool
-
-    yield opener
-    for spool in opened:
-        await within(spool.close())
-
-
 @pytest.fixture
 def spool_log():
     """The text of every line the spool logs while the test runs."""

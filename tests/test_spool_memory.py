@@ -44,18 +44,10 @@ def path(tmp_path) -> Path:
     return tmp_path / "spool.db"
 
 
-@pytest_twisted.async_yield_fixture
-async def open_spool(reactor, path):
-    opened = []
-
-    def opener(where: Path = path, **options) -> Spool:
-        spool = Spool.open(str(where), reactor=reactor, **{"flush_interval": 60, **options})
-        opened.append(spool)
-        return spool
-
-    yield opener
-    for spool in opened:
-        await within(spool.close())
+@pytest.fixture
+def open_spool(open_spool):
+    """The shared opener, with no tick but those a test makes (C{flush_interval} 60 s)."""
+    return lambda *args, **options: open_spool(*args, **{"flush_interval": 60, **options})
 
 
 def segments(path: Path) -> list[str]:
