@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from conftest import FAKE_META_TOKEN, eventually, within
 from tagd.admin import access
 from tagd.admin.metrics import DROP_REASONS
+from tagd.delivery.dispatcher import BACKLOG_EVERY
 from tagd.delivery.outcomes import OUTCOMES
 from test_admin import FIREFOX, TOKEN, get, meta_destination, samples, start_admin_tagd, value  # noqa: F401
 
@@ -271,6 +272,9 @@ async def test_stats_json_holds_the_metrics_counts(start_admin_tagd, http, fake_
     await visit(http, tagd, "s1")
     assert (await get(http, tagd.url("/page"), User_Agent="curl/8.5.0", X_Track="{}"))[0] == 200
     await eventually(lambda: tagd.metrics.value("events_delivered", destination="meta", outcome="success") == 1)
+    # The backlog is a look at the spool every few seconds: one taken while the event was
+    # owed says so until the next.
+    await eventually(lambda: backlog_gauge(tagd) in (None, 0), timeout=BACKLOG_EVERY + 5)
     code, headers, body = await get(http, tagd.admin_url("/stats.json"))
     assert code == 200 and headers.getRawHeaders("content-type") == ["application/json"]
     stats = json.loads(body)
@@ -471,3 +475,8 @@ async def test_past_the_bound_a_login_ends_the_oldest_session(clocked_admin, htt
     monkeypatch.setattr(access, "MAX_SESSIONS", 2)
     oldest, older, newest = [await log_in(http, clocked_admin) for _ in range(3)]
     assert [await opens(http, clocked_admin, pair) for pair in (oldest, older, newest)] == [False, True, True]
+
+
+def backlog_gauge(tagd) -> float | None:
+    """C{tagd_spool_backlog_events} of the meta destination, as the dispatcher's last look read it."""
+    return tagd.metrics.registry.get_sample_value("tagd_spool_backlog_events", {"destination": "meta"})
