@@ -166,6 +166,18 @@ def encode_batches(
     return requests
 
 
+# The most items of a platform's list of problems quoted in one log line.
+LISTED_PROBLEMS = 5
+
+
+def listed(problems: Any, describe: Callable[[Mapping[str, Any]], str]) -> str:
+    """The first few of a platform's list of problems (fields it refused, and why), each as
+    C{" [...]"}: what an answer names goes in the log line, within a few items."""
+    if not isinstance(problems, list):
+        return ""
+    return "".join(f" [{describe(p)}]" for p in problems[:LISTED_PROBLEMS] if isinstance(p, dict))
+
+
 def redact(text: str, secrets: Iterable[str]) -> str:
     """C{text} with every non-empty secret replaced, also percent-encoded as an echoed URL
     would carry it.  Longest first, so that a secret containing another goes whole."""

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import attrs
 
 from tagd.delivery.destinations import KeySpec, Outcome
-from tagd.delivery.destinations._common import RequestParts, finite_number, status_judgement, without_empty
+from tagd.delivery.destinations._common import RequestParts, finite_number, listed, status_judgement, without_empty
 from tagd.delivery.destinations._platform import BEARER_TOKEN, ConversionsDestination, conversion_keys, mapped_name, platform_fields
 from tagd.delivery.destinations.ga4 import DEFAULT_EVENT_NAMES as GA4_EVENT_NAMES
 from tagd.tagging.events import Event
@@ -125,13 +125,7 @@ def _judge(status: int, answer: Mapping[str, Any] | None) -> tuple[Outcome, str]
     message = f"HTTP {status}"
     if isinstance(error, dict):
         message += f", Microsoft {error.get('code', 'error')}: {error.get('message', 'no message')}"
-        details = error.get("details")
-        if isinstance(details, list):
-            message += "".join(
-                f" [{d.get('index')}.{d.get('propertyName')}: {d.get('errorMessage')}]"
-                for d in details[:5]
-                if isinstance(d, dict)
-            )
+        message += listed(error.get("details"), lambda d: f"{d.get('index')}.{d.get('propertyName')}: {d.get('errorMessage')}")
     elif answer is not None and "eventsReceived" in answer:
         message += f", eventsReceived={answer['eventsReceived']}"
     return status_judgement(status), message

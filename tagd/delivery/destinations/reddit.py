@@ -21,7 +21,7 @@ import attrs
 
 from tagd import __version__
 from tagd.delivery.destinations import KeySpec, OutgoingRequest, Outcome
-from tagd.delivery.destinations._common import RequestParts, encode_batches, finite_number, status_judgement, without_empty
+from tagd.delivery.destinations._common import RequestParts, encode_batches, finite_number, listed, status_judgement, without_empty
 from tagd.delivery.destinations._platform import BEARER_TOKEN, ConversionsDestination, conversion_keys, mapped_name, platform_fields
 from tagd.tagging.events import Event
 from tagd.tagging.hashing import reddit_user_fields
@@ -133,11 +133,7 @@ def _judge(status: int, answer: Mapping[str, Any] | None) -> tuple[Outcome, str]
     message = f"HTTP {status}"
     if isinstance(error, dict):
         message += f": {error.get('message', 'no message')}"
-        fields = error.get("fields")
-        if isinstance(fields, list):
-            message += "".join(
-                f" [{f.get('field')}: {f.get('message')}]" for f in fields[:5] if isinstance(f, dict)
-            )
+        message += listed(error.get("fields"), lambda f: f"{f.get('field')}: {f.get('message')}")
     elif answer and isinstance(answer.get("data"), dict) and answer["data"].get("message"):
         message += f": {answer['data']['message']}"
     return status_judgement(status), message
